@@ -1,0 +1,549 @@
+"""A Chronicle store: one directory, many workspaces, chunks shared by all.
+
+Layout of a store directory::
+
+    store.json      format version, backend, creation time
+    meta/           the LMDB environment (chronicle.store.schema), synced.json
+    packs/          pack files (chronicle.store.packs)
+    staging/        anonymous staging files of open files (O_TMPFILE)
+    run/            locks, mount registrations, active-pack markers
+
+Any number of processes may open a store; each workspace has at most one
+writer at a time (``run/ws-<id>.lock``, taken by :meth:`Store.open_workspace`
+with ``writable=True``), which is what lets the writer cache the head.
+
+Durability: metadata commits do not flush the disk; :meth:`Store.sync` does
+(see ``chronicle.store.recovery`` for why that is crash-safe), on fsync, on
+the ``sync`` ctl command, at unmount and every few seconds while dirty.
+
+Threads: a Store may be shared by threads; ``sync`` may run in a worker
+while the FUSE loop commits.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from chronicle.errors import (Busy, Exists, InvalidArgument, NotFound, StoreError, StoreLocked, StoreNotFound,
+                              UsageError)
+from chronicle.store import schema
+from chronicle.store.chunks import ChunkStore
+from chronicle.store.content import ContentMap, empty_record
+from chronicle.store.ids import EMPTY_CONTENT_ID
+from chronicle.store.journal import iso_time, parse_iso_time
+from chronicle.store.packs import sync_active_packs
+from chronicle.store.recovery import record_synced, recover_after_crash
+from chronicle.store.schema import Attrs, ContentRecord, WorkspaceRecord
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "store.json"
+MAP_SIZE = 1 << 40
+WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
+
+
+def default_store_path() -> Path:
+    """``$CHRONICLE_HOME/store``, default ``~/.local/share/chronicle/store``."""
+    home = os.environ.get("CHRONICLE_HOME")
+    if home:
+        return Path(home) / "store"
+    return Path(os.path.expanduser("~/.local/share/chronicle")) / "store"
+
+
+def check_workspace_name(name: str) -> None:
+    if not WORKSPACE_NAME.match(name or ""):
+        raise UsageError(f"invalid workspace name {name!r}: use letters, digits and ._@+=- (at most 128, "
+                         "starting with a letter or digit)")
+
+
+@dataclass
+class WorkspaceInfo:
+    """A line of ``chronicle workspaces``."""
+
+    name: str
+    id: int
+    head_seq: int
+    created: str
+    parent: str | None
+    fork_seq: int | None
+    mounted: dict | None
+
+
+class Store:
+    """An open store. Use :meth:`init` to create one and :meth:`open` to open it."""
+
+    def __init__(self, path: Path, env: lmdb.Environment, dbs: dict, config: dict):
+        self.path = path
+        self.env = env
+        self.dbs = dbs
+        self.config = config
+        self.meta_dir = path / "meta"
+        self.staging_dir = path / "staging"
+        self.run_dir = path / "run"
+        self.packs_dir = path / "packs"
+        self.chunks = ChunkStore(env, dbs["chunks"], self.packs_dir, self.run_dir / "active")
+        self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()
+        self._content_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._dirty = False
+        self._page_size = env.stat()["psize"]
+        self._pin = env.begin()
+        self._locks: dict[int, int] = {}
+        self._closed = False
+
+    # -- creating and opening --------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: os.PathLike | str, backend: str = "file") -> Store:
+        """Create an empty store at ``path``. Raises :class:`Exists` if one is there."""
+        path = Path(path)
+        if backend != "file":
+            raise UsageError(f"unsupported backend {backend!r} (this version supports 'file')")
+        if (path / STORE_FILE).exists():
+            raise Exists(f"a store already exists at {path}")
+        if path.exists() and any(path.iterdir()):
+            raise Exists(f"{path} exists and is not empty")
+        for sub in ("meta", "packs", "staging", "run"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        config = {"format": schema.FORMAT_VERSION, "backend": backend, "created": iso_time(time.time_ns())}
+        tmp = path / (STORE_FILE + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, path / STORE_FILE)
+        store = cls.open(path)
+        with store.env.begin(write=True) as txn:
+            txn.put(schema.META_FORMAT, str(schema.FORMAT_VERSION).encode(), db=store.dbs["meta"])
+            txn.put(schema.META_NEXT_INO, schema.U64.pack(16), db=store.dbs["meta"])
+            txn.put(schema.META_NEXT_WS, schema.U32.pack(1), db=store.dbs["meta"])
+            txn.put(EMPTY_CONTENT_ID, empty_record().encode(), db=store.dbs["contents"])
+        store.sync()
+        return store
+
+    @classmethod
+    def open(cls, path: os.PathLike | str, *, create: bool = False) -> Store:
+        """Open the store at ``path`` (``create``: make it if missing).
+
+        Raises :class:`StoreNotFound` if there is none, :class:`StoreError` if
+        it cannot be opened.
+        """
+        path = Path(path)
+        if not (path / STORE_FILE).exists():
+            if create:
+                return cls.init(path)
+            raise StoreNotFound(f"no Chronicle store at {path} (create one with: chronicle init {path})")
+        try:
+            config = json.loads((path / STORE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path / STORE_FILE}: {exc}") from None
+        if config.get("format") != schema.FORMAT_VERSION:
+            raise StoreError(f"store format {config.get('format')} is not supported (expected {schema.FORMAT_VERSION})")
+        for sub in ("meta", "packs", "staging", "run"):
+            (path / sub).mkdir(exist_ok=True)
+        open_lock = os.open(path / "run" / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            recover_after_crash(path / "meta")      # nobody else has it open
+            fcntl.flock(open_lock, fcntl.LOCK_SH)
+        except BlockingIOError:
+            fcntl.flock(open_lock, fcntl.LOCK_SH)
+        try:
+            env = lmdb.open(str(path / "meta"), map_size=MAP_SIZE, max_dbs=len(schema.DATABASES) + 2,
+                            max_readers=1024, sync=False, metasync=False, readahead=False, meminit=False,
+                            lock=True)
+        except lmdb.Error as exc:
+            os.close(open_lock)
+            raise StoreError(f"cannot open the store's metadata at {path / 'meta'}: {exc}") from None
+        dbs = {name: env.open_db(name.encode()) for name in schema.DATABASES}
+        store = cls(path, env, dbs, config)
+        store._open_lock = open_lock
+        with env.begin() as txn:
+            if txn.get(schema.META_FORMAT, db=dbs["meta"]) is None and txn.get(
+                    schema.META_NEXT_INO, db=dbs["meta"]) is None:
+                pass   # being initialised by Store.init
+        return store
+
+    def close(self) -> None:
+        """Sync and close. Safe to call twice."""
+        if self._closed:
+            return
+        self.sync()
+        self._closed = True
+        self.chunks.close()
+        self._pin.abort()
+        for fd in self._locks.values():
+            os.close(fd)
+        self._locks.clear()
+        self.env.close()
+        os.close(self._open_lock)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- counters and heads -------------------------------------------------------------
+
+    def allocate_ino(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(schema.META_NEXT_INO, db=self.dbs["meta"])
+        ino = schema.U64.unpack(raw)[0] if raw else 16
+        txn.put(schema.META_NEXT_INO, schema.U64.pack(ino + 1), db=self.dbs["meta"])
+        return ino
+
+    def head_seq(self, txn: lmdb.Transaction, ws_id: int) -> int:
+        raw = txn.get(schema.ws_key(ws_id), db=self.dbs["heads"])
+        return schema.U64.unpack(raw)[0] if raw else 0
+
+    # -- workspaces ---------------------------------------------------------------------
+
+    def workspace_record(self, name: str, txn: lmdb.Transaction | None = None) -> WorkspaceRecord:
+        """Raises :class:`NotFound` if there is no such workspace."""
+        if txn is None:
+            with self.env.begin() as rtxn:
+                return self.workspace_record(name, rtxn)
+        raw = txn.get(name.encode(), db=self.dbs["workspaces"])
+        if raw is None:
+            raise NotFound(f"no workspace named {name!r} in {self.path}")
+        return WorkspaceRecord.decode(raw)
+
+    def workspace_by_id(self, ws_id: int, txn: lmdb.Transaction) -> WorkspaceRecord:
+        name = txn.get(schema.ws_key(ws_id), db=self.dbs["ws_ids"])
+        if name is None:
+            raise NotFound(f"no workspace with id {ws_id}")
+        return self.workspace_record(bytes(name).decode(), txn)
+
+    def workspaces(self) -> list[WorkspaceInfo]:
+        out = []
+        with self.env.begin() as txn:
+            with txn.cursor(db=self.dbs["workspaces"]) as cur:
+                for _key, value in cur:
+                    rec = WorkspaceRecord.decode(value)
+                    out.append(WorkspaceInfo(rec.name, rec.id, self.head_seq(txn, rec.id), rec.created, rec.parent,
+                                             rec.fork_seq, self.mount_info(rec.name)))
+        return out
+
+    def fork_chain(self, record: WorkspaceRecord) -> list[tuple[int, int | None]]:
+        """``[(ws id, fork seq), (parent id, its fork seq), ...]`` up to the first ancestor."""
+        chain = [(record.id, record.fork_seq)]
+        with self.env.begin() as txn:
+            rec = record
+            while rec.parent_id is not None:
+                rec = self.workspace_by_id(rec.parent_id, txn)
+                chain.append((rec.id, rec.fork_seq))
+        return chain
+
+    def create_workspace(self, name: str, uid: int | None = None, gid: int | None = None) -> WorkspaceRecord:
+        """A new, empty workspace (root directory owned by ``uid``/``gid``)."""
+        check_workspace_name(name)
+        now = time.time_ns()
+        with self.env.begin(write=True) as txn:
+            if txn.get(name.encode(), db=self.dbs["workspaces"]) is not None:
+                raise Exists(f"workspace {name!r} already exists")
+            ws_id = self._next_ws_id(txn)
+            root = self.allocate_ino(txn)
+            record = WorkspaceRecord(ws_id, name, root, iso_time(now))
+            attrs = Attrs(stat.S_IFDIR | 0o755, os.getuid() if uid is None else uid,
+                          os.getgid() if gid is None else gid, 2, 4096, now, now, now)
+            txn.put(schema.inode_key(ws_id, root, 0), attrs.encode(), db=self.dbs["inodes"])
+            self._put_workspace(txn, record)
+            txn.put(schema.ws_key(ws_id), schema.U64.pack(0), db=self.dbs["heads"])
+        self.note_commit()
+        return record
+
+    def fork(self, source: str, seq: int | None, name: str) -> WorkspaceRecord:
+        """A copy-on-write fork of ``source`` at ``seq`` (default: its head). O(1)."""
+        check_workspace_name(name)
+        with self.env.begin(write=True) as txn:
+            src = self.workspace_record(source, txn)
+            head = self.head_seq(txn, src.id)
+            if seq is None:
+                seq = head
+            if seq < 0 or seq > head:
+                raise NotFound(f"workspace {source!r} has no seq {seq} (head is {head})")
+            if txn.get(name.encode(), db=self.dbs["workspaces"]) is not None:
+                raise Exists(f"workspace {name!r} already exists")
+            ws_id = self._next_ws_id(txn)
+            record = WorkspaceRecord(ws_id, name, src.root, iso_time(time.time_ns()), parent=src.name,
+                                     parent_id=src.id, fork_seq=seq)
+            self._put_workspace(txn, record)
+            txn.put(schema.ws_key(ws_id), schema.U64.pack(seq), db=self.dbs["heads"])
+        self.note_commit()
+        return record
+
+    def _next_ws_id(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(schema.META_NEXT_WS, db=self.dbs["meta"])
+        ws_id = schema.U32.unpack(raw)[0] if raw else 1
+        txn.put(schema.META_NEXT_WS, schema.U32.pack(ws_id + 1), db=self.dbs["meta"])
+        return ws_id
+
+    def _put_workspace(self, txn: lmdb.Transaction, record: WorkspaceRecord) -> None:
+        txn.put(record.name.encode(), record.encode(), db=self.dbs["workspaces"])
+        txn.put(schema.ws_key(record.id), record.name.encode(), db=self.dbs["ws_ids"])
+
+    def open_workspace(self, name: str, *, writable: bool = False, create: bool = False):
+        """A :class:`~chronicle.store.workspace.Workspace`. ``writable`` takes the
+        workspace's writer lock (raises :class:`StoreLocked` if another process
+        holds it, e.g. a mount)."""
+        from chronicle.store.workspace import Workspace
+
+        try:
+            record = self.workspace_record(name)
+        except NotFound:
+            if not create:
+                raise
+            record = self.create_workspace(name)
+        if writable:
+            self._lock_workspace(record)
+        return Workspace(self, record, writable=writable)
+
+    def _lock_workspace(self, record: WorkspaceRecord) -> None:
+        if record.id in self._locks:
+            raise StoreLocked(f"workspace {record.name!r} is already open for writing in this process")
+        fd = os.open(self.run_dir / f"ws-{record.id}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            where = self.mount_info(record.name)
+            detail = f" (mounted at {where['mountpoint']} by pid {where['pid']})" if where else ""
+            raise StoreLocked(f"workspace {record.name!r} is in use by another process{detail}") from None
+        self._locks[record.id] = fd
+
+    def release_workspace(self, ws) -> None:
+        fd = self._locks.pop(ws.id, None)
+        if fd is not None:
+            os.close(fd)
+
+    # -- mount registrations (written by the daemon, read by the CLI) --------------------
+
+    def register_mount(self, name: str, mountpoint: str, pid: int) -> None:
+        path = self.run_dir / f"mount-{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"workspace": name, "mountpoint": mountpoint, "pid": pid}))
+        os.replace(tmp, path)
+
+    def unregister_mount(self, name: str) -> None:
+        (self.run_dir / f"mount-{name}.json").unlink(missing_ok=True)
+
+    def mount_info(self, name: str) -> dict | None:
+        """``{"workspace", "mountpoint", "pid"}`` if a live daemon has it mounted."""
+        path = self.run_dir / f"mount-{name}.json"
+        try:
+            info = json.loads(path.read_text())
+            os.kill(int(info["pid"]), 0)
+        except (OSError, ValueError, KeyError, ProcessLookupError):
+            return None
+        return info
+
+    # -- snapshots and turns ------------------------------------------------------------
+
+    def put_snapshot(self, ws, name: str, seq: int) -> int:
+        if not name or "/" in name or "\x00" in name or len(name.encode()) > 255 or name in (".", ".."):
+            raise InvalidArgument(f"invalid snapshot name {name!r}")
+        key = schema.named_key(ws.id, name.encode())
+        with self.env.begin(write=True) as txn:
+            if txn.get(key, db=self.dbs["snapshots"]) is not None:
+                raise Exists(f"snapshot {name!r} already exists")
+            txn.put(key, json.dumps({"name": name, "seq": seq, "time": iso_time(time.time_ns())}).encode(),
+                    db=self.dbs["snapshots"])
+        self.note_commit()
+        return seq
+
+    def snapshots(self, ws) -> list[dict]:
+        """``[{"name", "seq", "time"}]`` of a workspace (a fork also sees its
+        parent's snapshots up to the fork seq)."""
+        out = {}
+        with self.env.begin() as txn, txn.cursor(db=self.dbs["snapshots"]) as cur:
+            for layer in reversed(ws.history.layers):
+                prefix = schema.ws_key(layer.ws)
+                if cur.set_range(prefix):
+                    for key, value in cur:
+                        if key[:4] != prefix:
+                            break
+                        snap = json.loads(value)
+                        if snap["seq"] <= layer.bound:
+                            out[snap["name"]] = snap
+        return sorted(out.values(), key=lambda s: (s["seq"], s["name"]))
+
+    def put_turn(self, ws, agent: str, turn: int, record: dict) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(schema.turn_key(ws.id, agent.encode(), turn), json.dumps(record).encode(), db=self.dbs["turns"])
+        self.note_commit()
+
+    def get_turn(self, ws, agent: str, turn: int) -> dict | None:
+        with self.env.begin() as txn:
+            for layer in ws.history.layers:
+                raw = txn.get(schema.turn_key(layer.ws, agent.encode(), turn), db=self.dbs["turns"])
+                if raw is not None:
+                    record = json.loads(raw)
+                    end = record.get("end_seq")
+                    if layer.ws == ws.id or (end is not None and end <= layer.bound):
+                        return record
+        return None
+
+    def turns(self, ws, agent: str | None = None) -> list[dict]:
+        out = []
+        with self.env.begin() as txn, txn.cursor(db=self.dbs["turns"]) as cur:
+            for layer in reversed(ws.history.layers):
+                prefix = schema.ws_key(layer.ws) + (agent.encode() + b"\x00" if agent else b"")
+                if cur.set_range(prefix):
+                    for key, value in cur:
+                        if key[:len(prefix)] != prefix:
+                            break
+                        rec = json.loads(value)
+                        if layer.ws == ws.id or (rec.get("end_seq") is not None and rec["end_seq"] <= layer.bound):
+                            out.append(rec)
+        return out
+
+    # -- points in history ---------------------------------------------------------------
+
+    def resolve_point(self, ws, point: str) -> int:
+        """The seq a point names: a seq number, an ISO-8601 time, a snapshot
+        name, ``snapshot:NAME`` or ``turn:AGENT:N`` (the end of that turn).
+
+        Raises :class:`NotFound` or :class:`InvalidArgument`.
+        """
+        text = str(point).strip()
+        if re.fullmatch(r"\d+", text):
+            seq = int(text)
+            if seq > ws.head_seq:
+                raise NotFound(f"seq {seq} does not exist yet (head is {ws.head_seq})")
+            return seq
+        if text.startswith("turn:"):
+            parts = text.split(":")
+            if len(parts) != 3 or not parts[2].isdigit():
+                raise InvalidArgument(f"a turn point is turn:AGENT:N, not {text!r}")
+            record = self.get_turn(ws, parts[1], int(parts[2]))
+            if record is None:
+                raise NotFound(f"no turn {parts[2]} of agent {parts[1]!r}")
+            if record.get("end_seq") is None:
+                raise NotFound(f"turn {parts[2]} of agent {parts[1]!r} has not ended")
+            return record["end_seq"]
+        name = text[len("snapshot:"):] if text.startswith("snapshot:") else text
+        for snap in self.snapshots(ws):
+            if snap["name"] == name:
+                return snap["seq"]
+        if re.match(r"^\d{4}-\d{2}-\d{2}", text):
+            try:
+                ns = parse_iso_time(text)
+            except ValueError:
+                raise InvalidArgument(f"not an ISO-8601 time: {text!r}") from None
+            with self.env.begin() as txn:
+                return ws.history.seq_at_time(txn, ns)
+        raise NotFound(f"no seq, time, snapshot or turn named {text!r}")
+
+    # -- content ------------------------------------------------------------------------
+
+    def content_map(self, content_id: bytes) -> ContentMap:
+        """A readable view of a content record (cached). Raises ``Corrupt`` if missing."""
+        with self._content_lock:
+            cm = self._content_cache.get(content_id)
+            if cm is not None:
+                self._content_cache.move_to_end(content_id)
+                return cm
+        if content_id == EMPTY_CONTENT_ID:
+            cm = ContentMap.empty(self.chunks)
+        else:
+            with self.env.begin() as txn:
+                raw = txn.get(content_id, db=self.dbs["contents"])
+            if raw is None:
+                from chronicle.errors import Corrupt
+                from chronicle.store.ids import to_hex
+
+                raise Corrupt(f"content {to_hex(content_id)} is missing from the store")
+            cm = ContentMap(content_id, ContentRecord.decode(raw), self.chunks)
+        self.remember_content(cm)
+        return cm
+
+    def remember_content(self, cm: ContentMap) -> None:
+        with self._content_lock:
+            self._content_cache[cm.id] = cm
+            self._content_cache.move_to_end(cm.id)
+            while len(self._content_cache) > 512:
+                self._content_cache.popitem(last=False)
+
+    # -- durability ---------------------------------------------------------------------
+
+    def note_commit(self) -> None:
+        self._dirty = True
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def sync(self) -> None:
+        """Make everything committed so far durable (see ``recovery``).
+
+        Holds the LMDB writer lock while it syncs, so no process commits
+        metadata that refers to pack data not yet synced.
+        """
+        with self._sync_lock:
+            self._dirty = False
+            new_pin = self.env.begin()
+            txn = self.env.begin(write=True)
+            try:
+                self.chunks.sync()
+                sync_active_packs(self.packs_dir, self.run_dir / "active", self.chunks.writer.own_packs())
+                self.env.sync(True)
+                synced = self.env.info()["last_txnid"]
+                record_synced(self.meta_dir, synced, self._page_size)
+            finally:
+                txn.abort()
+            old, self._pin = self._pin, new_pin
+            old.abort()
+
+    # -- figures ------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Store figures: bytes and counts (``chronicle stats``)."""
+        logical = contents = 0
+        unique_raw = stored = chunk_count = 0
+        with self.env.begin() as txn:
+            with txn.cursor(db=self.dbs["contents"]) as cur:
+                for _key, value in cur:
+                    size, _refs, _hash = schema.content_header(value)
+                    logical += size
+                    contents += 1
+            for _cid, rec in self.chunks.iter_index(txn):
+                unique_raw += rec.raw_len
+                stored += rec.stored_len
+                chunk_count += 1
+            events = txn.stat(self.dbs["events"])["entries"]
+            ws_count = txn.stat(self.dbs["workspaces"])["entries"]
+        packs = self.chunks.reader.list_packs()
+        pack_bytes = self.chunks.reader.total_size()
+        info = self.env.info()
+        meta_bytes = (info["last_pgno"] + 1) * self._page_size
+        return {
+            "store": str(self.path),
+            "logical_bytes": logical,
+            "unique_bytes": unique_raw,
+            "stored_bytes": stored,
+            "pack_bytes": pack_bytes,
+            "metadata_bytes": meta_bytes,
+            "dedup_ratio": round(logical / unique_raw, 3) if unique_raw else 1.0,
+            "compression_ratio": round(unique_raw / stored, 3) if stored else 1.0,
+            "workspaces": ws_count,
+            "events": events,
+            "contents": contents,
+            "chunks": chunk_count,
+            "packs": len(packs),
+        }
+
+
+def ensure_no_dirty(ws) -> None:
+    """Raise :class:`Busy` if any file of ``ws`` has uncommitted writes."""
+    dirty = [ino for ino, st in ws.files.items() if st.dirty]
+    if dirty:
+        raise Busy(f"{len(dirty)} file(s) have uncommitted writes; close or fsync them first")
