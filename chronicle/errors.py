@@ -92,6 +92,10 @@ class OutOfRange(ChronicleError):
     """The value is too large for the buffer or the limit."""
 
 
+class NotSupported(ChronicleError):
+    """Operation not supported."""
+
+
 class CrossDevice(ChronicleError):
     """The operation would cross from one workspace or view into another."""
 

@@ -1,0 +1,152 @@
+"""The control channel ``.chronicle/ctl`` (SPEC §4).
+
+Protocol: open the file read-write, write one JSON object per line, read one
+JSON reply line per command on the same handle: ``{"ok": true, ...}`` or
+``{"ok": false, "error": "..."}``. Commands:
+
+=================================================================  ==========================================
+command                                                            does
+=================================================================  ==========================================
+``{"cmd": "snapshot", "name": N}``                                 names the head seq; reply has ``seq``
+``{"cmd": "restore", "path": P, "version": N}``                    file restore (new events)
+``{"cmd": "restore", "at": POINT}``                                whole-tree restore to a seq, time,
+                                                                   snapshot or ``turn:AGENT:N``
+``{"cmd": "turn-begin", "agent": A, "turn": N, "message_id": M}``  label the following events
+``{"cmd": "turn-end"}``                                            end the label; reply has the turn record
+``{"cmd": "sync"}``                                                commit open files, make all durable
+=================================================================  ==========================================
+
+Malformed input (not JSON, not an object, unknown command, missing or
+wrong-typed fields, an over-long line) gets an error reply; the daemon logs
+nothing for it and keeps serving. The reply is ready when ``write`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import trio
+
+from chronicle.errors import ChronicleError, InvalidArgument
+from chronicle.store.restore import restore_file, restore_tree
+from chronicle.store.workspace import Actor
+
+log = logging.getLogger("chronicle.fs")
+
+MAX_LINE = 1 << 20
+
+
+class CtlSession:
+    """One open handle of ``ctl``: its pending input and replies."""
+
+    def __init__(self, ops, ctx):
+        self.ops = ops
+        self.actor = Actor(ctx.uid, ctx.gid, ctx.pid)
+        self._input = bytearray()
+        self._output = bytearray()
+
+    def read(self, size: int) -> bytes:
+        out = bytes(self._output[:size])
+        del self._output[:size]
+        return out
+
+    async def write(self, data: bytes) -> int:
+        self._input += data
+        while True:
+            newline = self._input.find(b"\n")
+            if newline < 0:
+                if len(self._input) > MAX_LINE:
+                    self._input.clear()
+                    self._reply({"ok": False, "error": f"command line longer than {MAX_LINE} bytes"})
+                break
+            line = bytes(self._input[:newline])
+            del self._input[:newline + 1]
+            if line.strip():
+                self._reply(await self.execute(line))
+        return len(data)
+
+    def _reply(self, reply: dict) -> None:
+        self._output += json.dumps(reply).encode() + b"\n"
+
+    async def execute(self, line: bytes) -> dict:
+        """Run one command line; always returns a reply."""
+        try:
+            try:
+                command = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidArgument(f"not JSON: {exc}") from None
+            if not isinstance(command, dict):
+                raise InvalidArgument("a command is a JSON object like {\"cmd\": \"sync\"}")
+            name = command.get("cmd")
+            handler = COMMANDS.get(name) if isinstance(name, str) else None
+            if handler is None:
+                raise InvalidArgument(f"unknown command {name!r}; commands: {', '.join(sorted(COMMANDS))}")
+            result = await handler(self, command)
+            return {"ok": True, **result}
+        except ChronicleError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("ctl command failed: %r", line[:200])
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def snapshot(self, command: dict) -> dict:
+        name = _field(command, "name", str)
+        seq = self.ops.ws.snapshot(name)
+        return {"name": name, "seq": seq}
+
+    async def restore(self, command: dict) -> dict:
+        ws = self.ops.ws
+        if "at" in command:
+            point = command["at"]
+            if not isinstance(point, (str, int)) or isinstance(point, bool):
+                raise InvalidArgument("'at' is a seq, an ISO-8601 time, a snapshot name or turn:AGENT:N")
+            seq = self.ops.store.resolve_point(ws, str(point))
+            changes = restore_tree(ws, seq, self.actor)
+            self.ops.invalidate(changes.inodes, changes.entries)
+            return {"seq": ws.head_seq, "at": seq, "paths": changes.paths}
+        path = _field(command, "path", str)
+        version = _field(command, "version", int)
+        changes = restore_file(ws, os.fsencode(path).strip(b"/"), version, self.actor)
+        self.ops.invalidate(changes.inodes, changes.entries)
+        return {"seq": ws.head_seq, "path": path, "version": version, "changed": changes.paths > 0}
+
+    async def turn_begin(self, command: dict) -> dict:
+        agent = _field(command, "agent", str)
+        turn = _field(command, "turn", int)
+        message_id = command.get("message_id")
+        if message_id is not None and not isinstance(message_id, (str, int)):
+            raise InvalidArgument("'message_id' must be a string")
+        self.ops.ws.turn_begin(agent, turn, None if message_id is None else str(message_id))
+        return {"seq": self.ops.ws.head_seq}
+
+    async def turn_end(self, command: dict) -> dict:
+        await self.ops.commit_all()
+        record = self.ops.ws.turn_end()
+        return {"seq": self.ops.ws.head_seq, "turn": record}
+
+    async def sync(self, command: dict) -> dict:
+        await self.ops.commit_all()
+        await trio.to_thread.run_sync(self.ops.store.sync, limiter=self.ops.limiter)
+        return {"seq": self.ops.ws.head_seq}
+
+
+COMMANDS = {
+    "snapshot": CtlSession.snapshot,
+    "restore": CtlSession.restore,
+    "turn-begin": CtlSession.turn_begin,
+    "turn-end": CtlSession.turn_end,
+    "sync": CtlSession.sync,
+}
+
+
+def _field(command: dict, name: str, kind: type):
+    value = command.get(name)
+    if value is None:
+        raise InvalidArgument(f"command {command.get('cmd')!r} needs {name!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidArgument(f"{name!r} must be {'an integer' if kind is int else 'a string'}")
+    return value

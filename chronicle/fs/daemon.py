@@ -1,0 +1,147 @@
+"""The mount daemon: one process serving one workspace at one mountpoint.
+
+Lifecycle (S3QL's and borg's rules):
+
+- the store and workspace are opened (taking the workspace's writer lock)
+  before mounting, so a bad store or a workspace mounted elsewhere fails
+  before anything appears at the mountpoint;
+- the FUSE loop (``pyfuse3.main`` on trio) runs beside two background tasks:
+  a periodic :meth:`Store.sync` (every :data:`SYNC_INTERVAL` seconds while
+  dirty, like ext4's 5 s commit interval) and the kernel cache invalidations
+  queued by ``ctl`` commands;
+- SIGTERM/SIGINT/SIGHUP end the loop cleanly; an unmount (``fusermount3 -u``)
+  ends it too. Only after a clean return are open files committed, the store
+  synced and the mount removed. On a crash path the mount is left in place
+  (an empty mountpoint would make tools think the files are gone); the next
+  ``chronicle mount`` clears the stale mountpoint.
+
+Logging goes to stderr: ``"%(asctime)s %(levelname)s %(name)s: %(message)s"``.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from chronicle.fs.operations import ChronicleOperations
+from chronicle.store.store import Store
+
+log = logging.getLogger("chronicle.daemon")
+
+SYNC_INTERVAL = float(os.environ.get("CHRONICLE_SYNC_INTERVAL", "5"))
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    level = os.environ.get("CHRONICLE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def is_stale(mountpoint: Path) -> bool:
+    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def clear_stale(mountpoint: Path) -> bool:
+    """Lazily unmount a stale mountpoint; returns True if there was one."""
+    if not is_stale(mountpoint):
+        return False
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    log.info("cleared the stale mount at %s", mountpoint)
+    return True
+
+
+def mount_options(workspace: str) -> set[str]:
+    options = set(pyfuse3.default_options)          # default_permissions: the kernel checks modes
+    options |= {f"fsname=chronicle:{workspace}", "subtype=chronicle", "noatime"}
+    if os.getuid() == 0:
+        options.add("allow_other")                  # other users reach it like any directory
+    return options
+
+
+async def _periodic_sync(store: Store, limiter: trio.CapacityLimiter) -> None:
+    while True:
+        await trio.sleep(SYNC_INTERVAL)
+        if store.dirty:
+            try:
+                await trio.to_thread.run_sync(store.sync, limiter=limiter)
+            except Exception:
+                log.exception("periodic sync failed; will retry")
+
+
+async def _signals(ops: ChronicleOperations) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _main(ops: ChronicleOperations) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_periodic_sync, ops.store, ops.limiter)
+        nursery.start_soon(ops.run_invalidations)
+        nursery.start_soon(_signals, ops)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
+    """Mount and serve until unmounted or signalled. Returns the exit status.
+
+    Raises ``ChronicleError`` (before mounting) for a bad store or a
+    workspace in use.
+    """
+    faulthandler.enable()
+    mountpoint = Path(mountpoint).absolute()
+    store = Store.open(store_path, create=True)
+    try:
+        ws = store.open_workspace(workspace, writable=True, create=True)
+    except BaseException:
+        store.close()
+        raise
+    ops = ChronicleOperations(ws, store, mountpoint=str(mountpoint))
+    clear_stale(mountpoint)
+    try:
+        pyfuse3.init(ops, str(mountpoint), mount_options(workspace))
+    except RuntimeError as exc:
+        store.close()
+        raise OSError(f"cannot mount at {mountpoint}: {exc}") from None
+    store.register_mount(workspace, str(mountpoint), os.getpid())
+    log.info("mounted workspace %r of %s at %s (pid %d)", workspace, store.path, mountpoint, os.getpid())
+    clean = False
+    try:
+        trio.run(_main, ops)
+        clean = True
+    except BaseException:
+        log.exception("the FUSE loop failed; leaving the mount in place")
+        raise
+    finally:
+        pyfuse3.close(unmount=clean)
+        if clean:
+            _commit_open_files(ops)
+            log.info("unmounted %s", mountpoint)
+        store.unregister_mount(workspace)
+        store.close()
+    return 0
+
+
+def _commit_open_files(ops: ChronicleOperations) -> None:
+    for ino in list(ops.ws.files):
+        try:
+            ops.ws.commit_file(ino)
+        except Exception:
+            log.exception("could not commit inode %d at unmount", ino)
