@@ -124,7 +124,7 @@ def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
     log.info("mounted workspace %r of %s at %s (pid %d)", workspace, store.path, mountpoint, os.getpid())
     clean = False
     try:
-        trio.run(_main, ops)
+        _run_loop(ops)
         clean = True
     except BaseException:
         log.exception("the FUSE loop failed; leaving the mount in place")
@@ -137,6 +137,22 @@ def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
         store.unregister_mount(workspace)
         store.close()
     return 0
+
+
+def _run_loop(ops: ChronicleOperations) -> None:
+    """Run the trio loop; with ``CHRONICLE_PROFILE=FILE`` under cProfile
+    (stats written to FILE at unmount, for ``pstats``)."""
+    profile_to = os.environ.get("CHRONICLE_PROFILE")
+    if not profile_to:
+        trio.run(_main, ops)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(trio.run, _main, ops)
+    finally:
+        profiler.dump_stats(profile_to)
 
 
 def _commit_open_files(ops: ChronicleOperations) -> None:
