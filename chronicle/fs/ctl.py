@@ -86,7 +86,7 @@ class CtlSession:
             result = await handler(self, command)
             return {"ok": True, **result}
         except ChronicleError as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": str(exc), "kind": type(exc).__name__}
         except Exception as exc:
             log.exception("ctl command failed: %r", line[:200])
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
@@ -106,12 +106,12 @@ class CtlSession:
                 raise InvalidArgument("'at' is a seq, an ISO-8601 time, a snapshot name or turn:AGENT:N")
             seq = self.ops.store.resolve_point(ws, str(point))
             changes = restore_tree(ws, seq, self.actor)
-            self.ops.invalidate(changes.inodes, changes.entries)
-            return {"seq": ws.head_seq, "at": seq, "paths": changes.paths}
+            await self.ops.invalidate(changes.inodes, changes.entries)
+            return {"seq": ws.head_seq, "at": seq, "paths": changes.paths, "changed": changes.paths > 0}
         path = _field(command, "path", str)
         version = _field(command, "version", int)
         changes = restore_file(ws, os.fsencode(path).strip(b"/"), version, self.actor)
-        self.ops.invalidate(changes.inodes, changes.entries)
+        await self.ops.invalidate(changes.inodes, changes.entries)
         return {"seq": ws.head_seq, "path": path, "version": version, "changed": changes.paths > 0}
 
     async def turn_begin(self, command: dict) -> dict:

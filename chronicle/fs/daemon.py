@@ -7,8 +7,7 @@ Lifecycle (S3QL's and borg's rules):
   before anything appears at the mountpoint;
 - the FUSE loop (``pyfuse3.main`` on trio) runs beside two background tasks:
   a periodic :meth:`Store.sync` (every :data:`SYNC_INTERVAL` seconds while
-  dirty, like ext4's 5 s commit interval) and the kernel cache invalidations
-  queued by ``ctl`` commands;
+  dirty, like ext4's 5 s commit interval) and the signal handler;
 - SIGTERM/SIGINT/SIGHUP end the loop cleanly; an unmount (``fusermount3 -u``)
   ends it too. Only after a clean return are open files committed, the store
   synced and the mount removed. On a crash path the mount is left in place
@@ -93,7 +92,6 @@ async def _signals(ops: ChronicleOperations) -> None:
 async def _main(ops: ChronicleOperations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_periodic_sync, ops.store, ops.limiter)
-        nursery.start_soon(ops.run_invalidations)
         nursery.start_soon(_signals, ops)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

@@ -86,7 +86,6 @@ class ChronicleOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._locks: dict[int, trio.Lock] = {}
         self.limiter = trio.CapacityLimiter(2)
-        self._invalidate_send, self._invalidate_recv = trio.open_memory_channel(10_000)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -463,25 +462,15 @@ class ChronicleOperations(pyfuse3.Operations):
 
     # -- cache invalidation (after ctl changes the tree) ----------------------------------------
 
-    def invalidate(self, inodes, entries) -> None:
-        """Queue kernel cache invalidations for changed inodes and entries
-        (store numbers); a background task sends them."""
+    async def invalidate(self, inodes, entries) -> None:
+        """Drop the kernel's cached entries and inodes (store numbers) that a
+        ``ctl`` command changed, before its reply, so the mount shows the
+        change at once. The notifications are sent from worker threads: the
+        kernel may wait on locks held by requests this loop has to serve."""
         for parent, name in entries:
-            self._invalidate_send.send_nowait(("entry", self.fuse_ino(parent), name))
+            await trio.to_thread.run_sync(_invalidate_entry, self.fuse_ino(parent), name)
         for ino in inodes:
-            self._invalidate_send.send_nowait(("inode", self.fuse_ino(ino), None))
-
-    async def run_invalidations(self) -> None:
-        """Background task: send queued invalidations from a worker thread
-        (the kernel may wait on locks held by requests we are serving)."""
-        async for kind, ino, name in self._invalidate_recv:
-            try:
-                if kind == "entry":
-                    await trio.to_thread.run_sync(_invalidate_entry, ino, name)
-                else:
-                    await trio.to_thread.run_sync(_invalidate_inode, ino)
-            except Exception:
-                log.debug("invalidation of %s %s failed", kind, ino, exc_info=True)
+            await trio.to_thread.run_sync(_invalidate_inode, self.fuse_ino(ino))
 
     async def commit_all(self) -> None:
         """Commit every open file's uncommitted writes (before unmount/sync)."""

@@ -32,7 +32,7 @@ from chronicle.errors import Corrupt
 from chronicle.store import codec
 from chronicle.store.ids import HOLE_ID, ID_SIZE, to_hex
 from chronicle.store.packs import ChunkLocation, PackReader, PackWriter
-from chronicle.store.schema import ChunkRecord, ContentRecord
+from chronicle.store.schema import ChunkRecord, ContentRecord, add_totals
 
 DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
 
@@ -74,9 +74,10 @@ class ChunkStore:
     """Chunks of one store: packs on disk plus the ``chunks`` index in LMDB."""
 
     def __init__(self, env: lmdb.Environment, db, packs_root: Path, active_dir: Path | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, level: int = codec.DEFAULT_LEVEL):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, level: int = codec.DEFAULT_LEVEL, meta_db=None):
         self._env = env
         self._db = db
+        self._meta_db = meta_db
         self.writer = PackWriter(packs_root, active_dir)
         self.reader = PackReader(packs_root)
         self.cache = ChunkCache(cache_bytes)
@@ -137,6 +138,9 @@ class ChunkStore:
                 record = ChunkRecord(pending.pack_no, pending.offset, pending.stored_len, pending.raw_len,
                                      pending.codec, 0)
                 inserted.append(chunk_id)
+                if self._meta_db is not None:
+                    add_totals(txn, self._meta_db, unique_bytes=record.raw_len, stored_bytes=record.stored_len,
+                               chunks=1)
             record.refcount += 1
             txn.put(chunk_id, record.encode(), db=self._db)
         return inserted

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from chronicle.errors import Busy, InvalidArgument, IsADirectory, NotFound
 from chronicle.store.content import BuiltContent, ContentMap, build_content
 from chronicle.store.ids import to_hex
-from chronicle.store.schema import P_BUMPS, P_CONTENT, Attrs
+from chronicle.store.schema import P_BUMPS, P_CONTENT, Attrs, add_totals
 from chronicle.store.staging import Overlay
 
 
@@ -201,6 +201,7 @@ class FileOps:
                 built.record.refcount = 0
                 w.txn.put(built.id, built.record.encode(), db=db)
                 inserted = self.store.chunks.add_refs(w.txn, built.record)
+                add_totals(w.txn, self.dbs["meta"], logical_bytes=built.record.size, contents=1)
             new_attrs = attrs.replace(size=built.record.size, content=built.id,
                                       mtime_ns=state.mtime_ns or w.now_ns, ctime_ns=state.ctime_ns or w.now_ns)
             w.put_attrs(ino, new_attrs)

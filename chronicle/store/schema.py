@@ -58,6 +58,9 @@ META_NEXT_PACK = b"next_pack"
 META_NEXT_WS = b"next_ws"
 META_CREATED = b"created"
 
+# Running totals in ``meta`` (updated in the transaction that changes them; GC subtracts).
+TOTALS = ("logical_bytes", "contents", "unique_bytes", "stored_bytes", "chunks")
+
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 _WS_INO = struct.Struct(">IQ")
@@ -159,6 +162,23 @@ def named_key(ws: int, name: bytes) -> bytes:
 
 def turn_key(ws: int, agent: bytes, turn: int) -> bytes:
     return U32.pack(ws) + agent + b"\x00" + U32.pack(turn)
+
+
+def add_totals(txn, meta_db, **deltas: int) -> None:
+    """Add to the store's running totals (``TOTALS``)."""
+    for name, delta in deltas.items():
+        key = b"total:" + name.encode()
+        raw = txn.get(key, db=meta_db)
+        value = (struct.unpack(">q", raw)[0] if raw else 0) + delta
+        txn.put(key, struct.pack(">q", value), db=meta_db)
+
+
+def read_totals(txn, meta_db) -> dict[str, int]:
+    out = {}
+    for name in TOTALS:
+        raw = txn.get(b"total:" + name.encode(), db=meta_db)
+        out[name] = struct.unpack(">q", raw)[0] if raw else 0
+    return out
 
 
 # --- workspace records ------------------------------------------------------

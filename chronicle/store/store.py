@@ -93,7 +93,7 @@ class Store:
         self.staging_dir = path / "staging"
         self.run_dir = path / "run"
         self.packs_dir = path / "packs"
-        self.chunks = ChunkStore(env, dbs["chunks"], self.packs_dir, self.run_dir / "active")
+        self.chunks = ChunkStore(env, dbs["chunks"], self.packs_dir, self.run_dir / "active", meta_db=dbs["meta"])
         self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -113,6 +113,8 @@ class Store:
             raise UsageError(f"unsupported backend {backend!r} (this version supports 'file')")
         if (path / STORE_FILE).exists():
             raise Exists(f"a store already exists at {path}")
+        if path.exists() and not path.is_dir():
+            raise Exists(f"{path} exists and is not a directory")
         if path.exists() and any(path.iterdir()):
             raise Exists(f"{path} exists and is not empty")
         for sub in ("meta", "packs", "staging", "run"):
@@ -127,6 +129,7 @@ class Store:
             txn.put(schema.META_NEXT_INO, schema.U64.pack(16), db=store.dbs["meta"])
             txn.put(schema.META_NEXT_WS, schema.U32.pack(1), db=store.dbs["meta"])
             txn.put(EMPTY_CONTENT_ID, empty_record().encode(), db=store.dbs["contents"])
+            schema.add_totals(txn, store.dbs["meta"], contents=1)
         store.sync()
         return store
 
@@ -174,10 +177,12 @@ class Store:
         return store
 
     def close(self) -> None:
-        """Sync and close. Safe to call twice."""
+        """Close; syncs first if this process committed anything since its
+        last sync (a read-only command flushes nothing). Safe to call twice."""
         if self._closed:
             return
-        self.sync()
+        if self._dirty:
+            self.sync()
         self._closed = True
         self.chunks.close()
         self._pin.abort()
@@ -341,9 +346,15 @@ class Store:
         path = self.run_dir / f"mount-{name}.json"
         try:
             info = json.loads(path.read_text())
-            os.kill(int(info["pid"]), 0)
-        except (OSError, ValueError, KeyError, ProcessLookupError):
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass                      # alive, owned by another user
         return info
 
     # -- snapshots and turns ------------------------------------------------------------
@@ -506,38 +517,35 @@ class Store:
     # -- figures ------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Store figures: bytes and counts (``chronicle stats``)."""
-        logical = contents = 0
-        unique_raw = stored = chunk_count = 0
+        """Store figures (``chronicle stats``): running totals kept in the
+        metadata, so this is O(1) in the size of the store.
+
+        ``logical_bytes``: bytes of all distinct file contents ever recorded;
+        ``unique_bytes``: bytes of the distinct chunks they are made of;
+        ``stored_bytes``: those chunks after compression;
+        ``pack_bytes``: pack files on disk (includes space GC can reclaim).
+        """
         with self.env.begin() as txn:
-            with txn.cursor(db=self.dbs["contents"]) as cur:
-                for _key, value in cur:
-                    size, _refs, _hash = schema.content_header(value)
-                    logical += size
-                    contents += 1
-            for _cid, rec in self.chunks.iter_index(txn):
-                unique_raw += rec.raw_len
-                stored += rec.stored_len
-                chunk_count += 1
+            totals = schema.read_totals(txn, self.dbs["meta"])
             events = txn.stat(self.dbs["events"])["entries"]
             ws_count = txn.stat(self.dbs["workspaces"])["entries"]
         packs = self.chunks.reader.list_packs()
         pack_bytes = self.chunks.reader.total_size()
         info = self.env.info()
-        meta_bytes = (info["last_pgno"] + 1) * self._page_size
+        logical, unique, stored = totals["logical_bytes"], totals["unique_bytes"], totals["stored_bytes"]
         return {
             "store": str(self.path),
             "logical_bytes": logical,
-            "unique_bytes": unique_raw,
+            "unique_bytes": unique,
             "stored_bytes": stored,
             "pack_bytes": pack_bytes,
-            "metadata_bytes": meta_bytes,
-            "dedup_ratio": round(logical / unique_raw, 3) if unique_raw else 1.0,
-            "compression_ratio": round(unique_raw / stored, 3) if stored else 1.0,
+            "metadata_bytes": (info["last_pgno"] + 1) * self._page_size,
+            "dedup_ratio": round(logical / unique, 3) if unique else 1.0,
+            "compression_ratio": round(unique / stored, 3) if stored else 1.0,
             "workspaces": ws_count,
             "events": events,
-            "contents": contents,
-            "chunks": chunk_count,
+            "contents": totals["contents"],
+            "chunks": totals["chunks"],
             "packs": len(packs),
         }
 
