@@ -1,0 +1,665 @@
+"""The ``chronicle`` command line (SPEC §2): parse, call the store, print.
+
+Store selection: ``--store`` / ``--workspace`` if given; otherwise the mount
+that a PATH argument (or the current directory) lies in (``chronicle.locate``);
+otherwise ``$CHRONICLE_HOME/store`` and workspace ``default``. PATH arguments
+are relative to the workspace root, or to the current directory inside a mount.
+
+Read commands open the store without taking a workspace's writer lock, so they
+work while a daemon has it mounted. Commands that change a mounted workspace
+(``restore``, ``snapshot``) go through the mount's ``ctl`` file, so the daemon
+(its only writer) applies them and the mount shows them at once.
+
+Errors: a :class:`ChronicleError` is one line ``chronicle: error: ...`` and its
+``exit_code``; bad arguments are click usage errors (exit 2); anything else is
+one line ``chronicle: internal error: ...`` and exit 1 (a traceback only with
+``--debug`` or ``CHRONICLE_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import json
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from chronicle import control, mounting
+from chronicle.errors import ChronicleError, IsADirectory, NotFound, StoreError, UsageError
+from chronicle.locate import Target, locate, select
+from chronicle.store.fsck import fsck as check_store
+from chronicle.store.journal import iso_time, parse_iso_time
+from chronicle.store.restore import restore_file, restore_tree
+from chronicle.store.schema import KIND_DIR, KIND_FILE
+from chronicle.store.store import Store
+from chronicle.store.workspace import Actor
+
+READ_PIECE = 1 << 20            # bytes per read when streaming a version to stdout
+DIFF_LIMIT = 32 << 20           # larger versions are compared, not diffed line by line
+_DEBUG = "chronicle.debug"
+
+
+# -- error handling ------------------------------------------------------------------------
+
+
+class ChronicleGroup(click.Group):
+    """Turns errors into one line and an exit code (module docstring)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except ChronicleError as err:
+            _report(ctx, f"chronicle: error: {_one_line(err)}", err.exit_code)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise                   # click quiets a closed stdout (`chronicle cat f | head`)
+            _report(ctx, f"chronicle: error: {_one_line(exc)}", 1)
+        except Exception as exc:        # noqa: BLE001 - the last line of defence
+            _report(ctx, f"chronicle: internal error: {type(exc).__name__}: {_one_line(exc)}", 1)
+
+
+def _report(ctx: click.Context, line: str, code: int) -> None:
+    if ctx.meta.get(_DEBUG):
+        traceback.print_exc()
+    click.echo(line, err=True)
+    ctx.exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+# -- choosing the store, the workspace and the path ------------------------------------------
+
+
+def _target(store_opt: Path | None, ws_opt: str | None, path: str | None = None) -> Target:
+    return select(store_opt, ws_opt, path, default_workspace=mounting.DEFAULT_WORKSPACE)
+
+
+def _in_mount(store_opt: Path | None, ws_opt: str | None, where: str | None) -> Target:
+    """The target of a command whose optional PATH only says which mount to use."""
+    if where is not None and locate(where) is None:
+        raise UsageError(f"{where!r} is not inside a Chronicle mount")
+    return _target(store_opt, ws_opt, where)
+
+
+def _show_path(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace") or "."
+
+
+def _line(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape") + b"\n"     # paths are os.fsdecode'd: give back their bytes
+
+
+@contextmanager
+def _open_store(target: Target):
+    store = Store.open(target.store)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _actor() -> Actor:
+    return Actor(os.getuid(), os.getgid(), os.getpid())
+
+
+def store_options(f):
+    return click.option("--store", "-s", "store_opt", type=click.Path(path_type=Path), metavar="STORE",
+                        help="Store directory (default: the mount you are in, else $CHRONICLE_HOME/store).")(f)
+
+
+def workspace_options(f):
+    f = click.option("--workspace", "-w", "ws_opt", metavar="NAME",
+                     help="Workspace (default: the mount you are in, else 'default').")(f)
+    return store_options(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def _out():
+    return sys.stdout.buffer
+
+
+@contextmanager
+def _progress(description: str):
+    """A ``progress(phase, done, total)`` callback that draws a bar on a terminal
+    (stderr) and does nothing otherwise; ``total`` 0 or None shows a spinner."""
+    if not sys.stderr.isatty():
+        yield lambda *_args: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(phase: str, done: int, total: int | None) -> None:
+            bar.update(task, description=f"{description}: {phase}", completed=done, total=total or None)
+
+        yield update
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def _event_line(ev: dict, seq_width: int) -> str:
+    """One aligned text line of a log record or a path-history entry."""
+    turn = ev.get("turn")
+    label = f"{turn.get('agent')}:{turn.get('turn')}" if isinstance(turn, dict) else "-"
+    version = f"v{ev['version']}" if ev.get("version") is not None else "-"
+    size = str(ev["size"]) if ev.get("size") is not None else "-"
+    digest = ev["hash"][:12] if ev.get("hash") else "-"
+    path = ev.get("path")
+    text = "?" if path is None else (path or ".")
+    if ev.get("from") is not None:
+        text += f" <- {ev['from']}"
+    if ev.get("to") is not None:
+        text += f" -> {ev['to']}"
+    if ev.get("target") is not None:
+        text += f" -> {ev['target']}"
+    details = [f"{k} {ev[k]}" for k in ("restored", "at", "paths", "mode", "uid", "gid", "name") if k in ev]
+    if ev.get("exchange"):
+        details.append("exchange")
+    if details:
+        text += " (" + ", ".join(details) + ")"
+    return (f"{str(ev.get('seq', '?')).rjust(seq_width)}  {ev.get('time', '')}  {ev.get('event', ''):<11}  "
+            f"{version:>5}  {size:>10}  {digest:<12}  {label:<12}  {text}")
+
+
+def _table(rows: list[list[str]], right: set[int] = frozenset()) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        click.echo("  ".join(cells).rstrip())
+
+
+def _version_list(numbers) -> str:
+    numbers = [str(n) for n in sorted(numbers)]
+    return ", ".join(numbers if len(numbers) <= 8 else numbers[:3] + ["..."] + numbers[-3:]) or "none"
+
+
+# -- history helpers ------------------------------------------------------------------------------
+
+
+def _since_seq(store: Store, ws, point: str) -> int:
+    """First seq a ``--since`` point lets through: a seq itself, the first event
+    at or after a time, the first event after a snapshot or turn (they name a state)."""
+    seq = store.resolve_point(ws, point)
+    text = point.strip()
+    if text.isdigit():
+        return seq
+    if text.startswith(("turn:", "snapshot:")) or any(s["name"] == text for s in store.snapshots(ws)):
+        return seq + 1
+    with ws.read_txn() as txn:         # a time: seq is the last event at or before it
+        event = ws.history.event(txn, seq) if seq else None
+    exact = event is not None and event.get("time") == iso_time(parse_iso_time(text))
+    return seq if exact else seq + 1
+
+
+def _bounds(store: Store, ws, since: str | None, until: str | None, turn: tuple[str, int] | None) -> tuple[int, int]:
+    """The inclusive seq range ``--since/--until/--turn`` select."""
+    lo, hi = 0, ws.head_seq
+    if since is not None:
+        lo = max(lo, _since_seq(store, ws, since))
+    if until is not None:
+        hi = min(hi, store.resolve_point(ws, until))
+    if turn is not None:
+        agent, number = turn
+        record = store.get_turn(ws, agent, number)
+        if record is None:
+            raise NotFound(f"no turn {number} of agent {agent!r} in workspace {ws.name!r}")
+        lo = max(lo, record.get("begin_seq") or 0)
+        if record.get("end_seq") is not None:
+            hi = min(hi, record["end_seq"])
+    return lo, hi
+
+
+def _parse_turn(_ctx, _param, value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    text = value[len("turn:"):] if value.startswith("turn:") else value
+    agent, sep, number = text.rpartition(":")
+    if not sep or not agent or not number.isdigit():
+        raise click.BadParameter(f"expected AGENT:N (e.g. planner:3), not {value!r}")
+    return agent, int(number)
+
+
+def _split_version(spec: str) -> tuple[str, int | None]:
+    head, sep, tail = spec.rpartition("@")
+    if sep and head and tail.isdigit():
+        return head, int(tail)
+    return spec, None
+
+
+def _content_versions(ws, txn, path: bytes) -> dict:
+    """Version number → entry for the versions of ``path`` that have file
+    content. Raises :class:`NotFound` / :class:`IsADirectory` if there are none."""
+    if not path:
+        raise IsADirectory("the workspace root is a directory")
+    versions = ws.history.content_versions(txn, path)
+    if versions:
+        return versions
+    try:
+        kind = ws.view().resolve(txn, path)[1]
+    except ChronicleError:
+        kind = None
+    if kind == KIND_DIR:
+        raise IsADirectory(f"{_show_path(path)!r} is a directory")
+    raise NotFound(f"{_show_path(path)!r} has no file content in its history")
+
+
+def _pick(versions: dict, path: bytes, number: int | None):
+    if number is None:
+        number = max(versions)
+    found = versions.get(number)
+    if found is None:
+        raise NotFound(f"{_show_path(path)!r} has no version {number} (versions: {_version_list(versions)})")
+    return number, found
+
+
+def _read_all(store: Store, version) -> bytes:
+    cm = store.content_map(version.entry.content)
+    return cm.read(0, cm.size)
+
+
+def _as_text(data: bytes) -> str | None:
+    """``data`` as text, or None if it looks binary (a NUL near the start, or not UTF-8)."""
+    if b"\0" in data[:8192]:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _entry_time(version) -> str:
+    try:
+        return json.loads(b"{" + version.entry.fragment).get("time", "")
+    except ValueError:
+        return ""
+
+
+# -- the commands ---------------------------------------------------------------------------------
+
+
+@click.group(cls=ChronicleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="chronicle", prog_name="chronicle")
+@click.option("--debug", is_flag=True, envvar="CHRONICLE_DEBUG", help="Show tracebacks of errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Chronicle: a versioned workspace filesystem for AI agents."""
+    ctx.meta[_DEBUG] = debug
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--backend", default="file", show_default=True, metavar="file|s3://BUCKET/PREFIX",
+              help="Where chunk data lives.")
+def init(store: Path, backend: str) -> None:
+    """Create an empty store at STORE."""
+    if backend.startswith("s3://"):
+        raise ChronicleError("the S3 backend is not available yet; use --backend file")
+    if backend != "file":
+        raise UsageError(f"unknown backend {backend!r}: use 'file' or s3://BUCKET/PREFIX")
+    path = Path(os.path.abspath(store))
+    try:
+        Store.init(path).close()
+    except OSError as exc:
+        raise StoreError(f"cannot create a store at {path}: {_one_line(exc)}") from None
+    click.echo(f"Initialized an empty Chronicle store at {path}")
+
+
+@cli.command()
+@click.option("--store", "-s", "store_opt", type=click.Path(path_type=Path), metavar="STORE",
+              help="Store directory (default $CHRONICLE_HOME/store, created if missing).")
+@click.option("--workspace", "-w", default=mounting.DEFAULT_WORKSPACE, show_default=True, metavar="NAME",
+              help="Workspace to mount (created on first mount).")
+@click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def mount(store_opt: Path | None, workspace: str, foreground: bool, mountpoint: Path) -> None:
+    """Mount a workspace at MOUNTPOINT."""
+    store = Path(os.path.abspath(store_opt)) if store_opt is not None else None
+    where = Path(os.path.abspath(mountpoint))
+    mounting.mount(store, workspace, where, foreground=foreground)
+    if not foreground:
+        click.echo(f"Mounted workspace {workspace!r} at {where}")
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def umount(mountpoint: Path) -> None:
+    """Flush and unmount MOUNTPOINT; waits for its daemon to exit."""
+    mounting.umount(Path(os.path.abspath(mountpoint)))
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--since", metavar="T", help="From seq T, time T, or after snapshot/turn T.")
+@click.option("--until", metavar="T", help="Up to seq, time, snapshot or turn T (inclusive).")
+@click.option("--turn", metavar="AGENT:N", callback=_parse_turn, help="Only the events of that turn.")
+@workspace_options
+@json_option
+def log(path, since, until, turn, store_opt, ws_opt, as_json) -> None:
+    """History of PATH, or of the whole workspace (oldest first, newest last).
+
+    T is a seq number, an ISO-8601 time, a snapshot name or turn:AGENT:N.
+    """
+    target = _target(store_opt, ws_opt, path)
+    out = _out()
+    with _open_store(target) as store:
+        ws = store.open_workspace(target.workspace)
+        lo, hi = _bounds(store, ws, since, until, turn)
+        width = len(str(ws.head_seq))
+        with ws.read_txn() as txn:
+            if not target.path:
+                for raw in ws.history.log_lines(txn, lo, hi) if lo <= hi else ():
+                    out.write(raw + b"\n" if as_json else _line(_event_line(json.loads(raw), width)))
+                return
+            query = ws.history.render_query(txn, target.path)
+        if as_json and (since, until, turn) == (None, None, None):
+            out.write(query)
+            return
+        doc = json.loads(query)
+        doc["versions"] = [v for v in doc["versions"] if lo <= v["seq"] <= hi]
+        if as_json:
+            out.write(json.dumps(doc).encode() + b"\n")
+        else:
+            for entry in doc["versions"]:
+                out.write(_line(_event_line(entry, width)))
+
+
+@cli.command()
+@click.argument("spec", metavar="PATH[@VERSION]")
+@workspace_options
+def show(spec: str, store_opt, ws_opt) -> None:
+    """Write a version of a file to stdout (default: the latest)."""
+    path, number = _split_version(spec)
+    target = _target(store_opt, ws_opt, path)
+    out = _out()
+    with _open_store(target) as store:
+        ws = store.open_workspace(target.workspace)
+        with ws.read_txn() as txn:
+            _number, version = _pick(_content_versions(ws, txn, target.path), target.path, number)
+        cm = store.content_map(version.entry.content)
+        for offset in range(0, cm.size, READ_PIECE):
+            out.write(cm.read(offset, READ_PIECE))
+        out.flush()
+
+
+cli.add_command(show, "cat")
+
+
+@cli.command()
+@click.argument("path")
+@click.argument("a", type=int, required=False)
+@click.argument("b", type=int, required=False)
+@workspace_options
+def diff(path: str, a: int | None, b: int | None, store_opt, ws_opt) -> None:
+    """Unified diff of PATH between versions A and B.
+
+    Default: the previous version against the latest; with A only: A against the latest.
+    """
+    target = _target(store_opt, ws_opt, path)
+    shown = _show_path(target.path or b"")
+    with _open_store(target) as store:
+        ws = store.open_workspace(target.workspace)
+        with ws.read_txn() as txn:
+            versions = _content_versions(ws, txn, target.path)
+        numbers = sorted(versions)
+        b_no, b_ver = _pick(versions, target.path, b)
+        if a is None and b is None:
+            a_no, a_ver = (numbers[-2], versions[numbers[-2]]) if len(numbers) > 1 else (None, None)
+        else:
+            a_no, a_ver = _pick(versions, target.path, a)
+        if a_ver is not None and a_ver.entry.content == b_ver.entry.content:
+            return
+        a_size = store.content_map(a_ver.entry.content).size if a_ver else 0
+        b_size = store.content_map(b_ver.entry.content).size
+        if max(a_size, b_size) > DIFF_LIMIT:
+            click.echo(f"Versions {a_no} and {b_no} of {shown} differ (too large for a line diff)")
+            return
+        old = _read_all(store, a_ver) if a_ver else b""
+        new = _read_all(store, b_ver)
+    old_text, new_text = _as_text(old), _as_text(new)
+    if old_text is None or new_text is None:
+        click.echo(f"Binary versions {a_no} and {b_no} of {shown} differ")
+        return
+    lines = difflib.unified_diff(old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
+                                 fromfile=f"a/{shown}@{a_no}" if a_ver else "/dev/null",
+                                 tofile=f"b/{shown}@{b_no}", fromfiledate=_entry_time(a_ver) if a_ver else "",
+                                 tofiledate=_entry_time(b_ver))
+    for line in lines:
+        click.echo(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n", nl=False)
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--version", "number", type=int, metavar="N", help="Bring PATH back to its version N.")
+@click.option("--at", "point", metavar="POINT",
+              help="Bring the whole workspace back to a seq, time, snapshot or turn:AGENT:N.")
+@workspace_options
+def restore(path, number, point, store_opt, ws_opt) -> None:
+    """Bring back a file version or the whole workspace at a point.
+
+    Recorded as a new event: history is never rewritten.
+    """
+    by_file = path is not None and number is not None and point is None
+    by_point = point is not None and path is None and number is None
+    if not (by_file or by_point):
+        raise click.UsageError("use either `restore PATH --version N` or `restore --at POINT`")
+    target = _target(store_opt, ws_opt, path)
+    if path is not None and not target.path:
+        raise UsageError("give a file path, not the workspace root (use --at to restore the whole workspace)")
+    with _open_store(target) as store:
+        mounted = store.mount_info(target.workspace)
+        if mounted is not None:
+            command = ({"cmd": "restore", "path": os.fsdecode(target.path), "version": number} if path is not None
+                       else {"cmd": "restore", "at": point})
+            with _progress("Restoring"):
+                reply = control.send(mounted["mountpoint"], command)
+            changed = reply.get("changed", True) if path is not None else reply.get("paths") != 0
+            seq, paths, at = reply.get("seq") if changed else None, reply.get("paths"), reply.get("at", point)
+        else:
+            ws = store.open_workspace(target.workspace, writable=True)
+            if path is not None:
+                changes, at = restore_file(ws, target.path, number, _actor()), None
+            else:
+                at = store.resolve_point(ws, point)
+                with _progress(f"Restoring workspace {target.workspace!r} to seq {at}"):
+                    changes = restore_tree(ws, at, _actor())
+            seq, paths = changes.seq, changes.paths
+    what = (f"{_show_path(target.path)} to version {number}" if path is not None
+            else f"workspace {target.workspace!r} to seq {at}")
+    if seq is None:
+        click.echo(f"Nothing to restore: {what} changes nothing")
+    else:
+        click.echo(f"Restored {what} (seq {seq}" + (f", {paths} path(s) changed)" if path is None else ")"))
+
+
+@cli.command()
+@click.argument("name")
+@workspace_options
+def snapshot(name: str, store_opt, ws_opt) -> None:
+    """Name the workspace's current seq NAME."""
+    target = _target(store_opt, ws_opt)
+    with _open_store(target) as store:
+        mounted = store.mount_info(target.workspace)
+        if mounted is not None:
+            seq = control.send(mounted["mountpoint"], {"cmd": "snapshot", "name": name}).get("seq")
+        else:
+            ws = store.open_workspace(target.workspace, writable=True)
+            seq = ws.snapshot(name)
+    click.echo(f"Snapshot {name!r} of workspace {target.workspace!r}" + (f" at seq {seq}" if seq is not None else ""))
+
+
+@cli.command()
+@click.argument("where", metavar="[PATH]", required=False)
+@workspace_options
+@json_option
+def snapshots(where, store_opt, ws_opt, as_json) -> None:
+    """List the workspace's snapshots (PATH: a path inside a mount)."""
+    target = _in_mount(store_opt, ws_opt, where)
+    with _open_store(target) as store:
+        items = store.snapshots(store.open_workspace(target.workspace))
+    if as_json:
+        click.echo(json.dumps(items))
+    elif items:
+        _table([["NAME", "SEQ", "TIME"]] + [[s["name"], str(s["seq"]), s["time"]] for s in items], right={1})
+
+
+@cli.command()
+@click.argument("new_workspace")
+@click.option("--at", "point", metavar="POINT", help="Seq, snapshot, time or turn:AGENT:N (default: the head).")
+@workspace_options
+def fork(new_workspace: str, point, store_opt, ws_opt) -> None:
+    """Copy-on-write fork of the workspace as NEW_WORKSPACE."""
+    target = _target(store_opt, ws_opt)
+    with _open_store(target) as store:
+        source = store.open_workspace(target.workspace)
+        seq = store.resolve_point(source, point) if point is not None else None
+        record = store.fork(target.workspace, seq, new_workspace)
+    click.echo(f"Forked workspace {target.workspace!r} at seq {record.fork_seq} as {new_workspace!r}")
+
+
+def _tree_size(ws) -> tuple[int, int]:
+    """``(regular files, bytes)`` at the head; a hard-linked file counts once."""
+    seen: set[int] = set()
+    total = 0
+    view = ws.view()
+    with ws.read_txn() as txn:
+        for _path, ino, kind in view.walk(txn):
+            if kind == KIND_FILE and ino not in seen:
+                seen.add(ino)
+                attrs = view.attrs(txn, ino)
+                total += attrs.size if attrs else 0
+    return len(seen), total
+
+
+@cli.command()
+@click.argument("where", metavar="[PATH]", required=False)
+@click.option("--size/--no-size", default=True, show_default=True,
+              help="Count files and bytes at each head (walks every tree).")
+@store_options
+@json_option
+def workspaces(where, size: bool, store_opt, as_json) -> None:
+    """List the store's workspaces (PATH: a path inside a mount)."""
+    target = _in_mount(store_opt, None, where)
+    rows = []
+    with _open_store(target) as store:
+        for info in store.workspaces():
+            row = {"name": info.name, "head_seq": info.head_seq, "created": info.created, "parent": info.parent,
+                   "fork_seq": info.fork_seq, "mountpoint": info.mounted["mountpoint"] if info.mounted else None}
+            if size:
+                row["files"], row["size"] = _tree_size(store.open_workspace(info.name))
+            rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo(f"No workspaces in {target.store}", err=True)
+        return
+    header = ["NAME", "HEAD"] + (["FILES", "SIZE"] if size else []) + ["FORK OF", "MOUNTED AT"]
+    table = [header]
+    for r in rows:
+        figures = [str(r["files"]), _human(r["size"])] if size else []
+        fork_of = f"{r['parent']}@{r['fork_seq']}" if r["parent"] else "-"
+        table.append([r["name"], str(r["head_seq"])] + figures + [fork_of, r["mountpoint"] or "-"])
+    _table(table, right={1, 2, 3} if size else {1})
+
+
+@cli.command()
+@click.option("--keep-last", type=int, metavar="N", help="Keep the last N versions of every path.")
+@click.option("--keep-within", metavar="DURATION", help="Keep versions younger than DURATION.")
+@store_options
+def gc(keep_last, keep_within, store_opt) -> None:
+    """Prune old versions by policy, then free unreferenced chunks (not implemented yet)."""
+    raise ChronicleError("gc is not implemented yet")
+
+
+@cli.command()
+@click.option("--repair", is_flag=True, help="Repair what can be repaired.")
+@click.option("--verify-contents", is_flag=True, help="Also re-hash whole file contents.")
+@store_options
+@json_option
+@click.pass_context
+def fsck(ctx: click.Context, repair: bool, verify_contents: bool, store_opt, as_json) -> None:
+    """Verify every chunk hash, every reference and refcount.
+
+    Exit status 0 when clean (no error or warning left unrepaired), 1 otherwise.
+    """
+    target = _target(store_opt, None)
+    with _open_store(target) as store, _progress("Checking") as progress:
+        report = check_store(store, repair=repair, verify_contents=verify_contents, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"{p.severity}: {p.kind}: {p.message}" + (" (repaired)" if p.repaired else ""))
+        figures = report.as_dict()
+        click.echo(f"{target.store}: {'clean' if report.clean else 'NOT clean'} ({figures['errors']} error(s), "
+                   f"{figures['warnings']} warning(s) unrepaired, {figures['repaired']} repaired; "
+                   f"{report.chunks} chunks, {report.contents} contents, {report.seconds:.1f} s)")
+    ctx.exit(0 if report.clean else 1)
+
+
+@cli.command()
+@click.argument("where", metavar="[PATH]", required=False)
+@workspace_options
+@json_option
+def stats(where, store_opt, ws_opt, as_json) -> None:
+    """Store figures (bytes, dedup and compression, counts) and the workspace's."""
+    target = _in_mount(store_opt, ws_opt, where)
+    with _open_store(target) as store:
+        figures = store.stats()
+        try:
+            ws = store.open_workspace(target.workspace)
+        except NotFound:
+            if target.workspace_chosen:
+                raise
+            ws = None
+        if ws is not None:
+            mounted = store.mount_info(ws.name)
+            # Seqs are dense (every event takes the next one), so the head seq counts the events.
+            figures.update(workspace=ws.name, head_seq=ws.head_seq, workspace_events=ws.head_seq,
+                           snapshots=len(store.snapshots(ws)), parent=ws.record.parent, fork_seq=ws.record.fork_seq,
+                           mountpoint=mounted["mountpoint"] if mounted else None)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    rows = []
+    for key, value in figures.items():
+        if key.endswith("_bytes"):
+            value = f"{_human(value)} ({value})"
+        elif value is None:
+            value = "-"
+        rows.append([key.replace("_", " ") + ":", str(value)])
+    _table(rows)
+
+
+def main() -> None:
+    cli(prog_name="chronicle")

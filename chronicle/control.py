@@ -1,0 +1,128 @@
+"""Client side of a mount's control file, ``<mountpoint>/.chronicle/ctl`` (SPEC §4).
+
+Protocol: open the file read-write, write one JSON command per line, read
+one JSON reply line per command on the same handle: ``{"ok": true, ...}`` or
+``{"ok": false, "error": "..."}``. Commands::
+
+    {"cmd": "snapshot", "name": N}
+    {"cmd": "restore", "path": P, "version": N}
+    {"cmd": "restore", "at": POINT}
+    {"cmd": "turn-begin", "agent": A, "turn": N, "message_id": M}
+    {"cmd": "turn-end"}
+    {"cmd": "sync"}
+
+Commands that change a mounted workspace go through here so that the daemon
+(the workspace's only writer) applies them and the mount shows them at once.
+
+An error reply becomes a :class:`~chronicle.errors.ChronicleError` with the
+daemon's message; if the reply also names the error's class in ``"kind"``
+(e.g. ``"NotFound"``), that class is raised, so the CLI exits with its code.
+
+Threads: a :class:`ControlChannel` is used by one thread at a time (replies
+are matched to commands by order on the handle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from chronicle import errors
+from chronicle.errors import ChronicleError, StoreError
+
+CTL_PATH = os.path.join(".chronicle", "ctl")
+_READ_SIZE = 65536
+_MAX_REPLY = 64 << 20
+
+
+class ControlChannel:
+    """An open control handle of one mount; use as a context manager.
+
+    Raises :class:`StoreError` if the mount's control file cannot be opened
+    (not a Chronicle mount, or its daemon is gone).
+    """
+
+    def __init__(self, mountpoint: os.PathLike | str):
+        self.mountpoint = Path(mountpoint)
+        path = self.mountpoint / CTL_PATH
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreError(f"cannot reach the mount daemon at {self.mountpoint}: "
+                             f"{exc.strerror or exc}") from None
+        self._pending = b""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ControlChannel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, command: dict) -> dict:
+        """Send one command, return the daemon's ``{"ok": true, ...}`` reply.
+
+        Raises a :class:`ChronicleError` (subclass named by the reply's
+        ``kind`` if any) with the daemon's message when ``ok`` is false, and
+        :class:`StoreError` when the channel fails or the reply is not JSON.
+        """
+        if self._fd < 0:
+            raise StoreError("the control channel is closed")
+        line = json.dumps(command, separators=(",", ":")).encode() + b"\n"
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+            raw = self._read_line()
+        except OSError as exc:
+            raise StoreError(f"the mount daemon at {self.mountpoint} did not answer: "
+                             f"{exc.strerror or exc}") from None
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise StoreError(f"the mount daemon at {self.mountpoint} sent a reply that is not JSON: "
+                             f"{raw[:200]!r}") from None
+        if not isinstance(reply, dict):
+            raise StoreError(f"the mount daemon at {self.mountpoint} sent an unexpected reply: {raw[:200]!r}")
+        if not reply.get("ok"):
+            raise _error_from(reply)
+        return reply
+
+    def _read_line(self) -> bytes:
+        buf = self._pending
+        while b"\n" not in buf:
+            if len(buf) > _MAX_REPLY:
+                raise StoreError(f"the mount daemon at {self.mountpoint} sent an over-long reply")
+            data = os.read(self._fd, _READ_SIZE)
+            if not data:
+                if not buf:
+                    raise StoreError(f"the mount daemon at {self.mountpoint} closed the control channel "
+                                     "without a reply")
+                break
+            buf += data
+        line, _, self._pending = buf.partition(b"\n")
+        return line
+
+
+def send(mountpoint: os.PathLike | str, command: dict) -> dict:
+    """Send one command to the mount at ``mountpoint`` on a fresh handle and
+    return its reply (see :meth:`ControlChannel.request` for the errors)."""
+    with ControlChannel(mountpoint) as channel:
+        return channel.request(command)
+
+
+def _error_from(reply: dict) -> ChronicleError:
+    message = reply.get("error")
+    if not isinstance(message, str) or not message.strip():
+        message = "the mount daemon refused the command (no reason given)"
+    message = " ".join(message.split("\n"))
+    kind = reply.get("kind")
+    cls = getattr(errors, kind, None) if isinstance(kind, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, ChronicleError)):
+        cls = ChronicleError
+    return cls(message)
