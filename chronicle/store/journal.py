@@ -146,6 +146,8 @@ class EventWriter:
         ``create`` entry this entry replaces (a file created and first
         written by the same open shows as one version).
         """
+        if not content:
+            flags &= ~P_CONTENT            # no content id to carry (PathEntry encodes it only with the flag)
         head = self.path_head(path)
         version = head.version if head else 0
         if fold_seq is not None and head is not None and head.last_seq == fold_seq:

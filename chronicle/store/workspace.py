@@ -449,6 +449,11 @@ class Workspace(FileOps):
                 return None                        # same inode: POSIX says do nothing
             old_path, new_path = self._child_path(p_old, n_old), self._child_path(p_new, n_new)
             src_ino, src_kind = src
+            if src_kind == KIND_DIR and self._is_within(p_new, src_ino, txn):
+                raise InvalidArgument("cannot move a directory into itself")
+            if dst is not None and flags & RENAME_EXCHANGE and dst[1] == KIND_DIR and \
+                    self._is_within(p_old, dst[0], txn):
+                raise InvalidArgument("cannot move a directory into itself")
             src_attrs = attrs_of(src_ino)
             if flags & RENAME_EXCHANGE:
                 if dst is None:
@@ -522,6 +527,20 @@ class Workspace(FileOps):
             if replaced is not None and self._parents.get(replaced) == (p_new, n_new):
                 del self._parents[replaced]
         return replaced
+
+    def _is_within(self, ino: int, ancestor: int, txn) -> bool:
+        """True if directory ``ino`` is ``ancestor`` or below it, walking up
+        the parent links. Through FUSE the kernel checks this before asking;
+        this protects API callers. An unknown link (never looked up) ends the
+        walk: such a directory was not reached through ``ancestor``."""
+        for _ in range(4096):
+            if ino == ancestor:
+                return True
+            link = self._parents.get(ino)
+            if ino == self.root or link is None:
+                return False
+            ino = link[0]
+        return True
 
     def _rename_entry(self, w: EventWriter, path: bytes, origin: bytes | None, ino: int, attrs: Attrs,
                       *, replaced: bool) -> int:
