@@ -26,7 +26,6 @@ content building for a commit runs in workers (see ``files``).
 
 from __future__ import annotations
 
-import json
 import stat
 import time
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from chronicle.store.files import FileOps
 from chronicle.store.history import History
 from chronicle.store.ids import EMPTY_CONTENT_ID
 from chronicle.store.journal import EventWriter
-from chronicle.store.schema import (KIND_DIR, KIND_FILE, P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, Attrs,
+from chronicle.store.schema import (KIND_DIR, P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, Attrs,
                                     WorkspaceRecord)
 from chronicle.store.tree import TreeView
 
@@ -685,4 +684,4 @@ def _is_map_full(exc: BaseException) -> bool:
     return isinstance(exc, lmdb.MapFullError)
 
 
-__all__ = ["Actor", "SYSTEM", "Workspace", "check_name", "RENAME_EXCHANGE", "RENAME_NOREPLACE", "json"]
+__all__ = ["Actor", "SYSTEM", "Workspace", "check_name", "RENAME_EXCHANGE", "RENAME_NOREPLACE"]
