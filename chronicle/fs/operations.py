@@ -327,14 +327,19 @@ class ChronicleOperations(pyfuse3.Operations):
         lock = self._lock(handle.ino)
         if lock.locked():
             async with lock:
-                return self.ws.write_file(handle.ino, off, buf, handle.pid)
-        return self.ws.write_file(handle.ino, off, buf, handle.pid)
+                written = self.ws.write_file(handle.ino, off, buf, handle.pid)
+        else:
+            written = self.ws.write_file(handle.ino, off, buf, handle.pid)
+        if self.ws.stream_backlogged(handle.ino):
+            async with lock:
+                await trio.to_thread.run_sync(self.ws.wait_stream, handle.ino, limiter=self.limiter)
+        return written
 
     async def _commit_locked(self, ino: int, pid: int = 0) -> int | None:
         overlay = self.ws.commit_begin(ino)
         if overlay is None:
             return None
-        if overlay.size <= INLINE_COMMIT_BYTES:
+        if overlay.commit_cost() <= INLINE_COMMIT_BYTES:
             built = self.ws.commit_build(overlay)
         else:
             built = await trio.to_thread.run_sync(self.ws.commit_build, overlay, limiter=self.limiter)

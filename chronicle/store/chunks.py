@@ -87,27 +87,31 @@ class ChunkStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def put(self, chunk_id: bytes, data: bytes | memoryview) -> bool:
+    def put(self, chunk_id: bytes, data: bytes | memoryview, *, compress: bool = True) -> int | None:
         """Store ``data`` under ``chunk_id`` unless the store has it already.
 
-        Returns True if new bytes were written. Raises ``NoSpace`` on a full disk.
+        ``data`` must stay unchanged until the next :meth:`flush` (it may be
+        written from the caller's buffer). ``compress=False`` stores it raw
+        without trying zstd. Returns the codec of the newly written record,
+        or None if the store had the chunk already. Raises ``NoSpace`` on a full disk.
         """
         with self._pending_lock:
             if chunk_id in self._pending:
-                return False
+                return None
         with self._env.begin(db=self._db, buffers=True) as txn:
             if txn.get(chunk_id) is not None:
-                return False
-        codec_id, payload = codec.encode(data, self._level)
+                return None
+        if compress:
+            codec_id, payload = codec.encode(data, self._level)
+        else:
+            codec_id, payload = codec.CODEC_RAW, data
         location = self.writer.append(chunk_id, codec_id, len(data), payload)
         record = ChunkRecord(location.pack_no, location.offset, location.stored_len, len(data), codec_id, 0)
         with self._pending_lock:
             if chunk_id in self._pending:
-                return False      # another thread won the race; our copy is unreferenced pack space
+                return None       # another thread won the race; our copy is unreferenced pack space
             self._pending[chunk_id] = record
-        if len(data) <= self.cache.max_bytes // 4:
-            self.cache.put(chunk_id, bytes(data))
-        return True
+        return codec_id
 
     def flush(self) -> None:
         """Hand written chunk data to the kernel (call before committing metadata)."""
@@ -190,6 +194,8 @@ class ChunkStore:
         record = self.record(chunk_id, txn)
         if record is None:
             raise Corrupt(f"chunk {to_hex(chunk_id)} is missing from the store")
+        if record.refcount == 0:
+            self.writer.flush()          # a pending chunk may still be in the writer's buffer
         data = self.read_record(chunk_id, record)
         self.cache.put(chunk_id, data)
         return data

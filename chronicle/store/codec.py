@@ -48,12 +48,13 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def encode(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> tuple[int, bytes]:
-    """Compress one chunk. Returns ``(codec, payload)``; payload may be ``data`` itself."""
+def encode(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> tuple[int, bytes | memoryview]:
+    """Compress one chunk. Returns ``(codec, payload)``; an incompressible
+    chunk's payload is ``data`` itself (not copied)."""
     packed = _compressor(level).compress(data)
     if len(packed) + (len(data) >> 5) < len(data):
         return CODEC_ZSTD, packed
-    return CODEC_RAW, bytes(data)
+    return CODEC_RAW, data
 
 
 def decode(codec: int, payload: bytes, raw_len: int, chunk_id: bytes, *, verify: bool = True) -> bytes:
@@ -63,7 +64,7 @@ def decode(codec: int, payload: bytes, raw_len: int, chunk_id: bytes, *, verify:
     decompress to ``raw_len`` bytes, or (``verify``) its BLAKE3 is not ``chunk_id``.
     """
     if codec == CODEC_RAW:
-        data = payload
+        data = bytes(payload)
     elif codec == CODEC_ZSTD:
         try:
             data = _decompressor().decompress(payload, max_output_size=raw_len)

@@ -120,14 +120,16 @@ class ContentMap:
 
 @dataclass
 class BuiltContent:
-    """The result of :func:`build_content`: the new record and its id, plus
-    what was written (for stats)."""
+    """The result of :func:`build_content`: the new record and its id, what
+    was written (for stats), and the BLAKE3 state after the whole content
+    (``hasher``; None for a file too sparse to hash) for the next commit."""
 
     id: bytes
     record: ContentRecord
     new_chunks: int = 0
     new_bytes: int = 0
     reused_extents: int = 0
+    hasher: object = None
 
 
 @dataclass
@@ -183,22 +185,33 @@ def _chunker() -> Chunker:
     return c
 
 
-def build_content(overlay, chunks: ChunkStore) -> BuiltContent:
+def build_content(overlay, chunks: ChunkStore, hash_prefix=None) -> BuiltContent:
     """Turn an overlay (base content + uncommitted changes) into new content.
 
     Stores new chunks (``chunks.put``) and returns the new record, not yet
     written to the index: the caller records it in a metadata transaction.
-    Raises ``NoSpace`` if a pack cannot be written, ``Corrupt`` if a base chunk
-    is damaged.
+    ``hash_prefix``: ``(offset, hasher)`` — a BLAKE3 state over the first
+    ``offset`` bytes, which are unchanged; hashing resumes there instead of
+    re-reading them. Raises ``NoSpace`` if a pack cannot be written,
+    ``Corrupt`` if a base chunk is damaged.
     """
     base = overlay.base
     size = overlay.size
     kept_limit = min(overlay.base_valid, size)
     spans = overlay.dirty_spans()
     out = _Extents()
-    hasher = new_hasher()
+    if hash_prefix is not None and hash_prefix[0] <= size:
+        skip, hasher = hash_prefix[0], hash_prefix[1].copy()
+    else:
+        skip, hasher = 0, new_hasher()
     stats = BuiltContent(b"", None)  # type: ignore[arg-type]
     hashing = True
+
+    def feed(pos: int, data) -> None:
+        """Hash ``data`` (the file's bytes at ``pos``), less the prefix already hashed."""
+        if pos + len(data) <= skip:
+            return
+        hasher.update(memoryview(data)[skip - pos:] if pos < skip else data)
 
     # Segments of the new file, in order: ("keep", extent index), ("hole", start, end),
     # ("data", start, end) where data is re-chunked from the overlay.
@@ -261,13 +274,15 @@ def build_content(overlay, chunks: ChunkStore) -> BuiltContent:
         else:
             merged.append(seg)
 
-    hole_total = sum(seg[2] - seg[1] for seg in merged if seg[0] == "hole")
+    hole_total = sum(max(seg[2] - max(seg[1], skip), 0) for seg in merged if seg[0] == "hole")
     hole_total += sum(base.record.lengths[seg[1]] for seg in merged
-                      if seg[0] == "keep" and base.record.chunk_id(seg[1]) == HOLE_ID)
+                      if seg[0] == "keep" and base.record.chunk_id(seg[1]) == HOLE_ID
+                      and base.extent_span(seg[1])[1] > skip)
     if hole_total > HASH_HOLE_LIMIT:
         hashing = False
 
     chunker = _chunker()
+    pos = 0
     for seg in merged:
         kind = seg[0]
         if kind == "keep":
@@ -275,25 +290,30 @@ def build_content(overlay, chunks: ChunkStore) -> BuiltContent:
             length = base.record.lengths[seg[1]]
             out.add(chunk_id, length)
             stats.reused_extents += 1
-            if hashing:
+            if hashing and pos + length > skip:
                 if chunk_id == HOLE_ID:
-                    _hash_zeros(hasher, length)
+                    _hash_zeros(hasher, pos + length - max(pos, skip))
                 else:
-                    hasher.update(chunks.get(chunk_id))
+                    feed(pos, chunks.get(chunk_id))
+            pos += length
         elif kind == "hole":
-            out.add(HOLE_ID, seg[2] - seg[1])
-            if hashing:
-                _hash_zeros(hasher, seg[2] - seg[1])
+            length = seg[2] - seg[1]
+            out.add(HOLE_ID, length)
+            if hashing and pos + length > skip:
+                _hash_zeros(hasher, pos + length - max(pos, skip))
+            pos += length
         else:
             reader = _PieceReader(overlay, seg[1], seg[2])
-            for piece in chunker.cut_stream(reader):
+            for view in chunker.cut_stream(reader):
+                piece = bytes(view)       # the chunker reuses its buffer; the pack writer keeps this
                 chunk_id = hash_bytes(piece)
                 if hashing:
-                    hasher.update(piece)
-                if chunks.put(chunk_id, piece):
+                    feed(pos, piece)
+                if chunks.put(chunk_id, piece) is not None:
                     stats.new_chunks += 1
                     stats.new_bytes += len(piece)
                 out.add(chunk_id, len(piece))
+                pos += len(piece)
 
     ids = b"".join(out.ids)
     if hashing:
@@ -304,6 +324,7 @@ def build_content(overlay, chunks: ChunkStore) -> BuiltContent:
         content_id = hash_bytes(b"chronicle-sparse:" + ids + out.lengths.tobytes())
     stats.id = content_id
     stats.record = ContentRecord(size, digest, ids, out.lengths)
+    stats.hasher = hasher if hashing else None
     return stats
 
 

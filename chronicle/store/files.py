@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from chronicle.errors import Busy, InvalidArgument, IsADirectory, NotFound
-from chronicle.store.content import BuiltContent, ContentMap, build_content
+from chronicle.store.content import BuiltContent, ContentMap
 from chronicle.store.ids import to_hex
 from chronicle.store.schema import P_BUMPS, P_CONTENT, Attrs, add_totals
 from chronicle.store.staging import Overlay
@@ -159,8 +159,19 @@ class FileOps:
 
     def _overlay(self, state: FileState) -> Overlay:
         if state.overlay is None:
-            state.overlay = Overlay(str(self.store.staging_dir), state.base)
+            state.overlay = Overlay(str(self.store.staging_dir), state.base, self.store.chunks)
         return state.overlay
+
+    def stream_backlogged(self, ino: int) -> bool:
+        """True if the writer of ``ino`` should wait for its stream worker
+        (call :meth:`wait_stream` from a worker thread)."""
+        state = self.files.get(ino)
+        return state is not None and state.overlay is not None and state.overlay.backlogged()
+
+    def wait_stream(self, ino: int) -> None:
+        state = self.files.get(ino)
+        if state is not None and state.overlay is not None:
+            state.overlay.wait_stream()
 
     # -- commits ---------------------------------------------------------------------
 
@@ -175,8 +186,8 @@ class FileOps:
         return state.overlay
 
     def commit_build(self, overlay: Overlay) -> BuiltContent:
-        """Build the new content (worker thread; see ``content.build_content``)."""
-        return build_content(overlay, self.store.chunks)
+        """Build the new content (worker thread; see ``Overlay.build``)."""
+        return overlay.build(self.store.chunks)
 
     def commit_finish(self, ino: int, built: BuiltContent, pid: int = 0) -> int | None:
         """Record the version; returns its seq, or None when the content is unchanged."""
@@ -187,7 +198,7 @@ class FileOps:
         overlay = state.overlay
         if built.id == attrs.content:
             base = self.store.content_map(built.id)
-            overlay.rebase(base)
+            overlay.rebase(base, built.hasher)
             state.base = base
             state.mtime_ns = state.ctime_ns = None
             return None
@@ -216,7 +227,7 @@ class FileOps:
         self._attrs[ino] = new_attrs
         base = ContentMap(built.id, built.record, self.store.chunks)
         self.store.remember_content(base)
-        overlay.rebase(base)
+        overlay.rebase(base, built.hasher)
         state.base = base
         state.created_seq = None
         state.mtime_ns = state.ctime_ns = None

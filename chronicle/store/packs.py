@@ -48,6 +48,7 @@ RECORD_MAGIC = b"CK"
 RECORD_HEADER = struct.Struct("<2sBBII32s")
 MAX_PACK_SIZE = 64 * 1024 * 1024
 _WRITE_BUFFER = 4 * 1024 * 1024
+_IOV_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,23 +109,26 @@ class PackWriter:
         self._fd: int | None = None
         self._pack_no = -1
         self._size = 0          # bytes of the current pack, buffered ones included
-        self._buffer = bytearray()
+        self._buffers: list = []          # headers and payloads not yet written (writev)
+        self._buffered = 0
         self._unsynced: list[int] = []   # fds written since the last sync (closed lazily)
         self._closing: list[int] = []     # sealed packs, closed after their sync
         self._active: dict[int, int] = {}  # fd -> pack_no of packs registered as active
         self._new_dirs: set[Path] = set()  # group directories to fsync at the next sync
 
-    def append(self, chunk_id: bytes, codec: int, raw_len: int, payload: bytes) -> ChunkLocation:
-        """Add one record; returns where its payload will be. Raises :class:`NoSpace`."""
+    def append(self, chunk_id: bytes, codec: int, raw_len: int, payload) -> ChunkLocation:
+        """Add one record; returns where its payload will be. ``payload`` is any
+        bytes-like object that stays unchanged until written. Raises :class:`NoSpace`."""
         with self._lock:
             record_len = RECORD_HEADER.size + len(payload)
             if self._fd is None or (self._size + record_len > self._max and self._size > PACK_HEADER.size):
                 self._start_pack()
             offset = self._size + RECORD_HEADER.size
-            self._buffer += RECORD_HEADER.pack(RECORD_MAGIC, codec, 0, raw_len, len(payload), chunk_id)
-            self._buffer += payload
+            self._buffers.append(RECORD_HEADER.pack(RECORD_MAGIC, codec, 0, raw_len, len(payload), chunk_id))
+            self._buffers.append(payload)
+            self._buffered += record_len
             self._size += record_len
-            if len(self._buffer) >= _WRITE_BUFFER:
+            if self._buffered >= _WRITE_BUFFER:
                 self._write_buffer()
             return ChunkLocation(self._pack_no, offset, len(payload))
 
@@ -196,23 +200,29 @@ class PackWriter:
             (self._active_dir / f"{self._pack_no:012x}").write_text(f"{os.getpid()}\n")
         self._new_dirs.add(path.parent)
         self._active[self._fd] = self._pack_no
-        self._buffer = bytearray(PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
-        self._size = PACK_HEADER.size
+        self._buffers = [PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)]
+        self._buffered = self._size = PACK_HEADER.size
         self._unsynced.append(self._fd)
 
     def _write_buffer(self) -> None:
-        if not self._buffer or self._fd is None:
+        if not self._buffers or self._fd is None:
             return
-        view = memoryview(self._buffer)
+        bufs = [memoryview(b) for b in self._buffers]
+        i = 0
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            while i < len(bufs):
+                written = os.writev(self._fd, bufs[i:i + _IOV_MAX])
+                while written:
+                    if written >= len(bufs[i]):
+                        written -= len(bufs[i])
+                        i += 1
+                    else:
+                        bufs[i] = bufs[i][written:]
+                        written = 0
         except OSError as exc:
             _raise_os_error(exc, "writing a pack")
-        finally:
-            view.release()
-        self._buffer = bytearray()
+        self._buffers = []
+        self._buffered = 0
         if self._fd not in self._unsynced:
             self._unsynced.append(self._fd)
 

@@ -18,6 +18,16 @@ On flush/fsync the store turns the overlay into a new content record
 (``chronicle.store.content.build_content``), re-chunking only the dirty spans,
 and the overlay restarts with that content as its base.
 
+- **streaming** — a file written front to back from an empty start needs no
+  staging file at all: its bytes are chunked as they arrive
+  (``chronicle.store.stream``). The first write that is not an append, a
+  truncate or a read ends streaming: the chunks emitted so far become a
+  provisional base (their content record is written only at commit) and the
+  rest goes to the staging file.
+- **hash prefix** — ``(offset, hasher)``: a BLAKE3 state over bytes
+  ``[0, offset)`` that no change has touched since, so a commit after
+  appends hashes only what follows instead of re-reading the whole file.
+
 Threads: an overlay is used by one thread at a time; the FUSE adapter holds a
 per-inode lock while a commit reads it from a worker thread.
 """
@@ -28,8 +38,12 @@ import errno
 import os
 from dataclasses import dataclass
 
+from array import array
+
 from chronicle.errors import FileTooLarge, NoSpace
-from chronicle.store.content import ContentMap
+from chronicle.store.content import BuiltContent, ContentMap, build_content
+from chronicle.store.schema import ContentRecord
+from chronicle.store.stream import Stream
 
 PAGE = 4096
 # ext4 with 4 KiB blocks: 2**32 - 1 blocks. Past it: EFBIG, as ext4 answers.
@@ -57,8 +71,9 @@ class Piece:
 class Overlay:
     """Uncommitted changes to one file's content (see the module docstring)."""
 
-    def __init__(self, staging_dir: str, base: ContentMap):
+    def __init__(self, staging_dir: str, base: ContentMap, chunks=None, hash_prefix=None):
         self._staging_dir = staging_dir
+        self._chunks = chunks             # ChunkStore, for streaming
         self.base = base
         self.base_valid = base.size
         self.size = base.size
@@ -66,11 +81,15 @@ class Overlay:
         self._pages: set[int] = set()     # materialized pages (< base_valid)
         self.dirty = False
         self.wrote = False                # data was written (not only truncated)
+        self.stream: Stream | None = None
+        self.hash_prefix = hash_prefix    # (offset, blake3 hasher) or None
 
     # -- reading and writing -----------------------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset+size)`` of the file as it is now (short at EOF)."""
+        if self.stream is not None:
+            self.leave_stream()
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
@@ -88,6 +107,21 @@ class Overlay:
             raise FileTooLarge()
         if not data:
             return 0
+        if self.stream is not None:
+            if offset == self.size:
+                self.stream.append(data)
+                self.size = end
+                return len(data)
+            self.leave_stream()
+        elif (offset == 0 and self.size == 0 and self._fd is None and self._chunks is not None
+              and not self._pages):
+            self.stream = Stream(self._chunks)
+            self.stream.append(data)
+            self.size = end
+            self.dirty = self.wrote = True
+            return len(data)
+        if self.hash_prefix is not None and offset < self.hash_prefix[0]:
+            self.hash_prefix = None
         fd = self._staging_fd()
         if offset < self.base_valid:
             self._materialize_edges(fd, offset, min(end, self.base_valid))
@@ -108,6 +142,10 @@ class Overlay:
             raise FileTooLarge()
         if size == self.size:
             return
+        if self.stream is not None:
+            self.leave_stream()
+        if self.hash_prefix is not None and size < self.hash_prefix[0]:
+            self.hash_prefix = None
         fd = self._staging_fd()
         if size < self.size:
             try:
@@ -218,15 +256,59 @@ class Overlay:
             pos = hole
         return out
 
-    def rebase(self, base: ContentMap) -> None:
-        """After a commit: ``base`` holds everything; start a clean overlay on it."""
+    def rebase(self, base: ContentMap, hasher=None) -> None:
+        """After a commit: ``base`` holds everything; start a clean overlay on it.
+        ``hasher``: the BLAKE3 state after the whole base, if known."""
         self.base = base
         self.base_valid = self.size = base.size
         self._pages.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self.stream = None
+        self.hash_prefix = (base.size, hasher) if hasher is not None else None
         self.dirty = self.wrote = False
+
+    # -- streaming -------------------------------------------------------------------
+
+    def leave_stream(self) -> None:
+        """End streaming: emitted chunks become a provisional base, the rest
+        is staged. Raises what the worker raised (e.g. ``NoSpace``)."""
+        stream, self.stream = self.stream, None
+        rest = stream.drain()
+        record = ContentRecord(stream.emitted, None, b"".join(stream.ids), stream.lengths)
+        self.base = ContentMap(b"", record, self._chunks)
+        self.base_valid = stream.emitted
+        self.hash_prefix = (stream.emitted, stream.hasher)
+        if rest:
+            fd = self._staging_fd()
+            try:
+                os.pwrite(fd, rest, stream.emitted)
+            except OSError as exc:
+                raise _os_error(exc) from None
+
+    def backlogged(self) -> bool:
+        return self.stream is not None and self.stream.backlogged()
+
+    def wait_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.wait_backlog()
+
+    def commit_cost(self) -> int:
+        """Roughly how many bytes a commit has to process now."""
+        if self.stream is not None:
+            return self.stream.pending_bytes + len(self.stream.carry)
+        return sum(e - s for s, e in self.dirty_spans())
+
+    def build(self, chunks) -> BuiltContent:
+        """The new content (worker thread): finishes a stream, or rebuilds the
+        dirty spans (``content.build_content``)."""
+        if self.stream is not None:
+            stream = self.stream
+            ids, lengths, digest = stream.finish()
+            record = ContentRecord(self.size, digest, b"".join(ids), array("Q", lengths))
+            return BuiltContent(digest, record, stream.new_chunks, stream.new_bytes, 0, hasher=stream.hasher)
+        return build_content(self, chunks, hash_prefix=self.hash_prefix)
 
     def close(self) -> None:
         """Drop the staging file (uncommitted changes are discarded)."""
