@@ -142,6 +142,20 @@ class Overlay:
             raise FileTooLarge()
         if size == self.size:
             return
+        if size == 0:
+            # Emptied (O_TRUNC, truncate -s 0): nothing to keep; the next
+            # writes may stream again.
+            if self.stream is not None:
+                self.stream.drain()
+                self.stream = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._pages.clear()
+            self.base_valid = self.size = 0
+            self.hash_prefix = None
+            self.dirty = True
+            return
         if self.stream is not None:
             self.leave_stream()
         if self.hash_prefix is not None and size < self.hash_prefix[0]:
