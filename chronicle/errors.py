@@ -127,3 +127,7 @@ class UsageError(ChronicleError):
     """Bad input from the user (a command, an argument, a ctl line)."""
 
     exit_code = 2
+
+
+class StateError(UsageError):
+    """The agent state cannot take this value, or stored state cannot be loaded."""
