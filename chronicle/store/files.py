@@ -214,7 +214,7 @@ class FileOps:
                 inserted = self.store.chunks.add_refs(w.txn, built.record)
                 add_totals(w.txn, self.dbs["meta"], logical_bytes=built.record.size, contents=1)
             new_attrs = attrs.replace(size=built.record.size, content=built.id,
-                                      mtime_ns=state.mtime_ns or w.now_ns, ctime_ns=state.ctime_ns or w.now_ns)
+                                      mtime_ns=state.mtime_ns or attrs.mtime_ns, ctime_ns=state.ctime_ns or w.now_ns)
             w.put_attrs(ino, new_attrs)
             path = self.path_of(ino)
             version = None

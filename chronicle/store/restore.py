@@ -168,15 +168,23 @@ def restore_tree(ws, seq: int, actor) -> Changes:
                         walk(a[0], child_path)
                     continue
                 if a is not None:
-                    remove_subtree(dir_ino, name, a[0], a[1], child_path)
+                    removals.append((dir_ino, name, a[0], a[1], child_path))
                 if b is not None:
-                    add_subtree(dir_ino, name, b[0], b[1], child_path)
+                    additions.append((dir_ino, name, b[0], b[1], child_path))
 
         if not _same(ws.head_attrs(ws.root, txn), old.attrs(txn, ws.root)):
             updated.append((b"", ws.root))
             involved[ws.root] = b""
             present_old.add(ws.root)
+        removals: list[tuple] = []
+        additions: list[tuple] = []
         walk(ws.root, b"")
+        # All removals first: a moved directory is removed under its new name
+        # and added back under its old one, and the additions must win.
+        for args in removals:
+            remove_subtree(*args)
+        for args in additions:
+            add_subtree(*args)
         if not final_entries and not updated:
             return changes
 

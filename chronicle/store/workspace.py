@@ -596,6 +596,13 @@ class Workspace(FileOps):
                              size=attrs.size if attrs.is_file else None, **fields)
             w.log(event, path, **fields)
         self._attrs[ino] = new_attrs
+        state = self.files.get(ino)
+        if state is not None:
+            # An explicit time (futimens on an open file) wins over the time of
+            # the writes before it; later writes set it again.
+            if mtime_ns is not None:
+                state.mtime_ns = None
+            state.ctime_ns = None
         return self.getattr(ino)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, actor: Actor) -> None:
