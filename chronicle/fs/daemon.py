@@ -6,8 +6,9 @@ Lifecycle (S3QL's and borg's rules):
   before mounting, so a bad store or a workspace mounted elsewhere fails
   before anything appears at the mountpoint;
 - the FUSE loop (``pyfuse3.main`` on trio) runs beside two background tasks:
-  a periodic :meth:`Store.sync` (every :data:`SYNC_INTERVAL` seconds while
-  dirty, like ext4's 5 s commit interval) and the signal handler;
+  :meth:`Store.sync` whenever it is due (every few seconds or few hundred
+  commits while dirty, like ext4's 5 s commit interval; see
+  ``Store.needs_sync``) and the signal handler;
 - SIGTERM/SIGINT/SIGHUP end the loop cleanly; an unmount (``fusermount3 -u``)
   ends it too. Only after a clean return are open files committed, the store
   synced and the mount removed. On a crash path the mount is left in place
@@ -32,11 +33,10 @@ import pyfuse3
 import trio
 
 from chronicle.fs.operations import ChronicleOperations
-from chronicle.store.store import Store
+from chronicle.store.store import SYNC_INTERVAL, Store
 
 log = logging.getLogger("chronicle.daemon")
 
-SYNC_INTERVAL = float(os.environ.get("CHRONICLE_SYNC_INTERVAL", "5"))
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -72,13 +72,15 @@ def mount_options(workspace: str) -> set[str]:
 
 
 async def _periodic_sync(store: Store, limiter: trio.CapacityLimiter) -> None:
+    """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin)."""
     while True:
-        await trio.sleep(SYNC_INTERVAL)
-        if store.dirty:
+        await trio.sleep(0.1)
+        if store.needs_sync():
             try:
                 await trio.to_thread.run_sync(store.sync, limiter=limiter)
             except Exception:
                 log.exception("periodic sync failed; will retry")
+                await trio.sleep(SYNC_INTERVAL)
 
 
 async def _signals(ops: ChronicleOperations) -> None:

@@ -206,6 +206,12 @@ class ChronicleOperations(pyfuse3.Operations):
                     finally:
                         self.ws.release_file(ino)
         changes = {}
+        attr_change = (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime
+                       or fields.update_mtime)
+        if attr_change:
+            # Writes made before this change are committed first, so history
+            # shows them in the order they happened (tar writes, then fchmods).
+            await self.commit(ino, actor.pid)
         if fields.update_mode:
             changes["mode"] = attr.st_mode
         if fields.update_uid:
@@ -442,6 +448,7 @@ class ChronicleOperations(pyfuse3.Operations):
     @fuse_errors
     async def setxattr(self, inode, name, value, ctx):
         self._not_magic(inode)
+        await self.commit(self.store_ino(inode), ctx.pid)
         self.ws.setxattr(self.store_ino(inode), name, value, actor_of(ctx))
 
     @fuse_errors
@@ -459,6 +466,7 @@ class ChronicleOperations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode, name, ctx):
         self._not_magic(inode)
+        await self.commit(self.store_ino(inode), ctx.pid)
         self.ws.removexattr(self.store_ino(inode), name, actor_of(ctx))
 
     @fuse_errors

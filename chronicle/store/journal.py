@@ -143,15 +143,16 @@ class EventWriter:
 
         ``flags`` are ``schema.P_*``. ``origin``: for a rename to a free path,
         the path the history continues at. ``fold_seq``: the seq of a
-        ``create`` entry this entry replaces (a file created and first
-        written by the same open shows as one version).
+        ``create`` entry of the same open: if no version of the path came
+        after it, it stops counting as one (it is removed if nothing came
+        after it at all), so a file created and first written by one open
+        has its written content as version 1.
         """
         if not content:
             flags &= ~P_CONTENT            # no content id to carry (PathEntry encodes it only with the flag)
         head = self.path_head(path)
         version = head.version if head else 0
-        if fold_seq is not None and head is not None and head.last_seq == fold_seq:
-            self.txn.delete(schema.path_key(self.ws, path, fold_seq), db=self.dbs["paths"])
+        if fold_seq is not None and head is not None and self._fold_create(path, fold_seq, ino):
             version -= 1
         if flags & P_ARRIVED and origin:
             origin_head = self.path_head(origin)
@@ -175,6 +176,37 @@ class EventWriter:
         self.txn.put(schema.named_key(self.ws, path), PathHead(version, self.seq, ino).encode(),
                      db=self.dbs["path_heads"])
         return version
+
+    def _fold_create(self, path: bytes, create_seq: int, ino: int) -> bool:
+        """Turn the ``create`` entry at ``create_seq`` into a plain event (no
+        version, no content), unless a version came after it. Returns True if done."""
+        db = self.dbs["paths"]
+        key = schema.path_key(self.ws, path, create_seq)
+        raw = self.txn.get(key, db=db)
+        if raw is None:
+            return False
+        entry = PathEntry.decode(raw)
+        if entry.ino != ino or not entry.flags & P_BUMPS:
+            return False
+        prefix = schema.path_prefix(self.ws, path)
+        later_entries = 0
+        with self.txn.cursor(db=db) as cur:
+            if cur.set_range(schema.path_key(self.ws, path, create_seq + 1)):
+                for later_key, later in cur:
+                    if later_key[:len(prefix)] != prefix:
+                        break
+                    if PathEntry.decode(later).flags & P_BUMPS:
+                        return False
+                    later_entries += 1
+        if not later_entries:
+            self.txn.delete(key, db=db)        # create + first write read as one version
+            return True
+        obj = json.loads(b"{" + entry.fragment)
+        obj.pop("hash", None)
+        folded = PathEntry(entry.flags & ~(P_BUMPS | P_CONTENT), entry.ino, b"", entry.origin,
+                           json.dumps(obj)[1:].encode())
+        self.txn.put(key, folded.encode(), db=db)
+        return True
 
     def path_head(self, path: bytes) -> PathHead | None:
         raw = self.txn.get(schema.named_key(self.ws, path), db=self.dbs["path_heads"])

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "store.json"
 MAP_SIZE = 1 << 40
+SYNC_INTERVAL = float(os.environ.get("CHRONICLE_SYNC_INTERVAL", "5"))   # seconds, like ext4's commit=5
+SYNC_COMMITS = 256
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
 
 
@@ -98,6 +100,8 @@ class Store:
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._dirty = False
+        self._commits_since_sync = 0
+        self._last_sync = time.monotonic()
         self._page_size = env.stat()["psize"]
         self._pin = env.begin()
         self._locks: dict[int, int] = {}
@@ -488,10 +492,36 @@ class Store:
 
     def note_commit(self) -> None:
         self._dirty = True
+        self._commits_since_sync += 1
+        if self._commits_since_sync >= 4 * SYNC_COMMITS:
+            self.sync()          # a safety net for writers that never call maintain()
 
     @property
     def dirty(self) -> bool:
         return self._dirty
+
+    def needs_sync(self, interval: float = None, max_commits: int = None) -> bool:
+        """True when a :meth:`sync` is due: this process committed and either
+        ``interval`` seconds passed or ``max_commits`` commits piled up; or
+        another process committed since our pin and ``interval`` passed.
+
+        Why commits count: until the next sync, pages freed by commits cannot
+        be reused (``recovery``: the pin), so the metadata file grows by about
+        20 pages per commit; syncing every few hundred commits bounds that.
+        An idle writer must refresh its pin too, or it would hold back page
+        reuse for every other process of the store.
+        """
+        interval = SYNC_INTERVAL if interval is None else interval
+        max_commits = SYNC_COMMITS if max_commits is None else max_commits
+        elapsed = time.monotonic() - self._last_sync
+        if self._dirty:
+            return elapsed >= interval or self._commits_since_sync >= max_commits
+        return elapsed >= interval and self.env.info()["last_txnid"] > self._pin.id()
+
+    def maintain(self) -> None:
+        """Sync if :meth:`needs_sync`; long-running writers call this periodically."""
+        if self.needs_sync():
+            self.sync()
 
     def sync(self) -> None:
         """Make everything committed so far durable (see ``recovery``).
@@ -501,6 +531,8 @@ class Store:
         """
         with self._sync_lock:
             self._dirty = False
+            self._commits_since_sync = 0
+            self._last_sync = time.monotonic()
             new_pin = self.env.begin()
             txn = self.env.begin(write=True)
             try:

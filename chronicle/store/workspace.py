@@ -277,11 +277,10 @@ class Workspace(FileOps):
             w.put_dirent(parent, name, ino, schema.kind_of_mode(mode))
             path = self._child_path(parent, name)
             event = "create" if is_file else "mknod"
-            version = None
             if path is not None:
                 flags = P_ARRIVED | P_BUMPS | (P_CONTENT if is_file else 0)
-                version = w.path_entry(path, event, ino=ino, flags=flags, content=attrs.content, size=0)
-            w.log(event, path, version=version, size=0 if is_file else None)
+                w.path_entry(path, event, ino=ino, flags=flags, content=attrs.content, size=0)
+            w.log(event, path, size=0 if is_file else None)
         self._attrs[ino] = attrs
         self._attrs[parent] = new_pattrs
         self._parents[ino] = (parent, name)
@@ -580,9 +579,9 @@ class Workspace(FileOps):
             if mtime_ns is not None:
                 changes["mtime_ns"] = mtime_ns
                 event = event or "utimens"
-            if event is None:
-                return attrs
             new_attrs = attrs.replace(**changes)
+            if event is None or new_attrs.replace(ctime_ns=attrs.ctime_ns) == attrs:
+                return self.getattr(ino)          # nothing changes: no event (tar re-applies owners)
             w.put_attrs(ino, new_attrs)
             path = self.path_of(ino)
             fields = {}
