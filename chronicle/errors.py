@@ -131,3 +131,26 @@ class UsageError(ChronicleError):
 
 class StateError(UsageError):
     """The agent state cannot take this value, or stored state cannot be loaded."""
+
+
+# --- the agent runtime -----------------------------------------------------
+
+
+class AgentNotFound(NotFound):
+    """No such agent in this store."""
+
+
+class AgentExists(Exists):
+    """An agent with this id already exists."""
+
+
+class AgentLoadError(UsageError):
+    """The agent class cannot be loaded (MODULE:CLASS names no BaseAgent subclass)."""
+
+
+class AgentBusy(Busy):
+    """The agent is in use by another runtime process."""
+
+
+class AgentError(ChronicleError):
+    """The agent's worker process failed."""

@@ -130,6 +130,7 @@ class ChunkStore:
         is neither indexed nor pending.
         """
         inserted = []
+        new_raw = new_stored = 0
         for chunk_id in _distinct_ids(content):
             raw = txn.get(chunk_id, db=self._db)
             if raw is not None:
@@ -142,11 +143,12 @@ class ChunkStore:
                 record = ChunkRecord(pending.pack_no, pending.offset, pending.stored_len, pending.raw_len,
                                      pending.codec, 0)
                 inserted.append(chunk_id)
-                if self._meta_db is not None:
-                    add_totals(txn, self._meta_db, unique_bytes=record.raw_len, stored_bytes=record.stored_len,
-                               chunks=1)
+                new_raw += record.raw_len
+                new_stored += record.stored_len
             record.refcount += 1
             txn.put(chunk_id, record.encode(), db=self._db)
+        if inserted and self._meta_db is not None:
+            add_totals(txn, self._meta_db, unique_bytes=new_raw, stored_bytes=new_stored, chunks=len(inserted))
         return inserted
 
     def committed(self, inserted: list[bytes]) -> None:

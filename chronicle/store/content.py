@@ -29,9 +29,13 @@ from dataclasses import dataclass, field
 
 from chronicle.store.chunker import Chunker
 from chronicle.store.chunks import ChunkStore
+from chronicle.store.codec import CODEC_RAW
 from chronicle.store.ids import EMPTY_CONTENT_ID, HOLE_ID, ID_SIZE, hash_bytes, new_hasher
 from chronicle.store.schema import ContentRecord
 
+# After this many new chunks in a row that zstd could not shrink, only every
+# RAW_STREAK-th is tried (incompressible data: media, archives, random bytes).
+RAW_STREAK = 16
 # Holes at least this long (and page-aligned) become hole extents.
 MIN_HOLE = 64 * 1024
 # A file with more hole bytes than this is not hashed at commit time (hashing
@@ -282,6 +286,7 @@ def build_content(overlay, chunks: ChunkStore, hash_prefix=None) -> BuiltContent
         hashing = False
 
     chunker = _chunker()
+    raw_streak = 0          # as in stream.py: stop trying zstd on data it cannot shrink
     pos = 0
     for seg in merged:
         kind = seg[0]
@@ -309,9 +314,12 @@ def build_content(overlay, chunks: ChunkStore, hash_prefix=None) -> BuiltContent
                 chunk_id = hash_bytes(piece)
                 if hashing:
                     feed(pos, piece)
-                if chunks.put(chunk_id, piece) is not None:
+                probe = raw_streak < RAW_STREAK or raw_streak % RAW_STREAK == 0
+                stored_as = chunks.put(chunk_id, piece, compress=probe)
+                if stored_as is not None:
                     stats.new_chunks += 1
                     stats.new_bytes += len(piece)
+                    raw_streak = raw_streak + 1 if stored_as == CODEC_RAW else 0
                 out.add(chunk_id, len(piece))
                 pos += len(piece)
 

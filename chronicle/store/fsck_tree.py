@@ -66,12 +66,13 @@ class TreeChecks:
             p = self.problem("content-missing", "the record of the empty content is missing", content=to_hex(
                 EMPTY_CONTENT_ID))
             self.empty_missing = True
-            record = empty_record()
-            record.refcount = uses
+            record = empty_record()          # the empty content is never freed: refcount stays 0
             self.other_fixes.append((p, self._fix_put("contents", EMPTY_CONTENT_ID, record.encode())))
         unused = 0
         for content_id, stored in self.content_refcounts.items():
             uses = self.content_uses.get(content_id, 0)
+            if content_id == EMPTY_CONTENT_ID:
+                uses = 0                          # not counted (journal.put_attrs)
             if uses == 0 and content_id != EMPTY_CONTENT_ID:
                 unused += 1
             if stored != uses:

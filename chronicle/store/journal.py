@@ -38,10 +38,15 @@ from chronicle.store.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, Attrs, PathEntry, PathHead
 
 
+_last_second: list = [None, ""]
+
+
 def iso_time(ns: int) -> str:
     """``2026-11-21T05:11:00.123456Z`` for a time in ns since the epoch."""
     sec, rem = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{rem // 1000:06d}Z"
+    if _last_second[0] != sec:       # strftime once per second, not once per event
+        _last_second[:] = [sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")]
+    return _last_second[1] + f"{rem // 1000:06d}Z"
 
 
 def parse_iso_time(text: str) -> int:
@@ -89,8 +94,9 @@ class EventWriter:
     # -- inodes ------------------------------------------------------------------
 
     def put_attrs(self, ino: int, attrs: Attrs) -> None:
-        """Record ``attrs`` as the inode's state from this seq on."""
-        if attrs.content:
+        """Record ``attrs`` as the inode's state from this seq on. Counts a
+        reference on its content (the empty content is never freed and not counted)."""
+        if attrs.content and attrs.content != EMPTY_CONTENT_ID:
             self.addref_content(attrs.content)
         self.txn.put(schema.inode_key(self.ws, ino, self.seq), attrs.encode(), db=self.dbs["inodes"])
 

@@ -19,12 +19,17 @@ Records are self-describing, so the chunk index in LMDB can be checked
 against the packs (``chronicle fsck``) or rebuilt from them.
 
 Durability: :meth:`PackWriter.flush` hands buffered records to the kernel
-(enough to survive a killed process); :meth:`PackWriter.sync` also
-``fdatasync``s every pack written since the last sync (enough to survive a
-machine crash). The store calls ``flush`` before any metadata transaction
-that refers to new chunks, and ``sync`` before syncing the metadata.
+and waits until they are written (enough to survive a killed process);
+:meth:`PackWriter.sync` also ``fdatasync``s every pack written since the last
+sync (enough to survive a machine crash). The store calls ``flush`` before
+any metadata transaction that refers to new chunks, and ``sync`` before
+syncing the metadata.
 
 Threads: ``PackWriter`` and ``PackReader`` are safe to share between threads.
+A writer hands full 4 MiB buffers to its own flusher thread, which writes
+them with ``writev`` while callers go on hashing and compressing; at most
+32 MiB wait in its queue. A write error is raised by the next ``append``,
+``flush`` or ``sync``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import os
 import secrets
 import struct
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +53,7 @@ RECORD_MAGIC = b"CK"
 RECORD_HEADER = struct.Struct("<2sBBII32s")
 MAX_PACK_SIZE = 64 * 1024 * 1024
 _WRITE_BUFFER = 4 * 1024 * 1024
+_MAX_QUEUED = 32 * 1024 * 1024
 _IOV_MAX = 1024
 
 
@@ -105,20 +111,29 @@ class PackWriter:
         self._active_dir = Path(active_dir) if active_dir is not None else None
         self._allocate = allocate_pack_no
         self._max = max_pack_size
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()     # the current pack and its buffers
         self._fd: int | None = None
         self._pack_no = -1
         self._size = 0          # bytes of the current pack, buffered ones included
-        self._buffers: list = []          # headers and payloads not yet written (writev)
+        self._buffers: list = []          # headers and payloads not yet handed to the flusher
         self._buffered = 0
-        self._unsynced: list[int] = []   # fds written since the last sync (closed lazily)
         self._closing: list[int] = []     # sealed packs, closed after their sync
         self._active: dict[int, int] = {}  # fd -> pack_no of packs registered as active
         self._new_dirs: set[Path] = set()  # group directories to fsync at the next sync
+        # The flusher thread writes handed-off buffers (writev) while the
+        # caller goes on hashing and compressing; ``_cond`` guards its state.
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[int, list]] = deque()
+        self._queued = 0
+        self._writing = False
+        self._written_fds: set[int] = set()   # fds written since the last sync
+        self._error: BaseException | None = None
+        self._flusher: threading.Thread | None = None
 
     def append(self, chunk_id: bytes, codec: int, raw_len: int, payload) -> ChunkLocation:
         """Add one record; returns where its payload will be. ``payload`` is any
-        bytes-like object that stays unchanged until written. Raises :class:`NoSpace`."""
+        bytes-like object that stays unchanged until written. Raises :class:`NoSpace`
+        (possibly for an earlier record, written in the background)."""
         with self._lock:
             record_len = RECORD_HEADER.size + len(payload)
             if self._fd is None or (self._size + record_len > self._max and self._size > PACK_HEADER.size):
@@ -129,20 +144,27 @@ class PackWriter:
             self._buffered += record_len
             self._size += record_len
             if self._buffered >= _WRITE_BUFFER:
-                self._write_buffer()
+                self._handoff()
             return ChunkLocation(self._pack_no, offset, len(payload))
 
     def flush(self) -> None:
-        """Hand all buffered records to the kernel (survives a killed process)."""
+        """Hand all buffered records to the kernel and wait until they are
+        written (survives a killed process). Raises :class:`NoSpace`."""
         with self._lock:
-            self._write_buffer()
+            self._handoff()
+        with self._cond:
+            while self._queue or self._writing:
+                self._cond.wait()
+            self._raise()
 
     def sync(self) -> None:
         """Flush, then fdatasync every pack written since the last sync."""
+        self.flush()
         with self._lock:
-            self._write_buffer()
-            fds, self._unsynced = self._unsynced, []
             closing, self._closing = self._closing, []
+        with self._cond:
+            fds, self._written_fds = self._written_fds, set()
+        fds |= set(closing)
         for fd in fds:
             try:
                 os.fdatasync(fd)
@@ -157,7 +179,7 @@ class PackWriter:
             os.close(fd)
 
     def close(self) -> None:
-        """Sync and close the current pack."""
+        """Sync and close the current pack; stop the flusher."""
         self.sync()
         with self._lock:
             if self._fd is not None:
@@ -166,6 +188,9 @@ class PackWriter:
                     (self._active_dir / f"{pack_no:012x}").unlink(missing_ok=True)
                 os.close(self._fd)
                 self._fd = None
+        with self._cond:
+            self._queue.append((-1, []))     # stop
+            self._cond.notify_all()
 
     @property
     def current_pack(self) -> int:
@@ -176,11 +201,11 @@ class PackWriter:
         with self._lock:
             return set(self._active.values())
 
-    # -- internals (lock held) ------------------------------------------------
+    # -- internals ------------------------------------------------------------
 
-    def _start_pack(self) -> None:
+    def _start_pack(self) -> None:                      # _lock held
         if self._fd is not None:
-            self._write_buffer()
+            self._handoff()
             self._closing.append(self._fd)   # fdatasync'd and closed at the next sync
         for _attempt in range(16):
             self._pack_no = self._allocate()
@@ -202,29 +227,52 @@ class PackWriter:
         self._active[self._fd] = self._pack_no
         self._buffers = [PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)]
         self._buffered = self._size = PACK_HEADER.size
-        self._unsynced.append(self._fd)
 
-    def _write_buffer(self) -> None:
+    def _handoff(self) -> None:                         # _lock held
+        """Queue the buffered records for the flusher (waits while it is far behind)."""
         if not self._buffers or self._fd is None:
             return
-        bufs = [memoryview(b) for b in self._buffers]
-        i = 0
-        try:
-            while i < len(bufs):
-                written = os.writev(self._fd, bufs[i:i + _IOV_MAX])
-                while written:
-                    if written >= len(bufs[i]):
-                        written -= len(bufs[i])
-                        i += 1
-                    else:
-                        bufs[i] = bufs[i][written:]
-                        written = 0
-        except OSError as exc:
-            _raise_os_error(exc, "writing a pack")
-        self._buffers = []
-        self._buffered = 0
-        if self._fd not in self._unsynced:
-            self._unsynced.append(self._fd)
+        item, size = (self._fd, self._buffers), self._buffered
+        self._buffers, self._buffered = [], 0
+        with self._cond:
+            self._raise()
+            while self._queued > _MAX_QUEUED and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._queue.append(item)
+            self._queued += size
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="chronicle-packs", daemon=True)
+                self._flusher.start()
+            self._cond.notify_all()
+
+    def _raise(self) -> None:                           # _cond held
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                fd, bufs = self._queue.popleft()
+                if fd < 0:
+                    self._flusher = None
+                    return
+                self._writing = True
+            error = None
+            try:
+                _writev_all(fd, bufs)
+            except BaseException as exc:     # noqa: BLE001 - handed to the next caller
+                error = exc
+            with self._cond:
+                self._writing = False
+                self._queued -= sum(len(b) for b in bufs)
+                self._written_fds.add(fd)
+                if error is not None and self._error is None:
+                    self._error = error
+                self._cond.notify_all()
 
     def _sync_dirs(self) -> None:
         with self._lock:
@@ -330,6 +378,24 @@ class PackReader:
                 _, old = self._fds.popitem(last=False)
                 os.close(old)
             return fd
+
+
+def _writev_all(fd: int, buffers: list) -> None:
+    """Write all ``buffers`` at the end of ``fd``. Raises :class:`NoSpace`."""
+    bufs = [memoryview(b) for b in buffers]
+    i = 0
+    try:
+        while i < len(bufs):
+            written = os.writev(fd, bufs[i:i + _IOV_MAX])
+            while written:
+                if written >= len(bufs[i]):
+                    written -= len(bufs[i])
+                    i += 1
+                else:
+                    bufs[i] = bufs[i][written:]
+                    written = 0
+    except OSError as exc:
+        _raise_os_error(exc, "writing a pack")
 
 
 def sync_active_packs(root: Path, active_dir: Path, own: set[int]) -> None:

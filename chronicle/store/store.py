@@ -334,6 +334,65 @@ class Store:
         if fd is not None:
             os.close(fd)
 
+    # Databases whose keys start with the workspace id (u32): a workspace's own records.
+    _WS_DATABASES = ("inodes", "dirents", "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns")
+
+    def delete_workspace(self, name: str) -> None:
+        """Delete workspace ``name`` and all its own records, in one transaction.
+
+        Each of its inode records gives back its reference on its content;
+        contents and chunks no longer used stay until GC frees them (fsck
+        reports them as info). Raises :class:`NotFound`, :class:`StoreLocked`
+        if it is mounted or open for writing, :class:`Busy` if another
+        workspace is a fork of it (the fork reads through to its records).
+        """
+        record = self.workspace_record(name)
+        self._lock_workspace(record)
+        try:
+            with self.env.begin(write=True) as txn:
+                forks = []
+                with txn.cursor(db=self.dbs["workspaces"]) as cur:
+                    for _key, value in cur:
+                        other = WorkspaceRecord.decode(value)
+                        if other.parent_id == record.id:
+                            forks.append(other.name)
+                if forks:
+                    raise Busy(f"workspace {name!r} cannot be deleted: {', '.join(sorted(forks))} "
+                               f"{'is a fork' if len(forks) == 1 else 'are forks'} of it")
+                prefix = schema.ws_key(record.id)
+                released: dict[bytes, int] = {}
+                with txn.cursor(db=self.dbs["inodes"]) as cur:
+                    if cur.set_range(prefix):
+                        for key, value in cur:
+                            if key[:4] != prefix:
+                                break
+                            content = Attrs.decode(value).content
+                            if content:
+                                released[content] = released.get(content, 0) + 1
+                contents = self.dbs["contents"]
+                for content_id, count in released.items():
+                    raw = txn.get(content_id, db=contents)
+                    if raw is not None:
+                        refcount = schema.content_header(raw)[1]
+                        txn.put(content_id, schema.content_with_refcount(raw, max(0, refcount - count)),
+                                db=contents)
+                for db in self._WS_DATABASES:
+                    with txn.cursor(db=self.dbs[db]) as cur:
+                        if not cur.set_range(prefix):
+                            continue
+                        while cur.key()[:4] == prefix:
+                            if not cur.delete():
+                                break
+                txn.delete(prefix, db=self.dbs["heads"])
+                txn.delete(prefix, db=self.dbs["ws_ids"])
+                txn.delete(name.encode(), db=self.dbs["workspaces"])
+            self.note_commit()
+            (self.run_dir / f"ws-{record.id}.lock").unlink(missing_ok=True)
+        finally:
+            fd = self._locks.pop(record.id, None)
+            if fd is not None:
+                os.close(fd)
+
     # -- mount registrations (written by the daemon, read by the CLI) --------------------
 
     def register_mount(self, name: str, mountpoint: str, pid: int) -> None:

@@ -37,10 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from chronicle.store.chunker import Chunker
 from chronicle.store.chunks import ChunkStore
 from chronicle.store.codec import CODEC_RAW
+from chronicle.store.content import RAW_STREAK
 from chronicle.store.ids import hash_bytes, new_hasher
 
 BATCH = 8 * 1024 * 1024
-RAW_STREAK = 16
 MAX_PENDING = 32 * 1024 * 1024
 
 _pool: ThreadPoolExecutor | None = None
@@ -108,7 +108,7 @@ class Stream:
     def finish(self) -> tuple[list[bytes], array, bytes]:
         """Cut everything, the tail included. Returns ``(ids, lengths, file hash)``."""
         self.wait()
-        batch = b"".join(self.pending)
+        batch = self.pending
         self.pending, self.pending_bytes = [], 0
         self._cut(batch, True)
         return self.ids, self.lengths, self.hasher.digest()
@@ -124,12 +124,12 @@ class Stream:
     # -- the worker --------------------------------------------------------------------
 
     def _start(self) -> None:                       # condition held
-        batch = b"".join(self.pending)
+        batch = self.pending                        # joined by the worker, not on the FUSE thread
         self.pending, self.pending_bytes = [], 0
         self._busy = True
         _executor().submit(self._run, batch)
 
-    def _run(self, batch: bytes) -> None:
+    def _run(self, batch: list[bytes]) -> None:
         try:
             self._cut(batch, False)
         except BaseException as exc:                # noqa: BLE001 - handed to the writer
@@ -148,8 +148,8 @@ class Stream:
         if self._error is not None:
             raise self._error
 
-    def _cut(self, batch: bytes, final: bool) -> None:
-        data = self.carry + batch if self.carry else batch
+    def _cut(self, batch: list[bytes], final: bool) -> None:
+        data = b"".join([self.carry, *batch]) if self.carry or len(batch) != 1 else batch[0]
         if not data:
             return
         pieces = list(_chunker.cut(data))

@@ -89,6 +89,7 @@ class Workspace(FileOps):
         with store.env.begin() as txn:
             self.head_seq = store.head_seq(txn, self.id)
         self.turn: dict | None = None
+        self._head_view = TreeView(self.dbs, self.chain, self.root, None)
         self._attrs: dict[int, Attrs] = {}
         self._parents: dict[int, tuple[int, bytes]] = {}
         FileOps.__init__(self)
@@ -97,7 +98,9 @@ class Workspace(FileOps):
 
     def view(self, seq: int | None = None) -> TreeView:
         """The tree at ``seq`` (None: the committed head)."""
-        if seq is not None and seq > self.head_seq:
+        if seq is None:
+            return self._head_view
+        if seq > self.head_seq:
             raise NotFound(f"seq {seq} is in the future (head is {self.head_seq})")
         return TreeView(self.dbs, self.chain, self.root, seq)
 
