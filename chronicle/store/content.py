@@ -42,6 +42,7 @@ MIN_HOLE = 64 * 1024
 # zeros runs at ~4 GB/s; a 10 TiB sparse file would take an hour).
 HASH_HOLE_LIMIT = 1 << 32
 _ZEROS = bytes(1 << 20)
+READAHEAD = 8 * 1024 * 1024
 
 
 def empty_record() -> ContentRecord:
@@ -51,7 +52,7 @@ def empty_record() -> ContentRecord:
 class ContentMap:
     """A readable view of one content record."""
 
-    __slots__ = ("id", "record", "_offsets", "_chunks", "_allocated")
+    __slots__ = ("id", "record", "_offsets", "_chunks", "_allocated", "_next_read", "_prefetched")
 
     def __init__(self, content_id: bytes, record: ContentRecord, chunks: ChunkStore):
         self.id = content_id
@@ -59,6 +60,8 @@ class ContentMap:
         self._offsets = record.offsets()
         self._chunks = chunks
         self._allocated: int | None = None
+        self._next_read = -1          # where a sequential reader would read next
+        self._prefetched = 0          # extents up to this index have been prefetched
 
     @classmethod
     def empty(cls, chunks: ChunkStore) -> ContentMap:
@@ -80,11 +83,24 @@ class ContentMap:
         return self._offsets[i], self._offsets[i + 1]
 
     def read(self, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset+size)``, short at the end of the content."""
+        """Bytes ``[offset, offset+size)``, short at the end of the content.
+        A sequential reader gets the next :data:`READAHEAD` bytes prefetched."""
         end = min(offset + size, self.record.size)
         if offset >= end:
             return b""
+        if offset == self._next_read:
+            self._readahead(end)
+        self._next_read = end
         return b"".join(self.iter_range(offset, end))
+
+    def _readahead(self, end: int) -> None:
+        first = max(self.extent_index(end - 1) + 1, self._prefetched)
+        last = min(self.extent_index(min(end + READAHEAD, self.record.size) - 1), self.record.extent_count - 1)
+        if first > last:
+            return
+        ids = [cid for cid in (self.record.chunk_id(i) for i in range(first, last + 1)) if cid != HOLE_ID]
+        self._prefetched = last + 1
+        self._chunks.prefetch(ids)
 
     def iter_range(self, start: int, end: int) -> Iterator[bytes | memoryview]:
         """The bytes of ``[start, end)`` as consecutive pieces."""

@@ -339,6 +339,14 @@ class PackReader:
                 yield PackRecord(chunk_id, codec, raw_len, ChunkLocation(pack_no, pos + RECORD_HEADER.size, stored_len))
                 pos = end
 
+    def advise(self, pack_no: int, offset: int, length: int) -> None:
+        """Tell the kernel ``[offset, offset+length)`` of a pack will be read
+        soon (``POSIX_FADV_WILLNEED``: asynchronous readahead). Never raises."""
+        try:
+            os.posix_fadvise(self._fd(pack_no), offset, length, os.POSIX_FADV_WILLNEED)
+        except (OSError, Corrupt):
+            pass
+
     def list_packs(self) -> list[int]:
         """Numbers of all packs present, ascending."""
         found = []
