@@ -643,11 +643,7 @@ def stats(where, store_opt, ws_opt, as_json) -> None:
                 raise
             ws = None
         if ws is not None:
-            mounted = store.mount_info(ws.name)
-            # Seqs are dense (every event takes the next one), so the head seq counts the events.
-            figures.update(workspace=ws.name, head_seq=ws.head_seq, workspace_events=ws.head_seq,
-                           snapshots=len(store.snapshots(ws)), parent=ws.record.parent, fork_seq=ws.record.fork_seq,
-                           mountpoint=mounted["mountpoint"] if mounted else None)
+            figures.update(store.workspace_stats(ws))
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return

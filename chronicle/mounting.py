@@ -98,6 +98,7 @@ def mount_identity(mountpoint: Path) -> dict:
 def umount(mountpoint: Path) -> None:
     """Flush, unmount ``mountpoint`` and wait for its daemon to exit."""
     from chronicle.fs.daemon import clear_stale
+    from chronicle.store.store import process_alive
 
     mountpoint = Path(mountpoint).absolute()
     if clear_stale(mountpoint):
@@ -114,9 +115,7 @@ def umount(mountpoint: Path) -> None:
         raise ChronicleError(message)
     deadline = time.monotonic() + UMOUNT_TIMEOUT
     while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             return
         time.sleep(0.02)
     if pid:

@@ -46,6 +46,7 @@ class CtlSession:
         self.actor = Actor(ctx.uid, ctx.gid, ctx.pid)
         self._input = bytearray()
         self._output = bytearray()
+        self._discarding = False     # inside an over-long line: drop bytes up to its newline
 
     def read(self, size: int) -> bytes:
         out = bytes(self._output[:size])
@@ -56,14 +57,24 @@ class CtlSession:
         self._input += data
         while True:
             newline = self._input.find(b"\n")
+            if self._discarding:
+                if newline < 0:
+                    self._input.clear()
+                    break
+                del self._input[:newline + 1]
+                self._discarding = False
+                continue
             if newline < 0:
                 if len(self._input) > MAX_LINE:
                     self._input.clear()
+                    self._discarding = True          # one reply per line, however long
                     self._reply({"ok": False, "error": f"command line longer than {MAX_LINE} bytes"})
                 break
             line = bytes(self._input[:newline])
             del self._input[:newline + 1]
-            if line.strip():
+            if len(line) > MAX_LINE:
+                self._reply({"ok": False, "error": f"command line longer than {MAX_LINE} bytes"})
+            elif line.strip():
                 self._reply(await self.execute(line))
         return len(data)
 
@@ -77,6 +88,8 @@ class CtlSession:
                 command = json.loads(line)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InvalidArgument(f"not JSON: {exc}") from None
+            except RecursionError:
+                raise InvalidArgument("not JSON this parser accepts: nested too deeply") from None
             if not isinstance(command, dict):
                 raise InvalidArgument("a command is a JSON object like {\"cmd\": \"sync\"}")
             name = command.get("cmd")
@@ -104,13 +117,21 @@ class CtlSession:
             point = command["at"]
             if not isinstance(point, (str, int)) or isinstance(point, bool):
                 raise InvalidArgument("'at' is a seq, an ISO-8601 time, a snapshot name or turn:AGENT:N")
+            if isinstance(point, str):
+                _check_text("at", point)
             seq = self.ops.store.resolve_point(ws, str(point))
             changes = restore_tree(ws, seq, self.actor)
             await self.ops.invalidate(changes.inodes, changes.entries)
             return {"seq": ws.head_seq, "at": seq, "paths": changes.paths, "changed": changes.paths > 0}
-        path = _field(command, "path", str)
+        path = command.get("path")
+        if not isinstance(path, str) or not path:
+            raise InvalidArgument("command 'restore' needs 'path' (a string) and 'version', or 'at'")
+        try:
+            raw_path = os.fsencode(path)           # paths in our JSON are os.fsdecode'd
+        except UnicodeEncodeError:
+            raise InvalidArgument("'path' is not a path this system can encode") from None
         version = _field(command, "version", int)
-        changes = restore_file(ws, os.fsencode(path).strip(b"/"), version, self.actor)
+        changes = restore_file(ws, raw_path.strip(b"/"), version, self.actor)
         await self.ops.invalidate(changes.inodes, changes.entries)
         return {"seq": ws.head_seq, "path": path, "version": version, "changed": changes.paths > 0}
 
@@ -118,8 +139,10 @@ class CtlSession:
         agent = _field(command, "agent", str)
         turn = _field(command, "turn", int)
         message_id = command.get("message_id")
-        if message_id is not None and not isinstance(message_id, (str, int)):
+        if message_id is not None and not isinstance(message_id, (str, int)) or isinstance(message_id, bool):
             raise InvalidArgument("'message_id' must be a string")
+        if isinstance(message_id, str):
+            _check_text("message_id", message_id)
         self.ops.ws.turn_begin(agent, turn, None if message_id is None else str(message_id))
         return {"seq": self.ops.ws.head_seq}
 
@@ -144,9 +167,24 @@ COMMANDS = {
 
 
 def _field(command: dict, name: str, kind: type):
+    """A required field of ``kind``: strings must be valid UTF-8 without NUL,
+    integers in ``0 .. 2**32-1`` (what the store can hold)."""
     value = command.get(name)
     if value is None:
         raise InvalidArgument(f"command {command.get('cmd')!r} needs {name!r}")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidArgument(f"{name!r} must be {'an integer' if kind is int else 'a string'}")
+    if kind is str:
+        _check_text(name, value)
+    elif kind is int and not 0 <= value < 2 ** 32:
+        raise InvalidArgument(f"{name!r} must be between 0 and {2 ** 32 - 1}")
     return value
+
+
+def _check_text(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{name!r} is not valid Unicode text") from None
+    if "\x00" in value:
+        raise InvalidArgument(f"{name!r} contains a NUL character")

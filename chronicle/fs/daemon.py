@@ -46,9 +46,12 @@ def setup_logging() -> None:
 
 
 def is_stale(mountpoint: Path) -> bool:
-    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    Uses ``statvfs``: the kernel answers ``stat`` of a FUSE root from its
+    attribute cache even when the daemon is dead, but always asks for statfs."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

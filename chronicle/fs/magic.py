@@ -384,11 +384,10 @@ class MagicTree:
 
     def stats(self) -> dict:
         """The figures of ``.chronicle/stats``: the store's and this workspace's."""
-        figures = {"store": str(self.store.path.resolve()), "workspace": self.ws.name,
-                   "mountpoint": self.ops.mountpoint, "pid": os.getpid(), "head_seq": self.ws.head_seq}
-        figures.update(self.store.stats())
-        figures["store"] = str(self.store.path.resolve())
-        figures["open_files"] = len(self.ws.files)
+        figures = self.store.stats()
+        figures.update(self.store.workspace_stats(self.ws))
+        figures.update(store=str(self.store.path.resolve()), mountpoint=self.ops.mountpoint, pid=os.getpid(),
+                       open_files=len(self.ws.files))
         return figures
 
 

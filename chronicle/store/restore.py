@@ -84,7 +84,7 @@ def restore_file(ws, path: bytes, version: int, actor) -> Changes:
                              size=record.size, restored=version)
             w.log("restore", path, version=v, size=record.size, hash=w.content_hash(content), restored=version)
         ws._attrs[ino] = new_attrs
-        ws._parents[ino] = (parent, name)
+        ws._link_add(ino, parent, name)
         ws.reload_file(ino)
         changes.inodes.add(ino)
     else:
@@ -104,7 +104,7 @@ def restore_file(ws, path: bytes, version: int, actor) -> Changes:
             w.log("restore", path, version=v, size=record.size, hash=w.content_hash(content), restored=version)
         ws._attrs[ino] = new_attrs
         ws._attrs[parent] = new_pattrs
-        ws._parents[ino] = (parent, name)
+        ws._link_add(ino, parent, name)
         changes.inodes.add(parent)
         changes.entries.add((parent, name))
     changes.seq = ws.head_seq
@@ -136,8 +136,11 @@ def restore_tree(ws, seq: int, actor) -> Changes:
         added_paths: list[tuple[bytes, int, int]] = []
         updated: list[tuple[bytes, int]] = []
 
+        unlinked: list[tuple[int, int, bytes]] = []
+
         def remove_subtree(parent: int, name: bytes, ino: int, kind: int, path: bytes) -> None:
             final_entries[(parent, name)] = None
+            unlinked.append((ino, parent, name))
             involved[ino] = path
             removed_paths.append((path, ino, kind))
             if kind == KIND_DIR:
@@ -233,9 +236,11 @@ def restore_tree(ws, seq: int, actor) -> Changes:
     changes.paths = count
     for ino, attrs in new_attrs.items():
         ws._attrs[ino] = attrs
+    for ino, parent, name in unlinked:
+        ws._link_remove(ino, parent, name)
     for (parent, name), value in final_entries.items():
         if value is not None:
-            ws._parents[value[0]] = (parent, name)
+            ws._link_add(value[0], parent, name)
     for ino in changes.inodes:
         if ino in ws.files:
             ws.reload_file(ino)

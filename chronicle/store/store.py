@@ -367,7 +367,7 @@ class Store:
                             if key[:4] != prefix:
                                 break
                             content = Attrs.decode(value).content
-                            if content:
+                            if content and content != EMPTY_CONTENT_ID:     # (not refcounted)
                                 released[content] = released.get(content, 0) + 1
                 contents = self.dbs["contents"]
                 for content_id, count in released.items():
@@ -412,18 +412,26 @@ class Store:
             pid = int(info["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             return None
-        except PermissionError:
-            pass                      # alive, owned by another user
         return info
+
+    def workspace_stats(self, ws) -> dict:
+        """A workspace's figures, as ``chronicle stats`` and ``.chronicle/stats`` show them."""
+        mounted = self.mount_info(ws.name)
+        return {"workspace": ws.name, "head_seq": ws.head_seq,
+                "workspace_events": ws.head_seq,     # seqs are dense: the head seq counts the events
+                "snapshots": len(self.snapshots(ws)), "parent": ws.record.parent, "fork_seq": ws.record.fork_seq,
+                "mountpoint": mounted["mountpoint"] if mounted else None}
 
     # -- snapshots and turns ------------------------------------------------------------
 
     def put_snapshot(self, ws, name: str, seq: int) -> int:
-        if not name or "/" in name or "\x00" in name or len(name.encode()) > 255 or name in (".", ".."):
+        try:
+            encoded = name.encode("utf-8")
+        except (UnicodeEncodeError, AttributeError):
+            raise InvalidArgument("a snapshot name must be valid Unicode text") from None
+        if not name or "/" in name or "\x00" in name or len(encoded) > 255 or name in (".", ".."):
             raise InvalidArgument(f"invalid snapshot name {name!r}")
         key = schema.named_key(ws.id, name.encode())
         with self.env.begin(write=True) as txn:
@@ -639,6 +647,23 @@ class Store:
             "chunks": totals["chunks"],
             "packs": len(packs),
         }
+
+
+def process_alive(pid: int) -> bool:
+    """True if ``pid`` is a running process (a zombie — exited, not yet
+    reaped by its parent — counts as gone; another user's process counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def ensure_no_dirty(ws) -> None:

@@ -11,7 +11,8 @@ this object keeps the head in memory without re-reading it:
 - ``_attrs``: head attributes of the inodes in use (loaded on demand);
 - ``_parents``: the ``(parent, name)`` each inode was last reached by — the
   kernel reaches every inode by lookup from the root, so this is how an event
-  knows its path (for hard links: the name last used);
+  knows its path (for hard links: the name last used; ``_links`` keeps the
+  others, so removing one name falls back to a remaining one);
 - ``files``: open-file state (``chronicle.store.files``).
 
 The caches change only after the event's transaction commits.
@@ -91,7 +92,8 @@ class Workspace(FileOps):
         self.turn: dict | None = None
         self._head_view = TreeView(self.dbs, self.chain, self.root, None)
         self._attrs: dict[int, Attrs] = {}
-        self._parents: dict[int, tuple[int, bytes]] = {}
+        self._parents: dict[int, tuple[int, bytes]] = {}        # the link an event's path uses
+        self._links: dict[int, list[tuple[int, bytes]]] = {}    # every link seen, for hard links
         FileOps.__init__(self)
 
     # -- views ---------------------------------------------------------------------
@@ -141,7 +143,7 @@ class Workspace(FileOps):
         if found is None:
             raise NotFound()
         ino = found[0]
-        self._parents[ino] = (parent, name)
+        self._link_add(ino, parent, name)
         return ino, self.getattr(ino, txn)
 
     def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
@@ -182,6 +184,27 @@ class Workspace(FileOps):
             parts.append(name)
         return None
 
+    def _link_add(self, ino: int, parent: int, name: bytes) -> None:
+        """``parent/name`` reaches ``ino`` (and is the name its events use now)."""
+        links = self._links.setdefault(ino, [])
+        if (parent, name) in links:
+            links.remove((parent, name))
+        links.append((parent, name))
+        self._parents[ino] = (parent, name)
+
+    def _link_remove(self, ino: int, parent: int, name: bytes) -> None:
+        """``parent/name`` no longer reaches ``ino``; its events use another known name."""
+        links = self._links.get(ino)
+        if links and (parent, name) in links:
+            links.remove((parent, name))
+        if self._parents.get(ino) == (parent, name):
+            if links:
+                self._parents[ino] = links[-1]
+            else:
+                del self._parents[ino]
+        if not links:
+            self._links.pop(ino, None)
+
     def resolve(self, path: bytes) -> tuple[int, int]:
         """``(ino, kind)`` at a path of the head, recording the links on the way."""
         ino, kind = self.root, KIND_DIR
@@ -194,7 +217,7 @@ class Workspace(FileOps):
                 found = self.view().lookup(txn, ino, part)
                 if found is None:
                     raise NotFound(f"no such file or directory: {path.decode(errors='replace')!r}")
-                self._parents[found[0]] = (ino, part)
+                self._link_add(found[0], ino, part)
                 ino, kind = found
         return ino, kind
 
@@ -204,6 +227,7 @@ class Workspace(FileOps):
             return
         self._attrs.pop(ino, None)
         self._parents.pop(ino, None)
+        self._links.pop(ino, None)
 
     # -- the mutation transaction ------------------------------------------------------
 
@@ -286,7 +310,7 @@ class Workspace(FileOps):
             w.log(event, path, size=0 if is_file else None)
         self._attrs[ino] = attrs
         self._attrs[parent] = new_pattrs
-        self._parents[ino] = (parent, name)
+        self._link_add(ino, parent, name)
         self.last_created_seq = self.head_seq
         return ino, attrs
 
@@ -310,7 +334,7 @@ class Workspace(FileOps):
             w.log("mkdir", path)
         self._attrs[ino] = attrs
         self._attrs[parent] = new_pattrs
-        self._parents[ino] = (parent, name)
+        self._link_add(ino, parent, name)
         return ino, attrs
 
     def symlink(self, parent: int, name: bytes, target: bytes, actor: Actor) -> tuple[int, Attrs]:
@@ -336,7 +360,7 @@ class Workspace(FileOps):
             w.log("symlink", path, version=version, target=_text(target))
         self._attrs[ino] = attrs
         self._attrs[parent] = new_pattrs
-        self._parents[ino] = (parent, name)
+        self._link_add(ino, parent, name)
         return ino, attrs
 
     def link(self, ino: int, parent: int, name: bytes, actor: Actor) -> Attrs:
@@ -367,7 +391,7 @@ class Workspace(FileOps):
             w.log("link", path, from_=_text(source) if source is not None else None, version=version)
         self._attrs[ino] = new_attrs
         self._attrs[parent] = new_pattrs
-        self._parents[ino] = (parent, name)
+        self._link_add(ino, parent, name)
         return new_attrs
 
     def unlink(self, parent: int, name: bytes, actor: Actor) -> int:
@@ -393,8 +417,7 @@ class Workspace(FileOps):
             w.log("delete", path)
         self._attrs[ino] = new_attrs
         self._attrs[parent] = new_pattrs
-        if self._parents.get(ino) == (parent, name):
-            del self._parents[ino]
+        self._link_remove(ino, parent, name)
         return ino
 
     def rmdir(self, parent: int, name: bytes, actor: Actor) -> int:
@@ -420,7 +443,7 @@ class Workspace(FileOps):
             w.log("rmdir", path)
         self._attrs[ino] = new_attrs
         self._attrs[parent] = new_pattrs
-        self._parents.pop(ino, None)
+        self._link_remove(ino, parent, name)
         return ino
 
     def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, actor: Actor) -> int | None:
@@ -520,13 +543,13 @@ class Workspace(FileOps):
                       size=src_attrs.size if src_attrs.is_file else None,
                       hash=w.content_hash(src_attrs.content) if src_attrs.is_file else None)
         self._attrs.update(updates)
+        self._link_remove(src_ino, p_old, n_old)
         if flags & RENAME_EXCHANGE:
-            self._parents[src_ino] = (p_new, n_new)
-            self._parents[dst[0]] = (p_old, n_old)
-        else:
-            self._parents[src_ino] = (p_new, n_new)
-            if replaced is not None and self._parents.get(replaced) == (p_new, n_new):
-                del self._parents[replaced]
+            self._link_remove(dst[0], p_new, n_new)
+            self._link_add(dst[0], p_old, n_old)
+        elif replaced is not None:
+            self._link_remove(replaced, p_new, n_new)
+        self._link_add(src_ino, p_new, n_new)
         return replaced
 
     def _is_within(self, ino: int, ancestor: int, txn) -> bool:
@@ -655,13 +678,26 @@ class Workspace(FileOps):
         return self.store.put_snapshot(self, name, self.head_seq)
 
     def turn_begin(self, agent: str, turn: int, message_id: str | None) -> None:
-        """Label the following events with ``{agent, turn, message_id}``."""
-        if not agent or "\x00" in agent or not isinstance(turn, int) or turn < 0:
-            raise InvalidArgument("turn-begin needs an agent name and a turn number >= 0")
-        self.turn = {"agent": agent, "turn": turn, "message_id": message_id}
-        self.store.put_turn(self, agent, turn, {"agent": agent, "turn": turn, "message_id": message_id,
-                                                "begin_seq": self.head_seq + 1, "end_seq": None,
+        """Label the following events with ``{agent, turn, message_id}``.
+
+        Raises :class:`InvalidArgument` for a bad agent name (empty, NUL, not
+        UTF-8, over 255 bytes) or turn number (not in 0..2**32-1), or while
+        another turn is open (end it first)."""
+        try:
+            agent_bytes = agent.encode("utf-8")
+        except (UnicodeEncodeError, AttributeError):
+            raise InvalidArgument("the agent name must be valid Unicode text") from None
+        if not agent_bytes or b"\x00" in agent_bytes or len(agent_bytes) > 255:
+            raise InvalidArgument("the agent name must be 1 to 255 bytes, without NUL")
+        if not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn < 2 ** 32:
+            raise InvalidArgument(f"the turn number must be between 0 and {2 ** 32 - 1}")
+        if self.turn is not None:
+            raise InvalidArgument(f"turn {self.turn['turn']} of agent {self.turn['agent']!r} is still open; "
+                                  "end it with turn-end first")
+        label = {"agent": agent, "turn": turn, "message_id": message_id}
+        self.store.put_turn(self, agent, turn, {**label, "begin_seq": self.head_seq + 1, "end_seq": None,
                                                 "begin_time": _now_iso()})
+        self.turn = label              # only once the turn is recorded
 
     def turn_end(self) -> dict:
         """End the current turn label; returns the turn record. Raises
