@@ -218,6 +218,11 @@ class Overlay:
         add(max(start, self.base_valid), end, "staging")
         return out
 
+    def staged_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Runs of materialized pages within ``[start, end)`` (all below
+        ``base_valid``), as byte ranges clipped to it."""
+        return [(p.start, p.end) for p in self.pieces(start, end) if p.source == "staging"]
+
     def read_piece(self, piece: Piece) -> bytes:
         if piece.source == "base":
             return self.base.read(piece.start, piece.end - piece.start)
