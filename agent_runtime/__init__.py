@@ -1,10 +1,15 @@
-"""The agent SDK: an agent's typed, recorded state (and, as they land, the agent runtime).
+"""The agent SDK and runtime (SPEC §5).
 
-See SPEC.md §5. Only names that exist are exported.
+Write an agent with :class:`BaseAgent`, :class:`AgentContext` and
+:class:`DeltaState`; run agents with :class:`Runtime` (one worker process and
+one versioned workspace per agent, turns recorded in the Chronicle store).
 """
 
 from chronicle.errors import StateError
 
+from agent_runtime.agent import AgentContext, BaseAgent, Message
 from agent_runtime.delta_state import DeltaState
+from agent_runtime.reply import Reply
+from agent_runtime.runtime import Runtime
 
-__all__ = ["DeltaState", "StateError"]
+__all__ = ["AgentContext", "BaseAgent", "DeltaState", "Message", "Reply", "Runtime", "StateError"]

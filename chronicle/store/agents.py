@@ -12,7 +12,7 @@ Vocabulary (SPEC §5):
        "message_turns": N,                    # how many of them were on_message turns
        "history_from": N,                     # history() shows message turns after N
        "total_usage": {...}, "last_turn_usage": {...},
-       "status": "running" | "sleeping" | "stopped"}
+       "status": "created" | "running" | "sleeping" | "stopped"}   # as the last runtime left it
 
 - **turn** — one numbered entry of the agent's turn log (database
   ``agent_turns``), numbered 0, 1, 2, ... per agent. Turn 0 is the agent's
@@ -23,14 +23,17 @@ Vocabulary (SPEC §5):
   ``turn-begin``/``turn-end``), so ``turn:AGENT:N`` names the tree at its end.
   A **turn record**::
 
-      {"turn", "kind", "status", "message_id", "message", "reply", "error",
-       "patch": [RFC 6902 ops], "usage": {...}, "begin_seq", "end_seq",
-       "time", "end_time", "snapshot": bool, ...}
+      {"turn", "kind", "status", "message_id", "message", "reply", "messages",
+       "error", "patch": [RFC 6902 ops], "usage": {...}, "begin_seq", "end_seq",
+       "time", "end_time", "duration_ms", "snapshot": bool,
+       "rollback_to"?, "forked_from"?, "migrated_from"?, "target"?}
 
-  ``status`` is ``running`` (written when the turn begins), then one of
-  ``completed``, ``failed`` (the handler raised), ``cancelled``,
-  ``interrupted`` (the worker or the runtime died during it). Only a
-  completed turn's ``patch`` changed the state.
+  ``begin_seq``/``end_seq`` are the workspace seqs the turn's label covered
+  (``end_seq < begin_seq``: no file events; ``end_seq`` null: the mount died
+  before the turn ended). ``status`` is ``running`` (written when the turn
+  begins), then one of ``completed``, ``failed`` (the handler raised),
+  ``cancelled``, ``interrupted`` (the worker or the runtime died during it).
+  Only a completed turn's ``patch`` changed the state.
 
 - **state snapshot** — the full state JSON after a turn (database
   ``agent_states``): ``{"version", "entity_type", "state"}``, kept for turn 0,

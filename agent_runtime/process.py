@@ -1,0 +1,380 @@
+"""The coordinator's handles on an agent's two processes: its worker and its mount daemon.
+
+- :class:`WorkerProcess` — ``python -m agent_runtime.worker`` in its own
+  session (so stopping it can end every process the agent started), speaking
+  :mod:`agent_runtime.protocol` over a socket pair; a reader task turns the
+  lines into a queue of events, ending with ``{"ev": "eof"}``.
+- :class:`WorkspaceMount` — the agent's workspace mounted by ``python -m
+  chronicle mount --foreground`` (the public command, in its own session, log
+  appended to ``<store>/run/mount-<workspace>.log`` as ``chronicle mount``
+  does), and its ``.chronicle/ctl`` channel (``chronicle.control``). A mount
+  left by an earlier runtime whose daemon still serves is adopted.
+
+The runtime reaches a workspace only through these: the mount, its ``ctl``
+file, and the store's public API.
+
+Threads: both belong to the coordinator's event loop; blocking calls (ctl
+requests, waiting for a mount) run in worker threads via ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from chronicle import errors
+from chronicle.control import ControlChannel
+from chronicle.errors import AgentBusy, AgentError, Busy, ChronicleError, StoreError
+from chronicle.store.store import process_alive
+
+from agent_runtime.protocol import Channel
+
+log = logging.getLogger("agent_runtime")
+
+_REPO = str(Path(__file__).resolve().parent.parent)      # where agent_runtime and chronicle import from
+
+
+def _error(kind: Any, message: str) -> ChronicleError:
+    cls = getattr(errors, kind, None) if isinstance(kind, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, ChronicleError)):
+        cls = AgentError
+    return cls(message)
+
+
+def log_tail(path: Path, start: int = 0, lines: int = 12) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class WorkerProcess:
+    """A running worker. Use :meth:`spawn`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, channel: Channel, log_path: Path, log_start: int):
+        self.proc = proc
+        self.channel = channel
+        self.log_path = log_path
+        self.log_start = log_start
+        self.events: asyncio.Queue[dict] = asyncio.Queue()
+        self.info: dict = {}
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def spawn(cls, agent_id: str, target: str, cwd: str, workspace: str, log_path: Path,
+                    timeout: float) -> WorkerProcess:
+        """Start a worker and wait for it to import the agent class.
+
+        Raises :class:`AgentLoadError` (bad MODULE:CLASS) or :class:`AgentError`
+        (the worker died or did not answer within ``timeout`` s), with its log's tail.
+        """
+        if not os.path.isdir(cwd):
+            raise errors.AgentLoadError(f"the agent's directory {cwd} does not exist (its module is "
+                                        "imported from there)")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, AGENT_WORKSPACE=workspace, AGENT_ID=agent_id, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(log_path, "ab") as out:
+                start = out.tell()
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "agent_runtime.worker", "--fd", str(child.fileno()),
+                    "--agent", agent_id, "--target", target,
+                    pass_fds=(child.fileno(),), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        worker = cls(proc, await Channel.open(parent), log_path, start)
+        try:
+            first = await worker.next_event(timeout)
+        except TimeoutError:
+            await worker.kill()
+            raise AgentError(f"the worker of agent {agent_id!r} did not load {target!r} within "
+                             f"{timeout:.0f}s") from None
+        if first.get("ev") == "loaded":
+            worker.info = first
+            return worker
+        await worker.wait_exit(5.0)
+        if first.get("ev") == "error":
+            raise _error(first.get("kind"), first.get("error") or "the worker failed")
+        raise AgentError(f"the worker of agent {agent_id!r} exited while loading {target!r}: "
+                         f"{worker.tail() or 'no output'}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def tail(self) -> str:
+        return log_tail(self.log_path, self.log_start)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                event = await self.channel.receive()
+                if event is None:
+                    break
+                self.events.put_nowait(event)
+        except AgentError as exc:
+            self.events.put_nowait({"ev": "error", "kind": "AgentError", "error": str(exc)})
+        finally:
+            self.events.put_nowait({"ev": "eof"})
+
+    async def next_event(self, timeout: float | None = None) -> dict:
+        """The next event (``{"ev": "eof"}`` once the worker is gone, repeatedly)."""
+        event = await asyncio.wait_for(self.events.get(), timeout)
+        if event.get("ev") == "eof":
+            self.events.put_nowait(event)
+        return event
+
+    async def send(self, obj: dict) -> bool:
+        """Send a command; False if the worker is gone."""
+        try:
+            await self.channel.send(obj)
+            return True
+        except (ConnectionError, OSError, RuntimeError):
+            return False
+
+    async def request(self, obj: dict, answer: str, timeout: float) -> dict:
+        """Send a command and return its ``answer`` event. Raises the worker's
+        error, or :class:`AgentError` if it dies or does not answer in time."""
+        await self.send(obj)
+        try:
+            event = await self.next_event(timeout)
+        except TimeoutError:
+            raise AgentError(f"the worker did not answer {obj.get('op')!r} within {timeout:.0f}s") from None
+        if event.get("ev") == answer:
+            return event
+        if event.get("ev") == "error":
+            raise _error(event.get("kind"), event.get("error") or "the worker failed")
+        await self.wait_exit(2.0)
+        raise AgentError(f"the worker exited (status {self.proc.returncode}) instead of answering "
+                         f"{obj.get('op')!r}: {self.tail() or 'no output'}")
+
+    def signal_group(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the worker's session (the worker and what it started)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+        await self.wait_exit(10.0)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit (no hook); kill it if it does not; then end its
+        session's leftover processes so the workspace can be unmounted."""
+        if self.alive:
+            await self.send({"op": "exit"})
+            if not await self.wait_exit(timeout):
+                log.warning("worker %d did not exit within %.0fs; killing it", self.pid, timeout)
+        self.signal_group(signal.SIGKILL)
+        await self.wait_exit(10.0)
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+        self._reader.cancel()
+
+
+def _stale(mountpoint: Path) -> bool:
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+class WorkspaceMount:
+    """One agent workspace's mount and control channel."""
+
+    def __init__(self, store_path: Path, workspace: str, mountpoint: Path):
+        self.store_path = store_path
+        self.workspace = workspace
+        self.mountpoint = mountpoint
+        self.log_path = store_path / "run" / f"mount-{workspace}.log"
+        self.proc: asyncio.subprocess.Process | None = None     # a daemon we started
+        self.pid: int | None = None                             # ours or an adopted one
+        self._ctl: ControlChannel | None = None
+        self._ctl_lock = asyncio.Lock()
+
+    def serving(self) -> bool:
+        """True while the daemon lives and the mount answers."""
+        if self.pid is None:
+            return False
+        if self.proc is not None and self.proc.returncode is not None:
+            return False
+        if self.proc is None and not process_alive(self.pid):
+            return False
+        return os.path.ismount(self.mountpoint) and not _stale(self.mountpoint)
+
+    async def ensure(self, store, timeout: float) -> None:
+        """Mount the workspace unless it is served already (adopting a live
+        mount of it at our mountpoint). Raises :class:`AgentBusy` if another
+        process has it mounted elsewhere, :class:`StoreError` if the daemon fails."""
+        if self.serving():
+            return
+        self.close_ctl()
+        if _stale(self.mountpoint):
+            await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                                    capture_output=True)
+        info = store.mount_info(self.workspace)
+        if info is not None:
+            if os.path.realpath(info["mountpoint"]) == os.path.realpath(self.mountpoint) \
+                    and os.path.ismount(self.mountpoint):
+                self.proc, self.pid = None, int(info["pid"])
+                log.info("adopted the mount of %r at %s (daemon pid %d)", self.workspace, self.mountpoint, self.pid)
+                return
+            raise AgentBusy(f"the workspace of agent {self.workspace!r} is mounted at {info['mountpoint']} "
+                            f"by pid {info['pid']}; unmount it first (chronicle umount {info['mountpoint']})")
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            start = out.tell()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "chronicle", "mount", "--foreground", "--store", str(self.store_path),
+                "--workspace", self.workspace, str(self.mountpoint),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                    p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)))
+        self.proc, self.pid = proc, proc.pid
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.returncode is not None:
+                self.proc = self.pid = None
+                raise StoreError(f"the mount daemon of {self.workspace!r} exited (status {proc.returncode}): "
+                                 f"{log_tail(self.log_path, start, 3) or 'no output'}")
+            if os.path.ismount(self.mountpoint):
+                return
+            if time.monotonic() > deadline:
+                await self._kill_daemon()
+                raise StoreError(f"the workspace of {self.workspace!r} was not mounted within {timeout:.0f}s: "
+                                 f"{log_tail(self.log_path, start, 3)}")
+            await asyncio.sleep(0.02)
+
+    async def ensure_unmounted(self, store) -> None:
+        """Unmount a mount of this workspace left at our mountpoint (by a runtime
+        that died). Raises :class:`AgentBusy` if it is mounted elsewhere."""
+        info = store.mount_info(self.workspace)
+        if info is None:
+            if _stale(self.mountpoint):
+                await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                                        capture_output=True)
+            return
+        if os.path.realpath(info["mountpoint"]) != os.path.realpath(self.mountpoint):
+            raise AgentBusy(f"the workspace of agent {self.workspace!r} is mounted at {info['mountpoint']} "
+                            f"by pid {info['pid']}; unmount it first (chronicle umount {info['mountpoint']})")
+        if self.pid is None:
+            self.proc, self.pid = None, int(info["pid"])
+        await self.umount()
+
+    # -- ctl ---------------------------------------------------------------------------
+
+    async def control(self, command: dict) -> dict:
+        """One ``ctl`` command (``chronicle.control``); raises its error."""
+        async with self._ctl_lock:
+            if self._ctl is None:
+                self._ctl = await asyncio.to_thread(ControlChannel, self.mountpoint)
+            try:
+                return await asyncio.to_thread(self._ctl.request, command)
+            except StoreError:
+                self.close_ctl()          # the channel itself failed: reopen next time
+                raise
+
+    def close_ctl(self) -> None:
+        ctl, self._ctl = self._ctl, None
+        if ctl is not None:
+            try:
+                ctl.close()
+            except OSError:
+                # close(2) on a mount whose daemon died fails (ENOTCONN) yet frees the fd;
+                # ControlChannel.close keeps the number then, so do not let it close it again.
+                ctl._fd = -1
+
+    # -- unmounting --------------------------------------------------------------------
+
+    async def umount(self, timeout: float = 120.0) -> None:
+        """Flush, unmount and wait for the daemon to exit. Raises :class:`Busy`
+        if the mount stays busy."""
+        self.close_ctl()
+        if self.pid is None:
+            if _stale(self.mountpoint):
+                await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                                        capture_output=True)
+            return
+        message = ""
+        for attempt in range(25):
+            if not os.path.ismount(self.mountpoint):
+                break
+            proc = await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", str(self.mountpoint)],
+                                           capture_output=True, text=True)
+            if proc.returncode == 0:
+                break
+            message = proc.stderr.strip()
+            if "busy" not in message.lower():
+                break
+            await asyncio.sleep(0.1 if attempt < 10 else 0.4)     # a process just leaving the mount
+        else:
+            raise Busy(f"{self.mountpoint} is busy (a process has a file or directory open in it): {message}")
+        if os.path.ismount(self.mountpoint) and not _stale(self.mountpoint):
+            raise StoreError(f"cannot unmount {self.mountpoint}: {message}")
+        if not await self._wait_daemon(timeout):
+            log.warning("the mount daemon %d of %r did not exit within %.0fs; killing it",
+                        self.pid, self.workspace, timeout)
+            await self._kill_daemon()
+        if _stale(self.mountpoint):
+            await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                                    capture_output=True)
+        self.proc = self.pid = None
+
+    async def _wait_daemon(self, timeout: float) -> bool:
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+                return True
+            except TimeoutError:
+                return False
+        deadline = time.monotonic() + timeout
+        while self.pid is not None and process_alive(self.pid):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def _kill_daemon(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await self._wait_daemon(10.0)
+        self.proc = self.pid = None
+
+
+__all__ = ["WorkerProcess", "WorkspaceMount", "log_tail"]

@@ -1,0 +1,220 @@
+"""The worker: one agent in its own process (``python -m agent_runtime.worker``).
+
+Started by the coordinator with ``--fd N --agent ID --target MODULE:CLASS``
+in the agent's directory (where its module is importable from), it imports
+the class and speaks :mod:`agent_runtime.protocol` on fd N: ``loaded``, then
+on ``start`` it loads the state and changes its current directory to the
+workspace, then serves ``run``/``cancel``/``load``/``exit`` until ``exit`` or
+EOF.
+
+Turn semantics: before each run the worker holds ``committed``, the state
+JSON as of the last completed turn. A run that returns drains the state's
+patch, applies it to ``committed`` (``jsonpatch``, in place: O(patch), not
+O(state)) and reports it; a run that raises or is cancelled resets the state
+to ``committed`` (``DeltaState.reset_to``) and reports an empty patch. A
+patch that does not apply would mean the recording is wrong: the worker
+reports a fatal ``error`` and exits, and the coordinator restarts it from the
+store.
+
+Threads: one asyncio loop; the handler runs as a task beside the reader, so a
+``cancel`` line reaches it while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import logging
+import os
+import socket
+import sys
+import traceback
+from typing import Any
+
+import jsonpatch
+
+from chronicle.errors import AgentError, ChronicleError, StateError
+
+from agent_runtime.agent import AgentContext, BaseAgent
+from agent_runtime.loader import load_agent_class
+from agent_runtime.protocol import Channel
+
+log = logging.getLogger("agent_runtime.worker")
+
+HOOKS = {"message": "on_message", "init": "on_init", "idle": "on_idle_timeout", "shutdown": "on_shutdown"}
+
+
+class _ChannelSink:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    async def message(self, message: int) -> None:
+        await self.worker.channel.send({"ev": "message", "turn": self.worker.ctx.turn, "message": message})
+
+    async def token(self, message: int, token: str, final: bool) -> None:
+        await self.worker.channel.send({"ev": "token", "turn": self.worker.ctx.turn, "message": message,
+                                        "token": token, "final": final})
+
+
+class Worker:
+    def __init__(self, channel: Channel, agent_id: str, cls: type[BaseAgent]):
+        self.channel = channel
+        self.agent_id = agent_id
+        self.cls = cls
+        self.agent = cls()
+        self.ctx: AgentContext | None = None
+        self.committed: dict | None = None
+        self.task: asyncio.Task | None = None
+        self.task_turn: int | None = None
+        self.task_kind: str | None = None
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        while True:
+            command = await self.channel.receive()
+            if command is None or command.get("op") == "exit":
+                await self._stop_task()
+                return 0
+            op = command.get("op")
+            try:
+                if op == "start":
+                    await self.start(command)
+                elif op == "run":
+                    if self.task is not None and not self.task.done():
+                        raise AgentError("a run arrived while another was running")
+                    self.task_turn, self.task_kind = command.get("turn"), command.get("kind")
+                    self.task = asyncio.create_task(self.run(command))
+                elif op == "cancel":
+                    if self.task is not None and not self.task.done() and self.task_turn == command.get("turn"):
+                        self.task.cancel()
+                elif op == "load":
+                    await self.load(command)
+                else:
+                    raise AgentError(f"unknown op {op!r}")
+            except ChronicleError as exc:
+                await self.fatal(exc)
+                return 2
+
+    async def start(self, command: dict) -> None:
+        version = command.get("version")
+        state = self.cls.State.from_json(command["state"], version)
+        workspace = command["workspace"]
+        os.environ["AGENT_WORKSPACE"] = workspace
+        os.chdir(workspace)
+        self.ctx = AgentContext(self.agent_id, workspace, state, _ChannelSink(self))
+        self.committed = state.to_json()
+        migrated = version is not None and version < self.cls.State._version
+        await self.channel.send({"ev": "started", "version": self.cls.State._version,
+                                 "migrated_from": version if migrated else None,
+                                 "state": self.committed if migrated else None})
+
+    async def load(self, command: dict) -> None:
+        assert self.ctx is not None
+        fresh = self.cls.State.from_json(command["state"], command.get("version"))
+        self.ctx.state.reset_to(fresh.to_json())
+        self.committed = self.ctx.state.to_json()
+        await self.channel.send({"ev": "state", "version": self.cls.State._version, "state": self.committed})
+
+    async def fatal(self, exc: BaseException) -> None:
+        log.error("fatal: %s", exc)
+        try:
+            await self.channel.send({"ev": "error", "kind": type(exc).__name__, "error": str(exc)})
+        except (ConnectionError, OSError):
+            pass
+
+    async def _stop_task(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except BaseException:
+                pass
+
+    # -- turns ---------------------------------------------------------------------------
+
+    async def run(self, command: dict) -> None:
+        ctx = self.ctx
+        assert ctx is not None and self.committed is not None
+        kind = command.get("kind", "message")
+        turn = command.get("turn")
+        ctx._begin(turn, command.get("message_id"))
+        status, error, result = "completed", None, None
+        try:
+            hook = getattr(self.agent, HOOKS[kind])
+            outcome = hook(ctx, command.get("message")) if kind == "message" else hook(ctx)
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+            if kind == "idle":
+                result = bool(outcome)
+        except asyncio.CancelledError:
+            status = "cancelled"
+        except BaseException as exc:        # SystemExit too: the agent keeps serving
+            status = "failed"
+            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            log.error("turn %s (%s) failed:\n%s", turn, kind, traceback.format_exc().rstrip())
+        finally:
+            messages = [m.text for m in ctx.messages]
+            usage = ctx.usage
+            ctx._end()
+        patch: list = []
+        if status == "completed":
+            patch = ctx.state.drain_patch()
+            text = json.dumps(patch)            # before applying: the patch's values join `committed`
+            try:
+                jsonpatch.apply_patch(self.committed, patch, in_place=True)
+            except Exception as exc:
+                await self.fatal(StateError(f"turn {turn}: the recorded patch does not apply: {exc}"))
+                os._exit(3)
+            patch = json.loads(text)
+        else:
+            ctx.state.reset_to(self.committed)
+        done: dict[str, Any] = {"ev": "done", "turn": turn, "status": status, "patch": patch,
+                                "messages": messages, "usage": usage, "error": error, "result": result}
+        if command.get("snapshot"):
+            done["state"] = self.committed          # the state after the run, whatever its status
+        await self.channel.send(done)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    sock = socket.socket(fileno=args.fd)
+    channel = await Channel.open(sock)
+    try:
+        try:
+            cls = load_agent_class(args.target, os.getcwd())
+            worker = Worker(channel, args.agent, cls)
+        except ChronicleError as exc:
+            await channel.send({"ev": "error", "kind": type(exc).__name__, "error": str(exc)})
+            return 2
+        except Exception as exc:
+            await channel.send({"ev": "error", "kind": "AgentLoadError",
+                                "error": f"bad agent class {args.target!r}: {type(exc).__name__}: {exc}"})
+            return 2
+        try:
+            defaults = cls.State().to_json()
+        except StateError:
+            defaults = None
+        await channel.send({"ev": "loaded", "pid": os.getpid(), "entity_type": cls.State._entity_type,
+                            "version": cls.State._version, "defaults": defaults})
+        return await worker.serve()
+    except (ConnectionError, BrokenPipeError):
+        return 0
+    finally:
+        channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent_runtime.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--agent", required=True)
+    parser.add_argument("--target", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s worker[{args.agent}]: %(message)s")
+    return asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
