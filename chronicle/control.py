@@ -54,9 +54,14 @@ class ControlChannel:
         self._pending = b""
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close the channel; safe to call twice. (On a mount whose daemon
+        died, close fails with ENOTCONN but frees the descriptor anyway.)"""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> ControlChannel:
         return self

@@ -117,6 +117,9 @@ def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
     except BaseException:
         store.close()
         raise
+    closed = ws.close_interrupted_turns()
+    if closed:
+        log.info("ended %d turn label(s) left open by a daemon that stopped mid-turn", closed)
     ops = ChronicleOperations(ws, store, mountpoint=str(mountpoint))
     clear_stale(mountpoint)
     try:

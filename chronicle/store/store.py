@@ -106,6 +106,7 @@ class Store:
         self._pin = env.begin()
         self._locks: dict[int, int] = {}
         self._closed = False
+        self._users = 0
 
     # -- creating and opening --------------------------------------------------------
 
@@ -137,14 +138,42 @@ class Store:
         store.sync()
         return store
 
+    _registry: dict[str, Store] = {}
+    _registry_lock = threading.Lock()
+
     @classmethod
     def open(cls, path: os.PathLike | str, *, create: bool = False) -> Store:
         """Open the store at ``path`` (``create``: make it if missing).
+
+        Within one process a store is opened once: opening it again returns
+        the same object (LMDB allows one environment per file per process),
+        and only the last :meth:`close` closes it.
 
         Raises :class:`StoreNotFound` if there is none, :class:`StoreError` if
         it cannot be opened.
         """
         path = Path(path)
+        if create and not (path / STORE_FILE).exists():
+            return cls.init(path)                # init opens (and registers) it
+        key = str(path.resolve())
+        with cls._registry_lock:
+            shared = cls._registry.get(key)
+            if shared is not None:
+                shared._users += 1
+                return shared
+        store = cls._open(path, create=create)
+        with cls._registry_lock:
+            shared = cls._registry.get(key)
+            if shared is not None:               # another thread opened it meanwhile
+                shared._users += 1
+                store._really_close()
+                return shared
+            store._users = 1
+            cls._registry[key] = store
+        return store
+
+    @classmethod
+    def _open(cls, path: Path, *, create: bool) -> Store:
         if not (path / STORE_FILE).exists():
             if create:
                 return cls.init(path)
@@ -182,7 +211,18 @@ class Store:
 
     def close(self) -> None:
         """Close; syncs first if this process committed anything since its
-        last sync (a read-only command flushes nothing). Safe to call twice."""
+        last sync (a read-only command flushes nothing). Safe to call twice.
+        A store opened several times in this process closes at the last close."""
+        if self._closed:
+            return
+        with Store._registry_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            Store._registry.pop(str(self.path.resolve()), None)
+        self._really_close()
+
+    def _really_close(self) -> None:
         if self._closed:
             return
         if self._dirty:

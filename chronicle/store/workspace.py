@@ -699,6 +699,17 @@ class Workspace(FileOps):
                                                 "begin_time": _now_iso()})
         self.turn = label              # only once the turn is recorded
 
+    def close_interrupted_turns(self) -> int:
+        """End the turn labels a crashed daemon left open (recorded as
+        ``"interrupted": true`` at the head seq). Returns how many."""
+        count = 0
+        for record in self.store.turns(self):
+            if record.get("end_seq") is None and record.get("begin_seq", 0) <= self.head_seq + 1:
+                record.update(end_seq=self.head_seq, end_time=_now_iso(), interrupted=True)
+                self.store.put_turn(self, record["agent"], record["turn"], record)
+                count += 1
+        return count
+
     def turn_end(self) -> dict:
         """End the current turn label; returns the turn record. Raises
         :class:`InvalidArgument` if no turn is open."""
