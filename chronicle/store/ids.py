@@ -31,8 +31,11 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-def new_hasher() -> blake3.blake3:
-    """An incremental BLAKE3 hasher (``update(bytes)``, ``digest()``)."""
+def new_hasher(*, parallel: bool = False) -> blake3.blake3:
+    """An incremental BLAKE3 hasher (``update(bytes)``, ``digest()``).
+    ``parallel``: large updates use all cores (BLAKE3 is a tree hash)."""
+    if parallel:
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
     return blake3.blake3()
 
 

@@ -68,7 +68,7 @@ class Stream:
         self.ids: list[bytes] = []
         self.lengths = array("Q")
         self.emitted = 0                  # bytes in emitted chunks
-        self.hasher = new_hasher()        # BLAKE3 of the emitted bytes
+        self.hasher = new_hasher(parallel=True)   # BLAKE3 of the emitted bytes
         self.new_chunks = 0
         self.new_bytes = 0
         self._busy = False                # a batch is in flight
@@ -158,9 +158,10 @@ class Stream:
             self.carry = bytes(last)
         else:
             self.carry = b""
+        # One update for the whole emitted part: large, so BLAKE3 spreads it over the cores.
+        self.hasher.update(memoryview(data)[:len(data) - len(self.carry)])
         for piece in pieces:
             chunk_id = hash_bytes(piece)
-            self.hasher.update(piece)
             # Incompressible streams (media, archives, random data): after a
             # run of chunks zstd could not shrink, probe only every 16th.
             probe = self._raw_streak < RAW_STREAK or self._raw_streak % RAW_STREAK == 0
