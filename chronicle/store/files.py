@@ -57,7 +57,6 @@ class FileOps:
 
     def __init__(self):
         self.files: dict[int, FileState] = {}
-        self.last_created_seq = 0
 
     # -- attributes with uncommitted writes -----------------------------------------
 

@@ -282,86 +282,60 @@ class Workspace(FileOps):
         return Attrs(mode=mode, uid=actor.uid, gid=gid, nlink=1, size=0, atime_ns=now, mtime_ns=now,
                      ctime_ns=now, **extra)
 
-    def create(self, parent: int, name: bytes, mode: int, actor: Actor, rdev: int = 0) -> tuple[int, Attrs]:
-        """Create a regular file (or a FIFO, socket or device node for other
-        ``mode`` types). Returns ``(ino, attrs)``. Raises :class:`Exists`."""
+    def _new_child(self, parent: int, name: bytes, mode: int, actor: Actor, event: str, flags: int,
+                   **attr_fields) -> tuple[int, Attrs]:
+        """Create a new inode at ``parent/name`` as one ``event``: its record,
+        the parent's times (and nlink for a directory), the dirent, the path
+        entry and the log line. Raises :class:`Exists`, :class:`NotADirectory`."""
         check_name(name)
-        if stat.S_IFMT(mode) == 0:
-            mode |= stat.S_IFREG
-        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
-            raise InvalidArgument("use mkdir or symlink")
-        is_file = stat.S_ISREG(mode)
+        is_dir = stat.S_ISDIR(mode)
         with self.event(actor) as w:
             pattrs = self._need_dir(parent, w.txn)
             if self.view().lookup(w.txn, parent, name) is not None:
                 raise Exists()
             ino = self.store.allocate_ino(w.txn)
-            attrs = self._new_inode_attrs(pattrs, mode, actor, w.now_ns, rdev=rdev,
-                                          content=EMPTY_CONTENT_ID if is_file else b"")
-            new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
+            attrs = self._new_inode_attrs(pattrs, mode, actor, w.now_ns).replace(**attr_fields)
+            new_pattrs = pattrs.replace(nlink=pattrs.nlink + (1 if is_dir else 0), mtime_ns=w.now_ns,
+                                        ctime_ns=w.now_ns)
             w.put_attrs(ino, attrs)
             w.put_attrs(parent, new_pattrs)
             w.put_dirent(parent, name, ino, schema.kind_of_mode(mode))
             path = self._child_path(parent, name)
-            event = "create" if is_file else "mknod"
-            if path is not None:
-                flags = P_ARRIVED | P_BUMPS | (P_CONTENT if is_file else 0)
-                w.path_entry(path, event, ino=ino, flags=flags, content=attrs.content, size=0)
-            w.log(event, path, size=0 if is_file else None)
-        self._attrs[ino] = attrs
-        self._attrs[parent] = new_pattrs
-        self._link_add(ino, parent, name)
-        self.last_created_seq = self.head_seq
-        return ino, attrs
-
-    def mkdir(self, parent: int, name: bytes, mode: int, actor: Actor) -> tuple[int, Attrs]:
-        check_name(name)
-        with self.event(actor) as w:
-            pattrs = self._need_dir(parent, w.txn)
-            if self.view().lookup(w.txn, parent, name) is not None:
-                raise Exists()
-            ino = self.store.allocate_ino(w.txn)
-            attrs = self._new_inode_attrs(pattrs, stat.S_IFDIR | (mode & 0o7777), actor, w.now_ns)
-            attrs = attrs.replace(nlink=2, size=DIR_SIZE)
-            new_pattrs = pattrs.replace(nlink=pattrs.nlink + 1, mtime_ns=w.now_ns, ctime_ns=w.now_ns)
-            w.put_attrs(ino, attrs)
-            w.put_attrs(parent, new_pattrs)
-            w.put_dirent(parent, name, ino, KIND_DIR)
-            path = self._child_path(parent, name)
-            if path is not None:
-                w.path_entry(path, "mkdir", ino=ino, flags=P_ARRIVED | P_BUMPS | P_DIR)
-                w.forget_heads_below(path)
-            w.log("mkdir", path)
-        self._attrs[ino] = attrs
-        self._attrs[parent] = new_pattrs
-        self._link_add(ino, parent, name)
-        return ino, attrs
-
-    def symlink(self, parent: int, name: bytes, target: bytes, actor: Actor) -> tuple[int, Attrs]:
-        check_name(name)
-        if not target or len(target) >= 4096:
-            raise NameTooLong() if target else InvalidArgument("empty symlink target")
-        with self.event(actor) as w:
-            pattrs = self._need_dir(parent, w.txn)
-            if self.view().lookup(w.txn, parent, name) is not None:
-                raise Exists()
-            ino = self.store.allocate_ino(w.txn)
-            attrs = self._new_inode_attrs(pattrs, stat.S_IFLNK | 0o777, actor, w.now_ns, target=target)
-            attrs = attrs.replace(size=len(target))
-            new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
-            w.put_attrs(ino, attrs)
-            w.put_attrs(parent, new_pattrs)
-            w.put_dirent(parent, name, ino, schema.KIND_SYMLINK)
-            path = self._child_path(parent, name)
+            target = _text(attrs.target) if attrs.is_symlink else None
+            size = 0 if attrs.is_file else None
             version = None
             if path is not None:
-                version = w.path_entry(path, "symlink", ino=ino, flags=P_ARRIVED | P_BUMPS,
-                                       target=_text(target))
-            w.log("symlink", path, version=version, target=_text(target))
+                version = w.path_entry(path, event, ino=ino, flags=flags, content=attrs.content, size=size,
+                                       target=target)
+                if is_dir:
+                    w.forget_heads_below(path)
+            w.log(event, path, version=version if attrs.is_symlink else None, size=size, target=target)
         self._attrs[ino] = attrs
         self._attrs[parent] = new_pattrs
         self._link_add(ino, parent, name)
         return ino, attrs
+
+    def create(self, parent: int, name: bytes, mode: int, actor: Actor, rdev: int = 0) -> tuple[int, Attrs]:
+        """Create a regular file (or a FIFO, socket or device node for other
+        ``mode`` types). Returns ``(ino, attrs)``. Raises :class:`Exists`."""
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise InvalidArgument("use mkdir or symlink")
+        if stat.S_ISREG(mode):
+            return self._new_child(parent, name, mode, actor, "create", P_ARRIVED | P_BUMPS | P_CONTENT,
+                                   rdev=rdev, content=EMPTY_CONTENT_ID)
+        return self._new_child(parent, name, mode, actor, "mknod", P_ARRIVED | P_BUMPS, rdev=rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, actor: Actor) -> tuple[int, Attrs]:
+        return self._new_child(parent, name, stat.S_IFDIR | (mode & 0o7777), actor, "mkdir",
+                               P_ARRIVED | P_BUMPS | P_DIR, nlink=2, size=DIR_SIZE)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, actor: Actor) -> tuple[int, Attrs]:
+        if not target or len(target) >= 4096:
+            raise NameTooLong() if target else InvalidArgument("empty symlink target")
+        return self._new_child(parent, name, stat.S_IFLNK | 0o777, actor, "symlink", P_ARRIVED | P_BUMPS,
+                               target=target, size=len(target))
 
     def link(self, ino: int, parent: int, name: bytes, actor: Actor) -> Attrs:
         """Add a hard link ``parent/name`` to ``ino``. Raises :class:`NotPermitted` for directories."""
