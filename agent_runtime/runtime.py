@@ -171,6 +171,7 @@ class Runtime:
                 raise AgentNotFound(f"no agent named {agent_id!r} in {self.store_path} (give MODULE:CLASS to "
                                     "create it)")
             return await self.create(agent_id, target, cwd=cwd)
+        previous = None
         if target is not None:
             cwd = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
             target = normalise_target(target, cwd)
@@ -179,8 +180,15 @@ class Runtime:
                 if agent_id in self._runners and self._runners[agent_id].awake:
                     raise AgentBusy(f"agent {agent_id!r} is running {info['target']}; shut it down before "
                                     "changing its code")
+                self._runner(agent_id)          # AgentBusy (another runtime runs it) before the record changes
+                previous = {"target": info["target"], "cwd": info["cwd"]}
                 self.log.update(agent_id, target=target, cwd=cwd)
-        await self._call(self._runner(agent_id), WakeJob())
+        try:
+            await self._call(self._runner(agent_id), WakeJob())
+        except BaseException:
+            if previous is not None:            # the new code did not start: the agent keeps its old code
+                self.log.update(agent_id, **previous)
+            raise
         return self.agent(agent_id)
 
     def _check_new_name(self, agent_id: str) -> None:

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from chronicle import control, mounting
+from chronicle.agent_cli import agent
 from chronicle.errors import ChronicleError, IsADirectory, NotFound, StoreError, UsageError
 from chronicle.locate import Target, locate, select
 from chronicle.store.fsck import fsck as check_store
@@ -655,6 +656,9 @@ def stats(where, store_opt, ws_opt, as_json) -> None:
             value = "-"
         rows.append([key.replace("_", " ") + ":", str(value)])
     _table(rows)
+
+
+cli.add_command(agent)
 
 
 def main() -> None:

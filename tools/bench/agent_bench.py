@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""Agent runtime benchmark: the cost of a turn, and restoring an agent with a long turn log.
+
+    .venv/bin/python tools/bench/agent_bench.py [--quick] [--turns N] [--log-turns N] [--json PATH]
+        [--workdir /var/tmp]
+
+(a) **Per-turn overhead.** ``--turns`` message turns of an agent that does
+nothing (``noop``) and of one that changes its state a little (``counter``:
+one ``replace`` and one ``add`` per turn), sent one after the other with
+``Runtime.ask``: coordinator → worker IPC, ``ctl`` turn-begin/turn-end on the
+agent's mount, the turn records (``running``, then final) committed to LMDB.
+Against the same agent called directly in this process: ``await
+agent.on_message(AgentContext(...), message)`` with no runtime, and the
+state's recorded patch drained as the worker does. Prints ms/turn for both
+and the ratio.
+
+(b) **Restoring a long log.** An agent whose log holds ``--log-turns``
+(10,000) message turns, written with ``AgentLog`` exactly as the runtime
+writes them (a ``running`` record, then the completed one with its JSON Patch;
+a full state snapshot every 100 turns), then timed: ``Runtime.state()`` at the
+latest turn and at the worst case (the turn just before a snapshot: the most
+patches to apply), ``Runtime.turns()`` (what ``chronicle agent turns`` reads),
+and waking the agent (``Runtime.start``: mount its workspace, start a worker,
+load the state, ``on_init``) against waking an agent with one turn, each the
+median of 3, and the first message after a wake.
+
+Not a CI test (figures depend on the machine); ``tests/test_bench_smoke.py``
+runs ``--quick`` so it does not rot. Everything lives in one fresh directory
+under ``--workdir``, removed at the end; every agent is shut down and every
+mount unmounted (``Runtime.close``), also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from agent_runtime import AgentContext, Runtime  # noqa: E402
+from agent_runtime.loader import load_agent_class  # noqa: E402
+from chronicle.store.agents import now_iso  # noqa: E402
+
+AGENTS = textwrap.dedent('''
+    from agent_runtime import BaseAgent, DeltaState
+
+    class Noop(BaseAgent):
+        class State(DeltaState):
+            _entity_type = "noop"
+            count: int = 0
+
+        async def on_message(self, ctx, message):
+            pass
+
+    class Counter(BaseAgent):
+        class State(DeltaState):
+            _entity_type = "counter"
+            count: int = 0
+            history: list[str] = []
+
+        async def on_message(self, ctx, message):
+            ctx.state.count += 1
+            ctx.state.history.append(message.get("text", ""))
+''')
+
+SNAPSHOT_EVERY = 100
+STARTS = 3
+
+
+def ms(seconds: float) -> str:
+    """Milliseconds with three significant digits (sub-microsecond direct calls included)."""
+    value = seconds * 1000
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value < 1 else f"{value:.2f}"
+
+
+# -- (a) per-turn overhead --------------------------------------------------------------------
+
+
+async def direct_turns(cls, workspace: Path, turns: int) -> float:
+    """Seconds per turn calling ``on_message`` in process, no runtime."""
+    agent = cls()
+    ctx = AgentContext("direct", workspace, cls.State())
+    for i in range(min(turns, 100)):                    # warm-up
+        await agent.on_message(ctx, {"text": f"m{i}"})
+        ctx.state.drain_patch()
+    ctx.state.reset_to(cls.State().to_json())
+    started = time.perf_counter()
+    for i in range(turns):
+        await agent.on_message(ctx, {"text": f"m{i}"})
+        ctx.state.drain_patch()
+    return (time.perf_counter() - started) / turns
+
+
+async def runtime_turns(rt: Runtime, agent: str, target: str, src: Path, turns: int) -> float:
+    """Seconds per turn through the runtime (``ask``, one message at a time)."""
+    await rt.create(agent, target, cwd=src)
+    for i in range(min(turns, 10)):                     # warm-up: worker, mount, page cache
+        await rt.ask(agent, {"text": f"w{i}"})
+    started = time.perf_counter()
+    for i in range(turns):
+        result = await rt.ask(agent, {"text": f"m{i}"})
+        if result["status"] != "completed":
+            raise RuntimeError(f"turn {result['turn']} of {agent}: {result['status']}: {result['error']}")
+    elapsed = (time.perf_counter() - started) / turns
+    await rt.shutdown_agent(agent)
+    return elapsed
+
+
+async def overhead(rt: Runtime, src: Path, work: Path, turns: int) -> dict:
+    out = {}
+    for name in ("noop", "counter"):
+        cls_name = name.capitalize()
+        cls = load_agent_class(f"bench_agents:{cls_name}", src)
+        direct = await direct_turns(cls, work, turns)
+        through = await runtime_turns(rt, name, f"bench_agents:{cls_name}", src, turns)
+        out[name] = {"turns": turns, "direct_ms": direct * 1000, "runtime_ms": through * 1000,
+                     "ratio": through / direct if direct else None}
+    return out
+
+
+# -- (b) restoring a long log -------------------------------------------------------------------
+
+
+def write_log(rt: Runtime, agent: str, turns: int) -> float:
+    """Append ``turns`` completed message turns to ``agent``'s log as the runtime
+    does (``running``, then final with the patch; snapshots every N). Seconds."""
+    state = rt.state(agent)
+    head = rt.store.open_workspace(agent).head_seq
+    started = time.perf_counter()
+    for n in range(1, turns + 1):
+        turn = rt.log.get(agent)["last_turn"] + 1
+        text = f"message {n}"
+        now = now_iso()
+        record = {"turn": turn, "kind": "message", "status": "running", "message_id": f"m{n}",
+                  "message": {"text": text}, "reply": "", "messages": [], "patch": [], "error": None, "usage": {},
+                  "begin_seq": head + 1, "end_seq": None, "time": now, "end_time": None, "duration_ms": None,
+                  "snapshot": False}
+        rt.log.begin_turn(agent, record)
+        patch = [{"op": "replace", "path": "/count", "value": state["count"] + 1},
+                 {"op": "add", "path": f"/history/{len(state['history'])}", "value": text}]
+        state["count"] += 1
+        state["history"].append(text)
+        snapshot = None
+        if turn % SNAPSHOT_EVERY == 0:
+            snapshot = {"version": 1, "entity_type": "counter", "state": state}
+        record.update(status="completed", patch=patch, end_seq=head, end_time=now_iso(), duration_ms=0.1,
+                      snapshot=snapshot is not None, reply="", messages=[])
+        rt.log.put_turn(agent, record, snapshot=snapshot)
+    rt.store.sync()
+    return time.perf_counter() - started
+
+
+async def timed_start(rt: Runtime, agent: str) -> float:
+    await rt.shutdown_agent(agent)
+    started = time.perf_counter()
+    await rt.start(agent)
+    return time.perf_counter() - started
+
+
+async def restore(rt: Runtime, src: Path, turns: int) -> dict:
+    await rt.create("long", "bench_agents:Counter", cwd=src)
+    await rt.create("short", "bench_agents:Counter", cwd=src)
+    await rt.ask("short", {"text": "one"})
+    await rt.shutdown_agent("long")
+    wrote = write_log(rt, "long", turns)
+    last = rt.log.get("long")["last_turn"]
+    worst = last - 1 if last % SNAPSHOT_EVERY == 0 else last
+    while worst % SNAPSHOT_EVERY != SNAPSHOT_EVERY - 1 and worst > 1:
+        worst -= 1
+
+    def timed(fn, *args, repeat: int = 5):
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            value = fn(*args)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times), value
+
+    state_latest, _ = timed(rt.state, "long")
+    state_worst, _ = timed(rt.state, "long", worst)
+    at_latest, at_worst = rt.log.state_at("long"), rt.log.state_at("long", worst)
+    turns_all, listed = timed(rt.turns, "long", repeat=3)
+    start_long = statistics.median([await timed_start(rt, "long") for _ in range(STARTS)])
+    start_short = statistics.median([await timed_start(rt, "short") for _ in range(STARTS)])
+    await rt.shutdown_agent("long")
+    started = time.perf_counter()
+    result = await rt.ask("long", {"text": "after the wake"})
+    first_message = time.perf_counter() - started
+    if result["status"] != "completed" or rt.state("long")["count"] != turns + 1:
+        raise RuntimeError(f"the restored agent is wrong: {result}, count {rt.state('long')['count']}")
+    return {"turns": turns, "write_s": wrote, "state_latest_ms": state_latest * 1000,
+            "state_latest_patches": at_latest.patches, "state_latest_snapshot": at_latest.snapshot_turn,
+            "state_worst_turn": worst, "state_worst_ms": state_worst * 1000, "state_worst_patches": at_worst.patches,
+            "state_worst_snapshot": at_worst.snapshot_turn, "turns_ms": turns_all * 1000, "turns_listed": len(listed),
+            "start_long_ms": start_long * 1000, "start_short_ms": start_short * 1000,
+            "first_message_after_wake_ms": first_message * 1000}
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def report(a: dict, b: dict) -> None:
+    print(f"Agent runtime benchmark: Python {platform.python_version()}, {os.cpu_count()} CPU(s), "
+          f"{platform.system()} {platform.release()}")
+    print()
+    turns = next(iter(a.values()))["turns"]
+    print(f"(a) Per-turn overhead, {turns:,} message turns one after another (ms per turn)")
+    rows = [("agent", "direct in-process", "through the runtime", "ratio")]
+    for name, r in a.items():
+        rows.append((name, ms(r["direct_ms"] / 1000), ms(r["runtime_ms"] / 1000), f"{r['ratio']:,.0f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print("  noop: on_message does nothing; counter: one replace + one add per turn")
+    print()
+    print(f"(b) Restoring an agent with {b['turns']:,} turns (a state snapshot every {SNAPSHOT_EVERY})")
+    lines = [
+        (f"write {b['turns']:,} turns (AgentLog, as the runtime)",
+         f"{b['write_s']:.2f} s ({b['turns'] / b['write_s']:,.0f} turns/s)"),
+        ("Runtime.state(), latest turn",
+         f"{ms(b['state_latest_ms'] / 1000)} ms (snapshot {b['state_latest_snapshot']:,} "
+         f"+ {b['state_latest_patches']} patches)"),
+        (f"Runtime.state(turn={b['state_worst_turn']:,}), worst case",
+         f"{ms(b['state_worst_ms'] / 1000)} ms (snapshot {b['state_worst_snapshot']:,} "
+         f"+ {b['state_worst_patches']} patches)"),
+        (f"Runtime.turns(), all {b['turns_listed']:,}", f"{ms(b['turns_ms'] / 1000)} ms"),
+        (f"wake (Runtime.start) of the {b['turns']:,}-turn agent", f"{ms(b['start_long_ms'] / 1000)} ms"),
+        ("wake (Runtime.start) of a 1-turn agent", f"{ms(b['start_short_ms'] / 1000)} ms"),
+        ("first message after a wake (ask, incl. the wake)", f"{ms(b['first_message_after_wake_ms'] / 1000)} ms"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"  {key.ljust(width)}  {value}")
+    print(f"  (wakes: median of {STARTS}; a wake mounts the workspace and starts a worker process)")
+
+
+async def run(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
+    src = work / "src"
+    src.mkdir()
+    (src / "bench_agents.py").write_text(AGENTS)
+    direct_dir = work / "direct"
+    direct_dir.mkdir()
+    async with Runtime(work / "store", snapshot_every=SNAPSHOT_EVERY) as rt:
+        a = await overhead(rt, src, direct_dir, args.turns)
+        b = await restore(rt, src, args.log_turns)
+    return a, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 30 turns, a log of 300 turns")
+    parser.add_argument("--turns", type=int, help="message turns per agent for (a) (default 1000; quick: 30)")
+    parser.add_argument("--log-turns", type=int, help="turns in the long log of (b) (default 10000; quick: 300)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="parent of the run's temp dir")
+    args = parser.parse_args(argv)
+    args.turns = args.turns or (30 if args.quick else 1000)
+    args.log_turns = args.log_turns or (300 if args.quick else 10_000)
+    if args.turns < 1 or args.log_turns < 2:
+        parser.error("--turns must be >= 1 and --log-turns >= 2")
+    work = Path(tempfile.mkdtemp(prefix="agent-bench-", dir=args.workdir))
+    try:
+        a, b = asyncio.run(run(args, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(a, b)
+    if args.json:
+        args.json.write_text(json.dumps({"overhead": a, "restore": b}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
