@@ -151,6 +151,18 @@ class PackWriter:
         """Hand all buffered records to the kernel and wait until they are
         written (survives a killed process). Raises :class:`NoSpace`."""
         with self._lock:
+            if self._buffers and self._fd is not None:
+                with self._cond:
+                    idle = not self._queue and not self._writing
+                if idle:
+                    # Nothing queued: write here (a small file's commit must
+                    # not pay a round trip to the flusher thread).
+                    fd, bufs, self._buffers, self._buffered = self._fd, self._buffers, [], 0
+                    _writev_all(fd, bufs)
+                    with self._cond:
+                        self._written_fds.add(fd)
+                        self._raise()
+                    return
             self._handoff()
         with self._cond:
             while self._queue or self._writing:
