@@ -32,6 +32,7 @@ import atexit
 import errno
 import importlib.util
 import itertools
+import json
 import os
 import re
 import shutil
@@ -391,6 +392,47 @@ class Mount:
 
     def __repr__(self) -> str:
         return f"<Mount {self.target} {self.path} pid={self.pid}>"
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` runs; a zombie (exited, not reaped yet) does not count."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def clean_store_mounts(store: Path) -> list[str]:
+    """After a test: unmount what the mount daemons of ``store`` left mounted
+    (their registrations in ``run/`` and the agent workspaces under
+    ``agents/``) and stop those daemons by PID. Returns the problems found
+    (each was cleaned up)."""
+    problems = []
+    run = store / "run"
+    for reg in sorted(run.glob("mount-*.json")) if run.exists() else []:
+        try:
+            info = json.loads(reg.read_text())
+        except ValueError:
+            continue
+        mp, pid = Path(info["mountpoint"]), int(info["pid"])
+        if mount_entries(mp):
+            problems.append(f"{mp} was still mounted")
+            if _fusermount(mp, lazy=False)[0] != 0:
+                _fusermount(mp, lazy=True)
+        for _ in range(200):
+            if not alive(pid):
+                break
+            time.sleep(0.05)
+        else:
+            problems.append(f"mount daemon {pid} was still running")
+            os.kill(pid, signal.SIGKILL)
+    agents = store / "agents"
+    for mp in agents.glob("*/workspace") if agents.exists() else []:
+        if mount_entries(mp):
+            problems.append(f"{mp} was still mounted")
+            _fusermount(mp, lazy=True)
+    return problems
 
 
 def _start_chronicle(store: Path, workspace: str, mountpoint: Path, log_path: Path,

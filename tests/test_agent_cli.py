@@ -77,12 +77,7 @@ class Streamer(BaseAgent):
 # --- harness -------------------------------------------------------------------------------
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+alive = mounts.alive
 
 
 def workers_of(store: Path) -> list[int]:
@@ -168,28 +163,8 @@ class Env:
             for pid in workers_of(store):
                 problems.append(f"worker {pid} was still running")
                 os.killpg(pid, signal.SIGKILL)
+            problems += mounts.clean_store_mounts(store)
             run = store / "run"
-            for reg in sorted(run.glob("mount-*.json")) if run.exists() else []:
-                try:
-                    info = json.loads(reg.read_text())
-                except ValueError:
-                    continue
-                mp, pid = Path(info["mountpoint"]), int(info["pid"])
-                if mounts.mount_entries(mp):
-                    problems.append(f"{mp} was still mounted")
-                    if mounts._fusermount(mp, lazy=False)[0] != 0:
-                        mounts._fusermount(mp, lazy=True)
-                for _ in range(200):
-                    if not alive(pid):
-                        break
-                    time.sleep(0.05)
-                else:
-                    problems.append(f"mount daemon {pid} was still running")
-                    os.kill(pid, signal.SIGKILL)
-            for mp in (store / "agents").glob("*/workspace") if (store / "agents").exists() else []:
-                if mounts.mount_entries(mp):
-                    problems.append(f"{mp} was still mounted")
-                    mounts._fusermount(mp, lazy=True)
             for log in sorted(run.glob("mount-*.log")) if run.exists() else []:
                 problems += [f"{log.name}: {p}" for p in mounts.log_problems(log.read_text(errors="replace"))]
         return problems

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from agent_runtime import Runtime
+from agent_runtime import process as runtime_process
 from chronicle.errors import AgentExists, AgentLoadError, AgentNotFound, Busy, NotFound, UsageError
 from chronicle.store.fsck import fsck
 from chronicle.store.store import Store
-
-from agent_runtime import Runtime
-from agent_runtime import process as runtime_process
 
 try:
     from . import mounts
@@ -37,22 +36,7 @@ except ImportError:
 
 pytestmark = pytest.mark.mount
 
-QUICKSTART = '''
-from agent_runtime import BaseAgent, AgentContext, DeltaState
-
-class MyAgent(BaseAgent):
-    class State(DeltaState):
-        _version = 1
-        _entity_type = "my_agent"
-        count: int = 0
-        history: list[str] = []
-
-    async def on_message(self, ctx: AgentContext, message: dict) -> None:
-        ctx.state.count += 1
-        ctx.state.history.append(message.get("text", ""))
-        msg = await ctx.send_message("")
-        await msg.stream_token(f"Hello! You've sent {ctx.state.count} messages.", final=True)
-'''
+QUICKSTART = (Path(__file__).parent.parent / "examples" / "quickstart.py").read_text()   # the seed, unchanged
 
 # A scripted agent: each message lists steps to run, so one class serves every test.
 AGENTS = '''
@@ -147,14 +131,7 @@ class Migrated(Scripted):
 # --- harness -------------------------------------------------------------------------------
 
 
-def alive(pid: int) -> bool:
-    """True if ``pid`` runs; a zombie (exited, not reaped yet: after its parent died,
-    init reaps it late) does not count."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+alive = mounts.alive
 
 
 class Env:
@@ -195,31 +172,7 @@ class Env:
             if alive(pid):
                 problems.append(f"worker {pid} was still running")
                 os.killpg(pid, signal.SIGKILL)
-        run = self.store / "run"
-        for reg in sorted(run.glob("mount-*.json")) if run.exists() else []:
-            try:
-                info = json.loads(reg.read_text())
-            except ValueError:
-                continue
-            mp, pid = Path(info["mountpoint"]), int(info["pid"])
-            if mounts.mount_entries(mp):
-                problems.append(f"{mp} was still mounted")
-                rc, _ = mounts._fusermount(mp, lazy=False)
-                if rc != 0:
-                    mounts._fusermount(mp, lazy=True)
-            for _ in range(200):
-                if not alive(pid):
-                    break
-                time.sleep(0.05)
-            else:
-                problems.append(f"mount daemon {pid} was still running")
-                os.kill(pid, signal.SIGKILL)
-        agents = self.store / "agents"
-        for mp in agents.glob("*/workspace") if agents.exists() else []:
-            if mounts.mount_entries(mp):
-                problems.append(f"{mp} was still mounted")
-                mounts._fusermount(mp, lazy=True)
-        return problems
+        return problems + mounts.clean_store_mounts(self.store)
 
     def daemon_log_problems(self) -> list[str]:
         import re
