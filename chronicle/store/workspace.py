@@ -267,6 +267,15 @@ class Workspace(FileOps):
             raise NotADirectory()
         return attrs
 
+    def _entry(self, parent: int, name: bytes, txn) -> tuple[Attrs, int, int]:
+        """``(parent attrs, ino, kind)`` of an existing entry. Raises
+        :class:`NotADirectory` (parent) or :class:`NotFound`."""
+        pattrs = self._need_dir(parent, txn)
+        found = self.view().lookup(txn, parent, name)
+        if found is None:
+            raise NotFound()
+        return pattrs, found[0], found[1]
+
     def _child_path(self, parent: int, name: bytes) -> bytes | None:
         base = self.path_of(parent)
         if base is None:
@@ -372,11 +381,7 @@ class Workspace(FileOps):
         """Remove a non-directory entry; returns its inode (which lives on
         while open). Raises :class:`IsADirectory` for a directory."""
         with self.event(actor) as w:
-            pattrs = self._need_dir(parent, w.txn)
-            found = self.view().lookup(w.txn, parent, name)
-            if found is None:
-                raise NotFound()
-            ino, kind = found
+            pattrs, ino, kind = self._entry(parent, name, w.txn)
             if kind == KIND_DIR:
                 raise IsADirectory()
             path = self._child_path(parent, name)
@@ -396,11 +401,7 @@ class Workspace(FileOps):
 
     def rmdir(self, parent: int, name: bytes, actor: Actor) -> int:
         with self.event(actor) as w:
-            pattrs = self._need_dir(parent, w.txn)
-            found = self.view().lookup(w.txn, parent, name)
-            if found is None:
-                raise NotFound()
-            ino, kind = found
+            pattrs, ino, kind = self._entry(parent, name, w.txn)
             if kind != KIND_DIR:
                 raise NotADirectory()
             if self.view().entries(w.txn, ino):
