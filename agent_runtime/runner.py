@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import jsonpatch
 
 from chronicle.errors import AgentBusy, AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
-from chronicle.store.agents import FINAL_STATUSES, now_iso
+from chronicle.store.history.turns import FINAL_STATUSES, now_iso
 
 from agent_runtime.process import WorkerProcess, WorkspaceMount
 from agent_runtime.reply import Reply

@@ -5,7 +5,7 @@ same name in that store (chunks shared by all), mounted while the agent runs
 at ``<agents_dir>/<id>/workspace`` (default ``agents_dir``: ``<store>/agents``),
 and a worker process (``python -m agent_runtime.worker``, log in
 ``<agents_dir>/<id>/worker.log``). Its turn log lives in the store's LMDB
-environment beside the file events (``chronicle.store.agents``).
+environment beside the file events (``chronicle.store.history.turns``).
 
 Use::
 
@@ -49,7 +49,7 @@ from typing import Any
 
 from chronicle.errors import (AgentBusy, AgentExists, AgentLoadError, AgentNotFound, Busy, ChronicleError,
                               NotFound, UsageError)
-from chronicle.store.agents import FINAL_STATUSES, AgentLog, now_iso
+from chronicle.store.history.turns import FINAL_STATUSES, AgentLog, now_iso
 from chronicle.store.store import Store, check_workspace_name, default_store_path
 
 from agent_runtime.loader import normalise_target
@@ -422,7 +422,7 @@ class Runtime:
     # -- reads -------------------------------------------------------------------------
 
     def agent(self, agent_id: str) -> dict:
-        """The agent record (``chronicle.store.agents``) with ``workspace`` (its
+        """The agent record (``chronicle.store.history.turns``) with ``workspace`` (its
         mountpoint), ``mounted`` and ``running_here``."""
         info = self.log.get(agent_id)
         runner = self._runners.get(agent_id)

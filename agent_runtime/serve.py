@@ -93,7 +93,7 @@ from aiohttp import web
 
 from chronicle.errors import (Busy, ChronicleError, Exists, InvalidArgument, NotFound, StoreError,
                               UsageError)
-from chronicle.store.agents import now_iso
+from chronicle.store.history.turns import now_iso
 from chronicle.store.store import default_store_path
 
 from agent_runtime.client import ServeClient, registration_path

@@ -35,12 +35,12 @@ from chronicle import control, mounting
 from chronicle.agent_cli import agent
 from chronicle.errors import ChronicleError, IsADirectory, NotFound, StoreError, UsageError
 from chronicle.locate import Target, locate, select
-from chronicle.store.fsck import fsck as check_store
-from chronicle.store.journal import iso_time, parse_iso_time
-from chronicle.store.restore import restore_file, restore_tree
-from chronicle.store.schema import KIND_DIR, KIND_FILE
+from chronicle.store.fsck.checks import fsck as check_store
+from chronicle.store.meta.journal import iso_time, parse_iso_time
+from chronicle.store.model import KIND_DIR, KIND_FILE
+from chronicle.store.model import Actor
+from chronicle.store.namespace.restore import restore_file, restore_tree
 from chronicle.store.store import Store
-from chronicle.store.workspace import Actor
 
 READ_PIECE = 1 << 20            # bytes per read when streaming a version to stdout
 DIFF_LIMIT = 32 << 20           # larger versions are compared, not diffed line by line

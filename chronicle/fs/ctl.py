@@ -30,8 +30,8 @@ import os
 import trio
 
 from chronicle.errors import ChronicleError, InvalidArgument
-from chronicle.store.restore import restore_file, restore_tree
-from chronicle.store.workspace import Actor
+from chronicle.store.model import Actor
+from chronicle.store.namespace.restore import restore_file, restore_tree
 
 log = logging.getLogger("chronicle.fs")
 

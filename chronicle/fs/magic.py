@@ -38,8 +38,10 @@ from dataclasses import dataclass
 import pyfuse3
 
 from chronicle.errors import NotFound, ReadOnly
-from chronicle.store import schema
-from chronicle.store.schema import KIND_DIR, P_DIR, Attrs
+from chronicle.fs.ctl import CtlSession
+from chronicle.store.meta import schema
+from chronicle.store.meta.schema import P_DIR
+from chronicle.store.model import KIND_DIR, Attrs
 
 log = logging.getLogger("chronicle.fs")
 
@@ -318,8 +320,6 @@ class MagicTree:
     # -- files -----------------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int, ctx, fh: int) -> pyfuse3.FileInfo:
-        from chronicle.fs.ctl import CtlSession
-
         key = self.key(ino)
         kind = key[0]
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY

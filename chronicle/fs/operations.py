@@ -42,9 +42,9 @@ import trio
 from chronicle.errors import NotFound, ReadOnly
 from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
-from chronicle.store.schema import Attrs
-from chronicle.store.staging import MAX_FILE_SIZE
-from chronicle.store.workspace import Actor
+from chronicle.store.model import Attrs
+from chronicle.store.model import Actor
+from chronicle.store.namespace.staging import MAX_FILE_SIZE
 
 log = logging.getLogger("chronicle.fs")
 

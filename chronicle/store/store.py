@@ -3,8 +3,8 @@
 Layout of a store directory::
 
     store.json      format version, backend, creation time
-    meta/           the LMDB environment (chronicle.store.schema), synced.json
-    packs/          pack files (chronicle.store.packs)
+    meta/           the LMDB environment (chronicle.store.meta.schema), synced.json
+    packs/          pack files (chronicle.store.chunks.backends.local)
     staging/        anonymous staging files of open files (O_TMPFILE)
     run/            locks, mount registrations, active-pack markers
 
@@ -13,7 +13,7 @@ writer at a time (``run/ws-<id>.lock``, taken by :meth:`Store.open_workspace`
 with ``writable=True``), which is what lets the writer cache the head.
 
 Durability: metadata commits do not flush the disk; :meth:`Store.sync` does
-(see ``chronicle.store.recovery`` for why that is crash-safe), on fsync, on
+(see ``chronicle.store.meta.recovery`` for why that is crash-safe), on fsync, on
 the ``sync`` ctl command, at unmount and every few seconds while dirty.
 
 Threads: a Store may be shared by threads; ``sync`` may run in a worker
@@ -36,16 +36,18 @@ from pathlib import Path
 
 import lmdb
 
-from chronicle.errors import (Busy, Exists, InvalidArgument, NotFound, StoreError, StoreLocked, StoreNotFound,
-                              UsageError)
-from chronicle.store import schema
-from chronicle.store.chunks import ChunkStore
-from chronicle.store.content import ContentMap, empty_record
-from chronicle.store.ids import EMPTY_CONTENT_ID
-from chronicle.store.journal import iso_time, parse_iso_time
-from chronicle.store.packs import sync_active_packs
-from chronicle.store.recovery import record_synced, recover_after_crash
-from chronicle.store.schema import Attrs, ContentRecord, WorkspaceRecord
+from chronicle.errors import (Busy, Corrupt, Exists, InvalidArgument, NotFound, StoreError, StoreLocked,
+                              StoreNotFound, UsageError)
+from chronicle.store.chunks.backends.local import sync_active_packs
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
+from chronicle.store.chunks.index import ChunkStore
+from chronicle.store.meta import schema
+from chronicle.store.meta.journal import iso_time, parse_iso_time
+from chronicle.store.meta.recovery import record_synced, recover_after_crash
+from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
+from chronicle.store.model import Attrs
+from chronicle.store.namespace.content import ContentMap
+from chronicle.store.namespace.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ class Store:
             txn.put(schema.META_FORMAT, str(schema.FORMAT_VERSION).encode(), db=store.dbs["meta"])
             txn.put(schema.META_NEXT_INO, schema.U64.pack(16), db=store.dbs["meta"])
             txn.put(schema.META_NEXT_WS, schema.U32.pack(1), db=store.dbs["meta"])
-            txn.put(EMPTY_CONTENT_ID, empty_record().encode(), db=store.dbs["contents"])
+            txn.put(EMPTY_CONTENT_ID, schema.empty_record().encode(), db=store.dbs["contents"])
             schema.add_totals(txn, store.dbs["meta"], contents=1)
         store.sync()
         return store
@@ -341,11 +343,9 @@ class Store:
         txn.put(schema.ws_key(record.id), record.name.encode(), db=self.dbs["ws_ids"])
 
     def open_workspace(self, name: str, *, writable: bool = False, create: bool = False):
-        """A :class:`~chronicle.store.workspace.Workspace`. ``writable`` takes the
+        """A :class:`~chronicle.store.namespace.workspace.Workspace`. ``writable`` takes the
         workspace's writer lock (raises :class:`StoreLocked` if another process
         holds it, e.g. a mount)."""
-        from chronicle.store.workspace import Workspace
-
         try:
             record = self.workspace_record(name)
         except NotFound:
@@ -580,9 +580,6 @@ class Store:
             with self.env.begin() as txn:
                 raw = txn.get(content_id, db=self.dbs["contents"])
             if raw is None:
-                from chronicle.errors import Corrupt
-                from chronicle.store.ids import to_hex
-
                 raise Corrupt(f"content {to_hex(content_id)} is missing from the store")
             cm = ContentMap(content_id, ContentRecord.decode(raw), self.chunks)
         self.remember_content(cm)

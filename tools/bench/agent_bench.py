@@ -24,7 +24,7 @@ and waking the agent (``Runtime.start``: mount its workspace, start a worker,
 load the state, ``on_init``) against waking an agent with one turn, each the
 median of 3, and the first message after a wake.
 
-Not a CI test (figures depend on the machine); ``tests/test_bench_smoke.py``
+Not a CI test (figures depend on the machine); ``tests/bench/test_bench_smoke.py``
 runs ``--quick`` so it does not rot. Everything lives in one fresh directory
 under ``--workdir``, removed at the end; every agent is shut down and every
 mount unmounted (``Runtime.close``), also on Ctrl-C.
@@ -49,9 +49,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from chronicle.store.history.turns import now_iso  # noqa: E402
 from agent_runtime import AgentContext, Runtime  # noqa: E402
 from agent_runtime.loader import load_agent_class  # noqa: E402
-from chronicle.store.agents import now_iso  # noqa: E402
 
 AGENTS = textwrap.dedent('''
     from agent_runtime import BaseAgent, DeltaState

@@ -1,0 +1,252 @@
+"""The chunk store: put and get chunks by id, once per store.
+
+Vocabulary: a **chunk** is a piece of file content cut by CDC, named by the
+BLAKE3 of its bytes (its **chunk id**). The **chunk index** (LMDB ``chunks``)
+maps a chunk id to its pack location and **refcount** (how many content
+records use it). A chunk written to a pack but not yet in the index is
+**pending**: the transaction that records the version using it inserts it.
+
+Writing (:meth:`ChunkStore.put`) happens outside any LMDB write transaction,
+usually in a worker thread: hash, dedup check, compress, append to a pack.
+The metadata transaction then calls :meth:`ChunkStore.add_refs` with the new
+content record, which turns pending chunks into index entries. Before that
+transaction commits, :meth:`ChunkStore.flush` hands pack data to the kernel, so
+metadata never refers to chunk bytes a killed process had only buffered.
+
+Reading (:meth:`ChunkStore.get`) goes through an LRU cache of decoded chunks;
+a miss reads the pack and verifies the chunk's BLAKE3 (see ``codec``).
+:meth:`ChunkStore.prefetch` tells the kernel which pack ranges a sequential
+reader will want next (``posix_fadvise(WILLNEED)``): it reads them ahead
+asynchronously, so the next ``pread``s hit the page cache — no threads, no GIL.
+
+Threads: every method is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+import lmdb
+
+from chronicle.errors import Corrupt
+from chronicle.store.chunks import codec
+from chronicle.store.chunks.backends.local import ChunkLocation, PackReader, PackWriter
+from chronicle.store.chunks.ids import HOLE_ID, ID_SIZE, to_hex
+from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
+
+DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
+
+
+class ChunkCache:
+    """LRU of decoded chunks, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, chunk_id: bytes) -> bytes | None:
+        with self._lock:
+            data = self._data.get(chunk_id)
+            if data is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._data.move_to_end(chunk_id)
+            return data
+
+    def contains(self, chunk_id: bytes) -> bool:
+        return chunk_id in self._data
+
+    def put(self, chunk_id: bytes, data: bytes) -> None:
+        if len(data) > self.max_bytes // 4:
+            return
+        with self._lock:
+            if chunk_id in self._data:
+                return
+            self._data[chunk_id] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, old = self._data.popitem(last=False)
+                self._bytes -= len(old)
+
+
+class ChunkStore:
+    """Chunks of one store: packs on disk plus the ``chunks`` index in LMDB."""
+
+    def __init__(self, env: lmdb.Environment, db, packs_root: Path, active_dir: Path | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, level: int = codec.DEFAULT_LEVEL, meta_db=None):
+        self._env = env
+        self._db = db
+        self._meta_db = meta_db
+        self.writer = PackWriter(packs_root, active_dir)
+        self.reader = PackReader(packs_root)
+        self.cache = ChunkCache(cache_bytes)
+        self._level = level
+        self._pending: dict[bytes, ChunkRecord] = {}
+        self._pending_lock = threading.Lock()
+
+    # -- writing ---------------------------------------------------------------
+
+    def put(self, chunk_id: bytes, data: bytes | memoryview, *, compress: bool = True) -> int | None:
+        """Store ``data`` under ``chunk_id`` unless the store has it already.
+
+        ``data`` must stay unchanged until the next :meth:`flush` (it may be
+        written from the caller's buffer). ``compress=False`` stores it raw
+        without trying zstd. Returns the codec of the newly written record,
+        or None if the store had the chunk already. Raises ``NoSpace`` on a full disk.
+        """
+        with self._pending_lock:
+            if chunk_id in self._pending:
+                return None
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            if txn.get(chunk_id) is not None:
+                return None
+        if compress:
+            codec_id, payload = codec.encode(data, self._level)
+        else:
+            codec_id, payload = codec.CODEC_RAW, data
+        location = self.writer.append(chunk_id, codec_id, len(data), payload)
+        record = ChunkRecord(location.pack_no, location.offset, location.stored_len, len(data), codec_id, 0)
+        with self._pending_lock:
+            if chunk_id in self._pending:
+                return None       # another thread won the race; our copy is unreferenced pack space
+            self._pending[chunk_id] = record
+        return codec_id
+
+    def flush(self) -> None:
+        """Hand written chunk data to the kernel (call before committing metadata)."""
+        self.writer.flush()
+
+    def sync(self) -> None:
+        """Make written chunk data durable (fdatasync the packs)."""
+        self.writer.sync()
+
+    def add_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
+        """Count one more reference from ``content`` to each distinct chunk it uses.
+
+        Runs inside the caller's write transaction; pending chunks become index
+        entries, and their ids are returned: pass them to :meth:`committed` once
+        the transaction has committed. Raises :class:`Corrupt` for a chunk that
+        is neither indexed nor pending.
+        """
+        inserted = []
+        new_raw = new_stored = 0
+        for chunk_id in _distinct_ids(content):
+            raw = txn.get(chunk_id, db=self._db)
+            if raw is not None:
+                record = ChunkRecord.decode(raw)
+            else:
+                with self._pending_lock:
+                    pending = self._pending.get(chunk_id)
+                if pending is None:
+                    raise Corrupt(f"chunk {to_hex(chunk_id)} is referenced but was never stored")
+                record = ChunkRecord(pending.pack_no, pending.offset, pending.stored_len, pending.raw_len,
+                                     pending.codec, 0)
+                inserted.append(chunk_id)
+                new_raw += record.raw_len
+                new_stored += record.stored_len
+            record.refcount += 1
+            txn.put(chunk_id, record.encode(), db=self._db)
+        if inserted and self._meta_db is not None:
+            add_totals(txn, self._meta_db, unique_bytes=new_raw, stored_bytes=new_stored, chunks=len(inserted))
+        return inserted
+
+    def committed(self, inserted: list[bytes]) -> None:
+        """The transaction in which :meth:`add_refs` returned ``inserted`` has
+        committed: those chunks are index entries now, no longer pending."""
+        with self._pending_lock:
+            for chunk_id in inserted:
+                self._pending.pop(chunk_id, None)
+
+    def drop_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
+        """Undo :meth:`add_refs` for ``content``; returns the ids whose refcount reached 0."""
+        freed = []
+        for chunk_id in _distinct_ids(content):
+            raw = txn.get(chunk_id, db=self._db)
+            if raw is None:
+                raise Corrupt(f"chunk {to_hex(chunk_id)} is referenced but missing from the index")
+            record = ChunkRecord.decode(raw)
+            record.refcount -= 1
+            if record.refcount < 0:
+                raise Corrupt(f"chunk {to_hex(chunk_id)} has a negative refcount")
+            txn.put(chunk_id, record.encode(), db=self._db)
+            if record.refcount == 0:
+                freed.append(chunk_id)
+        return freed
+
+    # -- reading ---------------------------------------------------------------
+
+    def record(self, chunk_id: bytes, txn: lmdb.Transaction | None = None) -> ChunkRecord | None:
+        """The index record of a chunk (pending ones included), or None."""
+        if txn is not None:
+            raw = txn.get(chunk_id, db=self._db)
+        else:
+            with self._env.begin(db=self._db) as rtxn:
+                raw = rtxn.get(chunk_id)
+        if raw is not None:
+            return ChunkRecord.decode(raw)
+        with self._pending_lock:
+            return self._pending.get(chunk_id)
+
+    def get(self, chunk_id: bytes, txn: lmdb.Transaction | None = None) -> bytes:
+        """The bytes of a chunk. Raises :class:`Corrupt` if it is missing or damaged."""
+        data = self.cache.get(chunk_id)
+        if data is not None:
+            return data
+        return self._load(chunk_id, txn)
+
+    def prefetch(self, chunk_ids: list[bytes]) -> None:
+        """Ask the kernel to read ahead the pack ranges holding ``chunk_ids``
+        (those not cached); cheap, asynchronous, never raises."""
+        ranges: dict[int, list[int]] = {}
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            for chunk_id in chunk_ids:
+                if self.cache.contains(chunk_id):
+                    continue
+                raw = txn.get(chunk_id)
+                if raw is None:
+                    continue
+                rec = ChunkRecord.decode(raw)
+                span = ranges.setdefault(rec.pack_no, [rec.offset, rec.offset + rec.stored_len])
+                span[0] = min(span[0], rec.offset)
+                span[1] = max(span[1], rec.offset + rec.stored_len)
+        for pack_no, (start, end) in ranges.items():
+            self.reader.advise(pack_no, start, end - start)
+
+    def _load(self, chunk_id: bytes, txn) -> bytes:
+        record = self.record(chunk_id, txn)
+        if record is None:
+            raise Corrupt(f"chunk {to_hex(chunk_id)} is missing from the store")
+        if record.refcount == 0:
+            self.writer.flush()          # a pending chunk may still be in the writer's buffer
+        data = self.read_record(chunk_id, record)
+        self.cache.put(chunk_id, data)
+        return data
+
+    def read_record(self, chunk_id: bytes, record: ChunkRecord, *, verify: bool = True) -> bytes:
+        """Read and decode a chunk from its pack, bypassing the cache."""
+        payload = self.reader.read(ChunkLocation(record.pack_no, record.offset, record.stored_len))
+        return codec.decode(record.codec, payload, record.raw_len, chunk_id, verify=verify)
+
+    def iter_index(self, txn: lmdb.Transaction) -> Iterable[tuple[bytes, ChunkRecord]]:
+        """Every ``(chunk_id, record)`` of the index, in id order."""
+        with txn.cursor(db=self._db) as cur:
+            for key, value in cur:
+                yield bytes(key), ChunkRecord.decode(value)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+
+
+def _distinct_ids(content: ContentRecord) -> list[bytes]:
+    ids = content.ids
+    seen = {ids[i:i + ID_SIZE] for i in range(0, len(ids), ID_SIZE)}
+    seen.discard(HOLE_ID)
+    return sorted(seen)

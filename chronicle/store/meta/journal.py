@@ -1,0 +1,247 @@
+"""Writing one event: the records a mutation leaves, in one LMDB transaction.
+
+Every mutation of a workspace is one **event** with the next **seq**, written
+by one :class:`EventWriter` inside one write transaction:
+
+- inode records (``inodes``, keyed by seq) — each counts one reference on the
+  content it names;
+- directory entries (``dirents`` head table and ``dirent_hist``);
+- the event's ``.chronicle/log`` line (``events``);
+- one path entry per path the event concerns (``paths``), with that path's
+  version number (``path_heads``).
+
+**Version numbers.** Each path's history (``chronicle.store.history.paths``) is a
+list of entries; entries flagged ``P_BUMPS`` (new content at the path) get
+the next number. A rename to a free path continues the history of the path
+it came from (as ``git log --follow``), so it keeps that path's number.
+``path_heads`` caches the last number per path; a missing entry is
+recomputed from the history. A directory arriving at a path invalidates the
+cached numbers below it (their followed histories changed).
+
+Times are ISO-8601 UTC with microseconds and a ``Z`` (SPEC §4).
+
+Threads: an EventWriter lives inside one synchronous function on one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+import lmdb
+
+from chronicle.errors import Corrupt
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
+from chronicle.store.meta import schema
+from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, PathEntry, PathHead
+from chronicle.store.model import Attrs
+
+
+_last_second: list = [None, ""]
+
+
+def iso_time(ns: int) -> str:
+    """``2026-11-21T05:11:00.123456Z`` for a time in ns since the epoch."""
+    sec, rem = divmod(ns, 1_000_000_000)
+    if _last_second[0] != sec:       # strftime once per second, not once per event
+        _last_second[:] = [sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")]
+    return _last_second[1] + f"{rem // 1000:06d}Z"
+
+
+def parse_iso_time(text: str) -> int:
+    """ns since the epoch from an ISO-8601 time (naive times are UTC).
+
+    Raises ``ValueError`` on bad input.
+    """
+    text = text.strip()
+    if text.endswith("Z") or text.endswith("z"):
+        text = text[:-1] + "+00:00"
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+def path_text(path: bytes) -> str:
+    """A path as JSON shows it (``os.fsdecode``, SPEC §4)."""
+    import os
+
+    return os.fsdecode(path)
+
+
+class EventWriter:
+    """The records of one event (see the module docstring).
+
+    ``layers`` is the workspace's fork chain as ``(ws id, fork seq)`` pairs;
+    ``is_fork`` makes removals write whiteouts in the head table.
+    """
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, ws: int, seq: int, *, is_fork: bool,
+                 turn: dict | None, pid: int, history, now_ns: int | None = None):
+        self.txn = txn
+        self.dbs = dbs
+        self.ws = ws
+        self.seq = seq
+        self.is_fork = is_fork
+        self.turn = turn
+        self.pid = pid
+        self.now_ns = now_ns if now_ns is not None else time.time_ns()
+        self.time = iso_time(self.now_ns)
+        self._history = history           # chronicle.store.history.paths.History of this workspace
+        self.logged = False
+
+    # -- inodes ------------------------------------------------------------------
+
+    def put_attrs(self, ino: int, attrs: Attrs) -> None:
+        """Record ``attrs`` as the inode's state from this seq on. Counts a
+        reference on its content (the empty content is never freed and not counted)."""
+        if attrs.content and attrs.content != EMPTY_CONTENT_ID:
+            self.addref_content(attrs.content)
+        self.txn.put(schema.inode_key(self.ws, ino, self.seq), attrs.encode(), db=self.dbs["inodes"])
+
+    def addref_content(self, content_id: bytes) -> None:
+        db = self.dbs["contents"]
+        raw = self.txn.get(content_id, db=db)
+        if raw is None:
+            if content_id != EMPTY_CONTENT_ID:
+                raise Corrupt(f"content {to_hex(content_id)} is referenced but missing")
+            raw = schema.empty_record().encode()
+        _size, refcount, _hash = schema.content_header(raw)
+        self.txn.put(content_id, schema.content_with_refcount(raw, refcount + 1), db=db)
+
+    # -- directory entries ---------------------------------------------------------
+
+    def put_dirent(self, parent: int, name: bytes, ino: int, kind: int) -> None:
+        value = schema.encode_dirent(ino, kind)
+        self.txn.put(schema.dirent_key(self.ws, parent, name), value, db=self.dbs["dirents"])
+        self.txn.put(schema.dirent_hist_key(self.ws, parent, name, self.seq), value, db=self.dbs["dirent_hist"])
+
+    def del_dirent(self, parent: int, name: bytes) -> None:
+        key = schema.dirent_key(self.ws, parent, name)
+        if self.is_fork:
+            self.txn.put(key, b"", db=self.dbs["dirents"])    # whiteout over the parent's entry
+        else:
+            self.txn.delete(key, db=self.dbs["dirents"])
+        self.txn.put(schema.dirent_hist_key(self.ws, parent, name, self.seq), b"", db=self.dbs["dirent_hist"])
+
+    # -- the log line --------------------------------------------------------------
+
+    def log(self, event: str, path: bytes | None, **fields) -> None:
+        """Write this seq's ``.chronicle/log`` line. ``fields`` in the order
+        given (``from``/``to`` are passed as ``from_``/``to``); None values are left out."""
+        line: dict = {"seq": self.seq, "time": self.time, "event": event,
+                      "path": path_text(path) if path is not None else None}
+        for key, value in fields.items():
+            if value is not None:
+                line[key.rstrip("_")] = value
+        line["turn"] = self.turn
+        line["pid"] = self.pid
+        self.txn.put(schema.event_key(self.ws, self.seq), json.dumps(line).encode(), db=self.dbs["events"])
+        self.logged = True
+
+    # -- path history --------------------------------------------------------------
+
+    def path_entry(self, path: bytes, event: str, *, ino: int, flags: int, content: bytes = b"",
+                   size: int | None = None, origin: bytes = b"", fold_seq: int | None = None,
+                   **fields) -> int:
+        """Add an entry to ``path``'s history; returns its version number.
+
+        ``flags`` are ``schema.P_*``. ``origin``: for a rename to a free path,
+        the path the history continues at. ``fold_seq``: the seq of a
+        ``create`` entry of the same open: if no version of the path came
+        after it, it stops counting as one (it is removed if nothing came
+        after it at all), so a file created and first written by one open
+        has its written content as version 1.
+        """
+        if not content:
+            flags &= ~P_CONTENT            # no content id to carry (PathEntry encodes it only with the flag)
+        head = self.path_head(path)
+        version = head.version if head else 0
+        if fold_seq is not None and head is not None and self._fold_create(path, fold_seq, ino):
+            version -= 1
+        if flags & P_ARRIVED and origin:
+            origin_head = self.path_head(origin)
+            version = origin_head.version if origin_head else 0
+        if flags & P_BUMPS:
+            version += 1
+        obj: dict = {"seq": self.seq, "time": self.time, "event": event, "path": path_text(path)}
+        for key, value in fields.items():
+            if value is not None:
+                obj[key.rstrip("_")] = value
+        if flags & P_CONTENT and content:
+            obj["size"] = size
+            obj["hash"] = self.content_hash(content)
+        elif size is not None:
+            obj["size"] = size
+        obj["turn"] = self.turn
+        obj["pid"] = self.pid
+        fragment = json.dumps(obj)[1:].encode()
+        entry = PathEntry(flags, ino, content if flags & P_CONTENT else b"", origin, fragment)
+        self.txn.put(schema.path_key(self.ws, path, self.seq), entry.encode(), db=self.dbs["paths"])
+        self.txn.put(schema.named_key(self.ws, path), PathHead(version, self.seq, ino).encode(),
+                     db=self.dbs["path_heads"])
+        return version
+
+    def _fold_create(self, path: bytes, create_seq: int, ino: int) -> bool:
+        """Turn the ``create`` entry at ``create_seq`` into a plain event (no
+        version, no content), unless a version came after it. Returns True if done."""
+        db = self.dbs["paths"]
+        key = schema.path_key(self.ws, path, create_seq)
+        raw = self.txn.get(key, db=db)
+        if raw is None:
+            return False
+        entry = PathEntry.decode(raw)
+        if entry.ino != ino or not entry.flags & P_BUMPS:
+            return False
+        prefix = schema.path_prefix(self.ws, path)
+        later_entries = 0
+        with self.txn.cursor(db=db) as cur:
+            if cur.set_range(schema.path_key(self.ws, path, create_seq + 1)):
+                for later_key, later in cur:
+                    if later_key[:len(prefix)] != prefix:
+                        break
+                    if PathEntry.decode(later).flags & P_BUMPS:
+                        return False
+                    later_entries += 1
+        if not later_entries:
+            self.txn.delete(key, db=db)        # create + first write read as one version
+            return True
+        obj = json.loads(b"{" + entry.fragment)
+        obj.pop("hash", None)
+        folded = PathEntry(entry.flags & ~(P_BUMPS | P_CONTENT), entry.ino, b"", entry.origin,
+                           json.dumps(obj)[1:].encode())
+        self.txn.put(key, folded.encode(), db=db)
+        return True
+
+    def path_head(self, path: bytes) -> PathHead | None:
+        raw = self.txn.get(schema.named_key(self.ws, path), db=self.dbs["path_heads"])
+        if raw is not None:
+            return PathHead.decode(raw)
+        return self._history.compute_head(self.txn, path)
+
+    def forget_heads_below(self, path: bytes) -> None:
+        """Drop cached version numbers of paths below directory ``path``."""
+        prefix = schema.named_key(self.ws, path + b"/" if path else b"")
+        db = self.dbs["path_heads"]
+        with self.txn.cursor(db=db) as cur:
+            if not cur.set_range(prefix):
+                return
+            while cur.key()[:len(prefix)] == prefix:
+                if not cur.delete():
+                    break
+
+    def content_hash(self, content: bytes) -> str | None:
+        """Lowercase hex BLAKE3 of a content, or None while it is not known."""
+        if content == EMPTY_CONTENT_ID:
+            return to_hex(content)
+        raw = self.txn.get(content, db=self.dbs["contents"])
+        if raw is None:
+            return None
+        digest = schema.content_header(raw)[2]
+        return to_hex(digest) if digest else None
+
+
+# Re-exported for the modules that build entries.
+__all__ = ["EventWriter", "iso_time", "parse_iso_time", "path_text", "P_ARRIVED", "P_BUMPS", "P_CONTENT",
+           "P_DIR", "P_GONE"]

@@ -1,0 +1,382 @@
+"""The LMDB layout: named databases, key encodings and record formats.
+
+One LMDB environment per store (``<store>/meta``) holds all metadata. Keys are
+big-endian so that LMDB's byte order is numeric order. ``~seq`` means
+``SEQ_MAX - seq``: versioned keys sort newest first, so "the record at or
+before seq S" is one ``set_range`` to ``prefix + ~S``.
+
+======================  =========================================  ==========================================
+database                key                                        value
+======================  =========================================  ==========================================
+``meta``                ``b"format"``, counters                    see :data:`FORMAT_VERSION`, u64 counters
+``workspaces``          workspace name (UTF-8)                     :class:`WorkspaceRecord` (JSON)
+``ws_ids``              ws u32                                     workspace name
+``heads``               ws u32                                     head seq u64
+``chunks``              chunk id (32)                              :class:`ChunkRecord`
+``contents``            content id (32)                            :class:`ContentRecord`
+``inodes``              ws u32, ino u64, ~seq u64                  :class:`Attrs` (the inode from seq on)
+``dirents``             ws u32, parent u64, name                   ino u64 + kind u8; ``b""`` = whiteout
+``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed
+``events``              ws u32, seq u64                            one ``.chronicle/log`` JSON line
+``paths``               ws u32, path, 0x00, seq u64                :class:`PathEntry`
+``path_heads``          ws u32, path                               :class:`PathHead`
+``snapshots``           ws u32, name                               JSON ``{"seq", "time"}``
+``turns``               ws u32, agent, 0x00, turn u32              JSON turn label record (the daemon's)
+``agents``              agent id (UTF-8)                           JSON agent record (``store.agents``)
+``agent_turns``         agent id, 0x00, turn u32                   JSON turn-log record (``store.agents``)
+``agent_states``        agent id, 0x00, turn u32                   JSON full state after that turn
+======================  =========================================  ==========================================
+
+A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
+fork reads through to its parent at the fork seq (``chronicle.store.meta.tree``).
+``dirents`` is the head (current) directory table; in a fork it holds only
+the fork's own changes, with whiteouts for names it removed.
+
+The agent runtime's databases (``agents``, ``agent_turns``, ``agent_states``)
+are keyed by agent id, which is also the name of the agent's workspace;
+``chronicle.store.history.turns`` defines their records.
+
+Names and paths are ``bytes`` at every layer (POSIX names are bytes); paths
+are relative to the workspace root, components joined by ``/``, root ``b""``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from array import array
+from dataclasses import dataclass
+from itertools import accumulate
+
+from chronicle.errors import Corrupt
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE
+
+FORMAT_VERSION = 1
+SEQ_MAX = (1 << 64) - 1
+
+DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
+             "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
+             "agents", "agent_turns", "agent_states")
+
+# meta keys
+META_FORMAT = b"format"
+META_NEXT_INO = b"next_ino"
+META_NEXT_PACK = b"next_pack"
+META_NEXT_WS = b"next_ws"
+META_CREATED = b"created"
+
+# Running totals in ``meta`` (updated in the transaction that changes them; GC subtracts).
+TOTALS = ("logical_bytes", "contents", "unique_bytes", "stored_bytes", "chunks")
+
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+_WS_INO = struct.Struct(">IQ")
+_WS_INO_SEQ = struct.Struct(">IQQ")
+_WS_SEQ = struct.Struct(">IQ")
+_DIRENT_VALUE = struct.Struct(">QB")
+
+# --- keys -------------------------------------------------------------------
+
+def inv(seq: int) -> int:
+    return SEQ_MAX - seq
+
+
+def inode_prefix(ws: int, ino: int) -> bytes:
+    return _WS_INO.pack(ws, ino)
+
+
+def inode_key(ws: int, ino: int, seq: int) -> bytes:
+    return _WS_INO_SEQ.pack(ws, ino, SEQ_MAX - seq)
+
+
+def inode_key_seq(key: bytes) -> int:
+    return SEQ_MAX - _WS_INO_SEQ.unpack(key)[2]
+
+
+def dir_prefix(ws: int, parent: int) -> bytes:
+    return _WS_INO.pack(ws, parent)
+
+
+def dirent_key(ws: int, parent: int, name: bytes) -> bytes:
+    return _WS_INO.pack(ws, parent) + name
+
+
+def dirent_hist_prefix(ws: int, parent: int, name: bytes) -> bytes:
+    return _WS_INO.pack(ws, parent) + name + b"\x00"
+
+
+def dirent_hist_key(ws: int, parent: int, name: bytes, seq: int) -> bytes:
+    return _WS_INO.pack(ws, parent) + name + b"\x00" + U64.pack(SEQ_MAX - seq)
+
+
+def split_dirent_hist_key(key: bytes) -> tuple[bytes, int]:
+    """``(name, seq)`` of a ``dirent_hist`` key."""
+    return key[12:-9], SEQ_MAX - U64.unpack(key[-8:])[0]
+
+
+def encode_dirent(ino: int, kind: int) -> bytes:
+    return _DIRENT_VALUE.pack(ino, kind)
+
+
+def decode_dirent(value: bytes) -> tuple[int, int] | None:
+    """``(ino, kind)``, or None for a whiteout / removal."""
+    if not value:
+        return None
+    return _DIRENT_VALUE.unpack(value)
+
+
+def event_key(ws: int, seq: int) -> bytes:
+    return _WS_SEQ.pack(ws, seq)
+
+
+def event_key_seq(key: bytes) -> int:
+    return _WS_SEQ.unpack(key)[1]
+
+
+def path_prefix(ws: int, path: bytes) -> bytes:
+    return U32.pack(ws) + path + b"\x00"
+
+
+def path_key(ws: int, path: bytes, seq: int) -> bytes:
+    return U32.pack(ws) + path + b"\x00" + U64.pack(seq)
+
+
+def path_key_seq(key: bytes) -> int:
+    return U64.unpack(key[-8:])[0]
+
+
+def ws_key(ws: int) -> bytes:
+    return U32.pack(ws)
+
+
+def named_key(ws: int, name: bytes) -> bytes:
+    return U32.pack(ws) + name
+
+
+def turn_key(ws: int, agent: bytes, turn: int) -> bytes:
+    return U32.pack(ws) + agent + b"\x00" + U32.pack(turn)
+
+
+def add_totals(txn, meta_db, **deltas: int) -> None:
+    """Add to the store's running totals (``TOTALS``)."""
+    for name, delta in deltas.items():
+        key = b"total:" + name.encode()
+        raw = txn.get(key, db=meta_db)
+        value = (struct.unpack(">q", raw)[0] if raw else 0) + delta
+        txn.put(key, struct.pack(">q", value), db=meta_db)
+
+
+def read_totals(txn, meta_db) -> dict[str, int]:
+    out = {}
+    for name in TOTALS:
+        raw = txn.get(b"total:" + name.encode(), db=meta_db)
+        out[name] = struct.unpack(">q", raw)[0] if raw else 0
+    return out
+
+
+# --- workspace records ------------------------------------------------------
+
+@dataclass(slots=True)
+class WorkspaceRecord:
+    """A workspace: id, root inode, creation time, and its fork origin if any."""
+
+    id: int
+    name: str
+    root: int
+    created: str
+    parent: str | None = None       # name of the workspace it was forked from
+    parent_id: int | None = None
+    fork_seq: int | None = None     # parent's seq at the fork; the fork's seqs continue from it
+
+    def encode(self) -> bytes:
+        return json.dumps({"id": self.id, "name": self.name, "root": self.root, "created": self.created,
+                           "parent": self.parent, "parent_id": self.parent_id,
+                           "fork_seq": self.fork_seq}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> WorkspaceRecord:
+        d = json.loads(raw)
+        return cls(d["id"], d["name"], d["root"], d["created"], d.get("parent"), d.get("parent_id"),
+                   d.get("fork_seq"))
+
+
+# --- inode attributes -------------------------------------------------------
+
+# --- chunks and contents ----------------------------------------------------
+
+_CHUNK = struct.Struct("<QQIIBI")
+
+
+@dataclass(slots=True)
+class ChunkRecord:
+    """Where a chunk is stored and how many content records refer to it."""
+
+    pack_no: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+    refcount: int
+
+    def encode(self) -> bytes:
+        return _CHUNK.pack(self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ChunkRecord:
+        try:
+            return cls(*_CHUNK.unpack(raw))
+        except struct.error:
+            raise Corrupt("damaged chunk index record") from None
+
+
+_CONTENT_HEAD = struct.Struct("<QIBI")
+_C_HASH = 1
+
+
+@dataclass(slots=True)
+class ContentRecord:
+    """One file content: its extent list, size, whole-file BLAKE3 and refcount.
+
+    ``ids`` is the concatenation of the extents' chunk ids (32 bytes each,
+    :data:`~chronicle.store.chunks.ids.HOLE_ID` for a hole) and ``lengths`` their
+    byte lengths; ``hash`` is None only while a very sparse file's hash is
+    still being computed. ``refcount`` counts the inode records that refer
+    to it.
+    """
+
+    size: int
+    hash: bytes | None
+    ids: bytes
+    lengths: array
+    refcount: int = 0
+
+    def __post_init__(self):
+        if len(self.ids) != ID_SIZE * len(self.lengths):
+            raise Corrupt("content record extent lists disagree")
+
+    @property
+    def extent_count(self) -> int:
+        return len(self.lengths)
+
+    def chunk_id(self, i: int) -> bytes:
+        return self.ids[i * ID_SIZE:(i + 1) * ID_SIZE]
+
+    def offsets(self) -> array:
+        """Start offset of every extent (array of u64)."""
+        out = array("Q", [0])
+        out.extend(accumulate(self.lengths))
+        return out
+
+    def encode(self) -> bytes:
+        head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_HASH if self.hash else 0, len(self.lengths))
+        lengths = self.lengths if self.lengths.typecode == "Q" else array("Q", self.lengths)
+        if lengths.itemsize != 8:
+            raise AssertionError("array('Q') must be 64-bit")
+        return b"".join((head, self.hash or b"", self.ids, lengths.tobytes()))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ContentRecord:
+        try:
+            size, refcount, flags, count = _CONTENT_HEAD.unpack_from(raw)
+        except struct.error:
+            raise Corrupt("damaged content record") from None
+        pos = _CONTENT_HEAD.size
+        digest = None
+        if flags & _C_HASH:
+            digest = bytes(raw[pos:pos + ID_SIZE])
+            pos += ID_SIZE
+        ids = bytes(raw[pos:pos + count * ID_SIZE])
+        pos += count * ID_SIZE
+        lengths = array("Q")
+        lengths.frombytes(raw[pos:pos + 8 * count])
+        if len(ids) != count * ID_SIZE or len(lengths) != count:
+            raise Corrupt("damaged content record")
+        return cls(size, digest, ids, lengths, refcount)
+
+
+def empty_record() -> ContentRecord:
+    """The record of the empty content (no chunks, never refcounted)."""
+    return ContentRecord(0, EMPTY_CONTENT_ID, b"", array("Q"))
+
+
+def content_header(raw: bytes) -> tuple[int, int, bytes | None]:
+    """``(size, refcount, hash)`` of an encoded content record, without
+    decoding its extent list."""
+    try:
+        size, refcount, flags, _count = _CONTENT_HEAD.unpack_from(raw)
+    except struct.error:
+        raise Corrupt("damaged content record") from None
+    digest = bytes(raw[_CONTENT_HEAD.size:_CONTENT_HEAD.size + ID_SIZE]) if flags & _C_HASH else None
+    return size, refcount, digest
+
+
+def content_with_refcount(raw: bytes, refcount: int) -> bytes:
+    """An encoded content record with its refcount replaced."""
+    if refcount < 0:
+        raise Corrupt("content refcount would go negative")
+    out = bytearray(raw)
+    struct.pack_into("<I", out, 8, refcount)
+    return bytes(out)
+
+
+# --- path history -----------------------------------------------------------
+
+_PATH_ENTRY_HEAD = struct.Struct("<BQH")
+P_BUMPS = 1      # the event gives the path a new version number
+P_CONTENT = 2    # the entry carries a content id (regular file content after the event)
+P_DIR = 4        # the path is a directory after (or, for removals, before) the event
+P_GONE = 8       # after the event nothing is at the path (delete, rename away)
+P_ARRIVED = 16   # something arrived at a path that was free (create, mkdir, link, symlink, rename)
+
+
+@dataclass(frozen=True, slots=True)
+class PathEntry:
+    """One event in one path's history.
+
+    ``fragment`` is the entry's JSON object without its leading
+    ``{"version": N, `` (so rendering 10,000 entries is joins, not 10,000
+    ``json.dumps``); ``content`` the file content id after the event;
+    ``origin`` the path it came from when it arrived by rename at a free path
+    (history follows it back there, as ``git log --follow``).
+    """
+
+    flags: int
+    ino: int
+    content: bytes
+    origin: bytes
+    fragment: bytes
+
+    def encode(self) -> bytes:
+        return b"".join((_PATH_ENTRY_HEAD.pack(self.flags, self.ino, len(self.origin)),
+                         self.content if self.flags & P_CONTENT else b"", self.origin, self.fragment))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PathEntry:
+        flags, ino, origin_len = _PATH_ENTRY_HEAD.unpack_from(raw)
+        pos = _PATH_ENTRY_HEAD.size
+        content = b""
+        if flags & P_CONTENT:
+            content = bytes(raw[pos:pos + ID_SIZE])
+            pos += ID_SIZE
+        origin = bytes(raw[pos:pos + origin_len])
+        return cls(flags, ino, content, origin, bytes(raw[pos + origin_len:]))
+
+
+_PATH_HEAD = struct.Struct("<IQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class PathHead:
+    """Per-path summary kept beside the entries: the last version number, the
+    seq of the last entry, and the inode of the last entry."""
+
+    version: int
+    last_seq: int
+    ino: int
+
+    def encode(self) -> bytes:
+        return _PATH_HEAD.pack(self.version, self.last_seq, self.ino)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PathHead:
+        return cls(*_PATH_HEAD.unpack(raw))

@@ -1,0 +1,175 @@
+"""Streaming commits: chunking a file while it is written front to back.
+
+Most files are written once, sequentially, from an empty start (created or
+truncated, then ``write, write, ..., close``). For them the overlay keeps no
+staging file: written bytes queue in memory and a worker cuts them into CDC
+chunks in batches, hashing each chunk, storing it in a pack and feeding the
+whole-file BLAKE3 as it goes. Closing then only has the tail to finish, and
+the data is written to disk once (into a pack) instead of twice.
+
+Vocabulary:
+
+- **pending** — bytes written but not yet handed to the worker;
+- **carry** — the last CDC chunk of the previous batch: its end was the end
+  of the data seen so far, not a content-defined cut, so it is cut again
+  with the next batch;
+- **emitted** — chunks that are final: stored, in the extent list, hashed.
+
+Only one batch per file is in flight, so chunks are emitted in order. A
+writer that gets more than :data:`MAX_PENDING` bytes ahead of the worker
+waits (:meth:`Stream.backlogged`). A write that is not an append, a
+truncate or a read ends streaming (``Overlay`` turns the emitted chunks into
+a provisional base and writes the rest to a staging file).
+
+Threads: the FUSE loop calls :meth:`Stream.append`; batches run on a shared
+worker pool, each starting the next when the writer got ahead;
+:meth:`Stream.wait_backlog`, :meth:`Stream.wait`, :meth:`Stream.finish` and
+:meth:`Stream.drain` block (call them from a worker thread, or where a short
+wait is acceptable). State shared with the worker is under ``_cond``.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from concurrent.futures import ThreadPoolExecutor
+
+from chronicle.store.chunks.chunker import Chunker
+from chronicle.store.chunks.codec import CODEC_RAW
+from chronicle.store.chunks.ids import hash_bytes, new_hasher
+from chronicle.store.chunks.index import ChunkStore
+from chronicle.store.namespace.content import RAW_STREAK
+
+BATCH = 8 * 1024 * 1024
+MAX_PENDING = 32 * 1024 * 1024
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_chunker = Chunker()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chronicle-stream")
+        return _pool
+
+
+class Stream:
+    """The streaming state of one overlay (see the module docstring)."""
+
+    def __init__(self, chunks: ChunkStore):
+        self._chunks = chunks
+        self._cond = threading.Condition()
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.carry = b""
+        self.ids: list[bytes] = []
+        self.lengths = array("Q")
+        self.emitted = 0                  # bytes in emitted chunks
+        self.hasher = new_hasher(parallel=True)   # BLAKE3 of the emitted bytes
+        self.new_chunks = 0
+        self.new_bytes = 0
+        self._busy = False                # a batch is in flight
+        self._raw_streak = 0              # consecutive new chunks zstd could not shrink
+        self._error: BaseException | None = None
+
+    def append(self, data: bytes) -> None:
+        """Queue written bytes; starts a batch when enough are pending. Raises
+        the error a previous batch hit (e.g. ``NoSpace``)."""
+        with self._cond:
+            self._raise()
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if not self._busy and self.pending_bytes >= BATCH:
+                self._start()
+
+    def backlogged(self) -> bool:
+        """True if the writer should wait for the worker (:meth:`wait_backlog`)."""
+        return self.pending_bytes >= MAX_PENDING
+
+    def wait_backlog(self) -> None:
+        """Block until fewer than :data:`MAX_PENDING` bytes are pending."""
+        with self._cond:
+            while self.pending_bytes >= MAX_PENDING and self._error is None:
+                if not self._busy:
+                    self._start()
+                self._cond.wait()
+            self._raise()
+
+    def wait(self) -> None:
+        """Block until no batch is in flight; re-raise a batch's error."""
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+            self._raise()
+
+    def finish(self) -> tuple[list[bytes], array, bytes]:
+        """Cut everything, the tail included. Returns ``(ids, lengths, file hash)``."""
+        self.wait()
+        batch = self.pending
+        self.pending, self.pending_bytes = [], 0
+        self._cut(batch, True)
+        return self.ids, self.lengths, self.hasher.digest()
+
+    def drain(self) -> bytes:
+        """Stop streaming: wait for the worker, return the bytes not yet
+        emitted (carry and pending), which the caller stages."""
+        self.wait()
+        rest = self.carry + b"".join(self.pending)
+        self.carry, self.pending, self.pending_bytes = b"", [], 0
+        return rest
+
+    # -- the worker --------------------------------------------------------------------
+
+    def _start(self) -> None:                       # condition held
+        batch = self.pending                        # joined by the worker, not on the FUSE thread
+        self.pending, self.pending_bytes = [], 0
+        self._busy = True
+        _executor().submit(self._run, batch)
+
+    def _run(self, batch: list[bytes]) -> None:
+        try:
+            self._cut(batch, False)
+        except BaseException as exc:                # noqa: BLE001 - handed to the writer
+            with self._cond:
+                self._error = exc
+                self._busy = False
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._busy = False
+            if self.pending_bytes >= BATCH:
+                self._start()                       # the writer got ahead: keep going
+            self._cond.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _cut(self, batch: list[bytes], final: bool) -> None:
+        data = b"".join([self.carry, *batch]) if self.carry or len(batch) != 1 else batch[0]
+        if not data:
+            return
+        pieces = list(_chunker.cut(data))
+        if not final:
+            last = pieces.pop()
+            self.carry = bytes(last)
+        else:
+            self.carry = b""
+        # One update for the whole emitted part: large, so BLAKE3 spreads it over the cores.
+        self.hasher.update(memoryview(data)[:len(data) - len(self.carry)])
+        for piece in pieces:
+            chunk_id = hash_bytes(piece)
+            # Incompressible streams (media, archives, random data): after a
+            # run of chunks zstd could not shrink, probe only every 16th.
+            probe = self._raw_streak < RAW_STREAK or self._raw_streak % RAW_STREAK == 0
+            stored_as = self._chunks.put(chunk_id, piece, compress=probe)
+            if stored_as is not None:
+                self.new_chunks += 1
+                self.new_bytes += len(piece)
+                self._raw_streak = self._raw_streak + 1 if stored_as == CODEC_RAW else 0
+            self.ids.append(chunk_id)
+            self.lengths.append(len(piece))
+            self.emitted += len(piece)

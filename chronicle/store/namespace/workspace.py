@@ -1,0 +1,703 @@
+"""A workspace: its tree at the head, and the mutations that make its history.
+
+Vocabulary: the **head** is the workspace's current state (seq ``head_seq``).
+Each mutation is one event (``chronicle.store.meta.journal``). An **actor** is who
+asked for it (uid, gid, pid — the FUSE request context, or the CLI user).
+
+One process at a time mutates a workspace (the mounting daemon, or the CLI on
+an unmounted workspace; ``Store.open_workspace`` takes the workspace lock), so
+this object keeps the head in memory without re-reading it:
+
+- ``_attrs``: head attributes of the inodes in use (loaded on demand);
+- ``_parents``: the ``(parent, name)`` each inode was last reached by — the
+  kernel reaches every inode by lookup from the root, so this is how an event
+  knows its path (for hard links: the name last used; ``_links`` keeps the
+  others, so removing one name falls back to a remaining one);
+- ``files``: open-file state (``chronicle.store.namespace.files``).
+
+The caches change only after the event's transaction commits.
+
+Errors: tree errors from ``chronicle.errors`` (``NotFound``, ``Exists``,
+``NotEmpty``, ``NotADirectory``, ``IsADirectory``, ``NameTooLong``, ...), as
+ext4 would give them.
+
+Threads: a Workspace is used from one thread (the FUSE loop), except that
+content building for a commit runs in workers (see ``files``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lmdb
+
+from chronicle.errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NoAttribute, NoSpace,
+                              NotADirectory, NotEmpty, NotFound, NotPermitted, NotSupported, ReadOnly)
+from chronicle.store import model
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.store.history.paths import History
+from chronicle.store.meta import schema
+from chronicle.store.meta.journal import EventWriter, iso_time
+from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, WorkspaceRecord
+from chronicle.store.meta.tree import TreeView
+from chronicle.store.model import KIND_DIR, Actor, Attrs
+from chronicle.store.namespace.files import FileOps
+
+NAME_MAX = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_SIZE_MAX = 65536
+XATTR_TOTAL_MAX = 65536
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+DIR_SIZE = 4096
+
+
+def check_name(name: bytes) -> None:
+    """Raise unless ``name`` is a valid directory entry name."""
+    if len(name) > NAME_MAX:
+        raise NameTooLong()
+    if not name or b"/" in name or b"\x00" in name or name in (b".", b".."):
+        raise InvalidArgument(f"invalid file name {name!r}")
+
+
+class Workspace(FileOps):
+    """A workspace of a store; see the module docstring."""
+
+    def __init__(self, store, record: WorkspaceRecord, *, writable: bool):
+        self.store = store
+        self.record = record
+        self.id = record.id
+        self.name = record.name
+        self.root = record.root
+        self.dbs = store.dbs
+        self.chain = store.fork_chain(record)
+        self.is_fork = len(self.chain) > 1
+        self.history = History(self.dbs, self.chain)
+        self.writable = writable
+        with store.env.begin() as txn:
+            self.head_seq = store.head_seq(txn, self.id)
+        self.turn: dict | None = None
+        self._head_view = TreeView(self.dbs, self.chain, self.root, None)
+        self._attrs: dict[int, Attrs] = {}
+        self._parents: dict[int, tuple[int, bytes]] = {}        # the link an event's path uses
+        self._links: dict[int, list[tuple[int, bytes]]] = {}    # every link seen, for hard links
+        FileOps.__init__(self)
+
+    # -- views ---------------------------------------------------------------------
+
+    def view(self, seq: int | None = None) -> TreeView:
+        """The tree at ``seq`` (None: the committed head)."""
+        if seq is None:
+            return self._head_view
+        if seq > self.head_seq:
+            raise NotFound(f"seq {seq} is in the future (head is {self.head_seq})")
+        return TreeView(self.dbs, self.chain, self.root, seq)
+
+    def read_txn(self):
+        return self.store.env.begin()
+
+    # -- reads at the head -----------------------------------------------------------
+
+    def head_attrs(self, ino: int, txn=None) -> Attrs:
+        """Committed head attributes of ``ino``. Raises :class:`NotFound`."""
+        attrs = self._attrs.get(ino)
+        if attrs is not None:
+            return attrs
+        if txn is None:
+            with self.read_txn() as rtxn:
+                attrs = self.view().attrs(rtxn, ino)
+        else:
+            attrs = self.view().attrs(txn, ino)
+        if attrs is None:
+            raise NotFound(f"no inode {ino}")
+        if self.writable:
+            self._attrs[ino] = attrs
+        return attrs
+
+    def lookup(self, parent: int, name: bytes, txn=None) -> tuple[int, Attrs]:
+        """``(ino, attrs)`` of ``name`` in ``parent``; records the path link.
+
+        Raises :class:`NotFound`, :class:`NotADirectory`, :class:`NameTooLong`.
+        """
+        if len(name) > NAME_MAX:
+            raise NameTooLong()
+        if txn is None:
+            with self.read_txn() as rtxn:
+                return self.lookup(parent, name, rtxn)
+        if not self.head_attrs(parent, txn).is_dir:
+            raise NotADirectory()
+        found = self.view().lookup(txn, parent, name)
+        if found is None:
+            raise NotFound()
+        ino = found[0]
+        self._link_add(ino, parent, name)
+        return ino, self.getattr(ino, txn)
+
+    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """``(name, ino, kind)`` of every entry, sorted by name."""
+        with self.read_txn() as txn:
+            if not self.head_attrs(ino, txn).is_dir:
+                raise NotADirectory()
+            entries = self.view().entries(txn, ino)
+        for name, child, _kind in entries:
+            self._parents.setdefault(child, (ino, name))
+        return entries
+
+    def readlink(self, ino: int) -> bytes:
+        attrs = self.head_attrs(ino)
+        if not attrs.is_symlink:
+            raise InvalidArgument("not a symbolic link")
+        return attrs.target
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        for key, value in self.head_attrs(ino).xattrs:
+            if key == name:
+                return value
+        raise NoAttribute()
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [key for key, _ in self.head_attrs(ino).xattrs]
+
+    def path_of(self, ino: int) -> bytes | None:
+        """The path the inode was last reached by, or None if unknown."""
+        parts = []
+        for _ in range(4096):
+            if ino == self.root:
+                return b"/".join(reversed(parts))
+            link = self._parents.get(ino)
+            if link is None:
+                return None
+            ino, name = link
+            parts.append(name)
+        return None
+
+    def _link_add(self, ino: int, parent: int, name: bytes) -> None:
+        """``parent/name`` reaches ``ino`` (and is the name its events use now)."""
+        links = self._links.setdefault(ino, [])
+        if (parent, name) in links:
+            links.remove((parent, name))
+        links.append((parent, name))
+        self._parents[ino] = (parent, name)
+
+    def _link_remove(self, ino: int, parent: int, name: bytes) -> None:
+        """``parent/name`` no longer reaches ``ino``; its events use another known name."""
+        links = self._links.get(ino)
+        if links and (parent, name) in links:
+            links.remove((parent, name))
+        if self._parents.get(ino) == (parent, name):
+            if links:
+                self._parents[ino] = links[-1]
+            else:
+                del self._parents[ino]
+        if not links:
+            self._links.pop(ino, None)
+
+    def resolve(self, path: bytes) -> tuple[int, int]:
+        """``(ino, kind)`` at a path of the head, recording the links on the way."""
+        ino, kind = self.root, KIND_DIR
+        with self.read_txn() as txn:
+            for part in path.split(b"/"):
+                if not part or part == b".":
+                    continue
+                if kind != KIND_DIR:
+                    raise NotADirectory(f"not a directory on the way to {path.decode(errors='replace')!r}")
+                found = self.view().lookup(txn, ino, part)
+                if found is None:
+                    raise NotFound(f"no such file or directory: {path.decode(errors='replace')!r}")
+                self._link_add(found[0], ino, part)
+                ino, kind = found
+        return ino, kind
+
+    def forget(self, ino: int) -> None:
+        """The kernel holds no more references to ``ino``: drop what is cached for it."""
+        if ino == self.root or ino in self.files:
+            return
+        self._attrs.pop(ino, None)
+        self._parents.pop(ino, None)
+        self._links.pop(ino, None)
+
+    # -- the mutation transaction ------------------------------------------------------
+
+    @contextmanager
+    def event(self, actor: Actor, now_ns: int | None = None) -> Iterator[EventWriter]:
+        """One event: a write transaction with the next seq (``EventWriter``).
+
+        Commits if the block ends normally and the writer logged a line;
+        aborts on an exception (nothing changes) or when nothing was logged.
+        """
+        if not self.writable:
+            raise ReadOnly(f"workspace {self.name!r} is open read-only")
+        seq = self.head_seq + 1
+        txn = self.store.env.begin(write=True)
+        writer = EventWriter(txn, self.dbs, self.id, seq, is_fork=self.is_fork, turn=self.turn,
+                             pid=actor.pid, history=self.history, now_ns=now_ns)
+        try:
+            yield writer
+            if not writer.logged:
+                txn.abort()
+                return
+            txn.put(schema.ws_key(self.id), schema.U64.pack(seq), db=self.dbs["heads"])
+            txn.commit()
+        except BaseException as exc:
+            txn.abort()
+            if _is_map_full(exc):
+                raise NoSpace("the store's metadata map is full") from exc
+            raise
+        self.head_seq = seq
+        self.store.note_commit()
+
+    # -- namespace mutations -------------------------------------------------------------
+
+    def _need_dir(self, ino: int, txn) -> Attrs:
+        attrs = self.head_attrs(ino, txn)
+        if not attrs.is_dir:
+            raise NotADirectory()
+        return attrs
+
+    def _entry(self, parent: int, name: bytes, txn) -> tuple[Attrs, int, int]:
+        """``(parent attrs, ino, kind)`` of an existing entry. Raises
+        :class:`NotADirectory` (parent) or :class:`NotFound`."""
+        pattrs = self._need_dir(parent, txn)
+        found = self.view().lookup(txn, parent, name)
+        if found is None:
+            raise NotFound()
+        return pattrs, found[0], found[1]
+
+    def _child_path(self, parent: int, name: bytes) -> bytes | None:
+        base = self.path_of(parent)
+        if base is None:
+            return None
+        return base + b"/" + name if base else name
+
+    def _new_inode_attrs(self, parent_attrs: Attrs, mode: int, actor: Actor, now: int, **extra) -> Attrs:
+        gid = actor.gid
+        if parent_attrs.mode & stat.S_ISGID:
+            gid = parent_attrs.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return Attrs(mode=mode, uid=actor.uid, gid=gid, nlink=1, size=0, atime_ns=now, mtime_ns=now,
+                     ctime_ns=now, **extra)
+
+    def _new_child(self, parent: int, name: bytes, mode: int, actor: Actor, event: str, flags: int,
+                   **attr_fields) -> tuple[int, Attrs]:
+        """Create a new inode at ``parent/name`` as one ``event``: its record,
+        the parent's times (and nlink for a directory), the dirent, the path
+        entry and the log line. Raises :class:`Exists`, :class:`NotADirectory`."""
+        check_name(name)
+        is_dir = stat.S_ISDIR(mode)
+        with self.event(actor) as w:
+            pattrs = self._need_dir(parent, w.txn)
+            if self.view().lookup(w.txn, parent, name) is not None:
+                raise Exists()
+            ino = self.store.allocate_ino(w.txn)
+            attrs = self._new_inode_attrs(pattrs, mode, actor, w.now_ns).replace(**attr_fields)
+            new_pattrs = pattrs.replace(nlink=pattrs.nlink + (1 if is_dir else 0), mtime_ns=w.now_ns,
+                                        ctime_ns=w.now_ns)
+            w.put_attrs(ino, attrs)
+            w.put_attrs(parent, new_pattrs)
+            w.put_dirent(parent, name, ino, model.kind_of_mode(mode))
+            path = self._child_path(parent, name)
+            target = _text(attrs.target) if attrs.is_symlink else None
+            size = 0 if attrs.is_file else None
+            version = None
+            if path is not None:
+                version = w.path_entry(path, event, ino=ino, flags=flags, content=attrs.content, size=size,
+                                       target=target)
+                if is_dir:
+                    w.forget_heads_below(path)
+            w.log(event, path, version=version if attrs.is_symlink else None, size=size, target=target)
+        self._attrs[ino] = attrs
+        self._attrs[parent] = new_pattrs
+        self._link_add(ino, parent, name)
+        return ino, attrs
+
+    def create(self, parent: int, name: bytes, mode: int, actor: Actor, rdev: int = 0) -> tuple[int, Attrs]:
+        """Create a regular file (or a FIFO, socket or device node for other
+        ``mode`` types). Returns ``(ino, attrs)``. Raises :class:`Exists`."""
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise InvalidArgument("use mkdir or symlink")
+        if stat.S_ISREG(mode):
+            return self._new_child(parent, name, mode, actor, "create", P_ARRIVED | P_BUMPS | P_CONTENT,
+                                   rdev=rdev, content=EMPTY_CONTENT_ID)
+        return self._new_child(parent, name, mode, actor, "mknod", P_ARRIVED | P_BUMPS, rdev=rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, actor: Actor) -> tuple[int, Attrs]:
+        return self._new_child(parent, name, stat.S_IFDIR | (mode & 0o7777), actor, "mkdir",
+                               P_ARRIVED | P_BUMPS | P_DIR, nlink=2, size=DIR_SIZE)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, actor: Actor) -> tuple[int, Attrs]:
+        if not target or len(target) >= 4096:
+            raise NameTooLong() if target else InvalidArgument("empty symlink target")
+        return self._new_child(parent, name, stat.S_IFLNK | 0o777, actor, "symlink", P_ARRIVED | P_BUMPS,
+                               target=target, size=len(target))
+
+    def link(self, ino: int, parent: int, name: bytes, actor: Actor) -> Attrs:
+        """Add a hard link ``parent/name`` to ``ino``. Raises :class:`NotPermitted` for directories."""
+        check_name(name)
+        with self.event(actor) as w:
+            attrs = self.head_attrs(ino, w.txn)
+            if attrs.is_dir:
+                raise NotPermitted("hard links to directories are not allowed")
+            pattrs = self._need_dir(parent, w.txn)
+            if self.view().lookup(w.txn, parent, name) is not None:
+                raise Exists()
+            if attrs.nlink >= 65000:
+                raise InvalidArgument("too many links")
+            source = self.path_of(ino)
+            new_attrs = attrs.replace(nlink=attrs.nlink + 1, ctime_ns=w.now_ns)
+            new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
+            w.put_attrs(ino, new_attrs)
+            w.put_attrs(parent, new_pattrs)
+            w.put_dirent(parent, name, ino, attrs.kind)
+            path = self._child_path(parent, name)
+            version = None
+            if path is not None:
+                flags = P_ARRIVED | P_BUMPS | (P_CONTENT if attrs.is_file else 0)
+                version = w.path_entry(path, "link", ino=ino, flags=flags, content=attrs.content,
+                                       size=attrs.size if attrs.is_file else None,
+                                       from_=_text(source) if source is not None else None)
+            w.log("link", path, from_=_text(source) if source is not None else None, version=version)
+        self._attrs[ino] = new_attrs
+        self._attrs[parent] = new_pattrs
+        self._link_add(ino, parent, name)
+        return new_attrs
+
+    def unlink(self, parent: int, name: bytes, actor: Actor) -> int:
+        """Remove a non-directory entry; returns its inode (which lives on
+        while open). Raises :class:`IsADirectory` for a directory."""
+        with self.event(actor) as w:
+            pattrs, ino, kind = self._entry(parent, name, w.txn)
+            if kind == KIND_DIR:
+                raise IsADirectory()
+            path = self._child_path(parent, name)
+            attrs = self.head_attrs(ino, w.txn)
+            new_attrs = attrs.replace(nlink=max(attrs.nlink - 1, 0), ctime_ns=w.now_ns)
+            new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
+            w.put_attrs(ino, new_attrs)
+            w.put_attrs(parent, new_pattrs)
+            w.del_dirent(parent, name)
+            if path is not None:
+                w.path_entry(path, "delete", ino=ino, flags=P_GONE)
+            w.log("delete", path)
+        self._attrs[ino] = new_attrs
+        self._attrs[parent] = new_pattrs
+        self._link_remove(ino, parent, name)
+        return ino
+
+    def rmdir(self, parent: int, name: bytes, actor: Actor) -> int:
+        with self.event(actor) as w:
+            pattrs, ino, kind = self._entry(parent, name, w.txn)
+            if kind != KIND_DIR:
+                raise NotADirectory()
+            if self.view().entries(w.txn, ino):
+                raise NotEmpty()
+            path = self._child_path(parent, name)
+            attrs = self.head_attrs(ino, w.txn)
+            new_attrs = attrs.replace(nlink=0, ctime_ns=w.now_ns)
+            new_pattrs = pattrs.replace(nlink=max(pattrs.nlink - 1, 2), mtime_ns=w.now_ns, ctime_ns=w.now_ns)
+            w.put_attrs(ino, new_attrs)
+            w.put_attrs(parent, new_pattrs)
+            w.del_dirent(parent, name)
+            if path is not None:
+                w.path_entry(path, "rmdir", ino=ino, flags=P_GONE | P_DIR)
+            w.log("rmdir", path)
+        self._attrs[ino] = new_attrs
+        self._attrs[parent] = new_pattrs
+        self._link_remove(ino, parent, name)
+        return ino
+
+    def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, actor: Actor) -> int | None:
+        """rename/renameat2. Returns the inode replaced at the target (nlink
+        dropped), or None. Raises :class:`Exists` (RENAME_NOREPLACE),
+        :class:`NotFound` (RENAME_EXCHANGE with no target), :class:`NotEmpty`,
+        :class:`IsADirectory`, :class:`NotADirectory`."""
+        check_name(n_new)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise InvalidArgument("invalid rename flags")
+        replaced = None
+        updates: dict[int, Attrs] = {}
+        with self.event(actor) as w:
+            txn, now = w.txn, w.now_ns
+            view = self.view()
+
+            def attrs_of(ino: int) -> Attrs:
+                return updates.get(ino) or self.head_attrs(ino, txn)
+
+            old_pattrs = self._need_dir(p_old, txn)
+            self._need_dir(p_new, txn)
+            src = view.lookup(txn, p_old, n_old)
+            if src is None:
+                raise NotFound()
+            dst = view.lookup(txn, p_new, n_new)
+            if dst is not None and dst[0] == src[0]:
+                return None                        # same inode: POSIX says do nothing
+            old_path, new_path = self._child_path(p_old, n_old), self._child_path(p_new, n_new)
+            src_ino, src_kind = src
+            if src_kind == KIND_DIR and self._is_within(p_new, src_ino, txn):
+                raise InvalidArgument("cannot move a directory into itself")
+            if dst is not None and flags & RENAME_EXCHANGE and dst[1] == KIND_DIR and \
+                    self._is_within(p_old, dst[0], txn):
+                raise InvalidArgument("cannot move a directory into itself")
+            src_attrs = attrs_of(src_ino)
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise NotFound()
+                dst_ino, dst_kind = dst
+                dst_attrs = attrs_of(dst_ino)
+                w.put_dirent(p_old, n_old, dst_ino, dst_kind)
+                w.put_dirent(p_new, n_new, src_ino, src_kind)
+                if p_old != p_new and (src_kind == KIND_DIR) != (dst_kind == KIND_DIR):
+                    delta = 1 if src_kind == KIND_DIR else -1
+                    updates[p_old] = attrs_of(p_old).replace(nlink=attrs_of(p_old).nlink - delta)
+                    updates[p_new] = attrs_of(p_new).replace(nlink=attrs_of(p_new).nlink + delta)
+                updates[src_ino] = src_attrs.replace(ctime_ns=now)
+                updates[dst_ino] = dst_attrs.replace(ctime_ns=now)
+                for p in {p_old, p_new}:
+                    updates[p] = attrs_of(p).replace(mtime_ns=now, ctime_ns=now)
+                for ino, attrs in updates.items():
+                    w.put_attrs(ino, attrs)
+                if old_path is not None and new_path is not None:
+                    self._rename_entry(w, old_path, new_path, dst_ino, dst_attrs, replaced=True)
+                    v = self._rename_entry(w, new_path, old_path, src_ino, src_attrs, replaced=True)
+                    w.log("rename", new_path, from_=_text(old_path), version=v, exchange=True)
+                else:
+                    w.log("rename", new_path, from_=_text(old_path) if old_path else None, exchange=True)
+            else:
+                if dst is not None:
+                    if flags & RENAME_NOREPLACE:
+                        raise Exists()
+                    dst_ino, dst_kind = dst
+                    if dst_kind == KIND_DIR and src_kind != KIND_DIR:
+                        raise IsADirectory()
+                    if src_kind == KIND_DIR and dst_kind != KIND_DIR:
+                        raise NotADirectory()
+                    dst_attrs = attrs_of(dst_ino)
+                    if dst_kind == KIND_DIR:
+                        if view.entries(txn, dst_ino):
+                            raise NotEmpty()
+                        updates[dst_ino] = dst_attrs.replace(nlink=0, ctime_ns=now)
+                        updates[p_new] = attrs_of(p_new).replace(nlink=attrs_of(p_new).nlink - 1)
+                    else:
+                        updates[dst_ino] = dst_attrs.replace(nlink=max(dst_attrs.nlink - 1, 0), ctime_ns=now)
+                    replaced = dst_ino
+                w.del_dirent(p_old, n_old)
+                w.put_dirent(p_new, n_new, src_ino, src_kind)
+                if src_kind == KIND_DIR and p_old != p_new:
+                    updates[p_old] = attrs_of(p_old).replace(nlink=attrs_of(p_old).nlink - 1)
+                    updates[p_new] = attrs_of(p_new).replace(nlink=attrs_of(p_new).nlink + 1)
+                updates[src_ino] = src_attrs.replace(ctime_ns=now)
+                for p in {p_old, p_new}:
+                    updates[p] = attrs_of(p).replace(mtime_ns=now, ctime_ns=now)
+                for ino, attrs in updates.items():
+                    w.put_attrs(ino, attrs)
+                del old_pattrs
+                version = None
+                if old_path is not None:
+                    w.path_entry(old_path, "rename", ino=src_ino, flags=P_GONE | (P_DIR if src_kind == KIND_DIR else 0),
+                                 to=_text(new_path) if new_path is not None else None)
+                if new_path is not None:
+                    version = self._rename_entry(w, new_path, old_path, src_ino, src_attrs,
+                                                 replaced=dst is not None)
+                w.log("rename", new_path, from_=_text(old_path) if old_path is not None else None,
+                      version=version if src_kind != KIND_DIR else None,
+                      size=src_attrs.size if src_attrs.is_file else None,
+                      hash=w.content_hash(src_attrs.content) if src_attrs.is_file else None)
+        self._attrs.update(updates)
+        self._link_remove(src_ino, p_old, n_old)
+        if flags & RENAME_EXCHANGE:
+            self._link_remove(dst[0], p_new, n_new)
+            self._link_add(dst[0], p_old, n_old)
+        elif replaced is not None:
+            self._link_remove(replaced, p_new, n_new)
+        self._link_add(src_ino, p_new, n_new)
+        return replaced
+
+    def _is_within(self, ino: int, ancestor: int, txn) -> bool:
+        """True if directory ``ino`` is ``ancestor`` or below it, walking up
+        the parent links. Through FUSE the kernel checks this before asking;
+        this protects API callers. An unknown link (never looked up) ends the
+        walk: such a directory was not reached through ``ancestor``."""
+        for _ in range(4096):
+            if ino == ancestor:
+                return True
+            link = self._parents.get(ino)
+            if ino == self.root or link is None:
+                return False
+            ino = link[0]
+        return True
+
+    def _rename_entry(self, w: EventWriter, path: bytes, origin: bytes | None, ino: int, attrs: Attrs,
+                      *, replaced: bool) -> int:
+        """The entry for what arrives at ``path`` by a rename: a new version if
+        it replaced something, else a continuation of ``origin``'s history."""
+        flags = (P_CONTENT if attrs.is_file else 0) | (P_DIR if attrs.is_dir else 0)
+        if replaced or origin is None:
+            flags |= P_BUMPS
+            origin_arg = b""
+        else:
+            flags |= P_ARRIVED
+            origin_arg = origin
+        if attrs.is_dir:
+            w.forget_heads_below(path)
+        return w.path_entry(path, "rename", ino=ino, flags=flags, content=attrs.content,
+                            size=attrs.size if attrs.is_file else None, origin=origin_arg,
+                            from_=_text(origin) if origin is not None else None)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def setattr(self, ino: int, actor: Actor, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Attrs:
+        """chmod / chown / utimens (size changes go through ``truncate``)."""
+        with self.event(actor) as w:
+            attrs = self.head_attrs(ino, w.txn)
+            changes: dict = {"ctime_ns": w.now_ns}
+            event = None
+            if uid is not None or gid is not None:
+                changes["uid"] = attrs.uid if uid is None else uid
+                changes["gid"] = attrs.gid if gid is None else gid
+                event = "chown"
+            if mode is not None:
+                changes["mode"] = stat.S_IFMT(attrs.mode) | (mode & 0o7777)
+                event = "chmod"
+            if atime_ns is not None:
+                changes["atime_ns"] = atime_ns
+                event = event or "utimens"
+            if mtime_ns is not None:
+                changes["mtime_ns"] = mtime_ns
+                event = event or "utimens"
+            new_attrs = attrs.replace(**changes)
+            if event is None or new_attrs.replace(ctime_ns=attrs.ctime_ns) == attrs:
+                return self.getattr(ino)          # nothing changes: no event (tar re-applies owners)
+            w.put_attrs(ino, new_attrs)
+            path = self.path_of(ino)
+            fields = {}
+            if event == "chmod":
+                fields["mode"] = oct(stat.S_IMODE(new_attrs.mode))
+            elif event == "chown":
+                fields["uid"], fields["gid"] = new_attrs.uid, new_attrs.gid
+            if path is not None:
+                w.path_entry(path, event, ino=ino, flags=(P_CONTENT if attrs.is_file else 0) |
+                             (P_DIR if attrs.is_dir else 0), content=attrs.content,
+                             size=attrs.size if attrs.is_file else None, **fields)
+            w.log(event, path, **fields)
+        self._attrs[ino] = new_attrs
+        state = self.files.get(ino)
+        if state is not None:
+            # An explicit time (futimens on an open file) wins over the time of
+            # the writes before it; later writes set it again.
+            if mtime_ns is not None:
+                state.mtime_ns = None
+            state.ctime_ns = None
+        return self.getattr(ino)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, actor: Actor) -> None:
+        """Set an extended attribute (``user.``, ``trusted.``, ``security.``)."""
+        self._check_xattr_name(name)
+        if len(value) > XATTR_SIZE_MAX:
+            raise NoSpace("extended attribute value too large")
+        self._change_xattrs(ino, actor, "setxattr", name, value)
+
+    def removexattr(self, ino: int, name: bytes, actor: Actor) -> None:
+        self._check_xattr_name(name)
+        self._change_xattrs(ino, actor, "removexattr", name, None)
+
+    def _check_xattr_name(self, name: bytes) -> None:
+        if not name.startswith(XATTR_NAMESPACES):
+            raise NotSupported("unsupported extended attribute namespace (no POSIX ACLs)")
+        if len(name) > 255:
+            raise InvalidArgument("extended attribute name too long")
+
+    def _change_xattrs(self, ino: int, actor: Actor, event: str, name: bytes, value: bytes | None) -> None:
+        with self.event(actor) as w:
+            attrs = self.head_attrs(ino, w.txn)
+            if name.startswith(b"user.") and not (attrs.is_file or attrs.is_dir):
+                raise NotPermitted("user extended attributes are for files and directories")
+            xattrs = dict(attrs.xattrs)
+            if value is None:
+                if name not in xattrs:
+                    raise NoAttribute()
+                del xattrs[name]
+            else:
+                xattrs[name] = value
+                if sum(len(k) + len(v) for k, v in xattrs.items()) > XATTR_TOTAL_MAX:
+                    raise NoSpace("no space left for extended attributes")
+            new_attrs = attrs.replace(xattrs=tuple(sorted(xattrs.items())), ctime_ns=w.now_ns)
+            w.put_attrs(ino, new_attrs)
+            path = self.path_of(ino)
+            if path is not None:
+                w.path_entry(path, event, ino=ino, flags=(P_CONTENT if attrs.is_file else 0) |
+                             (P_DIR if attrs.is_dir else 0), content=attrs.content,
+                             size=attrs.size if attrs.is_file else None, name=_text(name))
+            w.log(event, path, name=_text(name))
+        self._attrs[ino] = new_attrs
+
+    # -- snapshots and turn labels ------------------------------------------------------------
+
+    def snapshot(self, name: str) -> int:
+        """Name the current head seq. Raises :class:`Exists`, :class:`InvalidArgument`."""
+        return self.store.put_snapshot(self, name, self.head_seq)
+
+    def turn_begin(self, agent: str, turn: int, message_id: str | None) -> None:
+        """Label the following events with ``{agent, turn, message_id}``.
+
+        Raises :class:`InvalidArgument` for a bad agent name (empty, NUL, not
+        UTF-8, over 255 bytes) or turn number (not in 0..2**32-1), or while
+        another turn is open (end it first)."""
+        try:
+            agent_bytes = agent.encode("utf-8")
+        except (UnicodeEncodeError, AttributeError):
+            raise InvalidArgument("the agent name must be valid Unicode text") from None
+        if not agent_bytes or b"\x00" in agent_bytes or len(agent_bytes) > 255:
+            raise InvalidArgument("the agent name must be 1 to 255 bytes, without NUL")
+        if not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn < 2 ** 32:
+            raise InvalidArgument(f"the turn number must be between 0 and {2 ** 32 - 1}")
+        if self.turn is not None:
+            raise InvalidArgument(f"turn {self.turn['turn']} of agent {self.turn['agent']!r} is still open; "
+                                  "end it with turn-end first")
+        label = {"agent": agent, "turn": turn, "message_id": message_id}
+        self.store.put_turn(self, agent, turn, {**label, "begin_seq": self.head_seq + 1, "end_seq": None,
+                                                "begin_time": _now_iso()})
+        self.turn = label              # only once the turn is recorded
+
+    def close_interrupted_turns(self) -> int:
+        """End the turn labels a crashed daemon left open (recorded as
+        ``"interrupted": true`` at the head seq). Returns how many."""
+        count = 0
+        for record in self.store.turns(self):
+            if record.get("end_seq") is None and record.get("begin_seq", 0) <= self.head_seq + 1:
+                record.update(end_seq=self.head_seq, end_time=_now_iso(), interrupted=True)
+                self.store.put_turn(self, record["agent"], record["turn"], record)
+                count += 1
+        return count
+
+    def turn_end(self) -> dict:
+        """End the current turn label; returns the turn record. Raises
+        :class:`InvalidArgument` if no turn is open."""
+        if self.turn is None:
+            raise InvalidArgument("no turn is open")
+        turn, self.turn = self.turn, None
+        record = self.store.get_turn(self, turn["agent"], turn["turn"]) or dict(turn)
+        record.update(end_seq=self.head_seq, end_time=_now_iso())
+        self.store.put_turn(self, turn["agent"], turn["turn"], record)
+        return record
+
+
+def _text(path: bytes | None) -> str | None:
+    return None if path is None else os.fsdecode(path)
+
+
+def _now_iso() -> str:
+    return iso_time(time.time_ns())
+
+
+def _is_map_full(exc: BaseException) -> bool:
+    return isinstance(exc, lmdb.MapFullError)
+
+
+__all__ = ["Workspace", "check_name", "RENAME_EXCHANGE", "RENAME_NOREPLACE"]
