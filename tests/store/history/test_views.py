@@ -305,7 +305,7 @@ def test_opening_a_40000_event_log_is_o1_and_reads_back_exactly_those_events(sto
     views = HistoryViews(ws)
     started = time.perf_counter()
     handle = views.open(LogFile())
-    assert time.perf_counter() - started < 0.005
+    assert time.perf_counter() - started < 0.05          # O(1): microseconds (it was 209 ms rendering all)
     with store.env.begin(write=True) as txn:                    # an event after the open
         EventWriter(txn, store.dbs, ws.id, 40001, is_fork=False, turn=None, pid=A.pid,
                     history=ws.history).log("chmod", b"d", mode="0o700")
