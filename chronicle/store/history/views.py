@@ -233,8 +233,14 @@ class LogReader:
     seq it knows: the one after what it rendered last, or, for a read that
     goes back, a **mark** — ``(offset, seq)`` of a line start, taken every
     :data:`MARK_BYTES` as rendering advances. So a sequential read of n bytes
-    costs O(n) in all and each read call O(its size + log events); memory is
-    one read's bytes plus the marks (16 bytes per :data:`MARK_BYTES`).
+    renders n bytes in all; each read call seeks once (O(log events)) and
+    renders about its own size (at most :data:`MARK_BYTES` more after a seek
+    back; a first read far ahead renders everything before it). Memory: one
+    read's bytes plus the marks (two ints per :data:`MARK_BYTES` of log).
+
+    The events are immutable, so pinning ``until`` is what keeps the content
+    of a handle the same whenever it reads (SPEC §4), with no transaction
+    held between reads.
     """
 
     MARK_BYTES = 64 * 1024
