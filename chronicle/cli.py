@@ -33,11 +33,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from chronicle import control, mounting
 from chronicle.agent_cli import agent
-from chronicle.errors import ChronicleError, IsADirectory, NotFound, StoreError, UsageError
+from chronicle.errors import ChronicleError, InvalidArgument, NotFound, StoreError, UsageError
 from chronicle.locate import Target, locate, select
 from chronicle.store.fsck.checks import fsck as check_store
-from chronicle.store.meta.journal import iso_time, parse_iso_time
-from chronicle.store.model import KIND_DIR, KIND_FILE
+from chronicle.store.history import points
+from chronicle.store.history.points import TurnLabel
+from chronicle.store.history.views import HistoryViews, split_version
+from chronicle.store.model import KIND_FILE
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_file, restore_tree
 from chronicle.store.store import Store
@@ -199,88 +201,16 @@ def _table(rows: list[list[str]], right: set[int] = frozenset()) -> None:
         click.echo("  ".join(cells).rstrip())
 
 
-def _version_list(numbers) -> str:
-    numbers = [str(n) for n in sorted(numbers)]
-    return ", ".join(numbers if len(numbers) <= 8 else numbers[:3] + ["..."] + numbers[-3:]) or "none"
-
-
 # -- history helpers ------------------------------------------------------------------------------
 
 
-def _since_seq(store: Store, ws, point: str) -> int:
-    """First seq a ``--since`` point lets through: a seq itself, the first event
-    at or after a time, the first event after a snapshot or turn (they name a state)."""
-    seq = store.resolve_point(ws, point)
-    text = point.strip()
-    if text.isdigit():
-        return seq
-    if text.startswith(("turn:", "snapshot:")) or any(s["name"] == text for s in store.snapshots(ws)):
-        return seq + 1
-    with ws.read_txn() as txn:         # a time: seq is the last event at or before it
-        event = ws.history.event(txn, seq) if seq else None
-    exact = event is not None and event.get("time") == iso_time(parse_iso_time(text))
-    return seq if exact else seq + 1
-
-
-def _bounds(store: Store, ws, since: str | None, until: str | None, turn: tuple[str, int] | None) -> tuple[int, int]:
-    """The inclusive seq range ``--since/--until/--turn`` select."""
-    lo, hi = 0, ws.head_seq
-    if since is not None:
-        lo = max(lo, _since_seq(store, ws, since))
-    if until is not None:
-        hi = min(hi, store.resolve_point(ws, until))
-    if turn is not None:
-        agent, number = turn
-        record = store.get_turn(ws, agent, number)
-        if record is None:
-            raise NotFound(f"no turn {number} of agent {agent!r} in workspace {ws.name!r}")
-        lo = max(lo, record.get("begin_seq") or 0)
-        if record.get("end_seq") is not None:
-            hi = min(hi, record["end_seq"])
-    return lo, hi
-
-
-def _parse_turn(_ctx, _param, value: str | None) -> tuple[str, int] | None:
+def _parse_turn(_ctx, _param, value: str | None) -> TurnLabel | None:
     if value is None:
         return None
-    text = value[len("turn:"):] if value.startswith("turn:") else value
-    agent, sep, number = text.rpartition(":")
-    if not sep or not agent or not number.isdigit():
-        raise click.BadParameter(f"expected AGENT:N (e.g. planner:3), not {value!r}")
-    return agent, int(number)
-
-
-def _split_version(spec: str) -> tuple[str, int | None]:
-    head, sep, tail = spec.rpartition("@")
-    if sep and head and tail.isdigit():
-        return head, int(tail)
-    return spec, None
-
-
-def _content_versions(ws, txn, path: bytes) -> dict:
-    """Version number → entry for the versions of ``path`` that have file
-    content. Raises :class:`NotFound` / :class:`IsADirectory` if there are none."""
-    if not path:
-        raise IsADirectory("the workspace root is a directory")
-    versions = ws.history.content_versions(txn, path)
-    if versions:
-        return versions
     try:
-        kind = ws.view().resolve(txn, path)[1]
-    except ChronicleError:
-        kind = None
-    if kind == KIND_DIR:
-        raise IsADirectory(f"{_show_path(path)!r} is a directory")
-    raise NotFound(f"{_show_path(path)!r} has no file content in its history")
-
-
-def _pick(versions: dict, path: bytes, number: int | None):
-    if number is None:
-        number = max(versions)
-    found = versions.get(number)
-    if found is None:
-        raise NotFound(f"{_show_path(path)!r} has no version {number} (versions: {_version_list(versions)})")
-    return number, found
+        return points.parse_turn_label(value)
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _read_all(store: Store, version) -> bytes:
@@ -374,24 +304,22 @@ def log(path, since, until, turn, store_opt, ws_opt, as_json) -> None:
     out = _out()
     with _open_store(target) as store:
         ws = store.open_workspace(target.workspace)
-        lo, hi = _bounds(store, ws, since, until, turn)
+        views = HistoryViews(ws)
+        lo, hi = points.seq_range(ws, since, until, turn)
         width = len(str(ws.head_seq))
-        with ws.read_txn() as txn:
-            if not target.path:
-                for raw in ws.history.log_lines(txn, lo, hi) if lo <= hi else ():
-                    out.write(raw + b"\n" if as_json else _line(_event_line(json.loads(raw), width)))
-                return
-            query = ws.history.render_query(txn, target.path)
-        if as_json and (since, until, turn) == (None, None, None):
-            out.write(query)
+        if not target.path:
+            for raw in views.log(lo, hi):
+                out.write(raw + b"\n" if as_json else _line(_event_line(json.loads(raw), width)))
             return
-        doc = json.loads(query)
-        doc["versions"] = [v for v in doc["versions"] if lo <= v["seq"] <= hi]
-        if as_json:
-            out.write(json.dumps(doc).encode() + b"\n")
-        else:
-            for entry in doc["versions"]:
-                out.write(_line(_event_line(entry, width)))
+        if as_json and (since, until, turn) == (None, None, None):
+            out.write(views.query(target.path))
+            return
+        doc = views.path_history(target.path, lo, hi)
+    if as_json:
+        out.write(json.dumps(doc).encode() + b"\n")
+    else:
+        for entry in doc["versions"]:
+            out.write(_line(_event_line(entry, width)))
 
 
 @cli.command()
@@ -399,13 +327,12 @@ def log(path, since, until, turn, store_opt, ws_opt, as_json) -> None:
 @workspace_options
 def show(spec: str, store_opt, ws_opt) -> None:
     """Write a version of a file to stdout (default: the latest)."""
-    path, number = _split_version(spec)
+    path, number = split_version(spec)
     target = _target(store_opt, ws_opt, path)
     out = _out()
     with _open_store(target) as store:
-        ws = store.open_workspace(target.workspace)
-        with ws.read_txn() as txn:
-            _number, version = _pick(_content_versions(ws, txn, target.path), target.path, number)
+        views = HistoryViews(store.open_workspace(target.workspace))
+        _number, version = views.pick_version(views.file_versions(target.path), target.path, number)
         cm = store.content_map(version.entry.content)
         for offset in range(0, cm.size, READ_PIECE):
             out.write(cm.read(offset, READ_PIECE))
@@ -428,15 +355,14 @@ def diff(path: str, a: int | None, b: int | None, store_opt, ws_opt) -> None:
     target = _target(store_opt, ws_opt, path)
     shown = _show_path(target.path or b"")
     with _open_store(target) as store:
-        ws = store.open_workspace(target.workspace)
-        with ws.read_txn() as txn:
-            versions = _content_versions(ws, txn, target.path)
+        views = HistoryViews(store.open_workspace(target.workspace))
+        versions = views.file_versions(target.path)
         numbers = sorted(versions)
-        b_no, b_ver = _pick(versions, target.path, b)
+        b_no, b_ver = views.pick_version(versions, target.path, b)
         if a is None and b is None:
             a_no, a_ver = (numbers[-2], versions[numbers[-2]]) if len(numbers) > 1 else (None, None)
         else:
-            a_no, a_ver = _pick(versions, target.path, a)
+            a_no, a_ver = views.pick_version(versions, target.path, a)
         if a_ver is not None and a_ver.entry.content == b_ver.entry.content:
             return
         a_size = store.content_map(a_ver.entry.content).size if a_ver else 0
@@ -490,7 +416,7 @@ def restore(path, number, point, store_opt, ws_opt) -> None:
             if path is not None:
                 changes, at = restore_file(ws, target.path, number, _actor()), None
             else:
-                at = store.resolve_point(ws, point)
+                at = points.resolve_point(ws, point)
                 with _progress(f"Restoring workspace {target.workspace!r} to seq {at}"):
                     changes = restore_tree(ws, at, _actor())
             seq, paths = changes.seq, changes.paths
@@ -526,7 +452,7 @@ def snapshots(where, store_opt, ws_opt, as_json) -> None:
     """List the workspace's snapshots (PATH: a path inside a mount)."""
     target = _in_mount(store_opt, ws_opt, where)
     with _open_store(target) as store:
-        items = store.snapshots(store.open_workspace(target.workspace))
+        items = points.snapshots(store.open_workspace(target.workspace))
     if as_json:
         click.echo(json.dumps(items))
     elif items:
@@ -542,7 +468,7 @@ def fork(new_workspace: str, point, store_opt, ws_opt) -> None:
     target = _target(store_opt, ws_opt)
     with _open_store(target) as store:
         source = store.open_workspace(target.workspace)
-        seq = store.resolve_point(source, point) if point is not None else None
+        seq = points.resolve_point(source, point) if point is not None else None
         record = store.fork(target.workspace, seq, new_workspace)
     click.echo(f"Forked workspace {target.workspace!r} at seq {record.fork_seq} as {new_workspace!r}")
 

@@ -1,102 +1,102 @@
-"""The ``.chronicle/`` tree of a mount (SPEC §4): history as files.
+"""The ``.chronicle/`` tree of a mount (SPEC §4): FUSE over the history views.
 
-Vocabulary: a **node** is one entry of the tree, named by a key tuple:
+What each node is, lists, holds and reads is computed by
+:class:`chronicle.store.history.views.HistoryViews`; this module is the
+protocol adapter over it, as borg's ``fuse.py`` is over its ``vfs.py``:
+inode numbers and lookup counts, ``EntryAttributes``, file handles, and
+errors out (raised as Chronicle errors; ``chronicle.fs.errno_map`` turns
+them into errnos in the handlers of ``chronicle.fs.operations``).
 
-===================================  ==============================================
-key                                  what
-===================================  ==============================================
-``("root",)``                        ``.chronicle/``
-``("query", path)``, ``("qfile", p)``  ``query/<path>``: directory mirror / JSON file
-``("versions", path)``               ``versions/<path>/``: children and version numbers
-``("vfile", path, n)``               ``versions/<path>/<n>``: content of version n
-``("at",)``, ``("snapshots",)``      points in history
-``("tree", seq, ino)``               an inode of the whole tree at a seq (read-only)
-``("log",)``, ``("stats",)``, ``("ctl",)``  the files
-===================================  ==============================================
+Inode numbers: nodes are numbered from :data:`MAGIC_BASE` up; the fixed
+nodes (``.chronicle`` itself and its children) keep theirs, every other node
+keeps its number while the kernel holds a lookup count on it (FUSE docs,
+"lookup count"), then it is forgotten and a later lookup numbers it anew.
+``.chronicle`` answers lookups at the mount root but is not listed by
+readdir, so ``ls -a``, ``find``, ``git add -A``, ``tar``, ``rsync`` and
+``du`` never walk it.
 
-Nodes get inode numbers from :data:`MAGIC_BASE` up, kept while the kernel
-holds a lookup count on them. ``.chronicle`` answers lookups at the mount
-root but is not listed by readdir, so ``ls -a``, ``find``, ``git add -A``,
-``tar``, ``rsync`` and ``du`` never walk it.
+Caching: directories are cached for :data:`DIR_TIMEOUT`, immutable nodes
+(versions, past trees) for :data:`IMMUTABLE_TIMEOUT` with their pages kept
+across opens; rendered files (query, log, stats, ctl) are ``direct_io`` —
+their size is unknown before they are rendered, so reads go to EOF.
+Everything is read-only (EROFS) except ``ctl``, whose protocol is in
+``chronicle.fs.ctl``.
 
-Every file's content is rendered when it is opened and stays the same for
-that handle. Query, log and stats files are ``direct_io`` (their size is not
-known before they are rendered; reads go to EOF). Everything is read-only
-(EROFS) except ``ctl``, whose protocol is in ``chronicle.fs.ctl``.
+Threads: the trio (FUSE loop) thread only. The views' calls are short:
+opening ``log`` is O(1) and each read renders only what it returns.
 """
 
 from __future__ import annotations
 
 import errno
-import json
-import logging
 import os
-import stat
-import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
-from chronicle.errors import NotFound, ReadOnly
+from chronicle.errors import NotADirectory, NotFound, ReadOnly
 from chronicle.fs.ctl import CtlSession
-from chronicle.store.meta import schema
-from chronicle.store.meta.schema import P_DIR
-from chronicle.store.model import KIND_DIR, Attrs
+from chronicle.store.history.views import (AtDir, CtlFile, FileContent, HistoryViews, LogFile, Node, QueryDir,
+                                           Root, SnapshotsDir, StatsFile, VersionsDir)
 
-log = logging.getLogger("chronicle.fs")
+if TYPE_CHECKING:       # operations imports this module
+    from chronicle.fs.operations import ChronicleOperations
 
 MAGIC_BASE = 1 << 62
-STATIC = {("root",): 0, ("query", b""): 1, ("versions", b""): 2, ("at",): 3, ("snapshots",): 4, ("log",): 5,
-          ("stats",): 6, ("ctl",): 7}
-ROOT_CHILDREN = {b"query": ("query", b""), b"versions": ("versions", b""), b"at": ("at",),
-                 b"snapshots": ("snapshots",), b"log": ("log",), b"stats": ("stats",), b"ctl": ("ctl",)}
-IMMUTABLE_TIMEOUT = 3600.0
-SPOOL_BYTES = 8 * 1024 * 1024
+STATIC: dict[Node, int] = {Root(): 0, QueryDir(b""): 1, VersionsDir(b""): 2, AtDir(): 3, SnapshotsDir(): 4,
+                           LogFile(): 5, StatsFile(): 6, CtlFile(): 7}
+DIR_TIMEOUT = 1.0               # seconds
+IMMUTABLE_TIMEOUT = 3600.0      # seconds
+_FIRST_DYNAMIC = MAGIC_BASE + 1024
 
 
 @dataclass
 class MagicHandle:
-    """An open magic file: rendered bytes (or a spool file), or a ctl session."""
+    """An open magic file: its content, or a ctl session."""
 
-    key: tuple
-    data: bytes | None = None
-    spool: tempfile.SpooledTemporaryFile | None = None
-    content: object | None = None     # ContentMap for version/tree files
-    ctl: object | None = None         # chronicle.fs.ctl.CtlSession
+    node: Node
+    content: FileContent | None = None
+    ctl: CtlSession | None = None
 
 
 class MagicTree:
-    """Serves the ``.chronicle`` tree for :class:`~chronicle.fs.operations.ChronicleOperations`."""
+    """Serves the ``.chronicle`` tree for :class:`~chronicle.fs.operations.ChronicleOperations`.
+
+    Every method raises Chronicle errors (``NotFound`` for a stale inode
+    number or a missing child, ``ReadOnly``, ...); none is caught here.
+    """
 
     NAME = b".chronicle"
 
-    def __init__(self, ops):
+    def __init__(self, ops: ChronicleOperations):
         self.ops = ops
-        self.ws = ops.ws
-        self.store = ops.store
-        self._ino_of: dict[tuple, int] = {key: MAGIC_BASE + n for key, n in STATIC.items()}
-        self._key_of: dict[int, tuple] = {ino: key for key, ino in self._ino_of.items()}
+        self.views = HistoryViews(ops.ws, ops.mountpoint)
+        self._ino_of: dict[Node, int] = {node: MAGIC_BASE + n for node, n in STATIC.items()}
+        self._node_of: dict[int, Node] = {ino: node for node, ino in self._ino_of.items()}
         self._lookups: dict[int, int] = {}
-        self._next = MAGIC_BASE + 1024
+        self._next = _FIRST_DYNAMIC
         self._handles: dict[int, MagicHandle] = {}
-        self._dirs: dict[int, list] = {}
+        self._dirs: dict[int, list] = {}        # fh -> [node, listing or None]
 
-    # -- inode numbers -------------------------------------------------------------------
+    # -- inode numbers and lookup counts -------------------------------------------------------
 
-    def ino(self, key: tuple) -> int:
-        ino = self._ino_of.get(key)
+    def ino(self, node: Node) -> int:
+        """The node's inode number (a new one if it has none)."""
+        ino = self._ino_of.get(node)
         if ino is None:
             ino = self._next
             self._next += 1
-            self._ino_of[key] = ino
-            self._key_of[ino] = key
+            self._ino_of[node] = ino
+            self._node_of[ino] = node
         return ino
 
-    def key(self, ino: int) -> tuple:
-        key = self._key_of.get(ino)
-        if key is None:
+    def node(self, ino: int) -> Node:
+        """Raises :class:`NotFound` for a number no node holds (forgotten)."""
+        node = self._node_of.get(ino)
+        if node is None:
             raise NotFound("stale .chronicle inode")
-        return key
+        return node
 
     def forget(self, ino: int, count: int) -> None:
         left = self._lookups.get(ino, 0) - count
@@ -104,268 +104,84 @@ class MagicTree:
             self._lookups[ino] = left
             return
         self._lookups.pop(ino, None)
-        key = self._key_of.get(ino)
-        if key is not None and key not in STATIC:
-            del self._key_of[ino]
-            self._ino_of.pop(key, None)
+        node = self._node_of.get(ino)
+        if node is not None and node not in STATIC:
+            del self._node_of[ino]
+            self._ino_of.pop(node, None)
 
-    def _counted(self, key: tuple) -> pyfuse3.EntryAttributes:
-        entry = self.entry(key)
+    def _count(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         self._lookups[entry.st_ino] = self._lookups.get(entry.st_ino, 0) + 1
         return entry
 
-    # -- attributes ------------------------------------------------------------------------
+    # -- attributes, lookup, listing -------------------------------------------------------------
 
-    def _base_attrs(self) -> Attrs:
-        return self.ws.head_attrs(self.ws.root)
-
-    def attrs(self, key: tuple) -> tuple[Attrs, float]:
-        """``(attrs, cache timeout)`` of a node."""
-        root = self._base_attrs()
-        kind = key[0]
-        if kind in ("root", "query", "versions", "at", "snapshots"):
-            return root.replace(mode=stat.S_IFDIR | 0o555, nlink=2, size=4096, xattrs=()), 1.0
-        if kind in ("qfile", "log", "stats"):
-            return root.replace(mode=stat.S_IFREG | 0o444, nlink=1, size=0, xattrs=()), 0.0
-        if kind == "ctl":
-            return root.replace(mode=stat.S_IFREG | 0o660, nlink=1, size=0, xattrs=()), 0.0
-        if kind == "vfile":
-            version = self._version(key[1], key[2])
-            content = self.store.content_map(version.entry.content)
-            return root.replace(mode=stat.S_IFREG | 0o444, nlink=1, size=content.size, xattrs=(),
-                                content=content.id), IMMUTABLE_TIMEOUT
-        if kind == "tree":
-            _, seq, ino = key
-            with self.ws.read_txn() as txn:
-                attrs = self.ws.view(seq).attrs(txn, ino)
-            if attrs is None:
-                raise NotFound()
-            return attrs, IMMUTABLE_TIMEOUT
-        raise NotFound()
-
-    def entry(self, key: tuple) -> pyfuse3.EntryAttributes:
-        attrs, timeout = self.attrs(key)
+    def entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = self.views.attrs(node)
+        timeout = IMMUTABLE_TIMEOUT if node.immutable else DIR_TIMEOUT if node.is_dir else 0.0
         allocated = attrs.size if attrs.is_file else 4096
-        return self.ops.entry(0, attrs, timeout=timeout, fuse_ino=self.ino(key), allocated=allocated)
+        return self.ops.entry(0, attrs, timeout=timeout, fuse_ino=self.ino(node), allocated=allocated)
 
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
-        return self.entry(self.key(ino))
-
-    # -- lookup and listing ------------------------------------------------------------------
+        return self.entry(self.node(ino))
 
     def lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """``name`` in magic directory ``parent``; ``parent`` is the mount root
+        only for ``.chronicle`` itself."""
         if parent == pyfuse3.ROOT_INODE:
-            return self._counted(("root",))
-        key = self._child(self.key(parent), name)
-        if key is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._counted(key)
-
-    def _child(self, key: tuple, name: bytes) -> tuple | None:
-        kind = key[0]
-        if name == b".":
-            return key
-        if kind == "root":
-            return ROOT_CHILDREN.get(name)
-        if kind == "query":
-            return self._query_child(key[1], name)
-        if kind == "versions":
-            return self._versions_child(key[1], name)
-        if kind == "at":
-            try:
-                seq = self.store.resolve_point(self.ws, os.fsdecode(name))
-            except NotFound:
-                return None
-            except Exception as exc:
-                log.debug("bad point %r: %s", name, exc)
-                return None
-            return ("tree", seq, self.ws.root)
-        if kind == "snapshots":
-            for snap in self.store.snapshots(self.ws):
-                if os.fsencode(snap["name"]) == name:
-                    return ("tree", snap["seq"], self.ws.root)
-            return None
-        if kind == "tree":
-            _, seq, ino = key
-            with self.ws.read_txn() as txn:
-                found = self.ws.view(seq).lookup(txn, ino, name)
-            return ("tree", seq, found[0]) if found else None
-        return None
-
-    def _join(self, path: bytes, name: bytes) -> bytes:
-        return path + b"/" + name if path else name
-
-    def _head_kind(self, path: bytes) -> int | None:
-        try:
-            return self.ws.resolve(path)[1]
-        except Exception:
-            return None
-
-    def _query_child(self, path: bytes, name: bytes) -> tuple | None:
-        child = self._join(path, name)
-        kind = self._head_kind(child)
-        if kind == KIND_DIR:
-            return ("query", child)
-        with self.ws.read_txn() as txn:
-            items = self.ws.history.followed(txn, child)
-        if not items:
-            return None
-        if kind is None and items[-1][1].flags & P_DIR:
-            return ("query", child)
-        return ("qfile", child)
-
-    def _versions_child(self, path: bytes, name: bytes) -> tuple | None:
-        if name.isdigit():
-            try:
-                self._version(path, int(name))
-                return ("vfile", path, int(name))
-            except NotFound:
-                pass
-        child = self._join(path, name)
-        if self._head_kind(child) is not None:
-            return ("versions", child)
-        with self.ws.read_txn() as txn:
-            if self.ws.history.has_history(txn, child):
-                return ("versions", child)
-        return None
-
-    def _version(self, path: bytes, number: int):
-        with self.ws.read_txn() as txn:
-            found = self.ws.history.content_versions(txn, path).get(number)
-        if found is None:
-            raise NotFound(f"no version {number}")
-        return found
-
-    def listing(self, key: tuple) -> list[tuple[bytes, tuple]]:
-        kind = key[0]
-        if kind == "root":
-            return sorted(ROOT_CHILDREN.items())
-        if kind in ("query", "versions"):
-            path = key[1]
-            names: set[bytes] = set()
-            if self._head_kind(path) == KIND_DIR:
-                ino = self.ws.resolve(path)[0]
-                names.update(name for name, _, _ in self.ws.readdir(ino))
-            with self.ws.read_txn() as txn:
-                names.update(self.ws.history.children_with_history(txn, path))
-                numbers = sorted(self.ws.history.content_versions(txn, path)) if kind == "versions" and path and \
-                    self.ws.history.has_history(txn, path) else []
-            out = []
-            for number in numbers:
-                out.append((str(number).encode(), ("vfile", path, number)))
-            for name in sorted(names):
-                child = self._child(key, name)
-                if child is not None:
-                    out.append((name, child))
-            return out
-        if kind == "snapshots":
-            return [(os.fsencode(s["name"]), ("tree", s["seq"], self.ws.root)) for s in self.store.snapshots(self.ws)]
-        if kind == "at":
-            return []
-        if kind == "tree":
-            _, seq, ino = key
-            with self.ws.read_txn() as txn:
-                return [(name, ("tree", seq, child)) for name, child, _ in self.ws.view(seq).entries(txn, ino)]
-        raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return self._count(self.entry(Root()))
+        return self._count(self.entry(self.views.lookup(self.node(parent), name)))
 
     def opendir(self, ino: int, fh: int) -> int:
-        key = self.key(ino)
-        if key[0] not in ("root", "query", "versions", "at", "snapshots") and not (
-                key[0] == "tree" and self.attrs(key)[0].is_dir):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        self._dirs[fh] = [key, None]
+        node = self.node(ino)
+        if not self.views.is_dir(node):
+            raise NotADirectory()
+        self._dirs[fh] = [node, None]
         return fh
 
-    def readdir(self, fh: int, start_id: int, token) -> None:
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         state = self._dirs.get(fh)
         if state is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if start_id == 0 or state[1] is None:
-            state[1] = self.listing(state[0])
+            state[1] = self.views.listing(state[0])
         listing = state[1]
         for i in range(start_id, len(listing)):
-            name, key = listing[i]
+            name, node = listing[i]
             try:
-                entry = self.entry(key)
-            except NotFound:
+                entry = self.entry(node)
+            except NotFound:            # gone since the listing was taken
                 continue
             if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                 return
-            self._lookups[entry.st_ino] = self._lookups.get(entry.st_ino, 0) + 1
+            self._count(entry)
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
     def readlink(self, ino: int) -> bytes:
-        key = self.key(ino)
-        attrs, _ = self.attrs(key)
-        if not attrs.is_symlink:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        return attrs.target
+        return self.views.readlink(self.node(ino))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        key = self.key(ino)
-        if key[0] == "tree":
-            for k, v in self.attrs(key)[0].xattrs:
-                if k == name:
-                    return v
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return self.views.getxattr(self.node(ino), name)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        key = self.key(ino)
-        if key[0] == "tree":
-            return [k for k, _ in self.attrs(key)[0].xattrs]
-        return []
+        return [key for key, _ in self.views.xattrs(self.node(ino))]
 
-    # -- files -----------------------------------------------------------------------------------
+    # -- files -------------------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int, ctx, fh: int) -> pyfuse3.FileInfo:
-        key = self.key(ino)
-        kind = key[0]
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if kind == "ctl":
-            self._handles[fh] = MagicHandle(key, ctl=CtlSession(self.ops, ctx))
+    async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext, fh: int) -> pyfuse3.FileInfo:
+        node = self.node(ino)
+        if isinstance(node, CtlFile):
+            self._handles[fh] = MagicHandle(node, ctl=CtlSession(self.ops, ctx))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=True)
-        if writable:
-            raise ReadOnly(".chronicle is read-only")
-        if kind == "qfile":
-            with self.ws.read_txn() as txn:
-                data = self.ws.history.render_query(txn, key[1])
-            self._handles[fh] = MagicHandle(key, data=data)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if kind == "log":
-            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-            with self.ws.read_txn() as txn:
-                for line in self.ws.history.log_lines(txn):
-                    spool.write(line)
-                    spool.write(b"\n")
-            self._handles[fh] = MagicHandle(key, spool=spool)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if kind == "stats":
-            data = (json.dumps(self.stats(), indent=2) + "\n").encode()
-            self._handles[fh] = MagicHandle(key, data=data)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if kind in ("vfile", "tree"):
-            attrs, _ = self.attrs(key)
-            if attrs.is_dir:
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            if not attrs.is_file:
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            self._handles[fh] = MagicHandle(key, content=self.store.content_map(attrs.content))
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-        raise pyfuse3.FUSEError(errno.EISDIR)
+        content = self.views.open(node, writable=(flags & os.O_ACCMODE) != os.O_RDONLY)
+        self._handles[fh] = MagicHandle(node, content=content)
+        return pyfuse3.FileInfo(fh=fh, direct_io=node.rendered, keep_cache=node.immutable)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        handle = self._handle(fh)
         if handle.ctl is not None:
             return handle.ctl.read(size)
-        if handle.data is not None:
-            return handle.data[off:off + size]
-        if handle.spool is not None:
-            handle.spool.seek(off)
-            return handle.spool.read(size)
         return handle.content.read(off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -379,16 +195,14 @@ class MagicTree:
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.spool is not None:
-            handle.spool.close()
+        if handle is not None and handle.content is not None:
+            handle.content.close()
 
-    def stats(self) -> dict:
-        """The figures of ``.chronicle/stats``: the store's and this workspace's."""
-        figures = self.store.stats()
-        figures.update(self.store.workspace_stats(self.ws))
-        figures.update(store=str(self.store.path.resolve()), mountpoint=self.ops.mountpoint, pid=os.getpid(),
-                       open_files=len(self.ws.files))
-        return figures
+    def _handle(self, fh: int) -> MagicHandle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
 
 
-__all__ = ["MAGIC_BASE", "MagicTree", "schema"]
+__all__ = ["MAGIC_BASE", "MagicHandle", "MagicTree"]

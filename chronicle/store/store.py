@@ -36,13 +36,14 @@ from pathlib import Path
 
 import lmdb
 
-from chronicle.errors import (Busy, Corrupt, Exists, InvalidArgument, NotFound, StoreError, StoreLocked,
+from chronicle.errors import (Busy, Corrupt, Exists, NotFound, StoreError, StoreLocked,
                               StoreNotFound, UsageError)
 from chronicle.store.chunks.backends.local import sync_active_packs
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
+from chronicle.store.history import points
 from chronicle.store.meta import schema
-from chronicle.store.meta.journal import iso_time, parse_iso_time
+from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.recovery import record_synced, recover_after_crash
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
@@ -466,37 +467,16 @@ class Store:
 
     # -- snapshots and turns ------------------------------------------------------------
 
-    def put_snapshot(self, ws, name: str, seq: int) -> int:
-        try:
-            encoded = name.encode("utf-8")
-        except (UnicodeEncodeError, AttributeError):
-            raise InvalidArgument("a snapshot name must be valid Unicode text") from None
-        if not name or "/" in name or "\x00" in name or len(encoded) > 255 or name in (".", ".."):
-            raise InvalidArgument(f"invalid snapshot name {name!r}")
-        key = schema.named_key(ws.id, name.encode())
-        with self.env.begin(write=True) as txn:
-            if txn.get(key, db=self.dbs["snapshots"]) is not None:
-                raise Exists(f"snapshot {name!r} already exists")
-            txn.put(key, json.dumps({"name": name, "seq": seq, "time": iso_time(time.time_ns())}).encode(),
-                    db=self.dbs["snapshots"])
-        self.note_commit()
-        return seq
+    # Thin delegates for callers that hold a Store (ctl, the workspace, stats);
+    # the code is chronicle.store.history.points.
 
-    def snapshots(self, ws) -> list[dict]:
-        """``[{"name", "seq", "time"}]`` of a workspace (a fork also sees its
-        parent's snapshots up to the fork seq)."""
-        out = {}
-        with self.env.begin() as txn, txn.cursor(db=self.dbs["snapshots"]) as cur:
-            for layer in reversed(ws.history.layers):
-                prefix = schema.ws_key(layer.ws)
-                if cur.set_range(prefix):
-                    for key, value in cur:
-                        if key[:4] != prefix:
-                            break
-                        snap = json.loads(value)
-                        if snap["seq"] <= layer.bound:
-                            out[snap["name"]] = snap
-        return sorted(out.values(), key=lambda s: (s["seq"], s["name"]))
+    def put_snapshot(self, ws: Workspace, name: str, seq: int) -> int:
+        """:func:`chronicle.store.history.points.put_snapshot`."""
+        return points.put_snapshot(ws, name, seq)
+
+    def snapshots(self, ws: Workspace) -> list[dict]:
+        """:func:`chronicle.store.history.points.snapshots`."""
+        return points.snapshots(ws)
 
     def put_turn(self, ws, agent: str, turn: int, record: dict) -> None:
         with self.env.begin(write=True) as txn:
@@ -530,40 +510,9 @@ class Store:
 
     # -- points in history ---------------------------------------------------------------
 
-    def resolve_point(self, ws, point: str) -> int:
-        """The seq a point names: a seq number, an ISO-8601 time, a snapshot
-        name, ``snapshot:NAME`` or ``turn:AGENT:N`` (the end of that turn).
-
-        Raises :class:`NotFound` or :class:`InvalidArgument`.
-        """
-        text = str(point).strip()
-        if re.fullmatch(r"\d+", text):
-            seq = int(text)
-            if seq > ws.head_seq:
-                raise NotFound(f"seq {seq} does not exist yet (head is {ws.head_seq})")
-            return seq
-        if text.startswith("turn:"):
-            parts = text.split(":")
-            if len(parts) != 3 or not parts[2].isdigit():
-                raise InvalidArgument(f"a turn point is turn:AGENT:N, not {text!r}")
-            record = self.get_turn(ws, parts[1], int(parts[2]))
-            if record is None:
-                raise NotFound(f"no turn {parts[2]} of agent {parts[1]!r}")
-            if record.get("end_seq") is None:
-                raise NotFound(f"turn {parts[2]} of agent {parts[1]!r} has not ended")
-            return record["end_seq"]
-        name = text[len("snapshot:"):] if text.startswith("snapshot:") else text
-        for snap in self.snapshots(ws):
-            if snap["name"] == name:
-                return snap["seq"]
-        if re.match(r"^\d{4}-\d{2}-\d{2}", text):
-            try:
-                ns = parse_iso_time(text)
-            except ValueError:
-                raise InvalidArgument(f"not an ISO-8601 time: {text!r}") from None
-            with self.env.begin() as txn:
-                return ws.history.seq_at_time(txn, ns)
-        raise NotFound(f"no seq, time, snapshot or turn named {text!r}")
+    def resolve_point(self, ws: Workspace, point: str) -> int:
+        """:func:`chronicle.store.history.points.resolve_point`."""
+        return points.resolve_point(ws, point)
 
     # -- content ------------------------------------------------------------------------
 

@@ -1,8 +1,37 @@
 """History: what happened to a workspace, read back.
 
-- ``paths`` — :class:`~chronicle.store.history.paths.History`: the versions of
-  a path (following renames, as ``git log --follow``), events by seq;
+Vocabulary (SPEC §1, §4):
+
+- **event** — one mutation, numbered by its **seq**; its ``.chronicle/log``
+  line is kept in the ``events`` database. A seq names one state of the tree.
+- **history** of a path — its numbered **versions**, following renames as
+  ``git log --follow`` does; a deleted path keeps its history.
+- **point** — a name for a seq: a seq, an ISO-8601 time, a snapshot name
+  (``snapshot:NAME``) or ``turn:AGENT:N``; **snapshot** — a stored name for
+  a seq; **range** — the seqs ``--since/--until/--turn`` select.
+- **layer** — a workspace's own records up to a bound; a fork reads its
+  parent's layer up to the fork seq, so every read here goes through the
+  workspace's layers.
+- **node** — one entry of the ``.chronicle/`` tree (a typed value: query,
+  versions, at, snapshots, a past inode, log, stats, ctl).
+
+Modules, lowest first:
+
+- ``paths`` — :class:`~chronicle.store.history.paths.History`: path
+  histories, events by seq, the log from any seq, time → seq;
+- ``points`` — point resolution, snapshots, seq ranges (over ``paths`` and
+  the turn records of ``Store.get_turn``);
+- ``views`` — :class:`~chronicle.store.history.views.HistoryViews`: every
+  ``.chronicle/`` node's lookup, listing, attributes and content, FUSE-free
+  (over ``paths`` and ``points``); the mount (``chronicle.fs.magic``) and
+  the CLI (``log``, ``show``, ``diff``) both read it;
 - ``turns`` — agents, their turn logs and state snapshots.
 
-Threads: readers open their own read transactions; any thread.
+Threads: nothing here holds a transaction between calls: each call opens
+its own read transaction (``points.put_snapshot`` its own write
+transaction, begun and committed inside it), so any thread may call. The
+FUSE loop may call the views inline: their calls are short (a lookup is a
+few index reads; opening ``log`` is O(1) and each read renders only what it
+returns). This package imports no FUSE, trio or namespace module at run
+time (``Workspace`` is a type-only import: the namespace imports ``paths``).
 """

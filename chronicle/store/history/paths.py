@@ -179,6 +179,14 @@ class History:
 
     def log_lines(self, txn: lmdb.Transaction, since: int = 0, until: int | None = None) -> Iterator[bytes]:
         """``.chronicle/log`` lines (no newline) with ``since <= seq <= until``, oldest first."""
+        for _seq, line in self.log_entries(txn, since, until):
+            yield line
+
+    def log_entries(self, txn: lmdb.Transaction, since: int = 0,
+                    until: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """``(seq, log line without newline)`` with ``since <= seq <= until``,
+        oldest first, through the fork layers. Each call seeks (O(log n)), so
+        a reader can stop and resume at any seq."""
         db = self.dbs["events"]
         with txn.cursor(db=db) as cur:
             for layer in reversed(self.layers):
@@ -191,7 +199,7 @@ class History:
                     seq = schema.event_key_seq(key)
                     if seq > layer.bound or (until is not None and seq > until):
                         break
-                    yield bytes(value)
+                    yield seq, bytes(value)
 
     def event(self, txn: lmdb.Transaction, seq: int) -> dict | None:
         """The log record of one seq, or None."""
