@@ -150,8 +150,9 @@ class ChronicleOperations(pyfuse3.Operations):
             return self._counted(ino, self.ws.getattr(ino))
         if name == b"..":
             ino = self.store_ino(parent_inode)
-            link = self.ws._parents.get(ino)
-            parent = link[0] if link else self.ws.root
+            parent = self.ws.links.parent(ino)
+            if parent is None:
+                parent = self.ws.root
             return self._counted(parent, self.ws.getattr(parent))
         try:
             ino, attrs = self.ws.lookup(self.store_ino(parent_inode), name)
@@ -196,15 +197,15 @@ class ChronicleOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EINVAL)
             async with self._lock(ino):
                 if fh is not None and fh in self._handles:
-                    self.ws.truncate_file(ino, attr.st_size, actor.pid)
+                    self.ws.files.truncate(ino, attr.st_size, actor.pid)
                 else:
                     # truncate(2): a mutation of its own, recorded now.
-                    self.ws.open_file(ino)
+                    self.ws.files.open(ino)
                     try:
-                        self.ws.truncate_file(ino, attr.st_size, actor.pid)
+                        self.ws.files.truncate(ino, attr.st_size, actor.pid)
                         await self._commit_locked(ino, actor.pid)
                     finally:
-                        self.ws.release_file(ino)
+                        self.ws.files.release(ino)
         changes = {}
         attr_change = (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime
                        or fields.update_mtime)
@@ -298,7 +299,7 @@ class ChronicleOperations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC) and writable
         async with self._lock(ino):
-            self.ws.open_file(ino, truncate=truncate)
+            self.ws.files.open(ino, truncate=truncate)
         fh = self._new_fh()
         self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
         if truncate:
@@ -310,7 +311,7 @@ class ChronicleOperations(pyfuse3.Operations):
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
         ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx))
-        state = self.ws.open_file(ino, created=True)
+        state = self.ws.files.open(ino, created=True)
         state.pid = ctx.pid
         fh = self._new_fh()
         self._handles[fh] = Handle(fh, ino, True, ctx.pid)
@@ -321,7 +322,7 @@ class ChronicleOperations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.read(fh, off, size)
-        return self.ws.read_file(handle.ino, off, size)
+        return self.ws.files.read(handle.ino, off, size)
 
     @fuse_errors
     async def write(self, fh, off, buf):
@@ -333,23 +334,23 @@ class ChronicleOperations(pyfuse3.Operations):
         lock = self._lock(handle.ino)
         if lock.locked():
             async with lock:
-                written = self.ws.write_file(handle.ino, off, buf, handle.pid)
+                written = self.ws.files.write(handle.ino, off, buf, handle.pid)
         else:
-            written = self.ws.write_file(handle.ino, off, buf, handle.pid)
-        if self.ws.stream_backlogged(handle.ino):
+            written = self.ws.files.write(handle.ino, off, buf, handle.pid)
+        if self.ws.files.stream_backlogged(handle.ino):
             async with lock:
-                await trio.to_thread.run_sync(self.ws.wait_stream, handle.ino, limiter=self.limiter)
+                await trio.to_thread.run_sync(self.ws.files.wait_stream, handle.ino, limiter=self.limiter)
         return written
 
     async def _commit_locked(self, ino: int, pid: int = 0) -> int | None:
-        overlay = self.ws.commit_begin(ino)
+        overlay = self.ws.files.commit_begin(ino)
         if overlay is None:
             return None
         if overlay.commit_cost() <= INLINE_COMMIT_BYTES:
-            built = self.ws.commit_build(overlay)
+            built = self.ws.files.commit_build(overlay)
         else:
-            built = await trio.to_thread.run_sync(self.ws.commit_build, overlay, limiter=self.limiter)
-        return self.ws.commit_finish(ino, built, pid)
+            built = await trio.to_thread.run_sync(self.ws.files.commit_build, overlay, limiter=self.limiter)
+        return self.ws.files.commit_finish(ino, built, pid)
 
     async def commit(self, ino: int, pid: int = 0) -> int | None:
         """Commit ``ino``'s uncommitted writes as a version (if any)."""
@@ -381,7 +382,7 @@ class ChronicleOperations(pyfuse3.Operations):
             state = self.ws.files.get(handle.ino)
             if state is not None and state.handles <= 1 and state.dirty:
                 await self._commit_locked(handle.ino, handle.pid)
-            self.ws.release_file(handle.ino)
+            self.ws.files.release(handle.ino)
 
     # -- directories ------------------------------------------------------------------------------
 
@@ -404,8 +405,9 @@ class ChronicleOperations(pyfuse3.Operations):
         ino, listing = handle
         if start_id == 0 or listing is None:
             # A snapshot of the entries, so offsets stay stable while the directory changes.
-            link = self.ws._parents.get(ino)
-            parent = link[0] if link and ino != self.ws.root else ino
+            parent = self.ws.links.parent(ino)
+            if parent is None or ino == self.ws.root:
+                parent = ino
             listing = handle[1] = [(b".", ino, 0), (b"..", parent, 0)] + self.ws.readdir(ino)
         for i in range(start_id, len(listing)):
             name, child, _kind = listing[i]

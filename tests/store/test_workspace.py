@@ -42,15 +42,15 @@ def write(ws, parent, name, data: bytes, *, exists_ok=True) -> int:
     """create (or open with O_TRUNC) + write + close, as ``open(..., "wb")`` does."""
     try:
         ino, _ = ws.create(parent, name, 0o100644, A)
-        ws.open_file(ino, created=True)
+        ws.files.open(ino, created=True)
     except Exists:
         if not exists_ok:
             raise
         ino, _ = ws.lookup(parent, name)
-        ws.open_file(ino, truncate=True)
-    ws.write_file(ino, 0, data, A.pid)
-    ws.commit_file(ino)
-    ws.release_file(ino)
+        ws.files.open(ino, truncate=True)
+    ws.files.write(ino, 0, data, A.pid)
+    ws.files.commit(ino)
+    ws.files.release(ino)
     return ino
 
 
@@ -61,7 +61,7 @@ def history(ws, path: bytes) -> list[dict]:
 
 def read(ws, path: bytes) -> bytes:
     ino, _ = ws.resolve(path)
-    return ws.read_file(ino, 0, 1 << 30)
+    return ws.files.read(ino, 0, 1 << 30)
 
 
 # -- versions ----------------------------------------------------------------------
@@ -78,9 +78,9 @@ def test_a_created_and_written_file_has_one_version(ws):
 
 def test_touch_is_a_create_version_and_identical_content_makes_none(ws):
     ino, _ = ws.create(ws.root, b"empty", 0o100644, A)
-    ws.open_file(ino, created=True)
-    ws.commit_file(ino)
-    ws.release_file(ino)
+    ws.files.open(ino, created=True)
+    ws.files.commit(ino)
+    ws.files.release(ino)
     assert [v["event"] for v in history(ws, b"empty")] == ["create"]
     write(ws, ws.root, b"f", b"same")
     head = ws.head_seq
@@ -198,11 +198,11 @@ def test_restore_refuses_files_with_uncommitted_writes(ws):
     ino = write(ws, ws.root, b"f", b"v1")
     point = ws.head_seq
     write(ws, ws.root, b"f", b"v2")
-    ws.open_file(ino)
-    ws.write_file(ino, 0, b"dirty", 1)
+    ws.files.open(ino)
+    ws.files.write(ino, 0, b"dirty", 1)
     with pytest.raises(Busy):
         restore_tree(ws, point, A)
-    ws.release_file(ino)
+    ws.files.release(ino)
 
 
 def test_rename_flags(ws):
@@ -225,7 +225,7 @@ from chronicle.store.store import Store
 st = Store.open(sys.argv[1])
 ws = st.open_workspace("w", writable=True)
 ino, _ = ws.create(ws.root, b"after-kill", 0o100644, Actor())
-ws.open_file(ino, created=True); ws.write_file(ino, 0, b"closed before the kill", 1); ws.commit_file(ino)
+ws.files.open(ino, created=True); ws.files.write(ino, 0, b"closed before the kill", 1); ws.files.commit(ino)
 import os; os._exit(0)          # like kill -9: no sync, no close
 """
 
