@@ -344,7 +344,10 @@ class Workspace:
 
     def create(self, parent: int, name: bytes, mode: int, actor: Actor, rdev: int = 0) -> tuple[int, Attrs]:
         """Create a regular file (or a FIFO, socket or device node for other
-        ``mode`` types). Returns ``(ino, attrs)``. Raises :class:`Exists`."""
+        ``mode`` types; ``rdev`` its device number) ``name`` in ``parent``,
+        owned by the actor (group of a setgid parent). Returns ``(ino, attrs)``.
+        Raises :class:`Exists`, :class:`NotADirectory`, :class:`NameTooLong`,
+        :class:`InvalidArgument` (a bad name, or a directory/symlink mode)."""
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
@@ -355,17 +358,28 @@ class Workspace:
         return self._new_child(parent, name, mode, actor, "mknod", P_ARRIVED | P_BUMPS, rdev=rdev)
 
     def mkdir(self, parent: int, name: bytes, mode: int, actor: Actor) -> tuple[int, Attrs]:
+        """Create directory ``name`` in ``parent`` with permission bits
+        ``mode``; it inherits a setgid parent's group and setgid bit (ext4,
+        mkdir(2)). Returns ``(ino, attrs)``. Raises :class:`Exists`,
+        :class:`NotADirectory`, :class:`NameTooLong`, :class:`InvalidArgument`."""
         return self._new_child(parent, name, stat.S_IFDIR | (mode & 0o7777), actor, "mkdir",
                                P_ARRIVED | P_BUMPS | P_DIR, nlink=2, size=DIR_SIZE)
 
     def symlink(self, parent: int, name: bytes, target: bytes, actor: Actor) -> tuple[int, Attrs]:
+        """Create symlink ``name`` in ``parent`` pointing at ``target`` (not
+        resolved). Returns ``(ino, attrs)``. Raises :class:`NameTooLong`
+        (target of 4096 bytes or more, as ext4's one-block limit), :class:`InvalidArgument`
+        (empty target), :class:`Exists`, :class:`NotADirectory`."""
         if not target or len(target) >= 4096:
             raise NameTooLong() if target else InvalidArgument("empty symlink target")
         return self._new_child(parent, name, stat.S_IFLNK | 0o777, actor, "symlink", P_ARRIVED | P_BUMPS,
                                target=target, size=len(target))
 
     def link(self, ino: int, parent: int, name: bytes, actor: Actor) -> Attrs:
-        """Add a hard link ``parent/name`` to ``ino``. Raises :class:`NotPermitted` for directories."""
+        """Add a hard link ``parent/name`` to ``ino``; returns its new attrs.
+        Raises :class:`NotPermitted` for directories (link(2) EPERM),
+        :class:`Exists`, :class:`NotADirectory`, :class:`InvalidArgument`
+        (:data:`MAX_LINKS` reached; ext4 answers EMLINK)."""
         check_name(name)
         with self.event(actor) as w:
             attrs = self.head_attrs(ino, w.txn)
@@ -394,7 +408,8 @@ class Workspace:
 
     def unlink(self, parent: int, name: bytes, actor: Actor) -> int:
         """Remove a non-directory entry; returns its inode (which lives on
-        while open). Raises :class:`IsADirectory` for a directory."""
+        while open or looked up). Raises :class:`IsADirectory` for a
+        directory, :class:`NotFound`, :class:`NotADirectory` (parent)."""
         with self.event(actor) as w:
             pattrs, ino, kind = self._entry(parent, name, w.txn)
             if kind == KIND_DIR:
@@ -412,6 +427,8 @@ class Workspace:
         return ino
 
     def rmdir(self, parent: int, name: bytes, actor: Actor) -> int:
+        """Remove the empty directory ``parent/name``; returns its inode.
+        Raises :class:`NotADirectory`, :class:`NotEmpty`, :class:`NotFound`."""
         with self.event(actor) as w:
             pattrs, ino, kind = self._entry(parent, name, w.txn)
             if kind != KIND_DIR:
@@ -431,10 +448,25 @@ class Workspace:
         return ino
 
     def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, actor: Actor) -> int | None:
-        """rename/renameat2. Returns the inode replaced at the target (nlink
-        dropped), or None. Raises :class:`Exists` (RENAME_NOREPLACE),
-        :class:`NotFound` (RENAME_EXCHANGE with no target), :class:`NotEmpty`,
-        :class:`IsADirectory`, :class:`NotADirectory`."""
+        """rename(2) / renameat2(2) of ``p_old/n_old`` to ``p_new/n_new``, one event.
+
+        As rename(2): an existing target is replaced atomically (a directory
+        only by a directory, and only if empty; a non-directory only by a
+        non-directory); if source and target are the same inode nothing
+        happens. ``flags``: ``RENAME_NOREPLACE`` fails if the target exists;
+        ``RENAME_EXCHANGE`` swaps the two entries atomically (both must
+        exist; they may be of different types), as ext4 implements it.
+
+        History: the target path gets a new version if something was
+        replaced, else it continues the source path's history (``git log
+        --follow``); the source path's history records where it went.
+
+        Returns the inode replaced at the target (nlink dropped; it lives on
+        while open or looked up), or None. Raises :class:`Exists`
+        (RENAME_NOREPLACE), :class:`NotFound` (no source; RENAME_EXCHANGE
+        with no target), :class:`NotEmpty`, :class:`IsADirectory`,
+        :class:`NotADirectory`, :class:`InvalidArgument` (bad flags, a
+        directory into itself), :class:`NameTooLong`."""
         check_name(n_new)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise InvalidArgument("invalid rename flags")
@@ -549,7 +581,11 @@ class Workspace:
 
     def setattr(self, ino: int, actor: Actor, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Attrs:
-        """chmod / chown / utimens (size changes go through ``truncate``)."""
+        """chmod / chown / utimens of ``ino`` (size changes go through
+        ``files.truncate``); times in ns since the epoch. One event named for
+        the change (``chmod``, ``chown``, ``utimens``), or none if nothing
+        changes (tar re-applies owners). Returns the attributes as
+        :meth:`getattr`. Raises :class:`NotFound`."""
         with self.event(actor) as w:
             attrs = self.head_attrs(ino, w.txn)
             changes: dict = {"ctime_ns": w.now_ns}
@@ -586,13 +622,20 @@ class Workspace:
         return self.getattr(ino)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, actor: Actor) -> None:
-        """Set an extended attribute (``user.``, ``trusted.``, ``security.``)."""
+        """Set extended attribute ``name`` (``user.``, ``trusted.``,
+        ``security.``) to ``value``. Raises :class:`NotSupported` (another
+        namespace: no POSIX ACLs), :class:`NoSpace` (a value over
+        :data:`XATTR_SIZE_MAX`, or all over :data:`XATTR_TOTAL_MAX` bytes),
+        :class:`NotPermitted` (``user.`` on a symlink or device, as
+        xattr(7)), :class:`InvalidArgument` (a name over 255 bytes)."""
         self._check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise NoSpace("extended attribute value too large")
         self._change_xattrs(ino, actor, "setxattr", name, value)
 
     def removexattr(self, ino: int, name: bytes, actor: Actor) -> None:
+        """Remove extended attribute ``name``. Raises :class:`NoAttribute`,
+        and as :meth:`setxattr` for the name."""
         self._check_xattr_name(name)
         self._change_xattrs(ino, actor, "removexattr", name, None)
 
