@@ -31,9 +31,15 @@ BLAKE3 of the bytes).
 Threads — who may call what:
 
 - a writable ``Workspace`` and everything reached through it (``ws.files``,
-  ``ws.links``, ``restore_*``) belong to one thread: the FUSE loop thread
-  in the daemon, the main thread in the CLI. Nothing here locks; only one
-  process holds a workspace writable (the workspace lock).
+  ``ws.links``, ``restore_*``) are used by one thread at a time: the FUSE
+  loop thread in the daemon, the main thread in the CLI. Nothing here
+  locks; only one process holds a workspace writable (the workspace lock).
+  Mutations must never overlap: an event takes seq ``head_seq + 1`` and the
+  caches are updated after its commit, so a caller that hands a long
+  mutation (``restore_tree``) to a worker thread must keep every other call
+  on the workspace out until it returns. Reads of committed state through
+  ``ws.view(seq)`` with the caller's own read transaction touch no cache
+  and are safe from any thread.
 - worker threads may run ``ws.files.commit_build(overlay)`` (CDC, BLAKE3,
   zstd, pack writes) and ``ws.files.wait_stream(ino)``, while the caller
   keeps every other call on that inode out (the FUSE adapter holds the
