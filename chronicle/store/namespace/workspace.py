@@ -213,10 +213,6 @@ class Workspace:
         """The names of ``ino``'s extended attributes, sorted. Raises :class:`NotFound`."""
         return [key for key, _ in self.head_attrs(ino).xattrs]
 
-    def path_of(self, ino: int) -> bytes | None:
-        """The path ``ino`` was last reached by, or None if unknown (``links.path_of``)."""
-        return self.links.path_of(ino)
-
     def resolve(self, path: bytes) -> tuple[int, int]:
         """``(ino, kind)`` at a path of the head (relative, ``/``-separated),
         recording the links on the way. Raises :class:`NotFound`, :class:`NotADirectory`."""
@@ -390,7 +386,7 @@ class Workspace:
                 raise Exists()
             if attrs.nlink >= MAX_LINKS:
                 raise InvalidArgument("too many links")
-            source = self.path_of(ino)
+            source = self.links.path_of(ino)
             new_attrs = attrs.replace(nlink=attrs.nlink + 1, ctime_ns=w.now_ns)
             new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
             w.put_attrs(ino, new_attrs)
@@ -607,7 +603,7 @@ class Workspace:
             if event is None or new_attrs.replace(ctime_ns=attrs.ctime_ns) == attrs:
                 return self.getattr(ino)          # nothing changes: no event (tar re-applies owners)
             w.put_attrs(ino, new_attrs)
-            path = self.path_of(ino)
+            path = self.links.path_of(ino)
             fields = {}
             if event == "chmod":
                 fields["mode"] = oct(stat.S_IMODE(new_attrs.mode))
@@ -661,7 +657,7 @@ class Workspace:
                     raise NoSpace("no space left for extended attributes")
             new_attrs = attrs.replace(xattrs=tuple(sorted(xattrs.items())), ctime_ns=w.now_ns)
             w.put_attrs(ino, new_attrs)
-            path = self.path_of(ino)
+            path = self.links.path_of(ino)
             if path is not None:
                 w.path_entry(path, event, ino=ino, flags=(P_CONTENT if attrs.is_file else 0) |
                              (P_DIR if attrs.is_dir else 0), content=attrs.content,
