@@ -98,6 +98,12 @@ class OpenFiles(Mapping[int, FileState]):
     def __len__(self) -> int:
         return len(self._states)
 
+    def __contains__(self, ino: object) -> bool:      # Mapping's would raise and catch KeyError
+        return ino in self._states
+
+    def get(self, ino: int, default: FileState | None = None) -> FileState | None:
+        return self._states.get(ino, default)
+
     def is_dirty(self, ino: int) -> bool:
         """True if ``ino`` is open with uncommitted changes."""
         state = self._states.get(ino)

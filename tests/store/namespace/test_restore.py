@@ -4,7 +4,12 @@ before them is kept as it was."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
+
+import chronicle.store.namespace as namespace
 
 from chronicle.errors import Busy, IsADirectory, NotFound
 from chronicle.store.fsck.checks import fsck
@@ -164,3 +169,16 @@ def test_an_open_clean_file_reads_the_restored_content(ws):
     restore_file(ws, b"f", 1, A)
     assert ws.files.read(ino, 0, 100) == b"version one"
     ws.files.release(ino)
+
+
+def test_restore_and_open_files_use_only_the_public_api_of_the_workspace():
+    """No ``ws._private`` (nor ``self._ws._private``) access: the workspace's
+    caches are changed only through ``ws.event`` and its collaborators."""
+    for module in ("restore.py", "files.py"):
+        tree = ast.parse((Path(namespace.__file__).parent / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value
+                is_ws = (isinstance(owner, ast.Name) and owner.id == "ws") or \
+                    (isinstance(owner, ast.Attribute) and owner.attr == "_ws")
+                assert not is_ws, f"{module}:{node.lineno} touches the workspace's {node.attr}"
