@@ -203,6 +203,6 @@ def _run_loop(ops: ChronicleOperations) -> None:
 def _commit_open_files(ops: ChronicleOperations) -> None:
     for ino in list(ops.ws.files):
         try:
-            ops.ws.commit_file(ino)
+            ops.ws.files.commit(ino)
         except Exception:
             log.exception("could not commit inode %d at unmount", ino)

@@ -1,8 +1,14 @@
 """The one table from Chronicle's errors to the errno a FUSE caller sees.
 
-Errnos are those ext4 gives for the same condition. Anything not listed is
-an internal error: logged with its traceback and answered with EIO (STYLE:
-the daemon keeps serving).
+:data:`ERRNO` maps each ``chronicle.errors`` class to the errno ext4 gives
+for the same condition (errno(3); the per-call lists in open(2), rename(2),
+getxattr(2), ...). A subclass takes its nearest listed base's errno.
+:func:`fuse_errors` applies it to every FUSE request handler: pyfuse3
+handlers may raise only ``FUSEError`` (pyfuse3's ``Operations`` docs), so
+anything not listed is an internal error — logged with its traceback and
+answered with EIO, and the daemon keeps serving (STYLE).
+
+Threads: the table is constant; the wrapper runs on the handler's (trio) thread.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ ERRNO = {
 
 
 def errno_of(exc: errors.ChronicleError) -> int:
+    """The errno for ``exc``: that of its class or nearest base class in
+    :data:`ERRNO`, else EIO."""
     for cls in type(exc).__mro__:
         code = ERRNO.get(cls)
         if code is not None:
@@ -49,9 +57,12 @@ def errno_of(exc: errors.ChronicleError) -> int:
 
 
 def fuse_errors(handler):
-    """Wrap an async FUSE handler: Chronicle errors become ``FUSEError(errno)``;
-    an unexpected exception is logged with its traceback and becomes EIO.
-    A full disk (``OSError(ENOSPC)``) is ENOSPC, not an internal error."""
+    """Wrap an async FUSE handler: Chronicle errors become ``FUSEError(errno)``
+    (:func:`errno_of`); ``Corrupt`` is logged (damage the user must hear of)
+    and answered EIO; an ``OSError`` of a full disk or quota (ENOSPC,
+    EDQUOT) or of a too-large file (EFBIG) keeps its errno; any other
+    exception is logged with its traceback and becomes EIO. A
+    ``FUSEError`` passes through as it is."""
 
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):

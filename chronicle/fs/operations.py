@@ -24,6 +24,15 @@ of a commit (CDC, hashing, compression) runs in a worker thread under a
 :class:`trio.CapacityLimiter`, holding the inode's lock so no write changes
 the overlay meanwhile.
 
+Errors: every request handler is wrapped by
+:func:`chronicle.fs.errno_map.fuse_errors`: a Chronicle error is answered
+with its errno from the one table (``errno_map.ERRNO``: ``NotFound`` ENOENT,
+``Exists`` EEXIST, ...), as ext4 answers the same call; anything unexpected
+is logged with its traceback and answered EIO. Each handler's docstring
+names the FUSE request it serves (libfuse's ``fuse_lowlevel.h``; the
+Python signatures are pyfuse3's ``Operations``) and the errnos it answers.
+Inodes of ``.chronicle`` are read-only: changing them is EROFS.
+
 Threads: everything runs on the trio thread except commit builds and syncs.
 """
 
@@ -56,7 +65,9 @@ INLINE_COMMIT_BYTES = 256 * 1024
 
 @dataclass
 class Handle:
-    """An open file handle of a workspace file."""
+    """An open file handle of a workspace file: its ``fh``, store inode,
+    whether it was opened for writing, and the pid that opened it (flush and
+    release carry no request context, so versions are credited to it)."""
 
     fh: int
     ino: int
@@ -65,16 +76,24 @@ class Handle:
 
 
 def actor_of(ctx: pyfuse3.RequestContext) -> Actor:
+    """The :class:`Actor` of a FUSE request: its caller's uid, gid and pid."""
     return Actor(ctx.uid, ctx.gid, ctx.pid)
 
 
 class ChronicleOperations(pyfuse3.Operations):
-    """pyfuse3 operations for one mounted workspace."""
+    """pyfuse3 operations for one mounted workspace (see the module docstring).
+
+    State: the kernel's lookup counts per store inode, the open file and
+    directory handles (``fh`` numbers shared with the magic tree), and one
+    ``trio.Lock`` per inode held while a commit reads its overlay.
+    """
 
     supports_dot_lookup = True
     enable_writeback_cache = False
 
     def __init__(self, ws, store, *, mountpoint: str = ""):
+        """Serve workspace ``ws`` (opened writable) of ``store``, mounted at
+        ``mountpoint`` (shown in ``.chronicle/stats``)."""
         super().__init__()
         self.ws = ws
         self.store = store
@@ -90,9 +109,11 @@ class ChronicleOperations(pyfuse3.Operations):
     # -- helpers ---------------------------------------------------------------------
 
     def store_ino(self, ino: int) -> int:
+        """The store's inode number of FUSE inode ``ino`` (the root is FUSE inode 1)."""
         return self.ws.root if ino == pyfuse3.ROOT_INODE else ino
 
     def fuse_ino(self, ino: int) -> int:
+        """The FUSE inode number of store inode ``ino``."""
         return pyfuse3.ROOT_INODE if ino == self.ws.root else ino
 
     def entry(self, ino: int, attrs: Attrs, *, timeout: float = CACHE_TIMEOUT, fuse_ino: int | None = None,
@@ -143,6 +164,10 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        """FUSE_LOOKUP: the entry ``name`` in ``parent_inode``, counted (one more
+        lookup count). ``.``/``..`` are answered here (``supports_dot_lookup``);
+        a missing name is a negative entry (``st_ino`` 0) the kernel caches for
+        :data:`NEGATIVE_TIMEOUT` s. Errors: ENOTDIR, ENAMETOOLONG."""
         if parent_inode >= MAGIC_BASE or (parent_inode == pyfuse3.ROOT_INODE and name == MagicTree.NAME):
             return self.magic.lookup(parent_inode, name)
         if name == b".":
@@ -150,8 +175,9 @@ class ChronicleOperations(pyfuse3.Operations):
             return self._counted(ino, self.ws.getattr(ino))
         if name == b"..":
             ino = self.store_ino(parent_inode)
-            link = self.ws._parents.get(ino)
-            parent = link[0] if link else self.ws.root
+            parent = self.ws.links.parent(ino)
+            if parent is None:
+                parent = self.ws.root
             return self._counted(parent, self.ws.getattr(parent))
         try:
             ino, attrs = self.ws.lookup(self.store_ino(parent_inode), name)
@@ -164,6 +190,9 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def forget(self, inode_list):
+        """FUSE_FORGET / FUSE_BATCH_FORGET: take back ``(inode, nlookup)`` lookup
+        counts; at zero the workspace drops what it caches for the inode. No
+        reply, never an error (pyfuse3: "must not raise any exceptions")."""
         for ino, count in inode_list:
             if ino >= MAGIC_BASE:
                 self.magic.forget(ino, count)
@@ -179,6 +208,8 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
+        """FUSE_GETATTR: the attributes of ``inode``, with the size and times of
+        uncommitted writes. Errors: ENOENT."""
         if inode >= MAGIC_BASE:
             return self.magic.getattr(inode)
         ino = self.store_ino(inode)
@@ -186,6 +217,13 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        """FUSE_SETATTR: truncate(2)/ftruncate(2) (``update_size``), chmod, chown
+        and utimens, in that order. A size change through an open handle
+        (``fh``) waits for that file's next commit; a path truncate(2) is a
+        version of its own at once. Writes made before an attribute change are
+        committed first, so history keeps their order. Errors: EFBIG (past
+        ``MAX_FILE_SIZE``), EINVAL (size of a non-file), EROFS
+        (``.chronicle``), ENOENT, ENOSPC."""
         self._not_magic(inode)
         ino = self.store_ino(inode)
         actor = actor_of(ctx)
@@ -196,15 +234,15 @@ class ChronicleOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EINVAL)
             async with self._lock(ino):
                 if fh is not None and fh in self._handles:
-                    self.ws.truncate_file(ino, attr.st_size, actor.pid)
+                    self.ws.files.truncate(ino, attr.st_size, actor.pid)
                 else:
                     # truncate(2): a mutation of its own, recorded now.
-                    self.ws.open_file(ino)
+                    self.ws.files.open(ino)
                     try:
-                        self.ws.truncate_file(ino, attr.st_size, actor.pid)
+                        self.ws.files.truncate(ino, attr.st_size, actor.pid)
                         await self._commit_locked(ino, actor.pid)
                     finally:
-                        self.ws.release_file(ino)
+                        self.ws.files.release(ino)
         changes = {}
         attr_change = (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime
                        or fields.update_mtime)
@@ -228,6 +266,7 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode, ctx):
+        """FUSE_READLINK: the target of symlink ``inode``. Errors: EINVAL (not a symlink), ENOENT."""
         if inode >= MAGIC_BASE:
             return self.magic.readlink(inode)
         return self.ws.readlink(self.store_ino(inode))
@@ -236,6 +275,9 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        """FUSE_MKNOD: a regular file, FIFO, socket or device node ``name`` in
+        ``parent_inode`` (mode includes the type bits), counted. Errors:
+        EEXIST, ENOTDIR, ENAMETOOLONG, EINVAL, EROFS (``.chronicle``)."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
         ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx), rdev)
@@ -243,6 +285,9 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        """FUSE_MKDIR: directory ``name`` in ``parent_inode``, counted (a setgid
+        parent passes its group and setgid bit on, as ext4 does). Errors:
+        EEXIST, ENOTDIR, ENAMETOOLONG, EINVAL, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
         ino, attrs = self.ws.mkdir(self.store_ino(parent_inode), name, mode, actor_of(ctx))
@@ -250,18 +295,26 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):
+        """FUSE_UNLINK: remove the non-directory entry ``name``. The inode lives
+        on while open or looked up (until ``forget``). Errors: ENOENT,
+        EISDIR, ENOTDIR, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
         self.ws.unlink(self.store_ino(parent_inode), name, actor_of(ctx))
 
     @fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
+        """FUSE_RMDIR: remove the empty directory ``name``. Errors: ENOENT,
+        ENOTDIR, ENOTEMPTY, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
         self.ws.rmdir(self.store_ino(parent_inode), name, actor_of(ctx))
 
     @fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
+        """FUSE_SYMLINK: symlink ``name`` in ``parent_inode`` pointing at
+        ``target``, counted. Errors: EEXIST, ENOTDIR, ENAMETOOLONG (target of
+        4096 bytes or more), EINVAL (empty target), EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
         ino, attrs = self.ws.symlink(self.store_ino(parent_inode), name, target, actor_of(ctx))
@@ -269,6 +322,11 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        """FUSE_RENAME / FUSE_RENAME2: rename(2) and renameat2(2) with
+        ``flags`` ``RENAME_NOREPLACE`` or ``RENAME_EXCHANGE``. A replaced
+        target keeps its inode until ``forget`` (pyfuse3's rename contract).
+        Errors: ENOENT, EEXIST (NOREPLACE), EISDIR, ENOTDIR, ENOTEMPTY,
+        EINVAL (bad flags, a directory into itself), EROFS (``.chronicle``)."""
         self._not_magic(parent_inode_old, parent_inode_new)
         self._not_reserved(parent_inode_old, name_old)
         self._not_reserved(parent_inode_new, name_new)
@@ -277,6 +335,9 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        """FUSE_LINK: hard link ``new_name`` in ``new_parent_inode`` to ``inode``,
+        counted. Errors: EPERM (a directory), EEXIST, ENOTDIR, EINVAL (too many
+        links), EROFS."""
         self._not_magic(inode, new_parent_inode)
         self._not_reserved(new_parent_inode, new_name)
         ino = self.store_ino(inode)
@@ -292,13 +353,17 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode, flags, ctx):
+        """FUSE_OPEN: a file handle for ``inode`` (``.chronicle`` files go to
+        the magic tree). ``O_TRUNC`` of a writable open empties the file; the
+        kernel keeps its page cache across opens (``keep_cache``). Errors:
+        EISDIR, EINVAL (not a regular file), ENOENT."""
         if inode >= MAGIC_BASE:
             return await self.magic.open(inode, flags, ctx, self._new_fh())
         ino = self.store_ino(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC) and writable
         async with self._lock(ino):
-            self.ws.open_file(ino, truncate=truncate)
+            self.ws.files.open(ino, truncate=truncate)
         fh = self._new_fh()
         self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
         if truncate:
@@ -307,10 +372,14 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        """FUSE_CREATE: create regular file ``name`` and open it (open(2) with
+        ``O_CREAT``); returns ``(FileInfo, EntryAttributes)``, counted. Its
+        create entry folds into its first write (one version). Errors:
+        EEXIST, ENOTDIR, ENAMETOOLONG, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
         ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx))
-        state = self.ws.open_file(ino, created=True)
+        state = self.ws.files.open(ino, created=True)
         state.pid = ctx.pid
         fh = self._new_fh()
         self._handles[fh] = Handle(fh, ino, True, ctx.pid)
@@ -318,13 +387,20 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh, off, size):
+        """FUSE_READ: ``size`` bytes at ``off`` of open handle ``fh``, with its
+        uncommitted writes; short only at the end of the file. Errors: EIO
+        (a damaged chunk: ``Corrupt``, logged)."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.read(fh, off, size)
-        return self.ws.read_file(handle.ino, off, size)
+        return self.ws.files.read(handle.ino, off, size)
 
     @fuse_errors
     async def write(self, fh, off, buf):
+        """FUSE_WRITE: write ``buf`` at ``off``; returns ``len(buf)`` (all of it:
+        no ``direct_io``). A writer that outruns its stream worker waits for it
+        in a worker thread. A ``.chronicle`` handle (``ctl``) goes to the magic
+        tree. Errors: EFBIG (past ``MAX_FILE_SIZE``), ENOSPC."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.write(fh, off, buf)
@@ -333,31 +409,36 @@ class ChronicleOperations(pyfuse3.Operations):
         lock = self._lock(handle.ino)
         if lock.locked():
             async with lock:
-                written = self.ws.write_file(handle.ino, off, buf, handle.pid)
+                written = self.ws.files.write(handle.ino, off, buf, handle.pid)
         else:
-            written = self.ws.write_file(handle.ino, off, buf, handle.pid)
-        if self.ws.stream_backlogged(handle.ino):
+            written = self.ws.files.write(handle.ino, off, buf, handle.pid)
+        if self.ws.files.stream_backlogged(handle.ino):
             async with lock:
-                await trio.to_thread.run_sync(self.ws.wait_stream, handle.ino, limiter=self.limiter)
+                await trio.to_thread.run_sync(self.ws.files.wait_stream, handle.ino, limiter=self.limiter)
         return written
 
     async def _commit_locked(self, ino: int, pid: int = 0) -> int | None:
-        overlay = self.ws.commit_begin(ino)
+        overlay = self.ws.files.commit_begin(ino)
         if overlay is None:
             return None
         if overlay.commit_cost() <= INLINE_COMMIT_BYTES:
-            built = self.ws.commit_build(overlay)
+            built = self.ws.files.commit_build(overlay)
         else:
-            built = await trio.to_thread.run_sync(self.ws.commit_build, overlay, limiter=self.limiter)
-        return self.ws.commit_finish(ino, built, pid)
+            built = await trio.to_thread.run_sync(self.ws.files.commit_build, overlay, limiter=self.limiter)
+        return self.ws.files.commit_finish(ino, built, pid)
 
     async def commit(self, ino: int, pid: int = 0) -> int | None:
-        """Commit ``ino``'s uncommitted writes as a version (if any)."""
+        """Commit ``ino``'s uncommitted writes as a version (if any), under the
+        inode's lock; returns the version's seq or None. Builds over
+        :data:`INLINE_COMMIT_BYTES` run in a worker thread."""
         async with self._lock(ino):
             return await self._commit_locked(ino, pid)
 
     @fuse_errors
     async def flush(self, fh):
+        """FUSE_FLUSH: close(2) of a descriptor of ``fh`` (maybe one of several
+        dups): a writable handle's writes become a version now, so ``close``
+        returning means the version exists. Errors: ENOSPC, EIO."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.flush(fh)
@@ -366,6 +447,9 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
+        """FUSE_FSYNC: commit ``fh``'s writes, then make the store durable
+        (packs and metadata, ``Store.sync``) in a worker thread. ``datasync``
+        is treated as a full sync. Errors: ENOSPC, EIO."""
         handle = self._handles.get(fh)
         if handle is None:
             return
@@ -374,6 +458,9 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh):
+        """FUSE_RELEASE: the last descriptor of ``fh`` is closed. The last handle
+        of an inode commits what is left (mmap writes may come after the last
+        flush). The reply carries no error to anyone (pyfuse3)."""
         handle = self._handles.pop(fh, None)
         if handle is None:
             return await self.magic.release(fh)
@@ -381,12 +468,13 @@ class ChronicleOperations(pyfuse3.Operations):
             state = self.ws.files.get(handle.ino)
             if state is not None and state.handles <= 1 and state.dirty:
                 await self._commit_locked(handle.ino, handle.pid)
-            self.ws.release_file(handle.ino)
+            self.ws.files.release(handle.ino)
 
     # -- directories ------------------------------------------------------------------------------
 
     @fuse_errors
     async def opendir(self, inode, ctx):
+        """FUSE_OPENDIR: a directory handle for ``inode``. Errors: ENOTDIR, ENOENT."""
         if inode >= MAGIC_BASE:
             return self.magic.opendir(inode, self._new_fh())
         ino = self.store_ino(inode)
@@ -398,14 +486,19 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
+        """FUSE_READDIRPLUS (pyfuse3 serves every readdir as one): entries of ``fh`` from ``start_id`` on,
+        through ``pyfuse3.readdir_reply``. The listing is snapshotted at
+        ``start_id`` 0 so offsets stay stable while the directory changes;
+        every entry sent counts one lookup, except ``.`` and ``..``."""
         handle = self._dirs.get(fh)
         if handle is None:
             return self.magic.readdir(fh, start_id, token)
         ino, listing = handle
         if start_id == 0 or listing is None:
             # A snapshot of the entries, so offsets stay stable while the directory changes.
-            link = self.ws._parents.get(ino)
-            parent = link[0] if link and ino != self.ws.root else ino
+            parent = self.ws.links.parent(ino)
+            if parent is None or ino == self.ws.root:
+                parent = ino
             listing = handle[1] = [(b".", ino, 0), (b"..", parent, 0)] + self.ws.readdir(ino)
         for i in range(start_id, len(listing)):
             name, child, _kind = listing[i]
@@ -420,17 +513,23 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def releasedir(self, fh):
+        """FUSE_RELEASEDIR: forget directory handle ``fh``."""
         if self._dirs.pop(fh, None) is None:
             self.magic.releasedir(fh)
 
     @fuse_errors
     async def fsyncdir(self, fh, datasync):
+        """FUSE_FSYNCDIR: make the store durable (``Store.sync``, worker thread):
+        every directory change is already committed. Errors: EIO."""
         await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
 
     # -- the rest ---------------------------------------------------------------------------------
 
     @fuse_errors
     async def statfs(self, ctx):
+        """FUSE_STATFS: the free space of the file system holding the store, in
+        4 KiB blocks; inode counts are reported as plentiful (at least 2**32)
+        since inode numbers are not a limited resource here; names up to 255 bytes."""
         vfs = os.statvfs(self.store.path)
         out = pyfuse3.StatvfsData()
         out.f_bsize = 4096
@@ -447,12 +546,20 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode, name, value, ctx):
+        """FUSE_SETXATTR: set extended attribute ``name`` (``user.``, ``trusted.``,
+        ``security.``) to ``value``, after committing the file's writes.
+        Errors: EOPNOTSUPP (another namespace: no POSIX ACLs), ENOSPC (value
+        over 64 KiB or all attributes over 64 KiB), EPERM (``user.`` on a
+        symlink or device), EINVAL, EROFS."""
         self._not_magic(inode)
         await self.commit(self.store_ino(inode), ctx.pid)
         self.ws.setxattr(self.store_ino(inode), name, value, actor_of(ctx))
 
     @fuse_errors
     async def getxattr(self, inode, name, ctx):
+        """FUSE_GETXATTR: the value of ``name``. ``security.capability``, asked
+        before every write, is answered without raising a domain error.
+        Errors: ENOATTR (ENODATA), ENOENT."""
         if inode >= MAGIC_BASE:
             return self.magic.getxattr(inode, name)
         ino = self.store_ino(inode)
@@ -467,18 +574,24 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode, ctx):
+        """FUSE_LISTXATTR: the names of ``inode``'s extended attributes. Errors: ENOENT."""
         if inode >= MAGIC_BASE:
             return self.magic.listxattr(inode)
         return self.ws.listxattr(self.store_ino(inode))
 
     @fuse_errors
     async def removexattr(self, inode, name, ctx):
+        """FUSE_REMOVEXATTR: remove ``name``, after committing the file's writes.
+        Errors: ENOATTR, EOPNOTSUPP, EPERM, EROFS."""
         self._not_magic(inode)
         await self.commit(self.store_ino(inode), ctx.pid)
         self.ws.removexattr(self.store_ino(inode), name, actor_of(ctx))
 
     @fuse_errors
     async def access(self, inode, mode, ctx):
+        """FUSE_ACCESS: allowed. The mount uses ``default_permissions``
+        (``daemon.mount_options``): the kernel checks modes itself and does
+        not send this request (pyfuse3's ``access`` docs); True should one come."""
         return True
 
     # -- cache invalidation (after ctl changes the tree) ----------------------------------------
@@ -486,8 +599,10 @@ class ChronicleOperations(pyfuse3.Operations):
     async def invalidate(self, inodes, entries) -> None:
         """Drop the kernel's cached entries and inodes (store numbers) that a
         ``ctl`` command changed, before its reply, so the mount shows the
-        change at once. The notifications are sent from worker threads: the
-        kernel may wait on locks held by requests this loop has to serve."""
+        change at once. ``entries``: ``(parent ino, name)`` pairs;
+        ``inodes``: inode numbers. The notifications are sent from worker
+        threads: the kernel may wait on locks held by requests this loop has
+        to serve."""
         for parent, name in entries:
             await trio.to_thread.run_sync(_invalidate_entry, self.fuse_ino(parent), name)
         for ino in inodes:
@@ -499,6 +614,7 @@ class ChronicleOperations(pyfuse3.Operations):
             await self.commit(ino)
 
     def stat_mode(self, mode: int) -> int:
+        """The permission bits of ``mode`` (``stat.S_IMODE``)."""
         return stat.S_IMODE(mode)
 
 

@@ -26,6 +26,7 @@ KIND_FILE, KIND_DIR, KIND_SYMLINK, KIND_OTHER = 1, 2, 3, 4
 
 
 def kind_of_mode(mode: int) -> int:
+    """The dirent kind (``KIND_*``) of a ``st_mode`` with its type bits."""
     if stat.S_ISREG(mode):
         return KIND_FILE
     if stat.S_ISDIR(mode):
@@ -74,6 +75,7 @@ class Attrs:
     xattrs: tuple[tuple[bytes, bytes], ...] = field(default=())
 
     def replace(self, **changes) -> Attrs:
+        """A copy with ``changes`` (field names as keywords). Raises ``TypeError`` for an unknown field."""
         # dataclasses.replace re-runs __init__ with field processing (~12 us);
         # a slot copy is a few times faster and this is on every event's path.
         new = object.__new__(Attrs)
@@ -85,21 +87,30 @@ class Attrs:
 
     @property
     def kind(self) -> int:
+        """The dirent kind (``KIND_*``)."""
         return kind_of_mode(self.mode)
 
     @property
     def is_dir(self) -> bool:
+        """True for a directory."""
         return stat.S_ISDIR(self.mode)
 
     @property
     def is_file(self) -> bool:
+        """True for a regular file."""
         return stat.S_ISREG(self.mode)
 
     @property
     def is_symlink(self) -> bool:
+        """True for a symbolic link."""
         return stat.S_ISLNK(self.mode)
 
     def encode(self) -> bytes:
+        """The ``inodes`` record: a fixed little-endian head (mode, uid, gid,
+        nlink u32; size u64; atime, mtime, ctime i64 ns; rdev u32; flags u8),
+        then the content id (32 bytes), the symlink target (u32 length +
+        bytes) and the xattrs (u32 count, then u16 name length, u32 value
+        length, name, value each), each only if present (flags)."""
         flags = (_F_CONTENT if self.content else 0) | (_F_TARGET if self.target else 0) | \
                 (_F_XATTRS if self.xattrs else 0)
         parts = [_ATTR_HEAD.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
@@ -119,6 +130,7 @@ class Attrs:
 
     @classmethod
     def decode(cls, raw: bytes) -> Attrs:
+        """From :meth:`encode`'s bytes. Raises ``Corrupt`` if damaged."""
         try:
             mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, flags = _ATTR_HEAD.unpack_from(raw)
             pos = _ATTR_HEAD.size

@@ -34,11 +34,11 @@ def write(ws, path: bytes, data: bytes) -> int:
     except Exception:
         ino, _ = ws.create(parent, name, 0o100644, ACTOR)
         created = True
-    ws.open_file(ino, created=created)
-    ws.truncate_file(ino, 0)
-    ws.write_file(ino, 0, data, ACTOR.pid)
-    ws.commit_file(ino, ACTOR.pid)
-    ws.release_file(ino)
+    ws.files.open(ino, created=created)
+    ws.files.truncate(ino, 0)
+    ws.files.write(ino, 0, data, ACTOR.pid)
+    ws.files.commit(ino, ACTOR.pid)
+    ws.files.release(ino)
     return ws.head_seq
 
 

@@ -326,7 +326,7 @@ def test_an_internal_error_is_eio_logged_with_its_traceback_and_the_next_call_wo
 
         # A failing write: EIO, and the file is still writable and closes to a version.
         fi = await fs.open(ino, os.O_WRONLY, CTX)
-        monkeypatch.setattr(fs.ws, "write_file", once(fs.ws.write_file, RuntimeError("boom in write")))
+        monkeypatch.setattr(fs.ws.files, "write", once(fs.ws.files.write, RuntimeError("boom in write")))
         assert await fuse_errno(fs.write(fi.fh, 0, b"C")) == errno.EIO
         assert await fs.write(fi.fh, 0, b"C") == 1
         await fs.flush(fi.fh)
@@ -335,7 +335,7 @@ def test_an_internal_error_is_eio_logged_with_its_traceback_and_the_next_call_wo
 
         # A full disk is ENOSPC, not an internal error.
         fi = await fs.open(ino, os.O_WRONLY, CTX)
-        monkeypatch.setattr(fs.ws, "write_file", once(fs.ws.write_file, OSError(errno.ENOSPC, "full")))
+        monkeypatch.setattr(fs.ws.files, "write", once(fs.ws.files.write, OSError(errno.ENOSPC, "full")))
         assert await fuse_errno(fs.write(fi.fh, 0, b"x")) == errno.ENOSPC
         await fs.release(fi.fh)
 

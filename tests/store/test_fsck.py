@@ -38,11 +38,11 @@ def write(ws, parent: int, name: bytes, data: bytes, *, create: bool = True) -> 
         ino, _ = ws.create(parent, name, 0o100644, A)
     else:
         ino, _ = ws.lookup(parent, name)
-    ws.open_file(ino, created=create)
-    ws.write_file(ino, 0, data, 1)
-    ws.truncate_file(ino, len(data))
-    ws.commit_file(ino)
-    ws.release_file(ino)
+    ws.files.open(ino, created=create)
+    ws.files.write(ino, 0, data, 1)
+    ws.files.truncate(ino, len(data))
+    ws.files.commit(ino)
+    ws.files.release(ino)
     return ino
 
 
@@ -66,10 +66,10 @@ def build(path) -> dict:
     ws.setattr(f, A, mode=0o600)
     ws.setxattr(f, b"user.k", b"v", A)
     sparse, _ = ws.create(ws.root, b"sparse", 0o100644, A)
-    ws.open_file(sparse, created=True)
-    ws.write_file(sparse, 5 << 20, b"tail", 1)
-    ws.commit_file(sparse)
-    ws.release_file(sparse)
+    ws.files.open(sparse, created=True)
+    ws.files.write(sparse, 5 << 20, b"tail", 1)
+    ws.files.commit(sparse)
+    ws.files.release(sparse)
     ws.snapshot("before")
     fork_at = ws.head_seq
     st.fork("w", None, "w2")
@@ -363,7 +363,7 @@ def test_repair_repoints_a_corrupt_chunk_at_a_good_duplicate(store_path):
         writer = PackWriter(st.packs_dir)
         copy = writer.append(chunk_id, rec.codec, rec.raw_len, payload)
         writer.close()
-        expected = st.open_workspace("w").read_file(st.open_workspace("w").resolve(b"d/g.txt")[0], 0, 1 << 20)
+        expected = st.open_workspace("w").files.read(st.open_workspace("w").resolve(b"d/g.txt")[0], 0, 1 << 20)
         flip_byte(st, rec)
     report = check(store_path)
     assert "chunk-corrupt" in kinds(report, ERROR)
@@ -379,7 +379,7 @@ def test_repair_repoints_a_corrupt_chunk_at_a_good_duplicate(store_path):
     assert after.clean, [p.as_dict() for p in after.problems]
     with Store.open(store_path) as st:
         ws = st.open_workspace("w")
-        assert ws.read_file(ws.resolve(b"d/g.txt")[0], 0, 1 << 20) == expected
+        assert ws.files.read(ws.resolve(b"d/g.txt")[0], 0, 1 << 20) == expected
 
 
 def test_repair_reindexes_a_chunk_missing_from_the_index(store_path):
@@ -516,10 +516,10 @@ st = Store.open(sys.argv[1])
 ws = st.open_workspace("w", writable=True)
 for i in range(100000):
     ino, _ = ws.create(ws.root, b"c%d" % i, 0o100644, a)
-    ws.open_file(ino, created=True)
-    ws.write_file(ino, 0, os.urandom(20000 + i % 7 * 9000) * 2, 1)
-    ws.commit_file(ino)
-    ws.release_file(ino)
+    ws.files.open(ino, created=True)
+    ws.files.write(ino, 0, os.urandom(20000 + i % 7 * 9000) * 2, 1)
+    ws.files.commit(ino)
+    ws.files.release(ino)
     if i == 3:
         st.sync()
         print("synced", flush=True)

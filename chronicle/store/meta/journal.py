@@ -18,7 +18,18 @@ it came from (as ``git log --follow``), so it keeps that path's number.
 recomputed from the history. A directory arriving at a path invalidates the
 cached numbers below it (their followed histories changed).
 
+**The log line** (``.chronicle/log``, SPEC §4) is one JSON object per
+event: ``seq``, ``time``, ``event``, ``path`` (None for an event no known
+path names), then the event's own fields in the order given to
+:meth:`EventWriter.log` (None values left out), then ``turn`` (the open
+turn label or None) and ``pid``.
+
 Times are ISO-8601 UTC with microseconds and a ``Z`` (SPEC §4).
+
+Atomicity: the writer only puts records into the caller's transaction; the
+event exists once that transaction commits, with all of its records, or not
+at all (LMDB transactions are atomic). Committing, and moving the
+workspace's head seq, is the caller's (``Workspace.event``).
 
 Threads: an EventWriter lives inside one synchronous function on one thread.
 """
@@ -26,8 +37,10 @@ Threads: an EventWriter lives inside one synchronous function on one thread.
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import lmdb
 
@@ -37,6 +50,8 @@ from chronicle.store.meta import schema
 from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, PathEntry, PathHead
 from chronicle.store.model import Attrs
 
+if TYPE_CHECKING:               # history.paths reads what this module writes (and imports it): a cycle at runtime
+    from chronicle.store.history.paths import History
 
 _last_second: list = [None, ""]
 
@@ -64,21 +79,25 @@ def parse_iso_time(text: str) -> int:
 
 
 def path_text(path: bytes) -> str:
-    """A path as JSON shows it (``os.fsdecode``, SPEC §4)."""
-    import os
-
+    """A path as JSON shows it (``os.fsdecode``: undecodable bytes become
+    lone surrogates, SPEC §4)."""
     return os.fsdecode(path)
 
 
 class EventWriter:
     """The records of one event (see the module docstring).
 
-    ``layers`` is the workspace's fork chain as ``(ws id, fork seq)`` pairs;
-    ``is_fork`` makes removals write whiteouts in the head table.
+    ``txn``: the open write transaction; ``dbs``: the store's named
+    databases (``schema.DATABASES``); ``ws``: the workspace id; ``seq``: this
+    event's seq (the head seq + 1); ``is_fork`` makes removals write
+    whiteouts in the head table; ``turn``: the open turn label, logged with
+    every line; ``pid``: the actor's; ``history``: the workspace's path
+    history, to number versions of paths without a cached head; ``now_ns``:
+    the event's time in ns since the epoch (default: now).
     """
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict, ws: int, seq: int, *, is_fork: bool,
-                 turn: dict | None, pid: int, history, now_ns: int | None = None):
+                 turn: dict | None, pid: int, history: History, now_ns: int | None = None):
         self.txn = txn
         self.dbs = dbs
         self.ws = ws
@@ -101,6 +120,8 @@ class EventWriter:
         self.txn.put(schema.inode_key(self.ws, ino, self.seq), attrs.encode(), db=self.dbs["inodes"])
 
     def addref_content(self, content_id: bytes) -> None:
+        """Count one more reference on content ``content_id``. Raises
+        ``Corrupt`` if its record is missing (the empty content's may be)."""
         db = self.dbs["contents"]
         raw = self.txn.get(content_id, db=db)
         if raw is None:
@@ -113,11 +134,15 @@ class EventWriter:
     # -- directory entries ---------------------------------------------------------
 
     def put_dirent(self, parent: int, name: bytes, ino: int, kind: int) -> None:
+        """Make ``parent/name`` name ``ino`` (of ``model.KIND_*`` ``kind``)
+        from this seq on: the head table and its history."""
         value = schema.encode_dirent(ino, kind)
         self.txn.put(schema.dirent_key(self.ws, parent, name), value, db=self.dbs["dirents"])
         self.txn.put(schema.dirent_hist_key(self.ws, parent, name, self.seq), value, db=self.dbs["dirent_hist"])
 
     def del_dirent(self, parent: int, name: bytes) -> None:
+        """Remove ``parent/name`` from this seq on (a whiteout in a fork, which
+        must hide its parent's entry)."""
         key = schema.dirent_key(self.ws, parent, name)
         if self.is_fork:
             self.txn.put(key, b"", db=self.dbs["dirents"])    # whiteout over the parent's entry
@@ -215,6 +240,8 @@ class EventWriter:
         return True
 
     def path_head(self, path: bytes) -> PathHead | None:
+        """``path``'s last version number, last seq and inode (cached, or
+        recomputed from its history), or None if it has no history."""
         raw = self.txn.get(schema.named_key(self.ws, path), db=self.dbs["path_heads"])
         if raw is not None:
             return PathHead.decode(raw)

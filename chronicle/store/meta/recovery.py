@@ -66,13 +66,18 @@ def boot_id() -> str:
 
 @dataclass
 class MetaPage:
+    """One LMDB meta page: its ``slot`` (0 or 1: the first two pages of
+    ``data.mdb``), the ``txnid`` it commits, and its ``raw`` bytes (one page)."""
+
     slot: int
     txnid: int
     raw: bytes
 
 
 def read_meta_pages(data_file: Path, page_size: int) -> list[MetaPage]:
-    """The valid meta pages (0, 1 or 2) of an LMDB data file."""
+    """The valid meta pages (0, 1 or 2) of an LMDB data file whose pages are
+    ``page_size`` bytes: those with the ``P_META`` flag and LMDB's magic
+    (``MDB_meta`` in ``mdb.c``). Raises ``OSError`` if the file cannot be read."""
     metas = []
     with open(data_file, "rb") as f:
         for slot in (0, 1):
@@ -90,7 +95,10 @@ def read_meta_pages(data_file: Path, page_size: int) -> list[MetaPage]:
 
 
 def record_synced(meta_dir: Path, txnid: int, page_size: int) -> None:
-    """Write ``synced.json`` for ``txnid`` (its meta page must be on disk now)."""
+    """Write ``synced.json`` for ``txnid`` in ``meta_dir`` (its meta page
+    must be on disk now), atomically (write, fsync, rename, fsync the
+    directory). Raises ``RuntimeError`` if no meta page holds ``txnid``,
+    ``OSError`` from the disk."""
     data_file = meta_dir / "data.mdb"
     page = next((m for m in read_meta_pages(data_file, page_size) if m.txnid == txnid), None)
     if page is None:
@@ -116,7 +124,8 @@ def recover_after_crash(meta_dir: Path) -> int | None:
     """Roll the metadata back to the last synced state if the machine crashed
     since. Call before opening the LMDB environment, with no other process
     using it. Returns the number of transactions dropped, or None if nothing
-    was done."""
+    was done (never synced, the same boot, or nothing newer than the sync).
+    Logs a WARNING when it rolls back. Raises ``OSError`` from the disk."""
     synced_path = meta_dir / SYNCED_FILE
     data_file = meta_dir / "data.mdb"
     if not synced_path.exists() or not data_file.exists():

@@ -78,34 +78,42 @@ _DIRENT_VALUE = struct.Struct(">QB")
 # --- keys -------------------------------------------------------------------
 
 def inv(seq: int) -> int:
+    """``~seq``: ``SEQ_MAX - seq``, so newer seqs sort first."""
     return SEQ_MAX - seq
 
 
 def inode_prefix(ws: int, ino: int) -> bytes:
+    """The ``inodes`` key prefix of one inode of workspace ``ws`` (12 bytes)."""
     return _WS_INO.pack(ws, ino)
 
 
 def inode_key(ws: int, ino: int, seq: int) -> bytes:
+    """The ``inodes`` key of ``ino``'s record written at ``seq``."""
     return _WS_INO_SEQ.pack(ws, ino, SEQ_MAX - seq)
 
 
 def inode_key_seq(key: bytes) -> int:
+    """The seq of an ``inodes`` key."""
     return SEQ_MAX - _WS_INO_SEQ.unpack(key)[2]
 
 
 def dir_prefix(ws: int, parent: int) -> bytes:
+    """The ``dirents``/``dirent_hist`` key prefix of directory ``parent`` (12 bytes)."""
     return _WS_INO.pack(ws, parent)
 
 
 def dirent_key(ws: int, parent: int, name: bytes) -> bytes:
+    """The ``dirents`` (head) key of ``parent/name``."""
     return _WS_INO.pack(ws, parent) + name
 
 
 def dirent_hist_prefix(ws: int, parent: int, name: bytes) -> bytes:
+    """The ``dirent_hist`` key prefix of ``parent/name`` (name, then NUL)."""
     return _WS_INO.pack(ws, parent) + name + b"\x00"
 
 
 def dirent_hist_key(ws: int, parent: int, name: bytes, seq: int) -> bytes:
+    """The ``dirent_hist`` key of ``parent/name`` at ``seq`` (newest first)."""
     return _WS_INO.pack(ws, parent) + name + b"\x00" + U64.pack(SEQ_MAX - seq)
 
 
@@ -115,6 +123,7 @@ def split_dirent_hist_key(key: bytes) -> tuple[bytes, int]:
 
 
 def encode_dirent(ino: int, kind: int) -> bytes:
+    """A dirent value: ino u64 and kind u8 (``model.KIND_*``)."""
     return _DIRENT_VALUE.pack(ino, kind)
 
 
@@ -126,22 +135,27 @@ def decode_dirent(value: bytes) -> tuple[int, int] | None:
 
 
 def event_key(ws: int, seq: int) -> bytes:
+    """The ``events`` key of ``ws``'s event ``seq`` (oldest first)."""
     return _WS_SEQ.pack(ws, seq)
 
 
 def event_key_seq(key: bytes) -> int:
+    """The seq of an ``events`` key."""
     return _WS_SEQ.unpack(key)[1]
 
 
 def path_prefix(ws: int, path: bytes) -> bytes:
+    """The ``paths`` key prefix of ``path`` (path, then NUL)."""
     return U32.pack(ws) + path + b"\x00"
 
 
 def path_key(ws: int, path: bytes, seq: int) -> bytes:
+    """The ``paths`` key of ``path``'s entry at ``seq`` (oldest first)."""
     return U32.pack(ws) + path + b"\x00" + U64.pack(seq)
 
 
 def path_key_seq(key: bytes) -> int:
+    """The seq of a ``paths`` key."""
     return U64.unpack(key[-8:])[0]
 
 
@@ -189,12 +203,14 @@ class WorkspaceRecord:
     fork_seq: int | None = None     # parent's seq at the fork; the fork's seqs continue from it
 
     def encode(self) -> bytes:
+        """The ``workspaces`` value: JSON."""
         return json.dumps({"id": self.id, "name": self.name, "root": self.root, "created": self.created,
                            "parent": self.parent, "parent_id": self.parent_id,
                            "fork_seq": self.fork_seq}).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> WorkspaceRecord:
+        """From :meth:`encode`'s JSON. Raises ``ValueError``/``KeyError`` if damaged."""
         d = json.loads(raw)
         return cls(d["id"], d["name"], d["root"], d["created"], d.get("parent"), d.get("parent_id"),
                    d.get("fork_seq"))
@@ -219,10 +235,12 @@ class ChunkRecord:
     refcount: int
 
     def encode(self) -> bytes:
+        """The ``chunks`` value: pack number, offset, stored and raw length, codec, refcount (little-endian)."""
         return _CHUNK.pack(self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount)
 
     @classmethod
     def decode(cls, raw: bytes) -> ChunkRecord:
+        """From :meth:`encode`'s bytes. Raises ``Corrupt`` if damaged."""
         try:
             return cls(*_CHUNK.unpack(raw))
         except struct.error:
@@ -256,9 +274,11 @@ class ContentRecord:
 
     @property
     def extent_count(self) -> int:
+        """Number of extents."""
         return len(self.lengths)
 
     def chunk_id(self, i: int) -> bytes:
+        """The chunk id of extent ``i`` (:data:`HOLE_ID` for a hole)."""
         return self.ids[i * ID_SIZE:(i + 1) * ID_SIZE]
 
     def offsets(self) -> array:
@@ -268,6 +288,7 @@ class ContentRecord:
         return out
 
     def encode(self) -> bytes:
+        """The ``contents`` value: size, refcount, flags, count; the hash if any; ids; lengths (u64 each)."""
         head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_HASH if self.hash else 0, len(self.lengths))
         lengths = self.lengths if self.lengths.typecode == "Q" else array("Q", self.lengths)
         if lengths.itemsize != 8:
@@ -276,6 +297,7 @@ class ContentRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> ContentRecord:
+        """From :meth:`encode`'s bytes. Raises ``Corrupt`` if damaged."""
         try:
             size, refcount, flags, count = _CONTENT_HEAD.unpack_from(raw)
         except struct.error:
@@ -347,11 +369,13 @@ class PathEntry:
     fragment: bytes
 
     def encode(self) -> bytes:
+        """The ``paths`` value: flags, ino, origin length; content id (with ``P_CONTENT``); origin; fragment."""
         return b"".join((_PATH_ENTRY_HEAD.pack(self.flags, self.ino, len(self.origin)),
                          self.content if self.flags & P_CONTENT else b"", self.origin, self.fragment))
 
     @classmethod
     def decode(cls, raw: bytes) -> PathEntry:
+        """From :meth:`encode`'s bytes."""
         flags, ino, origin_len = _PATH_ENTRY_HEAD.unpack_from(raw)
         pos = _PATH_ENTRY_HEAD.size
         content = b""
@@ -375,8 +399,10 @@ class PathHead:
     ino: int
 
     def encode(self) -> bytes:
+        """The ``path_heads`` value: version u32, last seq u64, ino u64."""
         return _PATH_HEAD.pack(self.version, self.last_seq, self.ino)
 
     @classmethod
     def decode(cls, raw: bytes) -> PathHead:
+        """From :meth:`encode`'s bytes."""
         return cls(*_PATH_HEAD.unpack(raw))

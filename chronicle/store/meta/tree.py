@@ -30,6 +30,8 @@ from chronicle.store.model import Attrs
 
 @dataclass(frozen=True, slots=True)
 class Layer:
+    """One layer of a view: workspace ``ws``'s records with seq at most ``bound``."""
+
     ws: int
     bound: int      # records with seq <= bound belong to the view
 
@@ -37,8 +39,10 @@ class Layer:
 class TreeView:
     """One workspace's tree at ``seq`` (None: the head), read through its layers.
 
-    ``layers`` lists ``(ws id, fork seq)`` from the workspace up its fork
-    chain: ``[(ws, None), (parent, fork_seq), (grandparent, parent_fork_seq), ...]``.
+    ``dbs``: the store's named databases; ``chain`` lists ``(ws id, fork
+    seq)`` from the workspace up its fork chain (``Store.fork_chain``):
+    ``[(ws, fork_seq), (parent, parent_fork_seq), ..., (root ws, None)]``,
+    which becomes :attr:`layers`; ``root``: the workspace's root inode.
     """
 
     def __init__(self, dbs: dict, chain: list[tuple[int, int | None]], root: int, seq: int | None = None):
@@ -79,6 +83,7 @@ class TreeView:
         return None
 
     def need_attrs(self, txn: lmdb.Transaction, ino: int) -> Attrs:
+        """:meth:`attrs`, raising :class:`NotFound` instead of returning None."""
         attrs = self.attrs(txn, ino)
         if attrs is None:
             raise NotFound(f"no inode {ino}")

@@ -26,6 +26,9 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import blake3
 
 from chronicle.store.chunks.chunker import Chunker
 from chronicle.store.chunks.codec import CODEC_RAW
@@ -33,6 +36,12 @@ from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, ID_SIZE, hash_
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ContentRecord
+
+if TYPE_CHECKING:               # staging.py builds contents with this module: a runtime import would be a cycle
+    from chronicle.store.namespace.staging import Overlay
+
+# ``(offset, hasher)``: a BLAKE3 state over the first ``offset`` bytes of a file.
+HashPrefix = tuple[int, blake3.blake3]
 
 # After this many new chunks in a row that zstd could not shrink, only every
 # RAW_STREAK-th is tried (incompressible data: media, archives, random bytes).
@@ -47,7 +56,12 @@ READAHEAD = 8 * 1024 * 1024
 
 
 class ContentMap:
-    """A readable view of one content record."""
+    """A readable view of one content record: ``id`` (the content id),
+    ``record`` (its extent list), read through ``chunks``.
+
+    Reads raise ``Corrupt`` if a chunk is damaged or missing (see
+    ``ChunkStore.get``).
+    """
 
     __slots__ = ("id", "record", "_offsets", "_chunks", "_allocated", "_next_read", "_prefetched")
 
@@ -62,14 +76,17 @@ class ContentMap:
 
     @classmethod
     def empty(cls, chunks: ChunkStore) -> ContentMap:
+        """The empty content (no extents; id :data:`EMPTY_CONTENT_ID`)."""
         return cls(EMPTY_CONTENT_ID, schema.empty_record(), chunks)
 
     @property
     def size(self) -> int:
+        """Length in bytes."""
         return self.record.size
 
     @property
     def hash(self) -> bytes | None:
+        """BLAKE3 of the bytes (32 bytes), or None for a file too sparse to hash."""
         return self.record.hash
 
     def extent_index(self, offset: int) -> int:
@@ -77,6 +94,7 @@ class ContentMap:
         return bisect_right(self._offsets, offset) - 1
 
     def extent_span(self, i: int) -> tuple[int, int]:
+        """``(start, end)`` byte offsets of extent ``i``."""
         return self._offsets[i], self._offsets[i + 1]
 
     def read(self, offset: int, size: int) -> bytes:
@@ -146,7 +164,7 @@ class BuiltContent:
     new_chunks: int = 0
     new_bytes: int = 0
     reused_extents: int = 0
-    hasher: object = None
+    hasher: blake3.blake3 | None = None
 
 
 @dataclass
@@ -172,7 +190,7 @@ class _PieceReader:
     the staging file's pages over them — not page by page, which costs a
     Python call per 4 KiB after random writes."""
 
-    def __init__(self, overlay, start: int, end: int):
+    def __init__(self, overlay: Overlay, start: int, end: int):
         self._overlay = overlay
         self._pos = start
         self._end = end
@@ -206,7 +224,7 @@ def _chunker() -> Chunker:
     return c
 
 
-def build_content(overlay, chunks: ChunkStore, hash_prefix=None) -> BuiltContent:
+def build_content(overlay: Overlay, chunks: ChunkStore, hash_prefix: HashPrefix | None = None) -> BuiltContent:
     """Turn an overlay (base content + uncommitted changes) into new content.
 
     Stores new chunks (``chunks.put``) and returns the new record, not yet
@@ -228,7 +246,7 @@ def build_content(overlay, chunks: ChunkStore, hash_prefix=None) -> BuiltContent
     stats = BuiltContent(b"", None)  # type: ignore[arg-type]
     hashing = True
 
-    def feed(pos: int, data) -> None:
+    def feed(pos: int, data: bytes | memoryview) -> None:
         """Hash ``data`` (the file's bytes at ``pos``), less the prefix already hashed."""
         if pos + len(data) <= skip:
             return
@@ -353,7 +371,7 @@ def build_content(overlay, chunks: ChunkStore, hash_prefix=None) -> BuiltContent
     return stats
 
 
-def _hash_zeros(hasher, n: int) -> None:
+def _hash_zeros(hasher: blake3.blake3, n: int) -> None:
     while n > 0:
         step = min(n, len(_ZEROS))
         hasher.update(_ZEROS[:step] if step < len(_ZEROS) else _ZEROS)

@@ -14,6 +14,15 @@ copied: the head simply refers to the old content record again.
 Both return a :class:`Changes` listing what the FUSE adapter must invalidate
 in the kernel's caches. Both raise :class:`Busy` if a file they would change
 has uncommitted writes.
+
+Both are written with the workspace's public mutation API alone
+(``ws.event`` and its ``WorkspaceEvent``, ``ws.lookup``, ``ws.files``): the
+workspace's caches follow what the event writes, once it commits.
+
+Threads: the workspace's thread (the caller must not run another mutation
+of the same workspace meanwhile). ``restore_tree`` walks every directory
+that differs between the head and ``seq``: O(changed paths) reads, and one
+write transaction.
 """
 
 from __future__ import annotations
@@ -26,13 +35,16 @@ from chronicle.store import model
 from chronicle.store.chunks.ids import to_hex
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE
-from chronicle.store.model import Attrs, KIND_DIR
+from chronicle.store.model import KIND_DIR, Actor, Attrs
+from chronicle.store.namespace.workspace import Workspace
 
 
 @dataclass
 class Changes:
-    """What a restore changed: inodes whose attributes or content changed,
-    and ``(parent, name)`` directory entries that appeared, vanished or changed."""
+    """What a restore changed: ``seq`` of its event (None: nothing to do),
+    ``inodes`` whose attributes or content changed, ``(parent, name)``
+    directory ``entries`` that appeared, vanished or changed, and how many
+    ``paths`` its history entries name."""
 
     seq: int | None = None
     inodes: set[int] = field(default_factory=set)
@@ -40,11 +52,13 @@ class Changes:
     paths: int = 0
 
     def as_dict(self) -> dict:
+        """``{"seq", "paths"}``: the ctl reply."""
         return {"seq": self.seq, "paths": self.paths}
 
 
-def restore_file(ws, path: bytes, version: int, actor) -> Changes:
-    """Make ``path``'s content its version ``version``.
+def restore_file(ws: Workspace, path: bytes, version: int, actor: Actor) -> Changes:
+    """Make ``path``'s content its version ``version`` (a number of
+    ``ws.history.content_versions``), as one ``restore`` event.
 
     Raises :class:`NotFound` (no such version, or the directory is gone),
     :class:`IsADirectory`, :class:`Busy`.
@@ -63,15 +77,15 @@ def restore_file(ws, path: bytes, version: int, actor) -> Changes:
     parent, parent_kind = ws.resolve(parent_path)
     if parent_kind != KIND_DIR:
         raise NotFound(f"{path_text(parent_path)!r} is not a directory")
-    with ws.read_txn() as txn:
-        found = ws.view().lookup(txn, parent, name)
+    try:
+        ino, attrs = ws.lookup(parent, name)       # the path link its event names
+    except NotFound:
+        ino = None
     record = ws.store.content_map(content).record
-    if found is not None:
-        ino, kind = found
-        if kind == KIND_DIR:
+    if ino is not None:
+        if attrs.is_dir:
             raise IsADirectory(f"{path_text(path)!r} is a directory now")
-        state = ws.files.get(ino)
-        if state is not None and state.dirty:
+        if ws.files.is_dirty(ino):
             raise Busy(f"{path_text(path)!r} has uncommitted writes")
         attrs = ws.head_attrs(ino)
         if not attrs.is_file:
@@ -84,9 +98,7 @@ def restore_file(ws, path: bytes, version: int, actor) -> Changes:
             v = w.path_entry(path, "restore", ino=ino, flags=P_BUMPS | P_CONTENT, content=content,
                              size=record.size, restored=version)
             w.log("restore", path, version=v, size=record.size, hash=w.content_hash(content), restored=version)
-        ws._attrs[ino] = new_attrs
-        ws._link_add(ino, parent, name)
-        ws.reload_file(ino)
+        ws.files.reload(ino)
         changes.inodes.add(ino)
     else:
         mode = old_attrs.mode if old_attrs is not None else stat.S_IFREG | 0o644
@@ -103,9 +115,6 @@ def restore_file(ws, path: bytes, version: int, actor) -> Changes:
             v = w.path_entry(path, "restore", ino=ino, flags=P_ARRIVED | P_BUMPS | P_CONTENT, content=content,
                              size=record.size, restored=version)
             w.log("restore", path, version=v, size=record.size, hash=w.content_hash(content), restored=version)
-        ws._attrs[ino] = new_attrs
-        ws._attrs[parent] = new_pattrs
-        ws._link_add(ino, parent, name)
         changes.inodes.add(parent)
         changes.entries.add((parent, name))
     changes.seq = ws.head_seq
@@ -119,11 +128,16 @@ def _same(a: Attrs | None, b: Attrs | None) -> bool:
     return a.replace(ctime_ns=0, atime_ns=0) == b.replace(ctime_ns=0, atime_ns=0)
 
 
-def restore_tree(ws, seq: int, actor) -> Changes:
-    """Make the head tree what it was at ``seq`` (see the module docstring)."""
+def restore_tree(ws: Workspace, seq: int, actor: Actor) -> Changes:
+    """Make the head tree what it was at ``seq`` (see the module docstring),
+    as one ``restore`` event, or no event if nothing differs.
+
+    Raises :class:`NotFound` (``seq`` below 0 or after the head),
+    :class:`Busy` (an open file has uncommitted writes).
+    """
     if seq > ws.head_seq or seq < 0:
         raise NotFound(f"seq {seq} does not exist (head is {ws.head_seq})")
-    dirty = [ino for ino, st in ws.files.items() if st.dirty]
+    dirty = ws.files.dirty()
     if dirty:
         raise Busy(f"{len(dirty)} file(s) have uncommitted writes; close or fsync them first")
     changes = Changes()
@@ -137,11 +151,8 @@ def restore_tree(ws, seq: int, actor) -> Changes:
         added_paths: list[tuple[bytes, int, int]] = []
         updated: list[tuple[bytes, int]] = []
 
-        unlinked: list[tuple[int, int, bytes]] = []
-
         def remove_subtree(parent: int, name: bytes, ino: int, kind: int, path: bytes) -> None:
             final_entries[(parent, name)] = None
-            unlinked.append((ino, parent, name))
             involved[ino] = path
             removed_paths.append((path, ino, kind))
             if kind == KIND_DIR:
@@ -193,8 +204,7 @@ def restore_tree(ws, seq: int, actor) -> Changes:
             return changes
 
         for ino in involved:
-            state = ws.files.get(ino)
-            if state is not None and state.dirty:
+            if ws.files.is_dirty(ino):
                 raise Busy("a file to restore has uncommitted writes")
         for (parent, name), value in final_entries.items():
             if value is None:
@@ -235,16 +245,8 @@ def restore_tree(ws, seq: int, actor) -> Changes:
         w.log("restore", b"", at=seq, paths=count)
     changes.seq = ws.head_seq
     changes.paths = count
-    for ino, attrs in new_attrs.items():
-        ws._attrs[ino] = attrs
-    for ino, parent, name in unlinked:
-        ws._link_remove(ino, parent, name)
-    for (parent, name), value in final_entries.items():
-        if value is not None:
-            ws._link_add(value[0], parent, name)
     for ino in changes.inodes:
-        if ino in ws.files:
-            ws.reload_file(ino)
+        ws.files.reload(ino)
     return changes
 
 

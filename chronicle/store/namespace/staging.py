@@ -40,9 +40,12 @@ from dataclasses import dataclass
 
 from array import array
 
+import blake3
+
 from chronicle.errors import FileTooLarge, NoSpace
+from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.meta.schema import ContentRecord
-from chronicle.store.namespace.content import BuiltContent, ContentMap, build_content
+from chronicle.store.namespace.content import BuiltContent, ContentMap, HashPrefix, build_content
 from chronicle.store.namespace.stream import Stream
 
 PAGE = 4096
@@ -69,9 +72,16 @@ class Piece:
 
 
 class Overlay:
-    """Uncommitted changes to one file's content (see the module docstring)."""
+    """Uncommitted changes to one file's content (see the module docstring).
 
-    def __init__(self, staging_dir: str, base: ContentMap, chunks=None, hash_prefix=None):
+    ``staging_dir``: where the anonymous staging file is made; ``base``: the
+    committed content it starts from; ``chunks``: the chunk store to stream
+    into (None: never stream); ``hash_prefix``: a BLAKE3 state over the
+    unchanged head of ``base``, if known.
+    """
+
+    def __init__(self, staging_dir: str, base: ContentMap, chunks: ChunkStore | None = None,
+                 hash_prefix: HashPrefix | None = None):
         self._staging_dir = staging_dir
         self._chunks = chunks             # ChunkStore, for streaming
         self.base = base
@@ -224,11 +234,14 @@ class Overlay:
         return [(p.start, p.end) for p in self.pieces(start, end) if p.source == "staging"]
 
     def read_piece(self, piece: Piece) -> bytes:
+        """The bytes of ``piece``, from the base or the staging file."""
         if piece.source == "base":
             return self.base.read(piece.start, piece.end - piece.start)
         return self.read_staging(piece.start, piece.end - piece.start)
 
     def read_staging(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the staging file at ``offset``; holes and bytes
+        past its end read as zeros."""
         if self._fd is None:
             return bytes(size)
         data = os.pread(self._fd, size, offset)
@@ -275,7 +288,7 @@ class Overlay:
             pos = hole
         return out
 
-    def rebase(self, base: ContentMap, hasher=None) -> None:
+    def rebase(self, base: ContentMap, hasher: blake3.blake3 | None = None) -> None:
         """After a commit: ``base`` holds everything; start a clean overlay on it.
         ``hasher``: the BLAKE3 state after the whole base, if known."""
         self.base = base
@@ -307,9 +320,11 @@ class Overlay:
                 raise _os_error(exc) from None
 
     def backlogged(self) -> bool:
+        """True if the stream worker is more than ``stream.MAX_PENDING`` bytes behind."""
         return self.stream is not None and self.stream.backlogged()
 
     def wait_stream(self) -> None:
+        """Block until the stream worker has caught up (worker thread)."""
         if self.stream is not None:
             self.stream.wait_backlog()
 
@@ -319,7 +334,7 @@ class Overlay:
             return self.stream.pending_bytes + len(self.stream.carry)
         return sum(e - s for s, e in self.dirty_spans())
 
-    def build(self, chunks) -> BuiltContent:
+    def build(self, chunks: ChunkStore) -> BuiltContent:
         """The new content (worker thread): finishes a stream, or rebuilds the
         dirty spans (``content.build_content``)."""
         if self.stream is not None:

@@ -1,28 +1,44 @@
 """A workspace: its tree at the head, and the mutations that make its history.
 
 Vocabulary: the **head** is the workspace's current state (seq ``head_seq``).
-Each mutation is one event (``chronicle.store.meta.journal``). An **actor** is who
+Each mutation is one **event** (``chronicle.store.meta.journal``): one seq,
+one LMDB write transaction, one ``.chronicle/log`` line. An **actor** is who
 asked for it (uid, gid, pid — the FUSE request context, or the CLI user).
 
 One process at a time mutates a workspace (the mounting daemon, or the CLI on
 an unmounted workspace; ``Store.open_workspace`` takes the workspace lock), so
-this object keeps the head in memory without re-reading it:
+a :class:`Workspace` keeps its head in memory without re-reading it. It is one
+object composed of collaborators, each in its own module:
 
-- ``_attrs``: head attributes of the inodes in use (loaded on demand);
-- ``_parents``: the ``(parent, name)`` each inode was last reached by — the
-  kernel reaches every inode by lookup from the root, so this is how an event
-  knows its path (for hard links: the name last used; ``_links`` keeps the
-  others, so removing one name falls back to a remaining one);
-- ``files``: open-file state (``chronicle.store.namespace.files``).
+- ``ws.links`` — :class:`~chronicle.store.namespace.head.PathLinks`: the
+  ``(parent, name)`` each inode was reached by, which is how an event knows
+  its path;
+- ``ws.files`` — :class:`~chronicle.store.namespace.files.OpenFiles`: the
+  open files (handle counts, overlays, streams) and the commits that turn
+  their writes into versions;
+- the head attributes of the inodes in use (loaded on demand, read with
+  :meth:`Workspace.head_attrs`).
 
-The caches change only after the event's transaction commits.
+**The mutation API.** Every change is made inside :meth:`Workspace.event`,
+which yields a :class:`~chronicle.store.namespace.head.WorkspaceEvent`. Its
+``put_attrs``, ``put_dirent`` and ``del_dirent`` write the records *and*
+note what they change in the caches above; the workspace applies those
+notes once the transaction has committed (an aborted event changes
+nothing). The mutations below (create, write, rename, unlink, ...) and
+:mod:`chronicle.store.namespace.restore` are written with it alone — no
+caller touches a cache.
 
 Errors: tree errors from ``chronicle.errors`` (``NotFound``, ``Exists``,
-``NotEmpty``, ``NotADirectory``, ``IsADirectory``, ``NameTooLong``, ...), as
-ext4 would give them.
+``NotEmpty``, ``NotADirectory``, ``IsADirectory``, ``NameTooLong``,
+``InvalidArgument``, ``NotPermitted``), as ext4 gives them for the same
+call (the errno table is ``chronicle.fs.errno_map``); ``ReadOnly`` for a
+mutation of a workspace opened read-only; ``NoSpace`` when the metadata map
+is full.
 
-Threads: a Workspace is used from one thread (the FUSE loop), except that
-content building for a commit runs in workers (see ``files``).
+Threads: a Workspace is used from one thread (the FUSE loop, or the CLI),
+except what ``files`` hands to worker threads (content builds, stream
+waits). Its read methods open their own LMDB read transaction unless given
+one.
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import lmdb
 
@@ -41,33 +58,46 @@ from chronicle.store import model
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.history.paths import History
 from chronicle.store.meta import schema
-from chronicle.store.meta.journal import EventWriter, iso_time
+from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, WorkspaceRecord
 from chronicle.store.meta.tree import TreeView
 from chronicle.store.model import KIND_DIR, Actor, Attrs
-from chronicle.store.namespace.files import FileOps
+from chronicle.store.namespace.files import OpenFiles
+from chronicle.store.namespace.head import PathLinks, WorkspaceEvent
 
-NAME_MAX = 255
-RENAME_NOREPLACE = 1
+if TYPE_CHECKING:               # store.py opens workspaces: a runtime import would be a cycle
+    from chronicle.store.store import Store
+
+NAME_MAX = 255                 # bytes in one name (ext4, NAME_MAX of <limits.h>)
+RENAME_NOREPLACE = 1           # renameat2(2) flags, <linux/fs.h>
 RENAME_EXCHANGE = 2
-XATTR_SIZE_MAX = 65536
-XATTR_TOTAL_MAX = 65536
+XATTR_SIZE_MAX = 65536         # bytes in one xattr value (<linux/limits.h>)
+XATTR_TOTAL_MAX = 65536        # bytes of all names and values of one inode
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-DIR_SIZE = 4096
+DIR_SIZE = 4096                # st_size of a directory, as ext4 shows an empty one
+MAX_LINKS = 65000              # ext4's EXT4_LINK_MAX
 
 
 def check_name(name: bytes) -> None:
-    """Raise unless ``name`` is a valid directory entry name."""
+    """Raise unless ``name`` is a valid directory entry name: :class:`NameTooLong`
+    over :data:`NAME_MAX` bytes, :class:`InvalidArgument` if empty, ``.``,
+    ``..``, or holding ``/`` or NUL."""
     if len(name) > NAME_MAX:
         raise NameTooLong()
     if not name or b"/" in name or b"\x00" in name or name in (b".", b".."):
         raise InvalidArgument(f"invalid file name {name!r}")
 
 
-class Workspace(FileOps):
-    """A workspace of a store; see the module docstring."""
+class Workspace:
+    """A workspace of a store; see the module docstring.
 
-    def __init__(self, store, record: WorkspaceRecord, *, writable: bool):
+    ``store`` opens it (``Store.open_workspace``); ``record`` is its
+    ``workspaces`` row; ``writable``: the caller holds the workspace lock
+    and may mutate (else every mutation raises :class:`ReadOnly` and nothing
+    is cached).
+    """
+
+    def __init__(self, store: Store, record: WorkspaceRecord, *, writable: bool):
         self.store = store
         self.record = record
         self.id = record.id
@@ -82,28 +112,30 @@ class Workspace(FileOps):
             self.head_seq = store.head_seq(txn, self.id)
         self.turn: dict | None = None
         self._head_view = TreeView(self.dbs, self.chain, self.root, None)
-        self._attrs: dict[int, Attrs] = {}
-        self._parents: dict[int, tuple[int, bytes]] = {}        # the link an event's path uses
-        self._links: dict[int, list[tuple[int, bytes]]] = {}    # every link seen, for hard links
-        FileOps.__init__(self)
+        self._attrs: dict[int, Attrs] = {}          # head attributes of the inodes in use
+        self.links = PathLinks(self.root)
+        self.files = OpenFiles(self)
 
     # -- views ---------------------------------------------------------------------
 
     def view(self, seq: int | None = None) -> TreeView:
-        """The tree at ``seq`` (None: the committed head)."""
+        """The tree at ``seq`` (None: the committed head). Raises
+        :class:`NotFound` for a seq after the head."""
         if seq is None:
             return self._head_view
         if seq > self.head_seq:
             raise NotFound(f"seq {seq} is in the future (head is {self.head_seq})")
         return TreeView(self.dbs, self.chain, self.root, seq)
 
-    def read_txn(self):
+    def read_txn(self) -> lmdb.Transaction:
+        """A new LMDB read transaction of the store (use it in ``with``)."""
         return self.store.env.begin()
 
     # -- reads at the head -----------------------------------------------------------
 
-    def head_attrs(self, ino: int, txn=None) -> Attrs:
-        """Committed head attributes of ``ino``. Raises :class:`NotFound`."""
+    def head_attrs(self, ino: int, txn: lmdb.Transaction | None = None) -> Attrs:
+        """Committed head attributes of ``ino`` (without uncommitted writes:
+        see :meth:`getattr`). Raises :class:`NotFound`."""
         attrs = self._attrs.get(ino)
         if attrs is not None:
             return attrs
@@ -118,8 +150,21 @@ class Workspace(FileOps):
             self._attrs[ino] = attrs
         return attrs
 
-    def lookup(self, parent: int, name: bytes, txn=None) -> tuple[int, Attrs]:
-        """``(ino, attrs)`` of ``name`` in ``parent``; records the path link.
+    def getattr(self, ino: int, txn: lmdb.Transaction | None = None) -> Attrs:
+        """Head attributes with the size and times of uncommitted writes
+        (what stat(2) shows). Raises :class:`NotFound`."""
+        return self.files.with_pending(ino, self.head_attrs(ino, txn))
+
+    def allocated_bytes(self, ino: int, attrs: Attrs) -> int:
+        """Bytes of ``ino`` that are not holes (``st_blocks * 512``); for a
+        file with uncommitted writes, its size."""
+        if self.files.is_dirty(ino) or not attrs.is_file:
+            return attrs.size
+        return self.store.content_map(attrs.content).allocated_bytes_cached()
+
+    def lookup(self, parent: int, name: bytes, txn: lmdb.Transaction | None = None) -> tuple[int, Attrs]:
+        """``(ino, attrs)`` of ``name`` in ``parent``; it becomes the inode's
+        path link (``links``).
 
         Raises :class:`NotFound`, :class:`NotADirectory`, :class:`NameTooLong`.
         """
@@ -134,70 +179,43 @@ class Workspace(FileOps):
         if found is None:
             raise NotFound()
         ino = found[0]
-        self._link_add(ino, parent, name)
+        self.links.add(ino, parent, name)
         return ino, self.getattr(ino, txn)
 
     def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
-        """``(name, ino, kind)`` of every entry, sorted by name."""
+        """``(name, ino, kind)`` of every entry, sorted by name (kinds:
+        ``model.KIND_*``). Raises :class:`NotFound`, :class:`NotADirectory`."""
         with self.read_txn() as txn:
             if not self.head_attrs(ino, txn).is_dir:
                 raise NotADirectory()
             entries = self.view().entries(txn, ino)
         for name, child, _kind in entries:
-            self._parents.setdefault(child, (ino, name))
+            self.links.note(child, ino, name)
         return entries
 
     def readlink(self, ino: int) -> bytes:
+        """The target of symlink ``ino``. Raises :class:`NotFound`,
+        :class:`InvalidArgument` (not a symlink: readlink(2) answers EINVAL)."""
         attrs = self.head_attrs(ino)
         if not attrs.is_symlink:
             raise InvalidArgument("not a symbolic link")
         return attrs.target
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        """The value of extended attribute ``name``. Raises :class:`NotFound`,
+        :class:`NoAttribute` (ENODATA, as getxattr(2))."""
         for key, value in self.head_attrs(ino).xattrs:
             if key == name:
                 return value
         raise NoAttribute()
 
     def listxattr(self, ino: int) -> list[bytes]:
+        """The names of ``ino``'s extended attributes, sorted. Raises :class:`NotFound`."""
         return [key for key, _ in self.head_attrs(ino).xattrs]
 
-    def path_of(self, ino: int) -> bytes | None:
-        """The path the inode was last reached by, or None if unknown."""
-        parts = []
-        for _ in range(4096):
-            if ino == self.root:
-                return b"/".join(reversed(parts))
-            link = self._parents.get(ino)
-            if link is None:
-                return None
-            ino, name = link
-            parts.append(name)
-        return None
-
-    def _link_add(self, ino: int, parent: int, name: bytes) -> None:
-        """``parent/name`` reaches ``ino`` (and is the name its events use now)."""
-        links = self._links.setdefault(ino, [])
-        if (parent, name) in links:
-            links.remove((parent, name))
-        links.append((parent, name))
-        self._parents[ino] = (parent, name)
-
-    def _link_remove(self, ino: int, parent: int, name: bytes) -> None:
-        """``parent/name`` no longer reaches ``ino``; its events use another known name."""
-        links = self._links.get(ino)
-        if links and (parent, name) in links:
-            links.remove((parent, name))
-        if self._parents.get(ino) == (parent, name):
-            if links:
-                self._parents[ino] = links[-1]
-            else:
-                del self._parents[ino]
-        if not links:
-            self._links.pop(ino, None)
-
     def resolve(self, path: bytes) -> tuple[int, int]:
-        """``(ino, kind)`` at a path of the head, recording the links on the way."""
+        """``(ino, kind)`` at a path of the head (relative, ``/``-separated),
+        recording the links on the way. Raises :class:`NotFound`, :class:`NotADirectory`."""
         ino, kind = self.root, KIND_DIR
         with self.read_txn() as txn:
             for part in path.split(b"/"):
@@ -208,33 +226,46 @@ class Workspace(FileOps):
                 found = self.view().lookup(txn, ino, part)
                 if found is None:
                     raise NotFound(f"no such file or directory: {path.decode(errors='replace')!r}")
-                self._link_add(found[0], ino, part)
+                self.links.add(found[0], ino, part)
                 ino, kind = found
         return ino, kind
 
     def forget(self, ino: int) -> None:
-        """The kernel holds no more references to ``ino``: drop what is cached for it."""
+        """The kernel holds no more references to ``ino`` (FUSE ``forget``):
+        drop what is cached for it, unless it is the root or open."""
         if ino == self.root or ino in self.files:
             return
         self._attrs.pop(ino, None)
-        self._parents.pop(ino, None)
-        self._links.pop(ino, None)
+        self.links.forget(ino)
+
+    def drop_unlinked(self, ino: int) -> None:
+        """Drop the cached attributes of ``ino`` if no name reaches it any
+        more (nlink 0; ``files`` calls this when its last handle closes)."""
+        attrs = self._attrs.get(ino)
+        if attrs is not None and attrs.nlink == 0:
+            self._attrs.pop(ino, None)
 
     # -- the mutation transaction ------------------------------------------------------
 
     @contextmanager
-    def event(self, actor: Actor, now_ns: int | None = None) -> Iterator[EventWriter]:
-        """One event: a write transaction with the next seq (``EventWriter``).
+    def event(self, actor: Actor, now_ns: int | None = None) -> Iterator[WorkspaceEvent]:
+        """One event: a write transaction with the next seq, as a
+        :class:`~chronicle.store.namespace.head.WorkspaceEvent` — the public
+        mutation API of the workspace (see the module docstring).
 
-        Commits if the block ends normally and the writer logged a line;
+        Commits if the block ends normally and the writer logged a line, then
+        moves ``head_seq`` and updates the caches from what was written;
         aborts on an exception (nothing changes) or when nothing was logged.
+        ``now_ns``: the event's time (ns since the epoch; default: now).
+        Raises :class:`ReadOnly` (not writable), :class:`NoSpace` (the LMDB
+        map is full), and whatever the block raises.
         """
         if not self.writable:
             raise ReadOnly(f"workspace {self.name!r} is open read-only")
         seq = self.head_seq + 1
         txn = self.store.env.begin(write=True)
-        writer = EventWriter(txn, self.dbs, self.id, seq, is_fork=self.is_fork, turn=self.turn,
-                             pid=actor.pid, history=self.history, now_ns=now_ns)
+        writer = WorkspaceEvent(txn, self.dbs, self.id, seq, head=self._head_view, is_fork=self.is_fork,
+                                turn=self.turn, pid=actor.pid, history=self.history, now_ns=now_ns)
         try:
             yield writer
             if not writer.logged:
@@ -248,17 +279,18 @@ class Workspace(FileOps):
                 raise NoSpace("the store's metadata map is full") from exc
             raise
         self.head_seq = seq
+        writer.apply(self._attrs, self.links)
         self.store.note_commit()
 
     # -- namespace mutations -------------------------------------------------------------
 
-    def _need_dir(self, ino: int, txn) -> Attrs:
+    def _need_dir(self, ino: int, txn: lmdb.Transaction) -> Attrs:
         attrs = self.head_attrs(ino, txn)
         if not attrs.is_dir:
             raise NotADirectory()
         return attrs
 
-    def _entry(self, parent: int, name: bytes, txn) -> tuple[Attrs, int, int]:
+    def _entry(self, parent: int, name: bytes, txn: lmdb.Transaction) -> tuple[Attrs, int, int]:
         """``(parent attrs, ino, kind)`` of an existing entry. Raises
         :class:`NotADirectory` (parent) or :class:`NotFound`."""
         pattrs = self._need_dir(parent, txn)
@@ -266,12 +298,6 @@ class Workspace(FileOps):
         if found is None:
             raise NotFound()
         return pattrs, found[0], found[1]
-
-    def _child_path(self, parent: int, name: bytes) -> bytes | None:
-        base = self.path_of(parent)
-        if base is None:
-            return None
-        return base + b"/" + name if base else name
 
     def _new_inode_attrs(self, parent_attrs: Attrs, mode: int, actor: Actor, now: int, **extra) -> Attrs:
         gid = actor.gid
@@ -300,7 +326,7 @@ class Workspace(FileOps):
             w.put_attrs(ino, attrs)
             w.put_attrs(parent, new_pattrs)
             w.put_dirent(parent, name, ino, model.kind_of_mode(mode))
-            path = self._child_path(parent, name)
+            path = self.links.child_path(parent, name)
             target = _text(attrs.target) if attrs.is_symlink else None
             size = 0 if attrs.is_file else None
             version = None
@@ -310,14 +336,14 @@ class Workspace(FileOps):
                 if is_dir:
                     w.forget_heads_below(path)
             w.log(event, path, version=version if attrs.is_symlink else None, size=size, target=target)
-        self._attrs[ino] = attrs
-        self._attrs[parent] = new_pattrs
-        self._link_add(ino, parent, name)
         return ino, attrs
 
     def create(self, parent: int, name: bytes, mode: int, actor: Actor, rdev: int = 0) -> tuple[int, Attrs]:
         """Create a regular file (or a FIFO, socket or device node for other
-        ``mode`` types). Returns ``(ino, attrs)``. Raises :class:`Exists`."""
+        ``mode`` types; ``rdev`` its device number) ``name`` in ``parent``,
+        owned by the actor (group of a setgid parent). Returns ``(ino, attrs)``.
+        Raises :class:`Exists`, :class:`NotADirectory`, :class:`NameTooLong`,
+        :class:`InvalidArgument` (a bad name, or a directory/symlink mode)."""
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
@@ -328,17 +354,28 @@ class Workspace(FileOps):
         return self._new_child(parent, name, mode, actor, "mknod", P_ARRIVED | P_BUMPS, rdev=rdev)
 
     def mkdir(self, parent: int, name: bytes, mode: int, actor: Actor) -> tuple[int, Attrs]:
+        """Create directory ``name`` in ``parent`` with permission bits
+        ``mode``; it inherits a setgid parent's group and setgid bit (ext4,
+        mkdir(2)). Returns ``(ino, attrs)``. Raises :class:`Exists`,
+        :class:`NotADirectory`, :class:`NameTooLong`, :class:`InvalidArgument`."""
         return self._new_child(parent, name, stat.S_IFDIR | (mode & 0o7777), actor, "mkdir",
                                P_ARRIVED | P_BUMPS | P_DIR, nlink=2, size=DIR_SIZE)
 
     def symlink(self, parent: int, name: bytes, target: bytes, actor: Actor) -> tuple[int, Attrs]:
+        """Create symlink ``name`` in ``parent`` pointing at ``target`` (not
+        resolved). Returns ``(ino, attrs)``. Raises :class:`NameTooLong`
+        (target of 4096 bytes or more, as ext4's one-block limit), :class:`InvalidArgument`
+        (empty target), :class:`Exists`, :class:`NotADirectory`."""
         if not target or len(target) >= 4096:
             raise NameTooLong() if target else InvalidArgument("empty symlink target")
         return self._new_child(parent, name, stat.S_IFLNK | 0o777, actor, "symlink", P_ARRIVED | P_BUMPS,
                                target=target, size=len(target))
 
     def link(self, ino: int, parent: int, name: bytes, actor: Actor) -> Attrs:
-        """Add a hard link ``parent/name`` to ``ino``. Raises :class:`NotPermitted` for directories."""
+        """Add a hard link ``parent/name`` to ``ino``; returns its new attrs.
+        Raises :class:`NotPermitted` for directories (link(2) EPERM),
+        :class:`Exists`, :class:`NotADirectory`, :class:`InvalidArgument`
+        (:data:`MAX_LINKS` reached; ext4 answers EMLINK)."""
         check_name(name)
         with self.event(actor) as w:
             attrs = self.head_attrs(ino, w.txn)
@@ -347,15 +384,15 @@ class Workspace(FileOps):
             pattrs = self._need_dir(parent, w.txn)
             if self.view().lookup(w.txn, parent, name) is not None:
                 raise Exists()
-            if attrs.nlink >= 65000:
+            if attrs.nlink >= MAX_LINKS:
                 raise InvalidArgument("too many links")
-            source = self.path_of(ino)
+            source = self.links.path_of(ino)
             new_attrs = attrs.replace(nlink=attrs.nlink + 1, ctime_ns=w.now_ns)
             new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
             w.put_attrs(ino, new_attrs)
             w.put_attrs(parent, new_pattrs)
             w.put_dirent(parent, name, ino, attrs.kind)
-            path = self._child_path(parent, name)
+            path = self.links.child_path(parent, name)
             version = None
             if path is not None:
                 flags = P_ARRIVED | P_BUMPS | (P_CONTENT if attrs.is_file else 0)
@@ -363,19 +400,17 @@ class Workspace(FileOps):
                                        size=attrs.size if attrs.is_file else None,
                                        from_=_text(source) if source is not None else None)
             w.log("link", path, from_=_text(source) if source is not None else None, version=version)
-        self._attrs[ino] = new_attrs
-        self._attrs[parent] = new_pattrs
-        self._link_add(ino, parent, name)
         return new_attrs
 
     def unlink(self, parent: int, name: bytes, actor: Actor) -> int:
         """Remove a non-directory entry; returns its inode (which lives on
-        while open). Raises :class:`IsADirectory` for a directory."""
+        while open or looked up). Raises :class:`IsADirectory` for a
+        directory, :class:`NotFound`, :class:`NotADirectory` (parent)."""
         with self.event(actor) as w:
             pattrs, ino, kind = self._entry(parent, name, w.txn)
             if kind == KIND_DIR:
                 raise IsADirectory()
-            path = self._child_path(parent, name)
+            path = self.links.child_path(parent, name)
             attrs = self.head_attrs(ino, w.txn)
             new_attrs = attrs.replace(nlink=max(attrs.nlink - 1, 0), ctime_ns=w.now_ns)
             new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
@@ -385,19 +420,18 @@ class Workspace(FileOps):
             if path is not None:
                 w.path_entry(path, "delete", ino=ino, flags=P_GONE)
             w.log("delete", path)
-        self._attrs[ino] = new_attrs
-        self._attrs[parent] = new_pattrs
-        self._link_remove(ino, parent, name)
         return ino
 
     def rmdir(self, parent: int, name: bytes, actor: Actor) -> int:
+        """Remove the empty directory ``parent/name``; returns its inode.
+        Raises :class:`NotADirectory`, :class:`NotEmpty`, :class:`NotFound`."""
         with self.event(actor) as w:
             pattrs, ino, kind = self._entry(parent, name, w.txn)
             if kind != KIND_DIR:
                 raise NotADirectory()
             if self.view().entries(w.txn, ino):
                 raise NotEmpty()
-            path = self._child_path(parent, name)
+            path = self.links.child_path(parent, name)
             attrs = self.head_attrs(ino, w.txn)
             new_attrs = attrs.replace(nlink=0, ctime_ns=w.now_ns)
             new_pattrs = pattrs.replace(nlink=max(pattrs.nlink - 1, 2), mtime_ns=w.now_ns, ctime_ns=w.now_ns)
@@ -407,16 +441,28 @@ class Workspace(FileOps):
             if path is not None:
                 w.path_entry(path, "rmdir", ino=ino, flags=P_GONE | P_DIR)
             w.log("rmdir", path)
-        self._attrs[ino] = new_attrs
-        self._attrs[parent] = new_pattrs
-        self._link_remove(ino, parent, name)
         return ino
 
     def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, actor: Actor) -> int | None:
-        """rename/renameat2. Returns the inode replaced at the target (nlink
-        dropped), or None. Raises :class:`Exists` (RENAME_NOREPLACE),
-        :class:`NotFound` (RENAME_EXCHANGE with no target), :class:`NotEmpty`,
-        :class:`IsADirectory`, :class:`NotADirectory`."""
+        """rename(2) / renameat2(2) of ``p_old/n_old`` to ``p_new/n_new``, one event.
+
+        As rename(2): an existing target is replaced atomically (a directory
+        only by a directory, and only if empty; a non-directory only by a
+        non-directory); if source and target are the same inode nothing
+        happens. ``flags``: ``RENAME_NOREPLACE`` fails if the target exists;
+        ``RENAME_EXCHANGE`` swaps the two entries atomically (both must
+        exist; they may be of different types), as ext4 implements it.
+
+        History: the target path gets a new version if something was
+        replaced, else it continues the source path's history (``git log
+        --follow``); the source path's history records where it went.
+
+        Returns the inode replaced at the target (nlink dropped; it lives on
+        while open or looked up), or None. Raises :class:`Exists`
+        (RENAME_NOREPLACE), :class:`NotFound` (no source; RENAME_EXCHANGE
+        with no target), :class:`NotEmpty`, :class:`IsADirectory`,
+        :class:`NotADirectory`, :class:`InvalidArgument` (bad flags, a
+        directory into itself), :class:`NameTooLong`."""
         check_name(n_new)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise InvalidArgument("invalid rename flags")
@@ -437,12 +483,12 @@ class Workspace(FileOps):
             dst = view.lookup(txn, p_new, n_new)
             if dst is not None and dst[0] == src[0]:
                 return None                        # same inode: POSIX says do nothing
-            old_path, new_path = self._child_path(p_old, n_old), self._child_path(p_new, n_new)
+            old_path, new_path = self.links.child_path(p_old, n_old), self.links.child_path(p_new, n_new)
             src_ino, src_kind = src
-            if src_kind == KIND_DIR and self._is_within(p_new, src_ino, txn):
+            if src_kind == KIND_DIR and self.links.is_within(p_new, src_ino):
                 raise InvalidArgument("cannot move a directory into itself")
             if dst is not None and flags & RENAME_EXCHANGE and dst[1] == KIND_DIR and \
-                    self._is_within(p_old, dst[0], txn):
+                    self.links.is_within(p_old, dst[0]):
                 raise InvalidArgument("cannot move a directory into itself")
             src_attrs = attrs_of(src_ino)
             if flags & RENAME_EXCHANGE:
@@ -508,31 +554,9 @@ class Workspace(FileOps):
                       version=version if src_kind != KIND_DIR else None,
                       size=src_attrs.size if src_attrs.is_file else None,
                       hash=w.content_hash(src_attrs.content) if src_attrs.is_file else None)
-        self._attrs.update(updates)
-        self._link_remove(src_ino, p_old, n_old)
-        if flags & RENAME_EXCHANGE:
-            self._link_remove(dst[0], p_new, n_new)
-            self._link_add(dst[0], p_old, n_old)
-        elif replaced is not None:
-            self._link_remove(replaced, p_new, n_new)
-        self._link_add(src_ino, p_new, n_new)
         return replaced
 
-    def _is_within(self, ino: int, ancestor: int, txn) -> bool:
-        """True if directory ``ino`` is ``ancestor`` or below it, walking up
-        the parent links. Through FUSE the kernel checks this before asking;
-        this protects API callers. An unknown link (never looked up) ends the
-        walk: such a directory was not reached through ``ancestor``."""
-        for _ in range(4096):
-            if ino == ancestor:
-                return True
-            link = self._parents.get(ino)
-            if ino == self.root or link is None:
-                return False
-            ino = link[0]
-        return True
-
-    def _rename_entry(self, w: EventWriter, path: bytes, origin: bytes | None, ino: int, attrs: Attrs,
+    def _rename_entry(self, w: WorkspaceEvent, path: bytes, origin: bytes | None, ino: int, attrs: Attrs,
                       *, replaced: bool) -> int:
         """The entry for what arrives at ``path`` by a rename: a new version if
         it replaced something, else a continuation of ``origin``'s history."""
@@ -553,7 +577,11 @@ class Workspace(FileOps):
 
     def setattr(self, ino: int, actor: Actor, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Attrs:
-        """chmod / chown / utimens (size changes go through ``truncate``)."""
+        """chmod / chown / utimens of ``ino`` (size changes go through
+        ``files.truncate``); times in ns since the epoch. One event named for
+        the change (``chmod``, ``chown``, ``utimens``), or none if nothing
+        changes (tar re-applies owners). Returns the attributes as
+        :meth:`getattr`. Raises :class:`NotFound`."""
         with self.event(actor) as w:
             attrs = self.head_attrs(ino, w.txn)
             changes: dict = {"ctime_ns": w.now_ns}
@@ -575,7 +603,7 @@ class Workspace(FileOps):
             if event is None or new_attrs.replace(ctime_ns=attrs.ctime_ns) == attrs:
                 return self.getattr(ino)          # nothing changes: no event (tar re-applies owners)
             w.put_attrs(ino, new_attrs)
-            path = self.path_of(ino)
+            path = self.links.path_of(ino)
             fields = {}
             if event == "chmod":
                 fields["mode"] = oct(stat.S_IMODE(new_attrs.mode))
@@ -586,24 +614,24 @@ class Workspace(FileOps):
                              (P_DIR if attrs.is_dir else 0), content=attrs.content,
                              size=attrs.size if attrs.is_file else None, **fields)
             w.log(event, path, **fields)
-        self._attrs[ino] = new_attrs
-        state = self.files.get(ino)
-        if state is not None:
-            # An explicit time (futimens on an open file) wins over the time of
-            # the writes before it; later writes set it again.
-            if mtime_ns is not None:
-                state.mtime_ns = None
-            state.ctime_ns = None
+        self.files.times_set(ino, mtime=mtime_ns is not None)
         return self.getattr(ino)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, actor: Actor) -> None:
-        """Set an extended attribute (``user.``, ``trusted.``, ``security.``)."""
+        """Set extended attribute ``name`` (``user.``, ``trusted.``,
+        ``security.``) to ``value``. Raises :class:`NotSupported` (another
+        namespace: no POSIX ACLs), :class:`NoSpace` (a value over
+        :data:`XATTR_SIZE_MAX`, or all over :data:`XATTR_TOTAL_MAX` bytes),
+        :class:`NotPermitted` (``user.`` on a symlink or device, as
+        xattr(7)), :class:`InvalidArgument` (a name over 255 bytes)."""
         self._check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise NoSpace("extended attribute value too large")
         self._change_xattrs(ino, actor, "setxattr", name, value)
 
     def removexattr(self, ino: int, name: bytes, actor: Actor) -> None:
+        """Remove extended attribute ``name``. Raises :class:`NoAttribute`,
+        and as :meth:`setxattr` for the name."""
         self._check_xattr_name(name)
         self._change_xattrs(ino, actor, "removexattr", name, None)
 
@@ -629,13 +657,12 @@ class Workspace(FileOps):
                     raise NoSpace("no space left for extended attributes")
             new_attrs = attrs.replace(xattrs=tuple(sorted(xattrs.items())), ctime_ns=w.now_ns)
             w.put_attrs(ino, new_attrs)
-            path = self.path_of(ino)
+            path = self.links.path_of(ino)
             if path is not None:
                 w.path_entry(path, event, ino=ino, flags=(P_CONTENT if attrs.is_file else 0) |
                              (P_DIR if attrs.is_dir else 0), content=attrs.content,
                              size=attrs.size if attrs.is_file else None, name=_text(name))
             w.log(event, path, name=_text(name))
-        self._attrs[ino] = new_attrs
 
     # -- snapshots and turn labels ------------------------------------------------------------
 

@@ -1,29 +1,22 @@
-"""The store without a mount: versions, history, past trees, forks, restores,
-and crash recovery of the metadata.
+"""The workspace without a mount: versions, history that follows renames,
+past trees, forks, rename flags, turn labels, and the head caches
+(``ws.links``, ``ws.files``) that its events keep.
 
 These call the store's Python API as the FUSE adapter and the CLI do.
+Restores are in ``test_restore.py``; crash recovery in
+``tests/store/meta/test_recovery.py``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-
 import blake3
 import pytest
 
-from chronicle.errors import Busy, Exists, NotFound
+from chronicle.errors import Exists, InvalidArgument, NotFound, ReadOnly
 from chronicle.store.fsck.checks import fsck
-from chronicle.store.meta.recovery import read_meta_pages
-from chronicle.store.model import Actor
-from chronicle.store.namespace.restore import restore_file, restore_tree
 from chronicle.store.namespace.workspace import RENAME_EXCHANGE, RENAME_NOREPLACE
 from chronicle.store.store import Store
-
-A = Actor(uid=0, gid=0, pid=4242)
+from storeutil import A, history, log_lines, read, write
 
 
 @pytest.fixture
@@ -36,32 +29,6 @@ def store(tmp_path):
 @pytest.fixture
 def ws(store):
     return store.open_workspace("w", writable=True, create=True)
-
-
-def write(ws, parent, name, data: bytes, *, exists_ok=True) -> int:
-    """create (or open with O_TRUNC) + write + close, as ``open(..., "wb")`` does."""
-    try:
-        ino, _ = ws.create(parent, name, 0o100644, A)
-        ws.open_file(ino, created=True)
-    except Exists:
-        if not exists_ok:
-            raise
-        ino, _ = ws.lookup(parent, name)
-        ws.open_file(ino, truncate=True)
-    ws.write_file(ino, 0, data, A.pid)
-    ws.commit_file(ino)
-    ws.release_file(ino)
-    return ino
-
-
-def history(ws, path: bytes) -> list[dict]:
-    with ws.read_txn() as txn:
-        return json.loads(ws.history.render_query(txn, path))["versions"]
-
-
-def read(ws, path: bytes) -> bytes:
-    ino, _ = ws.resolve(path)
-    return ws.read_file(ino, 0, 1 << 30)
 
 
 # -- versions ----------------------------------------------------------------------
@@ -78,9 +45,9 @@ def test_a_created_and_written_file_has_one_version(ws):
 
 def test_touch_is_a_create_version_and_identical_content_makes_none(ws):
     ino, _ = ws.create(ws.root, b"empty", 0o100644, A)
-    ws.open_file(ino, created=True)
-    ws.commit_file(ino)
-    ws.release_file(ino)
+    ws.files.open(ino, created=True)
+    ws.files.commit(ino)
+    ws.files.release(ino)
     assert [v["event"] for v in history(ws, b"empty")] == ["create"]
     write(ws, ws.root, b"f", b"same")
     head = ws.head_seq
@@ -97,8 +64,7 @@ def test_every_event_gets_the_next_seq_and_the_log_lists_them_oldest_first(ws):
     ws.setattr(ino, A, mode=0o600)
     ws.setxattr(ino, b"user.k", b"v", A)
     ws.unlink(d, b"b", A)
-    with ws.read_txn() as txn:
-        lines = [json.loads(x) for x in ws.history.log_lines(txn)]
+    lines = log_lines(ws)
     assert [x["seq"] for x in lines] == list(range(1, len(lines) + 1))
     assert [x["event"] for x in lines] == ["mkdir", "create", "write", "rename", "chmod", "setxattr", "delete"]
     assert lines[3]["path"] == "d/b" and lines[3]["from"] == "d/a"
@@ -172,39 +138,6 @@ def test_a_fork_is_a_copy_on_write_view_at_the_fork_seq(store, ws):
     assert fsck(store).clean
 
 
-def test_restore_of_a_file_version_and_of_a_whole_tree_are_new_events(ws):
-    d, _ = ws.mkdir(ws.root, b"d", 0o755, A)
-    write(ws, d, b"f", b"v1")
-    f = ws.lookup(d, b"f")[0]
-    ws.link(f, ws.root, b"hard", A)
-    point = ws.head_seq
-    write(ws, d, b"f", b"v2")
-    ws.rename(ws.root, b"d", ws.root, b"moved", 0, A)
-    write(ws, ws.root, b"added", b"x")
-    restore_file(ws, b"moved/f", 1, A)
-    assert read(ws, b"moved/f") == b"v1" and history(ws, b"moved/f")[-1]["event"] == "restore"
-    before = ws.head_seq
-    changes = restore_tree(ws, point, A)
-    assert changes.seq == before + 1 == ws.head_seq          # one event
-    assert sorted(n for n, _, _ in ws.readdir(ws.root)) == [b"d", b"hard"]
-    assert read(ws, b"d/f") == b"v1"
-    f_ino, _ = ws.resolve(b"d/f")
-    assert ws.resolve(b"hard")[0] == f_ino and ws.head_attrs(f_ino).nlink == 2   # the hard link came back
-    with ws.read_txn() as txn:
-        assert ws.view(point - 1).lookup(txn, ws.root, b"hard") is None         # history untouched
-
-
-def test_restore_refuses_files_with_uncommitted_writes(ws):
-    ino = write(ws, ws.root, b"f", b"v1")
-    point = ws.head_seq
-    write(ws, ws.root, b"f", b"v2")
-    ws.open_file(ino)
-    ws.write_file(ino, 0, b"dirty", 1)
-    with pytest.raises(Busy):
-        restore_tree(ws, point, A)
-    ws.release_file(ino)
-
-
 def test_rename_flags(ws):
     write(ws, ws.root, b"a", b"A")
     write(ws, ws.root, b"b", b"B")
@@ -215,80 +148,7 @@ def test_rename_flags(ws):
     assert history(ws, b"a")[-1]["from"] == "b"
 
 
-# -- crash safety ----------------------------------------------------------------------------
-
-
-CHILD = r"""
-import sys
-from chronicle.store.model import Actor
-from chronicle.store.store import Store
-st = Store.open(sys.argv[1])
-ws = st.open_workspace("w", writable=True)
-ino, _ = ws.create(ws.root, b"after-kill", 0o100644, Actor())
-ws.open_file(ino, created=True); ws.write_file(ino, 0, b"closed before the kill", 1); ws.commit_file(ino)
-import os; os._exit(0)          # like kill -9: no sync, no close
-"""
-
-
-def test_a_committed_version_survives_a_killed_process(tmp_path):
-    path = tmp_path / "store"
-    st = Store.init(path)
-    st.open_workspace("w", writable=True, create=True)
-    st.close()
-    subprocess.run([sys.executable, "-c", CHILD, str(path)], check=True)
-    with Store.open(path) as st:
-        ws = st.open_workspace("w")
-        assert read(ws, b"after-kill") == b"closed before the kill"
-        assert fsck(st).clean
-
-
-def test_after_a_machine_crash_the_metadata_rolls_back_to_the_last_sync(tmp_path, monkeypatch):
-    """Simulate the worst a machine crash can leave: the newest meta page on
-    disk, but not the tree pages it points to. The store must open at its
-    last synced state, and fsck must find it clean."""
-    path = tmp_path / "store"
-    st = Store.init(path)
-    ws = st.open_workspace("w", writable=True, create=True)
-    write(ws, ws.root, b"synced", b"made durable by sync")
-    st.sync()
-    st.close()
-    disk = (path / "meta" / "data.mdb").read_bytes()      # what the disk holds after the sync
-    synced_record = (path / "meta" / "synced.json").read_bytes()
-    st = Store.open(path)
-    ws = st.open_workspace("w", writable=True)
-    for i in range(50):
-        write(ws, ws.root, b"lost-%d" % i, os.urandom(2000))
-    st.chunks.flush()
-    st._dirty = False           # these commits never reach the disk: no sync at close
-    st.close()
-    live = path / "meta" / "data.mdb"
-    page_size = st._page_size
-    newest = max(read_meta_pages(live, page_size), key=lambda m: m.txnid)
-    crashed = bytearray(disk)   # the disk: the synced pages, plus the newest meta page flushed early
-    crashed[newest.slot * page_size:(newest.slot + 1) * page_size] = newest.raw
-    live.write_bytes(bytes(crashed))
-    (path / "meta" / "synced.json").write_bytes(synced_record)
-    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
-    with Store.open(path) as st:
-        ws = st.open_workspace("w")
-        assert read(ws, b"synced") == b"made durable by sync"
-        with pytest.raises(NotFound):
-            ws.resolve(b"lost-0")
-        assert fsck(st).clean
-
-
-def test_the_same_boot_never_rolls_back(tmp_path):
-    path = tmp_path / "store"
-    st = Store.init(path)
-    ws = st.open_workspace("w", writable=True, create=True)
-    st.sync()
-    write(ws, ws.root, b"unsynced", b"still here")
-    shutil.copy(path / "meta" / "synced.json", tmp_path / "synced.json")
-    st.chunks.flush()
-    st._dirty = False           # leave without syncing, as a killed process would
-    st.close()
-    with Store.open(path) as st:
-        assert read(st.open_workspace("w"), b"unsynced") == b"still here"
+# -- the store handle and turn labels ---------------------------------------------------
 
 
 def test_opening_a_store_twice_in_one_process_shares_it(tmp_path):
@@ -318,3 +178,72 @@ def test_a_turn_label_left_open_by_a_crash_is_ended_as_interrupted(tmp_path):
         assert record["interrupted"] is True and record["end_seq"] == ws.head_seq
         assert st.resolve_point(ws, "turn:bot:1") == ws.head_seq
         assert ws.close_interrupted_turns() == 0
+
+
+# -- the head caches follow the events ----------------------------------------------------------
+
+
+def test_events_name_the_path_an_inode_was_last_reached_by(ws):
+    d, _ = ws.mkdir(ws.root, b"d", 0o755, A)
+    f = write(ws, d, b"f", b"x")
+    assert ws.links.path_of(f) == b"d/f" and ws.links.parent(f) == d
+    ws.link(f, ws.root, b"hard", A)
+    assert ws.links.path_of(f) == b"hard"                # the newest name
+    ws.unlink(ws.root, b"hard", A)
+    assert ws.links.path_of(f) == b"d/f"                 # falls back to the name that remains
+    ws.rename(ws.root, b"d", ws.root, b"e", 0, A)
+    assert ws.links.path_of(f) == b"e/f"
+    ws.setattr(f, A, mode=0o600)
+    assert log_lines(ws)[-1]["path"] == "e/f"
+
+
+def test_rename_exchange_and_replace_move_both_links(ws):
+    a = write(ws, ws.root, b"a", b"A")
+    b = write(ws, ws.root, b"b", b"B")
+    ws.rename(ws.root, b"a", ws.root, b"b", RENAME_EXCHANGE, A)
+    assert (ws.links.path_of(a), ws.links.path_of(b)) == (b"b", b"a")
+    assert ws.rename(ws.root, b"b", ws.root, b"a", 0, A) == b        # replaces b (now at "a")
+    assert ws.links.path_of(a) == b"a" and ws.links.path_of(b) is None
+    assert ws.head_attrs(b).nlink == 0
+
+
+def test_an_aborted_event_leaves_the_caches_as_they_were(ws):
+    f = write(ws, ws.root, b"f", b"x")
+    before = ws.head_attrs(f)
+    with pytest.raises(RuntimeError):
+        with ws.event(A) as w:
+            w.put_attrs(f, before.replace(mode=0o100600))
+            w.del_dirent(ws.root, b"f")
+            w.log("chmod", b"f")
+            raise RuntimeError("abort")
+    assert ws.head_attrs(f) == before and ws.links.path_of(f) == b"f"
+    assert ws.lookup(ws.root, b"f")[0] == f
+
+
+def test_open_files_is_a_mapping_of_the_open_inodes(ws):
+    f = write(ws, ws.root, b"f", b"committed")
+    state = ws.files.open(f)
+    assert list(ws.files) == [f] and ws.files[f] is state and len(ws.files) == 1
+    ws.files.write(f, 0, b"UNCOMMITTED", 1)
+    assert ws.files.is_dirty(f) and ws.files.dirty() == [f]
+    assert ws.getattr(f).size == len(b"UNCOMMITTED") and ws.head_attrs(f).size == len(b"committed")
+    seq = ws.files.commit(f)
+    assert seq == ws.head_seq and not ws.files.is_dirty(f)
+    ws.files.release(f)
+    assert f not in ws.files
+    with pytest.raises(NotFound):
+        ws.files.write(f, 0, b"not open", 1)
+
+
+def test_mutation_errors_are_those_of_ext4(ws, store):
+    write(ws, ws.root, b"f", b"x")
+    with pytest.raises(Exists):
+        ws.mkdir(ws.root, b"f", 0o755, A)
+    with pytest.raises(InvalidArgument):
+        ws.mkdir(ws.root, b"a/b", 0o755, A)
+    d, _ = ws.mkdir(ws.root, b"d", 0o755, A)
+    with pytest.raises(InvalidArgument):                 # a directory into itself
+        ws.rename(ws.root, b"d", d, b"inside", 0, A)
+    reader = store.open_workspace("w")
+    with pytest.raises(ReadOnly):
+        reader.mkdir(reader.root, b"x", 0o755, A)

@@ -1,0 +1,151 @@
+"""``chronicle.store.namespace.content``: a content record read as bytes
+across chunk boundaries and holes, and ``build_content`` turning an overlay
+into a new record that reuses what did not change."""
+
+from __future__ import annotations
+
+import random
+from array import array
+
+import blake3
+import pytest
+
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, hash_bytes
+from chronicle.store.meta.schema import ContentRecord
+from chronicle.store.namespace import content as content_module
+from chronicle.store.namespace.content import MIN_HOLE, ContentMap, build_content
+from chronicle.store.namespace.staging import Overlay
+from chronicle.store.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = Store.init(tmp_path / "store")
+    yield st
+    st.close()
+
+
+def content_of(store, pieces: list[bytes | int]) -> tuple[ContentMap, bytes]:
+    """A ContentMap of chunks (bytes) and holes (int: length), and the bytes it must read as."""
+    ids, lengths, model = [], array("Q"), bytearray()
+    for piece in pieces:
+        if isinstance(piece, int):
+            ids.append(HOLE_ID)
+            lengths.append(piece)
+            model += bytes(piece)
+        else:
+            chunk_id = hash_bytes(piece)
+            store.chunks.put(chunk_id, piece)
+            ids.append(chunk_id)
+            lengths.append(len(piece))
+            model += piece
+    store.chunks.flush()
+    record = ContentRecord(len(model), blake3.blake3(bytes(model)).digest(), b"".join(ids), lengths)
+    with store.env.begin(write=True) as txn:
+        store.chunks.committed(store.chunks.add_refs(txn, record))
+    return ContentMap(record.hash, record, store.chunks), bytes(model)
+
+
+def noise(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def test_reads_across_chunk_boundaries_and_holes_match_the_bytes(store):
+    cm, model = content_of(store, [noise(5000, 1), 7000, noise(1, 2), noise(4096, 3), 9000, noise(300, 4)])
+    assert cm.size == len(model)
+    rng = random.Random(0)
+    for _ in range(300):
+        offset = rng.randrange(len(model) + 10)
+        size = rng.choice([1, 17, 4096, 5000, 12000, 1 << 20])
+        assert cm.read(offset, size) == model[offset:offset + size]
+    assert cm.read(0, len(model) + 100) == model                 # short at the end
+    assert cm.read(len(model), 10) == b""
+
+
+def test_sequential_reads_prefetch_and_still_return_the_bytes(store):
+    cm, model = content_of(store, [noise(64 * 1024, i) for i in range(6)])
+    got = b"".join(cm.read(off, 4096) for off in range(0, len(model), 4096))
+    assert got == model
+
+
+def test_extent_index_and_allocated_bytes(store):
+    cm, _ = content_of(store, [noise(100, 1), 50, noise(10, 2)])
+    assert [cm.extent_index(o) for o in (0, 99, 100, 149, 150, 159)] == [0, 0, 1, 1, 2, 2]
+    assert cm.extent_span(1) == (100, 150)
+    assert cm.allocated_bytes_cached() == 110                    # holes are not allocated
+    empty = ContentMap.empty(store.chunks)
+    assert (empty.id, empty.size, empty.read(0, 10)) == (EMPTY_CONTENT_ID, 0, b"")
+
+
+# -- building ------------------------------------------------------------------------------
+
+
+def overlay_on(store, base: ContentMap) -> Overlay:
+    return Overlay(str(store.staging_dir), base, None)           # no chunk store: never streams
+
+
+def test_a_built_content_reads_back_and_is_keyed_by_its_blake3(store):
+    overlay = overlay_on(store, ContentMap.empty(store.chunks))
+    data = noise(300_000, 7)
+    overlay.write(0, data)
+    built = build_content(overlay, store.chunks)
+    store.chunks.flush()
+    assert built.id == built.record.hash == blake3.blake3(data).digest()
+    assert built.record.size == len(data) and built.new_bytes == len(data)
+    assert ContentMap(built.id, built.record, store.chunks).read(0, 1 << 20) == data
+    overlay.close()
+
+
+def test_a_small_edit_of_a_large_file_reuses_the_untouched_extents(store):
+    data = noise(2_000_000, 8)
+    base, _ = content_of(store, [data[i:i + 250_000] for i in range(0, len(data), 250_000)])
+    overlay = overlay_on(store, base)
+    overlay.write(1_000_000, b"EDIT" * 1024)
+    built = build_content(overlay, store.chunks)
+    store.chunks.flush()
+    expected = data[:1_000_000] + b"EDIT" * 1024 + data[1_004_096:]
+    assert ContentMap(built.id, built.record, store.chunks).read(0, 1 << 22) == expected
+    assert built.id == blake3.blake3(expected).digest()
+    assert built.reused_extents >= 6 and built.new_bytes <= 2 * 250_000   # only the touched extents are cut again
+    overlay.close()
+
+
+def test_holes_of_a_sparse_file_become_hole_extents(store):
+    overlay = overlay_on(store, ContentMap.empty(store.chunks))
+    overlay.write(0, b"head")
+    overlay.write(5 << 20, b"tail")
+    built = build_content(overlay, store.chunks)
+    store.chunks.flush()
+    ids = [built.record.chunk_id(i) for i in range(built.record.extent_count)]
+    assert HOLE_ID in ids
+    holes = sum(built.record.lengths[i] for i, cid in enumerate(ids) if cid == HOLE_ID)
+    assert holes >= MIN_HOLE
+    cm = ContentMap(built.id, built.record, store.chunks)
+    assert cm.size == (5 << 20) + 4 and cm.read(0, 4) == b"head" and cm.read(5 << 20, 10) == b"tail"
+    assert cm.read(4096, 8) == bytes(8)
+    assert cm.allocated_bytes_cached() < 1 << 20
+    overlay.close()
+
+
+def test_a_file_too_sparse_to_hash_is_keyed_by_its_extent_list(store, monkeypatch):
+    monkeypatch.setattr(content_module, "HASH_HOLE_LIMIT", 1 << 20)
+    overlay = overlay_on(store, ContentMap.empty(store.chunks))
+    overlay.write(8 << 20, b"far out")
+    built = build_content(overlay, store.chunks)
+    assert built.record.hash is None and built.hasher is None
+    assert built.id != blake3.blake3(bytes(8 << 20) + b"far out").digest()
+    overlay.close()
+
+
+def test_a_hash_prefix_resumes_hashing_where_it_stopped(store):
+    data = noise(400_000, 9)
+    base, _ = content_of(store, [data])
+    hasher = blake3.blake3(data)
+    overlay = overlay_on(store, base)
+    overlay.write(len(data), b"appended")
+    built = build_content(overlay, store.chunks, hash_prefix=(len(data), hasher))
+    assert built.id == blake3.blake3(data + b"appended").digest()
+    overlay.close()
