@@ -9,12 +9,11 @@ import json
 
 import pytest
 
-from chronicle.errors import Exists, NotFound
+from chronicle.errors import NotFound
 from chronicle.store.meta.journal import parse_iso_time
-from chronicle.store.model import Actor
 from chronicle.store.store import Store
+from storeutil import A, write
 
-A = Actor(uid=0, gid=0, pid=4242)
 
 
 @pytest.fixture
@@ -28,19 +27,6 @@ def store(tmp_path):
 def ws(store):
     return store.open_workspace("w", writable=True, create=True)
 
-
-def write(ws, parent: int, name: bytes, data: bytes) -> int:
-    """create (or open with O_TRUNC) + write + close."""
-    try:
-        ino, _ = ws.create(parent, name, 0o100644, A)
-        ws.open_file(ino, created=True)
-    except Exists:
-        ino, _ = ws.lookup(parent, name)
-        ws.open_file(ino, truncate=True)
-    ws.write_file(ino, 0, data, A.pid)
-    ws.commit_file(ino)
-    ws.release_file(ino)
-    return ino
 
 
 def versions(ws, path: bytes) -> list[tuple[int, str, str]]:

@@ -16,10 +16,9 @@ import pytest
 from chronicle.errors import Exists, InvalidArgument, NotFound
 from chronicle.store.history import points
 from chronicle.store.history.points import TurnLabel
-from chronicle.store.model import Actor
 from chronicle.store.store import Store
+from storeutil import A
 
-A = Actor(uid=0, gid=0, pid=4242)
 
 
 @pytest.fixture

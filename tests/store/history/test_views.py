@@ -12,7 +12,7 @@ import time
 import blake3
 import pytest
 
-from chronicle.errors import (Corrupt, Exists, InvalidArgument, IsADirectory, NoAttribute, NotADirectory,
+from chronicle.errors import (Corrupt, InvalidArgument, IsADirectory, NoAttribute, NotADirectory,
                               NotFound, ReadOnly)
 from chronicle.store.history import points
 from chronicle.store.history.views import (ROOT_CHILDREN, AtDir, CtlFile, HistoryViews, LogFile, LogReader,
@@ -20,10 +20,9 @@ from chronicle.store.history.views import (ROOT_CHILDREN, AtDir, CtlFile, Histor
                                            VersionFile, VersionsDir, split_version, version_list)
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import EventWriter
-from chronicle.store.model import Actor
 from chronicle.store.store import Store
+from storeutil import A, write
 
-A = Actor(uid=0, gid=0, pid=4242)
 
 
 @pytest.fixture
@@ -42,19 +41,6 @@ def ws(store):
 def views(ws):
     return HistoryViews(ws, mountpoint="/mnt/w")
 
-
-def write(ws, parent: int, name: bytes, data: bytes) -> int:
-    """create (or open with O_TRUNC) + write + close."""
-    try:
-        ino, _ = ws.create(parent, name, 0o100644, A)
-        ws.open_file(ino, created=True)
-    except Exists:
-        ino, _ = ws.lookup(parent, name)
-        ws.open_file(ino, truncate=True)
-    ws.write_file(ino, 0, data, A.pid)
-    ws.commit_file(ino)
-    ws.release_file(ino)
-    return ino
 
 
 def read_all(views: HistoryViews, node, piece: int = 1 << 20) -> bytes:
