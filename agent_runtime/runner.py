@@ -18,7 +18,8 @@ log's, ``chronicle.store.history.turns``)::
                                                     one transaction, beside the file events
 
 The daemon writes because it is the workspace's writer (it holds the writer
-lock while mounted); the runner only reads the store. A runtime that dies
+lock while mounted); the runner reads the turn log and writes only the
+agent record's ``status`` and ``state_version``. A runtime that dies
 mid-turn leaves turn N ``running``: the next ``turn-end`` without a record (a
 new runtime ends the label it finds open) or the next daemon's start (a daemon
 that died too) records it ``interrupted``. A ``turn-end`` that fails (the
@@ -28,15 +29,15 @@ store so its state stays the log's.
 States of a runner: **asleep** (no worker; the workspace unmounted) and
 **awake** (mounted, worker started, ``on_init`` run). The first job wakes it;
 after ``idle_timeout`` seconds without jobs it asks ``on_idle_timeout`` and,
-on True, seals the turn log (store sync), stops the worker and unmounts. A
+on True, syncs the store, stops the worker and unmounts. A
 worker that dies is noticed at once during a turn (EOF: the turn is
 ``interrupted``) and otherwise at the next job, which starts a new one from
 the store (the latest snapshot plus patches).
 
 Lifecycle hooks (``on_init``, ``on_idle_timeout``, ``on_shutdown``) run as
-turns too, labelled and with their state patch, but they are kept in the turn
-log only if they changed something (state or files) or failed; otherwise
-their number is used by the next turn.
+turns too, labelled and with their state patch, but the turn log keeps them
+only if they changed something (state or files) or failed (or, for a
+migrating ``on_init``, always); otherwise their number is used by the next turn.
 
 The runner's **host** (:class:`RunnerHost`, implemented by
 :class:`~agent_runtime.runtime.Runtime`) gives it the store and the turn log
@@ -77,10 +78,11 @@ TURN_DATA_PIECE = 1 << 18   # characters of JSON per turn-data piece (at most tw
 class RunnerHost(Protocol):
     """What an :class:`AgentRunner` needs from the runtime that hosts it.
 
-    ``store``: the open store (read only: the runner writes through the
-    mount's ``ctl``); ``turn_log``: its turn log, for agent records, turn
-    records and states; the settings below, in seconds (``idle_timeout``
-    None: never scale to zero) and turns (``snapshot_every``).
+    ``store``: the open store (the runner syncs it and reads its mount
+    registrations; its turns go through the mount's ``ctl``); ``turn_log``:
+    the store's turn log, for agent records, turn records and states; the
+    settings below, in seconds (``idle_timeout`` None: never scale to zero)
+    and turns (``snapshot_every``).
     """
 
     store: Store

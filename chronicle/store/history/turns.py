@@ -22,7 +22,7 @@ Vocabulary (SPEC §4, §5):
   agent, turn; only for the agent whose workspace has its name)::
 
       {"turn", "kind", "status", "message_id", "message", "reply", "messages",
-       "error", "patch": [RFC 6902 ops], "usage": {...}, "begin_seq", "end_seq",
+       "error", "patch": [JSON Patch ops], "usage": {...}, "begin_seq", "end_seq",
        "time", "end_time", "duration_ms", "snapshot": bool,
        "rollback_to"?, "forked_from"?, "migrated_from"?, "target"?}
 
@@ -39,8 +39,11 @@ Vocabulary (SPEC §4, §5):
   ``agent_states``, key agent, turn): ``{"version", "entity_type", "state"}``,
   kept for turn 0, every N-th turn, rollbacks and migrations. The state after
   turn N is the latest snapshot at or before N with the patches of the
-  completed turns after it applied in order (RFC 6902, the ``jsonpatch``
-  library): one snapshot and fewer than N patches, however long the log.
+  completed turns after it applied in order: one snapshot and fewer than N
+  patches, however long the log.
+- **JSON Patch** — a turn record's ``patch``: RFC 6902 operations that take
+  the state before the turn to the state after it (applied with the
+  ``jsonpatch`` library).
 - **agent record** — database ``agents``, key agent id (the name of its
   workspace)::
 
@@ -63,9 +66,12 @@ WorkspaceMount``), and that daemon holds the lock while mounted; so the runtime
 sends its records over the workspace's ``ctl`` channel (``turn-begin`` carries
 the ``running`` record, ``turn-end`` the outcome and the state snapshot;
 ``chronicle.fs.ctl``) and the daemon writes label, record, snapshot and
-counters in one LMDB transaction, beside the file events they describe. When
-the workspace is not mounted (creating or forking an agent) the runtime takes
-the writer lock itself for that one transaction. The runtime writes the other
+counters in one LMDB transaction, beside the file events they describe (the
+runtime cannot be the writer: the daemon holds the lock whenever the files
+change, and a label and its record must end at the same seq). When the
+workspace is not mounted (creating or forking an agent) the runtime takes the
+writer lock itself for that one transaction; deleting an agent drops its
+records after its workspace is gone. The runtime writes the other
 fields of the agent record (:meth:`TurnLog.update`); LMDB serialises write
 transactions across processes, so each read-modify-write sees the other's.
 Everyone reads, in any process.
