@@ -636,7 +636,7 @@ class Workspace(FileOps):
             w.log(event, path, name=_text(name))
         self._attrs[ino] = new_attrs
 
-    # -- snapshots ------------------------------------------------------------
+    # -- snapshots ----------------------------------------------------------------------------
 
     def snapshot(self, name: str) -> int:
         """Name the current head seq. Raises :class:`Exists`, :class:`InvalidArgument`."""
