@@ -551,8 +551,9 @@ class Runtime:
         return await job.future
 
     async def _sync_loop(self) -> None:
-        """Sync the store when due (``Store.needs_sync``): our turn records get
-        durable, and our LMDB pin does not hold back page reuse for the daemons."""
+        """Sync the store when due (``Store.needs_sync``): the agent records we
+        wrote get durable (the daemons sync the turns they write), and our LMDB
+        pin does not hold back page reuse for the daemons."""
         while True:
             await asyncio.sleep(min(1.0, self.sync_interval))
             if self.store.needs_sync(interval=self.sync_interval):
