@@ -6,27 +6,43 @@ lock file, its :class:`~agent_runtime.process.WorkspaceMount` and its
 a wake, a stop) wait in a queue and run one at a time, so turns never
 overlap and a rollback lands between turns.
 
-A **turn**, as the runner drives it (SPEC §5)::
+A **turn**, as the runner drives it (SPEC §5; the vocabulary is the turn
+log's, ``chronicle.store.history.turns``)::
 
-    ctl turn-begin {agent, turn N, message_id}    every file event from now on carries the label
-    store: turn N "running"                       (a runtime that dies here leaves it; the next
-                                                   start records it "interrupted")
+    ctl turn-begin {agent, turn N, message_id,     the daemon opens the label and writes turn N
+                    record: {kind, message, ...}}   "running" in one transaction; every file event
+                                                    from now on carries the label
     worker: run → tokens (streamed to the Reply at once) → done {status, patch, ...}
-    ctl turn-end                                  commits open files; gives begin_seq/end_seq
-    store: turn N final, + state snapshot if due  one LMDB transaction, beside the file events
+    ctl turn-end {record: outcome, snapshot?}       commits open files, ends the label and writes
+                                                    turn N final (+ the state snapshot if due) in
+                                                    one transaction, beside the file events
+
+The daemon writes because it is the workspace's writer (it holds the writer
+lock while mounted); the runner reads the turn log and writes only the
+agent record's ``status`` and ``state_version``. A runtime that dies
+mid-turn leaves turn N ``running``: the next ``turn-end`` without a record (a
+new runtime ends the label it finds open) or the next daemon's start (a daemon
+that died too) records it ``interrupted``. A ``turn-end`` that fails (the
+daemon is gone) leaves the turn to that, and the worker restarts from the
+store so its state stays the log's.
 
 States of a runner: **asleep** (no worker; the workspace unmounted) and
 **awake** (mounted, worker started, ``on_init`` run). The first job wakes it;
 after ``idle_timeout`` seconds without jobs it asks ``on_idle_timeout`` and,
-on True, seals the turn log (store sync), stops the worker and unmounts. A
+on True, syncs the store, stops the worker and unmounts. A
 worker that dies is noticed at once during a turn (EOF: the turn is
 ``interrupted``) and otherwise at the next job, which starts a new one from
 the store (the latest snapshot plus patches).
 
 Lifecycle hooks (``on_init``, ``on_idle_timeout``, ``on_shutdown``) run as
-turns too, labelled and with their state patch, but they are kept in the turn
-log only if they changed something (state or files) or failed; otherwise
-their number is used by the next turn.
+turns too, labelled and with their state patch, but the turn log keeps them
+only if they changed something (state or files) or failed (or, for a
+migrating ``on_init``, always); otherwise their number is used by the next turn.
+
+The runner's **host** (:class:`RunnerHost`, implemented by
+:class:`~agent_runtime.runtime.Runtime`) gives it the store and the turn log
+to read, its settings, paths, mounts and workers, and hears when it ends; the
+runner knows nothing else of the runtime.
 
 Threads: everything here runs on the coordinator's event loop.
 """
@@ -35,30 +51,68 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import jsonpatch
 
 from chronicle.errors import AgentBusy, AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
-from chronicle.store.history.turns import FINAL_STATUSES, now_iso
+from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
+from chronicle.store.store import Store
 
 from agent_runtime.process import WorkerProcess, WorkspaceMount
 from agent_runtime.reply import Reply
 
-if TYPE_CHECKING:
-    from agent_runtime.runtime import Runtime
-
 log = logging.getLogger("agent_runtime")
+
+CTL_LINE = 1 << 20          # the longest ctl command line (SPEC §4; chronicle.fs.ctl.MAX_LINE)
+TURN_DATA_PIECE = 1 << 18   # characters of JSON per turn-data piece (at most twice that once escaped)
+
+
+class RunnerHost(Protocol):
+    """What an :class:`AgentRunner` needs from the runtime that hosts it.
+
+    ``store``: the open store (the runner syncs it and reads its mount
+    registrations; its turns go through the mount's ``ctl``); ``turn_log``:
+    the store's turn log, for agent records, turn records and states; the
+    settings below, in seconds (``idle_timeout`` None: never scale to zero)
+    and turns (``snapshot_every``).
+    """
+
+    store: Store
+    turn_log: TurnLog
+    idle_timeout: float | None
+    start_timeout: float
+    cancel_grace: float
+    snapshot_every: int
+
+    def workspace_mount(self, agent_id: str) -> WorkspaceMount:
+        """A handle on the agent's workspace mount (not mounted yet)."""
+        ...
+
+    def worker_log(self, agent_id: str) -> Path:
+        """The agent's worker log file."""
+        ...
+
+    async def spawn_worker(self, agent_id: str, target: str, cwd: str) -> WorkerProcess:
+        """A new worker that has loaded ``target`` from ``cwd``. Raises
+        :class:`AgentLoadError`, :class:`AgentError`."""
+        ...
+
+    def runner_finished(self, runner: AgentRunner) -> None:
+        """``runner`` has ended (its queue failed; its lock is released next)."""
+        ...
 
 
 @dataclass
-class _Current:
-    """The turn (or hook) being run."""
+class CurrentTurn:
+    """The turn (or hook) being run; :meth:`AgentRunner.cancel` returns it."""
 
     kind: str
     reply: Reply | None = None
@@ -137,20 +191,21 @@ def take_agent_lock(path: os.PathLike, agent: str) -> int:
 
 
 class AgentRunner:
-    """See the module docstring. Made by :class:`~agent_runtime.runtime.Runtime`."""
+    """See the module docstring. ``lock_fd``: the agent's lock
+    (:func:`take_agent_lock`), which the runner closes when it ends."""
 
-    def __init__(self, runtime: Runtime, agent_id: str, lock_fd: int):
-        self.rt = runtime
+    def __init__(self, host: RunnerHost, agent_id: str, lock_fd: int):
+        self.host = host
         self.id = agent_id
         self.lock_fd = lock_fd
-        self.log = runtime.log
+        self.log = host.turn_log
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.mount = WorkspaceMount(runtime.store_path, agent_id, runtime.mountpoint(agent_id))
+        self.mount = host.workspace_mount(agent_id)
         self.worker: WorkerProcess | None = None
         self.spare: WorkerProcess | None = None      # a loaded worker handed over by create()
         self.awake = False
         self.busy = False
-        self.current: _Current | None = None
+        self.current: CurrentTurn | None = None
         self.task = asyncio.create_task(self._serve(), name=f"agent {agent_id}")
 
     @property
@@ -165,7 +220,7 @@ class AgentRunner:
         job: Job | None = None
         try:
             while True:
-                timeout = self.rt.idle_timeout if self.awake and self.rt.idle_timeout else None
+                timeout = self.host.idle_timeout if self.awake and self.host.idle_timeout else None
                 try:
                     job = await asyncio.wait_for(self.queue.get(), timeout)
                 except TimeoutError:
@@ -196,7 +251,8 @@ class AgentRunner:
             while not self.queue.empty():
                 self.queue.get_nowait().fail(gone)
                 self.queue.task_done()
-            self.rt._runner_finished(self)
+            self.host.runner_finished(self)
+            os.close(self.lock_fd)
 
     # -- waking and sleeping -----------------------------------------------------------
 
@@ -208,20 +264,18 @@ class AgentRunner:
         info = self.log.get(self.id)
         worker, self.spare = self.spare, None
         if worker is None or not worker.alive:
-            worker = await WorkerProcess.spawn(self.id, info["target"], info["cwd"], str(self.mount.mountpoint),
-                                               self.rt.worker_log(self.id), self.rt.start_timeout)
+            worker = await self.host.spawn_worker(self.id, info["target"], info["cwd"])
         try:
             kind = worker.info.get("entity_type")
             if info.get("entity_type") and kind != info["entity_type"]:
                 raise AgentLoadError(f"agent {self.id!r} holds state of kind {info['entity_type']!r}, but "
                                      f"{info['target']} has State._entity_type {kind!r}")
-            await self.mount.ensure(self.rt.store, self.rt.start_timeout)
+            await self.mount.ensure(self.host.store, self.host.start_timeout)
             await self._close_label()
-            self._finish_running()
             state = self.log.state_at(self.id)
             started = await worker.request({"op": "start", "workspace": str(self.mount.mountpoint),
                                             "state": state.state, "version": state.version},
-                                           "started", self.rt.start_timeout)
+                                           "started", self.host.start_timeout)
         except BaseException:
             await worker.stop()
             raise
@@ -232,8 +286,8 @@ class AgentRunner:
         await self.hook("init", force=migrated is not None,
                         extra={"migrated_from": migrated} if migrated is not None else None)
         if not self.awake:
-            raise AgentError(f"the worker of agent {self.id!r} died during on_init; see "
-                             f"{self.rt.worker_log(self.id)}")
+            raise AgentError(f"the worker of agent {self.id!r} died during on_init (or its turn could not be "
+                             f"recorded); see {self.host.worker_log(self.id)}")
 
     async def _idle(self) -> None:
         if not self.awake:
@@ -243,7 +297,7 @@ class AgentRunner:
             return
         done = await self.hook("idle")
         if done["status"] == "completed" and done.get("result"):
-            log.info("agent %r: idle for %ss, scaling to zero", self.id, self.rt.idle_timeout)
+            log.info("agent %r: idle for %ss, scaling to zero", self.id, self.host.idle_timeout)
             await self._sleep("sleeping")
 
     async def stop(self) -> None:
@@ -260,7 +314,7 @@ class AgentRunner:
         if self.spare is not None:
             await self.spare.stop()
             self.spare = None
-        await asyncio.to_thread(self.rt.store.sync)       # seal the turn log
+        await asyncio.to_thread(self.host.store.sync)     # make the turn log durable
         await self.mount.umount()
         if self.log.exists(self.id):                      # (not when create() gave up)
             self.log.update(self.id, status=status)
@@ -284,54 +338,90 @@ class AgentRunner:
         except ChronicleError as exc:
             log.warning("agent %r: could not unmount: %s", self.id, exc)
 
-    # -- labels ----------------------------------------------------------------------------
+    # -- turn commands on the workspace's ctl ---------------------------------------------
+
+    async def _turn_command(self, command: dict, fields: dict) -> dict:
+        """``command`` with ``fields`` (a record, a snapshot); fields too long for
+        one ctl line go ahead in ``turn-data`` pieces on the same handle."""
+        full = {**command, **fields}
+        if len(json.dumps(full, separators=(",", ":"))) < CTL_LINE - 1024:
+            return await self.mount.control(full)
+        text = json.dumps(fields, separators=(",", ":"))           # ASCII: escaping at most doubles it
+        for start in range(0, len(text), TURN_DATA_PIECE):
+            await self.mount.control({"cmd": "turn-data", "data": text[start:start + TURN_DATA_PIECE]})
+        return await self.mount.control({**command, "turn_data": len(text)})
 
     async def _close_label(self) -> None:
-        """End a turn label an earlier runtime left open on the daemon."""
+        """End a turn label an earlier runtime left open on the daemon (its
+        ``running`` record, if any, becomes ``interrupted``)."""
         try:
             await self.mount.control({"cmd": "turn-end"})
         except InvalidArgument:
             pass                                # no turn open: the usual case
 
-    async def _turn_begin(self, turn: int, message_id: str | None) -> dict:
-        """``turn-begin``; a label left open (a ``turn-end`` that failed) is ended first."""
+    async def _turn_begin(self, turn: int, message_id: str | None, record: dict | None = None) -> dict:
+        """``turn-begin`` (with the ``running`` record, if given); a label left
+        open (a ``turn-end`` that failed) is ended first. Returns the reply."""
         command = {"cmd": "turn-begin", "agent": self.id, "turn": turn, "message_id": message_id}
+        fields = {"record": record} if record is not None else {}
         try:
-            return await self.mount.control(command)
+            return await self._turn_command(command, fields)
         except InvalidArgument as exc:
             if "still open" not in str(exc):
                 raise
         await self._close_label()
-        return await self.mount.control(command)
+        return await self._turn_command(command, fields)
 
-    async def _turn_end(self) -> dict | None:
+    async def _turn_end(self, outcome: dict, snapshot: dict | None = None, keep: bool = False) -> dict | None:
+        """``turn-end`` with the turn's outcome (and the state after it): the
+        reply ``{"seq", "turn": label, "recorded"}``, or None if the daemon
+        could not take it — then the turn is recorded ``interrupted`` when the
+        label is next ended (module docstring) and the worker, whose state
+        now runs ahead of the log, is stopped so the next turn reloads it."""
+        fields: dict[str, Any] = {"record": outcome}
+        if snapshot is not None:
+            fields["snapshot"] = snapshot
+        if keep:
+            fields["keep"] = True
         try:
-            return (await self.mount.control({"cmd": "turn-end"})).get("turn")
+            return await self._turn_command({"cmd": "turn-end"}, fields)
         except ChronicleError as exc:
             log.warning("agent %r: turn-end failed: %s", self.id, exc)
+            await self._drop_worker()
             return None
 
-    def _finish_running(self) -> None:
-        """A turn left ``running`` by a runtime that died is ``interrupted``."""
-        info = self.log.get(self.id)
-        record = self.log.turn(self.id, info["last_turn"])
-        if record is None or record.get("status") != "running":
-            return
-        label = self.rt.store.get_turn(self.rt.store.open_workspace(self.id), self.id, record["turn"]) or {}
-        record.update(status="interrupted", end_seq=label.get("end_seq"), end_time=now_iso(),
-                      error="the runtime stopped during this turn", patch=[])
-        self.log.put_turn(self.id, record)
+    def _recorded(self, turn: int, outcome: dict, ended: dict | None) -> dict:
+        """The turn's record as the store has it now, or (``turn-end`` failed)
+        as it will be: ``interrupted``."""
+        record = self.log.record(self.id, turn) if ended is not None else None
+        if record is not None:
+            return record
+        error = "the turn's end could not be recorded (the mount daemon stopped)"
+        return {**outcome, "turn": turn, "status": "interrupted", "error": outcome.get("error") or error,
+                "patch": []}
 
     def _due(self, turn: int) -> bool:
-        return turn % self.rt.snapshot_every == 0
+        return turn % self.host.snapshot_every == 0
 
-    def _snapshot(self, state: dict, version: int) -> dict:
-        return {"version": version, "entity_type": self.worker.info.get("entity_type") if self.worker else None,
-                "state": state}
+    def _snapshot(self, done: dict) -> dict | None:
+        """The state snapshot the worker sent with ``done`` (when due), or None."""
+        if "state" not in done or self.worker is None:
+            return None
+        return {"version": self.worker.info["version"], "entity_type": self.worker.info.get("entity_type"),
+                "state": done["state"]}
+
+    @staticmethod
+    def _outcome(done: dict, started: float, reply_text: str, **fields: Any) -> dict:
+        """The outcome ``turn-end`` records, from the worker's ``done``."""
+        messages = done.get("messages")
+        return {**fields, "status": done["status"], "patch": done.get("patch") or [], "error": done.get("error"),
+                "usage": done.get("usage") or {}, "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                "messages": messages if messages is not None else [reply_text] if reply_text else [],
+                "reply": "\n".join(messages) if messages is not None else reply_text}
 
     # -- running on the worker ------------------------------------------------------------
 
-    async def _run(self, cur: _Current, kind: str, turn: int, message_id: str | None, message: dict | None,
+    async def _run(self, cur: CurrentTurn, kind: str, turn: int, message_id: str | None, message: dict | None,
                    snapshot: bool) -> dict:
         """One ``run`` on the worker; returns its ``done`` (or a stand-in if the worker died)."""
         cur.turn = turn
@@ -372,7 +462,7 @@ class AgentRunner:
             if cur.killer is not None:
                 cur.killer.cancel()
 
-    async def cancel(self) -> _Current | None:
+    async def cancel(self) -> CurrentTurn | None:
         """Cancel the running message turn (or the one about to run). Returns it, or None."""
         cur = self.current
         if cur is None or cur.kind != "message":
@@ -384,66 +474,39 @@ class AgentRunner:
                 cur.killer = asyncio.create_task(self._kill_after(cur, self.worker))
         return cur
 
-    async def _kill_after(self, cur: _Current, worker: WorkerProcess) -> None:
-        await asyncio.sleep(self.rt.cancel_grace)
+    async def _kill_after(self, cur: CurrentTurn, worker: WorkerProcess) -> None:
+        await asyncio.sleep(self.host.cancel_grace)
         if self.current is cur and worker.alive:
             log.warning("agent %r: turn %s did not stop %.1fs after cancel; killing its worker",
-                        self.id, cur.turn, self.rt.cancel_grace)
+                        self.id, cur.turn, self.host.cancel_grace)
             worker.signal_group(signal.SIGKILL)
 
     # -- turns ---------------------------------------------------------------------------
 
-    def _record(self, turn: int, kind: str, begin: dict, message_id: str | None = None,
-                message: dict | None = None, **extra: Any) -> dict:
-        return {"turn": turn, "kind": kind, "status": "running", "message_id": message_id, "message": message,
-                "reply": "", "messages": [], "patch": [], "error": None, "usage": {},
-                "begin_seq": begin.get("seq", 0) + 1, "end_seq": None, "time": now_iso(), "end_time": None,
-                "duration_ms": None, "snapshot": False, **extra}
-
-    def _finish(self, record: dict, done: dict, label: dict | None, started: float, reply_text: str) -> None:
-        messages = done.get("messages")
-        record.update(status=done["status"], patch=done.get("patch") or [], error=done.get("error"),
-                      usage=done.get("usage") or {}, end_time=now_iso(),
-                      duration_ms=round((time.monotonic() - started) * 1000, 3),
-                      messages=messages if messages is not None else [reply_text] if reply_text else [],
-                      reply="\n".join(messages) if messages is not None else reply_text)
-        if label is not None:
-            record["begin_seq"] = label.get("begin_seq", record["begin_seq"])
-            record["end_seq"] = label.get("end_seq")
-        if record["status"] != "completed":
-            record["patch"] = []
-
     async def hook(self, kind: str, force: bool = False, extra: dict | None = None) -> dict:
-        """Run a lifecycle hook as a turn; kept in the log if it changed anything, failed or ``force``."""
+        """Run a lifecycle hook as a turn; the daemon keeps it in the log if it
+        changed anything, failed or ``force``. Returns the worker's ``done``."""
         turn = self.log.get(self.id)["last_turn"] + 1
-        started = time.monotonic()
-        begin = await self._turn_begin(turn, None)
-        record = self._record(turn, kind, begin, **(extra or {}))
+        started, begun = time.monotonic(), now_iso()
+        await self._turn_begin(turn, None)
         # Not self.current: that is the message turn (if any) this hook runs for, which cancel() targets.
-        done = await self._run(_Current(kind), kind, turn, None, None, snapshot=force or self._due(turn))
-        label = await self._turn_end()
-        self._finish(record, done, label, started, "")
-        files_changed = label is not None and (label.get("end_seq") or 0) >= record["begin_seq"]
-        if force or record["patch"] or files_changed or record["status"] != "completed":
-            snapshot = None
-            if "state" in done and self.worker is not None:     # also after a failed on_init that migrated
-                snapshot = self._snapshot(done["state"], self.worker.info["version"])
-                record["snapshot"] = True
-            self.log.put_turn(self.id, record, new=True, snapshot=snapshot)
-            if record["status"] == "failed":
-                log.warning("agent %r: %s failed: %s", self.id, kind, record["error"])
+        done = await self._run(CurrentTurn(kind), kind, turn, None, None, snapshot=force or self._due(turn))
+        outcome = self._outcome(done, started, "", kind=kind, time=begun, **(extra or {}))
+        # The snapshot also after a failed on_init that migrated the state.
+        ended = await self._turn_end(outcome, self._snapshot(done), keep=force)
+        if ended is not None and ended.get("recorded") and outcome["status"] == "failed":
+            log.warning("agent %r: %s failed: %s", self.id, kind, outcome["error"])
         return done
 
     async def message_turn(self, reply: Reply) -> dict:
         """One ``on_message`` turn (module docstring); returns the Reply's result."""
-        cur = self.current = _Current("message", reply)
+        cur = self.current = CurrentTurn("message", reply)
         try:
             await self.wake()
             turn = self.log.get(self.id)["last_turn"] + 1
             started = time.monotonic()
-            begin = await self._turn_begin(turn, reply.message_id)
-            record = self._record(turn, "message", begin, reply.message_id, reply.message)
-            self.log.begin_turn(self.id, record)
+            await self._turn_begin(turn, reply.message_id, {"kind": "message", "message": reply.message,
+                                                            "time": now_iso()})
             reply.turn = turn
             try:
                 done = await self._run(cur, "message", turn, reply.message_id, reply.message,
@@ -451,17 +514,10 @@ class AgentRunner:
             except BaseException as exc:
                 done = {"status": "interrupted", "patch": [], "messages": None, "usage": {},
                         "error": f"the runtime failed during the turn: {exc}"}
-                label = await self._turn_end()
-                self._finish(record, done, label, started, reply.text)
-                self.log.put_turn(self.id, record)
+                await self._turn_end(self._outcome(done, started, reply.text))
                 raise
-            label = await self._turn_end()
-            self._finish(record, done, label, started, reply.text)
-            snapshot = None
-            if "state" in done and self.worker is not None:
-                snapshot = self._snapshot(done["state"], self.worker.info["version"])
-                record["snapshot"] = True
-            self.log.put_turn(self.id, record, snapshot=snapshot)
+            outcome = self._outcome(done, started, reply.text)
+            record = self._recorded(turn, outcome, await self._turn_end(outcome, self._snapshot(done)))
             if record["status"] == "failed":
                 log.info("agent %r: turn %d failed: %s", self.id, turn, record["error"])
         finally:
@@ -473,8 +529,10 @@ class AgentRunner:
         return result
 
     async def rollback(self, to: int) -> dict:
-        """Files and state back to the end of turn ``to``, as a new ``rollback`` turn."""
-        target_record = self.log.turn(self.id, to)
+        """Files and state back to the end of turn ``to``, as a new ``rollback``
+        turn; returns its record. Raises :class:`NotFound` (no such turn, or
+        one whose end was not recorded), :class:`Busy` (it has not ended)."""
+        target_record = self.log.record(self.id, to)
         if target_record is None:
             last = self.log.get(self.id)["last_turn"]
             raise NotFound(f"agent {self.id!r} has no turn {to} (its turns are 0 to {last})")
@@ -485,28 +543,24 @@ class AgentRunner:
                            "(its mount daemon died during it); roll back to another turn")
         target = self.log.state_at(self.id, to)
         current = self.log.state_at(self.id)
-        await self.mount.ensure(self.rt.store, self.rt.start_timeout)
+        await self.mount.ensure(self.host.store, self.host.start_timeout)
         if not self.awake:
             await self._close_label()
-            self._finish_running()
         turn = self.log.get(self.id)["last_turn"] + 1
         started = time.monotonic()
-        begin = await self._turn_begin(turn, None)
-        record = self._record(turn, "rollback", begin, rollback_to=to)
-        self.log.begin_turn(self.id, record)
+        await self._turn_begin(turn, None, {"kind": "rollback", "rollback_to": to, "time": now_iso()})
         done: dict = {"status": "completed", "patch": [], "messages": [], "usage": {}, "error": None}
         try:
             await self.mount.control({"cmd": "restore", "at": f"turn:{self.id}:{to}"})
         except ChronicleError as exc:
             done.update(status="failed", error=str(exc))
-        label = await self._turn_end()
         snapshot = None
         if done["status"] == "completed":
             state, version = target.state, target.version
             if self.awake and self.worker is not None and self.worker.alive:
                 try:
                     loaded = await self.worker.request({"op": "load", "state": state, "version": version},
-                                                       "state", self.rt.start_timeout)
+                                                       "state", self.host.start_timeout)
                     state, version = loaded["state"], loaded["version"]
                 except ChronicleError as exc:
                     log.warning("agent %r: the worker could not load the rolled-back state (%s); "
@@ -514,12 +568,11 @@ class AgentRunner:
                     await self._drop_worker()
             done["patch"] = jsonpatch.make_patch(current.state, target.state).patch
             snapshot = {"version": version, "entity_type": target.entity_type, "state": state}
-        self._finish(record, done, label, started, "")
-        record["snapshot"] = snapshot is not None
-        self.log.put_turn(self.id, record, snapshot=snapshot)
+        outcome = self._outcome(done, started, "")
+        record = self._recorded(turn, outcome, await self._turn_end(outcome, snapshot))
         if not self.awake:
             await self.mount.umount()
         return record
 
 
-__all__ = ["AgentRunner", "Job", "MessageJob", "RollbackJob", "StopJob", "WakeJob", "take_agent_lock"]
+__all__ = ["AgentRunner", "CurrentTurn", "Job", "RunnerHost", "MessageJob", "RollbackJob", "StopJob", "WakeJob", "take_agent_lock"]

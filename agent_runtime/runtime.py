@@ -5,7 +5,10 @@ same name in that store (chunks shared by all), mounted while the agent runs
 at ``<agents_dir>/<id>/workspace`` (default ``agents_dir``: ``<store>/agents``),
 and a worker process (``python -m agent_runtime.worker``, log in
 ``<agents_dir>/<id>/worker.log``). Its turn log lives in the store's LMDB
-environment beside the file events (``chronicle.store.history.turns``).
+environment beside the file events (``chronicle.store.history.turns``),
+written by the workspace's mount daemon from what the agent's runner sends on
+its ``ctl`` channel; the runtime reads it. The runtime is each runner's host
+(:class:`~agent_runtime.runner.RunnerHost`).
 
 Use::
 
@@ -49,13 +52,13 @@ from typing import Any
 
 from chronicle.errors import (AgentBusy, AgentExists, AgentLoadError, AgentNotFound, Busy, ChronicleError,
                               NotFound, UsageError)
-from chronicle.store.history.turns import FINAL_STATUSES, AgentLog, now_iso
+from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
 from chronicle.store.store import Store, check_workspace_name, default_store_path
 
 from agent_runtime.loader import normalise_target
 from agent_runtime.process import WorkerProcess, WorkspaceMount
 from agent_runtime.reply import Reply
-from agent_runtime.runner import AgentRunner, MessageJob, RollbackJob, StopJob, WakeJob, take_agent_lock
+from agent_runtime.runner import AgentRunner, Job, MessageJob, RollbackJob, StopJob, WakeJob, take_agent_lock
 
 log = logging.getLogger("agent_runtime")
 
@@ -84,7 +87,7 @@ class Runtime:
             raise UsageError(f"idle_timeout must be positive seconds or None, not {idle_timeout!r}")
         self.store_path = Path(store).absolute() if store is not None else default_store_path()
         self.store = Store.open(self.store_path, create=create_store)
-        self.log = AgentLog(self.store)
+        self.turn_log = TurnLog(self.store)
         self.agents_dir = Path(agents_dir).absolute() if agents_dir is not None else self.store_path / "agents"
         self.snapshot_every = snapshot_every
         self.idle_timeout = idle_timeout
@@ -111,7 +114,18 @@ class Runtime:
         return self.agent_dir(agent_id) / "workspace"
 
     def worker_log(self, agent_id: str) -> Path:
+        """The agent's worker log (appended to by each of its workers)."""
         return self.agent_dir(agent_id) / "worker.log"
+
+    def workspace_mount(self, agent_id: str) -> WorkspaceMount:
+        """A handle on the agent's workspace mount at :meth:`mountpoint` (``RunnerHost``)."""
+        return WorkspaceMount(self.store_path, agent_id, self.mountpoint(agent_id))
+
+    async def spawn_worker(self, agent_id: str, target: str, cwd: str) -> WorkerProcess:
+        """A worker for the agent that has loaded ``target`` from ``cwd``
+        (``RunnerHost``). Raises :class:`AgentLoadError`, :class:`AgentError`."""
+        return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
+                                         self.worker_log(agent_id), self.start_timeout)
 
     # -- creating and starting ---------------------------------------------------------
 
@@ -131,8 +145,7 @@ class Runtime:
         self._check_new_name(agent_id)
         runner = self._runner(agent_id)
         try:
-            worker = await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                               self.worker_log(agent_id), self.start_timeout)
+            worker = await self.spawn_worker(agent_id, target, cwd)
         except BaseException:
             await self._release(runner)
             raise
@@ -144,15 +157,10 @@ class Runtime:
                                      "(the state of a new agent is built from them)")
             self._check_new_name(agent_id)
             self.store.create_workspace(agent_id)
-            ws = self.store.open_workspace(agent_id)
-            now = now_iso()
-            self.store.put_turn(ws, agent_id, 0, {"agent": agent_id, "turn": 0, "message_id": None, "begin_seq": 1,
-                                                  "end_seq": 0, "begin_time": now, "end_time": now})
             record = self._agent_record(agent_id, target, cwd, worker.info, parent=None)
-            turn0 = self._origin_turn("create", 1, 0, target=target)
             snapshot = {"version": worker.info["version"], "entity_type": worker.info["entity_type"],
                         "state": defaults}
-            self.log.create(record, turn0, snapshot)
+            self._create_agent(record, snapshot, {"kind": "create", "target": target})
         except BaseException:
             await self._release(runner)
             raise
@@ -166,7 +174,7 @@ class Runtime:
         (its state is migrated if the class's ``_version`` is newer).
         Returns the agent record."""
         self._check_open()
-        if not self.log.exists(agent_id):
+        if not self.turn_log.exists(agent_id):
             if target is None:
                 raise AgentNotFound(f"no agent named {agent_id!r} in {self.store_path} (give MODULE:CLASS to "
                                     "create it)")
@@ -175,24 +183,24 @@ class Runtime:
         if target is not None:
             cwd = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
             target = normalise_target(target, cwd)
-            info = self.log.get(agent_id)
+            info = self.turn_log.get(agent_id)
             if (info["target"], info["cwd"]) != (target, cwd):
                 if agent_id in self._runners and self._runners[agent_id].awake:
                     raise AgentBusy(f"agent {agent_id!r} is running {info['target']}; shut it down before "
                                     "changing its code")
                 self._runner(agent_id)          # AgentBusy (another runtime runs it) before the record changes
                 previous = {"target": info["target"], "cwd": info["cwd"]}
-                self.log.update(agent_id, target=target, cwd=cwd)
+                self.turn_log.update(agent_id, target=target, cwd=cwd)
         try:
             await self._call(self._runner(agent_id), WakeJob())
         except BaseException:
             if previous is not None:            # the new code did not start: the agent keeps its old code
-                self.log.update(agent_id, **previous)
+                self.turn_log.update(agent_id, **previous)
             raise
         return self.agent(agent_id)
 
     def _check_new_name(self, agent_id: str) -> None:
-        if self.log.exists(agent_id):
+        if self.turn_log.exists(agent_id):
             raise AgentExists(f"agent {agent_id!r} already exists in {self.store_path}")
         try:
             self.store.workspace_record(agent_id)
@@ -208,12 +216,15 @@ class Runtime:
                 "parent": parent, "last_turn": 0, "message_turns": 0, "history_from": 0,
                 "total_usage": {}, "last_turn_usage": {}, "status": "created"}
 
-    @staticmethod
-    def _origin_turn(kind: str, begin_seq: int, end_seq: int, **extra: Any) -> dict:
-        now = now_iso()
-        return {"turn": 0, "kind": kind, "status": "completed", "message_id": None, "message": None, "reply": "",
-                "messages": [], "patch": [], "error": None, "usage": {}, "begin_seq": begin_seq,
-                "end_seq": end_seq, "time": now, "end_time": now, "duration_ms": 0.0, "snapshot": True, **extra}
+    def _create_agent(self, record: dict, snapshot: dict, origin: dict) -> None:
+        """Write the new agent's record, turn 0 and first snapshot. Its workspace
+        is not mounted yet, so this process is its writer for that transaction
+        (``chronicle.store.history.turns``: who writes)."""
+        ws = self.store.open_workspace(record["id"], writable=True)
+        try:
+            self.turn_log.create_agent(ws, record, snapshot, origin)
+        finally:
+            self.store.release_workspace(ws)
 
     # -- messages ----------------------------------------------------------------------
 
@@ -234,7 +245,7 @@ class Runtime:
             raise UsageError(f"the message is not JSON: {exc}") from None
         if message_id is not None and (not isinstance(message_id, str) or not message_id):
             raise UsageError("a message id is a non-empty str")
-        self.log.get(agent_id)
+        self.turn_log.get(agent_id)
         runner = self._runner(agent_id)
         reply = Reply(agent_id, message_id or uuid.uuid4().hex, message)
         runner.submit(MessageJob(reply))
@@ -263,7 +274,7 @@ class Runtime:
         turn is recorded ``cancelled`` and the state stays as before it.
         Returns False if no message turn was running. ``wait``: return once
         the turn is recorded."""
-        self.log.get(agent_id)
+        self.turn_log.get(agent_id)
         runner = self._runners.get(agent_id)
         cur = await runner.cancel() if runner is not None else None
         if cur is None:
@@ -279,7 +290,7 @@ class Runtime:
         """Wait until the agent (default: every agent of this runtime) has no
         running turn and no queued message. Raises ``TimeoutError``."""
         if agent_id is not None:
-            self.log.get(agent_id)
+            self.turn_log.get(agent_id)
             runners = [self._runners[agent_id]] if agent_id in self._runners else []
         else:
             runners = list(self._runners.values())
@@ -288,7 +299,7 @@ class Runtime:
 
     def is_idle(self, agent_id: str) -> bool:
         """True if the agent has no running turn and no queued message here."""
-        self.log.get(agent_id)
+        self.turn_log.get(agent_id)
         runner = self._runners.get(agent_id)
         return runner is None or runner.idle
 
@@ -304,7 +315,7 @@ class Runtime:
         self._check_open()
         if not isinstance(to, int) or isinstance(to, bool):
             raise UsageError(f"a turn number is an int, not {to!r}")
-        self.log.get(agent_id)
+        self.turn_log.get(agent_id)
         return await self._call(self._runner(agent_id), RollbackJob(to))
 
     async def fork(self, agent_id: str, new_agent_id: str, at: int | None = None) -> dict:
@@ -318,13 +329,13 @@ class Runtime:
         """
         self._check_open()
         check_workspace_name(new_agent_id)
-        info = self.log.get(agent_id)
+        info = self.turn_log.get(agent_id)
         self._check_new_name(new_agent_id)
         if at is None:
             at = info["last_turn"]
-            while at > 0 and (self.log.turn(agent_id, at) or {}).get("status") not in FINAL_STATUSES:
+            while at > 0 and (self.turn_log.record(agent_id, at) or {}).get("status") not in FINAL_STATUSES:
                 at -= 1
-        record = self.log.turn(agent_id, at) if isinstance(at, int) and not isinstance(at, bool) else None
+        record = self.turn_log.record(agent_id, at) if isinstance(at, int) and not isinstance(at, bool) else None
         if record is None:
             raise NotFound(f"agent {agent_id!r} has no turn {at} (its turns are 0 to {info['last_turn']})")
         if record.get("status") not in FINAL_STATUSES:
@@ -332,21 +343,15 @@ class Runtime:
         end_seq = record.get("end_seq")
         if end_seq is None:
             raise NotFound(f"turn {at} of agent {agent_id!r} has no recorded end in its workspace")
-        state = self.log.state_at(agent_id, at)
+        state = self.turn_log.state_at(agent_id, at)
         self.store.fork(agent_id, end_seq, new_agent_id)
         try:
-            ws = self.store.open_workspace(new_agent_id)
-            now = now_iso()
-            self.store.put_turn(ws, new_agent_id, 0, {"agent": new_agent_id, "turn": 0, "message_id": None,
-                                                      "begin_seq": end_seq + 1, "end_seq": end_seq,
-                                                      "begin_time": now, "end_time": now})
             parent = {"agent": agent_id, "turn": at}
             new = self._agent_record(new_agent_id, info["target"], info["cwd"],
                                      {"entity_type": state.entity_type or info.get("entity_type")}, parent,
                                      version=state.version)
-            turn0 = self._origin_turn("fork", end_seq + 1, end_seq, forked_from=parent)
-            self.log.create(new, turn0, {"version": state.version, "entity_type": new["entity_type"],
-                                         "state": state.state})
+            self._create_agent(new, {"version": state.version, "entity_type": new["entity_type"],
+                                     "state": state.state}, {"kind": "fork", "forked_from": parent})
         except BaseException:
             self.store.delete_workspace(new_agent_id)
             raise
@@ -355,15 +360,15 @@ class Runtime:
     def clear_history(self, agent_id: str) -> None:
         """Hide the messages so far from :meth:`history` (and a fork's inherited
         ones). The turn log, the state and the files are unchanged."""
-        info = self.log.get(agent_id)
-        self.log.update(agent_id, history_from=info["last_turn"], history_cleared=now_iso())
+        info = self.turn_log.get(agent_id)
+        self.turn_log.update(agent_id, history_from=info["last_turn"], history_cleared=now_iso())
 
     # -- stopping ----------------------------------------------------------------------
 
     async def shutdown_agent(self, agent_id: str) -> None:
         """Stop the agent gracefully after its queued messages: ``on_shutdown``,
         sync, stop the worker, unmount. It starts again on its next message."""
-        self.log.get(agent_id)
+        self.turn_log.get(agent_id)
         runner = self._runners.get(agent_id)
         if runner is None:
             return
@@ -379,7 +384,7 @@ class Runtime:
         forked from it), :class:`AgentBusy` (run by another runtime).
         """
         self._check_open()
-        self.log.get(agent_id)
+        self.turn_log.get(agent_id)
         forks = sorted(w.name for w in self.store.workspaces() if w.parent == agent_id)
         if forks:
             one = len(forks) == 1
@@ -388,10 +393,10 @@ class Runtime:
         await self.shutdown_agent(agent_id)
         lock = take_agent_lock(self.agent_dir(agent_id) / "lock", agent_id)
         try:
-            mount = WorkspaceMount(self.store_path, agent_id, self.mountpoint(agent_id))
+            mount = self.workspace_mount(agent_id)
             await mount.ensure_unmounted(self.store)
             self.store.delete_workspace(agent_id)
-            self.log.delete(agent_id)
+            self.turn_log.delete_agent(agent_id)
             (self.store_path / "run" / f"mount-{agent_id}.log").unlink(missing_ok=True)
             if not os.path.ismount(self.mountpoint(agent_id)):
                 shutil.rmtree(self.agent_dir(agent_id), ignore_errors=True)
@@ -424,7 +429,7 @@ class Runtime:
     def agent(self, agent_id: str) -> dict:
         """The agent record (``chronicle.store.history.turns``) with ``workspace`` (its
         mountpoint), ``mounted`` and ``running_here``."""
-        info = self.log.get(agent_id)
+        info = self.turn_log.get(agent_id)
         runner = self._runners.get(agent_id)
         info["workspace"] = str(self.mountpoint(agent_id))
         info["mounted"] = self.store.mount_info(agent_id) is not None
@@ -434,15 +439,15 @@ class Runtime:
 
     def list_agents(self) -> list[dict]:
         """Every agent of the store (see :meth:`agent`), by id."""
-        return [self.agent(record["id"]) for record in self.log.agents()]
+        return [self.agent(record["id"]) for record in self.turn_log.agents()]
 
     def turns(self, agent_id: str) -> list[dict]:
         """Every turn, oldest first: ``{"turn", "kind", "message_id", "status",
         "time", "end_time", "duration_ms", "events", "patch_ops", "reply_chars",
         "usage", "error"}`` (``events``: file events in the workspace)."""
-        self.log.get(agent_id)
+        self.turn_log.get(agent_id)
         out = []
-        for rec in self.log.turns(agent_id):
+        for rec in self.turn_log.records(agent_id):
             begin, end = rec.get("begin_seq"), rec.get("end_seq")
             out.append({"turn": rec["turn"], "kind": rec.get("kind"), "message_id": rec.get("message_id"),
                         "status": rec.get("status"), "time": rec.get("time"), "end_time": rec.get("end_time"),
@@ -454,19 +459,19 @@ class Runtime:
 
     def turn_count(self, agent_id: str) -> int:
         """How many messages the agent has been given turns for (any status)."""
-        return self.log.get(agent_id).get("message_turns", 0)
+        return self.turn_log.get(agent_id).get("message_turns", 0)
 
     def show_turn(self, agent_id: str, turn: int) -> dict:
         """One turn in full: ``{"turn", "message", "patch", "files", "reply",
         "status", ...}``, ``files`` being the workspace's file events of the
         turn (``.chronicle/log`` records, with their paths). Raises
         :class:`NotFound`."""
-        self.log.get(agent_id)
-        record = self.log.turn(agent_id, turn) if isinstance(turn, int) else None
+        self.turn_log.get(agent_id)
+        record = self.turn_log.record(agent_id, turn) if isinstance(turn, int) else None
         if record is None:
             raise NotFound(f"agent {agent_id!r} has no turn {turn}")
         out = {"turn": record["turn"], "message": record.get("message"), "patch": record.get("patch") or [],
-               "files": self.log.turn_events(agent_id, record), "reply": record.get("reply") or "",
+               "files": self.turn_log.turn_events(agent_id, record), "reply": record.get("reply") or "",
                "status": record.get("status")}
         out.update((k, v) for k, v in record.items() if k not in out)
         return out
@@ -474,7 +479,7 @@ class Runtime:
     def state(self, agent_id: str, turn: int | None = None) -> dict:
         """The state JSON after turn ``turn`` (default: the latest). Raises
         :class:`NotFound` for a turn the agent does not have."""
-        return self.log.state_at(agent_id, turn).state
+        return self.turn_log.state_at(agent_id, turn).state
 
     def history(self, agent_id: str) -> list[dict]:
         """The conversation, oldest first: ``{"agent", "turn", "message_id",
@@ -483,7 +488,7 @@ class Runtime:
         return self._history(agent_id, None, 0)
 
     def _history(self, agent_id: str, upto: int | None, depth: int) -> list[dict]:
-        info = self.log.get(agent_id)
+        info = self.turn_log.get(agent_id)
         out: list[dict] = []
         start = info.get("history_from", 0)
         parent = info.get("parent")
@@ -492,7 +497,7 @@ class Runtime:
                 out = self._history(parent["agent"], parent["turn"], depth + 1)
             except AgentNotFound:
                 pass
-        for rec in self.log.turns(agent_id, start + 1, upto):
+        for rec in self.turn_log.records(agent_id, start + 1, upto):
             if rec.get("kind") == "message":
                 out.append({"agent": agent_id, "turn": rec["turn"], "message_id": rec.get("message_id"),
                             "message": rec.get("message"), "reply": rec.get("reply") or "",
@@ -501,11 +506,11 @@ class Runtime:
 
     def last_turn_usage(self, agent_id: str) -> dict:
         """Usage recorded by the last finished message turn (``ctx.record_usage``)."""
-        return dict(self.log.get(agent_id).get("last_turn_usage") or {})
+        return dict(self.turn_log.get(agent_id).get("last_turn_usage") or {})
 
     def total_usage(self, agent_id: str) -> dict:
         """Usage summed over all the agent's turns."""
-        return dict(self.log.get(agent_id).get("total_usage") or {})
+        return dict(self.turn_log.get(agent_id).get("total_usage") or {})
 
     def worker_pid(self, agent_id: str) -> int | None:
         """The PID of the agent's worker in this runtime, or None."""
@@ -527,10 +532,10 @@ class Runtime:
             runner = self._runners[agent_id] = AgentRunner(self, agent_id, lock)
         return runner
 
-    def _runner_finished(self, runner: AgentRunner) -> None:
+    def runner_finished(self, runner: AgentRunner) -> None:
+        """Forget an ended runner (``RunnerHost``)."""
         if self._runners.get(runner.id) is runner:
             del self._runners[runner.id]
-        os.close(runner.lock_fd)
 
     async def _release(self, runner: AgentRunner) -> None:
         """Stop a runner and wait until it has ended (its lock released)."""
@@ -541,13 +546,14 @@ class Runtime:
         await asyncio.wait({runner.task}, timeout=10.0)
 
     @staticmethod
-    async def _call(runner: AgentRunner, job) -> Any:
+    async def _call(runner: AgentRunner, job: Job) -> Any:
         runner.submit(job)
         return await job.future
 
     async def _sync_loop(self) -> None:
-        """Sync the store when due (``Store.needs_sync``): our turn records get
-        durable, and our LMDB pin does not hold back page reuse for the daemons."""
+        """Sync the store when due (``Store.needs_sync``): the agent records we
+        wrote get durable (the daemons sync the turns they write), and our LMDB
+        pin does not hold back page reuse for the daemons."""
         while True:
             await asyncio.sleep(min(1.0, self.sync_interval))
             if self.store.needs_sync(interval=self.sync_interval):

@@ -283,7 +283,7 @@ class Server:
             raise UsageError('the body needs "id": the agent id')
         if target is not None and not isinstance(target, str):
             raise UsageError('"target" is MODULE:CLASS, a string')
-        existed = self.rt.log.exists(agent)
+        existed = self.rt.turn_log.exists(agent)
         record = await self.rt.start(agent, target, cwd=cwd)
         return _json(record, 200 if existed else 201)
 

@@ -12,9 +12,19 @@ command                                                            does
 ``{"cmd": "restore", "at": POINT}``                                whole-tree restore to a seq, time,
                                                                    snapshot or ``turn:AGENT:N``
 ``{"cmd": "turn-begin", "agent": A, "turn": N, "message_id": M}``  label the following events
-``{"cmd": "turn-end"}``                                            end the label; reply has the turn record
+``{"cmd": "turn-end"}``                                            end the label; reply has the label (``turn``)
 ``{"cmd": "sync"}``                                                commit open files, make all durable
 =================================================================  ==========================================
+
+The turn commands take optional fields for the agent runtime's turn records
+(``chronicle.store.history.turns``), written in the label's transaction:
+``turn-begin`` ``"record": {"kind", "message", "time", ...}`` (the turn's
+``running`` record); ``turn-end`` ``"record": {"status", "patch", "reply",
+"messages", "usage", "error", "duration_ms", ...}`` (its outcome),
+``"snapshot": {"version", "entity_type", "state"}`` and ``"keep": bool``.
+Fields too long for one line go ahead in ``{"cmd": "turn-data", "data": S}``
+pieces (S: a piece of the JSON text of an object of those fields), and the
+turn command says ``"turn_data": N`` (the characters sent).
 
 Malformed input (not JSON, not an object, unknown command, missing or
 wrong-typed fields, an over-long line) gets an error reply; the daemon logs
@@ -26,27 +36,37 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
+import pyfuse3
 import trio
 
 from chronicle.errors import ChronicleError, InvalidArgument
+from chronicle.store.history.turns import TurnLog
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_file, restore_tree
+
+if TYPE_CHECKING:                      # (operations imports magic, which imports this module)
+    from chronicle.fs.operations import ChronicleOperations
 
 log = logging.getLogger("chronicle.fs")
 
 MAX_LINE = 1 << 20
+MAX_TURN_DATA = 1 << 30      # characters of turn-data per turn command (a state snapshot may be large)
 
 
 class CtlSession:
     """One open handle of ``ctl``: its pending input and replies."""
 
-    def __init__(self, ops, ctx):
+    def __init__(self, ops: ChronicleOperations, ctx: pyfuse3.RequestContext):
         self.ops = ops
         self.actor = Actor(ctx.uid, ctx.gid, ctx.pid)
         self._input = bytearray()
         self._output = bytearray()
         self._discarding = False     # inside an over-long line: drop bytes up to its newline
+        self.turn_log = TurnLog(ops.store)
+        self._turn_data: list[str] = []  # turn-data pieces for the next turn command
+        self._turn_chars = 0
 
     def read(self, size: int) -> bytes:
         out = bytes(self._output[:size])
@@ -135,7 +155,13 @@ class CtlSession:
         await self.ops.invalidate(changes.inodes, changes.entries)
         return {"seq": ws.head_seq, "path": path, "version": version, "changed": changes.paths > 0}
 
+    # Turn commands (the turn log: chronicle.store.history.turns). The daemon is the
+    # workspace's writer, so it writes label, record and snapshot in one transaction.
+
     async def turn_begin(self, command: dict) -> dict:
+        """``turn-begin``: open a turn label; with ``record``, its ``running``
+        turn record too. Reply: ``{"seq"}`` (the head before the turn)."""
+        command = await self._with_turn_data(command)
         agent = _field(command, "agent", str)
         turn = _field(command, "turn", int)
         message_id = command.get("message_id")
@@ -143,13 +169,61 @@ class CtlSession:
             raise InvalidArgument("'message_id' must be a string")
         if isinstance(message_id, str):
             _check_text("message_id", message_id)
-        self.ops.ws.turn_begin(agent, turn, None if message_id is None else str(message_id))
+        self.turn_log.begin(self.ops.ws, agent, turn, None if message_id is None else str(message_id),
+                            record=command.get("record"))
         return {"seq": self.ops.ws.head_seq}
 
     async def turn_end(self, command: dict) -> dict:
+        """``turn-end``: commit open files, end the label; with ``record`` (the
+        outcome: ``status`` and what the turn did) and ``snapshot``, write the
+        turn record and the state after it in the same transaction (``keep``:
+        also for a turn that began without a record and changed nothing).
+        Reply: ``{"seq", "turn": label, "recorded": bool}``."""
+        command = await self._with_turn_data(command)
+        ws, outcome, snapshot = self.ops.ws, command.get("record"), command.get("snapshot")
+        keep = command.get("keep", False)
+        if not isinstance(keep, bool):
+            raise InvalidArgument("'keep' must be true or false")
+        self.turn_log.check_end(ws, outcome, snapshot)
         await self.ops.commit_all()
-        record = self.ops.ws.turn_end()
-        return {"seq": self.ops.ws.head_seq, "turn": record}
+        ended = self.turn_log.end_label(ws)                 # no event after this carries the label
+        label, record = await trio.to_thread.run_sync(self.turn_log.record_end, ws, ended, outcome, snapshot, keep)
+        return {"seq": ws.head_seq, "turn": label, "recorded": record is not None}
+
+    async def turn_data(self, command: dict) -> dict:
+        """``turn-data``: a piece of the JSON object of fields for this handle's
+        next turn command, for records longer than a line (that command says
+        how many characters with ``"turn_data": N``). Reply: ``{"chars"}`` so far."""
+        data = command.get("data")
+        if not isinstance(data, str):
+            raise InvalidArgument("'data' must be a string")
+        if self._turn_chars + len(data) > MAX_TURN_DATA:
+            self._turn_data, self._turn_chars = [], 0
+            raise InvalidArgument(f"turn data longer than {MAX_TURN_DATA} characters")
+        self._turn_data.append(data)
+        self._turn_chars += len(data)
+        return {"chars": self._turn_chars}
+
+    async def _with_turn_data(self, command: dict) -> dict:
+        """``command`` with the fields sent ahead in ``turn-data`` (which are
+        used up, whatever happens)."""
+        parts, chars = self._turn_data, self._turn_chars
+        self._turn_data, self._turn_chars = [], 0
+        expected = command.get("turn_data")
+        if expected is None:
+            if parts:
+                raise InvalidArgument("turn-data was sent, but this command does not name it ('turn_data')")
+            return command
+        if not isinstance(expected, int) or isinstance(expected, bool) or expected != chars:
+            raise InvalidArgument(f"'turn_data' says {expected!r} characters were sent ahead; {chars} were")
+        text = "".join(parts)
+        try:
+            fields = await trio.to_thread.run_sync(json.loads, text) if chars > 1 << 16 else json.loads(text)
+        except (ValueError, RecursionError):
+            raise InvalidArgument("the turn data is not a JSON object") from None
+        if not isinstance(fields, dict):
+            raise InvalidArgument("the turn data is not a JSON object")
+        return {**fields, **command}
 
     async def sync(self, command: dict) -> dict:
         await self.ops.commit_all()
@@ -162,6 +236,7 @@ COMMANDS = {
     "restore": CtlSession.restore,
     "turn-begin": CtlSession.turn_begin,
     "turn-end": CtlSession.turn_end,
+    "turn-data": CtlSession.turn_data,
     "sync": CtlSession.sync,
 }
 

@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from chronicle.fs.operations import ChronicleOperations
+from chronicle.store.history.turns import TurnLog
 from chronicle.store.store import SYNC_INTERVAL, Store
 
 log = logging.getLogger("chronicle.daemon")
@@ -117,7 +118,7 @@ def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
     except BaseException:
         store.close()
         raise
-    closed = ws.close_interrupted_turns()
+    closed = TurnLog(store).close_interrupted(ws)
     if closed:
         log.info("ended %d turn label(s) left open by a daemon that stopped mid-turn", closed)
     ops = ChronicleOperations(ws, store, mountpoint=str(mountpoint))

@@ -42,6 +42,7 @@ from chronicle.store.chunks.backends.local import sync_active_packs
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.history import points
+from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.recovery import record_synced, recover_after_crash
@@ -478,35 +479,15 @@ class Store:
         """:func:`chronicle.store.history.points.snapshots`."""
         return points.snapshots(ws)
 
-    def put_turn(self, ws, agent: str, turn: int, record: dict) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.put(schema.turn_key(ws.id, agent.encode(), turn), json.dumps(record).encode(), db=self.dbs["turns"])
-        self.note_commit()
+    def get_turn(self, ws: Workspace, agent: str, turn: int) -> dict | None:
+        """The turn label ``ws`` sees for ``turn`` of ``agent`` (a fork: also its
+        ancestors' that ended by the fork seq), or None. The turn log
+        (``chronicle.store.history.turns``) has the vocabulary and the writers."""
+        return TurnLog(self).label(ws, agent, turn)
 
-    def get_turn(self, ws, agent: str, turn: int) -> dict | None:
-        with self.env.begin() as txn:
-            for layer in ws.history.layers:
-                raw = txn.get(schema.turn_key(layer.ws, agent.encode(), turn), db=self.dbs["turns"])
-                if raw is not None:
-                    record = json.loads(raw)
-                    end = record.get("end_seq")
-                    if layer.ws == ws.id or (end is not None and end <= layer.bound):
-                        return record
-        return None
-
-    def turns(self, ws, agent: str | None = None) -> list[dict]:
-        out = []
-        with self.env.begin() as txn, txn.cursor(db=self.dbs["turns"]) as cur:
-            for layer in reversed(ws.history.layers):
-                prefix = schema.ws_key(layer.ws) + (agent.encode() + b"\x00" if agent else b"")
-                if cur.set_range(prefix):
-                    for key, value in cur:
-                        if key[:len(prefix)] != prefix:
-                            break
-                        rec = json.loads(value)
-                        if layer.ws == ws.id or (rec.get("end_seq") is not None and rec["end_seq"] <= layer.bound):
-                            out.append(rec)
-        return out
+    def turns(self, ws: Workspace, agent: str | None = None) -> list[dict]:
+        """Every turn label ``ws`` sees, of ``agent`` or of all (see :meth:`get_turn`)."""
+        return TurnLog(self).labels(ws, agent)
 
     # -- points in history ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from chronicle.cli import cli
+from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.model import Actor
 from chronicle.store.store import Store
@@ -178,10 +179,10 @@ def test_log_turn(runner, tmp_path):
     st = Store.init(path)
     ws = st.open_workspace("default", writable=True, create=True)
     write(ws, b"a.txt", b"before")
-    ws.turn_begin("planner", 1, "m-1")
+    TurnLog(st).begin(ws, "planner", 1, "m-1")
     write(ws, b"a.txt", b"during")
     write(ws, b"b.txt", b"new")
-    ws.turn_end()
+    TurnLog(st).end(ws)
     write(ws, b"a.txt", b"after")
     st.close()
     events = log_json(runner, path, "--turn", "planner:1")

@@ -375,7 +375,7 @@ def test_restart_restores_from_snapshot_and_patches(env):
     assert state["count"] == 7
 
     async def second(rt):
-        at = rt.log.state_at("r")
+        at = rt.turn_log.state_at("r")
         assert at.snapshot_turn == 6 and at.patches == 1
         assert rt.state("r") == state
         # A rollback of an agent that is not running mounts its workspace for the restore only.
@@ -404,6 +404,64 @@ def test_mount_daemon_killed_between_turns_is_remounted(env):
         assert (Path(rt.mountpoint("d")) / "b.txt").read_text() == "1"
         assert rt.store.mount_info("d")["pid"] != daemon
     env.run(program)
+
+
+def test_mount_daemon_killed_mid_turn(env):
+    """The turn's end cannot reach the daemon: the turn is interrupted (recorded so
+    by the next daemon), the worker restarts from the store, the agent serves on."""
+    go = env.tmp / "go"
+
+    async def program(rt):
+        await rt.create("dm", SCRIPTED, cwd=env.src)
+        await rt.ask("dm", {"text": "one"})
+        daemon, worker = rt.store.mount_info("dm")["pid"], rt.worker_pid("dm")
+        reply = await rt.send("dm", {"text": "two", "steps": [["token", "t"], ["wait_file", str(go), 60]]})
+        await first_token(reply)
+        os.kill(daemon, signal.SIGKILL)
+        while alive(daemon):
+            await asyncio.sleep(0.02)
+        go.touch()
+        result = await reply.result(30)
+        assert result["status"] == "interrupted" and "mount daemon" in result["error"]
+        after = await rt.ask("dm", {"text": "three"})
+        assert after["status"] == "completed" and after["reply"] == "done 2"
+        assert rt.worker_pid("dm") != worker and rt.store.mount_info("dm")["pid"] != daemon
+        assert [s for _, k, s in statuses(rt, "dm") if k == "message"] == ["completed", "interrupted", "completed"]
+        assert "mount daemon stopped" in rt.show_turn("dm", result["turn"])["error"]
+        assert rt.state("dm")["notes"] == ["one", "three"]
+    env.run(program)
+
+
+def test_turn_records_longer_than_a_ctl_line(env, monkeypatch):
+    """A message, a patch and a state snapshot of megabytes reach the turn log
+    (sent ahead in ctl turn-data pieces) and come back whole."""
+    big = "x" * (3 << 20) + "\u00e9\"\\"
+    sent = []
+    control = runtime_process.WorkspaceMount.control
+
+    async def spy(self, command):
+        sent.append(command["cmd"])
+        return await control(self, command)
+
+    monkeypatch.setattr(runtime_process.WorkspaceMount, "control", spy)
+
+    async def first(rt):
+        await rt.create("big", SCRIPTED, cwd=env.src)
+        result = await rt.ask("big", {"text": big, "steps": [["set_extra", {"blob": big}]]})
+        assert result["status"] == "completed"
+        shown = rt.show_turn("big", result["turn"])
+        assert shown["message"]["text"] == big and shown["snapshot"] is True
+        assert rt.state("big") == {"count": 1, "notes": [big], "extra": {"blob": big}}
+        assert rt.turn_log.state_at("big").patches == 0              # from the snapshot of turn 1
+        assert sent.count("turn-data") >= 2 * 12                    # turn-begin's and turn-end's, 256k each
+        await rt.ask("big", {"text": "small"})
+
+    env.run(first, snapshot_every=1)
+
+    async def second(rt):
+        assert rt.state("big") == {"count": 2, "notes": [big, "small"], "extra": {"blob": big}}
+        assert (await rt.ask("big", {"text": "again"}))["reply"] == "done 3"
+    env.run(second)
 
 
 def test_runtime_killed_mid_turn_then_restarted(env):

@@ -15,8 +15,8 @@ state's recorded patch drained as the worker does. Prints ms/turn for both
 and the ratio.
 
 (b) **Restoring a long log.** An agent whose log holds ``--log-turns``
-(10,000) message turns, written with ``AgentLog`` exactly as the runtime
-writes them (a ``running`` record, then the completed one with its JSON Patch;
+(10,000) message turns, written with ``TurnLog`` exactly as the mount daemon
+writes them for the runtime (a ``running`` record, then the completed one with its JSON Patch;
 a full state snapshot every 100 turns), then timed: ``Runtime.state()`` at the
 latest turn and at the worst case (the turn just before a snapshot: the most
 patches to apply), ``Runtime.turns()`` (what ``chronicle agent turns`` reads),
@@ -49,7 +49,6 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from chronicle.store.history.turns import now_iso  # noqa: E402
 from agent_runtime import AgentContext, Runtime  # noqa: E402
 from agent_runtime.loader import load_agent_class  # noqa: E402
 
@@ -136,30 +135,29 @@ async def overhead(rt: Runtime, src: Path, work: Path, turns: int) -> dict:
 
 
 def write_log(rt: Runtime, agent: str, turns: int) -> float:
-    """Append ``turns`` completed message turns to ``agent``'s log as the runtime
-    does (``running``, then final with the patch; snapshots every N). Seconds."""
+    """Append ``turns`` completed message turns to ``agent``'s log as its mount
+    daemon does for the runtime (``TurnLog.begin`` with the ``running``
+    record, then ``TurnLog.end`` with the patch; snapshots every N), holding
+    the workspace's writer lock itself (the agent is shut down). Seconds."""
     state = rt.state(agent)
-    head = rt.store.open_workspace(agent).head_seq
+    ws = rt.store.open_workspace(agent, writable=True)
     started = time.perf_counter()
-    for n in range(1, turns + 1):
-        turn = rt.log.get(agent)["last_turn"] + 1
-        text = f"message {n}"
-        now = now_iso()
-        record = {"turn": turn, "kind": "message", "status": "running", "message_id": f"m{n}",
-                  "message": {"text": text}, "reply": "", "messages": [], "patch": [], "error": None, "usage": {},
-                  "begin_seq": head + 1, "end_seq": None, "time": now, "end_time": None, "duration_ms": None,
-                  "snapshot": False}
-        rt.log.begin_turn(agent, record)
-        patch = [{"op": "replace", "path": "/count", "value": state["count"] + 1},
-                 {"op": "add", "path": f"/history/{len(state['history'])}", "value": text}]
-        state["count"] += 1
-        state["history"].append(text)
-        snapshot = None
-        if turn % SNAPSHOT_EVERY == 0:
-            snapshot = {"version": 1, "entity_type": "counter", "state": state}
-        record.update(status="completed", patch=patch, end_seq=head, end_time=now_iso(), duration_ms=0.1,
-                      snapshot=snapshot is not None, reply="", messages=[])
-        rt.log.put_turn(agent, record, snapshot=snapshot)
+    try:
+        for n in range(1, turns + 1):
+            turn = rt.turn_log.get(agent)["last_turn"] + 1
+            text = f"message {n}"
+            rt.turn_log.begin(ws, agent, turn, f"m{n}", record={"kind": "message", "message": {"text": text}})
+            patch = [{"op": "replace", "path": "/count", "value": state["count"] + 1},
+                     {"op": "add", "path": f"/history/{len(state['history'])}", "value": text}]
+            state["count"] += 1
+            state["history"].append(text)
+            snapshot = None
+            if turn % SNAPSHOT_EVERY == 0:
+                snapshot = {"version": 1, "entity_type": "counter", "state": state}
+            rt.turn_log.end(ws, {"status": "completed", "patch": patch, "duration_ms": 0.1, "reply": "",
+                                 "messages": []}, snapshot=snapshot)
+    finally:
+        rt.store.release_workspace(ws)
     rt.store.sync()
     return time.perf_counter() - started
 
@@ -177,7 +175,7 @@ async def restore(rt: Runtime, src: Path, turns: int) -> dict:
     await rt.ask("short", {"text": "one"})
     await rt.shutdown_agent("long")
     wrote = write_log(rt, "long", turns)
-    last = rt.log.get("long")["last_turn"]
+    last = rt.turn_log.get("long")["last_turn"]
     worst = last - 1 if last % SNAPSHOT_EVERY == 0 else last
     while worst % SNAPSHOT_EVERY != SNAPSHOT_EVERY - 1 and worst > 1:
         worst -= 1
@@ -192,7 +190,7 @@ async def restore(rt: Runtime, src: Path, turns: int) -> dict:
 
     state_latest, _ = timed(rt.state, "long")
     state_worst, _ = timed(rt.state, "long", worst)
-    at_latest, at_worst = rt.log.state_at("long"), rt.log.state_at("long", worst)
+    at_latest, at_worst = rt.turn_log.state_at("long"), rt.turn_log.state_at("long", worst)
     turns_all, listed = timed(rt.turns, "long", repeat=3)
     start_long = statistics.median([await timed_start(rt, "long") for _ in range(STARTS)])
     start_short = statistics.median([await timed_start(rt, "short") for _ in range(STARTS)])
@@ -229,7 +227,7 @@ def report(a: dict, b: dict) -> None:
     print()
     print(f"(b) Restoring an agent with {b['turns']:,} turns (a state snapshot every {SNAPSHOT_EVERY})")
     lines = [
-        (f"write {b['turns']:,} turns (AgentLog, as the runtime)",
+        (f"write {b['turns']:,} turns (TurnLog, as the daemon)",
          f"{b['write_s']:.2f} s ({b['turns'] / b['write_s']:,.0f} turns/s)"),
         ("Runtime.state(), latest turn",
          f"{ms(b['state_latest_ms'] / 1000)} ms (snapshot {b['state_latest_snapshot']:,} "

@@ -25,7 +25,10 @@ Modules, lowest first:
   ``.chronicle/`` node's lookup, listing, attributes and content, FUSE-free
   (over ``paths`` and ``points``); the mount (``chronicle.fs.magic``) and
   the CLI (``log``, ``show``, ``diff``) both read it;
-- ``turns`` — agents, their turn logs and state snapshots.
+- ``turns`` — the turn log: :class:`~chronicle.store.history.turns.TurnLog`,
+  turn labels (a workspace's seq ranges per turn), the agent runtime's turn
+  records, state snapshots and agent records; written by the workspace's
+  writer only (see ``turns``), read by everyone.
 
 Threads: nothing here holds a transaction between calls: each call opens
 its own read transaction (``points.put_snapshot`` its own write

@@ -21,10 +21,10 @@ database                key                                        value
 ``paths``               ws u32, path, 0x00, seq u64                :class:`PathEntry`
 ``path_heads``          ws u32, path                               :class:`PathHead`
 ``snapshots``           ws u32, name                               JSON ``{"seq", "time"}``
-``turns``               ws u32, agent, 0x00, turn u32              JSON turn label record (the daemon's)
-``agents``              agent id (UTF-8)                           JSON agent record (``store.agents``)
-``agent_turns``         agent id, 0x00, turn u32                   JSON turn-log record (``store.agents``)
-``agent_states``        agent id, 0x00, turn u32                   JSON full state after that turn
+``turns``               ws u32, agent, 0x00, turn u32              JSON turn label
+``agents``              agent id (UTF-8)                           JSON agent record
+``agent_turns``         agent id, 0x00, turn u32                   JSON turn record
+``agent_states``        agent id, 0x00, turn u32                   JSON state snapshot after that turn
 ======================  =========================================  ==========================================
 
 A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
@@ -32,9 +32,10 @@ fork reads through to its parent at the fork seq (``chronicle.store.meta.tree``)
 ``dirents`` is the head (current) directory table; in a fork it holds only
 the fork's own changes, with whiteouts for names it removed.
 
-The agent runtime's databases (``agents``, ``agent_turns``, ``agent_states``)
-are keyed by agent id, which is also the name of the agent's workspace;
-``chronicle.store.history.turns`` defines their records.
+The turn log is ``turns`` (a workspace's labels: what a fork reads through
+to) and the agent runtime's ``agents``, ``agent_turns``, ``agent_states``,
+keyed by agent id, which is also the name of the agent's workspace;
+``chronicle.store.history.turns`` defines their records and who writes them.
 
 Names and paths are ``bytes`` at every layer (POSIX names are bytes); paths
 are relative to the workspace root, components joined by ``/``, root ``b""``.
@@ -168,6 +169,7 @@ def named_key(ws: int, name: bytes) -> bytes:
 
 
 def turn_key(ws: int, agent: bytes, turn: int) -> bytes:
+    """Key of a turn label (``turns``)."""
     return U32.pack(ws) + agent + b"\x00" + U32.pack(turn)
 
 

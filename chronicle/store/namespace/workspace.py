@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -58,7 +57,6 @@ from chronicle.store import model
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.history.paths import History
 from chronicle.store.meta import schema
-from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, WorkspaceRecord
 from chronicle.store.meta.tree import TreeView
 from chronicle.store.model import KIND_DIR, Actor, Attrs
@@ -110,7 +108,7 @@ class Workspace:
         self.writable = writable
         with store.env.begin() as txn:
             self.head_seq = store.head_seq(txn, self.id)
-        self.turn: dict | None = None
+        self.turn: dict | None = None        # the open turn label; chronicle.store.history.turns sets it
         self._head_view = TreeView(self.dbs, self.chain, self.root, None)
         self._attrs: dict[int, Attrs] = {}          # head attributes of the inodes in use
         self.links = PathLinks(self.root)
@@ -664,63 +662,15 @@ class Workspace:
                              size=attrs.size if attrs.is_file else None, name=_text(name))
             w.log(event, path, name=_text(name))
 
-    # -- snapshots and turn labels ------------------------------------------------------------
+    # -- snapshots ----------------------------------------------------------------------------
 
     def snapshot(self, name: str) -> int:
         """Name the current head seq. Raises :class:`Exists`, :class:`InvalidArgument`."""
         return self.store.put_snapshot(self, name, self.head_seq)
 
-    def turn_begin(self, agent: str, turn: int, message_id: str | None) -> None:
-        """Label the following events with ``{agent, turn, message_id}``.
-
-        Raises :class:`InvalidArgument` for a bad agent name (empty, NUL, not
-        UTF-8, over 255 bytes) or turn number (not in 0..2**32-1), or while
-        another turn is open (end it first)."""
-        try:
-            agent_bytes = agent.encode("utf-8")
-        except (UnicodeEncodeError, AttributeError):
-            raise InvalidArgument("the agent name must be valid Unicode text") from None
-        if not agent_bytes or b"\x00" in agent_bytes or len(agent_bytes) > 255:
-            raise InvalidArgument("the agent name must be 1 to 255 bytes, without NUL")
-        if not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn < 2 ** 32:
-            raise InvalidArgument(f"the turn number must be between 0 and {2 ** 32 - 1}")
-        if self.turn is not None:
-            raise InvalidArgument(f"turn {self.turn['turn']} of agent {self.turn['agent']!r} is still open; "
-                                  "end it with turn-end first")
-        label = {"agent": agent, "turn": turn, "message_id": message_id}
-        self.store.put_turn(self, agent, turn, {**label, "begin_seq": self.head_seq + 1, "end_seq": None,
-                                                "begin_time": _now_iso()})
-        self.turn = label              # only once the turn is recorded
-
-    def close_interrupted_turns(self) -> int:
-        """End the turn labels a crashed daemon left open (recorded as
-        ``"interrupted": true`` at the head seq). Returns how many."""
-        count = 0
-        for record in self.store.turns(self):
-            if record.get("end_seq") is None and record.get("begin_seq", 0) <= self.head_seq + 1:
-                record.update(end_seq=self.head_seq, end_time=_now_iso(), interrupted=True)
-                self.store.put_turn(self, record["agent"], record["turn"], record)
-                count += 1
-        return count
-
-    def turn_end(self) -> dict:
-        """End the current turn label; returns the turn record. Raises
-        :class:`InvalidArgument` if no turn is open."""
-        if self.turn is None:
-            raise InvalidArgument("no turn is open")
-        turn, self.turn = self.turn, None
-        record = self.store.get_turn(self, turn["agent"], turn["turn"]) or dict(turn)
-        record.update(end_seq=self.head_seq, end_time=_now_iso())
-        self.store.put_turn(self, turn["agent"], turn["turn"], record)
-        return record
-
 
 def _text(path: bytes | None) -> str | None:
     return None if path is None else os.fsdecode(path)
-
-
-def _now_iso() -> str:
-    return iso_time(time.time_ns())
 
 
 def _is_map_full(exc: BaseException) -> bool:

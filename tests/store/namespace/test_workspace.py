@@ -164,22 +164,6 @@ def test_opening_a_store_twice_in_one_process_shares_it(tmp_path):
         first.env.info()                # really closed now
 
 
-def test_a_turn_label_left_open_by_a_crash_is_ended_as_interrupted(tmp_path):
-    path = tmp_path / "store"
-    st = Store.init(path)
-    ws = st.open_workspace("w", writable=True, create=True)
-    ws.turn_begin("bot", 1, "m1")
-    write(ws, ws.root, b"during", b"turn")
-    st.close()                          # the daemon died before turn-end
-    with Store.open(path) as st:
-        ws = st.open_workspace("w", writable=True)
-        assert ws.close_interrupted_turns() == 1
-        record = st.get_turn(ws, "bot", 1)
-        assert record["interrupted"] is True and record["end_seq"] == ws.head_seq
-        assert st.resolve_point(ws, "turn:bot:1") == ws.head_seq
-        assert ws.close_interrupted_turns() == 0
-
-
 # -- the head caches follow the events ----------------------------------------------------------
 
 

@@ -1,0 +1,96 @@
+"""The runtime's side of the ctl turn commands, against a real mount daemon
+(no runtime, no worker): turn records travel with ``turn-begin``/``turn-end``
+and the daemon, the workspace's writer, writes them with the label
+(``chronicle.store.history.turns``, ``chronicle.fs.ctl``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chronicle.control import ControlChannel
+from chronicle.errors import InvalidArgument
+from chronicle.store.history.turns import TurnLog
+from chronicle.store.store import Store
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def agent_mount(mount_factory, tmp_path):
+    """A mount of workspace ``bot`` whose agent exists (turn 0), and the store, opened here to read."""
+    path = tmp_path / "store"
+    with Store.init(path) as st:
+        st.create_workspace("bot")
+        ws = st.open_workspace("bot", writable=True)
+        record = {"id": "bot", "target": "m:C", "cwd": "/", "created": "t", "entity_type": None,
+                  "state_version": 1, "parent": None, "last_turn": 0, "message_turns": 0, "history_from": 0,
+                  "total_usage": {}, "last_turn_usage": {}, "status": "created"}
+        TurnLog(st).create_agent(ws, record, {"version": 1, "entity_type": None, "state": {"n": 0}},
+                                 {"kind": "create"})
+        st.release_workspace(ws)
+    mount = mount_factory(store=path, workspace="bot")
+    store = Store.open(path)
+    try:
+        yield mount, store, TurnLog(store)
+    finally:
+        store.close()
+
+
+def test_turn_begin_and_end_carry_the_record_and_snapshot(agent_mount):
+    mount, store, log = agent_mount
+    with ControlChannel(mount.path) as ctl:
+        ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": 1, "message_id": "m1",
+                     "record": {"kind": "message", "message": {"text": "hi"}}})
+        running = log.record("bot", 1)
+        assert running["status"] == "running" and running["message"] == {"text": "hi"}
+        (mount.path / "a.txt").write_text("in the turn\n")
+        end = ctl.request({"cmd": "turn-end", "record": {"status": "completed", "reply": "done",
+                                                         "patch": [{"op": "replace", "path": "/n", "value": 1}]},
+                           "snapshot": {"version": 1, "entity_type": None, "state": {"n": 1}}})
+    assert end["recorded"] is True and end["turn"]["end_seq"] == end["seq"]
+    record = log.record("bot", 1)
+    assert record["status"] == "completed" and record["snapshot"] is True
+    assert (record["begin_seq"], record["end_seq"]) == (end["turn"]["begin_seq"], end["turn"]["end_seq"])
+    assert {e["path"] for e in log.turn_events("bot", record)} == {"a.txt"}
+    assert log.state_at("bot").snapshot_turn == 1 and log.state_at("bot").state == {"n": 1}
+
+
+def test_fields_longer_than_a_line_go_ahead_as_turn_data(agent_mount):
+    mount, _store, log = agent_mount
+    text = json.dumps({"record": {"kind": "message", "message": {"text": "y" * (3 << 20)}}})
+    pieces = [text[i:i + (1 << 18)] for i in range(0, len(text), 1 << 18)]
+    with ControlChannel(mount.path) as ctl:
+        for piece in pieces:
+            ctl.request({"cmd": "turn-data", "data": piece})
+        with pytest.raises(InvalidArgument, match="characters were sent ahead"):
+            ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": 1, "turn_data": len(text) - 1})
+        assert ctl.request({"cmd": "turn-data", "data": "{}"})["chars"] == 2    # (the pieces were used up)
+        with pytest.raises(InvalidArgument, match="does not name it"):
+            ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": 1})
+        for piece in pieces:
+            ctl.request({"cmd": "turn-data", "data": piece})
+        ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": 1, "turn_data": len(text)})
+        assert log.record("bot", 1)["message"]["text"] == "y" * (3 << 20)
+        ctl.request({"cmd": "turn-end", "record": {"status": "cancelled"}})
+    assert log.record("bot", 1)["status"] == "cancelled"
+
+
+def test_a_refused_turn_end_changes_nothing(agent_mount):
+    mount, store, log = agent_mount
+    with ControlChannel(mount.path) as ctl:
+        ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": 1, "record": {"kind": "message"}})
+        for command in [{"keep": "yes"}, {"record": {"status": "running"}},
+                        {"record": {"status": "completed", "patch": [1]}},
+                        {"snapshot": {"version": 1, "state": {}}}]:             # (a snapshot without a record)
+            with pytest.raises(InvalidArgument):
+                ctl.request({"cmd": "turn-end", **command})
+            assert log.record("bot", 1)["status"] == "running"
+        ctl.request({"cmd": "turn-end"})                          # no outcome: the runtime lost the turn
+        assert log.record("bot", 1)["status"] == "interrupted"
+        # A label of another agent is only a label; a record for it is refused.
+        ctl.request({"cmd": "turn-begin", "agent": "alice", "turn": 7})
+        with pytest.raises(InvalidArgument, match="agent of the workspace"):
+            ctl.request({"cmd": "turn-end", "record": {"status": "completed", "kind": "x"}})
+        assert ctl.request({"cmd": "turn-end"})["recorded"] is False
