@@ -13,25 +13,24 @@ Lifecycle (S3QL's and borg's rules):
   ends it too. Only after a clean return are open files committed, the store
   synced and the mount removed. On a crash path the mount is left in place
   (an empty mountpoint would make tools think the files are gone); the next
-  ``chronicle mount`` clears the stale mountpoint.
+  ``chronicle mount`` clears the stale mountpoint (``chronicle.procs``).
 
 Logging goes to stderr: ``"%(asctime)s %(levelname)s %(name)s: %(message)s"``.
 """
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from chronicle import procs
 from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.store import SYNC_INTERVAL, Store
 
@@ -45,23 +44,11 @@ def setup_logging() -> None:
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
 
 
-def is_stale(mountpoint: Path) -> bool:
-    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN).
-
-    Uses ``statvfs``: the kernel answers ``stat`` of a FUSE root from its
-    attribute cache even when the daemon is dead, but always asks for statfs."""
-    try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
-
-
 def clear_stale(mountpoint: Path) -> bool:
-    """Lazily unmount a stale mountpoint; returns True if there was one."""
-    if not is_stale(mountpoint):
+    """Lazily unmount a stale mount left at ``mountpoint`` by a daemon that
+    died (:func:`chronicle.procs.clear_stale`); True if there was one."""
+    if not procs.clear_stale(mountpoint):
         return False
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
     log.info("cleared the stale mount at %s", mountpoint)
     return True
 
