@@ -19,6 +19,13 @@ command                                                            does
 Malformed input (not JSON, not an object, unknown command, missing or
 wrong-typed fields, an over-long line) gets an error reply; the daemon logs
 nothing for it and keeps serving. The reply is ready when ``write`` returns.
+
+Threads: commands run on the FUSE loop as mutations under the adapter's
+:class:`~chronicle.fs.operations.MutationGate`, except the long one: a
+whole-tree ``restore --at`` runs in a worker thread holding the gate
+(``ChronicleOperations.run_exclusive``), so the mount keeps answering
+lookups and stats meanwhile; ``sync`` waits for ``Store.sync`` in a worker
+thread (``sync_limiter``).
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import trio
+import pyfuse3
 
 from chronicle.errors import ChronicleError, InvalidArgument
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_file, restore_tree
+
+if TYPE_CHECKING:
+    from chronicle.fs.operations import ChronicleOperations       # which imports magic, which imports us
 
 log = logging.getLogger("chronicle.fs")
 
@@ -41,7 +52,7 @@ MAX_LINE = 1 << 20
 class CtlSession:
     """One open handle of ``ctl``: its pending input and replies."""
 
-    def __init__(self, ops, ctx):
+    def __init__(self, ops: ChronicleOperations, ctx: pyfuse3.RequestContext):
         self.ops = ops
         self.actor = Actor(ctx.uid, ctx.gid, ctx.pid)
         self._input = bytearray()
@@ -96,7 +107,11 @@ class CtlSession:
             handler = COMMANDS.get(name) if isinstance(name, str) else None
             if handler is None:
                 raise InvalidArgument(f"unknown command {name!r}; commands: {', '.join(sorted(COMMANDS))}")
-            result = await handler(self, command)
+            if handler is CtlSession.restore:
+                result = await handler(self, command)          # takes the gate as it needs
+            else:
+                async with self.ops.gate.mutation():
+                    result = await handler(self, command)
             return {"ok": True, **result}
         except ChronicleError as exc:
             return {"ok": False, "error": str(exc), "kind": type(exc).__name__}
@@ -120,7 +135,8 @@ class CtlSession:
             if isinstance(point, str):
                 _check_text("at", point)
             seq = self.ops.store.resolve_point(ws, str(point))
-            changes = restore_tree(ws, seq, self.actor)
+            # Seconds for a large tree: in a worker, the workspace locked against mutation.
+            changes = await self.ops.run_exclusive(restore_tree, ws, seq, self.actor)
             await self.ops.invalidate(changes.inodes, changes.entries)
             return {"seq": ws.head_seq, "at": seq, "paths": changes.paths, "changed": changes.paths > 0}
         path = command.get("path")
@@ -131,7 +147,8 @@ class CtlSession:
         except UnicodeEncodeError:
             raise InvalidArgument("'path' is not a path this system can encode") from None
         version = _field(command, "version", int)
-        changes = restore_file(ws, raw_path.strip(b"/"), version, self.actor)
+        async with self.ops.gate.mutation():                 # one path: on the loop
+            changes = restore_file(ws, raw_path.strip(b"/"), version, self.actor)
         await self.ops.invalidate(changes.inodes, changes.entries)
         return {"seq": ws.head_seq, "path": path, "version": version, "changed": changes.paths > 0}
 
@@ -153,7 +170,7 @@ class CtlSession:
 
     async def sync(self, command: dict) -> dict:
         await self.ops.commit_all()
-        await trio.to_thread.run_sync(self.ops.store.sync, limiter=self.ops.limiter)
+        await self.ops.sync()
         return {"seq": self.ops.ws.head_seq}
 
 

@@ -62,7 +62,9 @@ def mount_options(workspace: str) -> set[str]:
 
 
 async def _periodic_sync(store: Store, limiter: trio.CapacityLimiter) -> None:
-    """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin)."""
+    """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin),
+    in a worker thread under ``limiter`` (the adapter's ``sync_limiter``, which
+    fsync and ctl ``sync`` share: one ``Store.sync`` at a time)."""
     while True:
         await trio.sleep(0.1)
         if store.needs_sync():
@@ -83,7 +85,7 @@ async def _signals(ops: ChronicleOperations) -> None:
 
 async def _main(ops: ChronicleOperations) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_periodic_sync, ops.store, ops.limiter)
+        nursery.start_soon(_periodic_sync, ops.store, ops.sync_limiter)
         nursery.start_soon(_signals, ops)
         nursery.start_soon(_tune_readahead, ops.mountpoint)
         await pyfuse3.main()

@@ -20,11 +20,26 @@ readable and writable while it is open.
 Versions are committed on ``flush`` — ``close(2)`` waits for FLUSH, while
 RELEASE is sent asynchronously after it returns — and on ``fsync`` and the
 last ``release`` (mmap writes can come after the last close). The heavy part
-of a commit (CDC, hashing, compression) runs in a worker thread under a
-:class:`trio.CapacityLimiter`, holding the inode's lock so no write changes
-the overlay meanwhile.
+of a commit (CDC, hashing, compression) runs in a worker thread, holding the
+inode's lock so no write changes the overlay meanwhile.
 
-Threads: everything runs on the trio thread except commit builds and syncs.
+Threads: every handler runs on the trio thread (the FUSE loop); blocking work
+goes to worker threads (``trio.to_thread.run_sync``), each kind under its own
+:class:`trio.CapacityLimiter` so one kind cannot starve another:
+
+- ``build_limiter`` (:data:`BUILD_THREADS`) — commit builds: CPU-bound CDC,
+  BLAKE3 and zstd, one thread per core;
+- ``sync_limiter`` (:data:`SYNC_THREADS`) — ``Store.sync`` for fsync,
+  fsyncdir, ctl ``sync`` and the daemon's periodic sync: it holds the LMDB
+  writer lock and the store's sync lock, so a second thread would only queue;
+- ``stream_limiter`` (:data:`STREAM_WAIT_THREADS`) — writers waiting for a
+  streaming file's backlog to drain (threads that block, not compute);
+- ``job_limiter`` (1) — long ctl commands (``restore --at``) run under the
+  :class:`MutationGate`.
+
+A long job that changes the tree (ctl ``restore --at``) runs in a worker
+thread while the loop keeps answering; see :class:`MutationGate` for how the
+single-threaded Workspace stays consistent meanwhile.
 """
 
 from __future__ import annotations
@@ -33,18 +48,23 @@ import errno
 import logging
 import os
 import stat
+import sys
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyfuse3
 import trio
 
-from chronicle.errors import NotFound, ReadOnly
+from chronicle.errors import ChronicleError, NameTooLong, NotADirectory, NotFound, ReadOnly
 from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
-from chronicle.store.model import Attrs
-from chronicle.store.model import Actor
+from chronicle.store.model import Actor, Attrs
 from chronicle.store.namespace.staging import MAX_FILE_SIZE
+from chronicle.store.namespace.workspace import NAME_MAX, Workspace
+from chronicle.store.store import Store
 
 log = logging.getLogger("chronicle.fs")
 
@@ -52,6 +72,99 @@ CACHE_TIMEOUT = 300.0
 NEGATIVE_TIMEOUT = 30.0
 # Commits smaller than this are built on the loop thread (a thread hop costs more).
 INLINE_COMMIT_BYTES = 256 * 1024
+BUILD_THREADS = 2          # commit builds at once (CPU: CDC, BLAKE3, zstd)
+SYNC_THREADS = 1           # Store.sync holds the LMDB writer lock: one at a time
+STREAM_WAIT_THREADS = 4    # writers blocked on a stream's backlog at once
+JOB_SWITCH_INTERVAL = 0.001  # s: the GIL switch interval while a job runs (sys.setswitchinterval)
+
+T = TypeVar("T")
+
+
+class MutationGate:
+    """Keeps the workspace single-threaded while a long job runs in a worker.
+
+    The Workspace is used from one thread by contract (its module docstring):
+    its caches (head attributes, path links, open files) are plain dicts the
+    loop reads and writes without locks. ``ctl restore --at`` over 20,000
+    paths is one event, one LMDB write transaction, and takes seconds; on the
+    loop, every request of the mount would wait for it.
+
+    Chosen: the job runs whole in a worker thread while the workspace is
+    locked against mutation, rather than planned off-thread and applied on
+    the loop in batches — a restore is one event (one seq, one transaction,
+    SPEC), and batches would split it. While the job holds the gate:
+
+    - mutations (every handler that changes the tree, a file, the open-file
+      table or the caches; ctl commands) wait at the gate; the job starts
+      only once the mutations in flight have finished (:meth:`mutation`);
+    - reads that the kernel sends most — ``lookup``, ``getattr``, ``opendir``,
+      ``readdir`` — are answered from the committed tree in LMDB (MVCC:
+      before the job commits they see the old head, after it the new one)
+      without touching the workspace's caches, which belong to the worker;
+      what they would have recorded (path links) is recorded on the loop once
+      the job is done (:meth:`defer`). No file has uncommitted writes then
+      (a restore refuses to start otherwise), so committed attributes are the
+      attributes;
+    - other reads (``readlink``, xattrs, the ``.chronicle`` tree's lookups)
+      wait like mutations (:meth:`wait_free`).
+
+    Only the trio thread calls the gate.
+    """
+
+    def __init__(self) -> None:
+        self._active = 0                              # mutations in flight
+        self._held = False
+        self._released = trio.Event()
+        self._released.set()
+        self._idle = trio.Event()
+        self._deferred: list[Callable[[], object]] = []
+
+    @property
+    def exclusive(self) -> bool:
+        """True while a job holds (or is waiting to hold) the gate."""
+        return self._held
+
+    async def wait_free(self) -> None:
+        """Return once no job holds the gate."""
+        while self._held:
+            await self._released.wait()
+
+    @asynccontextmanager
+    async def mutation(self) -> AsyncIterator[None]:
+        """Hold off jobs for the duration of one mutation (shared: many at once)."""
+        await self.wait_free()
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Hold the gate alone: new mutations wait, those in flight are waited for."""
+        await self.wait_free()
+        self._held = True
+        self._released = trio.Event()
+        try:
+            while self._active:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            yield
+        finally:
+            deferred, self._deferred = self._deferred, []
+            self._held = False
+            for record in deferred:
+                try:
+                    record()
+                except ChronicleError:
+                    pass                              # gone since: nothing to record
+            self._released.set()
+
+    def defer(self, record: Callable[[], object]) -> None:
+        """Run ``record`` on the loop once the job is done (ChronicleErrors ignored)."""
+        self._deferred.append(record)
 
 
 @dataclass
@@ -74,7 +187,7 @@ class ChronicleOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, ws, store, *, mountpoint: str = ""):
+    def __init__(self, ws: Workspace, store: Store, *, mountpoint: str = ""):
         super().__init__()
         self.ws = ws
         self.store = store
@@ -85,7 +198,11 @@ class ChronicleOperations(pyfuse3.Operations):
         self._dirs: dict[int, list] = {}       # fh -> [dir inode, listing snapshot]
         self._next_fh = 1
         self._locks: dict[int, trio.Lock] = {}
-        self.limiter = trio.CapacityLimiter(2)
+        self.build_limiter = trio.CapacityLimiter(BUILD_THREADS)
+        self.sync_limiter = trio.CapacityLimiter(SYNC_THREADS)
+        self.stream_limiter = trio.CapacityLimiter(STREAM_WAIT_THREADS)
+        self.job_limiter = trio.CapacityLimiter(1)
+        self.gate = MutationGate()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -124,6 +241,59 @@ class ChronicleOperations(pyfuse3.Operations):
         self._lookups[ino] += 1
         return self.entry(ino, attrs)
 
+    def attrs(self, ino: int) -> Attrs:
+        """Attributes of store inode ``ino`` for a read handler: the
+        workspace's (with uncommitted writes), or while a job holds the
+        :class:`MutationGate`, the committed head's read from LMDB without
+        touching the workspace's caches. Raises :class:`NotFound`."""
+        if not self.gate.exclusive:
+            return self.ws.getattr(ino)
+        with self.ws.read_txn() as txn:
+            attrs = self.ws.view().attrs(txn, ino)
+        if attrs is None:
+            raise NotFound(f"no inode {ino}")
+        return attrs
+
+    def _lookup_committed(self, parent: int, name: bytes) -> tuple[int, Attrs]:
+        """``Workspace.lookup`` from the committed head, for reads while a job
+        holds the gate; the path link is recorded once the job is done."""
+        if len(name) > NAME_MAX:
+            raise NameTooLong()
+        with self.ws.read_txn() as txn:
+            view = self.ws.view()
+            parent_attrs = view.attrs(txn, parent)
+            if parent_attrs is None:
+                raise NotFound(f"no inode {parent}")
+            if not parent_attrs.is_dir:
+                raise NotADirectory()
+            found = view.lookup(txn, parent, name)
+            attrs = view.attrs(txn, found[0]) if found is not None else None
+        if found is None or attrs is None:
+            raise NotFound()
+        self.gate.defer(lambda: self.ws.lookup(parent, name))
+        return found[0], attrs
+
+    async def run_exclusive(self, job: Callable[..., T], *args: object) -> T:
+        """Run ``job(*args)`` — a blocking workspace mutation such as
+        ``restore_tree`` — in a worker thread while holding the
+        :class:`MutationGate`; returns its result or raises its exception.
+        Not cancellable once started (the worker must finish before the
+        workspace is handed back to the loop)."""
+        async with self.gate.hold():
+            # The job is Python code holding the GIL; a request needs it a few
+            # times, and a waiting thread gets it only after the switch
+            # interval (5 ms by default: ~20 ms a stat). Shorter while the job runs.
+            previous = sys.getswitchinterval()
+            sys.setswitchinterval(min(previous, JOB_SWITCH_INTERVAL))
+            try:
+                return await trio.to_thread.run_sync(job, *args, limiter=self.job_limiter)
+            finally:
+                sys.setswitchinterval(previous)
+
+    async def sync(self) -> None:
+        """``Store.sync`` in a worker thread under ``sync_limiter``."""
+        await trio.to_thread.run_sync(self.store.sync, limiter=self.sync_limiter)
+
     def _lock(self, ino: int) -> trio.Lock:
         lock = self._locks.get(ino)
         if lock is None:
@@ -142,19 +312,29 @@ class ChronicleOperations(pyfuse3.Operations):
     # -- lookups and attributes ----------------------------------------------------------
 
     @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+                     ) -> pyfuse3.EntryAttributes:
+        """LOOKUP: the entry ``name`` in directory ``parent_inode`` (FUSE
+        numbers). A missing name is answered with inode 0 and
+        :data:`NEGATIVE_TIMEOUT`, which the kernel caches as a negative
+        dentry (``fuse_lowlevel.h``, ``fuse_reply_entry``); every other
+        answer counts one lookup (see the module docstring)."""
         if parent_inode >= MAGIC_BASE or (parent_inode == pyfuse3.ROOT_INODE and name == MagicTree.NAME):
+            await self.gate.wait_free()
             return self.magic.lookup(parent_inode, name)
         if name == b".":
             ino = self.store_ino(parent_inode)
-            return self._counted(ino, self.ws.getattr(ino))
+            return self._counted(ino, self.attrs(ino))
         if name == b"..":
             ino = self.store_ino(parent_inode)
             link = self.ws._parents.get(ino)
             parent = link[0] if link else self.ws.root
-            return self._counted(parent, self.ws.getattr(parent))
+            return self._counted(parent, self.attrs(parent))
         try:
-            ino, attrs = self.ws.lookup(self.store_ino(parent_inode), name)
+            if self.gate.exclusive:
+                ino, attrs = self._lookup_committed(self.store_ino(parent_inode), name)
+            else:
+                ino, attrs = self.ws.lookup(self.store_ino(parent_inode), name)
         except NotFound:
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
@@ -163,7 +343,10 @@ class ChronicleOperations(pyfuse3.Operations):
         return self._counted(ino, attrs)
 
     @fuse_errors
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        """FORGET: the kernel drops ``count`` lookups of each ``(inode,
+        count)``; at zero the workspace may drop what it caches. No reply."""
+        await self.gate.wait_free()
         for ino, count in inode_list:
             if ino >= MAGIC_BASE:
                 self.magic.forget(ino, count)
@@ -178,16 +361,26 @@ class ChronicleOperations(pyfuse3.Operations):
                 self._lookups[sino] = left
 
     @fuse_errors
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        """GETATTR: attributes of ``inode``, cached by the kernel for
+        :data:`CACHE_TIMEOUT` s. Answered during a restore (:class:`MutationGate`)."""
         if inode >= MAGIC_BASE:
+            await self.gate.wait_free()
             return self.magic.getattr(inode)
         ino = self.store_ino(inode)
-        return self.entry(ino, self.ws.getattr(ino))
+        return self.entry(ino, self.attrs(ino))
 
     @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """SETATTR: truncate (``fields.update_size``; EFBIG past the largest
+        file) and mode/owner/times changes, each recorded as an event."""
         self._not_magic(inode)
-        ino = self.store_ino(inode)
+        async with self.gate.mutation():
+            return await self._setattr(self.store_ino(inode), attr, fields, fh, ctx)
+
+    async def _setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         actor = actor_of(ctx)
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:
@@ -227,61 +420,84 @@ class ChronicleOperations(pyfuse3.Operations):
         return self.entry(ino, self.ws.getattr(ino))
 
     @fuse_errors
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        """READLINK: a symlink's target (EINVAL for anything else)."""
+        await self.gate.wait_free()
         if inode >= MAGIC_BASE:
             return self.magic.readlink(inode)
         return self.ws.readlink(self.store_ino(inode))
 
     # -- namespace ---------------------------------------------------------------------------
 
-    @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self._not_magic(parent_inode)
-        self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx), rdev)
-        return self._counted(ino, attrs)
+    # Each mutation is one event (``Workspace``), taken under the MutationGate.
 
     @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """MKNOD: a regular file, FIFO, socket or device node."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.mkdir(self.store_ino(parent_inode), name, mode, actor_of(ctx))
-        return self._counted(ino, attrs)
+        async with self.gate.mutation():
+            ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx), rdev)
+            return self._counted(ino, attrs)
 
     @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """MKDIR."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        self.ws.unlink(self.store_ino(parent_inode), name, actor_of(ctx))
+        async with self.gate.mutation():
+            ino, attrs = self.ws.mkdir(self.store_ino(parent_inode), name, mode, actor_of(ctx))
+            return self._counted(ino, attrs)
 
     @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """UNLINK: the inode lives on while open or looked up (``forget``)."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        self.ws.rmdir(self.store_ino(parent_inode), name, actor_of(ctx))
+        async with self.gate.mutation():
+            self.ws.unlink(self.store_ino(parent_inode), name, actor_of(ctx))
 
     @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """RMDIR (ENOTEMPTY unless empty)."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.symlink(self.store_ino(parent_inode), name, target, actor_of(ctx))
-        return self._counted(ino, attrs)
+        async with self.gate.mutation():
+            self.ws.rmdir(self.store_ino(parent_inode), name, actor_of(ctx))
 
     @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """SYMLINK: ``name`` in ``parent_inode`` pointing at ``target``."""
+        self._not_magic(parent_inode)
+        self._not_reserved(parent_inode, name)
+        async with self.gate.mutation():
+            ino, attrs = self.ws.symlink(self.store_ino(parent_inode), name, target, actor_of(ctx))
+            return self._counted(ino, attrs)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        """RENAME (``flags``: ``RENAME_NOREPLACE``/``RENAME_EXCHANGE``, rename(2))."""
         self._not_magic(parent_inode_old, parent_inode_new)
         self._not_reserved(parent_inode_old, name_old)
         self._not_reserved(parent_inode_new, name_new)
-        self.ws.rename(self.store_ino(parent_inode_old), name_old, self.store_ino(parent_inode_new), name_new,
-                       flags, actor_of(ctx))
+        async with self.gate.mutation():
+            self.ws.rename(self.store_ino(parent_inode_old), name_old, self.store_ino(parent_inode_new),
+                           name_new, flags, actor_of(ctx))
 
     @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """LINK: a hard link of ``inode`` as ``new_name``."""
         self._not_magic(inode, new_parent_inode)
         self._not_reserved(new_parent_inode, new_name)
         ino = self.store_ino(inode)
-        attrs = self.ws.link(ino, self.store_ino(new_parent_inode), new_name, actor_of(ctx))
-        return self._counted(ino, attrs)
+        async with self.gate.mutation():
+            attrs = self.ws.link(ino, self.store_ino(new_parent_inode), new_name, actor_of(ctx))
+            return self._counted(ino, attrs)
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -291,54 +507,66 @@ class ChronicleOperations(pyfuse3.Operations):
         return fh
 
     @fuse_errors
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """OPEN: a file handle (``keep_cache``: the page cache survives opens)."""
         if inode >= MAGIC_BASE:
+            await self.gate.wait_free()
             return await self.magic.open(inode, flags, ctx, self._new_fh())
         ino = self.store_ino(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC) and writable
-        async with self._lock(ino):
-            self.ws.open_file(ino, truncate=truncate)
-        fh = self._new_fh()
-        self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
-        if truncate:
-            self.ws.files[ino].pid = ctx.pid
+        async with self.gate.mutation():
+            async with self._lock(ino):
+                self.ws.open_file(ino, truncate=truncate)
+            fh = self._new_fh()
+            self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
+            if truncate:
+                self.ws.files[ino].pid = ctx.pid
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """CREATE: make and open a regular file."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx))
-        state = self.ws.open_file(ino, created=True)
-        state.pid = ctx.pid
-        fh = self._new_fh()
-        self._handles[fh] = Handle(fh, ino, True, ctx.pid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._counted(ino, attrs)
+        async with self.gate.mutation():
+            ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx))
+            state = self.ws.open_file(ino, created=True)
+            state.pid = ctx.pid
+            fh = self._new_fh()
+            self._handles[fh] = Handle(fh, ino, True, ctx.pid)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._counted(ino, attrs)
 
     @fuse_errors
-    async def read(self, fh, off, size):
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        """READ: up to ``size`` bytes at byte offset ``off``."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.read(fh, off, size)
+        await self.gate.wait_free()            # a restore may repoint the open file's content
         return self.ws.read_file(handle.ino, off, size)
 
     @fuse_errors
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """WRITE: ``buf`` at byte offset ``off``; returns the bytes taken
+        (EFBIG past the largest file). A streaming file whose backlog is full
+        waits for its stream worker (``stream_limiter``)."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.write(fh, off, buf)
         if off + len(buf) > MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
-        lock = self._lock(handle.ino)
-        if lock.locked():
-            async with lock:
+        async with self.gate.mutation():
+            lock = self._lock(handle.ino)
+            if lock.locked():
+                async with lock:
+                    written = self.ws.write_file(handle.ino, off, buf, handle.pid)
+            else:
                 written = self.ws.write_file(handle.ino, off, buf, handle.pid)
-        else:
-            written = self.ws.write_file(handle.ino, off, buf, handle.pid)
-        if self.ws.stream_backlogged(handle.ino):
-            async with lock:
-                await trio.to_thread.run_sync(self.ws.wait_stream, handle.ino, limiter=self.limiter)
+            if self.ws.stream_backlogged(handle.ino):
+                async with lock:
+                    await trio.to_thread.run_sync(self.ws.wait_stream, handle.ino, limiter=self.stream_limiter)
         return written
 
     async def _commit_locked(self, ino: int, pid: int = 0) -> int | None:
@@ -348,7 +576,7 @@ class ChronicleOperations(pyfuse3.Operations):
         if overlay.commit_cost() <= INLINE_COMMIT_BYTES:
             built = self.ws.commit_build(overlay)
         else:
-            built = await trio.to_thread.run_sync(self.ws.commit_build, overlay, limiter=self.limiter)
+            built = await trio.to_thread.run_sync(self.ws.commit_build, overlay, limiter=self.build_limiter)
         return self.ws.commit_finish(ino, built, pid)
 
     async def commit(self, ino: int, pid: int = 0) -> int | None:
@@ -357,60 +585,85 @@ class ChronicleOperations(pyfuse3.Operations):
             return await self._commit_locked(ino, pid)
 
     @fuse_errors
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
+        """FLUSH (each ``close(2)``): commit the handle's writes as a version."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.flush(fh)
         if handle.writable:
-            await self.commit(handle.ino, handle.pid)
+            async with self.gate.mutation():
+                await self.commit(handle.ino, handle.pid)
 
     @fuse_errors
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """FSYNC: commit the file's writes, then make the store durable."""
         handle = self._handles.get(fh)
         if handle is None:
             return
-        await self.commit(handle.ino, handle.pid)
-        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+        async with self.gate.mutation():
+            await self.commit(handle.ino, handle.pid)
+        await self.sync()
 
     @fuse_errors
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
+        """RELEASE (the last close of an open file description, sent after
+        ``close(2)`` returned): commit what mmap wrote after the last flush."""
         handle = self._handles.pop(fh, None)
         if handle is None:
             return await self.magic.release(fh)
-        async with self._lock(handle.ino):
-            state = self.ws.files.get(handle.ino)
-            if state is not None and state.handles <= 1 and state.dirty:
-                await self._commit_locked(handle.ino, handle.pid)
-            self.ws.release_file(handle.ino)
+        async with self.gate.mutation():
+            async with self._lock(handle.ino):
+                state = self.ws.files.get(handle.ino)
+                if state is not None and state.handles <= 1 and state.dirty:
+                    await self._commit_locked(handle.ino, handle.pid)
+                self.ws.release_file(handle.ino)
 
     # -- directories ------------------------------------------------------------------------------
 
     @fuse_errors
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        """OPENDIR: a directory handle (ENOTDIR for anything else)."""
         if inode >= MAGIC_BASE:
+            await self.gate.wait_free()
             return self.magic.opendir(inode, self._new_fh())
         ino = self.store_ino(inode)
-        if not self.ws.getattr(ino).is_dir:
+        if not self.attrs(ino).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._new_fh()
         self._dirs[fh] = [ino, None]
         return fh
 
+    def _entries(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """``Workspace.readdir``, or while a job holds the gate the committed
+        head's entries (the links they give are recorded after the job)."""
+        if not self.gate.exclusive:
+            return self.ws.readdir(ino)
+        if not self.attrs(ino).is_dir:
+            raise NotADirectory()
+        with self.ws.read_txn() as txn:
+            entries = self.ws.view().entries(txn, ino)
+        self.gate.defer(lambda: self.ws.readdir(ino))
+        return entries
+
     @fuse_errors
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """READDIR: entries from offset ``start_id`` into ``token``
+        (``pyfuse3.readdir_reply``) until the kernel's buffer is full; the
+        offset of an entry is its index + 1 in a listing taken at offset 0."""
         handle = self._dirs.get(fh)
         if handle is None:
+            await self.gate.wait_free()
             return self.magic.readdir(fh, start_id, token)
         ino, listing = handle
         if start_id == 0 or listing is None:
             # A snapshot of the entries, so offsets stay stable while the directory changes.
             link = self.ws._parents.get(ino)
             parent = link[0] if link and ino != self.ws.root else ino
-            listing = handle[1] = [(b".", ino, 0), (b"..", parent, 0)] + self.ws.readdir(ino)
+            listing = handle[1] = [(b".", ino, 0), (b"..", parent, 0)] + self._entries(ino)
         for i in range(start_id, len(listing)):
             name, child, _kind = listing[i]
             try:
-                attrs = self.ws.getattr(child)
+                attrs = self.attrs(child)
             except NotFound:
                 continue
             if not pyfuse3.readdir_reply(token, name, self.entry(child, attrs), i + 1):
@@ -424,13 +677,16 @@ class ChronicleOperations(pyfuse3.Operations):
             self.magic.releasedir(fh)
 
     @fuse_errors
-    async def fsyncdir(self, fh, datasync):
-        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """FSYNCDIR: make the store durable (every event is already committed)."""
+        await self.sync()
 
     # -- the rest ---------------------------------------------------------------------------------
 
     @fuse_errors
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """STATFS: the store's file system's space in 4 KiB blocks, at least
+        2**32 inodes, names of at most 255 bytes (as ext4)."""
         vfs = os.statvfs(self.store.path)
         out = pyfuse3.StatvfsData()
         out.f_bsize = 4096
@@ -446,13 +702,17 @@ class ChronicleOperations(pyfuse3.Operations):
         return out
 
     @fuse_errors
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """SETXATTR: one event; the file's pending writes are committed first."""
         self._not_magic(inode)
-        await self.commit(self.store_ino(inode), ctx.pid)
-        self.ws.setxattr(self.store_ino(inode), name, value, actor_of(ctx))
+        async with self.gate.mutation():
+            await self.commit(self.store_ino(inode), ctx.pid)
+            self.ws.setxattr(self.store_ino(inode), name, value, actor_of(ctx))
 
     @fuse_errors
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        """GETXATTR (ENOATTR if it has none of that name)."""
+        await self.gate.wait_free()
         if inode >= MAGIC_BASE:
             return self.magic.getxattr(inode, name)
         ino = self.store_ino(inode)
@@ -466,32 +726,38 @@ class ChronicleOperations(pyfuse3.Operations):
         return self.ws.getxattr(ino, name)
 
     @fuse_errors
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        """LISTXATTR: the names of ``inode``'s extended attributes."""
+        await self.gate.wait_free()
         if inode >= MAGIC_BASE:
             return self.magic.listxattr(inode)
         return self.ws.listxattr(self.store_ino(inode))
 
     @fuse_errors
-    async def removexattr(self, inode, name, ctx):
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """REMOVEXATTR: one event; the file's pending writes are committed first."""
         self._not_magic(inode)
-        await self.commit(self.store_ino(inode), ctx.pid)
-        self.ws.removexattr(self.store_ino(inode), name, actor_of(ctx))
+        async with self.gate.mutation():
+            await self.commit(self.store_ino(inode), ctx.pid)
+            self.ws.removexattr(self.store_ino(inode), name, actor_of(ctx))
 
     @fuse_errors
-    async def access(self, inode, mode, ctx):
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        """ACCESS: always allowed; the kernel checks modes (``default_permissions``)."""
         return True
 
     # -- cache invalidation (after ctl changes the tree) ----------------------------------------
 
-    async def invalidate(self, inodes, entries) -> None:
-        """Drop the kernel's cached entries and inodes (store numbers) that a
-        ``ctl`` command changed, before its reply, so the mount shows the
-        change at once. The notifications are sent from worker threads: the
-        kernel may wait on locks held by requests this loop has to serve."""
-        for parent, name in entries:
-            await trio.to_thread.run_sync(_invalidate_entry, self.fuse_ino(parent), name)
-        for ino in inodes:
-            await trio.to_thread.run_sync(_invalidate_inode, self.fuse_ino(ino))
+    async def invalidate(self, inodes: Iterable[int], entries: Iterable[tuple[int, bytes]]) -> None:
+        """Drop the kernel's cached entries ``(parent, name)`` and inodes
+        (store numbers) that a ``ctl`` command changed, before its reply, so
+        the mount shows the change at once (``fuse_lowlevel_notify_inval_entry``
+        and ``_inode`` in libfuse's ``fuse_lowlevel.h``). The notifications
+        are sent from one worker thread, all in one hop: the kernel may wait on
+        locks held by requests this loop has to serve, so the loop must stay free."""
+        fuse_entries = [(self.fuse_ino(parent), name) for parent, name in entries]
+        fuse_inodes = [self.fuse_ino(ino) for ino in inodes]
+        await trio.to_thread.run_sync(_invalidate, fuse_entries, fuse_inodes)
 
     async def commit_all(self) -> None:
         """Commit every open file's uncommitted writes (before unmount/sync)."""
@@ -502,15 +768,16 @@ class ChronicleOperations(pyfuse3.Operations):
         return stat.S_IMODE(mode)
 
 
-def _invalidate_entry(ino: int, name: bytes) -> None:
-    try:
-        pyfuse3.invalidate_entry(ino, name)
-    except (FileNotFoundError, OSError):
-        pass
-
-
-def _invalidate_inode(ino: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except (FileNotFoundError, OSError):
-        pass
+def _invalidate(entries: list[tuple[int, bytes]], inodes: list[int]) -> None:
+    """Worker thread: send the kernel's invalidation notices (FUSE numbers);
+    one the kernel no longer knows (ENOENT) or refuses is skipped."""
+    for ino, name in entries:
+        try:
+            pyfuse3.invalidate_entry(ino, name)
+        except OSError:
+            pass
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError:
+            pass
