@@ -116,6 +116,18 @@ def mount_entries(mountpoint: os.PathLike | str) -> list[str]:
     return found
 
 
+def mounted_under(directory: os.PathLike | str) -> list[str]:
+    """Mount points at or below ``directory``, per ``/proc/self/mounts``."""
+    base = Path(_canonical(directory))
+    found = []
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and Path(_unescape_mounts_field(fields[1])).is_relative_to(base):
+                found.append(_unescape_mounts_field(fields[1]))
+    return found
+
+
 def is_stale(mountpoint: os.PathLike | str) -> bool:
     """True if ``mountpoint`` is a mount whose FUSE daemon is gone (``statfs``
     fails with ``ENOTCONN``/``ECONNABORTED``; see the module docstring)."""
@@ -272,4 +284,4 @@ def wait_for_mount(mountpoint: os.PathLike | str, pid: int, *, timeout: float,
 
 
 __all__ = ["FUSERMOUNT", "alive", "clear_stale", "fusermount", "is_stale", "last_error", "log_tail",
-           "mount_command", "mount_entries", "serving", "spawn", "unmount", "wait_for_mount", "wait_gone"]
+           "mount_command", "mount_entries", "mounted_under", "serving", "spawn", "unmount", "wait_for_mount", "wait_gone"]

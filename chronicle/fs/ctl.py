@@ -60,11 +60,14 @@ class CtlSession:
         self._discarding = False     # inside an over-long line: drop bytes up to its newline
 
     def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the pending replies (``b""``: none pending)."""
         out = bytes(self._output[:size])
         del self._output[:size]
         return out
 
     async def write(self, data: bytes) -> int:
+        """Take ``data`` (any split of the command lines); runs each complete
+        line and queues its reply before returning. Returns ``len(data)``."""
         self._input += data
         while True:
             newline = self._input.find(b"\n")
@@ -122,11 +125,16 @@ class CtlSession:
     # -- commands ----------------------------------------------------------------------
 
     async def snapshot(self, command: dict) -> dict:
+        """``{"name", "seq"}``: the head seq named ``name``."""
         name = _field(command, "name", str)
         seq = self.ops.ws.snapshot(name)
         return {"name": name, "seq": seq}
 
     async def restore(self, command: dict) -> dict:
+        """A file restore (``path``, ``version``: on the loop, one path) or a
+        whole-tree restore (``at``: in a worker thread holding the gate, then
+        the kernel's caches of what changed are invalidated). Raises
+        ``InvalidArgument``, ``NotFound``, ``Busy`` (uncommitted writes)."""
         ws = self.ops.ws
         if "at" in command:
             point = command["at"]
@@ -169,6 +177,7 @@ class CtlSession:
         return {"seq": self.ops.ws.head_seq, "turn": record}
 
     async def sync(self, command: dict) -> dict:
+        """Commit open files, then ``Store.sync`` in a worker thread."""
         await self.ops.commit_all()
         await self.ops.sync()
         return {"seq": self.ops.ws.head_seq}

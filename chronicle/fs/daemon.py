@@ -40,6 +40,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging() -> None:
+    """Log to stderr in :data:`LOG_FORMAT` at ``$CHRONICLE_LOG_LEVEL`` (default INFO)."""
     level = os.environ.get("CHRONICLE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
 
@@ -54,6 +55,8 @@ def clear_stale(mountpoint: Path) -> bool:
 
 
 def mount_options(workspace: str) -> set[str]:
+    """pyfuse3's defaults (``default_permissions``) plus ``fsname``,
+    ``subtype`` and ``noatime`` (mount.fuse3(8)); ``allow_other`` as root."""
     options = set(pyfuse3.default_options)          # default_permissions: the kernel checks modes
     options |= {f"fsname=chronicle:{workspace}", "subtype=chronicle", "noatime"}
     if os.getuid() == 0:

@@ -50,16 +50,16 @@ import os
 import stat
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import pyfuse3
 import trio
 
-from chronicle.errors import ChronicleError, NameTooLong, NotADirectory, NotFound, ReadOnly
+from chronicle.errors import NameTooLong, NotADirectory, NotFound, ReadOnly
 from chronicle.fs.errno_map import fuse_errors
+from chronicle.fs.gate import MutationGate
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
 from chronicle.store.model import Actor, Attrs
 from chronicle.store.namespace.staging import MAX_FILE_SIZE
@@ -80,93 +80,6 @@ JOB_SWITCH_INTERVAL = 0.001  # s: the GIL switch interval while a job runs (sys.
 T = TypeVar("T")
 
 
-class MutationGate:
-    """Keeps the workspace single-threaded while a long job runs in a worker.
-
-    The Workspace is used from one thread by contract (its module docstring):
-    its caches (head attributes, path links, open files) are plain dicts the
-    loop reads and writes without locks. ``ctl restore --at`` over 20,000
-    paths is one event, one LMDB write transaction, and takes seconds; on the
-    loop, every request of the mount would wait for it.
-
-    Chosen: the job runs whole in a worker thread while the workspace is
-    locked against mutation, rather than planned off-thread and applied on
-    the loop in batches — a restore is one event (one seq, one transaction,
-    SPEC), and batches would split it. While the job holds the gate:
-
-    - mutations (every handler that changes the tree, a file, the open-file
-      table or the caches; ctl commands) wait at the gate; the job starts
-      only once the mutations in flight have finished (:meth:`mutation`);
-    - reads that the kernel sends most — ``lookup``, ``getattr``, ``opendir``,
-      ``readdir`` — are answered from the committed tree in LMDB (MVCC:
-      before the job commits they see the old head, after it the new one)
-      without touching the workspace's caches, which belong to the worker;
-      what they would have recorded (path links) is recorded on the loop once
-      the job is done (:meth:`defer`). No file has uncommitted writes then
-      (a restore refuses to start otherwise), so committed attributes are the
-      attributes;
-    - other reads (``readlink``, xattrs, the ``.chronicle`` tree's lookups)
-      wait like mutations (:meth:`wait_free`).
-
-    Only the trio thread calls the gate.
-    """
-
-    def __init__(self) -> None:
-        self._active = 0                              # mutations in flight
-        self._held = False
-        self._released = trio.Event()
-        self._released.set()
-        self._idle = trio.Event()
-        self._deferred: list[Callable[[], object]] = []
-
-    @property
-    def exclusive(self) -> bool:
-        """True while a job holds (or is waiting to hold) the gate."""
-        return self._held
-
-    async def wait_free(self) -> None:
-        """Return once no job holds the gate."""
-        while self._held:
-            await self._released.wait()
-
-    @asynccontextmanager
-    async def mutation(self) -> AsyncIterator[None]:
-        """Hold off jobs for the duration of one mutation (shared: many at once)."""
-        await self.wait_free()
-        self._active += 1
-        try:
-            yield
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
-
-    @asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        """Hold the gate alone: new mutations wait, those in flight are waited for."""
-        await self.wait_free()
-        self._held = True
-        self._released = trio.Event()
-        try:
-            while self._active:
-                self._idle = trio.Event()
-                await self._idle.wait()
-            yield
-        finally:
-            deferred, self._deferred = self._deferred, []
-            self._held = False
-            for record in deferred:
-                try:
-                    record()
-                except ChronicleError:
-                    pass                              # gone since: nothing to record
-            self._released.set()
-
-    def defer(self, record: Callable[[], object]) -> None:
-        """Run ``record`` on the loop once the job is done (ChronicleErrors ignored)."""
-        self._deferred.append(record)
-
-
 @dataclass
 class Handle:
     """An open file handle of a workspace file."""
@@ -178,6 +91,7 @@ class Handle:
 
 
 def actor_of(ctx: pyfuse3.RequestContext) -> Actor:
+    """Who sent a request: the FUSE context's uid, gid and pid."""
     return Actor(ctx.uid, ctx.gid, ctx.pid)
 
 
@@ -207,9 +121,11 @@ class ChronicleOperations(pyfuse3.Operations):
     # -- helpers ---------------------------------------------------------------------
 
     def store_ino(self, ino: int) -> int:
+        """The store's number of FUSE inode ``ino`` (the root is FUSE inode 1)."""
         return self.ws.root if ino == pyfuse3.ROOT_INODE else ino
 
     def fuse_ino(self, ino: int) -> int:
+        """The FUSE number of store inode ``ino``."""
         return pyfuse3.ROOT_INODE if ino == self.ws.root else ino
 
     def entry(self, ino: int, attrs: Attrs, *, timeout: float = CACHE_TIMEOUT, fuse_ino: int | None = None,
@@ -672,7 +588,8 @@ class ChronicleOperations(pyfuse3.Operations):
                 self._lookups[child] += 1
 
     @fuse_errors
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
+        """RELEASEDIR: forget the directory handle and its listing."""
         if self._dirs.pop(fh, None) is None:
             self.magic.releasedir(fh)
 
@@ -765,6 +682,7 @@ class ChronicleOperations(pyfuse3.Operations):
             await self.commit(ino)
 
     def stat_mode(self, mode: int) -> int:
+        """The permission bits of ``mode``."""
         return stat.S_IMODE(mode)
 
 

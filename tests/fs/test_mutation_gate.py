@@ -17,7 +17,8 @@ import pyfuse3
 import pytest
 import trio
 
-from chronicle.fs.operations import ChronicleOperations, MutationGate
+from chronicle.fs.gate import MutationGate
+from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_tree
 from chronicle.store.store import Store
