@@ -37,9 +37,8 @@ goes to worker threads (``trio.to_thread.run_sync``), each kind under its own
 - ``job_limiter`` (1) — long ctl commands (``restore --at``) run under the
   :class:`MutationGate`.
 
-A long job that changes the tree (ctl ``restore --at``) runs in a worker
-thread while the loop keeps answering; see :class:`MutationGate` for how the
-single-threaded Workspace stays consistent meanwhile.
+A long job that changes the tree (ctl ``restore --at``) runs in a worker while
+the loop keeps answering (:class:`~chronicle.fs.gate.MutationGate`).
 """
 
 from __future__ import annotations
