@@ -26,9 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from chronicle import errors
+from chronicle import errors, procs
 from chronicle.errors import AgentError, ChronicleError
-from chronicle.store.store import process_alive
 
 REGISTRATION = "agent-serve.json"
 
@@ -46,7 +45,7 @@ def find_server(store_path: os.PathLike | str) -> dict | None:
         info["url"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return info if process_alive(pid) else None
+    return info if procs.alive(pid) else None
 
 
 def error_from(body: Any, fallback: str) -> ChronicleError:

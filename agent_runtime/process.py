@@ -13,14 +13,17 @@
 The runtime reaches a workspace only through these: the mount, its ``ctl``
 file, and the store's public API.
 
+Processes and mounts are asked about through :mod:`chronicle.procs` (alive,
+stale, fusermount, wait-for-mount), as the CLI and the tests ask.
+
 Threads: both belong to the coordinator's event loop; blocking calls (ctl
-requests, waiting for a mount) run in worker threads via ``asyncio.to_thread``.
+requests, waiting for a mount, fusermount3) run in worker threads via
+``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -29,14 +32,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from chronicle import errors
+from chronicle import errors, procs
 from chronicle.control import ControlChannel
 from chronicle.errors import AgentBusy, AgentError, Busy, ChronicleError, StoreError
-from chronicle.store.store import process_alive
+from chronicle.procs import log_tail
 
 from agent_runtime.protocol import Channel
+
+if TYPE_CHECKING:
+    from chronicle.store.store import Store
 
 log = logging.getLogger("agent_runtime")
 
@@ -48,16 +54,6 @@ def _error(kind: Any, message: str) -> ChronicleError:
     if not (isinstance(cls, type) and issubclass(cls, ChronicleError)):
         cls = AgentError
     return cls(message)
-
-
-def log_tail(path: Path, start: int = 0, lines: int = 12) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 class WorkerProcess:
@@ -204,14 +200,6 @@ class WorkerProcess:
         self._reader.cancel()
 
 
-def _stale(mountpoint: Path) -> bool:
-    try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
-
-
 class WorkspaceMount:
     """One agent workspace's mount and control channel."""
 
@@ -231,20 +219,18 @@ class WorkspaceMount:
             return False
         if self.proc is not None and self.proc.returncode is not None:
             return False
-        if self.proc is None and not process_alive(self.pid):
+        if self.proc is None and not procs.alive(self.pid):
             return False
-        return os.path.ismount(self.mountpoint) and not _stale(self.mountpoint)
+        return os.path.ismount(self.mountpoint) and not procs.is_stale(self.mountpoint)
 
-    async def ensure(self, store, timeout: float) -> None:
+    async def ensure(self, store: Store, timeout: float) -> None:
         """Mount the workspace unless it is served already (adopting a live
         mount of it at our mountpoint). Raises :class:`AgentBusy` if another
         process has it mounted elsewhere, :class:`StoreError` if the daemon fails."""
         if self.serving():
             return
         self.close_ctl()
-        if _stale(self.mountpoint):
-            await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
-                                    capture_output=True)
+        await asyncio.to_thread(procs.clear_stale, self.mountpoint)
         info = store.mount_info(self.workspace)
         if info is not None:
             if os.path.realpath(info["mountpoint"]) == os.path.realpath(self.mountpoint) \
@@ -258,34 +244,31 @@ class WorkspaceMount:
         with open(self.log_path, "ab") as out:
             start = out.tell()
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "chronicle", "mount", "--foreground", "--store", str(self.store_path),
-                "--workspace", self.workspace, str(self.mountpoint),
+                *procs.mount_command(self.store_path, self.workspace, self.mountpoint),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(
                     p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)))
         self.proc, self.pid = proc, proc.pid
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.returncode is not None:
-                self.proc = self.pid = None
-                raise StoreError(f"the mount daemon of {self.workspace!r} exited (status {proc.returncode}): "
-                                 f"{log_tail(self.log_path, start, 3) or 'no output'}")
-            if os.path.ismount(self.mountpoint):
-                return
-            if time.monotonic() > deadline:
+        try:
+            await asyncio.to_thread(procs.wait_for_mount, self.mountpoint, proc.pid, timeout=timeout,
+                                    log_path=self.log_path, log_start=start)
+        except StoreError:
+            tail = log_tail(self.log_path, start, 3)
+            if procs.alive(proc.pid):
                 await self._kill_daemon()
                 raise StoreError(f"the workspace of {self.workspace!r} was not mounted within {timeout:.0f}s: "
-                                 f"{log_tail(self.log_path, start, 3)}")
-            await asyncio.sleep(0.02)
+                                 f"{tail}") from None
+            await proc.wait()
+            self.proc = self.pid = None
+            raise StoreError(f"the mount daemon of {self.workspace!r} exited (status {proc.returncode}): "
+                             f"{tail or 'no output'}") from None
 
-    async def ensure_unmounted(self, store) -> None:
+    async def ensure_unmounted(self, store: Store) -> None:
         """Unmount a mount of this workspace left at our mountpoint (by a runtime
         that died). Raises :class:`AgentBusy` if it is mounted elsewhere."""
         info = store.mount_info(self.workspace)
         if info is None:
-            if _stale(self.mountpoint):
-                await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
-                                        capture_output=True)
+            await asyncio.to_thread(procs.clear_stale, self.mountpoint)
             return
         if os.path.realpath(info["mountpoint"]) != os.path.realpath(self.mountpoint):
             raise AgentBusy(f"the workspace of agent {self.workspace!r} is mounted at {info['mountpoint']} "
@@ -324,33 +307,27 @@ class WorkspaceMount:
         if the mount stays busy."""
         self.close_ctl()
         if self.pid is None:
-            if _stale(self.mountpoint):
-                await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
-                                        capture_output=True)
+            await asyncio.to_thread(procs.clear_stale, self.mountpoint)
             return
         message = ""
         for attempt in range(25):
             if not os.path.ismount(self.mountpoint):
                 break
-            proc = await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", str(self.mountpoint)],
-                                           capture_output=True, text=True)
-            if proc.returncode == 0:
+            rc, message = await asyncio.to_thread(procs.fusermount, self.mountpoint)
+            if rc == 0:
                 break
-            message = proc.stderr.strip()
             if "busy" not in message.lower():
                 break
             await asyncio.sleep(0.1 if attempt < 10 else 0.4)     # a process just leaving the mount
         else:
             raise Busy(f"{self.mountpoint} is busy (a process has a file or directory open in it): {message}")
-        if os.path.ismount(self.mountpoint) and not _stale(self.mountpoint):
+        if os.path.ismount(self.mountpoint) and not procs.is_stale(self.mountpoint):
             raise StoreError(f"cannot unmount {self.mountpoint}: {message}")
         if not await self._wait_daemon(timeout):
             log.warning("the mount daemon %d of %r did not exit within %.0fs; killing it",
                         self.pid, self.workspace, timeout)
             await self._kill_daemon()
-        if _stale(self.mountpoint):
-            await asyncio.to_thread(subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
-                                    capture_output=True)
+        await asyncio.to_thread(procs.clear_stale, self.mountpoint)
         self.proc = self.pid = None
 
     async def _wait_daemon(self, timeout: float) -> bool:
@@ -361,7 +338,7 @@ class WorkspaceMount:
             except TimeoutError:
                 return False
         deadline = time.monotonic() + timeout
-        while self.pid is not None and process_alive(self.pid):
+        while self.pid is not None and procs.alive(self.pid):
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.02)

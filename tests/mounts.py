@@ -19,7 +19,10 @@ Vocabulary:
 Every daemon started here is stopped by PID and every mount is unmounted:
 ``fusermount3 -u``, then ``fusermount3 -u -z`` as a fallback, then terminate
 and kill; a stale mountpoint (daemon gone, ``ENOTCONN``) is cleaned with
-``fusermount3 -u -z``.
+``fusermount3 -u -z``. The questions (alive, mounted, stale, serving) and the
+fusermount3 calls are :mod:`chronicle.procs`'s, the same the CLI, the daemon
+and the agent runtime ask; ``alive``, ``mount_entries``, ``is_stale`` and
+``unmount_stale`` are re-exported here for the tests.
 
 This module knows nothing of pytest; ``conftest.py`` turns ``MountError`` and
 problems into test failures. It is synchronous and not thread-safe (one test
@@ -29,7 +32,6 @@ process drives its mounts).
 from __future__ import annotations
 
 import atexit
-import errno
 import importlib.util
 import itertools
 import json
@@ -40,10 +42,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from chronicle import procs
+from chronicle.errors import StoreError
+from chronicle.procs import alive, is_stale, mount_entries
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,92 +103,13 @@ def fuse_unavailable_reason() -> str | None:
     return None
 
 
-# --- /proc/self/mounts -------------------------------------------------------
-
-def _unescape_mounts_field(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def _canonical(path: os.PathLike | str) -> str:
-    # realpath() of the parent only: resolving the mountpoint itself would
-    # touch the mount, which blocks on a hung daemon and fails on a stale one.
-    path = os.path.abspath(path)
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
-def mount_entries(mountpoint: os.PathLike | str) -> list[str]:
-    """Filesystem types mounted at ``mountpoint`` per /proc/self/mounts (no FS access)."""
-    want = _canonical(mountpoint)
-    found = []
-    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and _unescape_mounts_field(fields[1]) == want:
-                found.append(fields[2])
-    return found
-
-
-def is_stale(mountpoint: os.PathLike | str) -> bool:
-    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN).
-
-    Asks with statfs: the kernel answers stat from its attribute cache even
-    on a dead connection, but always sends STATFS to the daemon.
-    """
-    if not mount_entries(mountpoint):
-        return False
-    try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
-
+# --- mounts (chronicle.procs) ---------------------------------------------------
 
 def _fusermount(mountpoint: os.PathLike | str, lazy: bool, timeout: float = 30.0) -> tuple[int, str]:
-    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return -1, f"{' '.join(cmd)} timed out"
-    except FileNotFoundError:
-        return -1, "fusermount3 not found"
-    return proc.returncode, proc.stderr.strip()
+    return procs.fusermount(mountpoint, lazy=lazy, timeout=timeout)
 
 
-def unmount_stale(mountpoint: os.PathLike | str) -> bool:
-    """Lazily unmount a stale mount at ``mountpoint`` (``fusermount3 -u -z``).
-
-    Returns True if something was unmounted. Only stale mounts are touched: a
-    mount whose daemon still answers is left alone.
-    """
-    cleaned = False
-    for _ in range(8):  # stacked stale mounts come off one per call
-        if not is_stale(mountpoint):
-            break
-        _fusermount(mountpoint, lazy=True)
-        cleaned = True
-    return cleaned
-
-
-def _serving_within(mountpoint: Path, timeout: float) -> bool:
-    """``os.path.ismount`` and a STATFS answered, in a helper thread (a hung daemon cannot hang us).
-
-    ``ismount`` alone can be fooled by a stale mount whose root attributes the
-    kernel still caches; STATFS always reaches the daemon.
-    """
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            os.statvfs(mountpoint)
-        except OSError:
-            result.append(False)
-            return
-        result.append(os.path.ismount(mountpoint))
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
+unmount_stale = procs.clear_stale
 
 
 # --- daemon logs -------------------------------------------------------------
@@ -394,15 +320,6 @@ class Mount:
         return f"<Mount {self.target} {self.path} pid={self.pid}>"
 
 
-def alive(pid: int) -> bool:
-    """True if ``pid`` runs; a zombie (exited, not reaped yet) does not count."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
 def clean_store_mounts(store: Path) -> list[str]:
     """After a test: unmount what the mount daemons of ``store`` left mounted
     (their registrations in ``run/`` and the agent workspaces under
@@ -437,14 +354,12 @@ def clean_store_mounts(store: Path) -> list[str]:
 
 def _start_chronicle(store: Path, workspace: str, mountpoint: Path, log_path: Path,
                      extra_args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "chronicle", "mount", "--foreground",
-           "--store", str(store), "--workspace", workspace, *extra_args, str(mountpoint)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    with open(log_path, "ab") as out:
-        # A new session: a ^C meant for pytest must not kill the daemon before
-        # the fixture unmounts it in order.
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO_ROOT, env=env, start_new_session=True)
+    # A new session (procs.spawn): a ^C meant for pytest must not kill the
+    # daemon before the fixture unmounts it in order.
+    proc, _ = procs.spawn(procs.mount_command(store, workspace, mountpoint, extra_args), log_path,
+                          env=env, cwd=REPO_ROOT)
+    return proc
 
 
 def _passthrough_tool():
@@ -506,22 +421,18 @@ def start_mount(target: str, store: Path, mountpoint: Path, log_path: Path, *,
     mount = Mount(target, store, workspace, mountpoint, log_path, proc)
     _live.add(mount)
 
-    deadline = time.monotonic() + timeout
-    while True:
+    try:
+        procs.wait_for_mount(mountpoint, proc.pid, timeout=timeout, describe=lambda: "")
+    except StoreError:
         if proc.poll() is not None:
             mount.stopped = True
             mount.cleanup()
             raise MountError(f"{target} daemon exited with status {proc.returncode} before "
-                             f"{mountpoint} was ready; its log:\n{mount.log_tail()}")
-        remaining = deadline - time.monotonic()
-        if mount_entries(mountpoint) and _serving_within(mountpoint, max(remaining, 0.5)) \
-                and proc.poll() is None:
-            return mount
-        if time.monotonic() > deadline:
-            mount.cleanup()
-            raise MountError(f"{target} daemon did not mount {mountpoint} within {timeout}s; "
-                             f"its log:\n{mount.log_tail()}")
-        time.sleep(0.05)
+                             f"{mountpoint} was ready; its log:\n{mount.log_tail()}") from None
+        mount.cleanup()
+        raise MountError(f"{target} daemon did not mount {mountpoint} within {timeout}s; "
+                         f"its log:\n{mount.log_tail()}") from None
+    return mount
 
 
 @atexit.register

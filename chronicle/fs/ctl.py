@@ -29,6 +29,13 @@ turn command says ``"turn_data": N`` (the characters sent).
 Malformed input (not JSON, not an object, unknown command, missing or
 wrong-typed fields, an over-long line) gets an error reply; the daemon logs
 nothing for it and keeps serving. The reply is ready when ``write`` returns.
+
+Threads: commands run on the FUSE loop as mutations under the adapter's
+:class:`~chronicle.fs.operations.MutationGate`, except the long one: a
+whole-tree ``restore --at`` runs in a worker thread holding the gate
+(``ChronicleOperations.run_exclusive``), so the mount keeps answering
+lookups and stats meanwhile; ``sync`` waits for ``Store.sync`` in a worker
+thread (``sync_limiter``).
 """
 
 from __future__ import annotations
@@ -69,11 +76,14 @@ class CtlSession:
         self._turn_chars = 0
 
     def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the pending replies (``b""``: none pending)."""
         out = bytes(self._output[:size])
         del self._output[:size]
         return out
 
     async def write(self, data: bytes) -> int:
+        """Take ``data`` (any split of the command lines); runs each complete
+        line and queues its reply before returning. Returns ``len(data)``."""
         self._input += data
         while True:
             newline = self._input.find(b"\n")
@@ -116,7 +126,11 @@ class CtlSession:
             handler = COMMANDS.get(name) if isinstance(name, str) else None
             if handler is None:
                 raise InvalidArgument(f"unknown command {name!r}; commands: {', '.join(sorted(COMMANDS))}")
-            result = await handler(self, command)
+            if handler is CtlSession.restore:
+                result = await handler(self, command)          # takes the gate as it needs
+            else:
+                async with self.ops.gate.mutation():
+                    result = await handler(self, command)
             return {"ok": True, **result}
         except ChronicleError as exc:
             return {"ok": False, "error": str(exc), "kind": type(exc).__name__}
@@ -127,11 +141,16 @@ class CtlSession:
     # -- commands ----------------------------------------------------------------------
 
     async def snapshot(self, command: dict) -> dict:
+        """``{"name", "seq"}``: the head seq named ``name``."""
         name = _field(command, "name", str)
         seq = self.ops.ws.snapshot(name)
         return {"name": name, "seq": seq}
 
     async def restore(self, command: dict) -> dict:
+        """A file restore (``path``, ``version``: on the loop, one path) or a
+        whole-tree restore (``at``: in a worker thread holding the gate, then
+        the kernel's caches of what changed are invalidated). Raises
+        ``InvalidArgument``, ``NotFound``, ``Busy`` (uncommitted writes)."""
         ws = self.ops.ws
         if "at" in command:
             point = command["at"]
@@ -140,7 +159,8 @@ class CtlSession:
             if isinstance(point, str):
                 _check_text("at", point)
             seq = self.ops.store.resolve_point(ws, str(point))
-            changes = restore_tree(ws, seq, self.actor)
+            # Seconds for a large tree: in a worker, the workspace locked against mutation.
+            changes = await self.ops.run_exclusive(restore_tree, ws, seq, self.actor)
             await self.ops.invalidate(changes.inodes, changes.entries)
             return {"seq": ws.head_seq, "at": seq, "paths": changes.paths, "changed": changes.paths > 0}
         path = command.get("path")
@@ -151,7 +171,8 @@ class CtlSession:
         except UnicodeEncodeError:
             raise InvalidArgument("'path' is not a path this system can encode") from None
         version = _field(command, "version", int)
-        changes = restore_file(ws, raw_path.strip(b"/"), version, self.actor)
+        async with self.ops.gate.mutation():                 # one path: on the loop
+            changes = restore_file(ws, raw_path.strip(b"/"), version, self.actor)
         await self.ops.invalidate(changes.inodes, changes.entries)
         return {"seq": ws.head_seq, "path": path, "version": version, "changed": changes.paths > 0}
 
@@ -226,8 +247,9 @@ class CtlSession:
         return {**fields, **command}
 
     async def sync(self, command: dict) -> dict:
+        """Commit open files, then ``Store.sync`` in a worker thread."""
         await self.ops.commit_all()
-        await trio.to_thread.run_sync(self.ops.store.sync, limiter=self.ops.limiter)
+        await self.ops.sync()
         return {"seq": self.ops.ws.head_seq}
 
 

@@ -13,25 +13,24 @@ Lifecycle (S3QL's and borg's rules):
   ends it too. Only after a clean return are open files committed, the store
   synced and the mount removed. On a crash path the mount is left in place
   (an empty mountpoint would make tools think the files are gone); the next
-  ``chronicle mount`` clears the stale mountpoint.
+  ``chronicle mount`` clears the stale mountpoint (``chronicle.procs``).
 
 Logging goes to stderr: ``"%(asctime)s %(levelname)s %(name)s: %(message)s"``.
 """
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from chronicle import procs
 from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.store import SYNC_INTERVAL, Store
@@ -42,32 +41,23 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging() -> None:
+    """Log to stderr in :data:`LOG_FORMAT` at ``$CHRONICLE_LOG_LEVEL`` (default INFO)."""
     level = os.environ.get("CHRONICLE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
 
 
-def is_stale(mountpoint: Path) -> bool:
-    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN).
-
-    Uses ``statvfs``: the kernel answers ``stat`` of a FUSE root from its
-    attribute cache even when the daemon is dead, but always asks for statfs."""
-    try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
-
-
 def clear_stale(mountpoint: Path) -> bool:
-    """Lazily unmount a stale mountpoint; returns True if there was one."""
-    if not is_stale(mountpoint):
+    """Lazily unmount a stale mount left at ``mountpoint`` by a daemon that
+    died (:func:`chronicle.procs.clear_stale`); True if there was one."""
+    if not procs.clear_stale(mountpoint):
         return False
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
     log.info("cleared the stale mount at %s", mountpoint)
     return True
 
 
 def mount_options(workspace: str) -> set[str]:
+    """pyfuse3's defaults (``default_permissions``) plus ``fsname``,
+    ``subtype`` and ``noatime`` (mount.fuse3(8)); ``allow_other`` as root."""
     options = set(pyfuse3.default_options)          # default_permissions: the kernel checks modes
     options |= {f"fsname=chronicle:{workspace}", "subtype=chronicle", "noatime"}
     if os.getuid() == 0:
@@ -76,7 +66,9 @@ def mount_options(workspace: str) -> set[str]:
 
 
 async def _periodic_sync(store: Store, limiter: trio.CapacityLimiter) -> None:
-    """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin)."""
+    """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin),
+    in a worker thread under ``limiter`` (the adapter's ``sync_limiter``, which
+    fsync and ctl ``sync`` share: one ``Store.sync`` at a time)."""
     while True:
         await trio.sleep(0.1)
         if store.needs_sync():
@@ -97,7 +89,7 @@ async def _signals(ops: ChronicleOperations) -> None:
 
 async def _main(ops: ChronicleOperations) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_periodic_sync, ops.store, ops.limiter)
+        nursery.start_soon(_periodic_sync, ops.store, ops.sync_limiter)
         nursery.start_soon(_signals, ops)
         nursery.start_soon(_tune_readahead, ops.mountpoint)
         await pyfuse3.main()

@@ -20,9 +20,8 @@ readable and writable while it is open.
 Versions are committed on ``flush`` — ``close(2)`` waits for FLUSH, while
 RELEASE is sent asynchronously after it returns — and on ``fsync`` and the
 last ``release`` (mmap writes can come after the last close). The heavy part
-of a commit (CDC, hashing, compression) runs in a worker thread under a
-:class:`trio.CapacityLimiter`, holding the inode's lock so no write changes
-the overlay meanwhile.
+of a commit (CDC, hashing, compression) runs in a worker thread, holding the
+inode's lock so no write changes the overlay meanwhile.
 
 Errors: every request handler is wrapped by
 :func:`chronicle.fs.errno_map.fuse_errors`: a Chronicle error is answered
@@ -33,7 +32,22 @@ names the FUSE request it serves (libfuse's ``fuse_lowlevel.h``; the
 Python signatures are pyfuse3's ``Operations``) and the errnos it answers.
 Inodes of ``.chronicle`` are read-only: changing them is EROFS.
 
-Threads: everything runs on the trio thread except commit builds and syncs.
+Threads: every handler runs on the trio thread (the FUSE loop); blocking work
+goes to worker threads (``trio.to_thread.run_sync``), each kind under its own
+:class:`trio.CapacityLimiter` so one kind cannot starve another:
+
+- ``build_limiter`` (:data:`BUILD_THREADS`) — commit builds: CPU-bound CDC,
+  BLAKE3 and zstd, one thread per core;
+- ``sync_limiter`` (:data:`SYNC_THREADS`) — ``Store.sync`` for fsync,
+  fsyncdir, ctl ``sync`` and the daemon's periodic sync: it holds the LMDB
+  writer lock and the store's sync lock, so a second thread would only queue;
+- ``stream_limiter`` (:data:`STREAM_WAIT_THREADS`) — writers waiting for a
+  streaming file's backlog to drain (threads that block, not compute);
+- ``job_limiter`` (1) — long ctl commands (``restore --at``) run under the
+  :class:`MutationGate`.
+
+A long job that changes the tree (ctl ``restore --at``) runs in a worker while
+the loop keeps answering (:class:`~chronicle.fs.gate.MutationGate`).
 """
 
 from __future__ import annotations
@@ -42,18 +56,23 @@ import errno
 import logging
 import os
 import stat
+import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyfuse3
 import trio
 
-from chronicle.errors import NotFound, ReadOnly
+from chronicle.errors import NameTooLong, NotADirectory, NotFound, ReadOnly
 from chronicle.fs.errno_map import fuse_errors
+from chronicle.fs.gate import MutationGate
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
-from chronicle.store.model import Attrs
-from chronicle.store.model import Actor
+from chronicle.store.model import Actor, Attrs
 from chronicle.store.namespace.staging import MAX_FILE_SIZE
+from chronicle.store.namespace.workspace import NAME_MAX, Workspace
+from chronicle.store.store import Store
 
 log = logging.getLogger("chronicle.fs")
 
@@ -61,6 +80,12 @@ CACHE_TIMEOUT = 300.0
 NEGATIVE_TIMEOUT = 30.0
 # Commits smaller than this are built on the loop thread (a thread hop costs more).
 INLINE_COMMIT_BYTES = 256 * 1024
+BUILD_THREADS = 2          # commit builds at once (CPU: CDC, BLAKE3, zstd)
+SYNC_THREADS = 1           # Store.sync holds the LMDB writer lock: one at a time
+STREAM_WAIT_THREADS = 4    # writers blocked on a stream's backlog at once
+JOB_SWITCH_INTERVAL = 0.001  # s: the GIL switch interval while a job runs (sys.setswitchinterval)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,9 +116,7 @@ class ChronicleOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, ws, store, *, mountpoint: str = ""):
-        """Serve workspace ``ws`` (opened writable) of ``store``, mounted at
-        ``mountpoint`` (shown in ``.chronicle/stats``)."""
+    def __init__(self, ws: Workspace, store: Store, *, mountpoint: str = ""):
         super().__init__()
         self.ws = ws
         self.store = store
@@ -104,7 +127,11 @@ class ChronicleOperations(pyfuse3.Operations):
         self._dirs: dict[int, list] = {}       # fh -> [dir inode, listing snapshot]
         self._next_fh = 1
         self._locks: dict[int, trio.Lock] = {}
-        self.limiter = trio.CapacityLimiter(2)
+        self.build_limiter = trio.CapacityLimiter(BUILD_THREADS)
+        self.sync_limiter = trio.CapacityLimiter(SYNC_THREADS)
+        self.stream_limiter = trio.CapacityLimiter(STREAM_WAIT_THREADS)
+        self.job_limiter = trio.CapacityLimiter(1)
+        self.gate = MutationGate()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -145,6 +172,59 @@ class ChronicleOperations(pyfuse3.Operations):
         self._lookups[ino] += 1
         return self.entry(ino, attrs)
 
+    def attrs(self, ino: int) -> Attrs:
+        """Attributes of store inode ``ino`` for a read handler: the
+        workspace's (with uncommitted writes), or while a job holds the
+        :class:`MutationGate`, the committed head's read from LMDB without
+        touching the workspace's caches. Raises :class:`NotFound`."""
+        if not self.gate.exclusive:
+            return self.ws.getattr(ino)
+        with self.ws.read_txn() as txn:
+            attrs = self.ws.view().attrs(txn, ino)
+        if attrs is None:
+            raise NotFound(f"no inode {ino}")
+        return attrs
+
+    def _lookup_committed(self, parent: int, name: bytes) -> tuple[int, Attrs]:
+        """``Workspace.lookup`` from the committed head, for reads while a job
+        holds the gate; the path link is recorded once the job is done."""
+        if len(name) > NAME_MAX:
+            raise NameTooLong()
+        with self.ws.read_txn() as txn:
+            view = self.ws.view()
+            parent_attrs = view.attrs(txn, parent)
+            if parent_attrs is None:
+                raise NotFound(f"no inode {parent}")
+            if not parent_attrs.is_dir:
+                raise NotADirectory()
+            found = view.lookup(txn, parent, name)
+            attrs = view.attrs(txn, found[0]) if found is not None else None
+        if found is None or attrs is None:
+            raise NotFound()
+        self.gate.defer(lambda: self.ws.lookup(parent, name))
+        return found[0], attrs
+
+    async def run_exclusive(self, job: Callable[..., T], *args: object) -> T:
+        """Run ``job(*args)`` — a blocking workspace mutation such as
+        ``restore_tree`` — in a worker thread while holding the
+        :class:`MutationGate`; returns its result or raises its exception.
+        Not cancellable once started (the worker must finish before the
+        workspace is handed back to the loop)."""
+        async with self.gate.hold():
+            # The job is Python code holding the GIL; a request needs it a few
+            # times, and a waiting thread gets it only after the switch
+            # interval (5 ms by default: ~20 ms a stat). Shorter while the job runs.
+            previous = sys.getswitchinterval()
+            sys.setswitchinterval(min(previous, JOB_SWITCH_INTERVAL))
+            try:
+                return await trio.to_thread.run_sync(job, *args, limiter=self.job_limiter)
+            finally:
+                sys.setswitchinterval(previous)
+
+    async def sync(self) -> None:
+        """``Store.sync`` in a worker thread under ``sync_limiter``."""
+        await trio.to_thread.run_sync(self.store.sync, limiter=self.sync_limiter)
+
     def _lock(self, ino: int) -> trio.Lock:
         lock = self._locks.get(ino)
         if lock is None:
@@ -163,24 +243,29 @@ class ChronicleOperations(pyfuse3.Operations):
     # -- lookups and attributes ----------------------------------------------------------
 
     @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+                     ) -> pyfuse3.EntryAttributes:
         """FUSE_LOOKUP: the entry ``name`` in ``parent_inode``, counted (one more
         lookup count). ``.``/``..`` are answered here (``supports_dot_lookup``);
         a missing name is a negative entry (``st_ino`` 0) the kernel caches for
         :data:`NEGATIVE_TIMEOUT` s. Errors: ENOTDIR, ENAMETOOLONG."""
         if parent_inode >= MAGIC_BASE or (parent_inode == pyfuse3.ROOT_INODE and name == MagicTree.NAME):
+            await self.gate.wait_free()
             return self.magic.lookup(parent_inode, name)
         if name == b".":
             ino = self.store_ino(parent_inode)
-            return self._counted(ino, self.ws.getattr(ino))
+            return self._counted(ino, self.attrs(ino))
         if name == b"..":
             ino = self.store_ino(parent_inode)
             parent = self.ws.links.parent(ino)
             if parent is None:
                 parent = self.ws.root
-            return self._counted(parent, self.ws.getattr(parent))
+            return self._counted(parent, self.attrs(parent))
         try:
-            ino, attrs = self.ws.lookup(self.store_ino(parent_inode), name)
+            if self.gate.exclusive:
+                ino, attrs = self._lookup_committed(self.store_ino(parent_inode), name)
+            else:
+                ino, attrs = self.ws.lookup(self.store_ino(parent_inode), name)
         except NotFound:
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
@@ -189,10 +274,11 @@ class ChronicleOperations(pyfuse3.Operations):
         return self._counted(ino, attrs)
 
     @fuse_errors
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         """FUSE_FORGET / FUSE_BATCH_FORGET: take back ``(inode, nlookup)`` lookup
         counts; at zero the workspace drops what it caches for the inode. No
         reply, never an error (pyfuse3: "must not raise any exceptions")."""
+        await self.gate.wait_free()
         for ino, count in inode_list:
             if ino >= MAGIC_BASE:
                 self.magic.forget(ino, count)
@@ -207,16 +293,19 @@ class ChronicleOperations(pyfuse3.Operations):
                 self._lookups[sino] = left
 
     @fuse_errors
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         """FUSE_GETATTR: the attributes of ``inode``, with the size and times of
-        uncommitted writes. Errors: ENOENT."""
+        uncommitted writes. Errors: ENOENT.
+        Answered during a restore (:class:`MutationGate`)."""
         if inode >= MAGIC_BASE:
+            await self.gate.wait_free()
             return self.magic.getattr(inode)
         ino = self.store_ino(inode)
-        return self.entry(ino, self.ws.getattr(ino))
+        return self.entry(ino, self.attrs(ino))
 
     @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """FUSE_SETATTR: truncate(2)/ftruncate(2) (``update_size``), chmod, chown
         and utimens, in that order. A size change through an open handle
         (``fh``) waits for that file's next commit; a path truncate(2) is a
@@ -225,7 +314,11 @@ class ChronicleOperations(pyfuse3.Operations):
         ``MAX_FILE_SIZE``), EINVAL (size of a non-file), EROFS
         (``.chronicle``), ENOENT, ENOSPC."""
         self._not_magic(inode)
-        ino = self.store_ino(inode)
+        async with self.gate.mutation():
+            return await self._setattr(self.store_ino(inode), attr, fields, fh, ctx)
+
+    async def _setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         actor = actor_of(ctx)
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:
@@ -265,63 +358,75 @@ class ChronicleOperations(pyfuse3.Operations):
         return self.entry(ino, self.ws.getattr(ino))
 
     @fuse_errors
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         """FUSE_READLINK: the target of symlink ``inode``. Errors: EINVAL (not a symlink), ENOENT."""
+        await self.gate.wait_free()
         if inode >= MAGIC_BASE:
             return self.magic.readlink(inode)
         return self.ws.readlink(self.store_ino(inode))
 
     # -- namespace ---------------------------------------------------------------------------
 
+    # Each mutation is one event (``Workspace``), taken under the MutationGate.
+
     @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """FUSE_MKNOD: a regular file, FIFO, socket or device node ``name`` in
         ``parent_inode`` (mode includes the type bits), counted. Errors:
         EEXIST, ENOTDIR, ENAMETOOLONG, EINVAL, EROFS (``.chronicle``)."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx), rdev)
-        return self._counted(ino, attrs)
+        async with self.gate.mutation():
+            ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx), rdev)
+            return self._counted(ino, attrs)
 
     @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """FUSE_MKDIR: directory ``name`` in ``parent_inode``, counted (a setgid
         parent passes its group and setgid bit on, as ext4 does). Errors:
         EEXIST, ENOTDIR, ENAMETOOLONG, EINVAL, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.mkdir(self.store_ino(parent_inode), name, mode, actor_of(ctx))
-        return self._counted(ino, attrs)
+        async with self.gate.mutation():
+            ino, attrs = self.ws.mkdir(self.store_ino(parent_inode), name, mode, actor_of(ctx))
+            return self._counted(ino, attrs)
 
     @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """FUSE_UNLINK: remove the non-directory entry ``name``. The inode lives
         on while open or looked up (until ``forget``). Errors: ENOENT,
         EISDIR, ENOTDIR, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        self.ws.unlink(self.store_ino(parent_inode), name, actor_of(ctx))
+        async with self.gate.mutation():
+            self.ws.unlink(self.store_ino(parent_inode), name, actor_of(ctx))
 
     @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """FUSE_RMDIR: remove the empty directory ``name``. Errors: ENOENT,
         ENOTDIR, ENOTEMPTY, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        self.ws.rmdir(self.store_ino(parent_inode), name, actor_of(ctx))
+        async with self.gate.mutation():
+            self.ws.rmdir(self.store_ino(parent_inode), name, actor_of(ctx))
 
     @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """FUSE_SYMLINK: symlink ``name`` in ``parent_inode`` pointing at
         ``target``, counted. Errors: EEXIST, ENOTDIR, ENAMETOOLONG (target of
         4096 bytes or more), EINVAL (empty target), EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.symlink(self.store_ino(parent_inode), name, target, actor_of(ctx))
-        return self._counted(ino, attrs)
+        async with self.gate.mutation():
+            ino, attrs = self.ws.symlink(self.store_ino(parent_inode), name, target, actor_of(ctx))
+            return self._counted(ino, attrs)
 
     @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
         """FUSE_RENAME / FUSE_RENAME2: rename(2) and renameat2(2) with
         ``flags`` ``RENAME_NOREPLACE`` or ``RENAME_EXCHANGE``. A replaced
         target keeps its inode until ``forget`` (pyfuse3's rename contract).
@@ -330,19 +435,22 @@ class ChronicleOperations(pyfuse3.Operations):
         self._not_magic(parent_inode_old, parent_inode_new)
         self._not_reserved(parent_inode_old, name_old)
         self._not_reserved(parent_inode_new, name_new)
-        self.ws.rename(self.store_ino(parent_inode_old), name_old, self.store_ino(parent_inode_new), name_new,
-                       flags, actor_of(ctx))
+        async with self.gate.mutation():
+            self.ws.rename(self.store_ino(parent_inode_old), name_old, self.store_ino(parent_inode_new),
+                           name_new, flags, actor_of(ctx))
 
     @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """FUSE_LINK: hard link ``new_name`` in ``new_parent_inode`` to ``inode``,
         counted. Errors: EPERM (a directory), EEXIST, ENOTDIR, EINVAL (too many
         links), EROFS."""
         self._not_magic(inode, new_parent_inode)
         self._not_reserved(new_parent_inode, new_name)
         ino = self.store_ino(inode)
-        attrs = self.ws.link(ino, self.store_ino(new_parent_inode), new_name, actor_of(ctx))
-        return self._counted(ino, attrs)
+        async with self.gate.mutation():
+            attrs = self.ws.link(ino, self.store_ino(new_parent_inode), new_name, actor_of(ctx))
+            return self._counted(ino, attrs)
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -352,51 +460,56 @@ class ChronicleOperations(pyfuse3.Operations):
         return fh
 
     @fuse_errors
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         """FUSE_OPEN: a file handle for ``inode`` (``.chronicle`` files go to
         the magic tree). ``O_TRUNC`` of a writable open empties the file; the
         kernel keeps its page cache across opens (``keep_cache``). Errors:
         EISDIR, EINVAL (not a regular file), ENOENT."""
         if inode >= MAGIC_BASE:
+            await self.gate.wait_free()
             return await self.magic.open(inode, flags, ctx, self._new_fh())
         ino = self.store_ino(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC) and writable
-        async with self._lock(ino):
-            self.ws.files.open(ino, truncate=truncate)
-        fh = self._new_fh()
-        self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
-        if truncate:
-            self.ws.files[ino].pid = ctx.pid
+        async with self.gate.mutation():
+            async with self._lock(ino):
+                self.ws.files.open(ino, truncate=truncate)
+            fh = self._new_fh()
+            self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
+            if truncate:
+                self.ws.files[ino].pid = ctx.pid
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """FUSE_CREATE: create regular file ``name`` and open it (open(2) with
         ``O_CREAT``); returns ``(FileInfo, EntryAttributes)``, counted. Its
         create entry folds into its first write (one version). Errors:
         EEXIST, ENOTDIR, ENAMETOOLONG, EROFS."""
         self._not_magic(parent_inode)
         self._not_reserved(parent_inode, name)
-        ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx))
-        state = self.ws.files.open(ino, created=True)
-        state.pid = ctx.pid
-        fh = self._new_fh()
-        self._handles[fh] = Handle(fh, ino, True, ctx.pid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._counted(ino, attrs)
+        async with self.gate.mutation():
+            ino, attrs = self.ws.create(self.store_ino(parent_inode), name, mode, actor_of(ctx))
+            state = self.ws.files.open(ino, created=True)
+            state.pid = ctx.pid
+            fh = self._new_fh()
+            self._handles[fh] = Handle(fh, ino, True, ctx.pid)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._counted(ino, attrs)
 
     @fuse_errors
-    async def read(self, fh, off, size):
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         """FUSE_READ: ``size`` bytes at ``off`` of open handle ``fh``, with its
         uncommitted writes; short only at the end of the file. Errors: EIO
         (a damaged chunk: ``Corrupt``, logged)."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.read(fh, off, size)
+        await self.gate.wait_free()            # a restore may repoint the open file's content
         return self.ws.files.read(handle.ino, off, size)
 
     @fuse_errors
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         """FUSE_WRITE: write ``buf`` at ``off``; returns ``len(buf)`` (all of it:
         no ``direct_io``). A writer that outruns its stream worker waits for it
         in a worker thread. A ``.chronicle`` handle (``ctl``) goes to the magic
@@ -406,15 +519,16 @@ class ChronicleOperations(pyfuse3.Operations):
             return await self.magic.write(fh, off, buf)
         if off + len(buf) > MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
-        lock = self._lock(handle.ino)
-        if lock.locked():
-            async with lock:
+        async with self.gate.mutation():
+            lock = self._lock(handle.ino)
+            if lock.locked():
+                async with lock:
+                    written = self.ws.files.write(handle.ino, off, buf, handle.pid)
+            else:
                 written = self.ws.files.write(handle.ino, off, buf, handle.pid)
-        else:
-            written = self.ws.files.write(handle.ino, off, buf, handle.pid)
-        if self.ws.files.stream_backlogged(handle.ino):
-            async with lock:
-                await trio.to_thread.run_sync(self.ws.files.wait_stream, handle.ino, limiter=self.limiter)
+            if self.ws.files.stream_backlogged(handle.ino):
+                async with lock:
+                    await trio.to_thread.run_sync(self.ws.files.wait_stream, handle.ino, limiter=self.stream_limiter)
         return written
 
     async def _commit_locked(self, ino: int, pid: int = 0) -> int | None:
@@ -424,7 +538,7 @@ class ChronicleOperations(pyfuse3.Operations):
         if overlay.commit_cost() <= INLINE_COMMIT_BYTES:
             built = self.ws.files.commit_build(overlay)
         else:
-            built = await trio.to_thread.run_sync(self.ws.files.commit_build, overlay, limiter=self.limiter)
+            built = await trio.to_thread.run_sync(self.ws.files.commit_build, overlay, limiter=self.build_limiter)
         return self.ws.files.commit_finish(ino, built, pid)
 
     async def commit(self, ino: int, pid: int = 0) -> int | None:
@@ -435,7 +549,7 @@ class ChronicleOperations(pyfuse3.Operations):
             return await self._commit_locked(ino, pid)
 
     @fuse_errors
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
         """FUSE_FLUSH: close(2) of a descriptor of ``fh`` (maybe one of several
         dups): a writable handle's writes become a version now, so ``close``
         returning means the version exists. Errors: ENOSPC, EIO."""
@@ -443,55 +557,72 @@ class ChronicleOperations(pyfuse3.Operations):
         if handle is None:
             return await self.magic.flush(fh)
         if handle.writable:
-            await self.commit(handle.ino, handle.pid)
+            async with self.gate.mutation():
+                await self.commit(handle.ino, handle.pid)
 
     @fuse_errors
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: int, datasync: bool) -> None:
         """FUSE_FSYNC: commit ``fh``'s writes, then make the store durable
         (packs and metadata, ``Store.sync``) in a worker thread. ``datasync``
         is treated as a full sync. Errors: ENOSPC, EIO."""
         handle = self._handles.get(fh)
         if handle is None:
             return
-        await self.commit(handle.ino, handle.pid)
-        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+        async with self.gate.mutation():
+            await self.commit(handle.ino, handle.pid)
+        await self.sync()
 
     @fuse_errors
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         """FUSE_RELEASE: the last descriptor of ``fh`` is closed. The last handle
         of an inode commits what is left (mmap writes may come after the last
         flush). The reply carries no error to anyone (pyfuse3)."""
         handle = self._handles.pop(fh, None)
         if handle is None:
             return await self.magic.release(fh)
-        async with self._lock(handle.ino):
-            state = self.ws.files.get(handle.ino)
-            if state is not None and state.handles <= 1 and state.dirty:
-                await self._commit_locked(handle.ino, handle.pid)
-            self.ws.files.release(handle.ino)
+        async with self.gate.mutation():
+            async with self._lock(handle.ino):
+                state = self.ws.files.get(handle.ino)
+                if state is not None and state.handles <= 1 and state.dirty:
+                    await self._commit_locked(handle.ino, handle.pid)
+                self.ws.files.release(handle.ino)
 
     # -- directories ------------------------------------------------------------------------------
 
     @fuse_errors
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         """FUSE_OPENDIR: a directory handle for ``inode``. Errors: ENOTDIR, ENOENT."""
         if inode >= MAGIC_BASE:
+            await self.gate.wait_free()
             return self.magic.opendir(inode, self._new_fh())
         ino = self.store_ino(inode)
-        if not self.ws.getattr(ino).is_dir:
+        if not self.attrs(ino).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._new_fh()
         self._dirs[fh] = [ino, None]
         return fh
 
+    def _entries(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """``Workspace.readdir``, or while a job holds the gate the committed
+        head's entries (the links they give are recorded after the job)."""
+        if not self.gate.exclusive:
+            return self.ws.readdir(ino)
+        if not self.attrs(ino).is_dir:
+            raise NotADirectory()
+        with self.ws.read_txn() as txn:
+            entries = self.ws.view().entries(txn, ino)
+        self.gate.defer(lambda: self.ws.readdir(ino))
+        return entries
+
     @fuse_errors
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """FUSE_READDIRPLUS (pyfuse3 serves every readdir as one): entries of ``fh`` from ``start_id`` on,
         through ``pyfuse3.readdir_reply``. The listing is snapshotted at
         ``start_id`` 0 so offsets stay stable while the directory changes;
         every entry sent counts one lookup, except ``.`` and ``..``."""
         handle = self._dirs.get(fh)
         if handle is None:
+            await self.gate.wait_free()
             return self.magic.readdir(fh, start_id, token)
         ino, listing = handle
         if start_id == 0 or listing is None:
@@ -499,11 +630,11 @@ class ChronicleOperations(pyfuse3.Operations):
             parent = self.ws.links.parent(ino)
             if parent is None or ino == self.ws.root:
                 parent = ino
-            listing = handle[1] = [(b".", ino, 0), (b"..", parent, 0)] + self.ws.readdir(ino)
+            listing = handle[1] = [(b".", ino, 0), (b"..", parent, 0)] + self._entries(ino)
         for i in range(start_id, len(listing)):
             name, child, _kind = listing[i]
             try:
-                attrs = self.ws.getattr(child)
+                attrs = self.attrs(child)
             except NotFound:
                 continue
             if not pyfuse3.readdir_reply(token, name, self.entry(child, attrs), i + 1):
@@ -512,21 +643,21 @@ class ChronicleOperations(pyfuse3.Operations):
                 self._lookups[child] += 1
 
     @fuse_errors
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         """FUSE_RELEASEDIR: forget directory handle ``fh``."""
         if self._dirs.pop(fh, None) is None:
             self.magic.releasedir(fh)
 
     @fuse_errors
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """FUSE_FSYNCDIR: make the store durable (``Store.sync``, worker thread):
         every directory change is already committed. Errors: EIO."""
-        await trio.to_thread.run_sync(self.store.sync, limiter=self.limiter)
+        await self.sync()
 
     # -- the rest ---------------------------------------------------------------------------------
 
     @fuse_errors
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         """FUSE_STATFS: the free space of the file system holding the store, in
         4 KiB blocks; inode counts are reported as plentiful (at least 2**32)
         since inode numbers are not a limited resource here; names up to 255 bytes."""
@@ -545,21 +676,23 @@ class ChronicleOperations(pyfuse3.Operations):
         return out
 
     @fuse_errors
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         """FUSE_SETXATTR: set extended attribute ``name`` (``user.``, ``trusted.``,
         ``security.``) to ``value``, after committing the file's writes.
         Errors: EOPNOTSUPP (another namespace: no POSIX ACLs), ENOSPC (value
         over 64 KiB or all attributes over 64 KiB), EPERM (``user.`` on a
         symlink or device), EINVAL, EROFS."""
         self._not_magic(inode)
-        await self.commit(self.store_ino(inode), ctx.pid)
-        self.ws.setxattr(self.store_ino(inode), name, value, actor_of(ctx))
+        async with self.gate.mutation():
+            await self.commit(self.store_ino(inode), ctx.pid)
+            self.ws.setxattr(self.store_ino(inode), name, value, actor_of(ctx))
 
     @fuse_errors
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         """FUSE_GETXATTR: the value of ``name``. ``security.capability``, asked
         before every write, is answered without raising a domain error.
         Errors: ENOATTR (ENODATA), ENOENT."""
+        await self.gate.wait_free()
         if inode >= MAGIC_BASE:
             return self.magic.getxattr(inode, name)
         ino = self.store_ino(inode)
@@ -573,22 +706,24 @@ class ChronicleOperations(pyfuse3.Operations):
         return self.ws.getxattr(ino, name)
 
     @fuse_errors
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         """FUSE_LISTXATTR: the names of ``inode``'s extended attributes. Errors: ENOENT."""
+        await self.gate.wait_free()
         if inode >= MAGIC_BASE:
             return self.magic.listxattr(inode)
         return self.ws.listxattr(self.store_ino(inode))
 
     @fuse_errors
-    async def removexattr(self, inode, name, ctx):
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """FUSE_REMOVEXATTR: remove ``name``, after committing the file's writes.
         Errors: ENOATTR, EOPNOTSUPP, EPERM, EROFS."""
         self._not_magic(inode)
-        await self.commit(self.store_ino(inode), ctx.pid)
-        self.ws.removexattr(self.store_ino(inode), name, actor_of(ctx))
+        async with self.gate.mutation():
+            await self.commit(self.store_ino(inode), ctx.pid)
+            self.ws.removexattr(self.store_ino(inode), name, actor_of(ctx))
 
     @fuse_errors
-    async def access(self, inode, mode, ctx):
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         """FUSE_ACCESS: allowed. The mount uses ``default_permissions``
         (``daemon.mount_options``): the kernel checks modes itself and does
         not send this request (pyfuse3's ``access`` docs); True should one come."""
@@ -596,17 +731,16 @@ class ChronicleOperations(pyfuse3.Operations):
 
     # -- cache invalidation (after ctl changes the tree) ----------------------------------------
 
-    async def invalidate(self, inodes, entries) -> None:
+    async def invalidate(self, inodes: Iterable[int], entries: Iterable[tuple[int, bytes]]) -> None:
         """Drop the kernel's cached entries and inodes (store numbers) that a
         ``ctl`` command changed, before its reply, so the mount shows the
         change at once. ``entries``: ``(parent ino, name)`` pairs;
         ``inodes``: inode numbers. The notifications are sent from worker
         threads: the kernel may wait on locks held by requests this loop has
         to serve."""
-        for parent, name in entries:
-            await trio.to_thread.run_sync(_invalidate_entry, self.fuse_ino(parent), name)
-        for ino in inodes:
-            await trio.to_thread.run_sync(_invalidate_inode, self.fuse_ino(ino))
+        fuse_entries = [(self.fuse_ino(parent), name) for parent, name in entries]
+        fuse_inodes = [self.fuse_ino(ino) for ino in inodes]
+        await trio.to_thread.run_sync(_invalidate, fuse_entries, fuse_inodes)
 
     async def commit_all(self) -> None:
         """Commit every open file's uncommitted writes (before unmount/sync)."""
@@ -618,15 +752,16 @@ class ChronicleOperations(pyfuse3.Operations):
         return stat.S_IMODE(mode)
 
 
-def _invalidate_entry(ino: int, name: bytes) -> None:
-    try:
-        pyfuse3.invalidate_entry(ino, name)
-    except (FileNotFoundError, OSError):
-        pass
-
-
-def _invalidate_inode(ino: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except (FileNotFoundError, OSError):
-        pass
+def _invalidate(entries: list[tuple[int, bytes]], inodes: list[int]) -> None:
+    """Worker thread: send the kernel's invalidation notices (FUSE numbers);
+    one the kernel no longer knows (ENOENT) or refuses is skipped."""
+    for ino, name in entries:
+        try:
+            pyfuse3.invalidate_entry(ino, name)
+        except OSError:
+            pass
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError:
+            pass

@@ -38,6 +38,7 @@ import lmdb
 
 from chronicle.errors import (Busy, Corrupt, Exists, NotFound, StoreError, StoreLocked,
                               StoreNotFound, UsageError)
+from chronicle.procs import alive as process_alive
 from chronicle.store.chunks.backends.local import sync_active_packs
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
@@ -614,23 +615,6 @@ class Store:
             "chunks": totals["chunks"],
             "packs": len(packs),
         }
-
-
-def process_alive(pid: int) -> bool:
-    """True if ``pid`` is a running process (a zombie — exited, not yet
-    reaped by its parent — counts as gone; another user's process counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 def ensure_no_dirty(ws) -> None:

@@ -29,6 +29,12 @@ import threading
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from chronicle import procs  # noqa: E402
+
 CHRONICLE = [sys.executable, "-m", "chronicle"]
 MiB = 1 << 20
 
@@ -53,7 +59,7 @@ class Mount:
             try:
                 run("umount", str(self.path))
             except subprocess.CalledProcessError:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+                procs.unmount(self.path)
 
 
 def rss_kib(pid: int) -> int:

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from chronicle import procs  # noqa: E402
 from tools.bench import workloads as wl  # noqa: E402
 from tools.bench.targets import TARGETS, TargetUnavailable  # noqa: E402
 from tools.passthrough import cache_dir  # noqa: E402
@@ -237,10 +238,7 @@ def check_space(workdir: Path, cfg: wl.Config, workloads: list[str]) -> None:
 
 def remove_run_dir(run_dir: Path) -> None:
     """Remove the run's directory -- never through a mount that is still live."""
-    with open("/proc/self/mounts") as f:
-        mounts = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
-                  for line in f]
-    live = [m for m in mounts if Path(m).is_relative_to(run_dir)]
+    live = procs.mounted_under(run_dir)
     if live:
         print(f"fsbench: warning: leaving {run_dir}: still mounted: {', '.join(live)}",
               file=sys.stderr)

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from chronicle import procs
 from tools.passthrough import PassthroughMount, start_passthroughfs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,24 +51,12 @@ def _warn(msg: str) -> None:
 
 def _fusermount_unmount(mountpoint: Path) -> None:
     """Unmount a FUSE mount; lazily if it is busy. No-op if not mounted."""
-    if not os.path.ismount(mountpoint):
-        return
-    if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode != 0:
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    procs.unmount(mountpoint)
 
 
 def _remove_tree(path: Path, mountpoints: list[Path]) -> None:
     """Remove ``path`` unless one of ``mountpoints`` inside it is still mounted."""
-    still = [m for m in mountpoints if os.path.ismount(m)]
+    still = [m for m in mountpoints if procs.mount_entries(m)]
     if still:
         _warn(f"leaving {path} in place: {', '.join(map(str, still))} is still mounted")
         return
@@ -241,7 +230,7 @@ class ChronicleTarget(Target):
         deadline = time.monotonic() + 5.0  # a daemon that just lost its mount exits by itself
         while pids and time.monotonic() < deadline:
             time.sleep(0.1)
-            pids = [p for p in pids if _alive(p)]
+            pids = [p for p in pids if procs.alive(p)]
         if not pids:
             return
         _warn(f"chronicle daemon(s) {pids} still running after unmount; sending SIGTERM")
@@ -253,7 +242,7 @@ class ChronicleTarget(Target):
                     pass
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
-                pids = [p for p in pids if _alive(p)]
+                pids = [p for p in pids if procs.alive(p)]
                 if not pids:
                     return
                 time.sleep(0.1)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chronicle.errors import Corrupt, NoSpace
+from chronicle.procs import alive
 from chronicle.store.chunks.ids import to_hex
 
 PACK_MAGIC = b"CHRNPACK"
@@ -444,18 +445,8 @@ def sync_active_packs(root: Path, active_dir: Path, own: set[int]) -> None:
             owner = int(marker.read_text().strip() or 0)
         except (OSError, ValueError):
             owner = 0
-        if owner and not _alive(owner):
+        if owner and not alive(owner):
             marker.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe(location: ChunkLocation, chunk_id: bytes) -> str:
