@@ -70,10 +70,10 @@ def test_reads_answer_and_mutations_wait_while_a_job_runs(fs):
             entry = await fs.lookup(ROOT, b"d", CTX)    # reads are answered meanwhile
             assert entry.st_ino == d.st_ino and stat.S_ISDIR(entry.st_mode)
             assert (await fs.getattr(ROOT, CTX)).st_ino == ROOT
-            assert fs.ws.path_of(d.st_ino) is None      # not recorded while the job owns the caches
+            assert fs.ws.links.path_of(d.st_ino) is None      # not recorded while the job owns the caches
             release.set()
         assert order == ["done", "mkdir"]
-        assert fs.ws.path_of(d.st_ino) == b"d"          # recorded after the job
+        assert fs.ws.links.path_of(d.st_ino) == b"d"          # recorded after the job
         assert not fs.gate.exclusive
 
     trio.run(main)
