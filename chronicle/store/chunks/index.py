@@ -251,7 +251,7 @@ class ChunkStore:
                 yield bytes(key), ChunkRecord.decode(value)
 
     def close(self) -> None:
-        """Sync and close the current pack, then close the backend."""
+        """Sync and close the current pack, then close the backend. Idempotent."""
         self.writer.close()
         self.backend.close()
 

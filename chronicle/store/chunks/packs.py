@@ -196,15 +196,19 @@ class PackWriter:
         self.backend.sync()
 
     def close(self) -> None:
-        """Sync and close the current pack; stop the flusher."""
+        """Sync and close the current pack; stop the flusher. Idempotent."""
         self.sync()
         with self._lock:
             if self._sink is not None:
                 self._sink.close()
                 self._sink = None
         with self._cond:
-            self._queue.append((None, []))     # stop
-            self._cond.notify_all()
+            flusher, self._flusher = self._flusher, None
+            if flusher is not None:
+                self._queue.append((None, []))     # stop
+                self._cond.notify_all()
+        if flusher is not None:
+            flusher.join()
 
     @property
     def current_pack(self) -> int:
@@ -263,7 +267,7 @@ class PackWriter:
                     self._cond.wait()
                 sink, bufs = self._queue.popleft()
                 if sink is None:
-                    self._flusher = None
+                    self._cond.notify_all()
                     return
                 self._writing = True
             error = None
