@@ -14,10 +14,15 @@ transaction commits, :meth:`ChunkStore.flush` hands pack data to the kernel, so
 metadata never refers to chunk bytes a killed process had only buffered.
 
 Reading (:meth:`ChunkStore.get`) goes through an LRU cache of decoded chunks;
-a miss reads the pack and verifies the chunk's BLAKE3 (see ``codec``).
-:meth:`ChunkStore.prefetch` tells the kernel which pack ranges a sequential
-reader will want next (``posix_fadvise(WILLNEED)``): it reads them ahead
-asynchronously, so the next ``pread``s hit the page cache — no threads, no GIL.
+a miss reads the chunk's byte range of its pack from the chunk backend
+(``packs.PackReader``, ``ChunkBackend.read``) and verifies its BLAKE3 (see
+``codec``). :meth:`ChunkStore.prefetch` tells the backend which pack ranges a
+sequential reader will want next (``ChunkBackend.advise``; locally
+``posix_fadvise(WILLNEED)``): it reads them ahead asynchronously, so the next
+``pread``s hit the page cache — no threads, no GIL.
+
+The chunk store knows packs only by number and location; their names, format
+and bytes belong to ``packs`` and the backend.
 
 Threads: every method is safe to call from any thread.
 """

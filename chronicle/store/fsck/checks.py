@@ -21,8 +21,8 @@ Checks, in order (each is a ``progress`` phase):
 1. ``workspaces`` — every workspace record decodes, is in ``ws_ids``, has
    a ``heads`` entry, and its fork parent exists and has its fork seq.
 2. ``packs`` — every pack the chunk backend lists scans
-   (``chunks.packs.PackReader.scan``, range reads through the backend), one pass per pack in
-   offset order: each record at an indexed location must match the index
+   (``chunks.packs.PackReader.scan``: range reads through the backend), one
+   pass per pack in offset order: each record at an indexed location must match the index
    entry (id, codec, lengths), and its payload must decode to its BLAKE3
    (``ChunkStore.read_record(verify=True)``). Index entries the scan did not
    reach (missing pack, bad offset, damaged pack) are then read one by one.

@@ -203,12 +203,12 @@ class LocalBackend:
     # -- internals -----------------------------------------------------------------
 
     def _fd(self, name: str) -> int:
-        path = self.path(name)
         with self._lock:
             fd = self._fds.get(name)
             if fd is not None:
                 self._fds.move_to_end(name)
                 return fd
+            path = self.path(name)        # names are checked once, when first opened
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
