@@ -4,9 +4,9 @@ Layout of a store directory::
 
     store.json      format version, backend, creation time
     meta/           the LMDB environment (chronicle.store.meta.schema), synced.json
-    packs/          pack files (chronicle.store.chunks.backends.local)
+    packs/          pack files (chronicle.store.chunks.packs, kept by backends.local)
     staging/        anonymous staging files of open files (O_TMPFILE)
-    run/            locks, mount registrations, active-pack markers
+    run/            locks, mount registrations, open-pack registrations (backends.local)
 
 Any number of processes may open a store; each workspace has at most one
 writer at a time (``run/ws-<id>.lock``, taken by :meth:`Store.open_workspace`
@@ -39,7 +39,7 @@ import lmdb
 from chronicle.errors import (Busy, Corrupt, Exists, NotFound, StoreError, StoreLocked,
                               StoreNotFound, UsageError)
 from chronicle.procs import alive as process_alive
-from chronicle.store.chunks.backends.local import sync_active_packs
+from chronicle.store.chunks.backends.local import LocalBackend
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.history import points
@@ -100,7 +100,7 @@ class Store:
         self.staging_dir = path / "staging"
         self.run_dir = path / "run"
         self.packs_dir = path / "packs"
-        self.chunks = ChunkStore(env, dbs["chunks"], self.packs_dir, self.run_dir / "active", meta_db=dbs["meta"])
+        self.chunks = ChunkStore(env, dbs["chunks"], LocalBackend(path), meta_db=dbs["meta"])
         self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -571,8 +571,7 @@ class Store:
             new_pin = self.env.begin()
             txn = self.env.begin(write=True)
             try:
-                self.chunks.sync()
-                sync_active_packs(self.packs_dir, self.run_dir / "active", self.chunks.writer.own_packs())
+                self.chunks.sync()          # every process's pack data (the backend's business)
                 self.env.sync(True)
                 synced = self.env.info()["last_txnid"]
                 record_synced(self.meta_dir, synced, self._page_size)
@@ -597,7 +596,7 @@ class Store:
             events = txn.stat(self.dbs["events"])["entries"]
             ws_count = txn.stat(self.dbs["workspaces"])["entries"]
         packs = self.chunks.reader.list_packs()
-        pack_bytes = self.chunks.reader.total_size()
+        pack_bytes = sum(packs.values())
         info = self.env.info()
         logical, unique, stored = totals["logical_bytes"], totals["unique_bytes"], totals["stored_bytes"]
         return {

@@ -18,7 +18,7 @@ from array import array
 import pytest
 
 from chronicle.store import model
-from chronicle.store.chunks.backends.local import RECORD_HEADER, ChunkLocation, PackWriter, pack_path
+from chronicle.store.chunks.packs import RECORD_HEADER, ChunkLocation, PackWriter, pack_path
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, hash_bytes
 from chronicle.store.fsck.checks import ERROR, INFO, WARNING, FsckReport, fsck
 from chronicle.store.meta import schema
@@ -360,7 +360,7 @@ def test_repair_repoints_a_corrupt_chunk_at_a_good_duplicate(store_path):
         chunk_id, rec = chunk_of(st, "w", b"d/g.txt")
         payload = st.chunks.reader.read(ChunkLocation(rec.pack_no, rec.offset, rec.stored_len))
         # a second writer stored the same chunk in a pack of its own
-        writer = PackWriter(st.packs_dir)
+        writer = PackWriter(st.chunks.backend)
         copy = writer.append(chunk_id, rec.codec, rec.raw_len, payload)
         writer.close()
         expected = st.open_workspace("w").files.read(st.open_workspace("w").resolve(b"d/g.txt")[0], 0, 1 << 20)

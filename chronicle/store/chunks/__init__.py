@@ -1,13 +1,33 @@
-"""Chunks: how file content is cut, named, compressed and kept.
+"""Chunks: how file content is cut, named, compressed, packed and kept.
+
+Vocabulary:
 
 - **chunk** — a piece of content cut by content-defined chunking (``chunker``,
   FastCDC), named by the BLAKE3 of its bytes, its **chunk id** (``ids``).
 - **codec** — how a chunk is stored: zstd when that saves at least 1/32, raw
   otherwise; decoding verifies the BLAKE3 (``codec``).
-- **pack** — an append-only file (or object) holding many encoded chunks; a
-  **chunk backend** (``backends``) stores packs and reads byte ranges of them.
+- **pack** — an object holding many encoded chunks as self-describing
+  **records**, named ``packs/<group>/<pack_no>.pack``; a chunk's
+  **location** is (pack number, payload offset, stored length). ``packs``
+  is the pack *format* and its buffered writer (:class:`~packs.PackWriter`,
+  with its flusher thread) and reader.
+- **chunk backend** — the *place* where pack bytes live: named objects
+  written once (created, appended, closed), read by byte range, listed by
+  prefix, deleted, made durable (``backends``: the protocol in
+  ``backends.base``, the local directory in ``backends.local``).
 - **chunk index** — LMDB ``chunks``: chunk id -> (pack, offset, length,
-  codec, **refcount**); ``index.ChunkStore`` puts and gets chunks through it.
+  codec, **refcount**); ``index.ChunkStore`` puts and gets chunks through it
+  and a cache of decoded chunks.
 
-Threads: everything here may be called from any thread.
+Layers, each importing only those before it (restic's DAG)::
+
+    ids -> codec -> chunker -> backends (base, local) -> packs -> index
+
+The format is kept apart from the place so that a second backend (S3,
+issue 10) stores the same packs without knowing their records, and GC
+(issue 9) lists, rewrites and deletes packs through the same two layers;
+nothing above ``index`` (the namespace, fsck, the store) knows a pack path.
+
+Threads: everything here may be called from any thread (see each module for
+what it serialises).
 """

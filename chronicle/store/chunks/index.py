@@ -14,10 +14,15 @@ transaction commits, :meth:`ChunkStore.flush` hands pack data to the kernel, so
 metadata never refers to chunk bytes a killed process had only buffered.
 
 Reading (:meth:`ChunkStore.get`) goes through an LRU cache of decoded chunks;
-a miss reads the pack and verifies the chunk's BLAKE3 (see ``codec``).
-:meth:`ChunkStore.prefetch` tells the kernel which pack ranges a sequential
-reader will want next (``posix_fadvise(WILLNEED)``): it reads them ahead
-asynchronously, so the next ``pread``s hit the page cache — no threads, no GIL.
+a miss reads the chunk's byte range of its pack from the chunk backend
+(``packs.PackReader``, ``ChunkBackend.read``) and verifies its BLAKE3 (see
+``codec``). :meth:`ChunkStore.prefetch` tells the backend which pack ranges a
+sequential reader will want next (``ChunkBackend.advise``; locally
+``posix_fadvise(WILLNEED)``): it reads them ahead asynchronously, so the next
+``pread``s hit the page cache — no threads, no GIL.
+
+The chunk store knows packs only by number and location; their names, format
+and bytes belong to ``packs`` and the backend.
 
 Threads: every method is safe to call from any thread.
 """
@@ -27,14 +32,14 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from pathlib import Path
 
 import lmdb
 
 from chronicle.errors import Corrupt
 from chronicle.store.chunks import codec
-from chronicle.store.chunks.backends.local import ChunkLocation, PackReader, PackWriter
+from chronicle.store.chunks.backends.base import ChunkBackend
 from chronicle.store.chunks.ids import HOLE_ID, ID_SIZE, to_hex
+from chronicle.store.chunks.packs import ChunkLocation, PackReader, PackWriter
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
 
 DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
@@ -77,15 +82,23 @@ class ChunkCache:
 
 
 class ChunkStore:
-    """Chunks of one store: packs on disk plus the ``chunks`` index in LMDB."""
+    """Chunks of one store: packs in ``backend`` plus the ``chunks`` index in LMDB.
 
-    def __init__(self, env: lmdb.Environment, db, packs_root: Path, active_dir: Path | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, level: int = codec.DEFAULT_LEVEL, meta_db=None):
+    ``db`` is the ``chunks`` database of ``env``; ``meta_db``, if given, the
+    ``meta`` database whose running totals :meth:`add_refs` keeps. The chunk
+    store owns ``backend``: :meth:`close` closes it. ``writer`` and
+    ``reader`` (``packs``) are public for fsck.
+    """
+
+    def __init__(self, env: lmdb.Environment, db: lmdb._Database, backend: ChunkBackend,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, level: int = codec.DEFAULT_LEVEL,
+                 meta_db: lmdb._Database | None = None):
         self._env = env
         self._db = db
         self._meta_db = meta_db
-        self.writer = PackWriter(packs_root, active_dir)
-        self.reader = PackReader(packs_root)
+        self.backend = backend
+        self.writer = PackWriter(backend)
+        self.reader = PackReader(backend)
         self.cache = ChunkCache(cache_bytes)
         self._level = level
         self._pending: dict[bytes, ChunkRecord] = {}
@@ -124,7 +137,9 @@ class ChunkStore:
         self.writer.flush()
 
     def sync(self) -> None:
-        """Make written chunk data durable (fdatasync the packs)."""
+        """Make written chunk data durable: this process's packs and (on a
+        local store) those of every other process writing to it
+        (``PackWriter.sync``, ``ChunkBackend.sync``). Raises ``NoSpace``."""
         self.writer.sync()
 
     def add_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
@@ -241,8 +256,9 @@ class ChunkStore:
                 yield bytes(key), ChunkRecord.decode(value)
 
     def close(self) -> None:
+        """Sync and close the current pack, then close the backend. Idempotent."""
         self.writer.close()
-        self.reader.close()
+        self.backend.close()
 
 
 def _distinct_ids(content: ContentRecord) -> list[bytes]:

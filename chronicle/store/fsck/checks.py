@@ -20,8 +20,9 @@ Checks, in order (each is a ``progress`` phase):
 
 1. ``workspaces`` — every workspace record decodes, is in ``ws_ids``, has
    a ``heads`` entry, and its fork parent exists and has its fork seq.
-2. ``packs`` — every pack scans (``PackReader.scan``), one pass per pack in
-   offset order: each record at an indexed location must match the index
+2. ``packs`` — every pack the chunk backend lists scans
+   (``chunks.packs.PackReader.scan``: range reads through the backend), one
+   pass per pack in offset order: each record at an indexed location must match the index
    entry (id, codec, lengths), and its payload must decode to its BLAKE3
    (``ChunkStore.read_record(verify=True)``). Index entries the scan did not
    reach (missing pack, bad offset, damaged pack) are then read one by one.
@@ -79,10 +80,10 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from chronicle.errors import Corrupt
-from chronicle.store.chunks.backends.local import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackRecord, pack_path
+from chronicle.errors import Corrupt, NotFound
 from chronicle.store.chunks.ids import HOLE_ID, ID_SIZE, hash_bytes, new_hasher, to_hex
 from chronicle.store.chunks.index import _distinct_ids
+from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackRecord
 from chronicle.store.fsck.report import (
     _NAMED_IN_DETAILS,
     _NAMED_IN_MESSAGE,
@@ -98,13 +99,14 @@ from chronicle.store.fsck.tree import TreeChecks
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
+from chronicle.store.store import Store
 
 _ZEROS = bytes(1 << 20)
 
 Progress = Callable[[str, int, int], None]
 
 
-def fsck(store, *, repair: bool = False, verify_contents: bool = False,
+def fsck(store: Store, *, repair: bool = False, verify_contents: bool = False,
          progress: Progress | None = None) -> FsckReport:
     """Check ``store`` (a :class:`~chronicle.store.store.Store`); see the
     module docstring. ``progress(phase, done, total)`` is called as each
@@ -171,7 +173,7 @@ def _reason(exc: Exception, chunk_id: bytes) -> str:
 
 
 class _Checker(TreeChecks):
-    def __init__(self, store, *, repair: bool, verify_contents: bool, progress: Progress | None):
+    def __init__(self, store: Store, *, repair: bool, verify_contents: bool, progress: Progress | None):
         self.store = store
         self.dbs = store.dbs
         self.chunks = store.chunks
@@ -373,12 +375,7 @@ class _Checker(TreeChecks):
         self.progress.finish()
 
     def _check_packs(self) -> None:
-        packs = self.reader.list_packs()
-        for pack_no in packs:
-            try:
-                self.pack_sizes[pack_no] = pack_path(self.reader.root, pack_no).stat().st_size
-            except FileNotFoundError:
-                pass
+        self.pack_sizes = self.reader.list_packs()
         total = sum(self.pack_sizes.values())
         self.report.packs = len(self.pack_sizes)
         self.report.pack_bytes = total
@@ -429,7 +426,7 @@ class _Checker(TreeChecks):
                         continue
                 self.report.unreferenced_bytes += RECORD_HEADER.size + loc.stored_len
                 self.spares[record.chunk_id].append(record)
-        except FileNotFoundError:
+        except NotFound:
             return          # removed since it was listed (GC); its chunks are checked one by one
         except (Corrupt, OSError, struct.error) as exc:
             failure = str(exc)

@@ -1,0 +1,66 @@
+"""``chronicle.store.chunks.codec``: zstd when it saves at least 1/32, raw
+otherwise; decoding gives the bytes back or raises ``Corrupt`` naming the
+chunk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chronicle.errors import Corrupt
+from chronicle.store.chunks import codec
+from chronicle.store.chunks.ids import hash_bytes, to_hex
+
+
+@given(st.binary(max_size=70_000), st.integers(min_value=1, max_value=19))
+@settings(max_examples=60, deadline=None)
+def test_round_trip(data, level):
+    codec_id, payload = codec.encode(data, level)
+    assert codec_id in codec.CODECS
+    assert codec.decode(codec_id, bytes(payload), len(data), hash_bytes(data)) == data
+
+
+def test_compressible_data_is_zstd():
+    data = b"the same line again\n" * 5000
+    codec_id, payload = codec.encode(data)
+    assert codec_id == codec.CODEC_ZSTD and len(payload) < len(data) // 10
+    assert codec.decode(codec_id, payload, len(data), hash_bytes(data)) == data
+
+
+def test_incompressible_data_stays_raw_and_is_not_copied():
+    data = os.urandom(64 * 1024)
+    codec_id, payload = codec.encode(data)
+    assert codec_id == codec.CODEC_RAW and payload is data
+    view = memoryview(bytearray(data))
+    assert codec.encode(view)[1] is view
+
+
+def test_a_saving_below_one_32nd_is_not_worth_it():
+    # half random, half zeros compresses by ~1/2; 31/32 random saves less than 1/32
+    assert codec.encode(os.urandom(32_000) + bytes(32_000))[0] == codec.CODEC_ZSTD
+    assert codec.encode(os.urandom(31_000) + bytes(900))[0] == codec.CODEC_RAW
+
+
+def test_damaged_payloads_are_corrupt_naming_the_chunk():
+    data = b"some chunk " * 1000
+    cid = hash_bytes(data)
+    codec_id, payload = codec.encode(data)
+    assert codec_id == codec.CODEC_ZSTD
+    damaged = bytearray(payload)
+    damaged[len(damaged) // 2] ^= 0xFF
+    with pytest.raises(Corrupt, match=to_hex(cid)):
+        codec.decode(codec_id, bytes(damaged), len(data), cid)
+    with pytest.raises(Corrupt, match="does not decompress"):
+        codec.decode(codec_id, b"not zstd at all", len(data), cid)
+    with pytest.raises(Corrupt, match="expected"):
+        codec.decode(codec_id, payload, len(data) + 1, cid)          # the index disagrees on the length
+    raw = bytearray(data)
+    raw[7] ^= 1
+    with pytest.raises(Corrupt, match="does not match its hash"):
+        codec.decode(codec.CODEC_RAW, bytes(raw), len(data), cid)
+    assert codec.decode(codec.CODEC_RAW, bytes(raw), len(data), cid, verify=False) == bytes(raw)
+    with pytest.raises(Corrupt, match="unknown codec 7"):
+        codec.decode(7, payload, len(data), cid)

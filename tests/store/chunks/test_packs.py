@@ -1,0 +1,127 @@
+"""``chronicle.store.chunks.packs``: the pack format over a chunk backend —
+records written by :class:`PackWriter` are found again by
+:class:`PackReader`'s range reads and scans; a torn tail ends a scan, a bad
+header is ``Corrupt``; names and numbers round-trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from chronicle.errors import Corrupt, NoSpace, NotFound
+from chronicle.store.chunks import codec
+from chronicle.store.chunks.backends.base import ObjectInfo
+from chronicle.store.chunks.backends.local import LocalBackend
+from chronicle.store.chunks.ids import hash_bytes
+from chronicle.store.chunks.packs import (PACK_HEADER, RECORD_HEADER, ChunkLocation, PackReader, PackWriter,
+                                          pack_name, pack_path, parse_pack_name)
+
+
+@pytest.fixture
+def backend(tmp_path):
+    backend = LocalBackend(tmp_path / "store")
+    yield backend
+    backend.close()
+
+
+def records(n: int, size: int = 1000) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        data = bytes([i % 251]) * size + i.to_bytes(4, "little")
+        out.append((hash_bytes(data), data))
+    return out
+
+
+def test_names_round_trip(tmp_path):
+    for pack_no in (1, 0x1234, (1 << 48) - 1):
+        assert parse_pack_name(pack_name(pack_no)) == pack_no
+    assert pack_name(0x1234) == "packs/000012/0000001234.pack"
+    assert pack_path(tmp_path / "packs", 0x1234) == tmp_path / "packs" / "000012" / "0000001234.pack"
+    for other in ("packs/000012/0000001234.pack.tmp", "packs/000013/0000001234.pack", "packs/x.pack",
+                  "packs/000012/00000001234.pack"):
+        assert parse_pack_name(other) is None
+
+
+def test_written_records_are_read_and_scanned(backend):
+    writer = PackWriter(backend)
+    locations = [writer.append(cid, codec.CODEC_RAW, len(data), data) for cid, data in records(20)]
+    writer.flush()
+    reader = PackReader(backend)
+    assert len({loc.pack_no for loc in locations}) == 1
+    for (cid, data), loc in zip(records(20), locations):
+        assert reader.read(loc) == data
+        assert reader.read_header(loc) == (codec.CODEC_RAW, len(data), cid)
+    scanned = list(reader.scan(locations[0].pack_no))
+    assert [r.chunk_id for r in scanned] == [cid for cid, _ in records(20)]
+    assert [r.location for r in scanned] == locations
+    writer.close()
+    size = PACK_HEADER.size + sum(RECORD_HEADER.size + len(d) for _, d in records(20))
+    assert reader.list_packs() == {locations[0].pack_no: size}
+    assert list(backend.list("packs/")) == [ObjectInfo(pack_name(locations[0].pack_no), size)]
+
+
+def test_a_full_pack_is_sealed_and_a_new_one_started(backend):
+    numbers = iter(range(0x100, 0x200))
+    writer = PackWriter(backend, allocate_pack_no=lambda: next(numbers), max_pack_size=5000)
+    locations = [writer.append(cid, codec.CODEC_RAW, len(data), data) for cid, data in records(12)]
+    writer.sync()
+    assert sorted({loc.pack_no for loc in locations}) == [0x100, 0x101, 0x102]     # 4 records of 1048 bytes each
+    assert all(size <= 5000 for size in PackReader(backend).list_packs().values())
+    writer.close()
+
+
+def test_a_taken_pack_number_is_skipped(backend):
+    backend.put(pack_name(0x100), b"someone else's")
+    numbers = iter([0x100, 0x101])
+    writer = PackWriter(backend, allocate_pack_no=lambda: next(numbers))
+    assert writer.append(b"\x01" * 32, codec.CODEC_RAW, 3, b"abc").pack_no == 0x101
+    writer.close()
+
+
+def test_torn_tail_ends_the_scan_and_a_bad_header_is_corrupt(backend):
+    writer = PackWriter(backend)
+    loc = writer.append(b"\x02" * 32, codec.CODEC_RAW, 3, b"abc")
+    writer.close()
+    path = backend.path(pack_name(loc.pack_no))
+    with open(path, "ab") as f:
+        f.write(RECORD_HEADER.pack(b"CK", 0, 0, 5000, 5000, bytes(32)) + b"partial")
+    reader = PackReader(backend)
+    assert [r.location for r in reader.scan(loc.pack_no)] == [loc]
+    with open(path, "r+b") as f:
+        f.seek(loc.offset - RECORD_HEADER.size)
+        f.write(b"XX")
+    with pytest.raises(Corrupt, match="bad record header"):
+        list(reader.scan(loc.pack_no))
+    with pytest.raises(Corrupt, match="no chunk record"):
+        reader.read_header(loc)
+
+
+def test_missing_and_short_packs_are_corrupt(backend):
+    writer = PackWriter(backend)
+    loc = writer.append(b"\x03" * 32, codec.CODEC_RAW, 3, b"abc")
+    writer.close()
+    reader = PackReader(backend)
+    with pytest.raises(Corrupt, match="truncated"):
+        reader.read(ChunkLocation(loc.pack_no, loc.offset, 4))
+    backend.delete(pack_name(loc.pack_no))
+    with pytest.raises(Corrupt, match="missing"):
+        reader.read(loc)
+    with pytest.raises(NotFound):
+        list(reader.scan(loc.pack_no))
+
+
+def test_a_write_error_of_the_flusher_is_raised_by_the_next_call(backend, monkeypatch):
+    writer = PackWriter(backend)
+    writer.append(b"\x04" * 32, codec.CODEC_RAW, 3, b"abc")
+    writer.flush()
+    sink = writer._sink
+
+    def full(buffers):
+        raise NoSpace("no space left (test)")
+
+    monkeypatch.setattr(sink, "append", full)
+    big = b"\x05" * (5 << 20)                         # more than the write buffer: handed to the flusher
+    writer.append(hash_bytes(big), codec.CODEC_RAW, len(big), big)
+    with pytest.raises(NoSpace):
+        writer.flush()
+    monkeypatch.undo()
+    writer.close()
