@@ -39,9 +39,9 @@ from chronicle.store.fsck.checks import fsck as check_store
 from chronicle.store.history import points
 from chronicle.store.history.points import TurnLabel
 from chronicle.store.history.views import HistoryViews, split_version
-from chronicle.store.model import KIND_FILE
-from chronicle.store.model import Actor
+from chronicle.store.model import KIND_FILE, Actor
 from chronicle.store.namespace.restore import restore_file, restore_tree
+from chronicle.store.namespace.workspace import Workspace
 from chronicle.store.store import Store
 
 READ_PIECE = 1 << 20            # bytes per read when streaming a version to stdout
@@ -473,7 +473,7 @@ def fork(new_workspace: str, point, store_opt, ws_opt) -> None:
     click.echo(f"Forked workspace {target.workspace!r} at seq {record.fork_seq} as {new_workspace!r}")
 
 
-def _tree_size(ws) -> tuple[int, int]:
+def _tree_size(ws: Workspace) -> tuple[int, int]:
     """``(regular files, bytes)`` at the head; a hard-linked file counts once."""
     seen: set[int] = set()
     total = 0

@@ -49,6 +49,7 @@ import pyfuse3
 import trio
 
 from chronicle.errors import ChronicleError, InvalidArgument
+from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_file, restore_tree
@@ -158,7 +159,7 @@ class CtlSession:
                 raise InvalidArgument("'at' is a seq, an ISO-8601 time, a snapshot name or turn:AGENT:N")
             if isinstance(point, str):
                 _check_text("at", point)
-            seq = self.ops.store.resolve_point(ws, str(point))
+            seq = points.resolve_point(ws, str(point))
             # Seconds for a large tree: in a worker, the workspace locked against mutation.
             changes = await self.ops.run_exclusive(restore_tree, ws, seq, self.actor)
             await self.ops.invalidate(changes.inodes, changes.entries)

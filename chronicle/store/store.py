@@ -372,7 +372,8 @@ class Store:
             raise StoreLocked(f"workspace {record.name!r} is in use by another process{detail}") from None
         self._locks[record.id] = fd
 
-    def release_workspace(self, ws) -> None:
+    def release_workspace(self, ws: Workspace) -> None:
+        """Give up the writer lock ``open_workspace(writable=True)`` took for ``ws``."""
         fd = self._locks.pop(ws.id, None)
         if fd is not None:
             os.close(fd)
@@ -459,26 +460,18 @@ class Store:
             return None
         return info
 
-    def workspace_stats(self, ws) -> dict:
+    def workspace_stats(self, ws: Workspace) -> dict:
         """A workspace's figures, as ``chronicle stats`` and ``.chronicle/stats`` show them."""
         mounted = self.mount_info(ws.name)
         return {"workspace": ws.name, "head_seq": ws.head_seq,
                 "workspace_events": ws.head_seq,     # seqs are dense: the head seq counts the events
-                "snapshots": len(self.snapshots(ws)), "parent": ws.record.parent, "fork_seq": ws.record.fork_seq,
+                "snapshots": len(points.snapshots(ws)), "parent": ws.record.parent, "fork_seq": ws.record.fork_seq,
                 "mountpoint": mounted["mountpoint"] if mounted else None}
 
     # -- snapshots and turns ------------------------------------------------------------
 
     # Thin delegates for callers that hold a Store (ctl, the workspace, stats);
     # the code is chronicle.store.history.points.
-
-    def put_snapshot(self, ws: Workspace, name: str, seq: int) -> int:
-        """:func:`chronicle.store.history.points.put_snapshot`."""
-        return points.put_snapshot(ws, name, seq)
-
-    def snapshots(self, ws: Workspace) -> list[dict]:
-        """:func:`chronicle.store.history.points.snapshots`."""
-        return points.snapshots(ws)
 
     def get_turn(self, ws: Workspace, agent: str, turn: int) -> dict | None:
         """The turn label ``ws`` sees for ``turn`` of ``agent`` (a fork: also its
@@ -491,10 +484,6 @@ class Store:
         return TurnLog(self).labels(ws, agent)
 
     # -- points in history ---------------------------------------------------------------
-
-    def resolve_point(self, ws: Workspace, point: str) -> int:
-        """:func:`chronicle.store.history.points.resolve_point`."""
-        return points.resolve_point(ws, point)
 
     # -- content ------------------------------------------------------------------------
 
@@ -614,10 +603,3 @@ class Store:
             "chunks": totals["chunks"],
             "packs": len(packs),
         }
-
-
-def ensure_no_dirty(ws) -> None:
-    """Raise :class:`Busy` if any file of ``ws`` has uncommitted writes."""
-    dirty = [ino for ino, st in ws.files.items() if st.dirty]
-    if dirty:
-        raise Busy(f"{len(dirty)} file(s) have uncommitted writes; close or fsync them first")

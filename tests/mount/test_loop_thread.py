@@ -136,8 +136,6 @@ def test_stat_answers_during_a_20000_path_restore(mount_factory):
     within_budget(attempt, "a 20,000-path restore")
 
 
-@pytest.mark.xfail(strict=False, reason="on this branch .chronicle/log is still rendered at open on the loop "
-                   "thread (~40 ms for 40,000 events here, linear); the views helper makes the open O(1)")
 def test_stat_answers_during_a_read_of_a_40000_event_log(mount_factory):
     store = mount_factory.new_store()
     events = populate(store)

@@ -234,7 +234,7 @@ class ChunkStore:
         for pack_no, (start, end) in ranges.items():
             self.reader.advise(pack_no, start, end - start)
 
-    def _load(self, chunk_id: bytes, txn) -> bytes:
+    def _load(self, chunk_id: bytes, txn: lmdb.Transaction | None) -> bytes:
         record = self.record(chunk_id, txn)
         if record is None:
             raise Corrupt(f"chunk {to_hex(chunk_id)} is missing from the store")

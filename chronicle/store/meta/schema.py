@@ -49,6 +49,8 @@ from array import array
 from dataclasses import dataclass
 from itertools import accumulate
 
+import lmdb
+
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE
 
@@ -173,8 +175,10 @@ def turn_key(ws: int, agent: bytes, turn: int) -> bytes:
     return U32.pack(ws) + agent + b"\x00" + U32.pack(turn)
 
 
-def add_totals(txn, meta_db, **deltas: int) -> None:
-    """Add to the store's running totals (``TOTALS``)."""
+def add_totals(txn: lmdb.Transaction, meta_db: lmdb._Database, **deltas: int) -> None:
+    """Add ``deltas`` (name -> signed count or bytes) to the store's running
+    totals (``TOTALS``, big-endian i64 under ``total:<name>`` in ``meta``),
+    inside the caller's write transaction."""
     for name, delta in deltas.items():
         key = b"total:" + name.encode()
         raw = txn.get(key, db=meta_db)
@@ -182,7 +186,8 @@ def add_totals(txn, meta_db, **deltas: int) -> None:
         txn.put(key, struct.pack(">q", value), db=meta_db)
 
 
-def read_totals(txn, meta_db) -> dict[str, int]:
+def read_totals(txn: lmdb.Transaction, meta_db: lmdb._Database) -> dict[str, int]:
+    """Every running total (``TOTALS``) as ``{name: value}``; 0 if never added to."""
     out = {}
     for name in TOTALS:
         raw = txn.get(b"total:" + name.encode(), db=meta_db)

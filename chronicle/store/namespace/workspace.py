@@ -55,6 +55,7 @@ from chronicle.errors import (Exists, InvalidArgument, IsADirectory, NameTooLong
                               NotADirectory, NotEmpty, NotFound, NotPermitted, NotSupported, ReadOnly)
 from chronicle.store import model
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.store.history import points
 from chronicle.store.history.paths import History
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, WorkspaceRecord
@@ -666,7 +667,7 @@ class Workspace:
 
     def snapshot(self, name: str) -> int:
         """Name the current head seq. Raises :class:`Exists`, :class:`InvalidArgument`."""
-        return self.store.put_snapshot(self, name, self.head_seq)
+        return points.put_snapshot(self, name, self.head_seq)
 
 
 def _text(path: bytes | None) -> str | None:

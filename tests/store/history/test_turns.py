@@ -12,6 +12,7 @@ import pytest
 
 from chronicle.errors import AgentExists, AgentNotFound, Corrupt, InvalidArgument, NotFound, ReadOnly
 from chronicle.store.history.turns import DAEMON_STOPPED, RUNTIME_STOPPED, TurnLog
+from chronicle.store.history import points
 from chronicle.store.store import Store
 from storeutil import write
 
@@ -73,7 +74,7 @@ def test_a_label_brackets_the_events_of_its_turn(store, log):
     assert [x["turn"] for x in store.turns(ws, "alice")] == [1]
     with pytest.raises(InvalidArgument, match="no turn is open"):
         log.end(ws)
-    assert store.resolve_point(ws, "turn:alice:1") == ended["end_seq"]
+    assert points.resolve_point(ws, "turn:alice:1") == ended["end_seq"]
 
 
 @pytest.mark.parametrize("agent, turn", [("", 1), ("a\x00b", 1), ("a" * 256, 1), ("\ud800", 1), ("a", -1),
@@ -108,7 +109,7 @@ def test_a_label_left_open_by_a_crash_is_ended_as_interrupted(tmp_path):
         assert TurnLog(st).close_interrupted(ws) == 1
         label = st.get_turn(ws, "bot", 1)
         assert label["interrupted"] is True and label["end_seq"] == ws.head_seq
-        assert st.resolve_point(ws, "turn:bot:1") == ws.head_seq
+        assert points.resolve_point(ws, "turn:bot:1") == ws.head_seq
         assert TurnLog(st).close_interrupted(ws) == 0
 
 
@@ -276,9 +277,9 @@ def test_a_fork_sees_its_parents_turns_up_to_the_fork_seq(store, log):
     assert [(x["agent"], x["turn"]) for x in store.turns(child)] == [("a", 0), ("a", 1)]
     assert store.get_turn(child, "a", 1) == store.get_turn(parent, "a", 1)
     assert store.get_turn(child, "a", 2) is None and store.get_turn(parent, "a", 2) is not None
-    assert store.resolve_point(child, "turn:a:1") == fork_seq
+    assert points.resolve_point(child, "turn:a:1") == fork_seq
     with pytest.raises(NotFound):
-        store.resolve_point(child, "turn:a:2")
+        points.resolve_point(child, "turn:a:2")
     # The fork's own agent starts its own log at the fork seq.
     info = {**log.get("a"), "id": "b", "parent": {"agent": "a", "turn": 1}, "last_turn": 0, "message_turns": 0}
     log.create_agent(child, info, {"version": 1, "state": log.state_at("a", 1).state},
@@ -293,18 +294,18 @@ def test_a_fork_sees_its_parents_turns_up_to_the_fork_seq(store, log):
 def test_turn_points(store, log):
     ws = new_agent(store, log)
     label, _ = message_turn(log, ws, [], files=[b"x"])
-    assert store.resolve_point(ws, "turn:bot:1") == label["end_seq"]
+    assert points.resolve_point(ws, "turn:bot:1") == label["end_seq"]
     log.begin(ws, "bot", 2, None, record={"kind": "message"})
     with pytest.raises(NotFound, match="has not ended"):
-        store.resolve_point(ws, "turn:bot:2")
+        points.resolve_point(ws, "turn:bot:2")
     log.end(ws, {"status": "completed"})
     for bad in ("turn:bot", "turn:bot:x", "turn:bot:1:2"):
         with pytest.raises(InvalidArgument):
-            store.resolve_point(ws, bad)
+            points.resolve_point(ws, bad)
     with pytest.raises(NotFound):
-        store.resolve_point(ws, "turn:bot:99")
+        points.resolve_point(ws, "turn:bot:99")
     with pytest.raises(NotFound):
-        store.resolve_point(ws, "turn:nobody:1")
+        points.resolve_point(ws, "turn:nobody:1")
 
 
 def test_deleting_an_agent_drops_its_records_and_a_new_one_starts_clean(store, log):
