@@ -14,27 +14,15 @@ import stat
 from types import SimpleNamespace
 
 import pyfuse3
-import pytest
 import trio
 
 from chronicle.errors import Corrupt
 from chronicle.fs.magic import MAGIC_BASE
-from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.history import points
-from chronicle.store.store import Store
 
 ROOT = pyfuse3.ROOT_INODE
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=4242, umask=0o022)
 
-
-@pytest.fixture
-def fs(tmp_path):
-    store = Store.init(tmp_path / "store")
-    ws = store.open_workspace("w", writable=True, create=True)
-    try:
-        yield ChronicleOperations(ws, store)
-    finally:
-        store.close()
 
 
 async def fuse_errno(coro) -> int | None:

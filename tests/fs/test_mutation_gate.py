@@ -14,29 +14,16 @@ import threading
 from types import SimpleNamespace
 
 import pyfuse3
-import pytest
 import trio
 
 from chronicle.fs.gate import MutationGate
-from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_tree
-from chronicle.store.store import Store
 
 ROOT = pyfuse3.ROOT_INODE
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=4242, umask=0o022)
 FILE = stat.S_IFREG | 0o644
 
-
-@pytest.fixture
-def fs(tmp_path):
-    store = Store.init(tmp_path / "store")
-    ws = store.open_workspace("w", writable=True, create=True)
-    ops = ChronicleOperations(ws, store)
-    try:
-        yield ops
-    finally:
-        store.close()
 
 
 def blocked_job(started: threading.Event, release: threading.Event):

@@ -27,9 +27,7 @@ import pytest
 import trio
 
 from chronicle.fs import magic
-from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.namespace.staging import MAX_FILE_SIZE
-from chronicle.store.store import Store
 
 ROOT = pyfuse3.ROOT_INODE
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=4242, umask=0o022)
@@ -51,16 +49,6 @@ def attr(**values) -> pyfuse3.EntryAttributes:
         setattr(a, key, value)
     return a
 
-
-@pytest.fixture
-def fs(tmp_path):
-    store = Store.init(tmp_path / "store")
-    ws = store.open_workspace("w", writable=True, create=True)
-    ops = ChronicleOperations(ws, store)
-    try:
-        yield ops
-    finally:
-        store.close()
 
 
 async def fuse_errno(coro) -> int | None:

@@ -11,21 +11,10 @@ import pytest
 
 from chronicle.errors import NotFound
 from chronicle.store.meta.journal import parse_iso_time
-from chronicle.store.store import Store
 from storeutil import A, write
 
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
-
-
-@pytest.fixture
-def ws(store):
-    return store.open_workspace("w", writable=True, create=True)
 
 
 

@@ -16,16 +16,9 @@ import pytest
 from chronicle.errors import Exists, InvalidArgument, NotFound
 from chronicle.store.history import points
 from chronicle.store.history.points import TurnLabel
-from chronicle.store.store import Store
 from storeutil import A
 
 
-
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
 
 
 @pytest.fixture

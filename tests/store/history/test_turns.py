@@ -18,12 +18,6 @@ from storeutil import write
 
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
-
 
 @pytest.fixture
 def log(store):

@@ -20,21 +20,10 @@ from chronicle.store.history.views import (ROOT_CHILDREN, AtDir, CtlFile, Histor
                                            VersionFile, VersionsDir, split_version, version_list)
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import EventWriter
-from chronicle.store.store import Store
 from storeutil import A, write
 
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
-
-
-@pytest.fixture
-def ws(store):
-    return store.open_workspace("w", writable=True, create=True)
 
 
 @pytest.fixture

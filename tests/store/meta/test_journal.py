@@ -13,20 +13,9 @@ from chronicle.store.meta import schema
 from chronicle.store.meta.journal import EventWriter, iso_time, parse_iso_time
 from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, PathEntry
 from chronicle.store.model import Actor
-from chronicle.store.store import Store
 from storeutil import A, history, log_lines, write
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
-
-
-@pytest.fixture
-def ws(store):
-    return store.open_workspace("w", writable=True, create=True)
 
 
 def snapshot(store) -> dict[str, list]:

@@ -8,21 +8,13 @@ import random
 from array import array
 
 import blake3
-import pytest
 
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, hash_bytes
 from chronicle.store.meta.schema import ContentRecord
 from chronicle.store.namespace import content as content_module
 from chronicle.store.namespace.content import MIN_HOLE, ContentMap, build_content
 from chronicle.store.namespace.staging import Overlay
-from chronicle.store.store import Store
 
-
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
 
 
 def content_of(store, pieces: list[bytes | int]) -> tuple[ContentMap, bytes]:

@@ -14,20 +14,9 @@ import chronicle.store.namespace as namespace
 from chronicle.errors import Busy, IsADirectory, NotFound
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.namespace.restore import restore_file, restore_tree
-from chronicle.store.store import Store
 from storeutil import A, history, log_lines, read, write
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
-
-
-@pytest.fixture
-def ws(store):
-    return store.open_workspace("w", writable=True, create=True)
 
 
 # -- one file --------------------------------------------------------------------------

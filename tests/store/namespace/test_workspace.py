@@ -19,16 +19,6 @@ from chronicle.store.store import Store
 from storeutil import A, history, log_lines, read, write
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = Store.init(tmp_path / "store")
-    yield st
-    st.close()
-
-
-@pytest.fixture
-def ws(store):
-    return store.open_workspace("w", writable=True, create=True)
 
 
 # -- versions ----------------------------------------------------------------------
