@@ -68,17 +68,19 @@ class MutationGate:
         while self._held:
             await self._released.wait()
 
-    @asynccontextmanager
-    async def mutation(self) -> AsyncIterator[None]:
-        """Hold off jobs for the duration of one mutation (shared: many at once)."""
-        await self.wait_free()
+    def mutation(self) -> _Mutation:
+        """``async with gate.mutation():`` holds off jobs for the duration of one
+        mutation (shared: many at once). A plain object, not a generator-based
+        context manager: it is entered on every mutating request."""
+        return _Mutation(self)
+
+    def _enter(self) -> None:
         self._active += 1
-        try:
-            yield
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+
+    def _exit(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     @asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
@@ -104,6 +106,23 @@ class MutationGate:
     def defer(self, record: Callable[[], object]) -> None:
         """Run ``record`` on the loop once the job is done (ChronicleErrors ignored)."""
         self._deferred.append(record)
+
+
+class _Mutation:
+    """The context of one :meth:`MutationGate.mutation`."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: MutationGate):
+        self._gate = gate
+
+    async def __aenter__(self) -> None:
+        if self._gate._held:
+            await self._gate.wait_free()
+        self._gate._enter()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gate._exit()
 
 
 __all__ = ["MutationGate"]

@@ -129,6 +129,9 @@ class PathLinks:
         return True
 
 
+_LOOK_UP = object()           # put_dirent/del_dirent: the replaced inode is not known
+
+
 class WorkspaceEvent(EventWriter):
     """One event of a workspace: the journal's writer, remembering what its
     records change in the head caches (see the module docstring).
@@ -151,22 +154,32 @@ class WorkspaceEvent(EventWriter):
         super().put_attrs(ino, attrs)
         self.attrs[ino] = attrs
 
-    def put_dirent(self, parent: int, name: bytes, ino: int, kind: int) -> None:
+    def put_dirent(self, parent: int, name: bytes, ino: int, kind: int, *,
+                   replaces: int | None | object = _LOOK_UP) -> None:
         """:meth:`EventWriter.put_dirent`; ``parent/name`` becomes ``ino``'s
         path link, and stops being a link of the inode it named before (a
-        rename over a file, RENAME_EXCHANGE, a restore)."""
-        before = self._head.lookup(self.txn, parent, name)
+        rename over a file, RENAME_EXCHANGE, a restore). ``replaces``: that
+        inode (None: the name was free) when the caller knows it, which saves
+        a lookup on every create, link and rename."""
+        before = self._before(parent, name, replaces)
         super().put_dirent(parent, name, ino, kind)
         if before is not None:
-            self._unlinked.append((before[0], parent, name))
+            self._unlinked.append((before, parent, name))
         self._linked.append((ino, parent, name))
 
-    def del_dirent(self, parent: int, name: bytes) -> None:
-        """:meth:`EventWriter.del_dirent`; ``parent/name`` stops being a link of the inode it named."""
-        before = self._head.lookup(self.txn, parent, name)
+    def del_dirent(self, parent: int, name: bytes, *, replaces: int | None | object = _LOOK_UP) -> None:
+        """:meth:`EventWriter.del_dirent`; ``parent/name`` stops being a link
+        of the inode it named (``replaces``, when the caller knows it)."""
+        before = self._before(parent, name, replaces)
         super().del_dirent(parent, name)
         if before is not None:
-            self._unlinked.append((before[0], parent, name))
+            self._unlinked.append((before, parent, name))
+
+    def _before(self, parent: int, name: bytes, known: int | None | object) -> int | None:
+        if known is not _LOOK_UP:
+            return known                                       # type: ignore[return-value]
+        found = self._head.lookup(self.txn, parent, name)
+        return None if found is None else found[0]
 
     def apply(self, attrs_cache: dict[int, Attrs], links: PathLinks) -> None:
         """After the commit: update the caches. Links that go are removed

@@ -324,7 +324,7 @@ class Workspace:
                                         ctime_ns=w.now_ns)
             w.put_attrs(ino, attrs)
             w.put_attrs(parent, new_pattrs)
-            w.put_dirent(parent, name, ino, model.kind_of_mode(mode))
+            w.put_dirent(parent, name, ino, model.kind_of_mode(mode), replaces=None)
             path = self.links.child_path(parent, name)
             target = _text(attrs.target) if attrs.is_symlink else None
             size = 0 if attrs.is_file else None
@@ -390,7 +390,7 @@ class Workspace:
             new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
             w.put_attrs(ino, new_attrs)
             w.put_attrs(parent, new_pattrs)
-            w.put_dirent(parent, name, ino, attrs.kind)
+            w.put_dirent(parent, name, ino, attrs.kind, replaces=None)
             path = self.links.child_path(parent, name)
             version = None
             if path is not None:
@@ -415,7 +415,7 @@ class Workspace:
             new_pattrs = pattrs.replace(mtime_ns=w.now_ns, ctime_ns=w.now_ns)
             w.put_attrs(ino, new_attrs)
             w.put_attrs(parent, new_pattrs)
-            w.del_dirent(parent, name)
+            w.del_dirent(parent, name, replaces=ino)
             if path is not None:
                 w.path_entry(path, "delete", ino=ino, flags=P_GONE)
             w.log("delete", path)
@@ -436,7 +436,7 @@ class Workspace:
             new_pattrs = pattrs.replace(nlink=max(pattrs.nlink - 1, 2), mtime_ns=w.now_ns, ctime_ns=w.now_ns)
             w.put_attrs(ino, new_attrs)
             w.put_attrs(parent, new_pattrs)
-            w.del_dirent(parent, name)
+            w.del_dirent(parent, name, replaces=ino)
             if path is not None:
                 w.path_entry(path, "rmdir", ino=ino, flags=P_GONE | P_DIR)
             w.log("rmdir", path)
@@ -495,8 +495,8 @@ class Workspace:
                     raise NotFound()
                 dst_ino, dst_kind = dst
                 dst_attrs = attrs_of(dst_ino)
-                w.put_dirent(p_old, n_old, dst_ino, dst_kind)
-                w.put_dirent(p_new, n_new, src_ino, src_kind)
+                w.put_dirent(p_old, n_old, dst_ino, dst_kind, replaces=src_ino)
+                w.put_dirent(p_new, n_new, src_ino, src_kind, replaces=dst_ino)
                 if p_old != p_new and (src_kind == KIND_DIR) != (dst_kind == KIND_DIR):
                     delta = 1 if src_kind == KIND_DIR else -1
                     updates[p_old] = attrs_of(p_old).replace(nlink=attrs_of(p_old).nlink - delta)
@@ -531,8 +531,8 @@ class Workspace:
                     else:
                         updates[dst_ino] = dst_attrs.replace(nlink=max(dst_attrs.nlink - 1, 0), ctime_ns=now)
                     replaced = dst_ino
-                w.del_dirent(p_old, n_old)
-                w.put_dirent(p_new, n_new, src_ino, src_kind)
+                w.del_dirent(p_old, n_old, replaces=src_ino)
+                w.put_dirent(p_new, n_new, src_ino, src_kind, replaces=None if dst is None else dst[0])
                 if src_kind == KIND_DIR and p_old != p_new:
                     updates[p_old] = attrs_of(p_old).replace(nlink=attrs_of(p_old).nlink - 1)
                     updates[p_new] = attrs_of(p_new).replace(nlink=attrs_of(p_new).nlink + 1)
