@@ -37,6 +37,7 @@ from chronicle.errors import ChronicleError, InvalidArgument, NotFound, StoreErr
 from chronicle.locate import Target, locate, select
 from chronicle.store.fsck.checks import fsck as check_store
 from chronicle.store.history import points
+from chronicle.store.history.access import invoking_user
 from chronicle.store.history.points import TurnLabel
 from chronicle.store.history.views import HistoryViews, split_version
 from chronicle.store.model import KIND_FILE, Actor
@@ -304,7 +305,7 @@ def log(path, since, until, turn, store_opt, ws_opt, as_json) -> None:
     out = _out()
     with _open_store(target) as store:
         ws = store.open_workspace(target.workspace)
-        views = HistoryViews(ws)
+        views = HistoryViews(ws, caller=invoking_user())
         lo, hi = points.seq_range(ws, since, until, turn)
         width = len(str(ws.head_seq))
         if not target.path:
@@ -331,7 +332,7 @@ def show(spec: str, store_opt, ws_opt) -> None:
     target = _target(store_opt, ws_opt, path)
     out = _out()
     with _open_store(target) as store:
-        views = HistoryViews(store.open_workspace(target.workspace))
+        views = HistoryViews(store.open_workspace(target.workspace), caller=invoking_user())
         _number, version = views.pick_version(views.file_versions(target.path), target.path, number)
         cm = store.content_map(version.entry.content)
         for offset in range(0, cm.size, READ_PIECE):
@@ -355,7 +356,7 @@ def diff(path: str, a: int | None, b: int | None, store_opt, ws_opt) -> None:
     target = _target(store_opt, ws_opt, path)
     shown = _show_path(target.path or b"")
     with _open_store(target) as store:
-        views = HistoryViews(store.open_workspace(target.workspace))
+        views = HistoryViews(store.open_workspace(target.workspace), caller=invoking_user())
         versions = views.file_versions(target.path)
         numbers = sorted(versions)
         b_no, b_ver = views.pick_version(versions, target.path, b)
