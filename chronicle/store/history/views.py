@@ -468,10 +468,11 @@ class HistoryViews:
                 self._check_search(txn, node, R_OK | X_OK)
             if isinstance(node, (QueryDir, VersionsDir)):
                 listing = self._path_listing(txn, node)
-                if self.access.everything:
+                if self.access.everything or not any(isinstance(child, VersionFile) for _, child in listing):
                     return listing
+                readable = self._readable_versions(txn, node.path, self.ws.history.content_versions(txn, node.path))
                 return [(name, child) for name, child in listing
-                        if not isinstance(child, VersionFile) or self._readable_version(txn, child)]
+                        if not isinstance(child, VersionFile) or child.number in readable]
             if isinstance(node, SnapshotsDir):
                 return [(os.fsencode(s["name"]), TreeNode(s["seq"], self.ws.root)) for s in points.snapshots(self.ws)]
             if isinstance(node, AtDir):
