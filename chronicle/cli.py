@@ -37,6 +37,7 @@ from chronicle.errors import ChronicleError, InvalidArgument, NotFound, StoreErr
 from chronicle.locate import Target, locate, select
 from chronicle.store.fsck.checks import fsck as check_store
 from chronicle.store.history import points
+from chronicle.store.history.access import invoking_user
 from chronicle.store.history.points import TurnLabel
 from chronicle.store.history.views import HistoryViews, split_version
 from chronicle.store.model import KIND_FILE, Actor
@@ -251,7 +252,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--backend", default="file", show_default=True, metavar="file|s3://BUCKET/PREFIX",
               help="Where chunk data lives.")
-def init(store: Path, backend: str) -> None:
+@click.option("--shared-group", metavar="GROUP",
+              help="Share the store with GROUP's members (directories 2770, files 0660); default: private "
+                   "to you (0700/0600).")
+def init(store: Path, backend: str, shared_group: str | None) -> None:
     """Create an empty store at STORE."""
     if backend.startswith("s3://"):
         raise ChronicleError("the S3 backend is not available yet; use --backend file")
@@ -259,7 +263,7 @@ def init(store: Path, backend: str) -> None:
         raise UsageError(f"unknown backend {backend!r}: use 'file' or s3://BUCKET/PREFIX")
     path = Path(os.path.abspath(store))
     try:
-        Store.init(path).close()
+        Store.init(path, shared_group=shared_group).close()
     except OSError as exc:
         raise StoreError(f"cannot create a store at {path}: {_one_line(exc)}") from None
     click.echo(f"Initialized an empty Chronicle store at {path}")
@@ -304,7 +308,7 @@ def log(path, since, until, turn, store_opt, ws_opt, as_json) -> None:
     out = _out()
     with _open_store(target) as store:
         ws = store.open_workspace(target.workspace)
-        views = HistoryViews(ws)
+        views = HistoryViews(ws, caller=invoking_user())
         lo, hi = points.seq_range(ws, since, until, turn)
         width = len(str(ws.head_seq))
         if not target.path:
@@ -331,7 +335,7 @@ def show(spec: str, store_opt, ws_opt) -> None:
     target = _target(store_opt, ws_opt, path)
     out = _out()
     with _open_store(target) as store:
-        views = HistoryViews(store.open_workspace(target.workspace))
+        views = HistoryViews(store.open_workspace(target.workspace), caller=invoking_user())
         _number, version = views.pick_version(views.file_versions(target.path), target.path, number)
         cm = store.content_map(version.entry.content)
         for offset in range(0, cm.size, READ_PIECE):
@@ -355,7 +359,7 @@ def diff(path: str, a: int | None, b: int | None, store_opt, ws_opt) -> None:
     target = _target(store_opt, ws_opt, path)
     shown = _show_path(target.path or b"")
     with _open_store(target) as store:
-        views = HistoryViews(store.open_workspace(target.workspace))
+        views = HistoryViews(store.open_workspace(target.workspace), caller=invoking_user())
         versions = views.file_versions(target.path)
         numbers = sorted(versions)
         b_no, b_ver = views.pick_version(versions, target.path, b)
@@ -541,12 +545,15 @@ def fsck(ctx: click.Context, repair: bool, verify_contents: bool, store_opt, as_
     """
     target = _target(store_opt, None)
     with _open_store(target) as store, _progress("Checking") as progress:
+        modes_changed = store.tighten_modes() if repair else 0
         report = check_store(store, repair=repair, verify_contents=verify_contents, progress=progress)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         for p in report.problems:
             click.echo(f"{p.severity}: {p.kind}: {p.message}" + (" (repaired)" if p.repaired else ""))
+        if modes_changed:
+            click.echo(f"store-modes: {modes_changed} directories and files put to the store's modes (repaired)")
         figures = report.as_dict()
         click.echo(f"{target.store}: {'clean' if report.clean else 'NOT clean'} ({figures['errors']} error(s), "
                    f"{figures['warnings']} warning(s) unrepaired, {figures['repaired']} repaired; "

@@ -80,6 +80,10 @@ class NotPermitted(ChronicleError):
     """Operation not permitted."""
 
 
+class PermissionDenied(ChronicleError):
+    """Permission denied."""
+
+
 class Busy(ChronicleError):
     """Resource busy."""
 

@@ -26,6 +26,11 @@ Fields too long for one line go ahead in ``{"cmd": "turn-data", "data": S}``
 pieces (S: a piece of the JSON text of an object of those fields), and the
 turn command says ``"turn_data": N`` (the characters sent).
 
+Who may: the handle's opener only (``chronicle.fs.magic`` lets only the
+user who mounted the workspace and root open ``ctl``); a file ``restore``
+also needs the opener's write permission on the file (on its directory if
+it must be created again), else ``PermissionDenied``.
+
 Malformed input (not JSON, not an object, unknown command, missing or
 wrong-typed fields, an over-long line) gets an error reply; the daemon logs
 nothing for it and keeps serving. The reply is ready when ``write`` returns.
@@ -48,8 +53,9 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from chronicle.errors import ChronicleError, InvalidArgument
+from chronicle.errors import ChronicleError, InvalidArgument, PermissionDenied
 from chronicle.store.history import points
+from chronicle.store.history.access import Access, caller_of
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_file, restore_tree
@@ -69,6 +75,7 @@ class CtlSession:
     def __init__(self, ops: ChronicleOperations, ctx: pyfuse3.RequestContext):
         self.ops = ops
         self.actor = Actor(ctx.uid, ctx.gid, ctx.pid)
+        self.caller = caller_of(ctx.uid, ctx.gid, ctx.pid)
         self._input = bytearray()
         self._output = bytearray()
         self._discarding = False     # inside an over-long line: drop bytes up to its newline
@@ -172,6 +179,11 @@ class CtlSession:
         except UnicodeEncodeError:
             raise InvalidArgument("'path' is not a path this system can encode") from None
         version = _field(command, "version", int)
+        with ws.read_txn() as txn:
+            allowed = Access(ws, self.caller).may_change(txn, raw_path.strip(b"/"))
+        if not allowed:
+            raise PermissionDenied(f"restore {path!r}: permission denied (the file, or its directory "
+                                   "if it must be created again, is not writable by you)")
         async with self.ops.gate.mutation():                 # one path: on the loop
             changes = restore_file(ws, raw_path.strip(b"/"), version, self.actor)
         await self.ops.invalidate(changes.inodes, changes.entries)

@@ -35,6 +35,7 @@ ERRNO = {
     errors.NoSpace: errno.ENOSPC,
     errors.ReadOnly: errno.EROFS,
     errors.NotPermitted: errno.EPERM,
+    errors.PermissionDenied: errno.EACCES,
     errors.Busy: errno.EBUSY,
     errors.NoAttribute: pyfuse3.ENOATTR,
     errors.OutOfRange: errno.ERANGE,

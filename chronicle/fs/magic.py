@@ -22,6 +22,13 @@ their size is unknown before they are rendered, so reads go to EOF.
 Everything is read-only (EROFS) except ``ctl``, whose protocol is in
 ``chronicle.fs.ctl``.
 
+Permissions: lookups, listings and opens are answered for the request's
+caller (``caller_of`` its context: uid, and the groups of its pid), so
+history shows each user only what it could have read
+(``chronicle.store.history.access``); ``ctl`` answers only the user who
+mounted the workspace and root (mode 0600, owned by the mount's user,
+checked again at open: EACCES for anyone else).
+
 Threads: the trio (FUSE loop) thread only. The views' calls are short:
 opening ``log`` is O(1) and each read renders only what it returns.
 """
@@ -35,8 +42,9 @@ from typing import TYPE_CHECKING
 
 import pyfuse3
 
-from chronicle.errors import NotADirectory, NotFound, ReadOnly
+from chronicle.errors import NotADirectory, NotFound, PermissionDenied, ReadOnly
 from chronicle.fs.ctl import CtlSession
+from chronicle.store.history.access import caller_of
 from chronicle.store.history.views import (AtDir, CtlFile, FileContent, HistoryViews, LogFile, Node, QueryDir,
                                            Root, SnapshotsDir, StatsFile, VersionsDir)
 
@@ -72,6 +80,7 @@ class MagicTree:
     def __init__(self, ops: ChronicleOperations):
         self.ops = ops
         self.views = HistoryViews(ops.ws, ops.mountpoint)
+        self.owner = os.getuid()            # who mounted: the only user besides root that ctl answers
         self._ino_of: dict[Node, int] = {node: MAGIC_BASE + n for node, n in STATIC.items()}
         self._node_of: dict[int, Node] = {ino: node for node, ino in self._ino_of.items()}
         self._lookups: dict[int, int] = {}
@@ -115,8 +124,16 @@ class MagicTree:
 
     # -- attributes, lookup, listing -------------------------------------------------------------
 
+    def _views(self, ctx: pyfuse3.RequestContext | None) -> HistoryViews:
+        """The views as the request's caller may see them (root: all)."""
+        if ctx is None or ctx.uid == 0:
+            return self.views
+        return self.views.for_caller(caller_of(ctx.uid, ctx.gid, ctx.pid))
+
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self.views.attrs(node)
+        if isinstance(node, CtlFile):
+            attrs = attrs.replace(mode=(attrs.mode & ~0o7777) | 0o600, uid=self.owner)
         timeout = IMMUTABLE_TIMEOUT if node.immutable else DIR_TIMEOUT if node.is_dir else 0.0
         allocated = attrs.size if attrs.is_file else 4096
         return self.ops.entry(0, attrs, timeout=timeout, fuse_ino=self.ino(node), allocated=allocated)
@@ -124,18 +141,23 @@ class MagicTree:
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         return self.entry(self.node(ino))
 
-    def lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        """``name`` in magic directory ``parent``; ``parent`` is the mount root
-        only for ``.chronicle`` itself."""
+    def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+               ) -> pyfuse3.EntryAttributes:
+        """``name`` in magic directory ``parent``, as the caller may see it;
+        ``parent`` is the mount root only for ``.chronicle`` itself."""
         if parent == pyfuse3.ROOT_INODE:
             return self._count(self.entry(Root()))
-        return self._count(self.entry(self.views.lookup(self.node(parent), name)))
+        return self._count(self.entry(self._views(ctx).lookup(self.node(parent), name)))
 
-    def opendir(self, ino: int, fh: int) -> int:
+    def opendir(self, ino: int, fh: int, ctx: pyfuse3.RequestContext | None = None) -> int:
+        """A handle listing ``ino`` as the caller may see it (its listing is
+        taken at the first readdir). Raises ``PermissionDenied`` (may not list)."""
         node = self.node(ino)
-        if not self.views.is_dir(node):
+        views = self._views(ctx)
+        if not views.is_dir(node):
             raise NotADirectory()
-        self._dirs[fh] = [node, None]
+        views.check_listable(node)
+        self._dirs[fh] = [node, None, views]
         return fh
 
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -143,7 +165,7 @@ class MagicTree:
         if state is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if start_id == 0 or state[1] is None:
-            state[1] = self.views.listing(state[0])
+            state[1] = state[2].listing(state[0])
         listing = state[1]
         for i in range(start_id, len(listing)):
             name, node = listing[i]
@@ -172,9 +194,11 @@ class MagicTree:
     async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext, fh: int) -> pyfuse3.FileInfo:
         node = self.node(ino)
         if isinstance(node, CtlFile):
+            if ctx.uid not in (0, self.owner):
+                raise PermissionDenied(".chronicle/ctl answers only the user who mounted the workspace and root")
             self._handles[fh] = MagicHandle(node, ctl=CtlSession(self.ops, ctx))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=True)
-        content = self.views.open(node, writable=(flags & os.O_ACCMODE) != os.O_RDONLY)
+        content = self._views(ctx).open(node, writable=(flags & os.O_ACCMODE) != os.O_RDONLY)
         self._handles[fh] = MagicHandle(node, content=content)
         return pyfuse3.FileInfo(fh=fh, direct_io=node.rendered, keep_cache=node.immutable)
 

@@ -251,7 +251,7 @@ class ChronicleOperations(pyfuse3.Operations):
         :data:`NEGATIVE_TIMEOUT` s. Errors: ENOTDIR, ENAMETOOLONG."""
         if parent_inode >= MAGIC_BASE or (parent_inode == pyfuse3.ROOT_INODE and name == MagicTree.NAME):
             await self.gate.wait_free()
-            return self.magic.lookup(parent_inode, name)
+            return self.magic.lookup(parent_inode, name, ctx)
         if name == b".":
             ino = self.store_ino(parent_inode)
             return self._counted(ino, self.attrs(ino))
@@ -594,7 +594,7 @@ class ChronicleOperations(pyfuse3.Operations):
         """FUSE_OPENDIR: a directory handle for ``inode``. Errors: ENOTDIR, ENOENT."""
         if inode >= MAGIC_BASE:
             await self.gate.wait_free()
-            return self.magic.opendir(inode, self._new_fh())
+            return self.magic.opendir(inode, self._new_fh(), ctx)
         ino = self.store_ino(inode)
         if not self.attrs(ino).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)

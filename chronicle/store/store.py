@@ -2,7 +2,7 @@
 
 Layout of a store directory::
 
-    store.json      format version, backend, creation time
+    store.json      format version, backend, creation time, shared group (if any)
     meta/           the LMDB environment (chronicle.store.meta.schema), synced.json
     packs/          pack files (chronicle.store.chunks.packs, kept by backends.local)
     staging/        anonymous staging files of open files (O_TMPFILE)
@@ -11,6 +11,10 @@ Layout of a store directory::
 Any number of processes may open a store; each workspace has at most one
 writer at a time (``run/ws-<id>.lock``, taken by :meth:`Store.open_workspace`
 with ``writable=True``), which is what lets the writer cache the head.
+
+Modes: private (directories 0700, files 0600) or shared with one group
+(``chronicle.store.modes``); opening a store puts its files to its modes,
+with a warning if others could read it.
 
 Durability: metadata commits do not flush the disk; :meth:`Store.sync` does
 (see ``chronicle.store.meta.recovery`` for why that is crash-safe), on fsync, on
@@ -46,9 +50,10 @@ from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time
-from chronicle.store.meta.recovery import record_synced, recover_after_crash
+from chronicle.store.meta.recovery import SYNCED_FILE, record_synced, recover_after_crash
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
+from chronicle.store.modes import PRIVATE, SUBDIRS, StoreModes, tighten
 from chronicle.store.namespace.content import ContentMap
 from chronicle.store.namespace.workspace import Workspace
 
@@ -96,11 +101,13 @@ class Store:
         self.env = env
         self.dbs = dbs
         self.config = config
+        self.modes = StoreModes.of(config)
         self.meta_dir = path / "meta"
         self.staging_dir = path / "staging"
         self.run_dir = path / "run"
         self.packs_dir = path / "packs"
-        self.chunks = ChunkStore(env, dbs["chunks"], LocalBackend(path), meta_db=dbs["meta"])
+        backend = LocalBackend(path, file_mode=self.modes.file_mode, dir_mode=self.modes.dir_mode)
+        self.chunks = ChunkStore(env, dbs["chunks"], backend, meta_db=dbs["meta"])
         self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -116,9 +123,13 @@ class Store:
     # -- creating and opening --------------------------------------------------------
 
     @classmethod
-    def init(cls, path: os.PathLike | str, backend: str = "file") -> Store:
-        """Create an empty store at ``path``. Raises :class:`Exists` if one is there."""
+    def init(cls, path: os.PathLike | str, backend: str = "file", shared_group: str | None = None) -> Store:
+        """Create an empty store at ``path``: private (directories 0700, files
+        0600), or shared with ``shared_group`` (a group name or gid:
+        directories 2770, files 0660; ``chronicle.store.modes``). Raises
+        :class:`Exists` if one is there, :class:`UsageError` for an unknown group."""
         path = Path(path)
+        modes = StoreModes.shared(shared_group) if shared_group is not None else PRIVATE
         if backend != "file":
             raise UsageError(f"unsupported backend {backend!r} (this version supports 'file')")
         if (path / STORE_FILE).exists():
@@ -127,12 +138,13 @@ class Store:
             raise Exists(f"{path} exists and is not a directory")
         if path.exists() and any(path.iterdir()):
             raise Exists(f"{path} exists and is not empty")
-        for sub in ("meta", "packs", "staging", "run"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        config = {"format": schema.FORMAT_VERSION, "backend": backend, "created": iso_time(time.time_ns())}
-        tmp = path / (STORE_FILE + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, path / STORE_FILE)
+        path.mkdir(parents=True, exist_ok=True)
+        modes.fix_path(path, True)
+        for sub in SUBDIRS:
+            modes.mkdir(path / sub)
+        config = {"format": schema.FORMAT_VERSION, "backend": backend, "created": iso_time(time.time_ns()),
+                  **modes.record()}
+        modes.write_file(path / STORE_FILE, (json.dumps(config, indent=2) + "\n").encode())
         store = cls.open(path)
         with store.env.begin(write=True) as txn:
             txn.put(schema.META_FORMAT, str(schema.FORMAT_VERSION).encode(), db=store.dbs["meta"])
@@ -189,9 +201,11 @@ class Store:
             raise StoreError(f"cannot read {path / STORE_FILE}: {exc}") from None
         if config.get("format") != schema.FORMAT_VERSION:
             raise StoreError(f"store format {config.get('format')} is not supported (expected {schema.FORMAT_VERSION})")
-        for sub in ("meta", "packs", "staging", "run"):
-            (path / sub).mkdir(exist_ok=True)
-        open_lock = os.open(path / "run" / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        modes = StoreModes.of(config)
+        for sub in SUBDIRS:
+            modes.mkdir(path / sub)
+        open_lock = os.open(path / "run" / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, modes.file_mode)
+        modes.fix_fd(open_lock)
         try:
             fcntl.flock(open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             recover_after_crash(path / "meta")      # nobody else has it open
@@ -201,18 +215,30 @@ class Store:
         try:
             env = lmdb.open(str(path / "meta"), map_size=MAP_SIZE, max_dbs=len(schema.DATABASES) + 2,
                             max_readers=1024, sync=False, metasync=False, readahead=False, meminit=False,
-                            lock=True)
+                            lock=True, mode=modes.file_mode)
         except lmdb.Error as exc:
             os.close(open_lock)
             raise StoreError(f"cannot open the store's metadata at {path / 'meta'}: {exc}") from None
         dbs = {name: env.open_db(name.encode()) for name in schema.DATABASES}
         store = cls(path, env, dbs, config)
+        store.tighten_modes(warn=True)
         store._open_lock = open_lock
         with env.begin() as txn:
             if txn.get(schema.META_FORMAT, db=dbs["meta"]) is None and txn.get(
                     schema.META_NEXT_INO, db=dbs["meta"]) is None:
                 pass   # being initialised by Store.init
         return store
+
+    def tighten_modes(self, *, warn: bool = False) -> int:
+        """Put every directory and file of the store to its modes
+        (``chronicle.store.modes.tighten``); with ``warn``, log a warning if
+        others could read the store. Returns how many were changed."""
+        done = tighten(self.path, self.modes)
+        if warn and done.was_open:
+            log.warning("the store at %s was readable by other users (%s); its directories are now %o and its "
+                        "files %o (%d changed)", self.path, ", ".join(done.open_dirs), self.modes.dir_mode,
+                        self.modes.file_mode, done.changed)
+        return done.changed
 
     def close(self) -> None:
         """Close; syncs first if this process committed anything since its
@@ -362,7 +388,9 @@ class Store:
     def _lock_workspace(self, record: WorkspaceRecord) -> None:
         if record.id in self._locks:
             raise StoreLocked(f"workspace {record.name!r} is already open for writing in this process")
-        fd = os.open(self.run_dir / f"ws-{record.id}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.run_dir / f"ws-{record.id}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     self.modes.file_mode)
+        self.modes.fix_fd(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -440,10 +468,8 @@ class Store:
     # -- mount registrations (written by the daemon, read by the CLI) --------------------
 
     def register_mount(self, name: str, mountpoint: str, pid: int) -> None:
-        path = self.run_dir / f"mount-{name}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"workspace": name, "mountpoint": mountpoint, "pid": pid}))
-        os.replace(tmp, path)
+        self.modes.write_file(self.run_dir / f"mount-{name}.json",
+                              json.dumps({"workspace": name, "mountpoint": mountpoint, "pid": pid}).encode())
 
     def unregister_mount(self, name: str) -> None:
         (self.run_dir / f"mount-{name}.json").unlink(missing_ok=True)
@@ -564,6 +590,7 @@ class Store:
                 self.env.sync(True)
                 synced = self.env.info()["last_txnid"]
                 record_synced(self.meta_dir, synced, self._page_size)
+                self.modes.fix_path(self.meta_dir / SYNCED_FILE, False)
             finally:
                 txn.abort()
             old, self._pin = self._pin, new_pin

@@ -21,6 +21,8 @@ Modules, lowest first:
   histories, events by seq, the log from any seq, time → seq;
 - ``points`` — point resolution, snapshots, seq ranges (over ``paths`` and
   the turn records of ``Store.get_turn``);
+- ``access`` — who may read which version, log line or directory of
+  history (a :class:`~chronicle.store.history.access.Caller`: uid and groups);
 - ``views`` — :class:`~chronicle.store.history.views.HistoryViews`: every
   ``.chronicle/`` node's lookup, listing, attributes and content, FUSE-free
   (over ``paths`` and ``points``); the mount (``chronicle.fs.magic``) and

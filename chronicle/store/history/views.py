@@ -32,6 +32,15 @@ handle pins the head seq at open (O(1)) and renders the lines of the events
 up to it as reads reach them (:class:`LogReader`), so opening a 40,000-event
 log costs no more than opening an empty one.
 
+Permissions: a :class:`HistoryViews` answers for one caller
+(:class:`~chronicle.store.history.access.Caller`, root by default) and
+shows it only what it could have read (``chronicle.store.history.access``
+gives the rules): a directory it may not search or list, a version or past
+inode it may not read is :class:`PermissionDenied`; versions it may not
+read are left out of ``versions/`` listings and ``query`` documents (a
+document with none left is :class:`PermissionDenied`), log lines about
+paths it may not see are left out of ``log``.
+
 Errors: a path, version, point or inode that does not exist is
 :class:`NotFound`; anything else (``Corrupt``, a bug) propagates unchanged.
 
@@ -53,8 +62,9 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import lmdb
 
 from chronicle.errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
-                              ReadOnly)
+                              PermissionDenied, ReadOnly)
 from chronicle.store.history import points
+from chronicle.store.history.access import R_OK, ROOT, X_OK, Access, Caller, permits
 from chronicle.store.history.paths import History, Version
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_DIR
@@ -245,8 +255,9 @@ class LogReader:
 
     MARK_BYTES = 64 * 1024
 
-    def __init__(self, ws: Workspace, until: int):
+    def __init__(self, ws: Workspace, until: int, access: Access | None = None):
         self.history: History = ws.history
+        self.access = access if access is not None and not access.everything else None
         self._begin = ws.read_txn
         self.until = until
         self._marks: list[tuple[int, int]] = [(0, 0)]
@@ -281,6 +292,9 @@ class LogReader:
             entries = self.history.log_entries(txn, self._next_seq, self.until)
             try:
                 for seq, line in entries:
+                    if self.access is not None and not self.access.log_line(txn, seq, line):
+                        self._next_seq = seq + 1
+                        continue
                     at = self._buf_off + len(buf)
                     if at >= self._mark_offsets[-1] + self.MARK_BYTES:
                         self._marks.append((at, seq))
@@ -307,12 +321,19 @@ class LogReader:
 
 class HistoryViews:
     """Every ``.chronicle/`` node of one workspace, and the path histories
-    the CLI prints (module docstring). ``mountpoint`` only shows in ``stats``."""
+    the CLI prints (module docstring), as ``caller`` may see them.
+    ``mountpoint`` only shows in ``stats``."""
 
-    def __init__(self, ws: Workspace, mountpoint: str = ""):
+    def __init__(self, ws: Workspace, mountpoint: str = "", caller: Caller = ROOT):
         self.ws = ws
         self.store = ws.store
         self.mountpoint = mountpoint
+        self.caller = caller
+        self.access = Access(ws, caller)
+
+    def for_caller(self, caller: Caller) -> HistoryViews:
+        """The same views as ``caller`` may see them (a new, empty cache of answers)."""
+        return self if caller == self.caller and caller.is_root else HistoryViews(self.ws, self.mountpoint, caller)
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -360,10 +381,51 @@ class HistoryViews:
         """The child ``name`` of directory node ``node``.
 
         Raises :class:`NotFound` (also for a name under ``at/`` that is no
-        valid point: it names nothing), :class:`NotADirectory` for a file node.
+        valid point: it names nothing), :class:`NotADirectory` for a file
+        node, :class:`PermissionDenied` (module docstring).
         """
         with self.ws.read_txn() as txn:
-            return self._lookup(txn, node, name)
+            if not self.access.everything:
+                self._check_search(txn, node)
+            child = self._lookup(txn, node, name)
+            if isinstance(child, VersionFile) and not self._readable_version(txn, child):
+                raise PermissionDenied(f"{_show(child.path)!r} version {child.number}: permission denied")
+            return child
+
+    # -- permissions (chronicle.store.history.access) ------------------------------------------
+
+    def _check_search(self, txn: lmdb.Transaction, node: Node, want: int = X_OK) -> None:
+        """Raises :class:`PermissionDenied` unless the caller may search
+        (``want``: or list) directory node ``node``."""
+        if self.access.everything:
+            return
+        if isinstance(node, (QueryDir, VersionsDir)):
+            allowed = self.access.directory(txn, node.path, want)
+        elif isinstance(node, TreeNode):
+            attrs = self.ws.view(node.seq).attrs(txn, node.ino)
+            allowed = attrs is None or permits(attrs, self.caller, want)
+        else:
+            allowed = True
+        if not allowed:
+            raise PermissionDenied(f"{type(node).__name__}: permission denied")
+
+    def check_listable(self, node: Node) -> None:
+        """Raises :class:`PermissionDenied` unless the caller may list directory node ``node``."""
+        if not self.access.everything:
+            with self.ws.read_txn() as txn:
+                self._check_search(txn, node, R_OK | X_OK)
+
+    def _readable_version(self, txn: lmdb.Transaction, node: VersionFile) -> bool:
+        if self.access.everything:
+            return True
+        found = self.ws.history.content_versions(txn, node.path).get(node.number)
+        return found is None or self.access.version(txn, node.path, found)
+
+    def _readable_versions(self, txn: lmdb.Transaction, path: bytes, versions: dict[int, Version]) -> dict[int, Version]:
+        """``versions`` without those the caller may not read."""
+        if self.access.everything:
+            return versions
+        return {n: v for n, v in versions.items() if self.access.version(txn, path, v)}
 
     def _lookup(self, txn: lmdb.Transaction, node: Node, name: bytes) -> Node:
         if name == b".":
@@ -402,8 +464,15 @@ class HistoryViews:
         with self.ws.read_txn() as txn:
             if isinstance(node, Root):
                 return sorted(ROOT_CHILDREN.items())
+            if not self.access.everything:
+                self._check_search(txn, node, R_OK | X_OK)
             if isinstance(node, (QueryDir, VersionsDir)):
-                return self._path_listing(txn, node)
+                listing = self._path_listing(txn, node)
+                if self.access.everything or not any(isinstance(child, VersionFile) for _, child in listing):
+                    return listing
+                readable = self._readable_versions(txn, node.path, self.ws.history.content_versions(txn, node.path))
+                return [(name, child) for name, child in listing
+                        if not isinstance(child, VersionFile) or child.number in readable]
             if isinstance(node, SnapshotsDir):
                 return [(os.fsencode(s["name"]), TreeNode(s["seq"], self.ws.root)) for s in points.snapshots(self.ws)]
             if isinstance(node, AtDir):
@@ -481,7 +550,7 @@ class HistoryViews:
         if isinstance(node, QueryFile):
             return Rendered(self.query(node.path))
         if isinstance(node, LogFile):
-            return LogReader(self.ws, self.ws.head_seq)
+            return LogReader(self.ws, self.ws.head_seq, self.access)
         if isinstance(node, StatsFile):
             return Rendered((json.dumps(self.stats(), indent=2) + "\n").encode())
         if isinstance(node, (VersionFile, TreeNode)):
@@ -490,16 +559,30 @@ class HistoryViews:
                 raise IsADirectory()
             if not attrs.is_file:
                 raise InvalidArgument("not a regular file")
+            if not self.access.everything:
+                with self.ws.read_txn() as txn:
+                    allowed = (self._readable_version(txn, node) if isinstance(node, VersionFile)
+                               else permits(attrs, self.caller, R_OK))
+                if not allowed:
+                    raise PermissionDenied("permission denied")
             return StoredFile(self.store.content_map(attrs.content))
         if node.is_dir:
             raise IsADirectory()
         raise InvalidArgument(f"{type(node).__name__} has no content of its own")
 
     def query(self, path: bytes) -> bytes:
-        """The JSON of ``query/<path>`` (SPEC §4). Raises :class:`NotFound`
-        if the path never existed."""
+        """The JSON of ``query/<path>`` (SPEC §4), with only the versions the
+        caller may read. Raises :class:`NotFound` if the path never existed,
+        :class:`PermissionDenied` if the caller may read none of its versions."""
         with self.ws.read_txn() as txn:
-            return self.ws.history.render_query(txn, path)
+            if self.access.everything:
+                return self.ws.history.render_query(txn, path)
+            versions = [v for v in self.ws.history.versions(txn, path) if self.access.version(txn, path, v)]
+        if not versions:
+            raise PermissionDenied(f"{_show(path)!r}: permission denied")
+        parts = [b'{"version": %d, ' % v.version + v.entry.fragment for v in versions]
+        return b'{"path": ' + json.dumps(path_text(path)).encode() + b', "versions": [' + \
+            b", ".join(parts) + b"]}\n"
 
     def path_history(self, path: bytes, lo: int = 0, hi: int | None = None) -> dict:
         """The query document of ``path`` with only the versions whose seq is
@@ -516,7 +599,12 @@ class HistoryViews:
         if lo > hi:
             return
         with self.ws.read_txn() as txn:
-            yield from self.ws.history.log_lines(txn, lo, hi)
+            if self.access.everything:
+                yield from self.ws.history.log_lines(txn, lo, hi)
+                return
+            for seq, line in self.ws.history.log_entries(txn, lo, hi):
+                if self.access.log_line(txn, seq, line):
+                    yield line
 
     def stats(self) -> dict:
         """The figures of ``stats``: the store's (``Store.stats``), the
@@ -533,6 +621,8 @@ class HistoryViews:
         """Version ``number`` of ``path`` if it has file content. Raises :class:`NotFound`."""
         with self.ws.read_txn() as txn:
             found = self.ws.history.content_versions(txn, path).get(number)
+            if found is not None and not self.access.everything and not self.access.version(txn, path, found):
+                raise PermissionDenied(f"{_show(path)!r} version {number}: permission denied")
         if found is None:
             raise NotFound(f"{_show(path)!r} has no version {number}")
         return found
@@ -549,7 +639,10 @@ class HistoryViews:
         with self.ws.read_txn() as txn:
             versions = self.ws.history.content_versions(txn, path)
             if versions:
-                return versions
+                readable = self._readable_versions(txn, path, versions)
+                if not readable:
+                    raise PermissionDenied(f"{_show(path)!r}: permission denied")
+                return readable
             head = self._head(txn, path)
         if head is not None and head[1] == KIND_DIR:
             raise IsADirectory(f"{_show(path)!r} is a directory")

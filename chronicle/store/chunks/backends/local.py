@@ -62,13 +62,17 @@ def no_space_or_raise(exc: OSError, what: str) -> None:
 
 class LocalBackend:
     """Objects as files under ``root`` (a store directory); registrations of
-    open objects under ``active_dir`` (default ``<root>/run/active``)."""
+    open objects under ``active_dir`` (default ``<root>/run/active``). Files
+    it creates get permission bits ``file_mode``, directories ``dir_mode``
+    (set after creation: the umask does not narrow them; ``chronicle.store.modes``)."""
 
     durable_while_open = True
 
     def __init__(self, root: os.PathLike | str, active_dir: os.PathLike | str | None = None,
-                 max_open: int = _MAX_OPEN):
+                 max_open: int = _MAX_OPEN, file_mode: int = 0o600, dir_mode: int = 0o700):
         self.root = Path(root)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
         self.active_dir = Path(active_dir) if active_dir is not None else self.root / "run" / "active"
         self._max_open = max_open
         self._lock = threading.Lock()
@@ -86,16 +90,22 @@ class LocalBackend:
     def create(self, name: str) -> _LocalWriter:
         path = self.path(name)
         try:
-            dirs = _makedirs(path.parent)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            dirs = _makedirs(path.parent, self.dir_mode)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
+            os.fchmod(fd, self.file_mode)
         except FileExistsError:
             raise Exists(f"object {name} already exists") from None
         except OSError as exc:
             no_space_or_raise(exc, f"creating {name}")
         marker = self.active_dir / name.replace("/", "+")
         try:
-            self.active_dir.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{os.getpid()}\n")
+            _makedirs(self.active_dir, self.dir_mode)
+            marker_fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.file_mode)
+            try:
+                os.fchmod(marker_fd, self.file_mode)
+                os.write(marker_fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(marker_fd)
         except OSError as exc:
             os.close(fd)
             os.unlink(path)
@@ -109,8 +119,9 @@ class LocalBackend:
         path = self.path(name)
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
-            dirs = _makedirs(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            dirs = _makedirs(path.parent, self.dir_mode)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
+            os.fchmod(fd, self.file_mode)
             try:
                 _writev_all(fd, [data])
                 os.fdatasync(fd)
@@ -318,9 +329,10 @@ class _LocalWriter:
                 _fsync_dir(directory)
 
 
-def _makedirs(directory: Path) -> set[Path]:
-    """Create ``directory`` and missing parents; returns the directories whose
-    entries change when a file is created in it (to fsync for durability)."""
+def _makedirs(directory: Path, mode: int = 0o700) -> set[Path]:
+    """Create ``directory`` and missing parents (permission bits ``mode``);
+    returns the directories whose entries change when a file is created in
+    it (to fsync for durability)."""
     changed = {directory}
     missing = []
     d = directory
@@ -330,6 +342,7 @@ def _makedirs(directory: Path) -> set[Path]:
     for m in reversed(missing):
         try:
             m.mkdir()
+            os.chmod(m, mode)
         except FileExistsError:
             pass
         changed.add(m.parent)
