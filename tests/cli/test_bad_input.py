@@ -255,8 +255,8 @@ def test_serve_refuses_bad_hosts_and_web_pages_with_json_and_logs_no_traceback(s
     # Agent ids that cannot be one: 400 before any lookup (a long one was MDB_BAD_VALSIZE, a 500).
     for agent in ("a" * 600, "\udcff", "a:b", ""):
         body = json.dumps({"id": agent}).encode()
-        status, reply = _raw(port, b"POST /agents HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        head = b"POST /agents HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        status, reply = _raw(port, head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert (status, json.loads(reply)["kind"]) == (400, "UsageError"), agent
     log = stop()
     assert "Traceback" not in log and " ERROR " not in log and " WARNING " not in log, log
@@ -264,12 +264,14 @@ def test_serve_refuses_bad_hosts_and_web_pages_with_json_and_logs_no_traceback(s
 
 # -- fuzz: the argument parsers -------------------------------------------------------------------
 
+
 def _zone(d) -> str:
     return ["Z", "+14:00", "-12:00", "", "+23:59"][d.microsecond % 5]
 
 
 _digits = st.text("0123456789", min_size=1, max_size=25)
-_numbers = st.one_of(_digits, st.integers(-10, 10**30).map(str), st.sampled_from(["٣", "１", " 1", "+1", "0x1", "1e3"]))
+_numbers = st.one_of(_digits, st.integers(-10, 10**30).map(str),
+                     st.sampled_from(["٣", "１", " 1", "+1", "0x1", "1e3"]))
 _times = st.one_of(
     st.one_of(st.datetimes(), st.datetimes(min_value=datetime(9999, 12, 31)),
               st.datetimes(max_value=datetime(1, 1, 1, 12))).map(lambda d: d.isoformat() + _zone(d)),
