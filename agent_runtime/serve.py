@@ -59,9 +59,13 @@ Only its user: listening on a loopback address (the default), the server
 answers only connections whose client socket belongs to the uid that runs it
 (or to root), as the kernel's socket table (``/proc/net/tcp``) tells, since
 the agents it starts run that user's code with that user's rights. It
-refuses (403) any request carrying an ``Origin`` header or whose ``Host`` is
-not a loopback name, so a web page open in a browser cannot drive it either
-(cross-site requests, DNS rebinding). Listening on another address
+refuses (403) any request carrying an ``Origin`` header, a ``Sec-Fetch-Site``
+of ``cross-site`` or ``same-site``, or a ``Host`` that is not a loopback name,
+so a web page open in a browser cannot drive it either (cross-site requests,
+DNS rebinding); a request without a ``Host`` or with a malformed one is
+refused with 400. A request aiohttp cannot parse at all (HTTP/1.1 without
+``Host``, a broken request line) gets aiohttp's own plain-text 400; such bad
+input is logged as one DEBUG line, never with a traceback. Listening on another address
 (``--host``) drops the uid check (it cannot be made for remote clients) and
 has no authentication at all.
 
@@ -81,6 +85,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -90,11 +95,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from chronicle.errors import (Busy, ChronicleError, Exists, InvalidArgument, NotFound, StoreError,
                               UsageError)
 from chronicle.store.history.turns import now_iso
-from chronicle.store.store import default_store_path
+from chronicle.store.store import check_workspace_name, default_store_path
 
 from agent_runtime.client import ServeClient, registration_path
 from agent_runtime.reply import Reply
@@ -106,6 +112,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 REPLIES_KEPT = 1000
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -138,6 +145,36 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def host_name(header: str) -> str | None:
+    """The host of a ``Host`` header (RFC 9110 §7.2: ``uri-host [":" port]``;
+    an IPv6 address in brackets), or None if the header is malformed."""
+    if header.startswith("["):
+        name, sep, rest = header[1:].partition("]")
+        if not sep:
+            return None
+    else:
+        name, sep, port = header.partition(":")
+        rest = sep + port
+    if rest:
+        port = rest[1:]
+        if rest[0] != ":" or port and not (_PORT.fullmatch(port) and int(port) <= 65535):
+            return None
+    return name or None
+
+
+class ProtocolLog(logging.LoggerAdapter):
+    """aiohttp's server logger (``AppRunner(logger=...)``): a request aiohttp
+    cannot parse is the client's bad input, logged as one DEBUG line without a
+    traceback (aiohttp logs it with one, for every such request); every other
+    exception as aiohttp logs it."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.logger.debug("refused a malformed HTTP request: %s", " ".join(str(exc_info.message).split()))
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 def _proc_address(host: str, port: int) -> str:
@@ -218,11 +255,18 @@ class Server:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
-        if request.headers.get("Origin") is not None:
+        if (request.headers.get("Origin") is not None
+                or request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site")):
             return _error("requests from web pages are refused (this API is for local programs)", "Forbidden", 403)
         if self.loopback:
-            if not is_loopback(request.url.host or ""):
-                return _error(f"the Host {request.host!r} is not a loopback name", "Forbidden", 403)
+            host = request.headers.get("Host")
+            if host is None:
+                return _error("the request has no Host header", "BadRequest", 400)
+            name = host_name(host)
+            if name is None:
+                return _error(f"malformed Host header {host!r}", "BadRequest", 400)
+            if not is_loopback(name):
+                return _error(f"the Host {host!r} is not a loopback name", "Forbidden", 403)
             uid = peer_uid(request.transport)
             if uid not in (self.uid, 0):
                 who = "root" if self.uid == 0 else f"uid {self.uid} and root"
@@ -283,6 +327,7 @@ class Server:
             raise UsageError('the body needs "id": the agent id')
         if target is not None and not isinstance(target, str):
             raise UsageError('"target" is MODULE:CLASS, a string')
+        check_workspace_name(agent)               # (an agent id names its workspace) before it is looked up
         existed = self.rt.turn_log.exists(agent)
         record = await self.rt.start(agent, target, cwd=cwd)
         return _json(record, 200 if existed else 201)
@@ -452,7 +497,8 @@ async def serve(store: os.PathLike | str | None, host: str = DEFAULT_HOST, port:
                     loop.create_task(rt.cancel(record["id"], wait=False))
 
     server = Server(rt, cwd=os.getcwd(), loopback=is_loopback(host), on_shutdown=stop.set)
-    runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(server.app, handle_signals=False, access_log=None,
+                           logger=ProtocolLog(logging.getLogger("aiohttp.server"), {}))
     registered = False
     try:
         await runner.setup()
@@ -493,4 +539,5 @@ def _unregister(store_path: Path) -> None:
         pass
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Server", "is_loopback", "listen", "peer_uid", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ProtocolLog", "Server", "host_name", "is_loopback", "listen", "peer_uid",
+           "serve"]

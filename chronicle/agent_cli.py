@@ -31,7 +31,7 @@ from typing import Any
 import click
 
 from chronicle.errors import ChronicleError, UsageError
-from chronicle.store.store import default_store_path
+from chronicle.store.store import check_workspace_name, default_store_path
 
 from agent_runtime.client import ServeClient, error_from
 from agent_runtime.runtime import Runtime
@@ -46,6 +46,15 @@ def _store_option(f):
 
 def _json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def _agent_id(_ctx, _param, value: str | None) -> str | None:
+    """A click callback: ``value`` if it can be an agent id (the name of its
+    workspace), before anything looks it up. Raises :class:`UsageError`
+    (``chronicle.store.store.check_workspace_name``: one line, exit 2)."""
+    if value is not None:
+        check_workspace_name(value)
+    return value
 
 
 def _store_path(store_opt: Path | None) -> Path:
@@ -266,7 +275,8 @@ def _chat_through(client: ServeClient, agent_id: str, target: str, out: _Output)
 
 @agent.command()
 @click.argument("target", metavar="MODULE:CLASS")
-@click.option("--id", "agent_id", required=True, metavar="NAME", help="The agent's id (created if missing).")
+@click.option("--id", "agent_id", required=True, metavar="NAME", callback=_agent_id,
+              help="The agent's id (created if missing).")
 @_store_option
 @_json_option
 @click.pass_context
@@ -324,7 +334,7 @@ def list_agents(store_opt, as_json: bool) -> None:
 
 
 @agent.command()
-@click.argument("name")
+@click.argument("name", callback=_agent_id)
 @_store_option
 @_json_option
 def turns(name: str, store_opt, as_json: bool) -> None:
@@ -362,7 +372,7 @@ def _event_text(ev: dict, label: dict) -> str:
 
 
 @agent.command()
-@click.argument("name")
+@click.argument("name", callback=_agent_id)
 @click.argument("number", metavar="N", type=int)
 @_store_option
 @_json_option
@@ -398,7 +408,7 @@ def show(name: str, number: int, store_opt, as_json: bool) -> None:
 
 
 @agent.command()
-@click.argument("name")
+@click.argument("name", callback=_agent_id)
 @click.option("--turn", "number", type=int, metavar="N", help="The state after turn N (default: the latest).")
 @_store_option
 @_json_option
@@ -412,7 +422,7 @@ def state(name: str, number: int | None, store_opt, as_json: bool) -> None:
 
 
 @agent.command()
-@click.argument("name")
+@click.argument("name", callback=_agent_id)
 @click.option("--to", "to", type=int, required=True, metavar="N", help="The turn to go back to.")
 @_store_option
 @_json_option
@@ -437,8 +447,8 @@ def rollback(name: str, to: int, store_opt, as_json: bool) -> None:
 
 
 @agent.command()
-@click.argument("name")
-@click.argument("new")
+@click.argument("name", callback=_agent_id)
+@click.argument("new", callback=_agent_id)
 @click.option("--at", "at", type=int, metavar="N", help="The turn to fork at (default: the last ended one).")
 @_store_option
 @_json_option
@@ -457,7 +467,7 @@ def fork(name: str, new: str, at: int | None, store_opt, as_json: bool) -> None:
 
 
 @agent.command()
-@click.argument("name")
+@click.argument("name", callback=_agent_id)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_store_option
 def delete(name: str, yes: bool, store_opt) -> None:
@@ -478,7 +488,7 @@ def delete(name: str, yes: bool, store_opt) -> None:
 
 
 @agent.command()
-@click.argument("name")
+@click.argument("name", callback=_agent_id)
 @_store_option
 def cancel(name: str, store_opt) -> None:
     """Cancel agent NAME's running turn (through `chronicle agent serve`).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chronicle.errors import UsageError
-from chronicle.store.store import default_store_path
+from chronicle.store.store import check_workspace_name, default_store_path
 
 STATS_FILE = os.path.join(".chronicle", "stats")
 _MAX_STATS = 1 << 20
@@ -103,8 +103,11 @@ def select(store: os.PathLike | None, workspace: str | None, path: str | None = 
     (``$CHRONICLE_HOME/store``) and ``default_workspace``. Inside a mount,
     ``path`` is relative to the current directory; elsewhere it is relative
     to the workspace root. Raises :class:`UsageError` for a path that leaves
-    the workspace (``../x``).
+    the workspace (``../x``) or a ``workspace`` that is no valid workspace
+    name (``""`` included: it is not taken for "the default").
     """
+    if workspace is not None:
+        check_workspace_name(workspace)
     try:
         os.getcwd()
         cwd_exists = True
@@ -119,7 +122,7 @@ def select(store: os.PathLike | None, workspace: str | None, path: str | None = 
     if loc is not None and store is not None and os.path.realpath(store) != os.path.realpath(loc.store):
         loc, rel = None, path           # an explicit other store: PATH is relative to its root
     chosen = store or (loc.store if loc else default_store_path())
-    name = workspace or (loc.workspace if loc else default_workspace)
+    name = workspace if workspace is not None else (loc.workspace if loc else default_workspace)
     return Target(Path(os.path.abspath(chosen)), name, None if rel is None else workspace_path(rel),
                   workspace is not None or loc is not None)
 

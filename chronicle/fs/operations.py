@@ -309,10 +309,10 @@ class ChronicleOperations(pyfuse3.Operations):
         """FUSE_SETATTR: truncate(2)/ftruncate(2) (``update_size``), chmod, chown
         and utimens, in that order. A size change through an open handle
         (``fh``) waits for that file's next commit; a path truncate(2) is a
-        version of its own at once. Writes made before an attribute change are
-        committed first, so history keeps their order. Errors: EFBIG (past
-        ``MAX_FILE_SIZE``), EINVAL (size of a non-file), EROFS
-        (``.chronicle``), ENOENT, ENOSPC."""
+        version of its own at once. Writes made before a path truncate or an
+        attribute change are committed first, so history keeps their order.
+        Errors: EFBIG (past ``MAX_FILE_SIZE``), EINVAL (size of a non-file),
+        EROFS (``.chronicle``), ENOENT, ENOSPC."""
         self._not_magic(inode)
         async with self.gate.mutation():
             return await self._setattr(self.store_ino(inode), attr, fields, fh, ctx)
@@ -329,9 +329,13 @@ class ChronicleOperations(pyfuse3.Operations):
                 if fh is not None and fh in self._handles:
                     self.ws.files.truncate(ino, attr.st_size, actor.pid)
                 else:
-                    # truncate(2): a mutation of its own, recorded now.
+                    # truncate(2): a version of its own, recorded now. Writes through open
+                    # handles before it are committed first (by their writer), as before an
+                    # attribute change: history keeps their order, and the truncate keeps its
+                    # own times (folded into one unchanged content, mtime/ctime went back).
                     self.ws.files.open(ino)
                     try:
+                        await self._commit_locked(ino)
                         self.ws.files.truncate(ino, attr.st_size, actor.pid)
                         await self._commit_locked(ino, actor.pid)
                     finally:

@@ -12,10 +12,19 @@ Vocabulary:
   ``turn:AGENT:N``            the end of that turn (its ``end_seq``)
   ``snapshot:NAME``, ``NAME``  the seq the snapshot names
   ``2026-01-02T03:04:05Z``    the last seq at or before that ISO-8601 time
+                              (UTC years 0001 to 9999)
   ==========================  ===============================================
 
+  Numbers (a seq, a turn's N, and a version number elsewhere) are
+  **canonical**: ASCII decimal digits, no sign, no leading zero, no spaces
+  (:func:`parse_number`), so each number has one spelling; ``01``, `` 1``,
+  ``+1`` or ``٣`` name nothing. An agent name has no ``:`` (``turn:a:b:1``
+  could not say where it ends).
+
 - a **snapshot** is a name for a seq (``{"name", "seq", "time"}``, database
-  ``snapshots``). A fork sees its parent's snapshots up to the fork seq and
+  ``snapshots``). A name that reads as another point form (``12``, ``012``,
+  ``turn:a:1``, ``snapshot:x``, ``2026-01-01...``) is refused: it would
+  shadow that point or be shadowed by it. A fork sees its parent's snapshots up to the fork seq and
   its own after; its own win on a name clash.
 - a **range** is the inclusive seq interval ``(lo, hi)`` that ``--since``,
   ``--until`` and ``--turn`` select (:func:`seq_range`); ``lo > hi`` is empty.
@@ -39,13 +48,16 @@ from typing import TYPE_CHECKING
 
 from chronicle.errors import Exists, InvalidArgument, NotFound
 from chronicle.store.meta import schema
+from chronicle.store.history.turns import TURN_MAX, check_label
 from chronicle.store.meta.journal import iso_time, parse_iso_time
 
 if TYPE_CHECKING:       # types only: namespace imports history (paths), so history imports no namespace
     from chronicle.store.namespace.workspace import Workspace
 
-_SEQ = re.compile(r"\d+")
-_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}")
+_NUMBER = re.compile(r"0|[1-9][0-9]*")         # canonical: ASCII digits, no sign, no leading zero
+_NUMBER_LIKE = re.compile(r"\s*[+-]?\d+\s*")    # what a reader would take for a number (any script)
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_POINT_PREFIXES = ("turn:", "snapshot:")
 SNAPSHOT_NAME_MAX = 255      # bytes of UTF-8: the name is a directory name under .chronicle/snapshots
 
 
@@ -60,15 +72,25 @@ class TurnLabel:
 # -- snapshots -----------------------------------------------------------------------------
 
 
+def parse_number(text: str) -> int | None:
+    """The value of ``text`` if it is a canonical number (ASCII decimal
+    digits, no sign, no leading zero, no spaces: ``0``, ``17``), else None."""
+    return int(text) if isinstance(text, str) and _NUMBER.fullmatch(text) else None
+
+
 def check_snapshot_name(name: str) -> None:
     """Raise :class:`InvalidArgument` unless ``name`` can name a snapshot: valid
-    Unicode, 1–255 bytes of UTF-8, no ``/`` or NUL, not ``.`` or ``..``."""
+    Unicode, 1–255 bytes of UTF-8, no ``/`` or NUL, not ``.`` or ``..``, and
+    not a name that reads as a seq, a turn or a time (module docstring)."""
     try:
         encoded = name.encode("utf-8")
     except (UnicodeEncodeError, AttributeError):
         raise InvalidArgument("a snapshot name must be valid Unicode text") from None
     if not name or "/" in name or "\x00" in name or len(encoded) > SNAPSHOT_NAME_MAX or name in (".", ".."):
         raise InvalidArgument(f"invalid snapshot name {name!r}")
+    if _NUMBER_LIKE.fullmatch(name) or name.startswith(_POINT_PREFIXES) or _TIME.match(name):
+        raise InvalidArgument(f"invalid snapshot name {name!r}: it reads as a seq, a turn, a time or snapshot:NAME "
+                              "(choose a name that starts with a letter, e.g. 'v1')")
 
 
 def put_snapshot(ws: Workspace, name: str, seq: int) -> int:
@@ -123,19 +145,23 @@ def resolve_point(ws: Workspace, point: str | int) -> int:
 
     Raises :class:`NotFound` (a seq after the head, an unknown name, a turn
     that does not exist or has not ended) or :class:`InvalidArgument`
-    (``turn:`` not followed by ``AGENT:N``, a malformed ISO-8601 time).
+    (``turn:`` not followed by ``AGENT:N``, a number that is not canonical,
+    a malformed ISO-8601 time or one outside the years 0001 to 9999).
     """
-    text = str(point).strip()
-    if _SEQ.fullmatch(text):
-        seq = int(text)
+    text = str(point)
+    seq = parse_number(text)
+    if seq is not None:
         if seq > ws.head_seq:
             raise NotFound(f"seq {seq} does not exist yet (head is {ws.head_seq})")
         return seq
+    if _NUMBER_LIKE.fullmatch(text):
+        raise InvalidArgument(f"{text!r} is not a seq: write a seq in plain decimal digits, like 17")
     if text.startswith("turn:"):
-        parts = text.split(":")
-        if len(parts) != 3 or not parts[2].isdigit():
-            raise InvalidArgument(f"a turn point is turn:AGENT:N, not {text!r}")
-        return turn_end_seq(ws, TurnLabel(parts[1], int(parts[2])))
+        try:
+            label = parse_turn_label(text)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"a turn point is turn:AGENT:N, not {text!r} ({exc})") from None
+        return turn_end_seq(ws, label)
     name = text[len("snapshot:"):] if text.startswith("snapshot:") else text
     seq = snapshot_seq(ws, name)
     if seq is not None:
@@ -158,20 +184,25 @@ def turn_end_seq(ws: Workspace, label: TurnLabel) -> int:
 
 
 def parse_turn_label(text: str) -> TurnLabel:
-    """``AGENT:N`` or ``turn:AGENT:N`` (the agent may contain ``:``).
+    """``AGENT:N`` or ``turn:AGENT:N``: an agent name (1 to 255 bytes of
+    UTF-8, no NUL, no ``:``) and a canonical turn number (0 .. 2**32-1).
     Raises :class:`InvalidArgument`."""
     body = text[len("turn:"):] if text.startswith("turn:") else text
-    agent, sep, number = body.rpartition(":")
-    if not sep or not agent or not number.isdigit():
-        raise InvalidArgument(f"expected AGENT:N (e.g. planner:3), not {text!r}")
-    return TurnLabel(agent, int(number))
+    agent, sep, digits = body.rpartition(":")
+    number = parse_number(digits)
+    if not sep or not agent or number is None:
+        raise InvalidArgument(f"expected AGENT:N (e.g. planner:3; N in plain decimal digits), not {text!r}")
+    if number > TURN_MAX:
+        raise InvalidArgument(f"expected AGENT:N with N at most {TURN_MAX}, not {text!r}")
+    check_label(agent, number)
+    return TurnLabel(agent, number)
 
 
 def _time_ns(text: str) -> int:
     try:
         return parse_iso_time(text)
     except ValueError:
-        raise InvalidArgument(f"not an ISO-8601 time: {text!r}") from None
+        raise InvalidArgument(f"not an ISO-8601 time in the years 0001 to 9999 UTC: {text!r}") from None
 
 
 # -- ranges --------------------------------------------------------------------------------
@@ -181,10 +212,10 @@ def since_seq(ws: Workspace, point: str) -> int:
     """The first seq ``--since point`` lets through (module docstring).
     Raises as :func:`resolve_point`."""
     seq = resolve_point(ws, point)
-    text = point.strip()
-    if text.isdigit():
+    text = str(point)
+    if parse_number(text) is not None:
         return seq
-    if text.startswith(("turn:", "snapshot:")) or snapshot_seq(ws, text) is not None:
+    if text.startswith(_POINT_PREFIXES) or snapshot_seq(ws, text) is not None:
         return seq + 1
     with ws.read_txn() as txn:         # a time: seq is the last event at or before it
         event = ws.history.event(txn, seq) if seq else None

@@ -149,13 +149,16 @@ def add_usage(total: dict, usage: dict | None) -> dict:
 
 def check_label(agent: object, turn: object) -> None:
     """Raise :class:`InvalidArgument` unless ``agent`` (1 to 255 bytes of
-    UTF-8 without NUL) and ``turn`` (0 .. 2**32-1) can name a turn."""
+    UTF-8 without NUL or ``:``) and ``turn`` (0 .. 2**32-1) can name a turn
+    (``turn:AGENT:N`` could not name the turns of an agent with a ``:``)."""
     try:
         agent_bytes = agent.encode("utf-8")              # type: ignore[union-attr]
     except (UnicodeEncodeError, AttributeError):
         raise InvalidArgument("the agent name must be valid Unicode text") from None
     if not agent_bytes or b"\x00" in agent_bytes or len(agent_bytes) > 255:
         raise InvalidArgument("the agent name must be 1 to 255 bytes, without NUL")
+    if b":" in agent_bytes:
+        raise InvalidArgument(f"the agent name {agent!r} has a ':' (turn:AGENT:N could not name its turns)")
     if not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn <= TURN_MAX:
         raise InvalidArgument(f"the turn number must be between 0 and {TURN_MAX}")
 

@@ -524,13 +524,14 @@ class HistoryViews:
         return QueryFile(child)
 
     def _versions_child(self, txn: lmdb.Transaction, path: bytes, name: bytes) -> Node:
-        if name.isdigit():
+        number = points.parse_number(name.decode("ascii", "replace"))    # only "7" names version 7, not "07"
+        if number is not None:
             try:
                 numbers = self.ws.history.content_versions(txn, path)
             except NotFound:            # ``path`` has no history: ``name`` can only be a child
                 numbers = {}
-            if int(name) in numbers:
-                return VersionFile(path, int(name))
+            if number in numbers:
+                return VersionFile(path, number)
         child = self._join(path, name)
         if self._head(txn, child) is not None or self.ws.history.has_history(txn, child):
             return VersionsDir(child)
@@ -672,8 +673,10 @@ def _show(path: bytes) -> str:
 
 def split_version(spec: str) -> tuple[str, int | None]:
     """``"PATH@N"`` → ``("PATH", N)``; anything else → ``(spec, None)``
-    (a path may hold ``@``: only a digits-only tail is a version)."""
+    (a path may hold ``@``: only a canonical number after the last ``@`` is a
+    version, :func:`points.parse_number`)."""
     head, sep, tail = spec.rpartition("@")
-    if sep and head and tail.isdigit():
-        return head, int(tail)
+    number = points.parse_number(tail)
+    if sep and head and number is not None:
+        return head, number
     return spec, None

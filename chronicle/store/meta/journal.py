@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import lmdb
@@ -54,28 +54,37 @@ if TYPE_CHECKING:               # history.paths reads what this module writes (a
     from chronicle.store.history.paths import History
 
 _last_second: list = [None, ""]
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def iso_time(ns: int) -> str:
     """``2026-11-21T05:11:00.123456Z`` for a time in ns since the epoch."""
     sec, rem = divmod(ns, 1_000_000_000)
-    if _last_second[0] != sec:       # strftime once per second, not once per event
-        _last_second[:] = [sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")]
+    if _last_second[0] != sec:       # formatted once per second, not once per event
+        d = datetime.fromtimestamp(sec, timezone.utc)      # (not strftime: its %Y does not pad years before 1000)
+        _last_second[:] = [sec, f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}."]
     return _last_second[1] + f"{rem // 1000:06d}Z"
 
 
 def parse_iso_time(text: str) -> int:
-    """ns since the epoch from an ISO-8601 time (naive times are UTC).
+    """ns since the epoch from an ISO-8601 time (naive times are UTC), exact
+    to the microsecond.
 
-    Raises ``ValueError`` on bad input.
+    Raises ``ValueError`` (one line) on bad input, and for a time that is not
+    in UTC years 1 to 9999 (what :func:`iso_time` and the log can write).
     """
-    text = text.strip()
+    given = text = text.strip()
     if text.endswith("Z") or text.endswith("z"):
         text = text[:-1] + "+00:00"
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+    try:
+        dt.astimezone(timezone.utc)          # the UTC year must be 1 .. 9999 too
+    except (OverflowError, ValueError):
+        raise ValueError(f"{given!r} is outside the years 0001 to 9999 UTC") from None
+    # Integer arithmetic: dt.timestamp() is a float, which rounds microseconds away far from 1970.
+    return (dt - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 def path_text(path: bytes) -> str:

@@ -48,9 +48,12 @@ def time_of(ws, seq: int) -> str:
 
 
 def test_a_seq_names_itself_up_to_the_head(ws):
-    assert [points.resolve_point(ws, p) for p in ("0", "3", " 6 ", 4)] == [0, 3, 6, 4]
+    assert [points.resolve_point(ws, p) for p in ("0", "3", "6", 4)] == [0, 3, 6, 4]
     with pytest.raises(NotFound, match="does not exist yet"):
         points.resolve_point(ws, "7")
+    for other_spelling in (" 6 ", "06", "+6", "٦", -1):       # one spelling per seq (issue 7 §9)
+        with pytest.raises(InvalidArgument, match="not a seq"):
+            points.resolve_point(ws, other_spelling)
 
 
 def test_a_time_names_the_last_seq_at_or_before_it(ws):
@@ -102,10 +105,11 @@ def test_a_turn_names_the_seq_at_its_end(ws, turns):
 def test_turn_labels_parse_with_or_without_the_prefix():
     assert points.parse_turn_label("planner:3") == TurnLabel("planner", 3)
     assert points.parse_turn_label("turn:planner:3") == TurnLabel("planner", 3)
-    assert points.parse_turn_label("ns:agent:12") == TurnLabel("ns:agent", 12)
-    for bad in ("planner", "planner:x", ":3", "turn:", ""):
+    for bad in ("planner", "planner:x", ":3", "turn:", "", "planner:03"):
         with pytest.raises(InvalidArgument, match="AGENT:N"):
             points.parse_turn_label(bad)
+    with pytest.raises(InvalidArgument, match="has a ':'"):     # turn:ns:agent:12 could not say where it ends
+        points.parse_turn_label("ns:agent:12")
 
 
 def test_a_fork_sees_its_parents_points_up_to_the_fork_seq(store, ws):
