@@ -125,9 +125,13 @@ class TreeChecks:
                 ws = schema.U32.unpack(key[:4])[0]
                 if ws not in self.workspaces:
                     self.orphans[("paths", ws)] += 1
-                path, seq = bytes(key[4:-9]), schema.path_key_seq(key)
+                path, seq = schema.path_key_ident(key), schema.path_key_seq(key)
                 try:
                     entry = PathEntry.decode(value)
+                    if schema.ident_is_long(path):
+                        if schema.path_ident(entry.path) != path:
+                            raise ValueError("the entry's path does not match its key")
+                        path = entry.path
                 except (struct.error, ValueError):
                     self.problem("path-entry-corrupt", f"workspace {self.ws_name(ws)!r}: the history entry of "
                                  f"{path_text(path)!r} at seq {seq} is damaged", workspace=self.ws_name(ws),
