@@ -57,6 +57,7 @@ from chronicle.errors import (InvalidArgument, IsADirectory, NoAttribute, NotADi
 from chronicle.store.history import points
 from chronicle.store.history.paths import History, Version
 from chronicle.store.meta.journal import path_text
+from chronicle.store.meta import schema
 from chronicle.store.meta.schema import P_DIR
 from chronicle.store.model import KIND_DIR, Attrs
 
@@ -313,6 +314,20 @@ class HistoryViews:
         self.ws = ws
         self.store = ws.store
         self.mountpoint = mountpoint
+        self._numbers_key: tuple[bytes, bytes] | None = None
+        self._numbers: dict[int, Version] = {}
+
+    def _content_versions(self, txn: lmdb.Transaction, path: bytes) -> dict[int, Version]:
+        """``history.content_versions`` of ``path``, kept for the last path
+        asked while the workspace's head seq (as ``txn`` sees it) stays: a
+        ``versions/<file>/`` listing asks once per entry (attributes, lookups),
+        which would make listing n versions O(n²). Raises :class:`NotFound`."""
+        head = txn.get(schema.ws_key(self.ws.id), db=self.ws.dbs["heads"])
+        key = (path, bytes(head) if head is not None else b"")
+        if self._numbers_key != key:
+            self._numbers = self.ws.history.content_versions(txn, path)
+            self._numbers_key = key
+        return self._numbers
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -423,7 +438,7 @@ class HistoryViews:
             names.update(name for name, _, _ in self.ws.view().entries(txn, found[0]))
         out: list[tuple[bytes, Node]] = []
         if isinstance(node, VersionsDir) and path and history.has_history(txn, path):
-            out = [(str(n).encode(), VersionFile(path, n)) for n in sorted(history.content_versions(txn, path))]
+            out = [(str(n).encode(), VersionFile(path, n)) for n in sorted(self._content_versions(txn, path))]
         for name in sorted(names):
             try:
                 out.append((name, self._lookup(txn, node, name)))
@@ -457,7 +472,7 @@ class HistoryViews:
     def _versions_child(self, txn: lmdb.Transaction, path: bytes, name: bytes) -> Node:
         if name.isdigit():
             try:
-                numbers = self.ws.history.content_versions(txn, path)
+                numbers = self._content_versions(txn, path)
             except NotFound:            # ``path`` has no history: ``name`` can only be a child
                 numbers = {}
             if int(name) in numbers:
@@ -532,7 +547,7 @@ class HistoryViews:
     def version(self, path: bytes, number: int) -> Version:
         """Version ``number`` of ``path`` if it has file content. Raises :class:`NotFound`."""
         with self.ws.read_txn() as txn:
-            found = self.ws.history.content_versions(txn, path).get(number)
+            found = self._content_versions(txn, path).get(number)
         if found is None:
             raise NotFound(f"{_show(path)!r} has no version {number}")
         return found
@@ -547,7 +562,7 @@ class HistoryViews:
         if not path:
             raise IsADirectory("the workspace root is a directory")
         with self.ws.read_txn() as txn:
-            versions = self.ws.history.content_versions(txn, path)
+            versions = dict(self._content_versions(txn, path))
             if versions:
                 return versions
             head = self._head(txn, path)
