@@ -96,3 +96,32 @@ def test_restore_of_a_long_path_version(ws):
     restore_file(ws, dpath + b"/f", 1, A)
     assert read(ws, dpath + b"/f") == b"one"
     assert [v["version"] for v in history(ws, dpath + b"/f")] == [1, 2, 3]
+
+
+def test_a_path_entry_that_cannot_be_written_aborts_the_whole_commit(ws, monkeypatch):
+    """Never success with a lost version: the close fails and nothing of the event is recorded."""
+    import lmdb
+    from chronicle.store.meta.journal import EventWriter
+
+    ino = write(ws, ws.root, b"f", b"one")
+    head, before = ws.head_seq, ws.head_attrs(ino).content
+
+    def fail(self, *args, **kwargs):
+        raise lmdb.BadValsizeError("mdb_put: MDB_BAD_VALSIZE")
+
+    monkeypatch.setattr(EventWriter, "path_entry", fail)
+    ws.files.open(ino, truncate=True)
+    ws.files.write(ino, 0, b"two", A.pid)
+    try:
+        ws.files.commit(ino)
+    except lmdb.Error:
+        pass
+    else:
+        raise AssertionError("the commit succeeded without its path entry")
+    assert ws.head_seq == head and ws.head_attrs(ino).content == before
+    with ws.read_txn() as txn:
+        assert ws.view().attrs(txn, ino).content == before
+    monkeypatch.undo()
+    ws.files.commit(ino)                      # the writes are still there: a retry records them
+    ws.files.release(ino)
+    assert read(ws, b"f") == b"two" and [v["version"] for v in history(ws, b"f")] == [1, 2]
