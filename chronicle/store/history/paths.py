@@ -12,8 +12,14 @@ explains the numbering). History **follows renames** as ``git log --follow``:
 
 A rename over an existing file does not follow: the path keeps its own
 history and the rename is a new version of it (an editor's atomic save).
-Deleted paths keep their history. A fork's history is its parent's up to
-the fork seq, then its own.
+Deleted paths keep their history, and nothing recorded drops out of it: when
+something arrives at a path that has history of its own (``rm g; mv f g``),
+the history is the path's own entries before the arrival, then the followed
+history, then the arrival and what came after — each entry once, numbered
+on. A fork's history is its parent's up to the fork seq, then its own.
+
+Paths of any length: long ones are keyed by digest (``schema.path_ident``);
+readers compare the whole path kept in the entry.
 
 Threads: a :class:`History` holds no transaction; methods take ``txn``.
 """
