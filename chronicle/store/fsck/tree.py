@@ -114,6 +114,7 @@ class TreeChecks:
                              "has no record", workspace=rec.name, ino=rec.root)
         has_content = self.content_refcounts.keys() | self.bad_contents
         lost_contents = {c for users in self.lost_users.values() for c in users}
+        self.recorded_contents: set[tuple[int, int, bytes]] = set()    # (ws, ino, content) of path entries
         with self.txn.cursor(db=self.dbs["paths"]) as cur:
             for key, value in cur:
                 n += 1
@@ -125,9 +126,13 @@ class TreeChecks:
                 ws = schema.U32.unpack(key[:4])[0]
                 if ws not in self.workspaces:
                     self.orphans[("paths", ws)] += 1
-                path, seq = bytes(key[4:-9]), schema.path_key_seq(key)
+                path, seq = schema.path_key_ident(key), schema.path_key_seq(key)
                 try:
                     entry = PathEntry.decode(value)
+                    if schema.ident_is_long(path):
+                        if schema.path_ident(entry.path) != path:
+                            raise ValueError("the entry's path does not match its key")
+                        path = entry.path
                 except (struct.error, ValueError):
                     self.problem("path-entry-corrupt", f"workspace {self.ws_name(ws)!r}: the history entry of "
                                  f"{path_text(path)!r} at seq {seq} is damaged", workspace=self.ws_name(ws),
@@ -135,6 +140,7 @@ class TreeChecks:
                     continue
                 if not entry.flags & P_CONTENT:
                     continue
+                self.recorded_contents.add((ws, entry.ino, entry.content))
                 if entry.content not in has_content:
                     self.missing_content_paths[entry.content].append((ws, path, seq))
                 if entry.content in lost_contents:
@@ -145,13 +151,16 @@ class TreeChecks:
 
     def _check_loops(self) -> None:
         """Walk each workspace's head tree: a directory reached twice means
-        a loop (``find``, restores and views would never finish)."""
+        a loop (``find``, restores and views would never finish); a file
+        whose current content no path entry of its inode records is a
+        version lost from the history (:meth:`_check_head_recorded`)."""
         self.progress.start("tree-walk", len(self.workspaces))
         for n, (ws, rec) in enumerate(self.workspaces.items(), 1):
             view = TreeView(self.dbs, self.chains[ws], rec.root)
             seen = {rec.root: b""}
             stack = [(rec.root, b"")]
             loops = []
+            files: dict[int, bytes] = {}
             while stack and len(loops) < _NAMED_IN_MESSAGE:
                 dir_ino, dir_path = stack.pop()
                 try:
@@ -159,9 +168,11 @@ class TreeChecks:
                 except (struct.error, lmdb.Error):
                     continue            # damaged entries are reported by the table scan
                 for name, child, kind in children:
+                    path = dir_path + b"/" + name if dir_path else name
+                    if kind == model.KIND_FILE:
+                        files.setdefault(child, path)
                     if kind != model.KIND_DIR:
                         continue
-                    path = dir_path + b"/" + name if dir_path else name
                     if child in seen:
                         loops.append((path, seen[child], child))
                         continue
@@ -175,8 +186,35 @@ class TreeChecks:
                 self.problem("tree-loop", f"workspace {rec.name!r}: directory inode {child} is reached both at "
                              f"{path_text(first) or '/'!r} and at {path_text(path)!r}: the tree has a loop",
                              workspace=rec.name, ino=child, paths=[path_text(first), path_text(path)])
+            self._check_head_recorded(ws, rec.name, view, files)
             self.progress.update(n)
         self.progress.finish()
+
+    def _check_head_recorded(self, ws: int, name: str, view: TreeView, files: dict[int, bytes]) -> None:
+        """Every regular file of the head tree (``files``: inode → a path of
+        it) has its current content recorded by a path entry of that inode
+        in the workspace's layers: else a commit reached the tree but not the
+        history (``versions/`` and ``query/`` cannot show it)."""
+        layers = [layer.ws for layer in self.layers.get(ws, [])] or [ws]
+        lost = []
+        for ino, path in files.items():
+            try:
+                attrs = view.attrs(self.txn, ino)
+            except (Corrupt, struct.error, lmdb.Error):
+                continue                # damaged records are reported by the table scans
+            if attrs is None or not attrs.is_file or not attrs.content or attrs.content == EMPTY_CONTENT_ID:
+                continue
+            if not any((layer, ino, attrs.content) in self.recorded_contents for layer in layers):
+                lost.append((path, ino, attrs.content))
+        for path, ino, content in sorted(lost)[:_NAMED_IN_DETAILS]:
+            self.problem("history-missing", f"workspace {name!r}: the current content of {path_text(path)!r} "
+                         f"(inode {ino}, content {_short(content)}) is in no path history: that version is "
+                         "missing from versions/ and query/", workspace=name, path=path_text(path), ino=ino,
+                         content=to_hex(content))
+        if len(lost) > _NAMED_IN_DETAILS:
+            self.problem("history-missing", f"workspace {name!r}: {len(lost) - _NAMED_IN_DETAILS} more file(s) "
+                         "have a current content in no path history", workspace=name,
+                         count=len(lost) - _NAMED_IN_DETAILS)
 
     def _check_dirent(self, db: str, key: bytes, value: bytes) -> None:
         if len(key) < 13:

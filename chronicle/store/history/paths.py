@@ -12,8 +12,14 @@ explains the numbering). History **follows renames** as ``git log --follow``:
 
 A rename over an existing file does not follow: the path keeps its own
 history and the rename is a new version of it (an editor's atomic save).
-Deleted paths keep their history. A fork's history is its parent's up to
-the fork seq, then its own.
+Deleted paths keep their history, and nothing recorded drops out of it: when
+something arrives at a path that has history of its own (``rm g; mv f g``),
+the history is the path's own entries before the arrival, then the followed
+history, then the arrival and what came after — each entry once, numbered
+on. A fork's history is its parent's up to the fork seq, then its own.
+
+Paths of any length: long ones are keyed by digest (``schema.path_ident``);
+readers compare the whole path kept in the entry.
 
 Threads: a :class:`History` holds no transaction; methods take ``txn``.
 """
@@ -33,6 +39,18 @@ from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, P
 from chronicle.store.meta.tree import Layer, TreeView
 
 _MAX_FOLLOW = 256
+
+
+def _joined(*parts: list[tuple[int, bytes, PathEntry]]) -> list[tuple[int, bytes, PathEntry]]:
+    """The parts one after the other, each entry (recorded path and seq) once."""
+    seen: set[tuple[int, bytes]] = set()
+    out = []
+    for part in parts:
+        for item in part:
+            if (item[0], item[1]) not in seen:
+                seen.add((item[0], item[1]))
+                out.append(item)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +76,7 @@ class History:
         """``(seq, entry)`` recorded under ``path`` itself with seq < ``before``, oldest first."""
         out: list[tuple[int, PathEntry]] = []
         db = self.dbs["paths"]
+        long_path = schema.is_long(path)
         with txn.cursor(db=db) as cur:
             for layer in reversed(self.layers):
                 prefix = schema.path_prefix(layer.ws, path)
@@ -69,19 +88,39 @@ class History:
                     seq = schema.path_key_seq(key)
                     if seq > layer.bound or (before is not None and seq >= before):
                         break
-                    out.append((seq, PathEntry.decode(value)))
+                    entry = PathEntry.decode(value)
+                    if long_path and entry.path != path:
+                        continue                         # a digest key of another path (never seen)
+                    out.append((seq, entry))
         return out
 
     # -- followed history --------------------------------------------------------
 
-    def followed(self, txn: lmdb.Transaction, path: bytes, before: int | None = None,
-                 _depth: int = 0) -> list[tuple[int, PathEntry]]:
+    def followed(self, txn: lmdb.Transaction, path: bytes, before: int | None = None) -> list[tuple[int, PathEntry]]:
         """The history of ``path`` with renames followed back (module docstring), oldest first."""
-        own = self.own_entries(txn, path, before)
-        if _depth >= _MAX_FOLLOW:
+        return [(seq, entry) for seq, _path, entry in self._followed(txn, path, before, 0, {})]
+
+    def _followed(self, txn: lmdb.Transaction, path: bytes, before: int | None, depth: int,
+                  memo: dict) -> list[tuple[int, bytes, PathEntry]]:
+        """``(seq, recorded path, entry)`` of :meth:`followed`. What the path
+        itself recorded before the arrival that is followed comes first (a
+        path deleted and then arrived at keeps its own history), then the
+        followed history (entries already listed are not repeated), then the
+        path's own entries from the arrival on. ``memo`` keeps each
+        ``(path, before)`` computed once (names renamed back and forth would
+        otherwise branch exponentially)."""
+        found = memo.get((path, before))
+        if found is None:
+            found = memo[(path, before)] = self._follow_once(txn, path, before, depth, memo)
+        return found
+
+    def _follow_once(self, txn: lmdb.Transaction, path: bytes, before: int | None, depth: int,
+                     memo: dict) -> list[tuple[int, bytes, PathEntry]]:
+        own = [(seq, path, entry) for seq, entry in self.own_entries(txn, path, before)]
+        if depth >= _MAX_FOLLOW:
             return own
         own_cut = None
-        for seq, entry in reversed(own):
+        for seq, _path, entry in reversed(own):
             if entry.flags & P_ARRIVED:
                 if entry.origin:
                     own_cut = (seq, entry.origin)
@@ -89,16 +128,17 @@ class History:
         anc = self._ancestor_arrival(txn, path, before)
         if own_cut and (anc is None or own_cut[0] >= anc[0]):
             seq, origin = own_cut
-            return self.followed(txn, origin, seq, _depth + 1) + [(s, e) for s, e in own if s >= seq]
+            return _joined(self._followed(txn, path, seq, depth + 1, memo),
+                           self._followed(txn, origin, seq, depth + 1, memo), [item for item in own if item[0] >= seq])
         if anc is not None:
             seq, old_path = anc
-            after = [(s, e) for s, e in own if s >= seq]
-            if after and after[0][1].flags & P_ARRIVED:
+            after = [item for item in own if item[0] >= seq]
+            if after and after[0][2].flags & P_ARRIVED:
                 return own          # created after the directory moved: not the same file
-            earlier = self.followed(txn, old_path, seq, _depth + 1)
-            if not after and (not earlier or earlier[-1][1].flags & P_GONE):
+            earlier = self._followed(txn, old_path, seq, depth + 1, memo)
+            if not after and (not earlier or earlier[-1][2].flags & P_GONE):
                 return own
-            return earlier + after
+            return _joined(self._followed(txn, path, seq, depth + 1, memo), earlier, after)
         return own
 
     def _ancestor_arrival(self, txn: lmdb.Transaction, path: bytes, before: int | None) -> tuple[int, bytes] | None:
@@ -154,24 +194,44 @@ class History:
         return bool(self.followed(txn, path))
 
     def children_with_history(self, txn: lmdb.Transaction, directory: bytes) -> set[bytes]:
-        """Names directly below ``directory`` that have path entries (including deleted ones)."""
+        """Names directly below ``directory`` that have path entries (including
+        deleted ones), at any path length (``schema.below_prefix``).
+
+        One seek per name where the key shows the whole name: past
+        ``name/`` (to ``name0``) or past ``name``'s own entries (to
+        ``name\\x01``); where a digest key cuts the name off, the whole path
+        comes from the entry and the scan steps to the next key."""
         names: set[bytes] = set()
         db = self.dbs["paths"]
+        below, exact = schema.below_prefix(directory)
+        base = directory + b"/" if directory else b""
         with txn.cursor(db=db) as cur:
             for layer in self.layers:
-                prefix = schema.U32.pack(layer.ws) + (directory + b"/" if directory else b"")
+                prefix = schema.ws_key(layer.ws) + below
                 if not cur.set_range(prefix):
                     continue
                 while True:
                     key = cur.key()
                     if key[:len(prefix)] != prefix:
                         break
-                    rest = key[len(prefix):]
-                    name = rest.split(b"/", 1)[0].split(b"\x00", 1)[0]
+                    ident = schema.path_key_ident(key)
+                    if schema.ident_is_long(ident):
+                        shown = ident[len(below) if exact else 0:schema.PATH_KEY_MAX]
+                        if not exact or b"/" not in shown:
+                            whole = PathEntry.decode(cur.value()).path
+                            if whole.startswith(base):
+                                names.add(whole[len(base):].split(b"/", 1)[0])
+                            if not cur.next():
+                                break
+                            continue
+                        name = shown.split(b"/", 1)[0]
+                        after = b"0"
+                    else:
+                        name, slash, _ = ident[len(below):].partition(b"/")
+                        after = b"0" if slash else b"\x01"     # past name/..., or past name's own entries
                     if name:
-                        names.add(bytes(name))
-                    # jump past this name's subtree
-                    if not cur.set_range(prefix + name + b"\xff"):
+                        names.add(name)
+                    if not cur.set_range(prefix + name + after):
                         break
         return names
 

@@ -67,6 +67,7 @@ from chronicle.store.history import points
 from chronicle.store.history.access import R_OK, ROOT, X_OK, Access, Caller, permits
 from chronicle.store.history.paths import History, Version
 from chronicle.store.meta.journal import path_text
+from chronicle.store.meta import schema
 from chronicle.store.meta.schema import P_DIR
 from chronicle.store.model import KIND_DIR, Attrs
 
@@ -330,10 +331,24 @@ class HistoryViews:
         self.mountpoint = mountpoint
         self.caller = caller
         self.access = Access(ws, caller)
+        self._numbers_key: tuple[bytes, bytes] | None = None
+        self._numbers: dict[int, Version] = {}
 
     def for_caller(self, caller: Caller) -> HistoryViews:
         """The same views as ``caller`` may see them (a new, empty cache of answers)."""
         return self if caller == self.caller and caller.is_root else HistoryViews(self.ws, self.mountpoint, caller)
+
+    def _content_versions(self, txn: lmdb.Transaction, path: bytes) -> dict[int, Version]:
+        """``history.content_versions`` of ``path``, kept for the last path
+        asked while the workspace's head seq (as ``txn`` sees it) stays: a
+        ``versions/<file>/`` listing asks once per entry (attributes, lookups),
+        which would make listing n versions O(n²). Raises :class:`NotFound`."""
+        head = txn.get(schema.ws_key(self.ws.id), db=self.ws.dbs["heads"])
+        key = (path, bytes(head) if head is not None else b"")
+        if self._numbers_key != key:
+            self._numbers = self.ws.history.content_versions(txn, path)
+            self._numbers_key = key
+        return self._numbers
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -418,7 +433,7 @@ class HistoryViews:
     def _readable_version(self, txn: lmdb.Transaction, node: VersionFile) -> bool:
         if self.access.everything:
             return True
-        found = self.ws.history.content_versions(txn, node.path).get(node.number)
+        found = self._content_versions(txn, node.path).get(node.number)
         return found is None or self.access.version(txn, node.path, found)
 
     def _readable_versions(self, txn: lmdb.Transaction, path: bytes, versions: dict[int, Version]) -> dict[int, Version]:
@@ -470,7 +485,7 @@ class HistoryViews:
                 listing = self._path_listing(txn, node)
                 if self.access.everything or not any(isinstance(child, VersionFile) for _, child in listing):
                     return listing
-                readable = self._readable_versions(txn, node.path, self.ws.history.content_versions(txn, node.path))
+                readable = self._readable_versions(txn, node.path, self._content_versions(txn, node.path))
                 return [(name, child) for name, child in listing
                         if not isinstance(child, VersionFile) or child.number in readable]
             if isinstance(node, SnapshotsDir):
@@ -492,7 +507,7 @@ class HistoryViews:
             names.update(name for name, _, _ in self.ws.view().entries(txn, found[0]))
         out: list[tuple[bytes, Node]] = []
         if isinstance(node, VersionsDir) and path and history.has_history(txn, path):
-            out = [(str(n).encode(), VersionFile(path, n)) for n in sorted(history.content_versions(txn, path))]
+            out = [(str(n).encode(), VersionFile(path, n)) for n in sorted(self._content_versions(txn, path))]
         for name in sorted(names):
             try:
                 out.append((name, self._lookup(txn, node, name)))
@@ -527,7 +542,7 @@ class HistoryViews:
         number = points.parse_number(name.decode("ascii", "replace"))    # only "7" names version 7, not "07"
         if number is not None:
             try:
-                numbers = self.ws.history.content_versions(txn, path)
+                numbers = self._content_versions(txn, path)
             except NotFound:            # ``path`` has no history: ``name`` can only be a child
                 numbers = {}
             if number in numbers:
@@ -621,7 +636,7 @@ class HistoryViews:
     def version(self, path: bytes, number: int) -> Version:
         """Version ``number`` of ``path`` if it has file content. Raises :class:`NotFound`."""
         with self.ws.read_txn() as txn:
-            found = self.ws.history.content_versions(txn, path).get(number)
+            found = self._content_versions(txn, path).get(number)
             if found is not None and not self.access.everything and not self.access.version(txn, path, found):
                 raise PermissionDenied(f"{_show(path)!r} version {number}: permission denied")
         if found is None:
@@ -638,7 +653,7 @@ class HistoryViews:
         if not path:
             raise IsADirectory("the workspace root is a directory")
         with self.ws.read_txn() as txn:
-            versions = self.ws.history.content_versions(txn, path)
+            versions = dict(self._content_versions(txn, path))
             if versions:
                 readable = self._readable_versions(txn, path, versions)
                 if not readable:

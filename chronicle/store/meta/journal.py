@@ -8,7 +8,10 @@ by one :class:`EventWriter` inside one write transaction:
 - directory entries (``dirents`` head table and ``dirent_hist``);
 - the event's ``.chronicle/log`` line (``events``);
 - one path entry per path the event concerns (``paths``), with that path's
-  version number (``path_heads``).
+  version number (``path_heads``); both keyed by path key
+  (``schema.path_ident``: a digest past ``schema.PATH_KEY_MAX`` bytes), so
+  any path can be recorded. A record that cannot be written raises, and the
+  whole event is aborted: a version is never committed without its entry.
 
 **Version numbers.** Each path's history (``chronicle.store.history.paths``) is a
 list of entries; entries flagged ``P_BUMPS`` (new content at the path) get
@@ -194,9 +197,13 @@ class EventWriter:
         version = head.version if head else 0
         if fold_seq is not None and head is not None and self._fold_create(path, fold_seq, ino):
             version -= 1
+        recount = False
         if flags & P_ARRIVED and origin:
-            origin_head = self.path_head(origin)
-            version = origin_head.version if origin_head else 0
+            if head is None:
+                origin_head = self.path_head(origin)
+                version = origin_head.version if origin_head else 0
+            else:
+                recount = True             # the path's own history, then the origin's: count them once
         if flags & P_BUMPS:
             version += 1
         obj: dict = {"seq": self.seq, "time": self.time, "event": event, "path": path_text(path)}
@@ -211,9 +218,13 @@ class EventWriter:
         obj["turn"] = self.turn
         obj["pid"] = self.pid
         fragment = json.dumps(obj)[1:].encode()
-        entry = PathEntry(flags, ino, content if flags & P_CONTENT else b"", origin, fragment)
+        long_path = path if schema.is_long(path) else b""
+        entry = PathEntry(flags, ino, content if flags & P_CONTENT else b"", origin, fragment, long_path)
         self.txn.put(schema.path_key(self.ws, path, self.seq), entry.encode(), db=self.dbs["paths"])
-        self.txn.put(schema.named_key(self.ws, path), PathHead(version, self.seq, ino).encode(),
+        if recount:
+            counted = self._history.compute_head(self.txn, path)
+            version = counted.version if counted else version
+        self.txn.put(schema.path_head_key(self.ws, path), PathHead(version, self.seq, ino, long_path).encode(),
                      db=self.dbs["path_heads"])
         return version
 
@@ -244,27 +255,35 @@ class EventWriter:
         obj = json.loads(b"{" + entry.fragment)
         obj.pop("hash", None)
         folded = PathEntry(entry.flags & ~(P_BUMPS | P_CONTENT), entry.ino, b"", entry.origin,
-                           json.dumps(obj)[1:].encode())
+                           json.dumps(obj)[1:].encode(), entry.path)
         self.txn.put(key, folded.encode(), db=db)
         return True
 
     def path_head(self, path: bytes) -> PathHead | None:
         """``path``'s last version number, last seq and inode (cached, or
         recomputed from its history), or None if it has no history."""
-        raw = self.txn.get(schema.named_key(self.ws, path), db=self.dbs["path_heads"])
+        raw = self.txn.get(schema.path_head_key(self.ws, path), db=self.dbs["path_heads"])
         if raw is not None:
-            return PathHead.decode(raw)
+            head = PathHead.decode(raw)
+            if not schema.is_long(path) or head.path == path:
+                return head
         return self._history.compute_head(self.txn, path)
 
     def forget_heads_below(self, path: bytes) -> None:
-        """Drop cached version numbers of paths below directory ``path``."""
-        prefix = schema.named_key(self.ws, path + b"/" if path else b"")
+        """Drop cached version numbers of paths below directory ``path``
+        (long paths too: ``schema.below_prefix``)."""
+        below, exact = schema.below_prefix(path)
+        prefix = schema.ws_key(self.ws) + below
+        base = path + b"/"
         db = self.dbs["path_heads"]
         with self.txn.cursor(db=db) as cur:
             if not cur.set_range(prefix):
                 return
             while cur.key()[:len(prefix)] == prefix:
-                if not cur.delete():
+                if exact or PathHead.decode(cur.value()).path.startswith(base):
+                    if not cur.delete():
+                        break
+                elif not cur.next():
                     break
 
     def content_hash(self, content: bytes) -> str | None:

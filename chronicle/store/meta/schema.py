@@ -18,8 +18,8 @@ database                key                                        value
 ``dirents``             ws u32, parent u64, name                   ino u64 + kind u8; ``b""`` = whiteout
 ``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed
 ``events``              ws u32, seq u64                            one ``.chronicle/log`` JSON line
-``paths``               ws u32, path, 0x00, seq u64                :class:`PathEntry`
-``path_heads``          ws u32, path                               :class:`PathHead`
+``paths``               ws u32, path key, 0x00, seq u64            :class:`PathEntry`
+``path_heads``          ws u32, path key                           :class:`PathHead`
 ``snapshots``           ws u32, name                               JSON ``{"seq", "time"}``
 ``turns``               ws u32, agent, 0x00, turn u32              JSON turn label
 ``agents``              agent id (UTF-8)                           JSON agent record
@@ -39,6 +39,21 @@ keyed by agent id, which is also the name of the agent's workspace;
 
 Names and paths are ``bytes`` at every layer (POSIX names are bytes); paths
 are relative to the workspace root, components joined by ``/``, root ``b""``.
+
+**Path keys.** LMDB keys hold at most 511 bytes, and a path may be longer
+than PATH_MAX (a directory deeper than 4,096 bytes is reached by relative
+lookups). The *path key* of a path of at most :data:`PATH_KEY_MAX` bytes is
+the path itself; a longer path's is its first :data:`PATH_KEY_MAX` bytes,
+``0x01`` and the BLAKE3 digest of the whole path (:func:`path_ident`), and its
+``paths``/``path_heads`` values carry the whole path (``PathEntry.path``,
+``PathHead.path``) so readers verify it. The two kinds never collide (a plain
+key ends where a digest key has ``0x01``; paths hold no NUL), and every key
+of a path below directory ``d`` still starts with ``d/`` when ``d/`` is at
+most :data:`PATH_KEY_MAX` bytes, so prefix scans over a directory stay
+scans; below a longer directory they scan the digest keys sharing its
+prefix and compare the whole paths (``history.paths``, ``journal``).
+Format 2 introduced path keys (format 1 stores failed on paths of 499 bytes
+or more; none were deployed, so there is no migration).
 """
 
 from __future__ import annotations
@@ -52,9 +67,9 @@ from itertools import accumulate
 import lmdb
 
 from chronicle.errors import Corrupt
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, hash_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SEQ_MAX = (1 << 64) - 1
 
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
@@ -147,19 +162,67 @@ def event_key_seq(key: bytes) -> int:
     return _WS_SEQ.unpack(key)[1]
 
 
+PATH_KEY_MAX = 400          # bytes of a path used as its own key (keys hold at most 511 bytes)
+_DIGEST_MARK = b"\x01"
+PATH_IDENT_LONG = PATH_KEY_MAX + 1 + ID_SIZE    # length of a digest path key
+
+
+def path_ident(path: bytes) -> bytes:
+    """The path key of ``path`` (module docstring): the path itself up to
+    :data:`PATH_KEY_MAX` bytes, else its first :data:`PATH_KEY_MAX` bytes,
+    ``0x01`` and its BLAKE3 digest (:data:`PATH_IDENT_LONG` bytes)."""
+    if len(path) <= PATH_KEY_MAX:
+        return path
+    return path[:PATH_KEY_MAX] + _DIGEST_MARK + hash_bytes(path)
+
+
+def is_long(path: bytes) -> bool:
+    """True if ``path`` is keyed by digest (its values carry the whole path)."""
+    return len(path) > PATH_KEY_MAX
+
+
+def below_prefix(directory: bytes) -> tuple[bytes, bool]:
+    """``(key prefix, exact)`` of the path keys of paths strictly below
+    ``directory`` (after the workspace id): ``directory/`` itself, exact,
+    if it fits in a plain key; else the digest-key prefix ``directory/``
+    cut to :data:`PATH_KEY_MAX` bytes + ``0x01``, which other long paths with
+    the same first bytes share (``exact`` False: compare whole paths)."""
+    base = directory + b"/" if directory else b""
+    if len(base) <= PATH_KEY_MAX:
+        return base, True
+    return base[:PATH_KEY_MAX] + _DIGEST_MARK, False
+
+
 def path_prefix(ws: int, path: bytes) -> bytes:
-    """The ``paths`` key prefix of ``path`` (path, then NUL)."""
-    return U32.pack(ws) + path + b"\x00"
+    """The ``paths`` key prefix of ``path`` (path key, then NUL)."""
+    return U32.pack(ws) + path_ident(path) + b"\x00"
 
 
 def path_key(ws: int, path: bytes, seq: int) -> bytes:
-    """The ``paths`` key of ``path``'s entry at ``seq`` (oldest first)."""
-    return U32.pack(ws) + path + b"\x00" + U64.pack(seq)
+    """The ``paths`` key of ``path``'s entry at ``seq`` (oldest first); at most
+    4 + :data:`PATH_IDENT_LONG` + 9 = 446 bytes."""
+    return U32.pack(ws) + path_ident(path) + b"\x00" + U64.pack(seq)
 
 
 def path_key_seq(key: bytes) -> int:
     """The seq of a ``paths`` key."""
     return U64.unpack(key[-8:])[0]
+
+
+def path_key_ident(key: bytes) -> bytes:
+    """The path key inside a ``paths`` key (the path itself unless
+    :func:`ident_is_long`)."""
+    return bytes(key[4:-9])
+
+
+def ident_is_long(ident: bytes) -> bool:
+    """True if a path key is a digest key (the path is in the value)."""
+    return len(ident) > PATH_KEY_MAX
+
+
+def path_head_key(ws: int, path: bytes) -> bytes:
+    """The ``path_heads`` key of ``path``."""
+    return U32.pack(ws) + path_ident(path)
 
 
 def ws_key(ws: int) -> bytes:
@@ -350,7 +413,7 @@ def content_with_refcount(raw: bytes, refcount: int) -> bytes:
 
 # --- path history -----------------------------------------------------------
 
-_PATH_ENTRY_HEAD = struct.Struct("<BQH")
+_PATH_ENTRY_HEAD = struct.Struct("<BQII")
 P_BUMPS = 1      # the event gives the path a new version number
 P_CONTENT = 2    # the entry carries a content id (regular file content after the event)
 P_DIR = 4        # the path is a directory after (or, for removals, before) the event
@@ -366,7 +429,8 @@ class PathEntry:
     ``{"version": N, `` (so rendering 10,000 entries is joins, not 10,000
     ``json.dumps``); ``content`` the file content id after the event;
     ``origin`` the path it came from when it arrived by rename at a free path
-    (history follows it back there, as ``git log --follow``).
+    (history follows it back there, as ``git log --follow``); ``path`` the
+    whole path when its key is a digest key (``b""`` otherwise: the key is the path).
     """
 
     flags: int
@@ -374,23 +438,30 @@ class PathEntry:
     content: bytes
     origin: bytes
     fragment: bytes
+    path: bytes = b""
 
     def encode(self) -> bytes:
-        """The ``paths`` value: flags, ino, origin length; content id (with ``P_CONTENT``); origin; fragment."""
-        return b"".join((_PATH_ENTRY_HEAD.pack(self.flags, self.ino, len(self.origin)),
-                         self.content if self.flags & P_CONTENT else b"", self.origin, self.fragment))
+        """The ``paths`` value: flags u8, ino u64, origin length u32, path length u32; content
+        id (with ``P_CONTENT``); origin; path; fragment (little-endian)."""
+        return b"".join((_PATH_ENTRY_HEAD.pack(self.flags, self.ino, len(self.origin), len(self.path)),
+                         self.content if self.flags & P_CONTENT else b"", self.origin, self.path, self.fragment))
 
     @classmethod
     def decode(cls, raw: bytes) -> PathEntry:
-        """From :meth:`encode`'s bytes."""
-        flags, ino, origin_len = _PATH_ENTRY_HEAD.unpack_from(raw)
+        """From :meth:`encode`'s bytes. Raises ``struct.error``/``ValueError`` if damaged."""
+        flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
         pos = _PATH_ENTRY_HEAD.size
         content = b""
         if flags & P_CONTENT:
             content = bytes(raw[pos:pos + ID_SIZE])
             pos += ID_SIZE
         origin = bytes(raw[pos:pos + origin_len])
-        return cls(flags, ino, content, origin, bytes(raw[pos + origin_len:]))
+        pos += origin_len
+        path = bytes(raw[pos:pos + path_len])
+        pos += path_len
+        if pos > len(raw):
+            raise ValueError("damaged path entry")
+        return cls(flags, ino, content, origin, bytes(raw[pos:]), path)
 
 
 _PATH_HEAD = struct.Struct("<IQQ")
@@ -399,17 +470,19 @@ _PATH_HEAD = struct.Struct("<IQQ")
 @dataclass(frozen=True, slots=True)
 class PathHead:
     """Per-path summary kept beside the entries: the last version number, the
-    seq of the last entry, and the inode of the last entry."""
+    seq of the last entry, and the inode of the last entry; ``path`` the whole
+    path when its key is a digest key (``b""`` otherwise)."""
 
     version: int
     last_seq: int
     ino: int
+    path: bytes = b""
 
     def encode(self) -> bytes:
-        """The ``path_heads`` value: version u32, last seq u64, ino u64."""
-        return _PATH_HEAD.pack(self.version, self.last_seq, self.ino)
+        """The ``path_heads`` value: version u32, last seq u64, ino u64 (little-endian), then the path if long."""
+        return _PATH_HEAD.pack(self.version, self.last_seq, self.ino) + self.path
 
     @classmethod
     def decode(cls, raw: bytes) -> PathHead:
-        """From :meth:`encode`'s bytes."""
-        return cls(*_PATH_HEAD.unpack(raw))
+        """From :meth:`encode`'s bytes. Raises ``struct.error`` if damaged."""
+        return cls(*_PATH_HEAD.unpack_from(raw), bytes(raw[_PATH_HEAD.size:]))

@@ -578,6 +578,8 @@ def test_many_chunks_are_checked_quickly(tmp_path):
             inserted = st.chunks.add_refs(w.txn, record)
             attrs = ws.head_attrs(ino, w.txn).replace(content=cid, size=len(data))
             w.put_attrs(ino, attrs)
+            w.path_entry(b"big", "write", ino=ino, flags=schema.P_BUMPS | schema.P_CONTENT, content=cid,
+                         size=len(data))         # a commit always records its path entry (fsck checks it)
             w.log("write", b"big", size=len(data))
         st.chunks.committed(inserted)
         st.sync()
