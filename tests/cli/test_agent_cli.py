@@ -201,8 +201,8 @@ def test_chat_quickstart_then_turns_show_state_list(env):
     assert [(t["turn"], t["kind"], t["status"], t["patch_ops"], t["events"]) for t in turns] == \
         [(0, "create", "completed", 0, 0)] + [(n, "message", "completed", 2, 0) for n in (1, 2, 3, 4)]
     table = env.ok("turns", "hello").splitlines()
-    assert table[0].split() == ["TURN", "KIND", "STATUS", "TIME", "MS", "PATCH", "FILES", "MESSAGE", "ID"]
-    assert table[2].split()[:3] == ["1", "message", "completed"] and table[2].split()[-1] == turns[1]["message_id"]
+    assert table[0].split() == ["TURN", "KIND", "STATUS", "TIME", "MS", "PATCH", "FILES", "MESSAGE", "ID", "NOTE"]
+    assert table[2].split()[:3] == ["1", "message", "completed"] and table[2].split()[-2] == turns[1]["message_id"]
 
     shown = env.json("show", "hello", "2")
     assert {"turn", "message", "patch", "files", "reply", "status"} <= set(shown)
