@@ -273,6 +273,8 @@ class AgentRunner:
                                      f"{info['target']} has State._entity_type {kind!r}")
             await self.mount.ensure(self.host.store, self.host.start_timeout)
             await self._close_label()
+            if worker.info.get("atomic_turns", True):
+                await self._undo_lost_turn()
             state = self.log.state_at(self.id)
             started = await worker.request({"op": "start", "workspace": str(self.mount.mountpoint),
                                             "state": state.state, "version": state.version},
@@ -359,6 +361,20 @@ class AgentRunner:
             await self.mount.control({"cmd": "turn-end"})
         except InvalidArgument:
             pass                                # no turn open: the usual case
+
+    async def _undo_lost_turn(self) -> None:
+        """Undo the files of a message turn that an earlier runtime or mount
+        daemon lost (recorded ``interrupted`` when its label was closed, so
+        never undone at its end) — only if nothing was written after it."""
+        record = self.log.record(self.id, self.log.get(self.id)["last_turn"])
+        if record is None or record.get("kind") != "message" or record.get("status") != "interrupted":
+            return
+        begin, end = record.get("begin_seq"), record.get("end_seq")
+        if record.get("undone") or begin is None or end is None or end < begin:
+            return
+        head = (await self.mount.control({"cmd": "sync"}))["seq"]
+        if head == end:
+            await self._restore(begin - 1)
 
     async def _turn_begin(self, turn: int, message_id: str | None, record: dict | None = None) -> dict:
         """``turn-begin`` (with the ``running`` record, if given); a label left

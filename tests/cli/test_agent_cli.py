@@ -536,3 +536,30 @@ def test_serve_http_api(env):
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert env.trace_lines()[-1] == "shutdown s"
     assert not (env.store / "run" / "agent-serve.json").exists() and workers_of(env.store) == []
+
+
+def test_reads_answer_while_a_turn_runs_under_serve(env):
+    """state, history, turns and show answer over HTTP and from the CLI while the agent is mid-turn."""
+    port = free_port()
+    proc, api = start_serve(env, port)
+    go = env.tmp / "go"
+    try:
+        assert api("POST", "/agents", {"id": "s", "target": "streamer:Streamer"})[0] == 201
+        with api.stream("s", {"words": ["one", "two"], "wait_file": str(go)}) as resp:
+            assert json.loads(resp.readline()) == {"token": "one "}         # the handler now waits for `go`
+            for path in ("/agents/s/state", "/agents/s/history", "/agents/s/turns", "/agents/s/turns/1"):
+                started = time.monotonic()
+                status, body = api("GET", path)
+                assert status == 200 and time.monotonic() - started < 5, (path, body)
+            assert api("GET", "/agents/s/turns/1")[1]["status"] == "running"
+            assert api("GET", "/agents/s/state")[1] == {"count": 0, "words": []}
+            assert env.json("turns", "s")[-1]["status"] == "running"        # the CLI, in another process
+            assert env.json("state", "s") == {"count": 0, "words": []}
+            assert json.loads(env.ok("show", "s", "1", "--json"))["status"] == "running"
+            go.touch()
+            rest = [json.loads(line) for line in resp]
+        assert rest[-1]["result"]["status"] == "completed"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0

@@ -418,7 +418,8 @@ def test_mount_daemon_killed_mid_turn(env):
         await rt.create("dm", SCRIPTED, cwd=env.src)
         await rt.ask("dm", {"text": "one"})
         daemon, worker = rt.store.mount_info("dm")["pid"], rt.worker_pid("dm")
-        reply = await rt.send("dm", {"text": "two", "steps": [["token", "t"], ["wait_file", str(go), 60]]})
+        reply = await rt.send("dm", {"text": "two", "steps": [["write", "lost.txt", "x"], ["token", "t"],
+                                                             ["wait_file", str(go), 60]]})
         await first_token(reply)
         os.kill(daemon, signal.SIGKILL)
         while alive(daemon):
@@ -432,6 +433,7 @@ def test_mount_daemon_killed_mid_turn(env):
         assert [s for _, k, s in statuses(rt, "dm") if k == "message"] == ["completed", "interrupted", "completed"]
         assert "mount daemon stopped" in rt.show_turn("dm", result["turn"])["error"]
         assert rt.state("dm")["notes"] == ["one", "three"]
+        assert not (Path(rt.mountpoint("dm")) / "lost.txt").exists()     # undone when the agent woke again
     env.run(program)
 
 
@@ -478,7 +480,8 @@ def test_runtime_killed_mid_turn_then_restarted(env):
             rt = Runtime({str(env.store)!r})
             await rt.create("c", "agents:Scripted", cwd={str(env.src)!r})
             await rt.ask("c", {{"text": "one"}})
-            reply = await rt.send("c", {{"text": "two", "steps": [["token", "t"], ["wait_file", {str(go)!r}, 60]]}})
+            reply = await rt.send("c", {{"text": "two", "steps": [["write", "lost.txt", "x"], ["token", "t"],
+                                                                ["wait_file", {str(go)!r}, 60]]}})
             async for token in reply:
                 print("WORKER", rt.worker_pid("c"), flush=True)
                 await asyncio.sleep(3600)
@@ -501,6 +504,8 @@ def test_runtime_killed_mid_turn_then_restarted(env):
         assert [s for _, k, s in statuses(rt, "c") if k == "message"] == ["completed", "interrupted", "completed"]
         assert rt.state("c")["notes"] == ["one", "three"]
         assert "runtime stopped" in rt.show_turn("c", 2)["error"]
+        assert not (Path(rt.mountpoint("c")) / "lost.txt").exists()      # the lost turn's files undone at the wake
+        assert {e["path"] for e in rt.show_turn("c", 2)["files"]} == {"lost.txt"}
     env.run(program)
 
 
