@@ -28,13 +28,10 @@ Vocabulary (SPEC §4, §5):
        "steps"?: [{"name", "result", "seq", "time"}], "attempts"?: N,
        "undone"?: {"to_seq"}}
 
-  ``steps``: the durable steps (``ctx.step``) completed in the turn, each
-  with its JSON result and the head seq at its end (:meth:`TurnLog.step`);
-  ``attempts``: how many times the runtime ran the turn (retries);
-  ``undone``: a turn that did not complete whose file changes the runtime
-  undid after its end (a whole-tree restore to ``to_seq``, new events after
-  ``end_seq`` that carry no label — so ``turn:AGENT:N`` still shows the
-  attempt's tree).
+  ``steps``: its completed durable steps (:meth:`TurnLog.step`); ``attempts``:
+  runs of the turn; ``undone``: a turn that did not complete whose files the
+  runtime put back after its end (a restore to ``to_seq``, unlabelled events
+  after ``end_seq``: ``turn:AGENT:N`` still shows the attempt's tree).
 
   ``kind``: ``create`` (turn 0)/``fork`` (the fork turn), ``message``, ``init``/``idle``/
   ``shutdown`` (hooks), ``rollback``. ``status`` is ``running`` (written with
@@ -382,9 +379,8 @@ class TurnLog:
         return None
 
     def lineage_record(self, agent: str, turn: int) -> tuple[str, dict] | None:
-        """``(owner, record)`` of turn ``turn`` along ``agent``'s lineage (its
-        own record, or the ancestor's it inherited), or None if there is none.
-        Raises :class:`AgentNotFound`."""
+        """``(owner, record)`` of ``turn`` along ``agent``'s lineage (its own
+        or an ancestor's), or None. Raises :class:`AgentNotFound`."""
         for _depth in range(64):
             inherited = self.inherited_from(self.get(agent), turn) if isinstance(turn, int) else None
             if inherited is None:
@@ -394,9 +390,8 @@ class TurnLog:
         return None
 
     def lineage(self, agent: str) -> list[tuple[str, dict]]:
-        """Every turn along ``agent``'s lineage, oldest first: ``(owner,
-        record)``, the inherited turns (those before a fork's ``first_turn``,
-        recursively) then its own. Raises :class:`AgentNotFound`."""
+        """``(owner, record)`` of every turn along ``agent``'s lineage, oldest
+        first: the inherited ones, then its own. Raises :class:`AgentNotFound`."""
         info = self.get(agent)
         out: list[tuple[str, dict]] = []
         first = info.get("first_turn", 0)
@@ -585,12 +580,10 @@ class TurnLog:
         return self.record_end(ws, self.end_label(ws), outcome, snapshot, keep)
 
     def step(self, ws: Workspace, name: str, result: Any) -> dict:
-        """Record a completed step of the open turn: ``{"name", "result",
-        "seq", "time"}`` appended to the ``steps`` of its ``running`` record
-        (``seq``: the head at the step's end; commit open files first).
-        Returns the step. Raises :class:`InvalidArgument` (no turn open, no
-        ``running`` record, a name already used in this turn, a bad name),
-        :class:`ReadOnly`."""
+        """Append ``{"name", "result", "seq" (the head), "time"}`` to the
+        ``steps`` of the open turn's ``running`` record; returns it. Raises
+        :class:`InvalidArgument` (no turn open, no ``running`` record, a bad
+        or already used name), :class:`ReadOnly`."""
         if ws.turn is None:
             raise InvalidArgument("no turn is open; a step belongs to a turn")
         agent, turn = ws.turn["agent"], ws.turn["turn"]
