@@ -394,8 +394,7 @@ class TurnLog:
         first: the inherited ones, then its own. Raises :class:`AgentNotFound`."""
         info = self.get(agent)
         out: list[tuple[str, dict]] = []
-        first = info.get("first_turn", 0)
-        parent = info.get("parent")
+        first, parent = info.get("first_turn", 0), info.get("parent")
         if parent and first > 0:
             try:
                 out = [(owner, rec) for owner, rec in self.lineage(parent["agent"]) if rec["turn"] < first]
