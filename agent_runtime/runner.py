@@ -17,6 +17,20 @@ log's, ``chronicle.store.history.turns``)::
                                                     turn N final (+ the state snapshot if due) in
                                                     one transaction, beside the file events
 
+A message turn is all-or-nothing (SPEC §5): when it ends failed, cancelled
+or interrupted and the class has ``atomic_turns`` (the default), the runner
+sends ``ctl restore at=<the head before turn-begin>`` *after* ``turn-end`` —
+new, unlabelled events, so ``turn:AGENT:N`` still names the attempt's tree —
+and the record says ``undone``. A turn an earlier runtime or daemon lost is
+undone the same way at the next wake, if nothing was written after it.
+Children of the worker that outlive the turn are left running; their later
+writes carry no label. Durable steps (``ctx.step``) travel worker → runner
+(``step``) → ``ctl step`` → ``stepped``. While the class's ``retry_policy``
+allows, a turn whose worker died (or that raised a ``retry_on`` exception) is
+run again inside the same label: the tree restored to the last step's seq,
+a new worker if needed (``on_init`` called inside the turn), the completed
+steps handed over.
+
 The daemon writes because it is the workspace's writer (it holds the writer
 lock while mounted); the runner reads the turn log and writes only the
 agent record's ``status`` and ``state_version``. A runtime that dies
@@ -514,19 +528,16 @@ class AgentRunner:
         """A new worker, started from the store, for a turn that runs again (no
         ``on_init`` turn: the re-run calls it). Returns False (logged) if it could not start."""
         await self._drop_worker()
-        info = self.log.get(self.id)
+        info, worker = self.log.get(self.id), None
         try:
             worker = await self.host.spawn_worker(self.id, info["target"], info["cwd"])
-        except ChronicleError as exc:
-            log.warning("agent %r: could not restart the worker to run the turn again: %s", self.id, exc)
-            return False
-        try:
             state = self.log.state_at(self.id)
             await worker.request({"op": "start", "workspace": str(self.mount.mountpoint), "state": state.state,
                                   "version": state.version}, "started", self.host.start_timeout)
         except ChronicleError as exc:
             log.warning("agent %r: could not restart the worker to run the turn again: %s", self.id, exc)
-            await worker.stop()
+            if worker is not None:
+                await worker.stop()
             return False
         self.worker = worker
         self.awake = True
@@ -623,9 +634,9 @@ class AgentRunner:
             retryable = done["status"] == "interrupted" or (done["status"] == "failed" and done.get("retry"))
             if not retryable or cur.cancel or attempt >= max_attempts:
                 return done, attempt
-            delay = min(policy.get("max_delay", 10.0),
-                        policy.get("initial_delay", 0.1) * policy.get("backoff", 2.0) ** (attempt - 1))
-            delay *= 1 + policy.get("jitter", 0.0) * random.uniform(-1.0, 1.0)
+            delay = min(policy.get("max_delay", 10.0), policy.get("initial_delay", 0.1)
+                        * policy.get("backoff", 2.0) ** (attempt - 1)) \
+                * (1 + policy.get("jitter", 0.0) * random.uniform(-1.0, 1.0))
             log.info("agent %r: turn %d attempt %d ended %s; running it again in %.2fs", self.id, turn,
                      attempt, done["status"], delay)
             await asyncio.sleep(max(0.0, delay))
@@ -633,12 +644,9 @@ class AgentRunner:
             steps = record.get("steps") or []
             if not await self._restore(steps[-1]["seq"] if steps else begin_seq):
                 return done, attempt
-            if self.worker is None or not self.worker.alive:
-                if not await self._restart_worker():
-                    return done, attempt
-                init = True
-            else:
-                init = False
+            init = self.worker is None or not self.worker.alive
+            if init and not await self._restart_worker():
+                return done, attempt
             attempt += 1
 
     async def rollback(self, to: int) -> dict:

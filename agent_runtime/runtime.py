@@ -321,8 +321,11 @@ class Runtime:
     async def fork(self, agent_id: str, new_agent_id: str, at: int | None = None) -> dict:
         """A new agent ``new_agent_id`` with the same code, whose workspace is a
         copy-on-write fork of ``agent_id``'s at the end of turn ``at`` (default:
-        its last ended turn) and whose state is the state after that turn. The
-        new agent starts on its first message. Returns its record.
+        its last ended turn; an inherited turn too) and whose state is the
+        state after that turn. The new agent's own turns number on from
+        ``at`` (its record: ``parent`` ``{"agent", "turn"}``, ``first_turn``);
+        the turns before are its parent's (:meth:`turns` marks them
+        ``inherited``). It starts on its first message. Returns its record.
 
         Raises :class:`AgentNotFound`, :class:`AgentExists`, :class:`NotFound`
         (no such turn), :class:`Busy` (the turn has not ended).
