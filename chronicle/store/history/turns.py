@@ -29,7 +29,7 @@ Vocabulary (SPEC §4, §5):
        "undone"?: {"to_seq"}}
 
   ``steps``: its completed durable steps (:meth:`TurnLog.step`); ``attempts``:
-  runs of the turn; ``undone``: a turn that did not complete whose files the
+  runs of the turn; ``undone``: a turn that did not complete whose files (if any) the
   runtime put back after its end (a restore to ``to_seq``, unlabelled events
   after ``end_seq``: ``turn:AGENT:N`` still shows the attempt's tree).
 
