@@ -20,6 +20,16 @@ True to allow it) and ``on_shutdown`` on a graceful stop. Each call is a
 dropped (the state goes back to what it was before the call) when it raises
 or is cancelled.
 
+Files: a turn that does not complete leaves the workspace as the previous
+turn ended it (``atomic_turns``, default True; the attempt's files stay in
+the history, at ``turn:AGENT:N``). Processes the handler started that are
+still running when its turn ends are not killed: what they write later
+carries no turn label (it belongs to no turn).
+
+Durable steps: ``await ctx.step("fetch", fn, *args)`` records ``fn``'s JSON
+result; a turn the runtime runs again (``retry_policy``) resumes after the
+last completed step, with the files as they were at its end.
+
 Replies: ``await ctx.send_message(text)`` starts a reply message and returns
 a :class:`Message`; ``await msg.stream_token(token)`` delivers each token to
 the caller at once; ``final=True`` ends the message. A turn may send several
@@ -36,8 +46,14 @@ the handler's task (``asyncio.to_thread`` code must not call them).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import json
 import logging
 import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chronicle.errors import UsageError
@@ -46,11 +62,60 @@ from agent_runtime.delta_state import DeltaState
 
 
 class TokenSink(Protocol):
-    """Where a context's reply tokens go (the worker's IPC channel, or a test's list)."""
+    """Where a context's reply tokens (and step records) go: the worker's IPC
+    channel, or a test's list."""
 
     async def message(self, message: int) -> None: ...
 
     async def token(self, message: int, token: str, final: bool) -> None: ...
+
+    async def step(self, name: str, result: Any) -> int | None:
+        """Record a completed step; returns the workspace seq at its end (None without a runtime)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to run something again: a turn (``BaseAgent.retry_policy``) or a
+    step (``ctx.step(..., retry=RetryPolicy(...))``).
+
+    ``max_attempts``: runs in all (1: no retry). The delay before attempt k+1
+    is ``min(max_delay, initial_delay * backoff**(k-1))`` seconds, scaled by a
+    random factor in ``[1 - jitter, 1 + jitter]``. ``retry_on``: the exception
+    types that retry (any subclass); a turn whose worker process died
+    (``interrupted``) always retries while attempts are left.
+    """
+
+    max_attempts: int = 1
+    initial_delay: float = 0.1
+    max_delay: float = 10.0
+    backoff: float = 2.0
+    jitter: float = 0.25
+    retry_on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise UsageError(f"max_attempts must be an integer >= 1, not {self.max_attempts!r}")
+        for name in ("initial_delay", "max_delay", "backoff", "jitter"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise UsageError(f"{name} must be a non-negative number, not {value!r}")
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
+            raise UsageError("retry_on is a tuple of exception types")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after attempt ``attempt`` (1-based) failed."""
+        base = min(self.max_delay, self.initial_delay * self.backoff ** max(0, attempt - 1))
+        return max(0.0, base * (1 + self.jitter * random.uniform(-1.0, 1.0)))
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is one of the types that retry."""
+        return isinstance(exc, self.retry_on) if self.retry_on else False
+
+    def to_json(self) -> dict:
+        """The timing fields (what the coordinator needs; ``retry_on`` stays in the worker)."""
+        return {"max_attempts": self.max_attempts, "initial_delay": self.initial_delay,
+                "max_delay": self.max_delay, "backoff": self.backoff, "jitter": self.jitter}
 
 
 class _CollectingSink:
@@ -64,6 +129,9 @@ class _CollectingSink:
 
     async def token(self, message: int, token: str, final: bool) -> None:
         self.tokens.append((message, token, final))
+
+    async def step(self, name: str, result: Any) -> int | None:
+        return None
 
 
 class Message:
@@ -119,6 +187,8 @@ class AgentContext:
         self._messages: list[Message] = []
         self._usage: dict[str, int | float] = {}
         self._open = False
+        self._recorded_steps: dict[str, Any] = {}     # name -> result, from an earlier attempt of this turn
+        self._steps_run: set[str] = set()
 
     # -- replies ---------------------------------------------------------------------
 
@@ -163,14 +233,70 @@ class AgentContext:
         """This turn's usage so far."""
         return dict(self._usage)
 
+    # -- durable steps -----------------------------------------------------------------
+
+    async def step(self, name: str, fn: Callable[..., Any], *args: Any, retry: RetryPolicy | None = None,
+                   **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` (a plain or ``async`` function) as the
+        durable step ``name`` of this turn and return its result.
+
+        The result (JSON: ``None``, bool, number, str, list, dict with str keys)
+        is recorded in the turn log with the workspace seq at the step's end,
+        before this returns. When the runtime runs the turn again (its worker
+        died, or it raised an exception its ``retry_policy`` retries), the
+        workspace is back at the last completed step's end and a completed
+        step returns its recorded result without calling ``fn``. The
+        keyword ``retry`` (not passed to ``fn``) retries ``fn`` itself in
+        this process on the exception types it names. State changes made
+        inside ``fn`` are not replayed: derive state from the result.
+
+        Raises :class:`~chronicle.errors.UsageError` for a name used twice in
+        the turn, a name that is not a non-empty str, a result that is not
+        JSON, a call outside a turn; whatever ``fn`` raises (after its retries).
+        """
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"a step name is a non-empty str, not {name!r}")
+        if not callable(fn):
+            raise UsageError(f"step {name!r}: fn must be callable, not {type(fn).__name__}")
+        self._check_open()
+        if name in self._steps_run:
+            raise UsageError(f"step {name!r} already ran in turn {self.turn}; step names are unique within a turn")
+        self._steps_run.add(name)
+        if name in self._recorded_steps:
+            return self._recorded_steps[name]
+        policy = retry or RetryPolicy()
+        attempt = 1
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                break
+            except Exception as exc:
+                if attempt >= policy.max_attempts or not policy.retries(exc):
+                    raise
+                self.log.info("step %r: attempt %d failed (%s); retrying", name, attempt, exc)
+                await asyncio.sleep(policy.delay(attempt))
+                attempt += 1
+        try:
+            text = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"step {name!r} returned {type(result).__name__}, which is not JSON: {exc}") from None
+        result = json.loads(text)               # what a re-run gets back: the same value
+        self._check_open()
+        await self._sink.step(name, result)
+        return result
+
     # -- the runtime's side --------------------------------------------------------------
 
-    def _begin(self, turn: int | None, message_id: str | None) -> None:
+    def _begin(self, turn: int | None, message_id: str | None, steps: list[dict] | None = None) -> None:
         self.turn = turn
         self.message_id = message_id
         self._messages = []
         self._usage = {}
         self._open = True
+        self._recorded_steps = {s["name"]: s.get("result") for s in steps or [] if isinstance(s, dict)}
+        self._steps_run = set()
 
     def _end(self) -> None:
         self._open = False
@@ -193,6 +319,15 @@ class BaseAgent:
     class State(DeltaState):
         _entity_type = "agent"
 
+    #: A turn that does not complete (raises, is cancelled, its worker dies)
+    #: leaves the workspace's files as at the end of the previous turn, like
+    #: its state; False keeps what it wrote.
+    atomic_turns: bool = True
+
+    #: How the runtime runs a message turn again: after its worker died, or
+    #: after an exception of ``retry_on``; completed ``ctx.step``s are reused.
+    retry_policy: RetryPolicy = RetryPolicy()
+
     async def on_init(self, ctx: AgentContext) -> None:
         """Called once after the runtime starts (or wakes) the agent's worker."""
 
@@ -208,4 +343,4 @@ class BaseAgent:
         """Called on a graceful stop."""
 
 
-__all__ = ["AgentContext", "BaseAgent", "Message", "TokenSink"]
+__all__ = ["AgentContext", "BaseAgent", "Message", "RetryPolicy", "TokenSink"]

@@ -9,8 +9,9 @@ stderr are a log file, never the protocol.
 Worker → coordinator (``ev``):
 
 =================================================================  =================================================
-``{"ev": "loaded", "pid", "entity_type", "version", "defaults"}``  the class imported; ``defaults`` is the default
-                                                                   state JSON (null if a field has no default)
+``{"ev": "loaded", "pid", "entity_type", "version", "defaults",    the class imported; ``defaults`` is the default
+``"atomic_turns", "retry"}``                                       state JSON (null if a field has no default);
+                                                                   ``retry``: its ``RetryPolicy`` timings
 ``{"ev": "error", "kind", "error"}``                               fatal (bad MODULE:CLASS, bad stored state, a
                                                                    patch that does not apply); the worker exits
 ``{"ev": "started", "version", "migrated_from", "state"}``         the state is loaded; ``state`` (the migrated
@@ -18,11 +19,14 @@ Worker → coordinator (``ev``):
 ``{"ev": "message", "turn", "message"}``                           a reply message starts (``message``: its index)
 ``{"ev": "token", "turn", "message", "token", "final"}``           one reply token, sent as soon as it is produced
 ``{"ev": "done", "turn", "status", "patch", "messages",            the end of a ``run``: ``status`` is
-``"usage", "error", "result", "state"}``                           completed / failed / cancelled; ``patch`` the
+``"usage", "error", "result", "state", "retry"}``                  completed / failed / cancelled; ``patch`` the
                                                                    turn's JSON Patch ([] unless completed);
                                                                    ``state`` the full state JSON after the run when
                                                                    it asked for a snapshot; ``result`` the value
-                                                                   ``on_idle_timeout`` returned (as a bool)
+                                                                   ``on_idle_timeout`` returned (as a bool);
+                                                                   ``retry``: the exception is one to retry
+``{"ev": "step", "turn", "name", "result"}``                       a ``ctx.step`` completed; the worker waits for
+                                                                   ``stepped`` before the step returns
 ``{"ev": "state", "version", "state"}``                            answer to ``load``
 =================================================================  =================================================
 
@@ -32,7 +36,10 @@ Coordinator → worker (``op``):
 ``{"op": "start", "workspace", "state", "version"}``               load the state (migrating an older version),
                                                                    enter the workspace; answered by ``started``
 ``{"op": "run", "kind", "turn", "message_id", "message",           one turn: ``kind`` is message / init / idle /
-``"snapshot"}``                                                    shutdown; tokens, then ``done``
+``"snapshot", "steps"?, "init"?}``                                 shutdown; tokens, then ``done``; ``steps``:
+                                                                   the completed steps of earlier attempts;
+                                                                   ``init``: call ``on_init`` first
+``{"op": "stepped", "name", "seq"?, "error"?}``                    the step is recorded (at ``seq``) or not (``error``)
 ``{"op": "cancel", "turn"}``                                       cancel that turn's task (its ``done`` says
                                                                    cancelled); ignored if it is not running
 ``{"op": "load", "state", "version"}``                             replace the state (rollback); answered by ``state``

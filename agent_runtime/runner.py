@@ -17,6 +17,20 @@ log's, ``chronicle.store.history.turns``)::
                                                     turn N final (+ the state snapshot if due) in
                                                     one transaction, beside the file events
 
+A message turn is all-or-nothing (SPEC §5): when it ends failed, cancelled
+or interrupted and the class has ``atomic_turns`` (the default), the runner
+sends ``ctl restore at=<the head before turn-begin>`` *after* ``turn-end`` —
+new, unlabelled events, so ``turn:AGENT:N`` still names the attempt's tree —
+and the record says ``undone``. A turn an earlier runtime or daemon lost is
+undone the same way at the next wake, if nothing was written after it.
+Children of the worker that outlive the turn are left running; their later
+writes carry no label. Durable steps (``ctx.step``) travel worker → runner
+(``step``) → ``ctl step`` → ``stepped``. While the class's ``retry_policy``
+allows, a turn whose worker died (or that raised a ``retry_on`` exception) is
+run again inside the same label: the tree restored to the last step's seq,
+a new worker if needed (``on_init`` called inside the turn), the completed
+steps handed over.
+
 The daemon writes because it is the workspace's writer (it holds the writer
 lock while mounted); the runner reads the turn log and writes only the
 agent record's ``status`` and ``state_version``. A runtime that dies
@@ -54,6 +68,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -272,6 +287,8 @@ class AgentRunner:
                                      f"{info['target']} has State._entity_type {kind!r}")
             await self.mount.ensure(self.host.store, self.host.start_timeout)
             await self._close_label()
+            if worker.info.get("atomic_turns", True):
+                await self._undo_lost_turn()
             state = self.log.state_at(self.id)
             started = await worker.request({"op": "start", "workspace": str(self.mount.mountpoint),
                                             "state": state.state, "version": state.version},
@@ -359,6 +376,20 @@ class AgentRunner:
         except InvalidArgument:
             pass                                # no turn open: the usual case
 
+    async def _undo_lost_turn(self) -> None:
+        """Undo the files of a message turn that an earlier runtime or mount
+        daemon lost (recorded ``interrupted`` when its label was closed, so
+        never undone at its end) — only if nothing was written after it."""
+        record = self.log.record(self.id, self.log.get(self.id)["last_turn"])
+        if record is None or record.get("kind") != "message" or record.get("status") != "interrupted":
+            return
+        begin, end = record.get("begin_seq"), record.get("end_seq")
+        if record.get("undone") or begin is None or end is None or end < begin:
+            return
+        head = (await self.mount.control({"cmd": "sync"}))["seq"]
+        if head == end:
+            await self._restore(begin - 1)
+
     async def _turn_begin(self, turn: int, message_id: str | None, record: dict | None = None) -> dict:
         """``turn-begin`` (with the ``running`` record, if given); a label left
         open (a ``turn-end`` that failed) is ended first. Returns the reply."""
@@ -422,15 +453,21 @@ class AgentRunner:
     # -- running on the worker ------------------------------------------------------------
 
     async def _run(self, cur: CurrentTurn, kind: str, turn: int, message_id: str | None, message: dict | None,
-                   snapshot: bool) -> dict:
-        """One ``run`` on the worker; returns its ``done`` (or a stand-in if the worker died)."""
+                   snapshot: bool, steps: list[dict] | None = None, init: bool = False) -> dict:
+        """One ``run`` on the worker; returns its ``done`` (or a stand-in if the worker died).
+        ``steps``: completed steps of earlier attempts; ``init``: ``on_init`` first (a new worker)."""
         cur.turn = turn
         if cur.cancel:
             return {"status": "cancelled", "patch": [], "messages": [], "usage": {}, "error": None}
         worker = self.worker
         assert worker is not None
-        worker.channel.send_nowait({"op": "run", "kind": kind, "turn": turn, "message_id": message_id,
-                                    "message": message, "snapshot": snapshot})
+        command: dict[str, Any] = {"op": "run", "kind": kind, "turn": turn, "message_id": message_id,
+                                   "message": message, "snapshot": snapshot}
+        if steps:
+            command["steps"] = [{"name": s["name"], "result": s.get("result")} for s in steps]
+        if init:
+            command["init"] = True
+        worker.channel.send_nowait(command)
         cur.run_sent = True
         try:
             await worker.channel.writer.drain()
@@ -446,6 +483,8 @@ class AgentRunner:
                 elif ev == "message":
                     if cur.reply is not None and event.get("message", 0) > 0:
                         cur.reply._token("\n")
+                elif ev == "step":
+                    await self._step(worker, event)
                 elif ev == "done":
                     return event
                 elif ev in ("eof", "error"):
@@ -461,6 +500,48 @@ class AgentRunner:
         finally:
             if cur.killer is not None:
                 cur.killer.cancel()
+
+    async def _step(self, worker: WorkerProcess, event: dict) -> None:
+        """Record a worker's completed step through ``ctl`` and answer ``stepped``."""
+        name = event.get("name")
+        try:
+            reply = await self._turn_command({"cmd": "step", "name": name}, {"result": event.get("result")})
+            answer = {"op": "stepped", "name": name, "seq": reply.get("seq")}
+        except ChronicleError as exc:
+            answer = {"op": "stepped", "name": name, "error": str(exc)}
+        await worker.send(answer)
+
+    async def _restore(self, seq: int) -> bool:
+        """The whole tree back to ``seq`` (new events). Returns False (logged) if it failed."""
+        try:
+            try:
+                await self.mount.control({"cmd": "restore", "at": seq})
+            except Busy:                        # a dead worker's last writes not committed yet
+                await self.mount.control({"cmd": "sync"})
+                await self.mount.control({"cmd": "restore", "at": seq})
+            return True
+        except ChronicleError as exc:
+            log.warning("agent %r: could not restore the workspace to seq %d: %s", self.id, seq, exc)
+            return False
+
+    async def _restart_worker(self) -> bool:
+        """A new worker, started from the store, for a turn that runs again (no
+        ``on_init`` turn: the re-run calls it). Returns False (logged) if it could not start."""
+        await self._drop_worker()
+        info, worker = self.log.get(self.id), None
+        try:
+            worker = await self.host.spawn_worker(self.id, info["target"], info["cwd"])
+            state = self.log.state_at(self.id)
+            await worker.request({"op": "start", "workspace": str(self.mount.mountpoint), "state": state.state,
+                                  "version": state.version}, "started", self.host.start_timeout)
+        except ChronicleError as exc:
+            log.warning("agent %r: could not restart the worker to run the turn again: %s", self.id, exc)
+            if worker is not None:
+                await worker.stop()
+            return False
+        self.worker = worker
+        self.awake = True
+        return True
 
     async def cancel(self) -> CurrentTurn | None:
         """Cancel the running message turn (or the one about to run). Returns it, or None."""
@@ -505,19 +586,28 @@ class AgentRunner:
             await self.wake()
             turn = self.log.get(self.id)["last_turn"] + 1
             started = time.monotonic()
-            await self._turn_begin(turn, reply.message_id, {"kind": "message", "message": reply.message,
-                                                            "time": now_iso()})
+            begun = await self._turn_begin(turn, reply.message_id, {"kind": "message", "message": reply.message,
+                                                                    "time": now_iso()})
             reply.turn = turn
+            assert self.worker is not None
+            worker_info = self.worker.info
             try:
-                done = await self._run(cur, "message", turn, reply.message_id, reply.message,
-                                       snapshot=self._due(turn))
+                done, attempts = await self._attempts(cur, turn, reply, begun["seq"], worker_info)
             except BaseException as exc:
                 done = {"status": "interrupted", "patch": [], "messages": None, "usage": {},
                         "error": f"the runtime failed during the turn: {exc}"}
                 await self._turn_end(self._outcome(done, started, reply.text))
                 raise
-            outcome = self._outcome(done, started, reply.text)
-            record = self._recorded(turn, outcome, await self._turn_end(outcome, self._snapshot(done)))
+            extra: dict[str, Any] = {"attempts": attempts} if attempts > 1 else {}
+            undo = done["status"] != "completed" and worker_info.get("atomic_turns", True)
+            if undo:
+                extra["undone"] = {"to_seq": begun["seq"]}
+            outcome = self._outcome(done, started, reply.text, **extra)
+            ended = await self._turn_end(outcome, self._snapshot(done))
+            record = self._recorded(turn, outcome, ended)
+            if undo and ended is not None and ended["turn"]["end_seq"] >= ended["turn"]["begin_seq"]:
+                # After the label's end: turn:AGENT:N keeps the attempt's tree; the undo carries no label.
+                await self._restore(begun["seq"])
             if record["status"] == "failed":
                 log.info("agent %r: turn %d failed: %s", self.id, turn, record["error"])
         finally:
@@ -528,11 +618,43 @@ class AgentRunner:
         reply._finish(result)
         return result
 
+    async def _attempts(self, cur: CurrentTurn, turn: int, reply: Reply, begin_seq: int,
+                        worker_info: dict) -> tuple[dict, int]:
+        """Run the message turn, again per the class's retry policy while it
+        fails retryably (its worker died; an exception of ``retry_on``): each
+        new attempt starts from the workspace at the last completed step's
+        end (or the turn's start) and gets the completed steps. Returns the
+        last ``done`` and the number of attempts."""
+        policy = worker_info.get("retry") or {}
+        max_attempts = policy.get("max_attempts", 1)
+        attempt, steps, init = 1, None, False
+        while True:
+            done = await self._run(cur, "message", turn, reply.message_id, reply.message,
+                                   snapshot=self._due(turn), steps=steps, init=init)
+            retryable = done["status"] == "interrupted" or (done["status"] == "failed" and done.get("retry"))
+            if not retryable or cur.cancel or attempt >= max_attempts:
+                return done, attempt
+            delay = min(policy.get("max_delay", 10.0), policy.get("initial_delay", 0.1)
+                        * policy.get("backoff", 2.0) ** (attempt - 1)) \
+                * (1 + policy.get("jitter", 0.0) * random.uniform(-1.0, 1.0))
+            log.info("agent %r: turn %d attempt %d ended %s; running it again in %.2fs", self.id, turn,
+                     attempt, done["status"], delay)
+            await asyncio.sleep(max(0.0, delay))
+            record = self.log.record(self.id, turn) or {}
+            steps = record.get("steps") or []
+            if not await self._restore(steps[-1]["seq"] if steps else begin_seq):
+                return done, attempt
+            init = self.worker is None or not self.worker.alive
+            if init and not await self._restart_worker():
+                return done, attempt
+            attempt += 1
+
     async def rollback(self, to: int) -> dict:
         """Files and state back to the end of turn ``to``, as a new ``rollback``
         turn; returns its record. Raises :class:`NotFound` (no such turn, or
         one whose end was not recorded), :class:`Busy` (it has not ended)."""
-        target_record = self.log.record(self.id, to)
+        found = self.log.lineage_record(self.id, to)
+        owner, target_record = found if found is not None else (self.id, None)
         if target_record is None:
             last = self.log.get(self.id)["last_turn"]
             raise NotFound(f"agent {self.id!r} has no turn {to} (its turns are 0 to {last})")
@@ -551,7 +673,7 @@ class AgentRunner:
         await self._turn_begin(turn, None, {"kind": "rollback", "rollback_to": to, "time": now_iso()})
         done: dict = {"status": "completed", "patch": [], "messages": [], "usage": {}, "error": None}
         try:
-            await self.mount.control({"cmd": "restore", "at": f"turn:{self.id}:{to}"})
+            await self.mount.control({"cmd": "restore", "at": f"turn:{owner}:{to}"})
         except ChronicleError as exc:
             done.update(status="failed", error=str(exc))
         snapshot = None

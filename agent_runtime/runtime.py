@@ -321,8 +321,11 @@ class Runtime:
     async def fork(self, agent_id: str, new_agent_id: str, at: int | None = None) -> dict:
         """A new agent ``new_agent_id`` with the same code, whose workspace is a
         copy-on-write fork of ``agent_id``'s at the end of turn ``at`` (default:
-        its last ended turn) and whose state is the state after that turn. The
-        new agent starts on its first message. Returns its record.
+        its last ended turn; an inherited turn too) and whose state is the
+        state after that turn. The new agent's own turns number on from
+        ``at`` (its record: ``parent`` ``{"agent", "turn"}``, ``first_turn``);
+        the turns before are its parent's (:meth:`turns` marks them
+        ``inherited``). It starts on its first message. Returns its record.
 
         Raises :class:`AgentNotFound`, :class:`AgentExists`, :class:`NotFound`
         (no such turn), :class:`Busy` (the turn has not ended).
@@ -335,7 +338,9 @@ class Runtime:
             at = info["last_turn"]
             while at > 0 and (self.turn_log.record(agent_id, at) or {}).get("status") not in FINAL_STATUSES:
                 at -= 1
-        record = self.turn_log.record(agent_id, at) if isinstance(at, int) and not isinstance(at, bool) else None
+        found = self.turn_log.lineage_record(agent_id, at) if isinstance(at, int) and not isinstance(at, bool) \
+            else None
+        record = found[1] if found is not None else None
         if record is None:
             raise NotFound(f"agent {agent_id!r} has no turn {at} (its turns are 0 to {info['last_turn']})")
         if record.get("status") not in FINAL_STATUSES:
@@ -350,6 +355,8 @@ class Runtime:
             new = self._agent_record(new_agent_id, info["target"], info["cwd"],
                                      {"entity_type": state.entity_type or info.get("entity_type")}, parent,
                                      version=state.version)
+            # Numbering continues along the lineage: the fork's own first turn is `at`, its next at + 1.
+            new.update(first_turn=at, last_turn=at)
             self._create_agent(new, {"version": state.version, "entity_type": new["entity_type"],
                                      "state": state.state}, {"kind": "fork", "forked_from": parent})
         except BaseException:
@@ -442,19 +449,24 @@ class Runtime:
         return [self.agent(record["id"]) for record in self.turn_log.agents()]
 
     def turns(self, agent_id: str) -> list[dict]:
-        """Every turn, oldest first: ``{"turn", "kind", "message_id", "status",
-        "time", "end_time", "duration_ms", "events", "patch_ops", "reply_chars",
-        "usage", "error"}`` (``events``: file events in the workspace)."""
-        self.turn_log.get(agent_id)
+        """Every turn along the agent's lineage, oldest first: ``{"turn",
+        "kind", "message_id", "status", "time", "end_time", "duration_ms",
+        "events", "patch_ops", "reply_chars", "usage", "error", "steps",
+        "attempts", "undone", "inherited"}`` (``events``: file events in the
+        workspace; ``steps``: how many durable steps it completed;
+        ``inherited``: None for the agent's own turns, else the ancestor
+        whose turn a fork inherited — the turns before its fork turn)."""
         out = []
-        for rec in self.turn_log.records(agent_id):
+        for owner, rec in self.turn_log.lineage(agent_id):
             begin, end = rec.get("begin_seq"), rec.get("end_seq")
             out.append({"turn": rec["turn"], "kind": rec.get("kind"), "message_id": rec.get("message_id"),
                         "status": rec.get("status"), "time": rec.get("time"), "end_time": rec.get("end_time"),
                         "duration_ms": rec.get("duration_ms"),
                         "events": max(0, end - begin + 1) if begin is not None and end is not None else None,
                         "patch_ops": len(rec.get("patch") or []), "reply_chars": len(rec.get("reply") or ""),
-                        "usage": rec.get("usage") or {}, "error": rec.get("error")})
+                        "usage": rec.get("usage") or {}, "error": rec.get("error"),
+                        "steps": len(rec.get("steps") or []), "attempts": rec.get("attempts", 1),
+                        "undone": bool(rec.get("undone")), "inherited": owner if owner != agent_id else None})
         return out
 
     def turn_count(self, agent_id: str) -> int:
@@ -467,12 +479,13 @@ class Runtime:
         turn (``.chronicle/log`` records, with their paths). Raises
         :class:`NotFound`."""
         self.turn_log.get(agent_id)
-        record = self.turn_log.record(agent_id, turn) if isinstance(turn, int) else None
-        if record is None:
+        found = self.turn_log.lineage_record(agent_id, turn) if isinstance(turn, int) else None
+        if found is None:
             raise NotFound(f"agent {agent_id!r} has no turn {turn}")
+        owner, record = found
         out = {"turn": record["turn"], "message": record.get("message"), "patch": record.get("patch") or [],
-               "files": self.turn_log.turn_events(agent_id, record), "reply": record.get("reply") or "",
-               "status": record.get("status")}
+               "files": self.turn_log.turn_events(owner, record), "reply": record.get("reply") or "",
+               "status": record.get("status"), "inherited": owner if owner != agent_id else None}
         out.update((k, v) for k, v in record.items() if k not in out)
         return out
 

@@ -16,6 +16,12 @@ patch that does not apply would mean the recording is wrong: the worker
 reports a fatal ``error`` and exits, and the coordinator restarts it from the
 store.
 
+Steps: ``ctx.step`` sends ``step`` and waits for ``stepped`` (the
+coordinator recorded it through the workspace's ``ctl``). A ``run`` may carry
+the ``steps`` an earlier attempt of the turn completed (their results are
+returned, not recomputed) and ``init`` (a new worker re-running a turn calls
+``on_init`` first, inside the turn).
+
 Threads: one asyncio loop; the handler runs as a task beside the reader, so a
 ``cancel`` line reaches it while it runs.
 """
@@ -35,9 +41,9 @@ from typing import Any
 
 import jsonpatch
 
-from chronicle.errors import AgentError, ChronicleError, StateError
+from chronicle.errors import AgentError, ChronicleError, StateError, UsageError
 
-from agent_runtime.agent import AgentContext, BaseAgent
+from agent_runtime.agent import AgentContext, BaseAgent, RetryPolicy
 from agent_runtime.loader import load_agent_class
 from agent_runtime.protocol import Channel
 
@@ -57,6 +63,18 @@ class _ChannelSink:
         await self.worker.channel.send({"ev": "token", "turn": self.worker.ctx.turn, "message": message,
                                         "token": token, "final": final})
 
+    async def step(self, name: str, result: Any) -> int | None:
+        worker = self.worker
+        waiter = worker.step_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await worker.channel.send({"ev": "step", "turn": worker.ctx.turn, "name": name, "result": result})
+            answer = await waiter
+        finally:
+            worker.step_waiter = None
+        if answer.get("error"):
+            raise UsageError(f"step {name!r} could not be recorded: {answer['error']}")
+        return answer.get("seq")
+
 
 class Worker:
     def __init__(self, channel: Channel, agent_id: str, cls: type[BaseAgent]):
@@ -69,6 +87,7 @@ class Worker:
         self.task: asyncio.Task | None = None
         self.task_turn: int | None = None
         self.task_kind: str | None = None
+        self.step_waiter: asyncio.Future | None = None
 
     # -- commands ------------------------------------------------------------------------
 
@@ -90,6 +109,9 @@ class Worker:
                 elif op == "cancel":
                     if self.task is not None and not self.task.done() and self.task_turn == command.get("turn"):
                         self.task.cancel()
+                elif op == "stepped":
+                    if self.step_waiter is not None and not self.step_waiter.done():
+                        self.step_waiter.set_result(command)
                 elif op == "load":
                     await self.load(command)
                 else:
@@ -140,9 +162,13 @@ class Worker:
         assert ctx is not None and self.committed is not None
         kind = command.get("kind", "message")
         turn = command.get("turn")
-        ctx._begin(turn, command.get("message_id"))
-        status, error, result = "completed", None, None
+        ctx._begin(turn, command.get("message_id"), command.get("steps"))
+        status, error, result, retry = "completed", None, None, False
         try:
+            if command.get("init"):             # a re-run on a new worker: on_init first, in the same turn
+                outcome = self.agent.on_init(ctx)
+                if inspect.isawaitable(outcome):
+                    await outcome
             hook = getattr(self.agent, HOOKS[kind])
             outcome = hook(ctx, command.get("message")) if kind == "message" else hook(ctx)
             if inspect.isawaitable(outcome):
@@ -153,6 +179,7 @@ class Worker:
             status = "cancelled"
         except BaseException as exc:        # SystemExit too: the agent keeps serving
             status = "failed"
+            retry = isinstance(exc, Exception) and self.cls.retry_policy.retries(exc)
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             log.error("turn %s (%s) failed:\n%s", turn, kind, traceback.format_exc().rstrip())
         finally:
@@ -172,7 +199,8 @@ class Worker:
         else:
             ctx.state.reset_to(self.committed)
         done: dict[str, Any] = {"ev": "done", "turn": turn, "status": status, "patch": patch,
-                                "messages": messages, "usage": usage, "error": error, "result": result}
+                                "messages": messages, "usage": usage, "error": error, "result": result,
+                                "retry": retry}
         if command.get("snapshot"):
             done["state"] = self.committed          # the state after the run, whatever its status
         await self.channel.send(done)
@@ -196,8 +224,10 @@ async def _main(args: argparse.Namespace) -> int:
             defaults = cls.State().to_json()
         except StateError:
             defaults = None
+        policy = cls.retry_policy if isinstance(cls.retry_policy, RetryPolicy) else RetryPolicy()
         await channel.send({"ev": "loaded", "pid": os.getpid(), "entity_type": cls.State._entity_type,
-                            "version": cls.State._version, "defaults": defaults})
+                            "version": cls.State._version, "defaults": defaults,
+                            "atomic_turns": bool(cls.atomic_turns), "retry": policy.to_json()})
         return await worker.serve()
     except (ConnectionError, BrokenPipeError):
         return 0

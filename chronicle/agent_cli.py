@@ -341,18 +341,26 @@ def turns(name: str, store_opt, as_json: bool) -> None:
     """List agent NAME's turns, oldest first.
 
     STATUS is completed, failed, cancelled, interrupted (or running); PATCH
-    counts the state's JSON Patch operations, FILES the file events of the turn.
+    counts the state's JSON Patch operations, FILES the file events of the
+    turn; NOTE says "inherited from P" (a fork's turns before its fork turn),
+    "undone" (a turn that did not complete, its files put back), how many
+    durable steps and attempts it had.
     """
     records = _query(store_opt, "turns", name)
     if as_json:
         _print_json(records)
         return
-    rows = [["TURN", "KIND", "STATUS", "TIME", "MS", "PATCH", "FILES", "MESSAGE ID"]]
+    rows = [["TURN", "KIND", "STATUS", "TIME", "MS", "PATCH", "FILES", "MESSAGE ID", "NOTE"]]
     for t in records:
         ms = t.get("duration_ms")
+        note = [f"inherited from {t['inherited']}"] if t.get("inherited") else []
+        note += ["undone"] if t.get("undone") else []
+        note += [f"{t['steps']} step(s)"] if t.get("steps") else []
+        note += [f"{t['attempts']} attempts"] if (t.get("attempts") or 1) > 1 else []
         rows.append([str(t["turn"]), t.get("kind") or "-", t.get("status") or "-", t.get("time") or "-",
                      f"{ms:.0f}" if isinstance(ms, (int, float)) else "-", str(t.get("patch_ops", 0)),
-                     str(t["events"]) if t.get("events") is not None else "-", t.get("message_id") or "-"])
+                     str(t["events"]) if t.get("events") is not None else "-", t.get("message_id") or "-",
+                     ", ".join(note) or "-"])
     _table(rows, right={0, 4, 5, 6})
 
 
@@ -385,7 +393,7 @@ def show(name: str, number: int, store_opt, as_json: bool) -> None:
     ms = t.get("duration_ms")
     click.echo(f"turn {t['turn']} of {name}: {t.get('kind')}, {t.get('status')}, {t.get('time')}"
                + (f", {ms:.0f} ms" if isinstance(ms, (int, float)) else ""))
-    for key in ("rollback_to", "forked_from", "migrated_from", "target"):
+    for key in ("inherited", "rollback_to", "forked_from", "migrated_from", "target", "attempts", "undone"):
         if t.get(key) is not None:
             click.echo(f"{key.replace('_', ' ')}: {_short(t[key], 200)}")
     if t.get("message") is not None:
@@ -401,7 +409,12 @@ def show(name: str, number: int, store_opt, as_json: bool) -> None:
         value = f" {_short(json.dumps(op['value'], ensure_ascii=False))}" if "value" in op else ""
         source = f" from {op['from']}" if "from" in op else ""
         click.echo(f"  {op['op']:<8} {op['path']}{source}{value}")
-    label = {"agent": name, "turn": t["turn"], "message_id": t.get("message_id")}
+    if t.get("steps"):
+        click.echo(f"steps: {len(t['steps'])}")
+        for step in t["steps"]:
+            click.echo(f"  {step.get('seq', '?'):>6}  {step.get('name')}: "
+                       f"{_short(json.dumps(step.get('result'), ensure_ascii=False))}")
+    label = {"agent": t.get("inherited") or name, "turn": t["turn"], "message_id": t.get("message_id")}
     click.echo(f"files: {len(t['files'])} event(s)")
     for ev in t["files"]:
         click.echo("  " + _event_text(ev, label))

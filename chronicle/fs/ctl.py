@@ -13,6 +13,7 @@ command                                                            does
                                                                    snapshot or ``turn:AGENT:N``
 ``{"cmd": "turn-begin", "agent": A, "turn": N, "message_id": M}``  label the following events
 ``{"cmd": "turn-end"}``                                            end the label; reply has the label (``turn``)
+``{"cmd": "step", "name": S, "result": JSON}``                     a durable step of the open turn; reply ``seq``
 ``{"cmd": "sync"}``                                                commit open files, make all durable
 =================================================================  ==========================================
 
@@ -224,6 +225,18 @@ class CtlSession:
         label, record = await trio.to_thread.run_sync(self.turn_log.record_end, ws, ended, outcome, snapshot, keep)
         return {"seq": ws.head_seq, "turn": label, "recorded": record is not None}
 
+    async def step(self, command: dict) -> dict:
+        """``step``: commit open files, then record a completed durable step
+        (``name``, its JSON ``result``) in the open turn's ``running`` record,
+        at the head seq (``TurnLog.step``). Reply: ``{"seq", "name"}``."""
+        command = await self._with_turn_data(command)
+        name = _field(command, "name", str)
+        if "result" not in command:
+            raise InvalidArgument("command 'step' needs 'result' (any JSON value)")
+        await self.ops.commit_all()
+        step = self.turn_log.step(self.ops.ws, name, command["result"])
+        return {"seq": step["seq"], "name": name}
+
     async def turn_data(self, command: dict) -> dict:
         """``turn-data``: a piece of the JSON object of fields for this handle's
         next turn command, for records longer than a line (that command says
@@ -272,6 +285,7 @@ COMMANDS = {
     "turn-begin": CtlSession.turn_begin,
     "turn-end": CtlSession.turn_end,
     "turn-data": CtlSession.turn_data,
+    "step": CtlSession.step,
     "sync": CtlSession.sync,
 }
 

@@ -201,8 +201,8 @@ def test_chat_quickstart_then_turns_show_state_list(env):
     assert [(t["turn"], t["kind"], t["status"], t["patch_ops"], t["events"]) for t in turns] == \
         [(0, "create", "completed", 0, 0)] + [(n, "message", "completed", 2, 0) for n in (1, 2, 3, 4)]
     table = env.ok("turns", "hello").splitlines()
-    assert table[0].split() == ["TURN", "KIND", "STATUS", "TIME", "MS", "PATCH", "FILES", "MESSAGE", "ID"]
-    assert table[2].split()[:3] == ["1", "message", "completed"] and table[2].split()[-1] == turns[1]["message_id"]
+    assert table[0].split() == ["TURN", "KIND", "STATUS", "TIME", "MS", "PATCH", "FILES", "MESSAGE", "ID", "NOTE"]
+    assert table[2].split()[:3] == ["1", "message", "completed"] and table[2].split()[-2] == turns[1]["message_id"]
 
     shown = env.json("show", "hello", "2")
     assert {"turn", "message", "patch", "files", "reply", "status"} <= set(shown)
@@ -536,3 +536,30 @@ def test_serve_http_api(env):
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert env.trace_lines()[-1] == "shutdown s"
     assert not (env.store / "run" / "agent-serve.json").exists() and workers_of(env.store) == []
+
+
+def test_reads_answer_while_a_turn_runs_under_serve(env):
+    """state, history, turns and show answer over HTTP and from the CLI while the agent is mid-turn."""
+    port = free_port()
+    proc, api = start_serve(env, port)
+    go = env.tmp / "go"
+    try:
+        assert api("POST", "/agents", {"id": "s", "target": "streamer:Streamer"})[0] == 201
+        with api.stream("s", {"words": ["one", "two"], "wait_file": str(go)}) as resp:
+            assert json.loads(resp.readline()) == {"token": "one "}         # the handler now waits for `go`
+            for path in ("/agents/s/state", "/agents/s/history", "/agents/s/turns", "/agents/s/turns/1"):
+                started = time.monotonic()
+                status, body = api("GET", path)
+                assert status == 200 and time.monotonic() - started < 5, (path, body)
+            assert api("GET", "/agents/s/turns/1")[1]["status"] == "running"
+            assert api("GET", "/agents/s/state")[1] == {"count": 0, "words": []}
+            assert env.json("turns", "s")[-1]["status"] == "running"        # the CLI, in another process
+            assert env.json("state", "s") == {"count": 0, "words": []}
+            assert json.loads(env.ok("show", "s", "1", "--json"))["status"] == "running"
+            go.touch()
+            rest = [json.loads(line) for line in resp]
+        assert rest[-1]["result"]["status"] == "completed"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0

@@ -359,8 +359,11 @@ def test_kill_9_of_the_worker_mid_turn(env):
         assert rt.worker_pid("k") != pid
         assert rt.state("k") == {"count": 2, "notes": ["one", "three"], "extra": None}
         assert [s for _, k, s in statuses(rt, "k") if k == "message"] == ["completed", "interrupted", "completed"]
-        assert (Path(rt.mountpoint("k")) / "b.txt").read_text() == "2"     # its files stay, labelled
+        # Its files are undone (SPEC §5: all-or-nothing), but its events stay, labelled, and its tree too.
+        ws = Path(rt.mountpoint("k"))
+        assert not (ws / "b.txt").exists() and (ws / "a.txt").read_text() == "1"
         assert {e["path"] for e in rt.show_turn("k", result["turn"])["files"]} == {"b.txt"}
+        assert (ws / ".chronicle" / "at" / f"turn:k:{result['turn']}" / "b.txt").read_text() == "2"
     env.run(program)
 
 
@@ -415,7 +418,8 @@ def test_mount_daemon_killed_mid_turn(env):
         await rt.create("dm", SCRIPTED, cwd=env.src)
         await rt.ask("dm", {"text": "one"})
         daemon, worker = rt.store.mount_info("dm")["pid"], rt.worker_pid("dm")
-        reply = await rt.send("dm", {"text": "two", "steps": [["token", "t"], ["wait_file", str(go), 60]]})
+        reply = await rt.send("dm", {"text": "two", "steps": [["write", "lost.txt", "x"], ["token", "t"],
+                                                             ["wait_file", str(go), 60]]})
         await first_token(reply)
         os.kill(daemon, signal.SIGKILL)
         while alive(daemon):
@@ -429,6 +433,7 @@ def test_mount_daemon_killed_mid_turn(env):
         assert [s for _, k, s in statuses(rt, "dm") if k == "message"] == ["completed", "interrupted", "completed"]
         assert "mount daemon stopped" in rt.show_turn("dm", result["turn"])["error"]
         assert rt.state("dm")["notes"] == ["one", "three"]
+        assert not (Path(rt.mountpoint("dm")) / "lost.txt").exists()     # undone when the agent woke again
     env.run(program)
 
 
@@ -475,7 +480,8 @@ def test_runtime_killed_mid_turn_then_restarted(env):
             rt = Runtime({str(env.store)!r})
             await rt.create("c", "agents:Scripted", cwd={str(env.src)!r})
             await rt.ask("c", {{"text": "one"}})
-            reply = await rt.send("c", {{"text": "two", "steps": [["token", "t"], ["wait_file", {str(go)!r}, 60]]}})
+            reply = await rt.send("c", {{"text": "two", "steps": [["write", "lost.txt", "x"], ["token", "t"],
+                                                                ["wait_file", {str(go)!r}, 60]]}})
             async for token in reply:
                 print("WORKER", rt.worker_pid("c"), flush=True)
                 await asyncio.sleep(3600)
@@ -498,6 +504,8 @@ def test_runtime_killed_mid_turn_then_restarted(env):
         assert [s for _, k, s in statuses(rt, "c") if k == "message"] == ["completed", "interrupted", "completed"]
         assert rt.state("c")["notes"] == ["one", "three"]
         assert "runtime stopped" in rt.show_turn("c", 2)["error"]
+        assert not (Path(rt.mountpoint("c")) / "lost.txt").exists()      # the lost turn's files undone at the wake
+        assert {e["path"] for e in rt.show_turn("c", 2)["files"]} == {"lost.txt"}
     env.run(program)
 
 
@@ -549,9 +557,13 @@ def test_fork_is_copy_on_write_and_evolves_independently(env):
         assert rt.state("a")["notes"] == ["one", "two", "three"]
         assert rt.state("b")["notes"] == ["one", "b-two"]
         assert [(h["agent"], h["turn"]) for h in rt.history("b")] == [("a", t1["turn"]), ("b", rb["turn"])]
-        assert statuses(rt, "b")[0] == (0, "fork", "completed")
-        # The fork's turn 0 names its starting tree.
-        assert (wb / ".chronicle" / "at" / "turn:b:0" / "f.txt").read_text() == "one"
+        # Lineage: b's own turns number on from its fork turn; the ones before are a's, shown as inherited.
+        assert rb["turn"] == t1["turn"] + 1
+        assert [(t["turn"], t["kind"], t["inherited"]) for t in rt.turns("b")] == \
+            [(0, "create", "a"), (t1["turn"], "fork", None), (rb["turn"], "message", None)]
+        assert rt.show_turn("b", 0)["inherited"] == "a"
+        # The fork's first turn names its starting tree.
+        assert (wb / ".chronicle" / "at" / f"turn:b:{t1['turn']}" / "f.txt").read_text() == "one"
         with pytest.raises(AgentExists):
             await rt.fork("a", "b", at=1)
     env.run(program)

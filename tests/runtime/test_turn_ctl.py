@@ -94,3 +94,25 @@ def test_a_refused_turn_end_changes_nothing(agent_mount):
         with pytest.raises(InvalidArgument, match="agent of the workspace"):
             ctl.request({"cmd": "turn-end", "record": {"status": "completed", "kind": "x"}})
         assert ctl.request({"cmd": "turn-end"})["recorded"] is False
+
+
+def test_step_records_a_result_at_the_head_seq(agent_mount):
+    mount, _store, log = agent_mount
+    with ControlChannel(mount.path) as ctl:
+        with pytest.raises(InvalidArgument, match="no turn is open"):
+            ctl.request({"cmd": "step", "name": "s", "result": 1})
+        ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": 1, "record": {"kind": "message"}})
+        (mount.path / "a.txt").write_text("before the step\n")
+        first = ctl.request({"cmd": "step", "name": "fetch", "result": {"pages": [1, 2]}})
+        with pytest.raises(InvalidArgument, match="step 'fetch' was already recorded in turn 1"):
+            ctl.request({"cmd": "step", "name": "fetch", "result": 2})
+        with pytest.raises(InvalidArgument, match="needs 'result'"):
+            ctl.request({"cmd": "step", "name": "other"})
+        with pytest.raises(InvalidArgument, match="needs 'name'"):
+            ctl.request({"cmd": "step", "result": 1})
+        running = log.record("bot", 1)
+        assert [(s["name"], s["result"], s["seq"]) for s in running["steps"]] == [("fetch", {"pages": [1, 2]},
+                                                                                  first["seq"])]
+        assert first["seq"] >= running["begin_seq"]                  # the file's events are before the step
+        ctl.request({"cmd": "turn-end", "record": {"status": "completed"}})
+    assert [s["name"] for s in log.record("bot", 1)["steps"]] == ["fetch"]      # kept in the final record

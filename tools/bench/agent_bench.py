@@ -2,7 +2,7 @@
 """Agent runtime benchmark: the cost of a turn, and restoring an agent with a long turn log.
 
     .venv/bin/python tools/bench/agent_bench.py [--quick] [--turns N] [--log-turns N] [--json PATH]
-        [--workdir /var/tmp]
+        [--steps N] [--workdir /var/tmp]
 
 (a) **Per-turn overhead.** ``--turns`` message turns of an agent that does
 nothing (``noop``) and of one that changes its state a little (``counter``:
@@ -23,6 +23,11 @@ patches to apply), ``Runtime.turns()`` (what ``chronicle agent turns`` reads),
 and waking the agent (``Runtime.start``: mount its workspace, start a worker,
 load the state, ``on_init``) against waking an agent with one turn, each the
 median of 3, and the first message after a wake.
+
+(c) **Steps and reads during a turn.** The cost of one ``ctx.step`` (a
+turn of ``--steps`` steps against a turn of none: each step a worker →
+coordinator → ``ctl step`` → LMDB round trip), and ``Runtime.state()`` /
+``Runtime.turns()`` answered while the agent is mid-turn.
 
 Not a CI test (figures depend on the machine); ``tests/bench/test_bench_smoke.py``
 runs ``--quick`` so it does not rot. Everything lives in one fresh directory
@@ -53,6 +58,7 @@ from agent_runtime import AgentContext, Runtime  # noqa: E402
 from agent_runtime.loader import load_agent_class  # noqa: E402
 
 AGENTS = textwrap.dedent('''
+    import asyncio, os
     from agent_runtime import BaseAgent, DeltaState
 
     class Noop(BaseAgent):
@@ -62,6 +68,18 @@ AGENTS = textwrap.dedent('''
 
         async def on_message(self, ctx, message):
             pass
+
+    class Stepper(BaseAgent):
+        class State(DeltaState):
+            _entity_type = "stepper"
+            count: int = 0
+
+        async def on_message(self, ctx, message):
+            for i in range(message.get("steps", 0)):
+                await ctx.step(f"s{i}", int, i)
+            if message.get("wait_file"):
+                while not os.path.exists(message["wait_file"]):
+                    await asyncio.sleep(0.001)
 
     class Counter(BaseAgent):
         class State(DeltaState):
@@ -129,6 +147,46 @@ async def overhead(rt: Runtime, src: Path, work: Path, turns: int) -> dict:
         out[name] = {"turns": turns, "direct_ms": direct * 1000, "runtime_ms": through * 1000,
                      "ratio": through / direct if direct else None}
     return out
+
+
+# -- (c) steps, and reads while a turn runs ----------------------------------------------------------
+
+
+async def steps_and_reads(rt: Runtime, src: Path, work: Path, steps: int) -> dict:
+    """The cost of one ``ctx.step`` (a turn of ``steps`` steps against a turn
+    of none, median of 5 each), and ``Runtime.state``/``turns`` while a turn
+    runs (median of 50 each, the turn waiting meanwhile)."""
+    await rt.create("stepper", "bench_agents:Stepper", cwd=src)
+    await rt.ask("stepper", {"steps": 3})
+
+    async def turn(message: dict) -> float:
+        started = time.perf_counter()
+        result = await rt.ask("stepper", message)
+        if result["status"] != "completed":
+            raise RuntimeError(f"the step turn failed: {result['error']}")
+        return time.perf_counter() - started
+
+    empty = statistics.median([await turn({"steps": 0}) for _ in range(5)])
+    full = statistics.median([await turn({"steps": steps}) for _ in range(5)])
+    go = work / "go"
+    reply = await rt.send("stepper", {"wait_file": str(go)})
+    while not rt.turns("stepper")[-1]["status"] == "running":
+        await asyncio.sleep(0.001)
+    reads = {}
+    for name, call in (("state", lambda: rt.state("stepper")), ("turns", lambda: rt.turns("stepper"))):
+        times = []
+        for _ in range(50):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        reads[name] = statistics.median(times)
+    running = not reply.done
+    go.touch()
+    await reply.result(60)
+    await rt.shutdown_agent("stepper")
+    return {"steps": steps, "step_ms": (full - empty) / steps * 1000, "turn_without_steps_ms": empty * 1000,
+            "state_during_turn_ms": reads["state"] * 1000, "turns_during_turn_ms": reads["turns"] * 1000,
+            "turns_listed": len(rt.turns("stepper")), "turn_was_running": running}
 
 
 # -- (b) restoring a long log -------------------------------------------------------------------
@@ -211,7 +269,7 @@ async def restore(rt: Runtime, src: Path, turns: int) -> dict:
 # -- main -----------------------------------------------------------------------------------
 
 
-def report(a: dict, b: dict) -> None:
+def report(a: dict, b: dict, c: dict) -> None:
     print(f"Agent runtime benchmark: Python {platform.python_version()}, {os.cpu_count()} CPU(s), "
           f"{platform.system()} {platform.release()}")
     print()
@@ -244,6 +302,17 @@ def report(a: dict, b: dict) -> None:
     for key, value in lines:
         print(f"  {key.ljust(width)}  {value}")
     print(f"  (wakes: median of {STARTS}; a wake mounts the workspace and starts a worker process)")
+    print()
+    print("(c) Durable steps, and reads while a turn runs")
+    lines = [
+        (f"one ctx.step (a turn of {c['steps']} steps vs one of none)", f"{ms(c['step_ms'] / 1000)} ms"),
+        ("Runtime.state() while a turn runs", f"{ms(c['state_during_turn_ms'] / 1000)} ms"),
+        (f"Runtime.turns() while a turn runs ({c['turns_listed']} turns)", f"{ms(c['turns_during_turn_ms'] / 1000)} ms"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"  {key.ljust(width)}  {value}")
+    print(f"  (the turn was still running after the reads: {c['turn_was_running']})")
 
 
 async def run(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
@@ -255,7 +324,8 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
     async with Runtime(work / "store", snapshot_every=SNAPSHOT_EVERY) as rt:
         a = await overhead(rt, src, direct_dir, args.turns)
         b = await restore(rt, src, args.log_turns)
-    return a, b
+        c = await steps_and_reads(rt, src, work, args.steps)
+    return a, b, c
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,21 +333,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 turns, a log of 300 turns")
     parser.add_argument("--turns", type=int, help="message turns per agent for (a) (default 1000; quick: 30)")
     parser.add_argument("--log-turns", type=int, help="turns in the long log of (b) (default 10000; quick: 300)")
+    parser.add_argument("--steps", type=int, help="steps in the step turn of (c) (default 200; quick: 20)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="parent of the run's temp dir")
     args = parser.parse_args(argv)
     args.turns = args.turns or (30 if args.quick else 1000)
     args.log_turns = args.log_turns or (300 if args.quick else 10_000)
-    if args.turns < 1 or args.log_turns < 2:
-        parser.error("--turns must be >= 1 and --log-turns >= 2")
+    args.steps = args.steps or (20 if args.quick else 200)
+    if args.turns < 1 or args.log_turns < 2 or args.steps < 1:
+        parser.error("--turns and --steps must be >= 1 and --log-turns >= 2")
     work = Path(tempfile.mkdtemp(prefix="agent-bench-", dir=args.workdir))
     try:
-        a, b = asyncio.run(run(args, work))
+        a, b, c = asyncio.run(run(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(a, b)
+    report(a, b, c)
     if args.json:
-        args.json.write_text(json.dumps({"overhead": a, "restore": b}, indent=2))
+        args.json.write_text(json.dumps({"overhead": a, "restore": b, "steps": c}, indent=2))
     return 0
 
 

@@ -24,9 +24,16 @@ Vocabulary (SPEC §4, §5):
       {"turn", "kind", "status", "message_id", "message", "reply", "messages",
        "error", "patch": [JSON Patch ops], "usage": {...}, "begin_seq", "end_seq",
        "time", "end_time", "duration_ms", "snapshot": bool,
-       "rollback_to"?, "forked_from"?, "migrated_from"?, "target"?}
+       "rollback_to"?, "forked_from"?, "migrated_from"?, "target"?,
+       "steps"?: [{"name", "result", "seq", "time"}], "attempts"?: N,
+       "undone"?: {"to_seq"}}
 
-  ``kind``: ``create``/``fork`` (turn 0), ``message``, ``init``/``idle``/
+  ``steps``: its completed durable steps (:meth:`TurnLog.step`); ``attempts``:
+  runs of the turn; ``undone``: a turn that did not complete whose files (if any) the
+  runtime put back after its end (a restore to ``to_seq``, unlabelled events
+  after ``end_seq``: ``turn:AGENT:N`` still shows the attempt's tree).
+
+  ``kind``: ``create`` (turn 0)/``fork`` (the fork turn), ``message``, ``init``/``idle``/
   ``shutdown`` (hooks), ``rollback``. ``status`` is ``running`` (written with
   the label when the turn begins), then one of :data:`FINAL_STATUSES` —
   ``completed``, ``failed`` (the handler raised), ``cancelled``,
@@ -49,6 +56,7 @@ Vocabulary (SPEC §4, §5):
 
       {"id", "target", "cwd", "created", "entity_type", "state_version",
        "parent": null | {"agent", "turn"},     # a fork: whose state and files it started from
+       "first_turn"?: N,                      # a fork's own first turn (= parent turn): it numbers on
        "last_turn": N, "message_turns": N,    # the turn counters
        "history_from": N, "total_usage": {...}, "last_turn_usage": {...},
        "status": "created" | "running" | "sleeping" | "stopped"}
@@ -242,7 +250,8 @@ class TurnLog:
             return [json.loads(value) for _key, value in cur]
 
     def create_agent(self, ws: Workspace, record: dict, snapshot: dict, origin: dict) -> None:
-        """Add the agent of workspace ``ws`` (its writer) with its turn 0 — a
+        """Add the agent of workspace ``ws`` (its writer) with its first turn
+        (``record["first_turn"]``, default 0; a fork's is its fork turn) — a
         label of no events at the head, a completed record of ``origin``'s
         fields (``{"kind": "create" | "fork", ...}``) — and that turn's state
         snapshot, in one transaction. Leftover records of a deleted agent of
@@ -250,11 +259,13 @@ class TurnLog:
         """
         agent = record["id"]
         self._check_writer(ws, agent)
+        first = record.get("first_turn", 0)
+        check_label(agent, first)
         now = now_iso()
         head = ws.head_seq
-        label = {"agent": agent, "turn": 0, "message_id": None, "begin_seq": head + 1, "end_seq": head,
+        label = {"agent": agent, "turn": first, "message_id": None, "begin_seq": head + 1, "end_seq": head,
                  "begin_time": now, "end_time": now}
-        turn0 = {**RECORD_FIELDS, "status": "completed", **origin, "turn": 0, "begin_seq": head + 1,
+        turn0 = {**RECORD_FIELDS, "status": "completed", **origin, "turn": first, "begin_seq": head + 1,
                  "end_seq": head, "time": now, "end_time": now, "duration_ms": 0.0, "snapshot": True}
         with self.env.begin(write=True) as txn:
             if txn.get(agent.encode(), db=self.agents_db) is not None:
@@ -262,8 +273,8 @@ class TurnLog:
             self._delete_records(txn, agent)
             txn.put(agent.encode(), json.dumps(record).encode(), db=self.agents_db)
             self._put_label(txn, ws, label)
-            txn.put(turn_key(agent, 0), json.dumps(turn0).encode(), db=self.records_db)
-            txn.put(turn_key(agent, 0), json.dumps(snapshot).encode(), db=self.states_db)
+            txn.put(turn_key(agent, first), json.dumps(turn0).encode(), db=self.records_db)
+            txn.put(turn_key(agent, first), json.dumps(snapshot).encode(), db=self.states_db)
         self.store.note_commit()
 
     def update(self, agent: str, **fields: Any) -> dict:
@@ -360,6 +371,41 @@ class TurnLog:
                     break
                 yield json.loads(value)
 
+    @staticmethod
+    def inherited_from(info: dict, turn: int) -> str | None:
+        """The parent whose turn ``turn`` the agent of record ``info`` inherited
+        (a fork numbers on from its fork turn: turns before its
+        ``first_turn`` are its parent's), or None (the agent's own turn)."""
+        parent = info.get("parent")
+        if parent and turn < info.get("first_turn", 0):
+            return parent["agent"]
+        return None
+
+    def lineage_record(self, agent: str, turn: int) -> tuple[str, dict] | None:
+        """``(owner, record)`` of ``turn`` along ``agent``'s lineage (its own
+        or an ancestor's), or None. Raises :class:`AgentNotFound`."""
+        for _depth in range(64):
+            inherited = self.inherited_from(self.get(agent), turn) if isinstance(turn, int) else None
+            if inherited is None:
+                record = self.record(agent, turn)
+                return None if record is None else (agent, record)
+            agent = inherited
+        return None
+
+    def lineage(self, agent: str) -> list[tuple[str, dict]]:
+        """``(owner, record)`` of every turn along ``agent``'s lineage, oldest
+        first: the inherited ones, then its own. Raises :class:`AgentNotFound`."""
+        info = self.get(agent)
+        out: list[tuple[str, dict]] = []
+        first, parent = info.get("first_turn", 0), info.get("parent")
+        if parent and first > 0:
+            try:
+                out = [(owner, rec) for owner, rec in self.lineage(parent["agent"]) if rec["turn"] < first]
+            except AgentNotFound:
+                out = []
+        out.extend((agent, rec) for rec in self.records(agent))
+        return out
+
     def state_at(self, agent: str, turn: int | None = None) -> StateAt:
         """The state JSON after ``turn`` (default: the last turn).
 
@@ -373,6 +419,9 @@ class TurnLog:
                 turn = last
             if turn < 0 or turn > last:
                 raise NotFound(f"agent {agent!r} has no turn {turn} (its turns are 0 to {last})")
+            inherited = self.inherited_from(info, turn)
+            if inherited is not None:
+                return self.state_at(inherited, turn)
             snap_turn, snap = self._snapshot_at(txn, agent, turn)
             state = snap["state"]
             applied = 0
@@ -531,6 +580,31 @@ class TurnLog:
         call (open files must be committed first). Returns ``(label, record or None)``."""
         self.check_end(ws, outcome, snapshot)
         return self.record_end(ws, self.end_label(ws), outcome, snapshot, keep)
+
+    def step(self, ws: Workspace, name: str, result: Any) -> dict:
+        """Append ``{"name", "result", "seq" (the head), "time"}`` to the
+        ``steps`` of the open turn's ``running`` record; returns it. Raises
+        :class:`InvalidArgument` (no turn open, no ``running`` record, a bad
+        or already used name), :class:`ReadOnly`."""
+        if ws.turn is None:
+            raise InvalidArgument("no turn is open; a step belongs to a turn")
+        agent, turn = ws.turn["agent"], ws.turn["turn"]
+        self._check_writer(ws, agent)
+        if not isinstance(name, str) or not name or len(name.encode("utf-8", "replace")) > 1024 or "\x00" in name:
+            raise InvalidArgument("a step name is a non-empty string of at most 1024 bytes, without NUL")
+        step = {"name": name, "result": result, "seq": ws.head_seq, "time": now_iso()}
+        with self.env.begin(write=True) as txn:
+            record = self.record(agent, turn, txn)
+            if record is None or record.get("status") != "running":
+                raise InvalidArgument(f"turn {turn} of agent {agent!r} has no running record to add a step to")
+            steps = record.setdefault("steps", [])
+            if any(s.get("name") == name for s in steps):
+                raise InvalidArgument(f"step {name!r} was already recorded in turn {turn}; step names are "
+                                      "unique within a turn")
+            steps.append(step)
+            txn.put(turn_key(agent, turn), json.dumps(record).encode(), db=self.records_db)
+        self.store.note_commit()
+        return step
 
     def close_interrupted(self, ws: Workspace) -> int:
         """End the labels of ``ws`` a daemon that stopped mid-turn left open:

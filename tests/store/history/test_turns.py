@@ -314,3 +314,47 @@ def test_deleting_an_agent_drops_its_records_and_a_new_one_starts_clean(store, l
     ws = new_agent(store, log)
     assert [r["turn"] for r in log.records("bot")] == [0] and log.state_at("bot").state["n"] == 0
     assert store.turns(ws) == [store.get_turn(ws, "bot", 0)]
+
+
+def test_a_fork_numbers_on_from_its_fork_turn(store, log):
+    ws = new_agent(store, log, "a")
+    for n in (1, 2, 3):
+        message_turn(log, ws, [{"op": "replace", "path": "/n", "value": n}])
+    fork_seq = log.record("a", 2)["end_seq"]
+    store.release_workspace(ws)
+    store.fork("a", fork_seq, "b")
+    child = store.open_workspace("b", writable=True)
+    info = {**log.get("a"), "id": "b", "parent": {"agent": "a", "turn": 2}, "first_turn": 2, "last_turn": 2,
+            "message_turns": 0}
+    log.create_agent(child, info, {"version": 1, "state": log.state_at("a", 2).state},
+                     {"kind": "fork", "forked_from": {"agent": "a", "turn": 2}})
+    assert log.record("b", 2)["kind"] == "fork" and log.record("b", 0) is None
+    assert points.resolve_point(child, "turn:b:2") == fork_seq
+    label, _ = message_turn(log, child, [{"op": "replace", "path": "/n", "value": 30}])
+    assert label["turn"] == 3
+    assert [(owner, r["turn"]) for owner, r in log.lineage("b")] == [("a", 0), ("a", 1), ("b", 2), ("b", 3)]
+    assert log.lineage_record("b", 1) == ("a", log.record("a", 1))
+    assert log.state_at("b", 1).state == log.state_at("a", 1).state and log.state_at("b").state["n"] == 30
+
+
+def test_steps_are_kept_in_the_running_record(store, log):
+    ws = new_agent(store, log)
+    with pytest.raises(InvalidArgument, match="no turn is open"):
+        log.step(ws, "s", 1)
+    log.begin(ws, "bot", 1, None)                           # a label without a record: no step
+    with pytest.raises(InvalidArgument, match="no running record"):
+        log.step(ws, "s", 1)
+    log.end(ws)
+    log.begin(ws, "bot", 1, "m", record={"kind": "message"})
+    write(ws, ws.root, b"f", b"x")
+    step = log.step(ws, "fetch", [1, "two"])
+    assert step["seq"] == ws.head_seq and step["result"] == [1, "two"]
+    for bad in ("", "a\x00b", "x" * 1025, 7):
+        with pytest.raises(InvalidArgument, match="step name"):
+            log.step(ws, bad, 1)
+    with pytest.raises(InvalidArgument, match="already recorded"):
+        log.step(ws, "fetch", 2)
+    log.end(ws, {"status": "completed"})
+    assert [s["name"] for s in log.record("bot", 1)["steps"]] == ["fetch"]
+    with pytest.raises(InvalidArgument):
+        log.step(ws, "late", 1)
