@@ -1,7 +1,9 @@
 """The coordinator's handles on an agent's two processes: its worker and its mount daemon.
 
 - :class:`WorkerProcess` — ``python -m agent_runtime.worker`` in its own
-  session (so stopping it can end every process the agent started), speaking
+  session (so stopping it can end every process the agent started), isolated
+  in its own namespaces as an unprivileged uid when given a
+  :class:`~agent_runtime.isolation.View`, speaking
   :mod:`agent_runtime.protocol` over a socket pair; a reader task turns the
   lines into a queue of events, ending with ``{"ev": "eof"}``.
 - :class:`WorkspaceMount` — the agent's workspace mounted by ``python -m
@@ -39,6 +41,7 @@ from chronicle.control import ControlChannel
 from chronicle.errors import AgentBusy, AgentError, Busy, ChronicleError, StoreError
 from chronicle.procs import log_tail
 
+from agent_runtime.isolation import View
 from agent_runtime.protocol import Channel
 
 if TYPE_CHECKING:
@@ -70,8 +73,10 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(cls, agent_id: str, target: str, cwd: str, workspace: str, log_path: Path,
-                    timeout: float) -> WorkerProcess:
-        """Start a worker and wait for it to import the agent class.
+                    timeout: float, view: View | None = None) -> WorkerProcess:
+        """Start a worker and wait for it to import the agent class. With a
+        ``view``, the worker runs isolated in it (:mod:`agent_runtime.isolation`;
+        its ``pid`` is then that of the ``unshare`` holding its namespaces).
 
         Raises :class:`AgentLoadError` (bad MODULE:CLASS) or :class:`AgentError`
         (the worker died or did not answer within ``timeout`` s), with its log's tail.
@@ -82,14 +87,16 @@ class WorkerProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, AGENT_WORKSPACE=workspace, AGENT_ID=agent_id, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "agent_runtime.worker", "--fd", str(child.fileno()),
+                "--agent", agent_id, "--target", target]
+        if view is not None:
+            argv, env = view.argv(argv), view.env(env)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(log_path, "ab") as out:
                 start = out.tell()
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "agent_runtime.worker", "--fd", str(child.fileno()),
-                    "--agent", agent_id, "--target", target,
-                    pass_fds=(child.fileno(),), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                    *argv, pass_fds=(child.fileno(),), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         except BaseException:
             parent.close()

@@ -1,0 +1,179 @@
+"""An isolated worker's view of the file system, built inside its own mount namespace.
+
+Run as a script, never imported by the runtime (standard library only, so
+``python -I -S view.py`` starts in a few milliseconds)::
+
+    unshare --mount --pid --ipc --fork --kill-child --propagation private --mount-proc \\
+        python -I -S agent_runtime/view.py SPEC_JSON -- WORKER_ARGV...
+
+It runs as root, as process 1 of the new PID namespace (:mod:`agent_runtime.isolation`
+builds the command line). ``SPEC_JSON``: ``{"uid", "gid", "hide": [dir...],
+"tmp": [dir...], "expose": [[path, writable]...], "cwd": dir}``. In order:
+
+1. open an ``O_PATH`` handle on every path to expose (while they are still
+   reachable);
+2. detach every Chronicle mount (``fuse.chronicle*`` in ``/proc/self/mountinfo``)
+   but the agent's own from this namespace;
+3. cover with an empty tmpfs every ``hide`` directory (the store, the agents'
+   directory), every ``tmp`` directory (a private ``/tmp``, ``/var/tmp``,
+   ``/dev/shm``, ``/run/lock``: mode 1777) and the outermost ancestor of an
+   exposed path that the agent's uid could not search anyway (``/root`` for a
+   Python installed under it);
+4. re-bind each exposed path at its own path inside its cover, from its handle
+   (``mount(2)`` of ``/proc/self/fd/N``, ``MS_BIND``: the source must still be
+   attached here), read-only unless writable; then detach the agent's
+   workspace's original mount, under its cover, through the same handle;
+5. ``chdir`` to ``cwd`` in the new view, then exec ``setpriv --reuid UID
+   --regid GID --clear-groups --no-new-privs --inh-caps=-all
+   --bounding-set=-all -- WORKER_ARGV`` (setpriv(1)).
+
+Errors: a failed system call ends the process with status 126 and a line on
+stderr (the worker's log) naming the call, the path and the errno.
+
+Mount flags are from <sys/mount.h> (mount(2), umount(2)).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import stat
+import sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV = 0x1, 0x2, 0x4
+MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
+MNT_DETACH = 0x2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class ViewError(Exception):
+    """A system call failed while the view was built."""
+
+
+def _check(result: int, call: str, path: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise ViewError(f"{call} {path}: {os.strerror(err)} (errno {err})")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2)."""
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                       ctypes.c_ulong(flags), data.encode() if data else None), "mount", target)
+
+
+def detach(target: str) -> None:
+    """umount2(target, MNT_DETACH)."""
+    _check(_libc.umount2(target.encode(), MNT_DETACH), "umount", target)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo (proc(5)).
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def chronicle_mounts() -> list[str]:
+    """Mount points of Chronicle file systems in this namespace, deepest first (proc(5) mountinfo)."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and right.split()[:1] and right.split()[0].startswith("fuse.chronicle"):
+                found.append(_unescape(fields[4]))
+    return sorted(found, key=len, reverse=True)
+
+
+def _searchable(path: str, uid: int, gid: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def build(spec: dict) -> None:
+    """Steps 1–4 of the module docstring. Raises :class:`ViewError`."""
+    uid, gid = int(spec["uid"]), int(spec["gid"])
+    exposed = sorted(((os.path.realpath(p), bool(w)) for p, w in spec["expose"]), key=lambda e: len(e[0]))
+    handles = {}
+    for path, _ in exposed:
+        try:
+            handles[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ViewError(f"open {path}: {exc.strerror}") from None
+    fuse = chronicle_mounts()
+    for target in fuse:
+        if target not in handles:
+            detach(target)
+    covers = [(os.path.realpath(p), 0o755) for p in spec["hide"]]
+    covers += [(os.path.realpath(p), 0o1777) for p in spec["tmp"] if os.path.isdir(p)]
+    for path, _ in exposed:
+        for parent in _ancestors(path):
+            if not _searchable(parent, uid, gid):
+                covers.append((parent, 0o755))
+                break
+    done: list[str] = []
+    for path, mode in sorted(covers, key=lambda c: len(c[0])):
+        if any(_under(path, top) for top in done) or not os.path.isdir(path):
+            continue
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o},size=50%")
+        done.append(path)
+    for path, writable in exposed:
+        if not any(_under(path, top) for top in done):
+            continue                        # in plain sight already
+        source = f"/proc/self/fd/{handles[path]}"
+        if os.path.isdir(source):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            open(path, "a").close()
+        mount(source, path, None, MS_BIND | MS_REC)
+        if not writable:
+            mount("none", path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for path in fuse:
+        if path in handles:                 # the original, now under a cover: bound again above
+            detach(f"/proc/self/fd/{handles[path]}")
+    for fd in handles.values():
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4 or argv[2] != "--":
+        print("usage: view.py SPEC_JSON -- WORKER_ARGV...", file=sys.stderr)
+        return 2
+    spec = json.loads(argv[1])
+    try:
+        build(spec)
+        os.chdir(spec["cwd"])
+    except (ViewError, OSError) as exc:
+        print(f"agent isolation: cannot build the worker's view: {exc}", file=sys.stderr)
+        return 126
+    uid, gid = int(spec["uid"]), int(spec["gid"])
+    setpriv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+               "--inh-caps=-all", "--bounding-set=-all", "--"]
+    try:
+        os.execvp(setpriv[0], setpriv + argv[3:])
+    except OSError as exc:
+        print(f"agent isolation: cannot run setpriv: {exc}", file=sys.stderr)
+        return 126
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
