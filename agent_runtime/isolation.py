@@ -9,10 +9,12 @@ before, as the runtime's user) starts as::
 
 - **its own namespaces** (unshare(1)): a mount namespace whose mounts are
   private (nothing it mounts or unmounts reaches the host, nothing new on
-  the host reaches it), a PID namespace with its own ``/proc`` (the worker is
-  process 1: it sees only its own processes, cannot signal or ptrace anyone
-  else's, and ``/proc/<pid>/root`` of another worker does not exist; when it
-  exits, every process it started is killed), and an IPC namespace;
+  the host reaches it), a PID namespace with its own ``/proc`` (process 1 is
+  the view builder, left as a root reaper; the worker is process 2: it sees
+  only its own processes, cannot signal or ptrace anyone else's, and
+  ``/proc/<pid>/root`` of another worker does not exist; when the worker
+  exits or the ``unshare`` is killed, every process it started is killed),
+  and an IPC namespace;
 - **its own view** (:mod:`agent_runtime.view`): the store's directory and the
   agents' directory are covered by empty tmpfs, every other Chronicle mount is
   detached, and its own workspace is bound back at its own path — the only
@@ -137,7 +139,11 @@ def _python_paths() -> list[str]:
     paths = {sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable)),
              str(Path(__file__).resolve().parent.parent)}
     paths |= {p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
-    return sorted(os.path.realpath(p) for p in paths if os.path.isdir(p))
+    out: list[str] = []
+    for path in sorted(os.path.realpath(p) for p in paths if os.path.isdir(p)):
+        if not any(path == top or path.startswith(top + "/") for top in out):
+            out.append(path)                # (a directory inside one already listed comes with it)
+    return out
 
 
 def adopt(mountpoint: os.PathLike | str, uid: int = AGENT_UID, gid: int = AGENT_UID) -> int:

@@ -6,7 +6,7 @@ Run as a script, never imported by the runtime (standard library only, so
     unshare --mount --pid --ipc --fork --kill-child --propagation private --mount-proc \\
         python -I -S agent_runtime/view.py SPEC_JSON -- WORKER_ARGV...
 
-It runs as root, as process 1 of the new PID namespace (:mod:`agent_runtime.isolation`
+It runs as root, as process 1 of the new PID namespace (the worker is process 2) (:mod:`agent_runtime.isolation`
 builds the command line). ``SPEC_JSON``: ``{"uid", "gid", "hide": [dir...],
 "tmp": [dir...], "expose": [[path, writable]...], "cwd": dir}``. In order:
 
@@ -23,9 +23,15 @@ builds the command line). ``SPEC_JSON``: ``{"uid", "gid", "hide": [dir...],
    (``mount(2)`` of ``/proc/self/fd/N``, ``MS_BIND``: the source must still be
    attached here), read-only unless writable; then detach the agent's
    workspace's original mount, under its cover, through the same handle;
-5. ``chdir`` to ``cwd`` in the new view, then exec ``setpriv --reuid UID
-   --regid GID --clear-groups --no-new-privs --inh-caps=-all
-   --bounding-set=-all -- WORKER_ARGV`` (setpriv(1)).
+5. ``chdir`` to ``cwd`` in the new view, then fork: the child execs
+   ``setpriv --reuid UID --regid GID --clear-groups --no-new-privs
+   --inh-caps=-all --bounding-set=-all -- WORKER_ARGV`` (setpriv(1)); this
+   process stays as the namespace's process 1 (root, holding nothing but its
+   children): it reaps orphans and exits with the worker's status. It must
+   outlive nothing: ``unshare --kill-child`` kills it if the ``unshare`` dies
+   (a parent-death signal, which the worker could not keep: a uid change
+   clears it, prctl(2)), and when process 1 exits the kernel kills every
+   process left in the namespace (pid_namespaces(7)).
 
 Errors: a failed system call ends the process with status 126 and a line on
 stderr (the worker's log) naming the call, the path and the errno.
@@ -168,11 +174,28 @@ def main(argv: list[str]) -> int:
     uid, gid = int(spec["uid"]), int(spec["gid"])
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
                "--inh-caps=-all", "--bounding-set=-all", "--"]
-    try:
-        os.execvp(setpriv[0], setpriv + argv[3:])
-    except OSError as exc:
-        print(f"agent isolation: cannot run setpriv: {exc}", file=sys.stderr)
-        return 126
+    worker = os.fork()
+    if worker == 0:
+        try:
+            os.execvp(setpriv[0], setpriv + argv[3:])
+        except OSError as exc:
+            print(f"agent isolation: cannot run setpriv: {exc}", file=sys.stderr)
+        os._exit(126)
+    return reap(worker)
+
+
+def reap(worker: int) -> int:
+    """Process 1's loop: reap every orphan until ``worker`` exits, then return
+    its exit status (128 + N for signal N), ending the namespace with it."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))        # the worker's socket is the worker's alone
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 0
+        if pid == worker:
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
 
 
 if __name__ == "__main__":

@@ -171,9 +171,10 @@ def test_two_isolated_agents_cannot_reach_each_other_or_the_store(env):
         assert out[16]["rc"] != 0                           # b's worker cannot be signalled
         assert (ws_b / "secret.txt").read_text() == "b's" and not (ws_b / "new.txt").exists()
         # Outside the namespaces, the kernel's ptrace check refuses another uid /proc/PID/root
-        # of the worker itself (the child of the unshare holding its namespaces).
-        a_unshare = rt.worker_pid("a")
-        a_pid = int(Path(f"/proc/{a_unshare}/task/{a_unshare}/children").read_text().split()[0])
+        # of the worker itself (unshare -> process 1 of its namespace -> the worker).
+        a_pid = rt.worker_pid("a")
+        for _ in range(2):
+            a_pid = int(Path(f"/proc/{a_pid}/task/{a_pid}/children").read_text().split()[0])
         assert os.stat(f"/proc/{a_pid}").st_uid == AGENT_UID
         proc = await asyncio.create_subprocess_exec(
             "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", f"/proc/{a_pid}/root/",
@@ -245,3 +246,34 @@ def test_the_no_isolation_switches(monkeypatch, tmp_path):
     assert isolation.isolation_default() is False
     monkeypatch.setenv(isolation.NO_ISOLATION_ENV, "0")
     assert isolation.isolation_default() is True
+
+
+def test_kill_9_of_an_isolated_worker_ends_everything_it_started(env):
+    marker = "3141.5926"
+
+    def leftovers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                        found.append(int(entry))
+                except OSError:
+                    pass
+        return found
+
+    async def program(rt):
+        await rt.create("k", "shell:Shell", cwd=env.src)
+        out = await shell(rt, "k", f"setsid sleep {marker} > /dev/null 2>&1 < /dev/null & echo started")
+        assert out[0]["out"] == "started" and leftovers() != []       # a daemon outside its process group
+        pid = rt.worker_pid("k")
+        os.kill(pid, signal.SIGKILL)                                  # the unshare holding its namespaces
+        for _ in range(100):
+            if not leftovers():
+                break
+            await asyncio.sleep(0.05)
+        assert leftovers() == []                                      # its PID namespace went with it
+        out = await shell(rt, "k", "id -u")                           # and it comes back, isolated
+        assert out[0]["out"] == str(AGENT_UID) and rt.worker_pid("k") != pid
+        assert rt.state("k")["n"] == 2
+    env.run(program)
