@@ -18,7 +18,8 @@ before, as the runtime's user) starts as::
 - **its own view** (:mod:`agent_runtime.view`): the store's directory and the
   agents' directory are covered by empty tmpfs, every other Chronicle mount is
   detached, and its own workspace is bound back at its own path — the only
-  Chronicle mount it can see; ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
+  Chronicle mount it can see, its ``.chronicle/ctl`` (the runtime's channel
+  for turn labels and restores) masked by an unreadable file; ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
   ``/run/lock`` are private tmpfs (``HOME=/tmp``; ``PATH`` starts with the
   runtime's Python's directory); the agent's code directory
   and the Python it runs on are bound read-only at their paths when an
@@ -118,8 +119,9 @@ class View:
         expose += [(p, False) for p in _python_paths()]
         if self.workspace is not None:
             expose.append((self.workspace, True))
+        mask = [os.path.join(self.workspace, ".chronicle", "ctl")] if self.workspace is not None else []
         return {"uid": self.uid, "gid": self.gid, "hide": list(self.hide), "tmp": list(TMP_DIRS),
-                "expose": expose, "cwd": self.cwd}
+                "expose": expose, "mask": mask, "cwd": self.cwd}
 
     def argv(self, worker: Sequence[str]) -> list[str]:
         """The command line that runs ``worker`` isolated (module docstring)."""

@@ -8,7 +8,7 @@ Run as a script, never imported by the runtime (standard library only, so
 
 It runs as root, as process 1 of the new PID namespace (the worker is process 2) (:mod:`agent_runtime.isolation`
 builds the command line). ``SPEC_JSON``: ``{"uid", "gid", "hide": [dir...],
-"tmp": [dir...], "expose": [[path, writable]...], "cwd": dir}``. In order:
+"tmp": [dir...], "expose": [[path, writable]...], "mask": [file...], "cwd": dir}``. In order:
 
 1. open an ``O_PATH`` handle on every path to expose (while they are still
    reachable);
@@ -21,7 +21,9 @@ builds the command line). ``SPEC_JSON``: ``{"uid", "gid", "hide": [dir...],
    Python installed under it);
 4. re-bind each exposed path at its own path inside its cover, from its handle
    (``mount(2)`` of ``/proc/self/fd/N``, ``MS_BIND``: the source must still be
-   attached here), read-only unless writable; then detach the agent's
+   attached here), read-only unless writable; bind over each ``mask`` file
+   (the workspace's ``.chronicle/ctl``: the runtime's channel, not the
+   agent's) an empty root-owned file of mode 000; then detach the agent's
    workspace's original mount, under its cover, through the same handle;
 5. ``chdir`` to ``cwd`` in the new view, then fork: the child execs
    ``setpriv --reuid UID --regid GID --clear-groups --no-new-privs
@@ -153,6 +155,14 @@ def build(spec: dict) -> None:
         mount(source, path, None, MS_BIND | MS_REC)
         if not writable:
             mount("none", path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    masks = [m for m in spec.get("mask", []) if os.path.lexists(m)]
+    if masks:
+        blocked = os.path.join(done[0], ".chronicle-masked")
+        os.close(os.open(blocked, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0))
+        os.chmod(blocked, 0)
+        for target in masks:
+            mount(blocked, target, None, MS_BIND)
+            mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     for path in fuse:
         if path in handles:                 # the original, now under a cover: bound again above
             detach(f"/proc/self/fd/{handles[path]}")
