@@ -16,9 +16,11 @@ before, as the runtime's user) starts as::
   exits or the ``unshare`` is killed, every process it started is killed),
   and an IPC namespace;
 - **its own view** (:mod:`agent_runtime.view`): the store's directory and the
-  agents' directory are covered by empty tmpfs, every other Chronicle mount is
-  detached, and its own workspace is bound back at its own path — the only
-  Chronicle mount it can see, its ``.chronicle/ctl`` (the runtime's channel
+  agents' directory are covered by empty tmpfs, every Chronicle mount is
+  detached, and its own workspace is moved in at its own path once mounted
+  (the worker starts while it mounts: :meth:`WorkerProcess.attach
+  <agent_runtime.process.WorkerProcess.attach>`, :func:`clone_mount`) — the
+  only Chronicle mount it can see, its ``.chronicle/ctl`` (the runtime's channel
   for turn labels and restores) masked by an unreadable file; ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
   ``/run/lock`` are private tmpfs (``HOME=/tmp``; ``PATH`` starts with the
   runtime's Python's directory); the agent's code directory
@@ -41,12 +43,13 @@ Requirements, checked before the first isolated worker starts (a clear
 :class:`~chronicle.errors.AgentError` otherwise): running as root, Linux
 namespaces, util-linux's ``unshare`` and ``setpriv``.
 
-Threads: :func:`check` and :func:`adopt` block (run them in a worker thread);
-the rest is pure.
+Threads: :func:`check`, :func:`adopt` and :func:`clone_mount` block or make
+system calls (run them in a worker thread); the rest is pure.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -65,7 +68,10 @@ TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 UNSHARE = ["unshare", "--mount", "--pid", "--ipc", "--fork", "--kill-child", "--propagation", "private",
            "--mount-proc"]
 
+SYS_OPEN_TREE, OPEN_TREE_CLONE, AT_FDCWD = 428, 0x1, -100    # <linux/mount.h>; one number on every arch
+
 _checked: dict[int, str | None] = {}
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def isolation_default() -> bool:
@@ -113,19 +119,21 @@ class View:
     uid: int = AGENT_UID
     gid: int = AGENT_UID
 
-    def spec(self) -> dict:
-        """The JSON spec :mod:`agent_runtime.view` builds the view from."""
+    def spec(self, attach_fd: int | None = None) -> dict:
+        """The JSON spec :mod:`agent_runtime.view` builds the view from;
+        ``attach_fd``: the socket on which the workspace's mount will come."""
         expose: list[tuple[str, bool]] = [(self.cwd, False)]
         expose += [(p, False) for p in _python_paths()]
-        if self.workspace is not None:
-            expose.append((self.workspace, True))
-        mask = [os.path.join(self.workspace, ".chronicle", "ctl")] if self.workspace is not None else []
-        return {"uid": self.uid, "gid": self.gid, "hide": list(self.hide), "tmp": list(TMP_DIRS),
-                "expose": expose, "mask": mask, "cwd": self.cwd}
+        spec = {"uid": self.uid, "gid": self.gid, "hide": list(self.hide), "tmp": list(TMP_DIRS),
+                "expose": expose, "cwd": self.cwd}
+        if self.workspace is not None and attach_fd is not None:
+            spec["attach"] = {"fd": attach_fd, "path": os.path.realpath(self.workspace)}
+        return spec
 
-    def argv(self, worker: Sequence[str]) -> list[str]:
+    def argv(self, worker: Sequence[str], attach_fd: int | None = None) -> list[str]:
         """The command line that runs ``worker`` isolated (module docstring)."""
-        return [*UNSHARE, sys.executable, "-I", "-S", VIEW_SCRIPT, json.dumps(self.spec()), "--", *worker]
+        return [*UNSHARE, sys.executable, "-I", "-S", VIEW_SCRIPT, json.dumps(self.spec(attach_fd)), "--",
+                *worker]
 
     def env(self, env: dict[str, str]) -> dict[str, str]:
         """``env`` for the worker: ``HOME`` and ``TMPDIR`` in its private ``/tmp``;
@@ -148,6 +156,17 @@ def _python_paths() -> list[str]:
     return out
 
 
+def clone_mount(mountpoint: os.PathLike | str) -> int:
+    """A detached copy of the mount at ``mountpoint`` (open_tree(2) with
+    ``OPEN_TREE_CLONE``): an fd that :mod:`agent_runtime.view` moves into a
+    worker's namespace. Raises :class:`AgentError`."""
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(mountpoint), OPEN_TREE_CLONE | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise AgentError(f"cannot hand {mountpoint} to the agent's worker: open_tree: {os.strerror(err)}")
+    return fd
+
+
 def adopt(mountpoint: os.PathLike | str, uid: int = AGENT_UID, gid: int = AGENT_UID) -> int:
     """Give the workspace mounted at ``mountpoint`` to ``uid``/``gid`` if its
     root belongs to someone else (an agent created without isolation): every
@@ -167,4 +186,4 @@ def adopt(mountpoint: os.PathLike | str, uid: int = AGENT_UID, gid: int = AGENT_
     return changed + 1
 
 
-__all__ = ["AGENT_UID", "NO_ISOLATION_ENV", "View", "adopt", "check", "isolation_default"]
+__all__ = ["AGENT_UID", "NO_ISOLATION_ENV", "View", "adopt", "check", "clone_mount", "isolation_default"]

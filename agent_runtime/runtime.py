@@ -137,24 +137,35 @@ class Runtime:
         Isolated, the workspace is mounted first (it must be there when the
         worker's mount namespace is made); while the agent is being created it
         has none, and the worker sees no workspace."""
-        view = None
-        if self.isolation:
-            await asyncio.to_thread(check, self.agent_uid)
-            workspace = None
-            if self._has_workspace(agent_id):
-                mount = self._runners[agent_id].mount if agent_id in self._runners else None
-                if mount is not None:
-                    await mount.ensure(self.store, self.start_timeout)
-                    changed = await asyncio.to_thread(adopt, mount.mountpoint, self.agent_uid,
-                                                      self.agent_uid)
-                    if changed:
-                        log.info("agent %r: gave its %d files to uid %d (isolation)", agent_id, changed,
-                                 self.agent_uid)
-                    workspace = str(mount.mountpoint)
-            hide = tuple(dict.fromkeys((str(self.store_path), str(self.agents_dir))))
-            view = View(hide, workspace, cwd, self.agent_uid, self.agent_uid)
-        return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                         self.worker_log(agent_id), self.start_timeout, view)
+        if not self.isolation:
+            return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
+                                             self.worker_log(agent_id), self.start_timeout)
+        await asyncio.to_thread(check, self.agent_uid)
+        runner = self._runners.get(agent_id)
+        mount = runner.mount if runner is not None and self._has_workspace(agent_id) else None
+        hide = tuple(dict.fromkeys((str(self.store_path), str(self.agents_dir))))
+        view = View(hide, str(mount.mountpoint) if mount else None, cwd, self.agent_uid, self.agent_uid)
+        # The worker starts (and imports its code) while the workspace mounts; its view takes the mount after.
+        mounting = asyncio.ensure_future(mount.ensure(self.store, self.start_timeout)) if mount else None
+        try:
+            worker = await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
+                                               self.worker_log(agent_id), self.start_timeout, view)
+        except BaseException:
+            if mounting is not None:
+                await asyncio.gather(mounting, return_exceptions=True)
+            raise
+        if mounting is None:
+            return worker
+        try:
+            await mounting
+            changed = await asyncio.to_thread(adopt, mount.mountpoint, self.agent_uid, self.agent_uid)
+            if changed:
+                log.info("agent %r: gave its %d files to uid %d (isolation)", agent_id, changed, self.agent_uid)
+            await worker.attach(mount.mountpoint, self.start_timeout)
+        except BaseException:
+            await worker.stop()
+            raise
+        return worker
 
     def _has_workspace(self, agent_id: str) -> bool:
         try:

@@ -6,37 +6,44 @@ Run as a script, never imported by the runtime (standard library only, so
     unshare --mount --pid --ipc --fork --kill-child --propagation private --mount-proc \\
         python -I -S agent_runtime/view.py SPEC_JSON -- WORKER_ARGV...
 
-It runs as root, as process 1 of the new PID namespace (the worker is process 2) (:mod:`agent_runtime.isolation`
-builds the command line). ``SPEC_JSON``: ``{"uid", "gid", "hide": [dir...],
-"tmp": [dir...], "expose": [[path, writable]...], "mask": [file...], "cwd": dir}``. In order:
+It runs as root, as process 1 of the new PID namespace (the worker is
+process 2; :mod:`agent_runtime.isolation` builds the command line).
+``SPEC_JSON``: ``{"uid", "gid", "hide": [dir...], "tmp": [dir...],
+"expose": [[path, writable]...], "cwd": dir, "attach": {"fd", "path"}}``
+(``attach`` only when the agent has a workspace). In order:
 
 1. open an ``O_PATH`` handle on every path to expose (while they are still
    reachable);
 2. detach every Chronicle mount (``fuse.chronicle*`` in ``/proc/self/mountinfo``)
-   but the agent's own from this namespace;
+   from this namespace;
 3. cover with an empty tmpfs every ``hide`` directory (the store, the agents'
    directory), every ``tmp`` directory (a private ``/tmp``, ``/var/tmp``,
    ``/dev/shm``, ``/run/lock``: mode 1777) and the outermost ancestor of an
    exposed path that the agent's uid could not search anyway (``/root`` for a
    Python installed under it);
 4. re-bind each exposed path at its own path inside its cover, from its handle
-   (``mount(2)`` of ``/proc/self/fd/N``, ``MS_BIND``: the source must still be
-   attached here), read-only unless writable; bind over each ``mask`` file
-   (the workspace's ``.chronicle/ctl``: the runtime's channel, not the
-   agent's) an empty root-owned file of mode 000; then detach the agent's
-   workspace's original mount, under its cover, through the same handle;
+   (``mount(2)`` of ``/proc/self/fd/N``, ``MS_BIND``), read-only unless
+   writable; make the (empty) directory of the workspace's path;
 5. ``chdir`` to ``cwd`` in the new view, then fork: the child execs
    ``setpriv --reuid UID --regid GID --clear-groups --no-new-privs
-   --inh-caps=-all --bounding-set=-all -- WORKER_ARGV`` (setpriv(1)); this
-   process stays as the namespace's process 1 (root, holding nothing but its
-   children): it reaps orphans and exits with the worker's status. It must
-   outlive nothing: ``unshare --kill-child`` kills it if the ``unshare`` dies
-   (a parent-death signal, which the worker could not keep: a uid change
-   clears it, prctl(2)), and when process 1 exits the kernel kills every
-   process left in the namespace (pid_namespaces(7)).
+   --inh-caps=-all --bounding-set=-all -- WORKER_ARGV`` (setpriv(1)) and
+   imports the agent's code while the runtime mounts the workspace;
+6. wait on the ``attach`` socket for the workspace's mount: a detached copy
+   the runtime made with open_tree(2) and sent with ``SCM_RIGHTS``; move it
+   to its path (move_mount(2)), bind an empty root-owned file of mode 000 over
+   its ``.chronicle/ctl`` (the runtime's channel for turn labels and
+   restores, not the agent's), answer ``ok``. The runtime then starts the
+   worker's first turn;
+7. stay as the namespace's process 1 (root, holding nothing but its
+   children): reap orphans, exit with the worker's status. ``unshare
+   --kill-child`` kills it if the ``unshare`` dies (a parent-death signal,
+   which the worker could not keep: a uid change clears it, prctl(2)), and
+   when process 1 exits the kernel kills every process left in the namespace
+   (pid_namespaces(7)).
 
-Errors: a failed system call ends the process with status 126 and a line on
-stderr (the worker's log) naming the call, the path and the errno.
+Errors: a failed system call in steps 1–5 ends the process with status 126
+and a line on stderr (the worker's log) naming the call, the path and the
+errno; one in step 6 is the answer the runtime raises.
 
 Mount flags are from <sys/mount.h> (mount(2), umount(2)).
 """
@@ -47,12 +54,15 @@ import ctypes
 import json
 import os
 import re
+import socket
 import stat
 import sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV = 0x1, 0x2, 0x4
 MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
 MNT_DETACH = 0x2
+AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH = -100, 0x4
+SYS_MOVE_MOUNT = 429                # the same number on every architecture (added after 5.1's unification)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -116,8 +126,21 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def build(spec: dict) -> None:
-    """Steps 1–4 of the module docstring. Raises :class:`ViewError`."""
+def move_mount(tree: int, target: str) -> None:
+    """move_mount(2) of the detached mount ``tree`` (from open_tree(2)) onto ``target``."""
+    _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+           "move_mount", target)
+
+
+def mask(blocked: str, target: str) -> None:
+    """Bind the unreadable file ``blocked`` read-only over ``target``."""
+    mount(blocked, target, None, MS_BIND)
+    mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def build(spec: dict) -> str:
+    """Steps 1–4 of the module docstring; returns the path of the unreadable
+    file masks are made of. Raises :class:`ViewError`."""
     uid, gid = int(spec["uid"]), int(spec["gid"])
     exposed = sorted(((os.path.realpath(p), bool(w)) for p, w in spec["expose"]), key=lambda e: len(e[0]))
     handles = {}
@@ -155,19 +178,40 @@ def build(spec: dict) -> None:
         mount(source, path, None, MS_BIND | MS_REC)
         if not writable:
             mount("none", path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    masks = [m for m in spec.get("mask", []) if os.path.lexists(m)]
-    if masks:
-        blocked = os.path.join(done[0], ".chronicle-masked")
-        os.close(os.open(blocked, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0))
-        os.chmod(blocked, 0)
-        for target in masks:
-            mount(blocked, target, None, MS_BIND)
-            mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    for path in fuse:
-        if path in handles:                 # the original, now under a cover: bound again above
-            detach(f"/proc/self/fd/{handles[path]}")
+    blocked = os.path.join(done[0], ".chronicle-masked")
+    os.close(os.open(blocked, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0))
+    os.chmod(blocked, 0)
+    if spec.get("attach"):
+        os.makedirs(spec["attach"]["path"], mode=0o755, exist_ok=True)
     for fd in handles.values():
         os.close(fd)
+    return blocked
+
+
+def attach(spec: dict, blocked: str) -> None:
+    """Step 6: wait on the attach socket for the workspace's mount (a detached
+    tree from open_tree(2), sent with SCM_RIGHTS), move it to its path, mask
+    its ``ctl``, answer ``ok`` (or the error). EOF: the runtime gave up."""
+    sock = socket.socket(fileno=int(spec["attach"]["fd"]))
+    path = spec["attach"]["path"]
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 64, 1)
+        if not fds:
+            return
+        try:
+            move_mount(fds[0], path)
+            mask(blocked, os.path.join(path, ".chronicle", "ctl"))
+            answer = b"ok"
+        except ViewError as exc:
+            answer = str(exc).encode()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.sendall(answer)
+    except OSError as exc:
+        print(f"agent isolation: the workspace did not arrive: {exc}", file=sys.stderr)
+    finally:
+        sock.close()
 
 
 def main(argv: list[str]) -> int:
@@ -176,7 +220,7 @@ def main(argv: list[str]) -> int:
         return 2
     spec = json.loads(argv[1])
     try:
-        build(spec)
+        blocked = build(spec)
         os.chdir(spec["cwd"])
     except (ViewError, OSError) as exc:
         print(f"agent isolation: cannot build the worker's view: {exc}", file=sys.stderr)
@@ -186,11 +230,15 @@ def main(argv: list[str]) -> int:
                "--inh-caps=-all", "--bounding-set=-all", "--"]
     worker = os.fork()
     if worker == 0:
+        if spec.get("attach"):
+            os.close(int(spec["attach"]["fd"]))
         try:
             os.execvp(setpriv[0], setpriv + argv[3:])
         except OSError as exc:
             print(f"agent isolation: cannot run setpriv: {exc}", file=sys.stderr)
         os._exit(126)
+    if spec.get("attach"):
+        attach(spec, blocked)
     return reap(worker)
 
 
