@@ -1,7 +1,9 @@
 """The coordinator's handles on an agent's two processes: its worker and its mount daemon.
 
 - :class:`WorkerProcess` — ``python -m agent_runtime.worker`` in its own
-  session (so stopping it can end every process the agent started), speaking
+  session (so stopping it can end every process the agent started), isolated
+  in its own namespaces as an unprivileged uid when given a
+  :class:`~agent_runtime.isolation.View`, speaking
   :mod:`agent_runtime.protocol` over a socket pair; a reader task turns the
   lines into a queue of events, ending with ``{"ev": "eof"}``.
 - :class:`WorkspaceMount` — the agent's workspace mounted by ``python -m
@@ -39,6 +41,7 @@ from chronicle.control import ControlChannel
 from chronicle.errors import AgentBusy, AgentError, Busy, ChronicleError, StoreError
 from chronicle.procs import log_tail
 
+from agent_runtime.isolation import View, clone_mount
 from agent_runtime.protocol import Channel
 
 if TYPE_CHECKING:
@@ -66,12 +69,15 @@ class WorkerProcess:
         self.log_start = log_start
         self.events: asyncio.Queue[dict] = asyncio.Queue()
         self.info: dict = {}
+        self._attach: socket.socket | None = None       # isolated: where its workspace's mount goes
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
     async def spawn(cls, agent_id: str, target: str, cwd: str, workspace: str, log_path: Path,
-                    timeout: float) -> WorkerProcess:
-        """Start a worker and wait for it to import the agent class.
+                    timeout: float, view: View | None = None) -> WorkerProcess:
+        """Start a worker and wait for it to import the agent class. With a
+        ``view``, the worker runs isolated in it (:mod:`agent_runtime.isolation`;
+        its ``pid`` is then that of the ``unshare`` holding its namespaces).
 
         Raises :class:`AgentLoadError` (bad MODULE:CLASS) or :class:`AgentError`
         (the worker died or did not answer within ``timeout`` s), with its log's tail.
@@ -82,21 +88,33 @@ class WorkerProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, AGENT_WORKSPACE=workspace, AGENT_ID=agent_id, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "agent_runtime.worker", "--fd", str(child.fileno()),
+                "--agent", agent_id, "--target", target]
+        fds = [child.fileno()]
+        attach = attach_child = None
+        if view is not None:
+            if view.workspace is not None:
+                attach, attach_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                fds.append(attach_child.fileno())
+            argv, env = view.argv(argv, attach_child.fileno() if attach_child else None), view.env(env)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(log_path, "ab") as out:
                 start = out.tell()
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "agent_runtime.worker", "--fd", str(child.fileno()),
-                    "--agent", agent_id, "--target", target,
-                    pass_fds=(child.fileno(),), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                    *argv, pass_fds=fds, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         except BaseException:
             parent.close()
+            if attach is not None:
+                attach.close()
             raise
         finally:
             child.close()
+            if attach_child is not None:
+                attach_child.close()
         worker = cls(proc, await Channel.open(parent), log_path, start)
+        worker._attach = attach
         try:
             first = await worker.next_event(timeout)
         except TimeoutError:
@@ -111,6 +129,33 @@ class WorkerProcess:
             raise _error(first.get("kind"), first.get("error") or "the worker failed")
         raise AgentError(f"the worker of agent {agent_id!r} exited while loading {target!r}: "
                          f"{worker.tail() or 'no output'}")
+
+    async def attach(self, mountpoint: Path, timeout: float) -> None:
+        """Hand the workspace mounted at ``mountpoint`` to an isolated worker's
+        view (:func:`~agent_runtime.isolation.clone_mount`, sent to its
+        namespace's process 1). Raises :class:`AgentError`."""
+        sock, self._attach = self._attach, None
+        if sock is None:
+            raise AgentError("this worker was not started to receive a workspace")
+        sock.settimeout(timeout)
+
+        def send() -> bytes:
+            tree = clone_mount(mountpoint)
+            try:
+                socket.send_fds(sock, [b"attach"], [tree])
+            finally:
+                os.close(tree)
+            return sock.recv(4096)
+
+        try:
+            answer = await asyncio.to_thread(send)
+        except OSError as exc:
+            raise AgentError(f"the worker's view did not take its workspace: {exc}: {self.tail()}") from None
+        finally:
+            sock.close()
+        if answer != b"ok":
+            raise AgentError(f"the worker's view did not take its workspace: "
+                             f"{answer.decode(errors='replace') or self.tail() or 'no answer'}")
 
     @property
     def pid(self) -> int:
@@ -196,6 +241,9 @@ class WorkerProcess:
         self.close()
 
     def close(self) -> None:
+        if self._attach is not None:
+            self._attach.close()
+            self._attach = None
         self.channel.close()
         self._reader.cancel()
 

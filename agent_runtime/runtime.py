@@ -55,6 +55,7 @@ from chronicle.errors import (AgentBusy, AgentExists, AgentLoadError, AgentNotFo
 from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
 from chronicle.store.store import Store, check_workspace_name, default_store_path
 
+from agent_runtime.isolation import AGENT_UID, View, adopt, check, isolation_default
 from agent_runtime.loader import normalise_target
 from agent_runtime.process import WorkerProcess, WorkspaceMount
 from agent_runtime.reply import Reply
@@ -76,11 +77,17 @@ class Runtime:
     ``sync_interval``: seconds after which a sync of the store is due (see
     ``Store.needs_sync``; also after a few hundred commits). ``create_store``:
     False raises :class:`StoreNotFound` for a missing store (read commands).
+    ``isolation``: run each worker isolated, as uid/gid ``agent_uid``
+    (:mod:`agent_runtime.isolation`; default True unless
+    ``$CHRONICLE_NO_ISOLATION`` is set); its requirements are checked when the
+    first worker starts (:class:`AgentError` if unmet). False: workers run as
+    this process's user, in its mount namespace.
     """
 
     def __init__(self, store: os.PathLike | str | None = None, *, agents_dir: os.PathLike | str | None = None,
                  snapshot_every: int = 100, idle_timeout: float | None = None, cancel_grace: float = 5.0,
-                 start_timeout: float = 60.0, sync_interval: float = 5.0, create_store: bool = True):
+                 start_timeout: float = 60.0, sync_interval: float = 5.0, create_store: bool = True,
+                 isolation: bool | None = None, agent_uid: int = AGENT_UID):
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
             raise UsageError(f"snapshot_every must be a positive integer, not {snapshot_every!r}")
         if idle_timeout is not None and idle_timeout <= 0:
@@ -94,6 +101,8 @@ class Runtime:
         self.cancel_grace = cancel_grace
         self.start_timeout = start_timeout
         self.sync_interval = sync_interval
+        self.isolation = isolation_default() if isolation is None else bool(isolation)
+        self.agent_uid = agent_uid
         self._runners: dict[str, AgentRunner] = {}
         self._sync_task: asyncio.Task | None = None
         self._closed = False
@@ -123,9 +132,47 @@ class Runtime:
 
     async def spawn_worker(self, agent_id: str, target: str, cwd: str) -> WorkerProcess:
         """A worker for the agent that has loaded ``target`` from ``cwd``
-        (``RunnerHost``). Raises :class:`AgentLoadError`, :class:`AgentError`."""
-        return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                         self.worker_log(agent_id), self.start_timeout)
+        (``RunnerHost``). Raises :class:`AgentLoadError`, :class:`AgentError`.
+
+        Isolated, the workspace is mounted first (it must be there when the
+        worker's mount namespace is made); while the agent is being created it
+        has none, and the worker sees no workspace."""
+        if not self.isolation:
+            return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
+                                             self.worker_log(agent_id), self.start_timeout)
+        await asyncio.to_thread(check, self.agent_uid)
+        runner = self._runners.get(agent_id)
+        mount = runner.mount if runner is not None and self._has_workspace(agent_id) else None
+        hide = tuple(dict.fromkeys((str(self.store_path), str(self.agents_dir))))
+        view = View(hide, str(mount.mountpoint) if mount else None, cwd, self.agent_uid, self.agent_uid)
+        # The worker starts (and imports its code) while the workspace mounts; its view takes the mount after.
+        mounting = asyncio.ensure_future(mount.ensure(self.store, self.start_timeout)) if mount else None
+        try:
+            worker = await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
+                                               self.worker_log(agent_id), self.start_timeout, view)
+        except BaseException:
+            if mounting is not None:
+                await asyncio.gather(mounting, return_exceptions=True)
+            raise
+        if mounting is None:
+            return worker
+        try:
+            await mounting
+            changed = await asyncio.to_thread(adopt, mount.mountpoint, self.agent_uid, self.agent_uid)
+            if changed:
+                log.info("agent %r: gave its %d files to uid %d (isolation)", agent_id, changed, self.agent_uid)
+            await worker.attach(mount.mountpoint, self.start_timeout)
+        except BaseException:
+            await worker.stop()
+            raise
+        return worker
+
+    def _has_workspace(self, agent_id: str) -> bool:
+        try:
+            self.store.workspace_record(agent_id)
+        except NotFound:
+            return False
+        return True
 
     # -- creating and starting ---------------------------------------------------------
 
@@ -156,11 +203,15 @@ class Runtime:
                 raise AgentLoadError(f"bad agent class {target!r}: every field of its State needs a default "
                                      "(the state of a new agent is built from them)")
             self._check_new_name(agent_id)
-            self.store.create_workspace(agent_id)
+            owner = (self.agent_uid, self.agent_uid) if self.isolation else (None, None)
+            self.store.create_workspace(agent_id, *owner)
             record = self._agent_record(agent_id, target, cwd, worker.info, parent=None)
             snapshot = {"version": worker.info["version"], "entity_type": worker.info["entity_type"],
                         "state": defaults}
             self._create_agent(record, snapshot, {"kind": "create", "target": target})
+            if self.isolation:          # it saw no workspace: the agent wakes in a worker that does
+                runner.spare = None
+                await worker.stop()
         except BaseException:
             await self._release(runner)
             raise

@@ -78,6 +78,13 @@ def _coordinator(store_opt: Path | None) -> ServeClient | None:
     return ServeClient.for_store(_store_path(store_opt))
 
 
+def _isolation_option(f):
+    return click.option("--no-isolation", "no_isolation", is_flag=True, envvar="CHRONICLE_NO_ISOLATION",
+                        help="Run the agents' workers as this user in this mount namespace, as without "
+                             "isolation (also $CHRONICLE_NO_ISOLATION=1). Default: each worker runs isolated "
+                             "(needs root; see the README's Isolation section).")(f)
+
+
 def _print_json(value: Any, indent: int | None = None) -> None:
     click.echo(json.dumps(value, indent=indent, ensure_ascii=False))
 
@@ -279,8 +286,9 @@ def _chat_through(client: ServeClient, agent_id: str, target: str, out: _Output)
               help="The agent's id (created if missing).")
 @_store_option
 @_json_option
+@_isolation_option
 @click.pass_context
-def chat(ctx: click.Context, target: str, agent_id: str, store_opt, as_json: bool) -> None:
+def chat(ctx: click.Context, target: str, agent_id: str, store_opt, as_json: bool, no_isolation: bool) -> None:
     """Chat with agent NAME running MODULE:CLASS: one message per line of stdin.
 
     MODULE is a dotted module importable from the current directory or a path
@@ -296,7 +304,8 @@ def chat(ctx: click.Context, target: str, agent_id: str, store_opt, as_json: boo
     if client is not None:
         stopped_by = _chat_through(client, agent_id, target, out)
     else:
-        stopped_by = _run(store_opt, lambda rt: _chat_here(rt, agent_id, target, out), create=True)
+        stopped_by = _run(store_opt, lambda rt: _chat_here(rt, agent_id, target, out), create=True,
+                          isolation=not no_isolation)
     if stopped_by is not None:
         ctx.exit(128 + stopped_by)
     ctx.exit(1 if out.problems else 0)
@@ -534,7 +543,8 @@ def cancel(name: str, store_opt) -> None:
 @click.option("--snapshot-every", default=100, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Keep a full state snapshot every N turns.")
 @_store_option
-def serve(host: str, port: int, idle_timeout: float, snapshot_every: int, store_opt) -> None:
+@_isolation_option
+def serve(host: str, port: int, idle_timeout: float, snapshot_every: int, store_opt, no_isolation: bool) -> None:
     """Run a coordinator for the store's agents with a local HTTP API.
 
     Agents are created with POST /agents and sent messages with POST
@@ -556,7 +566,8 @@ def serve(host: str, port: int, idle_timeout: float, snapshot_every: int, store_
         sys.stdout.flush()
 
     asyncio.run(server.serve(_store_path(store_opt), host, port, announce=announce,
-                             idle_timeout=idle_timeout or None, snapshot_every=snapshot_every))
+                             idle_timeout=idle_timeout or None, snapshot_every=snapshot_every,
+                             isolation=not no_isolation))
 
 
 __all__ = ["agent", "parse_message"]

@@ -263,7 +263,7 @@ async def restore(rt: Runtime, src: Path, turns: int) -> dict:
             "state_worst_turn": worst, "state_worst_ms": state_worst * 1000, "state_worst_patches": at_worst.patches,
             "state_worst_snapshot": at_worst.snapshot_turn, "turns_ms": turns_all * 1000, "turns_listed": len(listed),
             "start_long_ms": start_long * 1000, "start_short_ms": start_short * 1000,
-            "first_message_after_wake_ms": first_message * 1000}
+            "first_message_after_wake_ms": first_message * 1000, "isolated": rt.isolation}
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -301,7 +301,8 @@ def report(a: dict, b: dict, c: dict) -> None:
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"  {key.ljust(width)}  {value}")
-    print(f"  (wakes: median of {STARTS}; a wake mounts the workspace and starts a worker process)")
+    print(f"  (wakes: median of {STARTS}; a wake mounts the workspace and starts a worker process, "
+          f"{'isolated' if b.get('isolated') else 'not isolated'})")
     print()
     print("(c) Durable steps, and reads while a turn runs")
     lines = [
@@ -321,7 +322,8 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
     (src / "bench_agents.py").write_text(AGENTS)
     direct_dir = work / "direct"
     direct_dir.mkdir()
-    async with Runtime(work / "store", snapshot_every=SNAPSHOT_EVERY) as rt:
+    async with Runtime(work / "store", snapshot_every=SNAPSHOT_EVERY,
+                       isolation=False if args.no_isolation else None) as rt:
         a = await overhead(rt, src, direct_dir, args.turns)
         b = await restore(rt, src, args.log_turns)
         c = await steps_and_reads(rt, src, work, args.steps)
@@ -336,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="steps in the step turn of (c) (default 200; quick: 20)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="parent of the run's temp dir")
+    parser.add_argument("--no-isolation", action="store_true",
+                        help="workers as this user, not isolated (the runtime's default as root: isolated)")
     args = parser.parse_args(argv)
     args.turns = args.turns or (30 if args.quick else 1000)
     args.log_turns = args.log_turns or (300 if args.quick else 10_000)
