@@ -158,7 +158,7 @@ def test_two_isolated_agents_cannot_reach_each_other_or_the_store(env):
             f"{probe} /proc/{os.getpid()}/root ls",
             f"{probe} /etc/shadow r", f"{probe} .chronicle/ctl w", f"{probe} .chronicle/ctl r",
             "grep -c ' - fuse.chronicle' /proc/self/mountinfo",
-            f"grep ' - fuse.chronicle' /proc/self/mountinfo | cut -d' ' -f5",
+            "grep ' - fuse.chronicle' /proc/self/mountinfo | cut -d' ' -f5",
             f"kill -0 {b_pid}",
         )
         words = [o["out"] for o in out]
