@@ -122,18 +122,32 @@ class Tightened:
         return bool(self.open_dirs)
 
 
+def _same_fs(path: Path, dev: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return st.st_dev == dev and not os.path.ismount(path)
+
+
 def tighten(root: Path, modes: StoreModes) -> Tightened:
     """Put every directory and file under store ``root`` (and ``root``) to
     ``modes``: permission bits exactly ``dir_mode``/``file_mode``, group
-    ``gid`` for a shared store. Symlinks and what belongs to another user
-    (which only its owner may change) are left as they are. Raises
+    ``gid`` for a shared store. Symlinks, what belongs to another user
+    (which only its owner may change) and other filesystems mounted below
+    ``root`` (workspaces the runtime mounts in ``agents/``) are left as they are. Raises
     ``OSError`` only for ``root`` itself not being readable."""
     open_dirs: list[str] = []
     changed = 0
     own = {root, *(root / sub for sub in SUBDIRS)}
     uid = os.getuid()
-    for directory, _dirs, files in os.walk(root):
+    root_dev = os.lstat(root).st_dev
+    for directory, dirs, files in os.walk(root):
         here = Path(directory)
+        # Never cross into another filesystem: a workspace may be mounted inside
+        # the store (the runtime's <store>/agents/<id>/workspace), and its files
+        # are the user's, with the modes the user gave them.
+        dirs[:] = [name for name in dirs if _same_fs(here / name, root_dev)]
         for path, is_dir in [(here, True)] + [(here / name, False) for name in files]:
             try:
                 st = os.lstat(path)
