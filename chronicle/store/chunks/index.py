@@ -115,7 +115,9 @@ class ChunkStore:
         or None if the store had the chunk already. Raises ``NoSpace`` on a full disk.
         """
         with self._pending_lock:
-            if chunk_id in self._pending:
+            pending = self._pending.get(chunk_id)
+        if pending is not None:
+            if not self._lost(chunk_id, pending):
                 return None
         with self._env.begin(db=self._db, buffers=True) as txn:
             if txn.get(chunk_id) is not None:
@@ -161,6 +163,7 @@ class ChunkStore:
                     pending = self._pending.get(chunk_id)
                 if pending is None:
                     raise Corrupt(f"chunk {to_hex(chunk_id)} is referenced but was never stored")
+                self._check_pending(chunk_id, pending)
                 record = ChunkRecord(pending.pack_no, pending.offset, pending.stored_len, pending.raw_len,
                                      pending.codec, 0)
                 inserted.append(chunk_id)
@@ -171,6 +174,26 @@ class ChunkStore:
         if inserted and self._meta_db is not None:
             add_totals(txn, self._meta_db, unique_bytes=new_raw, stored_bytes=new_stored, chunks=len(inserted))
         return inserted
+
+    def _check_pending(self, chunk_id: bytes, pending: ChunkRecord) -> None:
+        """Raise the write error (``NoSpace``) that lost a pending chunk's
+        bytes, forgetting it so that the next :meth:`put` writes it again
+        (``PackWriter.check``)."""
+        try:
+            self.writer.check(ChunkLocation(pending.pack_no, pending.offset, pending.stored_len))
+        except BaseException:
+            with self._pending_lock:
+                if self._pending.get(chunk_id) is pending:
+                    del self._pending[chunk_id]
+            raise
+
+    def _lost(self, chunk_id: bytes, pending: ChunkRecord) -> bool:
+        """True (and forgotten) if a write error lost this pending chunk's bytes."""
+        try:
+            self._check_pending(chunk_id, pending)
+        except Exception:         # noqa: BLE001 - the error goes to the commit that used it
+            return True
+        return False
 
     def committed(self, inserted: list[bytes]) -> None:
         """The transaction in which :meth:`add_refs` returned ``inserted`` has
@@ -240,6 +263,7 @@ class ChunkStore:
             raise Corrupt(f"chunk {to_hex(chunk_id)} is missing from the store")
         if record.refcount == 0:
             self.writer.flush()          # a pending chunk may still be in the writer's buffer
+            self._check_pending(chunk_id, record)
         data = self.read_record(chunk_id, record)
         self.cache.put(chunk_id, data)
         return data
