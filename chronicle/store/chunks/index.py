@@ -115,10 +115,9 @@ class ChunkStore:
         or None if the store had the chunk already. Raises ``NoSpace`` on a full disk.
         """
         with self._pending_lock:
-            pending = self._pending.get(chunk_id)
-        if pending is not None:
-            if not self._lost(chunk_id, pending):
-                return None
+            lost = self._pending.get(chunk_id)
+        if lost is not None and not self._lost(lost):
+            return None               # written (or being written) by another put
         with self._env.begin(db=self._db, buffers=True) as txn:
             if txn.get(chunk_id) is not None:
                 return None
@@ -129,9 +128,9 @@ class ChunkStore:
         location = self.writer.append(chunk_id, codec_id, len(data), payload)
         record = ChunkRecord(location.pack_no, location.offset, location.stored_len, len(data), codec_id, 0)
         with self._pending_lock:
-            if chunk_id in self._pending:
+            if self._pending.get(chunk_id, lost) is not lost:
                 return None       # another thread won the race; our copy is unreferenced pack space
-            self._pending[chunk_id] = record
+            self._pending[chunk_id] = record       # replaces a copy a write error lost
         return codec_id
 
     def flush(self) -> None:
@@ -177,21 +176,16 @@ class ChunkStore:
 
     def _check_pending(self, chunk_id: bytes, pending: ChunkRecord) -> None:
         """Raise the write error (``NoSpace``) that lost a pending chunk's
-        bytes, forgetting it so that the next :meth:`put` writes it again
-        (``PackWriter.check``)."""
+        bytes (``PackWriter.check``). The chunk stays pending and lost, so a
+        retry of the same commit fails the same way, until :meth:`put`
+        writes it again."""
+        self.writer.check(ChunkLocation(pending.pack_no, pending.offset, pending.stored_len))
+
+    def _lost(self, pending: ChunkRecord) -> bool:
+        """True if a write error lost this pending chunk's bytes."""
         try:
             self.writer.check(ChunkLocation(pending.pack_no, pending.offset, pending.stored_len))
-        except BaseException:
-            with self._pending_lock:
-                if self._pending.get(chunk_id) is pending:
-                    del self._pending[chunk_id]
-            raise
-
-    def _lost(self, chunk_id: bytes, pending: ChunkRecord) -> bool:
-        """True (and forgotten) if a write error lost this pending chunk's bytes."""
-        try:
-            self._check_pending(chunk_id, pending)
-        except Exception:         # noqa: BLE001 - the error goes to the commit that used it
+        except Exception:         # noqa: BLE001 - the error goes to the commit that uses it
             return True
         return False
 

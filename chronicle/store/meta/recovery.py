@@ -35,12 +35,15 @@ state, whose chunks were synced first.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from chronicle.errors import NoSpace
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +156,81 @@ def recover_after_crash(meta_dir: Path) -> int | None:
     log.warning("the machine stopped since this store was last synced: metadata rolled back to "
                 "transaction %d (%d later transactions were not synced and are dropped)", synced, dropped)
     return dropped
+
+
+# -- a full disk -----------------------------------------------------------------------
+#
+# LMDB grows ``data.mdb`` by writing pages past its end. On a full disk such
+# a write fails half way: ``mdb_txn_commit`` answers ENOSPC, or EIO for a
+# short write (``mdb_page_flush`` in mdb.c has no better code for it). The
+# commit is then aborted and nothing is lost, but the caller must hear
+# ENOSPC. So Chronicle keeps the file allocated a little past its last page
+# (:class:`MetaReserve`): a commit only grows into space that is already
+# there, and when the reserve cannot be extended the commit is refused with
+# ``NoSpace`` before LMDB writes anything.
+
+RESERVE_MIN = 1 << 20                     # bytes kept allocated past the last page, at least
+RESERVE_FRACTION = 16                     # ... or 1/16 of the file, whichever is more
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")
+_LOW_FREE = 4 << 20                       # an LMDB EIO with less free than this is a short write
+
+
+class MetaReserve:
+    """Keeps the LMDB data file ``data_file`` allocated past its last used
+    page (``posix_fallocate``), so that a commit never meets a full disk in
+    the middle of writing its pages.
+
+    Threads: call :meth:`ensure` inside the (single) LMDB write transaction.
+    """
+
+    def __init__(self, data_file: Path, page_size: int):
+        self.data_file = Path(data_file)
+        self.page_size = page_size
+        self._allocated = 0               # bytes known to be allocated from the start of the file
+
+    def ensure(self, last_pgno: int) -> None:
+        """Make sure at least ``RESERVE_MIN`` (or 1/16 of the file) is
+        allocated past page ``last_pgno``; allocates twice that when it
+        extends. Raises :class:`~chronicle.errors.NoSpace` if even the minimum
+        cannot be allocated; other ``OSError``s (a file system without
+        fallocate) are ignored."""
+        used = (last_pgno + 1) * self.page_size
+        low = max(RESERVE_MIN, used // RESERVE_FRACTION)
+        if used + low <= self._allocated:
+            return
+        try:
+            fd = os.open(self.data_file, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            for want in (used + 2 * low, used + low):
+                try:
+                    os.posix_fallocate(fd, 0, want)
+                    self._allocated = want
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        self._allocated = used + 2 * low     # not supported here: do not try each commit
+                        return
+            raise NoSpace("no space left on the device that holds the store (growing the metadata)")
+        finally:
+            os.close(fd)
+
+
+def is_no_space(exc: BaseException, store_dir: Path) -> bool:
+    """True if ``exc`` (an ``lmdb.Error`` or ``OSError``) is a full disk or
+    quota under ``store_dir``: ENOSPC/EDQUOT, or LMDB's EIO for a short write
+    when the file system has almost no space left (``statvfs``)."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if any(t in text for t in _NO_SPACE_TEXTS):
+        return True
+    if code == errno.EIO or "Input/output error" in text:
+        try:
+            st = os.statvfs(store_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < _LOW_FREE
+    return False
