@@ -46,7 +46,8 @@ from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time
-from chronicle.store.meta.recovery import MetaReserve, is_no_space, record_synced, recover_after_crash
+from chronicle.store.meta.recovery import (MetaReserve, is_no_space, record_synced, recover_after_crash,
+                                           repair_meta_pages)
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
 from chronicle.store.namespace.content import ContentMap
@@ -196,6 +197,7 @@ class Store:
         try:
             fcntl.flock(open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             recover_after_crash(path / "meta")      # nobody else has it open
+            repair_meta_pages(path / "meta", os.sysconf("SC_PAGE_SIZE"))
             fcntl.flock(open_lock, fcntl.LOCK_SH)
         except BlockingIOError:
             fcntl.flock(open_lock, fcntl.LOCK_SH)
