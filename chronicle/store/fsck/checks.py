@@ -99,7 +99,7 @@ from chronicle.store.fsck.tree import TreeChecks
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
-from chronicle.store.fsck.damage import DamagedRange, Reader
+from chronicle.store.fsck.damage import DamagedRange, Reader, rebuild
 from chronicle.store.store import Store
 
 _ZEROS = bytes(1 << 20)
@@ -184,6 +184,7 @@ class _Checker(TreeChecks):
         self.progress = _Progress(progress)
         self.report = FsckReport(repair=repair)
         self.meta: Reader | None = None      # the read transaction, renewed after damage
+        self.damage_problems: list[Problem] = []
 
         self.workspaces: dict[int, WorkspaceRecord] = {}
         self.heads: dict[int, int] = {}
@@ -226,6 +227,7 @@ class _Checker(TreeChecks):
                           *((self._verify_contents,) if self.verify else ()),
                           self._report_lost_chunks, self._report_orphans):
                 try:
+                    self.meta.check()
                     phase()
                 except lmdb.Error as exc:
                     # a lookup (not a scan) met a damaged page: the phase stops, the others go on
@@ -234,6 +236,7 @@ class _Checker(TreeChecks):
                                  f"check looked ({type(exc).__name__}: {exc}); it could not finish",
                                  check=phase.__name__[1:], error=str(exc))
             self._report_damage()
+            self.damage_problems = [p for p in self.report.problems if p.kind == "meta-damaged"]
         finally:
             self.meta.close()
             self.meta = None
@@ -656,7 +659,22 @@ class _Checker(TreeChecks):
             if lost.problem is not None and not lost.problem.repaired and lost.problem.severity == ERROR:
                 lost.problem.message += " [not repaired: no good copy in any pack; this data is lost]"
         self.store.sync()
+        if self.damage_problems:
+            self._rebuild_metadata()
         self.progress.finish()
+
+    def _rebuild_metadata(self) -> None:
+        """Drop the damaged records: copy every readable one into a fresh
+        metadata file (``damage.rebuild``). The store must be closed after
+        this (its environment still maps the old file); run fsck again to
+        find what referred to the dropped records."""
+        backup, copied = rebuild(self.store.env, self.dbs, self.store.meta_dir, self.store.env.info()["map_size"])
+        note = (f"the unreadable records were dropped: {sum(copied.values())} readable records copied into a new "
+                f"metadata file; the damaged one is kept at {backup}; run fsck again")
+        for p in self.damage_problems:
+            p.repaired = True
+            p.message += f" [repaired: {note}]"
+        self.report.metadata_rebuilt = str(backup)
 
     def _good_spare(self, chunk_id: bytes) -> PackRecord | None:
         for spare in self.spares.get(chunk_id, []):

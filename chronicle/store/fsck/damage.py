@@ -13,13 +13,20 @@ succeeds, and records the key range it skipped as a :class:`DamagedRange`.
 A database whose root cannot be read at all is one range from the first
 key to the last. The records in a skipped range are what was lost.
 
+Repair (:func:`rebuild`) copies every readable record into a fresh LMDB file
+and swaps it in atomically, keeping the damaged file under ``meta/backup/``.
+
 Threads: one fsck run, one thread.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lmdb
 
@@ -62,6 +69,14 @@ class Reader:
             pass
         self.txn = self.env.begin()
         return self.txn
+
+    def check(self) -> None:
+        """Renew the read transaction if an error marked it bad (a caller
+        that caught an ``lmdb.Error`` of a lookup itself)."""
+        try:
+            self.txn.stat(self.dbs[next(iter(self.dbs))])
+        except lmdb.Error:
+            self.renew()
 
     def close(self) -> None:
         try:
@@ -115,20 +130,52 @@ class Reader:
 
     def _skip(self, handle, last: bytes | None) -> bytes | None:
         """The first key past the damage after ``last`` that a fresh
-        transaction can seek to, or None (none found: the rest is lost)."""
+        transaction can read, or None (none found: the rest is lost):
+        coarse probes (:func:`_probes`) find a readable key, then bisection
+        between ``last`` and it finds the first one."""
+        found = None
         for probe in _probes(last):
-            try:
-                with self.txn.cursor(db=handle) as cur:
-                    if not cur.set_range(probe):
-                        return None
-                    key = bytes(cur.key())
-                    cur.value()
-                    if cur.next():
-                        cur.key()           # the page after it must be readable too
-                    return key
-            except lmdb.Error:
-                self.renew()
-        return None
+            found = self._seek(handle, probe)
+            if found is not False:
+                break
+        if not found:
+            return None
+        if last is None:
+            last = b""
+        width = max(len(last), len(found))
+        lo = int.from_bytes(last.ljust(width, b"\0"), "big")
+        hi = int.from_bytes(found.ljust(width, b"\0"), "big")
+        for _ in range(8 * width + 8):
+            if hi - lo <= 1:
+                break
+            mid = (lo + hi) // 2
+            got = self._seek(handle, mid.to_bytes(width, "big"))
+            if got is False:
+                lo = mid
+            elif got is None or got >= found:
+                hi = mid
+            else:
+                found = got
+                hi = int.from_bytes(found.ljust(width, b"\0")[:width], "big")
+                if len(found) > width:
+                    break
+        return found
+
+    def _seek(self, handle, probe: bytes):
+        """The first key >= ``probe`` if it and the key after it can be
+        read; None at the end; False if the seek met damage."""
+        try:
+            with self.txn.cursor(db=handle) as cur:
+                if not cur.set_range(probe):
+                    return None
+                key = bytes(cur.key())
+                cur.value()
+                if cur.next():
+                    cur.key()           # the page after it must be readable too
+                return key
+        except lmdb.Error:
+            self.renew()
+            return False
 
 
 def _probes(last: bytes | None) -> Iterator[bytes]:
@@ -149,3 +196,46 @@ def _probes(last: bytes | None) -> Iterator[bytes]:
     first = last[0] + 1 if last else 0
     for b in range(first, 256):
         yield bytes([b])
+
+
+def rebuild(env: lmdb.Environment, dbs: dict, meta_dir: Path, map_size: int) -> tuple[Path, dict[str, int]]:
+    """Copy every readable record of every database ``dbs`` of ``env`` into
+    a fresh LMDB file and swap it in for ``meta_dir/data.mdb`` (LMDB cannot
+    rewrite a damaged page in place, and ``mdb_env_copy`` does not skip
+    damage). The old file is kept as ``meta_dir/backup/data.mdb.damaged-<time>``;
+    ``synced.json`` (which holds a meta page of the old file) is removed.
+    Returns ``(backup path, {database: records copied})``. The caller's
+    ``env`` still maps the old file: close the store after this. Raises
+    ``OSError`` and ``lmdb.Error`` from the disk."""
+    work = meta_dir / "rebuild"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    copied: dict[str, int] = {}
+    reader = Reader(env, dbs)
+    fresh = lmdb.open(str(work), map_size=map_size, max_dbs=len(dbs) + 2, sync=True)
+    try:
+        for name in dbs:
+            handle = fresh.open_db(name.encode())
+            n = 0
+            with fresh.begin(write=True) as txn:
+                for key, value in reader.items(name):
+                    txn.put(key, value, db=handle)
+                    n += 1
+            copied[name] = n
+        fresh.sync(True)
+    finally:
+        fresh.close()
+        reader.close()
+    backup_dir = meta_dir / "backup"
+    backup_dir.mkdir(exist_ok=True)
+    backup = backup_dir / f"data.mdb.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+    os.link(meta_dir / "data.mdb", backup)
+    os.replace(work / "data.mdb", meta_dir / "data.mdb")     # atomic: the old file or the new one
+    (meta_dir / "synced.json").unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    fd = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return backup, copied
