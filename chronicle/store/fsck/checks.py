@@ -99,7 +99,7 @@ from chronicle.store.fsck.tree import TreeChecks
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
-from chronicle.store.fsck.damage import DamagedRange, Reader, rebuild
+from chronicle.store.fsck.damage import Reader, describe_damage, rebuild
 from chronicle.store.store import Store
 
 _ZEROS = bytes(1 << 20)
@@ -221,20 +221,20 @@ class _Checker(TreeChecks):
     def run(self) -> FsckReport:
         self.meta = Reader(self.store.env, self.dbs)
         try:
+            verify = (self._verify_contents,) if self.verify else ()
             for phase in (self._check_workspaces, self._load_index, self._check_packs, self._check_contents,
                           self._check_chunk_refcounts, self._check_inodes, self._check_content_refcounts,
-                          self._check_tree, self._check_events,
-                          *((self._verify_contents,) if self.verify else ()),
-                          self._report_lost_chunks, self._report_orphans):
+                          self._check_tree, self._check_events, *verify, self._report_lost_chunks,
+                          self._report_orphans):
                 try:
                     self.meta.check()
                     phase()
                 except lmdb.Error as exc:
                     # a lookup (not a scan) met a damaged page: the phase stops, the others go on
                     self.meta.renew()
-                    self.problem("meta-damaged", f"the metadata is damaged where fsck's {phase.__name__[1:]} "
-                                 f"check looked ({type(exc).__name__}: {exc}); it could not finish",
-                                 check=phase.__name__[1:], error=str(exc))
+                    name = phase.__name__[1:]
+                    self.problem("meta-damaged", f"the metadata is damaged where fsck's {name} check looked "
+                                 f"({type(exc).__name__}: {exc}); it could not finish", check=name, error=str(exc))
             self._report_damage()
             self.damage_problems = [p for p in self.report.problems if p.kind == "meta-damaged"]
         finally:
@@ -248,21 +248,14 @@ class _Checker(TreeChecks):
     def txn(self) -> lmdb.Transaction | None:
         return self.meta.txn if self.meta is not None else None
 
-    def items(self, db: str):
-        """Every readable record of database ``db`` (``damage.Reader.items``)."""
+    def items(self, db: str):       # every readable record of ``db`` (damage.Reader.items)
         return self.meta.items(db)
 
     def _report_damage(self) -> None:
         """One ``meta-damaged`` problem per damaged key range a scan skipped."""
-        seen = set()
-        for rng in self.meta.damaged:
-            key = (rng.db, rng.after, rng.before)
-            if key in seen:
-                continue
-            seen.add(key)
-            self.problem("meta-damaged", rng.describe() + _whose(rng, self.workspaces), db=rng.db,
-                         after=rng.after.hex() if rng.after is not None else None,
-                         before=rng.before.hex() if rng.before is not None else None, error=rng.error)
+        names = {ws: rec.name for ws, rec in self.workspaces.items()}
+        for message, details in describe_damage(self.meta.damaged, names):
+            self.problem("meta-damaged", message, **details)
 
     def problem(self, kind: str, message: str, severity: str = ERROR, **details) -> Problem:
         p = Problem(kind, message, severity, False, details)
@@ -664,16 +657,13 @@ class _Checker(TreeChecks):
         self.progress.finish()
 
     def _rebuild_metadata(self) -> None:
-        """Drop the damaged records: copy every readable one into a fresh
-        metadata file (``damage.rebuild``). The store must be closed after
-        this (its environment still maps the old file); run fsck again to
-        find what referred to the dropped records."""
+        """Drop the damaged records (``damage.rebuild``); the store must be
+        closed after this, and fsck run again for what referred to them."""
         backup, copied = rebuild(self.store.env, self.dbs, self.store.meta_dir, self.store.env.info()["map_size"])
-        note = (f"the unreadable records were dropped: {sum(copied.values())} readable records copied into a new "
-                f"metadata file; the damaged one is kept at {backup}; run fsck again")
         for p in self.damage_problems:
             p.repaired = True
-            p.message += f" [repaired: {note}]"
+            p.message += (f" [repaired: the unreadable records were dropped, {sum(copied.values())} readable "
+                          f"ones copied into a new metadata file; the damaged one is kept at {backup}; run fsck again]")
         self.report.metadata_rebuilt = str(backup)
 
     def _good_spare(self, chunk_id: bytes) -> PackRecord | None:
@@ -707,20 +697,6 @@ class _Checker(TreeChecks):
         new = ChunkRecord(old.pack_no, old.offset, old.stored_len, old.raw_len, old.codec, fix.refcount)
         txn.put(chunk_id, new.encode(), db=db)
         return [(p, f"refcount set to {fix.refcount}") for p in fix.problems if p.kind == "chunk-refcount"]
-
-
-_WS_KEYED = {"inodes", "dirents", "dirent_hist", "paths", "events", "heads", "snapshots", "ws_ids"}
-
-
-def _whose(rng: DamagedRange, workspaces: dict[int, WorkspaceRecord]) -> str:
-    """``: history of workspace 'w'`` for a damaged range of a database keyed
-    by workspace id (its first 4 bytes), else ``: chunk index entries`` or ''."""
-    if rng.db in _WS_KEYED:
-        ids = {schema.U32.unpack(k[:4])[0] for k in (rng.after, rng.before) if k is not None and len(k) >= 4}
-        names = ", ".join(repr(workspaces[i].name) if i in workspaces else f"#{i}" for i in sorted(ids))
-        return f": {rng.db} records of workspace {names}" if names else f": {rng.db} records"
-    return {"chunks": ": chunk index entries (where file data is)", "contents": ": file contents (extent lists)",
-            "workspaces": ": workspace records"}.get(rng.db, "")
 
 
 def _sparse_id(rec: ContentRecord) -> bytes:

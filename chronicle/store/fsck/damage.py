@@ -178,6 +178,32 @@ class Reader:
             return False
 
 
+_WS_KEYED = {"inodes", "dirents", "dirent_hist", "paths", "events", "heads", "snapshots", "ws_ids"}
+_WHAT = {"chunks": "chunk index entries (where file data is)", "contents": "file contents (extent lists)",
+         "workspaces": "workspace records"}
+
+
+def describe_damage(ranges: list[DamagedRange], workspaces: dict[int, str]) -> list[tuple[str, dict]]:
+    """``(message, details)`` for each distinct damaged range: the database,
+    the key range, and whose records they are (the workspace, by the first 4
+    bytes of the keys of a database keyed by workspace id, named through
+    ``workspaces``: ``{ws id: name}``)."""
+    out, seen = [], set()
+    for rng in ranges:
+        if (rng.db, rng.after, rng.before) in seen:
+            continue
+        seen.add((rng.db, rng.after, rng.before))
+        whose = _WHAT.get(rng.db, "")
+        if rng.db in _WS_KEYED:
+            ids = sorted({int.from_bytes(k[:4], "big") for k in (rng.after, rng.before) if k and len(k) >= 4})
+            names = ", ".join(repr(workspaces[i]) if i in workspaces else f"#{i}" for i in ids)
+            whose = f"{rng.db} records of workspace {names}" if names else f"{rng.db} records"
+        out.append((rng.describe() + (f": {whose}" if whose else ""),
+                    {"db": rng.db, "after": rng.after.hex() if rng.after is not None else None,
+                     "before": rng.before.hex() if rng.before is not None else None, "error": rng.error}))
+    return out
+
+
 def _probes(last: bytes | None) -> Iterator[bytes]:
     """Keys ever further above ``last``: raise its last byte by 1, 16, 128,
     then shorter and shorter prefixes of it, then every first byte."""

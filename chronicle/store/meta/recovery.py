@@ -171,6 +171,7 @@ def recover_after_crash(meta_dir: Path) -> int | None:
 
 RESERVE_MIN = 1 << 20                     # bytes kept allocated past the last page, at least
 RESERVE_FRACTION = 16                     # ... or 1/16 of the file, whichever is more
+RESERVE_MAX = 32 << 20                    # ... but never more than this
 _NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")
 _LOW_FREE = 4 << 20                       # an LMDB EIO with less free than this is a short write
 
@@ -189,13 +190,13 @@ class MetaReserve:
         self._allocated = 0               # bytes known to be allocated from the start of the file
 
     def ensure(self, last_pgno: int) -> None:
-        """Make sure at least ``RESERVE_MIN`` (or 1/16 of the file) is
+        """Make sure at least ``RESERVE_MIN`` (or 1/16 of the file, at most ``RESERVE_MAX``) is
         allocated past page ``last_pgno``; allocates twice that when it
         extends. Raises :class:`~chronicle.errors.NoSpace` if even the minimum
         cannot be allocated; other ``OSError``s (a file system without
         fallocate) are ignored."""
         used = (last_pgno + 1) * self.page_size
-        low = max(RESERVE_MIN, used // RESERVE_FRACTION)
+        low = min(max(RESERVE_MIN, used // RESERVE_FRACTION), RESERVE_MAX)
         if used + low <= self._allocated:
             return
         try:
