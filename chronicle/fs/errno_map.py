@@ -16,7 +16,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 
+import lmdb
 import pyfuse3
 
 from chronicle import errors
@@ -57,11 +59,25 @@ def errno_of(exc: errors.ChronicleError) -> int:
     return errno.EIO
 
 
+def lmdb_no_space(exc: lmdb.Error) -> int:
+    """ENOSPC or EDQUOT if ``exc`` is LMDB's report of a full disk or quota
+    (``mdb_strerror`` text, e.g. ``mdb_txn_commit: No space left on device``;
+    ``MDB_MAP_FULL`` is not: the map, not the disk), else 0."""
+    text = str(exc)
+    if os.strerror(errno.ENOSPC) in text:
+        return errno.ENOSPC
+    if os.strerror(errno.EDQUOT) in text:
+        return errno.EDQUOT
+    return 0
+
+
 def fuse_errors(handler):
     """Wrap an async FUSE handler: Chronicle errors become ``FUSEError(errno)``
     (:func:`errno_of`); ``Corrupt`` is logged (damage the user must hear of)
     and answered EIO; an ``OSError`` of a full disk or quota (ENOSPC,
-    EDQUOT) or of a too-large file (EFBIG) keeps its errno; any other
+    EDQUOT) or of a too-large file (EFBIG) keeps its errno, and so does an
+    ``lmdb.Error`` of a full disk (its text names ENOSPC or EDQUOT: py-lmdb
+    gives no errno attribute); any other
     exception is logged with its traceback and becomes EIO. A
     ``FUSEError`` passes through as it is."""
 
@@ -79,6 +95,12 @@ def fuse_errors(handler):
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise pyfuse3.FUSEError(exc.errno) from None
+            log.exception("internal error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except lmdb.Error as exc:
+            code = lmdb_no_space(exc)
+            if code:
+                raise pyfuse3.FUSEError(code) from None
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:

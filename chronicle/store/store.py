@@ -40,7 +40,7 @@ from pathlib import Path
 
 import lmdb
 
-from chronicle.errors import (Busy, Corrupt, Exists, NotFound, StoreError, StoreLocked,
+from chronicle.errors import (Busy, Corrupt, Exists, NoSpace, NotFound, StoreError, StoreLocked,
                               StoreNotFound, UsageError)
 from chronicle.procs import alive as process_alive
 from chronicle.store.chunks.backends.local import LocalBackend
@@ -50,7 +50,8 @@ from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time
-from chronicle.store.meta.recovery import SYNCED_FILE, record_synced, recover_after_crash
+from chronicle.store.meta.recovery import (SYNCED_FILE, MetaReserve, is_no_space, record_synced,
+                                           recover_after_crash, repair_meta_pages)
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
 from chronicle.store.modes import PRIVATE, SUBDIRS, StoreModes, tighten
@@ -115,6 +116,7 @@ class Store:
         self._commits_since_sync = 0
         self._last_sync = time.monotonic()
         self._page_size = env.stat()["psize"]
+        self._reserve = MetaReserve(self.meta_dir / "data.mdb", self._page_size)
         self._pin = env.begin()
         self._locks: dict[int, int] = {}
         self._closed = False
@@ -209,6 +211,7 @@ class Store:
         try:
             fcntl.flock(open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             recover_after_crash(path / "meta")      # nobody else has it open
+            repair_meta_pages(path / "meta", os.sysconf("SC_PAGE_SIZE"))
             fcntl.flock(open_lock, fcntl.LOCK_SH)
         except BlockingIOError:
             fcntl.flock(open_lock, fcntl.LOCK_SH)
@@ -577,9 +580,12 @@ class Store:
         """Make everything committed so far durable (see ``recovery``).
 
         Holds the LMDB writer lock while it syncs, so no process commits
-        metadata that refers to pack data not yet synced.
+        metadata that refers to pack data not yet synced. Raises
+        :class:`NoSpace` on a full disk (the store stays dirty: the next
+        sync tries again).
         """
         with self._sync_lock:
+            dirty, commits = self._dirty, self._commits_since_sync
             self._dirty = False
             self._commits_since_sync = 0
             self._last_sync = time.monotonic()
@@ -591,10 +597,29 @@ class Store:
                 synced = self.env.info()["last_txnid"]
                 record_synced(self.meta_dir, synced, self._page_size)
                 self.modes.fix_path(self.meta_dir / SYNCED_FILE, False)
+            except BaseException as exc:
+                new_pin.abort()
+                self._dirty = self._dirty or dirty
+                self._commits_since_sync += commits
+                if isinstance(exc, (OSError, lmdb.Error)) and self.no_space(exc):
+                    raise NoSpace(f"no space left on the device that holds the store (syncing: {exc})") from exc
+                raise
             finally:
                 txn.abort()
             old, self._pin = self._pin, new_pin
             old.abort()
+
+    def before_commit(self) -> None:
+        """Call inside a write transaction just before committing it: keeps
+        the metadata file allocated past its last page
+        (``recovery.MetaReserve``), so the commit does not meet a full disk
+        half way. Raises :class:`NoSpace` when the disk has no room for it."""
+        self._reserve.ensure(self.env.info()["last_pgno"])
+
+    def no_space(self, exc: BaseException) -> bool:
+        """True if ``exc`` (an ``lmdb.Error`` or ``OSError``) means the disk
+        or quota that holds the store is full (``recovery.is_no_space``)."""
+        return is_no_space(exc, self.path)
 
     # -- figures ------------------------------------------------------------------------
 

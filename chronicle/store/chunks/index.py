@@ -115,8 +115,9 @@ class ChunkStore:
         or None if the store had the chunk already. Raises ``NoSpace`` on a full disk.
         """
         with self._pending_lock:
-            if chunk_id in self._pending:
-                return None
+            lost = self._pending.get(chunk_id)
+        if lost is not None and not self._lost(lost):
+            return None               # written (or being written) by another put
         with self._env.begin(db=self._db, buffers=True) as txn:
             if txn.get(chunk_id) is not None:
                 return None
@@ -127,9 +128,9 @@ class ChunkStore:
         location = self.writer.append(chunk_id, codec_id, len(data), payload)
         record = ChunkRecord(location.pack_no, location.offset, location.stored_len, len(data), codec_id, 0)
         with self._pending_lock:
-            if chunk_id in self._pending:
+            if self._pending.get(chunk_id, lost) is not lost:
                 return None       # another thread won the race; our copy is unreferenced pack space
-            self._pending[chunk_id] = record
+            self._pending[chunk_id] = record       # replaces a copy a write error lost
         return codec_id
 
     def flush(self) -> None:
@@ -161,6 +162,7 @@ class ChunkStore:
                     pending = self._pending.get(chunk_id)
                 if pending is None:
                     raise Corrupt(f"chunk {to_hex(chunk_id)} is referenced but was never stored")
+                self._check_pending(chunk_id, pending)
                 record = ChunkRecord(pending.pack_no, pending.offset, pending.stored_len, pending.raw_len,
                                      pending.codec, 0)
                 inserted.append(chunk_id)
@@ -171,6 +173,21 @@ class ChunkStore:
         if inserted and self._meta_db is not None:
             add_totals(txn, self._meta_db, unique_bytes=new_raw, stored_bytes=new_stored, chunks=len(inserted))
         return inserted
+
+    def _check_pending(self, chunk_id: bytes, pending: ChunkRecord) -> None:
+        """Raise the write error (``NoSpace``) that lost a pending chunk's
+        bytes (``PackWriter.check``). The chunk stays pending and lost, so a
+        retry of the same commit fails the same way, until :meth:`put`
+        writes it again."""
+        self.writer.check(ChunkLocation(pending.pack_no, pending.offset, pending.stored_len))
+
+    def _lost(self, pending: ChunkRecord) -> bool:
+        """True if a write error lost this pending chunk's bytes."""
+        try:
+            self.writer.check(ChunkLocation(pending.pack_no, pending.offset, pending.stored_len))
+        except Exception:         # noqa: BLE001 - the error goes to the commit that uses it
+            return True
+        return False
 
     def committed(self, inserted: list[bytes]) -> None:
         """The transaction in which :meth:`add_refs` returned ``inserted`` has
@@ -240,6 +257,7 @@ class ChunkStore:
             raise Corrupt(f"chunk {to_hex(chunk_id)} is missing from the store")
         if record.refcount == 0:
             self.writer.flush()          # a pending chunk may still be in the writer's buffer
+            self._check_pending(chunk_id, record)
         data = self.read_record(chunk_id, record)
         self.cache.put(chunk_id, data)
         return data

@@ -32,8 +32,21 @@ the metadata.
 Threads: :class:`PackWriter` and :class:`PackReader` are safe to share
 between threads. A writer hands full 4 MiB buffers to its own flusher
 thread, which appends them to the backend while callers go on hashing and
-compressing; at most 32 MiB wait in its queue. A write error is raised by
-the next ``append``, ``flush`` or ``sync``.
+compressing; at most 32 MiB wait in its queue.
+
+Write errors (a full disk). A location is handed out before its bytes are
+written, so a failed write must never leave a location pointing at bytes
+that are not there. When an append to a pack fails (in the flusher or in
+``flush``), that pack is **retired**: the local backend has truncated it back
+to its last complete write, nothing more is written to it (records still
+queued for it are dropped), and every location in it from the failed
+write's first byte on is **lost**. The next ``append`` starts a new pack.
+The error reaches the caller whose records were lost, not whichever thread
+happens to call next: :meth:`PackWriter.check` raises it for a lost location,
+and the chunk store calls it before it records a chunk in the index
+(``ChunkStore.add_refs``), so the commit that would have referred to the
+lost bytes fails with :class:`~chronicle.errors.NoSpace` and a retry writes
+the chunk again.
 """
 
 from __future__ import annotations
@@ -134,14 +147,14 @@ class PackWriter:
         self._size = 0          # bytes of the current pack, buffered ones included
         self._buffers: list = []          # headers and payloads not yet handed to the flusher
         self._buffered = 0
-        self._sealed: list[ObjectWriter] = []   # closed at the next sync
+        self._sealed: list[tuple[ObjectWriter, int]] = []   # (writer, pack_no), closed at the next sync
         # The flusher thread appends handed-off buffers while the caller goes
         # on hashing and compressing; ``_cond`` guards its state.
         self._cond = threading.Condition()
-        self._queue: deque[tuple[ObjectWriter | None, list]] = deque()
+        self._queue: deque[tuple[ObjectWriter | None, list, int, int]] = deque()
         self._queued = 0
         self._writing = False
-        self._error: BaseException | None = None
+        self._lost: dict[int, tuple[int, BaseException]] = {}   # retired pack -> (first lost offset, error)
         self._flusher: threading.Thread | None = None
 
     def append(self, chunk_id: bytes, codec: int, raw_len: int, payload) -> ChunkLocation:
@@ -150,7 +163,8 @@ class PackWriter:
         (possibly for an earlier record, written in the background)."""
         with self._lock:
             record_len = RECORD_HEADER.size + len(payload)
-            if self._sink is None or (self._size + record_len > self._max and self._size > PACK_HEADER.size):
+            if (self._sink is None or self._pack_no in self._lost
+                    or (self._size + record_len > self._max and self._size > PACK_HEADER.size)):
                 self._start_pack()
             offset = self._size + RECORD_HEADER.size
             self._buffers.append(RECORD_HEADER.pack(RECORD_MAGIC, codec, 0, raw_len, len(payload), chunk_id))
@@ -163,7 +177,9 @@ class PackWriter:
 
     def flush(self) -> None:
         """Hand all buffered records to the backend and wait until they are
-        written (survives a killed process). Raises :class:`NoSpace`."""
+        written (survives a killed process), or lost: a write error retires
+        its pack (module docstring) and is raised by :meth:`check` for the
+        locations it lost, not here."""
         with self._lock:
             if self._buffers and self._sink is not None:
                 with self._cond:
@@ -171,16 +187,22 @@ class PackWriter:
                 if idle:
                     # Nothing queued: write here (a small file's commit must
                     # not pay a round trip to the flusher thread).
-                    sink, bufs, self._buffers, self._buffered = self._sink, self._buffers, [], 0
-                    sink.append(bufs)
-                    with self._cond:
-                        self._raise()
+                    item = self._take()
+                    self._write(*item)
                     return
             self._handoff()
         with self._cond:
             while self._queue or self._writing:
                 self._cond.wait()
-            self._raise()
+
+    def check(self, location: ChunkLocation) -> None:
+        """Raise the error that lost ``location``'s bytes (usually
+        :class:`~chronicle.errors.NoSpace`), if a write lost them; a location
+        written, or still buffered, passes."""
+        with self._cond:
+            lost = self._lost.get(location.pack_no)
+        if lost is not None and location.offset - RECORD_HEADER.size >= lost[0]:
+            raise _again(lost[1])
 
     def sync(self) -> None:
         """Flush, close the packs sealed since the last sync, then make
@@ -191,8 +213,12 @@ class PackWriter:
             if not self.backend.durable_while_open and self._sink is not None:
                 self._seal()
             sealed, self._sealed = self._sealed, []
-        for sink in sealed:
+        for sink, pack_no in sealed:
             sink.close()
+            with self._cond:
+                lost = self._lost.get(pack_no)
+            if lost is not None and lost[0] <= PACK_HEADER.size:
+                self.backend.delete(sink.name)     # a retired pack with no record in it
         self.backend.sync()
 
     def close(self) -> None:
@@ -205,7 +231,7 @@ class PackWriter:
         with self._cond:
             flusher, self._flusher = self._flusher, None
             if flusher is not None:
-                self._queue.append((None, []))     # stop
+                self._queue.append((None, [], -1, 0))     # stop
                 self._cond.notify_all()
         if flusher is not None:
             flusher.join()
@@ -218,7 +244,7 @@ class PackWriter:
 
     def _seal(self) -> None:                            # _lock held
         self._handoff()
-        self._sealed.append(self._sink)
+        self._sealed.append((self._sink, self._pack_no))
         self._sink = None
 
     def _start_pack(self) -> None:                      # _lock held
@@ -237,17 +263,21 @@ class PackWriter:
         self._buffers = [PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)]
         self._buffered = self._size = PACK_HEADER.size
 
+    def _take(self) -> tuple[ObjectWriter, list, int, int]:   # _lock held
+        """The buffered records as a write: ``(sink, buffers, pack_no, start offset)``."""
+        item = (self._sink, self._buffers, self._pack_no, self._size - self._buffered)
+        self._buffers, self._buffered = [], 0
+        return item
+
     def _handoff(self) -> None:                         # _lock held
         """Queue the buffered records for the flusher (waits while it is far behind)."""
         if not self._buffers or self._sink is None:
             return
-        item, size = (self._sink, self._buffers), self._buffered
-        self._buffers, self._buffered = [], 0
+        size = self._buffered
+        item = self._take()
         with self._cond:
-            self._raise()
-            while self._queued > _MAX_QUEUED and self._error is None:
+            while self._queued > _MAX_QUEUED:
                 self._cond.wait()
-            self._raise()
             self._queue.append(item)
             self._queued += size
             if self._flusher is None:
@@ -255,32 +285,50 @@ class PackWriter:
                 self._flusher.start()
             self._cond.notify_all()
 
-    def _raise(self) -> None:                           # _cond held
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+    def _write(self, sink: ObjectWriter, bufs: list, pack_no: int, start: int) -> None:
+        """Append one write to its pack, unless the pack is retired; on an
+        error retire the pack from ``start`` on (the caller of :meth:`check`
+        for a lost location gets the error)."""
+        with self._cond:
+            if pack_no in self._lost:
+                return                    # records after a failed write of their pack are lost too
+        try:
+            sink.append(bufs)
+        except BaseException as exc:     # noqa: BLE001 - handed to the callers whose records it lost
+            with self._cond:
+                self._lost.setdefault(pack_no, (start, exc))
+            if not isinstance(exc, Exception):
+                raise
 
     def _flush_loop(self) -> None:
         while True:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
-                sink, bufs = self._queue.popleft()
+                sink, bufs, pack_no, start = self._queue.popleft()
                 if sink is None:
                     self._cond.notify_all()
                     return
                 self._writing = True
-            error = None
             try:
-                sink.append(bufs)
-            except BaseException as exc:     # noqa: BLE001 - handed to the next caller
-                error = exc
-            with self._cond:
-                self._writing = False
-                self._queued -= sum(len(b) for b in bufs)
-                if error is not None and self._error is None:
-                    self._error = error
-                self._cond.notify_all()
+                self._write(sink, bufs, pack_no, start)
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._queued -= sum(len(b) for b in bufs)
+                    self._cond.notify_all()
+
+
+def _again(error: BaseException) -> BaseException:
+    """A fresh exception like ``error`` (one stored error is raised to many callers)."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror)
+    try:
+        fresh = type(error)(str(error))
+    except Exception:             # noqa: BLE001 - an exception class with another signature
+        return error
+    fresh.__cause__ = error.__cause__
+    return fresh
 
 
 class PackReader:

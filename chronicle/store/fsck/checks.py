@@ -99,6 +99,7 @@ from chronicle.store.fsck.tree import TreeChecks
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
+from chronicle.store.fsck.damage import Reader, describe_damage, rebuild
 from chronicle.store.store import Store
 
 _ZEROS = bytes(1 << 20)
@@ -182,7 +183,8 @@ class _Checker(TreeChecks):
         self.verify = verify_contents
         self.progress = _Progress(progress)
         self.report = FsckReport(repair=repair)
-        self.txn: lmdb.Transaction | None = None
+        self.meta: Reader | None = None      # the read transaction, renewed after damage
+        self.damage_problems: list[Problem] = []
 
         self.workspaces: dict[int, WorkspaceRecord] = {}
         self.heads: dict[int, int] = {}
@@ -217,25 +219,43 @@ class _Checker(TreeChecks):
     # -- driver --------------------------------------------------------------------
 
     def run(self) -> FsckReport:
-        with self.store.env.begin() as txn:
-            self.txn = txn
-            self._check_workspaces()
-            self._load_index()
-            self._check_packs()
-            self._check_contents()
-            self._check_chunk_refcounts()
-            self._check_inodes()
-            self._check_content_refcounts()
-            self._check_tree()
-            self._check_events()
-            if self.verify:
-                self._verify_contents()
-            self._report_lost_chunks()
-            self._report_orphans()
-            self.txn = None
+        self.meta = Reader(self.store.env, self.dbs)
+        try:
+            verify = (self._verify_contents,) if self.verify else ()
+            for phase in (self._check_workspaces, self._load_index, self._check_packs, self._check_contents,
+                          self._check_chunk_refcounts, self._check_inodes, self._check_content_refcounts,
+                          self._check_tree, self._check_events, *verify, self._report_lost_chunks,
+                          self._report_orphans):
+                try:
+                    self.meta.check()
+                    phase()
+                except lmdb.Error as exc:
+                    # a lookup (not a scan) met a damaged page: the phase stops, the others go on
+                    self.meta.renew()
+                    name = phase.__name__[1:]
+                    self.problem("meta-damaged", f"the metadata is damaged where fsck's {name} check looked "
+                                 f"({type(exc).__name__}: {exc}); it could not finish", check=name, error=str(exc))
+            self._report_damage()
+            self.damage_problems = [p for p in self.report.problems if p.kind == "meta-damaged"]
+        finally:
+            self.meta.close()
+            self.meta = None
         if self.repair:
             self._repair()
         return self.report
+
+    @property
+    def txn(self) -> lmdb.Transaction | None:
+        return self.meta.txn if self.meta is not None else None
+
+    def items(self, db: str):       # every readable record of ``db`` (damage.Reader.items)
+        return self.meta.items(db)
+
+    def _report_damage(self) -> None:
+        """One ``meta-damaged`` problem per damaged key range a scan skipped."""
+        names = {ws: rec.name for ws, rec in self.workspaces.items()}
+        for message, details in describe_damage(self.meta.damaged, names):
+            self.problem("meta-damaged", message, **details)
 
     def problem(self, kind: str, message: str, severity: str = ERROR, **details) -> Problem:
         p = Problem(kind, message, severity, False, details)
@@ -252,35 +272,31 @@ class _Checker(TreeChecks):
     # -- 1. workspaces ---------------------------------------------------------------
 
     def _check_workspaces(self) -> None:
-        txn = self.txn
         self.progress.start("workspaces", self._entries("workspaces"))
-        with txn.cursor(db=self.dbs["workspaces"]) as cur:
-            for n, (key, value) in enumerate(cur, 1):
-                name = bytes(key).decode(errors="replace")
-                try:
-                    rec = WorkspaceRecord.decode(value)
-                except (ValueError, KeyError, TypeError):
-                    self.problem("workspace-corrupt", f"the record of workspace {name!r} is damaged")
-                    continue
-                if rec.name != name:
-                    self.problem("workspace-corrupt", f"workspace {name!r} has a record naming it {rec.name!r}")
-                if rec.id in self.workspaces:
-                    self.problem("workspace-corrupt", f"workspaces {self.workspaces[rec.id].name!r} and "
-                                 f"{rec.name!r} have the same id {rec.id}")
-                    continue
-                self.workspaces[rec.id] = rec
-                self.progress.update(n)
+        for n, (key, value) in enumerate(self.items("workspaces"), 1):
+            name = bytes(key).decode(errors="replace")
+            try:
+                rec = WorkspaceRecord.decode(value)
+            except (ValueError, KeyError, TypeError):
+                self.problem("workspace-corrupt", f"the record of workspace {name!r} is damaged")
+                continue
+            if rec.name != name:
+                self.problem("workspace-corrupt", f"workspace {name!r} has a record naming it {rec.name!r}")
+            if rec.id in self.workspaces:
+                self.problem("workspace-corrupt", f"workspaces {self.workspaces[rec.id].name!r} and "
+                             f"{rec.name!r} have the same id {rec.id}")
+                continue
+            self.workspaces[rec.id] = rec
+            self.progress.update(n)
         self.report.workspaces = len(self.workspaces)
 
-        with txn.cursor(db=self.dbs["heads"]) as cur:
-            for key, value in cur:
-                ws = schema.U32.unpack(key)[0]
-                if ws not in self.workspaces:
-                    self.orphans[("heads", ws)] += 1
-                    continue
-                self.heads[ws] = schema.U64.unpack(value)[0]
-        with txn.cursor(db=self.dbs["ws_ids"]) as cur:
-            ws_ids = {schema.U32.unpack(key)[0]: bytes(value).decode(errors="replace") for key, value in cur}
+        for key, value in self.items("heads"):
+            ws = schema.U32.unpack(key)[0]
+            if ws not in self.workspaces:
+                self.orphans[("heads", ws)] += 1
+                continue
+            self.heads[ws] = schema.U64.unpack(value)[0]
+        ws_ids = {schema.U32.unpack(key)[0]: value.decode(errors="replace") for key, value in self.items("ws_ids")}
         for ws, name in ws_ids.items():
             rec = self.workspaces.get(ws)
             if rec is None or rec.name != name:
@@ -354,23 +370,22 @@ class _Checker(TreeChecks):
 
     def _load_index(self) -> None:
         self.progress.start("index", self._entries("chunks"))
-        with self.txn.cursor(db=self.dbs["chunks"]) as cur:
-            for n, (key, value) in enumerate(cur, 1):
-                chunk_id = bytes(key)
-                try:
-                    rec = ChunkRecord.decode(value)
-                except Corrupt:
-                    self.bad_index[chunk_id] = bytes(value)
-                    self.bad_index_problems[chunk_id] = self.problem(
-                        "chunk-index-corrupt", f"the index entry of chunk {_short(chunk_id)} is damaged",
-                        chunk=to_hex(chunk_id))
-                    continue
-                if len(chunk_id) != ID_SIZE or chunk_id == HOLE_ID:
-                    self.problem("chunk-index-corrupt", f"the chunk index has an entry with an invalid id "
-                                 f"{to_hex(chunk_id)}", WARNING, chunk=to_hex(chunk_id))
-                self.index[chunk_id] = rec
-                self.by_pack[rec.pack_no][rec.offset] = chunk_id
-                self.progress.update(n)
+        for n, (key, value) in enumerate(self.items("chunks"), 1):
+            chunk_id = bytes(key)
+            try:
+                rec = ChunkRecord.decode(value)
+            except Corrupt:
+                self.bad_index[chunk_id] = bytes(value)
+                self.bad_index_problems[chunk_id] = self.problem(
+                    "chunk-index-corrupt", f"the index entry of chunk {_short(chunk_id)} is damaged",
+                    chunk=to_hex(chunk_id))
+                continue
+            if len(chunk_id) != ID_SIZE or chunk_id == HOLE_ID:
+                self.problem("chunk-index-corrupt", f"the chunk index has an entry with an invalid id "
+                             f"{to_hex(chunk_id)}", WARNING, chunk=to_hex(chunk_id))
+            self.index[chunk_id] = rec
+            self.by_pack[rec.pack_no][rec.offset] = chunk_id
+            self.progress.update(n)
         self.report.chunks = len(self.index)
         self.progress.finish()
 
@@ -474,10 +489,9 @@ class _Checker(TreeChecks):
 
     def _check_contents(self) -> None:
         self.progress.start("contents", self._entries("contents"))
-        with self.txn.cursor(db=self.dbs["contents"]) as cur:
-            for n, (key, value) in enumerate(cur, 1):
-                self._check_content(bytes(key), value)
-                self.progress.update(n)
+        for n, (key, value) in enumerate(self.items("contents"), 1):
+            self._check_content(bytes(key), value)
+            self.progress.update(n)
         self.report.contents = len(self.content_refcounts) + len(self.bad_contents)
         self.progress.finish()
 
@@ -552,32 +566,31 @@ class _Checker(TreeChecks):
     def _verify_contents(self) -> None:
         self.progress.start("verify-contents", self._entries("contents"))
         lost = set(self.lost)
-        with self.txn.cursor(db=self.dbs["contents"]) as cur:
-            for n, (key, value) in enumerate(cur, 1):
-                self.progress.update(n)
-                content_id = bytes(key)
-                if content_id in self.bad_contents:
-                    continue
-                rec = ContentRecord.decode(value)
-                if rec.hash is None or any(c in lost for c in _distinct_ids(rec)):
-                    continue        # not hashed yet / its damaged chunks are reported already
-                hasher = new_hasher()
-                try:
-                    for i, length in enumerate(rec.lengths):
-                        chunk_id = rec.chunk_id(i)
-                        if chunk_id == HOLE_ID:
-                            for start in range(0, length, len(_ZEROS)):
-                                hasher.update(memoryview(_ZEROS)[:min(len(_ZEROS), length - start)])
-                        else:
-                            hasher.update(memoryview(self.chunks.get(chunk_id, self.txn))[:length])
-                except Corrupt as exc:
-                    self.problem("content-hash", f"content {_short(content_id)} cannot be read: {exc}",
-                                 content=to_hex(content_id))
-                    continue
-                self.report.content_bytes_checked += rec.size
-                if hasher.digest() != rec.hash:
-                    self.problem("content-hash", f"content {_short(content_id)} does not match its hash: its "
-                                 "extent list is damaged", content=to_hex(content_id))
+        for n, (key, value) in enumerate(self.items("contents"), 1):
+            self.progress.update(n)
+            content_id = bytes(key)
+            if content_id in self.bad_contents:
+                continue
+            rec = ContentRecord.decode(value)
+            if rec.hash is None or any(c in lost for c in _distinct_ids(rec)):
+                continue        # not hashed yet / its damaged chunks are reported already
+            hasher = new_hasher()
+            try:
+                for i, length in enumerate(rec.lengths):
+                    chunk_id = rec.chunk_id(i)
+                    if chunk_id == HOLE_ID:
+                        for start in range(0, length, len(_ZEROS)):
+                            hasher.update(memoryview(_ZEROS)[:min(len(_ZEROS), length - start)])
+                    else:
+                        hasher.update(memoryview(self.chunks.get(chunk_id, self.txn))[:length])
+            except Corrupt as exc:
+                self.problem("content-hash", f"content {_short(content_id)} cannot be read: {exc}",
+                             content=to_hex(content_id))
+                continue
+            self.report.content_bytes_checked += rec.size
+            if hasher.digest() != rec.hash:
+                self.problem("content-hash", f"content {_short(content_id)} does not match its hash: its "
+                             "extent list is damaged", content=to_hex(content_id))
         self.progress.finish()
 
     # -- reporting lost chunks and orphans ------------------------------------------------
@@ -639,7 +652,19 @@ class _Checker(TreeChecks):
             if lost.problem is not None and not lost.problem.repaired and lost.problem.severity == ERROR:
                 lost.problem.message += " [not repaired: no good copy in any pack; this data is lost]"
         self.store.sync()
+        if self.damage_problems:
+            self._rebuild_metadata()
         self.progress.finish()
+
+    def _rebuild_metadata(self) -> None:
+        """Drop the damaged records (``damage.rebuild``); the store must be
+        closed after this, and fsck run again for what referred to them."""
+        backup, copied = rebuild(self.store.env, self.dbs, self.store.meta_dir, self.store.env.info()["map_size"])
+        for p in self.damage_problems:
+            p.repaired = True
+            p.message += (f" [repaired: the unreadable records were dropped, {sum(copied.values())} readable "
+                          f"ones copied into a new metadata file; the damaged one is kept at {backup}; run fsck again]")
+        self.report.metadata_rebuilt = str(backup)
 
     def _good_spare(self, chunk_id: bytes) -> PackRecord | None:
         for spare in self.spares.get(chunk_id, []):

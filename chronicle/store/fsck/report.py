@@ -50,6 +50,7 @@ class FsckReport:
     dirents: int = 0
     path_entries: int = 0
     events: int = 0
+    metadata_rebuilt: str | None = None   # repair rebuilt the metadata: where the damaged file is kept
     seconds: float = 0.0
 
     @property

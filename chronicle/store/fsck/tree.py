@@ -32,32 +32,31 @@ class TreeChecks:
     def _check_inodes(self) -> None:
         self.progress.start("inodes", self._entries("inodes"))
         has_content = self.content_refcounts.keys() | self.bad_contents
-        with self.txn.cursor(db=self.dbs["inodes"]) as cur:
-            for n, (key, value) in enumerate(cur, 1):
-                self.progress.update(n)
-                if len(key) != 20:
-                    self.problem("inode-corrupt", f"the inode table has a damaged key {bytes(key).hex()}")
-                    continue
-                ws, ino, inv = struct.unpack(">IQQ", key)
-                seq = SEQ_MAX - inv
-                if ws not in self.workspaces:
-                    self.orphans[("inodes", ws)] += 1
-                k = (ws, ino)
-                if k not in self.inode_min_seq or seq < self.inode_min_seq[k]:
-                    self.inode_min_seq[k] = seq
-                try:
-                    attrs = Attrs.decode(value)
-                except Corrupt:
-                    self.problem("inode-corrupt", f"workspace {self.ws_name(ws)!r}: the record of inode {ino} "
-                                 f"at seq {seq} is damaged", workspace=self.ws_name(ws), ino=ino, seq=seq)
-                    continue
-                if attrs.content:
-                    self.content_uses[attrs.content] += 1
-                    if attrs.content not in has_content:
-                        self.missing_contents[attrs.content].append((ws, ino, seq))
-                elif attrs.is_file:
-                    self.problem("inode-corrupt", f"workspace {self.ws_name(ws)!r}: regular file inode {ino} at "
-                                 f"seq {seq} has no content", WARNING, workspace=self.ws_name(ws), ino=ino, seq=seq)
+        for n, (key, value) in enumerate(self.items("inodes"), 1):
+            self.progress.update(n)
+            if len(key) != 20:
+                self.problem("inode-corrupt", f"the inode table has a damaged key {bytes(key).hex()}")
+                continue
+            ws, ino, inv = struct.unpack(">IQQ", key)
+            seq = SEQ_MAX - inv
+            if ws not in self.workspaces:
+                self.orphans[("inodes", ws)] += 1
+            k = (ws, ino)
+            if k not in self.inode_min_seq or seq < self.inode_min_seq[k]:
+                self.inode_min_seq[k] = seq
+            try:
+                attrs = Attrs.decode(value)
+            except Corrupt:
+                self.problem("inode-corrupt", f"workspace {self.ws_name(ws)!r}: the record of inode {ino} "
+                             f"at seq {seq} is damaged", workspace=self.ws_name(ws), ino=ino, seq=seq)
+                continue
+            if attrs.content:
+                self.content_uses[attrs.content] += 1
+                if attrs.content not in has_content:
+                    self.missing_contents[attrs.content].append((ws, ino, seq))
+            elif attrs.is_file:
+                self.problem("inode-corrupt", f"workspace {self.ws_name(ws)!r}: regular file inode {ino} at "
+                             f"seq {seq} has no content", WARNING, workspace=self.ws_name(ws), ino=ino, seq=seq)
         self.report.inodes = self._entries("inodes")
         self.progress.finish()
 
@@ -103,11 +102,10 @@ class TreeChecks:
         self.progress.start("tree", total)
         n = 0
         for db in ("dirents", "dirent_hist"):
-            with self.txn.cursor(db=self.dbs[db]) as cur:
-                for key, value in cur:
-                    n += 1
-                    self.progress.update(n)
-                    self._check_dirent(db, bytes(key), bytes(value))
+            for key, value in self.items(db):
+                n += 1
+                self.progress.update(n)
+                self._check_dirent(db, bytes(key), bytes(value))
         for ws, rec in self.workspaces.items():
             if not self._has_inode(ws, rec.root):
                 self.problem("dangling-dirent", f"workspace {rec.name!r}: its root directory (inode {rec.root}) "
@@ -115,36 +113,35 @@ class TreeChecks:
         has_content = self.content_refcounts.keys() | self.bad_contents
         lost_contents = {c for users in self.lost_users.values() for c in users}
         self.recorded_contents: set[tuple[int, int, bytes]] = set()    # (ws, ino, content) of path entries
-        with self.txn.cursor(db=self.dbs["paths"]) as cur:
-            for key, value in cur:
-                n += 1
-                self.progress.update(n)
-                self.report.path_entries += 1
-                if len(key) < 13:
-                    self.problem("path-entry-corrupt", f"the path history has a damaged key {bytes(key).hex()}")
-                    continue
-                ws = schema.U32.unpack(key[:4])[0]
-                if ws not in self.workspaces:
-                    self.orphans[("paths", ws)] += 1
-                path, seq = schema.path_key_ident(key), schema.path_key_seq(key)
-                try:
-                    entry = PathEntry.decode(value)
-                    if schema.ident_is_long(path):
-                        if schema.path_ident(entry.path) != path:
-                            raise ValueError("the entry's path does not match its key")
-                        path = entry.path
-                except (struct.error, ValueError):
-                    self.problem("path-entry-corrupt", f"workspace {self.ws_name(ws)!r}: the history entry of "
-                                 f"{path_text(path)!r} at seq {seq} is damaged", workspace=self.ws_name(ws),
-                                 path=path_text(path), seq=seq)
-                    continue
-                if not entry.flags & P_CONTENT:
-                    continue
-                self.recorded_contents.add((ws, entry.ino, entry.content))
-                if entry.content not in has_content:
-                    self.missing_content_paths[entry.content].append((ws, path, seq))
-                if entry.content in lost_contents:
-                    self.affected_paths[entry.content].append((ws, path, seq))
+        for key, value in self.items("paths"):
+            n += 1
+            self.progress.update(n)
+            self.report.path_entries += 1
+            if len(key) < 13:
+                self.problem("path-entry-corrupt", f"the path history has a damaged key {bytes(key).hex()}")
+                continue
+            ws = schema.U32.unpack(key[:4])[0]
+            if ws not in self.workspaces:
+                self.orphans[("paths", ws)] += 1
+            path, seq = schema.path_key_ident(key), schema.path_key_seq(key)
+            try:
+                entry = PathEntry.decode(value)
+                if schema.ident_is_long(path):
+                    if schema.path_ident(entry.path) != path:
+                        raise ValueError("the entry's path does not match its key")
+                    path = entry.path
+            except (struct.error, ValueError):
+                self.problem("path-entry-corrupt", f"workspace {self.ws_name(ws)!r}: the history entry of "
+                             f"{path_text(path)!r} at seq {seq} is damaged", workspace=self.ws_name(ws),
+                             path=path_text(path), seq=seq)
+                continue
+            if not entry.flags & P_CONTENT:
+                continue
+            self.recorded_contents.add((ws, entry.ino, entry.content))
+            if entry.content not in has_content:
+                self.missing_content_paths[entry.content].append((ws, path, seq))
+            if entry.content in lost_contents:
+                self.affected_paths[entry.content].append((ws, path, seq))
         self.progress.finish()
         self._report_missing_contents()
         self._check_loops()
@@ -294,32 +291,31 @@ class TreeChecks:
         expected: dict[int, int] = {ws: (rec.fork_seq or 0) + 1 for ws, rec in self.workspaces.items()}
         gaps: dict[int, list[tuple[int, int]]] = defaultdict(list)
         stray: dict[int, list[int]] = defaultdict(list)
-        with self.txn.cursor(db=self.dbs["events"]) as cur:
-            for n, (key, value) in enumerate(cur, 1):
-                self.progress.update(n)
-                self.report.events += 1
-                if len(key) != 12:
-                    self.problem("event-corrupt", f"the event log has a damaged key {bytes(key).hex()}")
-                    continue
-                ws, seq = struct.unpack(">IQ", key)
-                if ws not in self.workspaces:
-                    self.orphans[("events", ws)] += 1
-                    continue
-                low, head = (self.workspaces[ws].fork_seq or 0) + 1, self.heads.get(ws, 0)
-                if seq < low or seq > head:
-                    stray[ws].append(seq)
-                    continue
-                if seq > expected[ws]:
-                    gaps[ws].append((expected[ws], seq - 1))
-                expected[ws] = seq + 1
-                try:
-                    line = json.loads(value)
-                    ok = isinstance(line, dict) and line.get("seq") == seq
-                except ValueError:
-                    ok = False
-                if not ok:
-                    self.problem("event-corrupt", f"workspace {self.ws_name(ws)!r}: the log line of seq {seq} is "
-                                 "damaged", workspace=self.ws_name(ws), seq=seq)
+        for n, (key, value) in enumerate(self.items("events"), 1):
+            self.progress.update(n)
+            self.report.events += 1
+            if len(key) != 12:
+                self.problem("event-corrupt", f"the event log has a damaged key {bytes(key).hex()}")
+                continue
+            ws, seq = struct.unpack(">IQ", key)
+            if ws not in self.workspaces:
+                self.orphans[("events", ws)] += 1
+                continue
+            low, head = (self.workspaces[ws].fork_seq or 0) + 1, self.heads.get(ws, 0)
+            if seq < low or seq > head:
+                stray[ws].append(seq)
+                continue
+            if seq > expected[ws]:
+                gaps[ws].append((expected[ws], seq - 1))
+            expected[ws] = seq + 1
+            try:
+                line = json.loads(value)
+                ok = isinstance(line, dict) and line.get("seq") == seq
+            except ValueError:
+                ok = False
+            if not ok:
+                self.problem("event-corrupt", f"workspace {self.ws_name(ws)!r}: the log line of seq {seq} is "
+                             "damaged", workspace=self.ws_name(ws), seq=seq)
         for ws, nxt in expected.items():
             if nxt <= self.heads.get(ws, 0):
                 gaps[ws].append((nxt, self.heads[ws]))
@@ -333,22 +329,21 @@ class TreeChecks:
                          seqs=seqs[:_NAMED_IN_DETAILS])
         self.progress.finish()
 
-        with self.txn.cursor(db=self.dbs["snapshots"]) as cur:
-            for key, value in cur:
-                ws = schema.U32.unpack(key[:4])[0]
-                name = bytes(key[4:]).decode(errors="replace")
-                if ws not in self.workspaces:
-                    self.orphans[("snapshots", ws)] += 1
-                    continue
-                try:
-                    seq = json.loads(value)["seq"]
-                except (ValueError, KeyError, TypeError):
-                    self.problem("snapshot-corrupt", f"workspace {self.ws_name(ws)!r}: snapshot {name!r} is damaged",
-                                 WARNING, workspace=self.ws_name(ws), snapshot=name)
-                    continue
-                if not isinstance(seq, int) or seq < 0 or seq > self.heads.get(ws, 0):
-                    self.problem("snapshot-corrupt", f"workspace {self.ws_name(ws)!r}: snapshot {name!r} names seq "
-                                 f"{seq}, which the workspace does not have", WARNING, workspace=self.ws_name(ws),
-                                 snapshot=name)
+        for key, value in self.items("snapshots"):
+            ws = schema.U32.unpack(key[:4])[0]
+            name = bytes(key[4:]).decode(errors="replace")
+            if ws not in self.workspaces:
+                self.orphans[("snapshots", ws)] += 1
+                continue
+            try:
+                seq = json.loads(value)["seq"]
+            except (ValueError, KeyError, TypeError):
+                self.problem("snapshot-corrupt", f"workspace {self.ws_name(ws)!r}: snapshot {name!r} is damaged",
+                             WARNING, workspace=self.ws_name(ws), snapshot=name)
+                continue
+            if not isinstance(seq, int) or seq < 0 or seq > self.heads.get(ws, 0):
+                self.problem("snapshot-corrupt", f"workspace {self.ws_name(ws)!r}: snapshot {name!r} names seq "
+                             f"{seq}, which the workspace does not have", WARNING, workspace=self.ws_name(ws),
+                             snapshot=name)
 
     # -- 7. whole-file hashes ----------------------------------------------------------

@@ -35,12 +35,15 @@ state, whose chunks were synced first.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from chronicle.errors import NoSpace
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +156,168 @@ def recover_after_crash(meta_dir: Path) -> int | None:
     log.warning("the machine stopped since this store was last synced: metadata rolled back to "
                 "transaction %d (%d later transactions were not synced and are dropped)", synced, dropped)
     return dropped
+
+
+# -- a full disk -----------------------------------------------------------------------
+#
+# LMDB grows ``data.mdb`` by writing pages past its end. On a full disk such
+# a write fails half way: ``mdb_txn_commit`` answers ENOSPC, or EIO for a
+# short write (``mdb_page_flush`` in mdb.c has no better code for it). The
+# commit is then aborted and nothing is lost, but the caller must hear
+# ENOSPC. So Chronicle keeps the file allocated a little past its last page
+# (:class:`MetaReserve`): a commit only grows into space that is already
+# there, and when the reserve cannot be extended the commit is refused with
+# ``NoSpace`` before LMDB writes anything.
+
+RESERVE_MIN = 1 << 20                     # bytes kept allocated past the last page, at least
+RESERVE_FRACTION = 16                     # ... or 1/16 of the file, whichever is more
+RESERVE_MAX = 32 << 20                    # ... but never more than this
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")
+_LOW_FREE = 4 << 20                       # an LMDB EIO with less free than this is a short write
+
+
+class MetaReserve:
+    """Keeps the LMDB data file ``data_file`` allocated past its last used
+    page (``posix_fallocate``), so that a commit never meets a full disk in
+    the middle of writing its pages.
+
+    Threads: call :meth:`ensure` inside the (single) LMDB write transaction.
+    """
+
+    def __init__(self, data_file: Path, page_size: int):
+        self.data_file = Path(data_file)
+        self.page_size = page_size
+        self._allocated = 0               # bytes known to be allocated from the start of the file
+
+    def ensure(self, last_pgno: int) -> None:
+        """Make sure at least ``RESERVE_MIN`` (or 1/16 of the file, at most ``RESERVE_MAX``) is
+        allocated past page ``last_pgno``; allocates twice that when it
+        extends. Raises :class:`~chronicle.errors.NoSpace` if even the minimum
+        cannot be allocated; other ``OSError``s (a file system without
+        fallocate) are ignored."""
+        used = (last_pgno + 1) * self.page_size
+        low = min(max(RESERVE_MIN, used // RESERVE_FRACTION), RESERVE_MAX)
+        if used + low <= self._allocated:
+            return
+        try:
+            fd = os.open(self.data_file, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            for want in (used + 2 * low, used + low):
+                try:
+                    os.posix_fallocate(fd, 0, want)
+                    self._allocated = want
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        self._allocated = used + 2 * low     # not supported here: do not try each commit
+                        return
+            raise NoSpace("no space left on the device that holds the store (growing the metadata)")
+        finally:
+            os.close(fd)
+
+
+def is_no_space(exc: BaseException, store_dir: Path) -> bool:
+    """True if ``exc`` (an ``lmdb.Error`` or ``OSError``) is a full disk or
+    quota under ``store_dir``: ENOSPC/EDQUOT, or LMDB's EIO for a short write
+    when the file system has almost no space left (``statvfs``)."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if any(t in text for t in _NO_SPACE_TEXTS):
+        return True
+    if code == errno.EIO or "Input/output error" in text:
+        try:
+            st = os.statvfs(store_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < _LOW_FREE
+    return False
+
+
+# -- a damaged meta page ---------------------------------------------------------------
+#
+# LMDB keeps two meta pages (pages 0 and 1) and opens at the one with the
+# higher txnid; it has no checksums, so one damaged meta page makes the whole
+# file unopenable ("Invalid argument", "File is not an LMDB file") or points
+# it at garbage. Before opening, :func:`repair_meta_pages` checks both for
+# sanity and rewrites a damaged one from the other: the store opens at the
+# other's transaction (the previous commit, or the same one).
+
+P_INVALID = 0xFFFFFFFFFFFFFFFF
+MDB_DATA_VERSION = 1
+_META = struct.Struct("<IIQQ")            # mm_magic, mm_version, mm_address, mm_mapsize (at 16)
+_DB = struct.Struct("<IHHQQQQQ")          # MDB_db: pad (psize for FREE_DBI), flags, depth, pages..., entries, root
+_DBS_AT = 40
+_LAST_PG_AT = 136
+
+
+def meta_page_problem(raw: bytes, slot: int, file_pages: int, page_size: int) -> str | None:
+    """Why ``raw`` (page ``slot`` of a data file of ``file_pages`` pages) is
+    not a sane LMDB meta page, or None: page number and flags, magic,
+    version, page size, map size, tree depths and root pages within the file
+    (``MDB_meta``/``MDB_db`` in mdb.c, LMDB 0.9, 64-bit)."""
+    if len(raw) < _META_TXNID_AT + 8:
+        return "short page"
+    pgno, _pad, flags = _PAGE_HEADER.unpack_from(raw)
+    if pgno != slot or not flags & P_META:
+        return f"page header says page {pgno}, flags {flags:#x}"
+    magic, version, address, mapsize = _META.unpack_from(raw, 16)
+    if magic != LMDB_MAGIC:
+        return f"bad magic {magic:#x}"
+    if version != MDB_DATA_VERSION:
+        return f"bad version {version}"
+    (last_pg,) = struct.unpack_from("<Q", raw, _LAST_PG_AT)
+    if address != 0 or mapsize % page_size or mapsize < (last_pg + 1) * page_size or mapsize > 1 << 48:
+        return f"bad map address or size ({address:#x}, {mapsize})"
+    if last_pg < 1 or last_pg >= max(file_pages, 2):
+        return f"last page {last_pg} is outside the file ({file_pages} pages)"
+    for i in (0, 1):
+        psize, _flags, depth, _b, _l, _o, _entries, root = _DB.unpack_from(raw, _DBS_AT + i * _DB.size)
+        if i == 0 and psize != page_size:
+            return f"bad page size {psize}"
+        if root != P_INVALID and not 2 <= root <= last_pg:
+            return f"root page {root} of database {i} is outside the tree"
+        if depth > 32 or (root == P_INVALID) != (depth == 0):
+            return f"bad depth {depth} of database {i}"
+    return None
+
+
+def repair_meta_pages(meta_dir: Path, page_size: int = 4096) -> str | None:
+    """If one of the two meta pages of ``meta_dir/data.mdb`` is damaged
+    (:func:`meta_page_problem`) and the other is sane, rewrite the damaged
+    one from the sane one, so LMDB opens at the sane one's transaction. Call
+    before opening the environment, with no other process using it. Returns
+    a message saying what was done (also logged as a WARNING), or None if
+    both are sane, or both damaged (nothing to copy from). Raises ``OSError``
+    from the disk."""
+    data_file = meta_dir / "data.mdb"
+    try:
+        size = data_file.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size < 2 * page_size:
+        return None
+    file_pages = size // page_size
+    with open(data_file, "rb") as f:
+        raws = [f.read(page_size), f.read(page_size)]
+    problems = [meta_page_problem(raw, slot, file_pages, page_size) for slot, raw in enumerate(raws)]
+    if (problems[0] is None) == (problems[1] is None):
+        return None
+    bad = 0 if problems[0] is not None else 1
+    good = raws[1 - bad]
+    page = bytearray(good)
+    _PAGE_HEADER.pack_into(page, 0, bad, 0, P_META)
+    fd = os.open(data_file, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, bytes(page), bad * page_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    (txnid,) = struct.unpack_from("<Q", good, _META_TXNID_AT)
+    message = (f"meta page {bad} of {data_file} was damaged ({problems[bad]}): rewritten from meta page "
+               f"{1 - bad}; the store opens at transaction {txnid}")
+    log.warning("%s", message)
+    return message

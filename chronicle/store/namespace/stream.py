@@ -110,7 +110,12 @@ class Stream:
         self.wait()
         batch = self.pending
         self.pending, self.pending_bytes = [], 0
-        self._cut(batch, True)
+        try:
+            self._cut(batch, True)
+        except BaseException as exc:
+            with self._cond:
+                self._error = exc         # the tail is gone: every later finish fails the same way
+            raise
         return self.ids, self.lengths, self.hasher.digest()
 
     def drain(self) -> bytes:

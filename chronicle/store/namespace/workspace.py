@@ -271,11 +271,14 @@ class Workspace:
                 txn.abort()
                 return
             txn.put(schema.ws_key(self.id), schema.U64.pack(seq), db=self.dbs["heads"])
+            self.store.before_commit()
             txn.commit()
         except BaseException as exc:
             txn.abort()
             if _is_map_full(exc):
                 raise NoSpace("the store's metadata map is full") from exc
+            if isinstance(exc, (lmdb.Error, OSError)) and self.store.no_space(exc):
+                raise NoSpace(f"no space left on the device that holds the store ({exc})") from exc
             raise
         self.head_seq = seq
         writer.apply(self._attrs, self.links)

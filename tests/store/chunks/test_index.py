@@ -11,7 +11,7 @@ from array import array
 import lmdb
 import pytest
 
-from chronicle.errors import Corrupt
+from chronicle.errors import Corrupt, NoSpace
 from chronicle.store.chunks import codec
 from chronicle.store.chunks.backends.local import LocalBackend
 from chronicle.store.chunks.ids import HOLE_ID, hash_bytes, to_hex
@@ -188,3 +188,29 @@ def test_the_cache_answers_without_the_pack(env):
     os.unlink(cs.backend.path(pack_name(cs.record(cid).pack_no)))
     assert cs.get(cid) == data and cs.cache.hits == hits + 1
     cs.prefetch([cid, hash_bytes(b"unknown")])                   # never raises
+
+
+def test_a_chunk_lost_to_a_full_disk_fails_its_commit_and_is_written_again(env, monkeypatch):
+    """The commit that refers to a chunk whose write failed gets ``NoSpace``
+    (not the next caller, not success); the index never points at bytes that
+    are not there; once there is space, the same chunk is written again."""
+    cs = env.store()
+    cid, data = chunk(7, compressible=False)
+    sink_cls = type(cs.backend.create("packs/000000/0000000000.pack"))
+    real_append = sink_cls.append
+
+    def full(self, buffers):
+        raise NoSpace("no space left (test)")
+
+    monkeypatch.setattr(sink_cls, "append", full)
+    cs.put(cid, data)
+    cs.flush()
+    with env.env.begin(write=True) as txn:
+        with pytest.raises(NoSpace):
+            cs.add_refs(txn, content((cid, len(data))))
+        txn.abort()
+    monkeypatch.setattr(sink_cls, "append", real_append)
+    assert cs.put(cid, data) is not None                 # written again, not deduplicated to the lost copy
+    assert commit(cs, env, content((cid, len(data)))) == [cid]
+    cs.cache = type(cs.cache)()
+    assert cs.get(cid) == data

@@ -5,6 +5,9 @@ header is ``Corrupt``; names and numbers round-trip."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from chronicle.errors import Corrupt, NoSpace, NotFound
@@ -109,9 +112,12 @@ def test_missing_and_short_packs_are_corrupt(backend):
         list(reader.scan(loc.pack_no))
 
 
-def test_a_write_error_of_the_flusher_is_raised_by_the_next_call(backend, monkeypatch):
+def test_a_failed_write_of_the_flusher_loses_only_its_records_and_says_so(backend, monkeypatch):
+    """A write error retires the pack: the records it lost are named by
+    ``check`` (to the caller that would use them), earlier ones stay good,
+    and the next record goes to a new pack."""
     writer = PackWriter(backend)
-    writer.append(b"\x04" * 32, codec.CODEC_RAW, 3, b"abc")
+    good = writer.append(b"\x04" * 32, codec.CODEC_RAW, 3, b"abc")
     writer.flush()
     sink = writer._sink
 
@@ -120,8 +126,68 @@ def test_a_write_error_of_the_flusher_is_raised_by_the_next_call(backend, monkey
 
     monkeypatch.setattr(sink, "append", full)
     big = b"\x05" * (5 << 20)                         # more than the write buffer: handed to the flusher
-    writer.append(hash_bytes(big), codec.CODEC_RAW, len(big), big)
-    with pytest.raises(NoSpace):
-        writer.flush()
+    lost = writer.append(hash_bytes(big), codec.CODEC_RAW, len(big), big)
+    later = writer.append(b"\x06" * 32, codec.CODEC_RAW, 3, b"def")   # same pack, queued after the failure
+    writer.flush()                                     # the error is not thrown at whoever flushes next
+    writer.check(good)
+    for location in (lost, later):
+        with pytest.raises(NoSpace):
+            writer.check(location)
     monkeypatch.undo()
+    again = writer.append(b"\x06" * 32, codec.CODEC_RAW, 3, b"def")
+    assert again.pack_no != good.pack_no
     writer.close()
+    writer.check(again)
+    reader = PackReader(backend)
+    assert reader.read(good) == b"abc" and reader.read(again) == b"def"
+    assert [r.location for r in reader.scan(good.pack_no)] == [good]
+
+
+def test_a_short_write_on_a_full_disk_is_rolled_back(backend, monkeypatch):
+    """ENOSPC after part of a write (what a filling disk does): the pack file
+    is truncated back to its last complete write, so no location handed out
+    points past the bytes that are there, and a new pack takes the next record."""
+    import chronicle.store.chunks.backends.local as local
+
+    writer = PackWriter(backend)
+    first = writer.append(b"\x01" * 32, codec.CODEC_RAW, 5, b"first")
+    writer.flush()
+    path = pack_path(backend.root / "packs", first.pack_no)
+    size_before = path.stat().st_size
+    real_writev = os.writev
+
+    def filling(fd, buffers):
+        real_writev(fd, [bytes(buffers[0])[:7]])     # part of the first buffer fits
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local.os, "writev", filling)
+    second = writer.append(b"\x02" * 32, codec.CODEC_RAW, 6, b"second")
+    writer.flush()
+    monkeypatch.undo()
+    assert path.stat().st_size == size_before
+    with pytest.raises(NoSpace):
+        writer.check(second)
+    third = writer.append(b"\x02" * 32, codec.CODEC_RAW, 6, b"second")
+    writer.sync()
+    writer.check(third)
+    reader = PackReader(backend)
+    assert reader.read(first) == b"first" and reader.read(third) == b"second"
+    assert third.pack_no != first.pack_no
+    writer.close()
+
+
+def test_a_pack_whose_first_write_failed_is_removed(backend, monkeypatch):
+    import chronicle.store.chunks.backends.local as local
+
+    writer = PackWriter(backend)
+    monkeypatch.setattr(local.os, "writev", lambda fd, bufs: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    lost = writer.append(b"\x01" * 32, codec.CODEC_RAW, 5, b"first")
+    writer.flush()
+    monkeypatch.undo()
+    with pytest.raises(NoSpace):
+        writer.check(lost)
+    good = writer.append(b"\x01" * 32, codec.CODEC_RAW, 5, b"first")
+    writer.sync()
+    assert list(PackReader(backend).list_packs()) == [good.pack_no]
+    writer.close()
+

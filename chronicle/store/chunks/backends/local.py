@@ -289,13 +289,31 @@ class _LocalWriter:
         self._marker = marker
         self._dirty = False
         self._closed = False
+        self._end = 0                     # the file's size after the last append that succeeded
         self._lock = threading.Lock()     # sync and close
 
     def append(self, buffers: Sequence[Buffer]) -> None:
+        """Append ``buffers`` (base). A failed append is rolled back: the
+        file is truncated to where it ended before, so its end is known (the
+        pack writer retires it all the same) and a full disk gets back the
+        space a partial write took."""
         if self._closed:
             raise ValueError(f"object {self.name} is closed")
-        _writev_all(self._fd, buffers)
+        try:
+            _writev_all(self._fd, buffers)
+        except BaseException:
+            self._roll_back()
+            raise
+        self._end = os.lseek(self._fd, 0, os.SEEK_CUR)
         self._dirty = True
+
+    def _roll_back(self) -> None:
+        """Truncate the file to its end after the last append that succeeded."""
+        try:
+            os.ftruncate(self._fd, self._end)
+            os.lseek(self._fd, self._end, os.SEEK_SET)
+        except OSError:
+            pass                          # the end stays unknown; the pack is retired anyway
 
     def sync(self) -> None:
         with self._lock:
