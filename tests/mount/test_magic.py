@@ -29,7 +29,7 @@ import blake3
 import pytest
 from fsutil import errname, payload, snapshot, tree_diff
 
-ROOT_NAMES = ["at", "ctl", "log", "query", "snapshots", "stats", "versions"]
+ROOT_NAMES = ["at", "blame", "ctl", "hash", "log", "query", "snapshots", "stats", "turns", "versions"]
 ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 VERSION_KEYS = {"version", "seq", "time", "event", "turn", "pid"}

@@ -19,6 +19,7 @@ node                               what
 :class:`TreeNode`                  an inode of the whole tree at a seq (``at/…``, ``snapshots/…``)
 :class:`LogFile`, :class:`StatsFile`  ``log`` (JSON Lines), ``stats`` (JSON)
 :class:`CtlFile`                   ``ctl``: its protocol is the adapter's (``chronicle.fs.ctl``)
+``queries`` nodes                  ``blame/``, ``hash/``, ``turns/`` (``chronicle.store.history.queries``)
 =================================  ================================================
 
 A node's class says how its content behaves: ``rendered`` files (query,
@@ -63,7 +64,7 @@ import lmdb
 
 from chronicle.errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
                               PermissionDenied, ReadOnly)
-from chronicle.store.history import points
+from chronicle.store.history import points, queries
 from chronicle.store.history.access import R_OK, ROOT, X_OK, Access, Caller, permits
 from chronicle.store.history.paths import History, Version
 from chronicle.store.meta.journal import path_text
@@ -186,11 +187,11 @@ class CtlFile:
 
 
 Node = (Root | QueryDir | QueryFile | VersionsDir | VersionFile | AtDir | SnapshotsDir | TreeNode | LogFile
-        | StatsFile | CtlFile)
+        | StatsFile | CtlFile | queries.QueryNode)     # blame/, hash/, turns/: chronicle.store.history.queries
 
 ROOT_CHILDREN: dict[bytes, Node] = {
     b"at": AtDir(), b"ctl": CtlFile(), b"log": LogFile(), b"query": QueryDir(b""), b"snapshots": SnapshotsDir(),
-    b"stats": StatsFile(), b"versions": VersionsDir(b""),
+    b"stats": StatsFile(), b"versions": VersionsDir(b""), **queries.ROOT_QUERIES,
 }
 _DIR_MODE = stat.S_IFDIR | 0o555
 _FILE_MODE = stat.S_IFREG | 0o444
@@ -414,7 +415,7 @@ class HistoryViews:
         (``want``: or list) directory node ``node``."""
         if self.access.everything:
             return
-        if isinstance(node, (QueryDir, VersionsDir)):
+        if isinstance(node, (QueryDir, VersionsDir, queries.BlameDir)):
             allowed = self.access.directory(txn, node.path, want)
         elif isinstance(node, TreeNode):
             attrs = self.ws.view(node.seq).attrs(txn, node.ino)
@@ -451,7 +452,7 @@ class HistoryViews:
                 raise NotFound(f"no .chronicle/{os.fsdecode(name)}")
             return child
         if isinstance(node, QueryDir):
-            return self._query_child(txn, node.path, name)
+            return self.query_child(txn, node.path, name)
         if isinstance(node, VersionsDir):
             return self._versions_child(txn, node.path, name)
         if isinstance(node, AtDir):
@@ -470,6 +471,8 @@ class HistoryViews:
             if found is None:
                 raise NotFound(f"no {os.fsdecode(name)!r} at seq {node.seq}")
             return TreeNode(node.seq, found[0])
+        if isinstance(node, queries.QUERY_DIRS):
+            return queries.lookup(self, txn, node, name)
         raise NotADirectory()
 
     def listing(self, node: Node) -> list[tuple[bytes, Node]]:
@@ -492,6 +495,8 @@ class HistoryViews:
                 return [(os.fsencode(s["name"]), TreeNode(s["seq"], self.ws.root)) for s in points.snapshots(self.ws)]
             if isinstance(node, AtDir):
                 return []
+            if isinstance(node, queries.QUERY_DIRS):
+                return queries.listing(self, txn, node)
             if isinstance(node, TreeNode):
                 view = self.ws.view(node.seq)
                 if view.need_attrs(txn, node.ino).is_dir:
@@ -526,7 +531,8 @@ class HistoryViews:
     def _join(path: bytes, name: bytes) -> bytes:
         return path + b"/" + name if path else name
 
-    def _query_child(self, txn: lmdb.Transaction, path: bytes, name: bytes) -> Node:
+    def query_child(self, txn: lmdb.Transaction, path: bytes, name: bytes) -> Node:
+        """The ``query/`` node of child ``name`` of ``path``. Raises :class:`NotFound`."""
         child = self._join(path, name)
         head = self._head(txn, child)
         if head is not None and head[1] == KIND_DIR:
@@ -537,6 +543,10 @@ class HistoryViews:
         if head is None and items[-1][1].flags & P_DIR:
             return QueryDir(child)          # a deleted directory: still a directory
         return QueryFile(child)
+
+    def query_listing(self, txn: lmdb.Transaction, path: bytes) -> list[tuple[bytes, Node]]:
+        """The ``query/<path>/`` listing (as the caller may see it)."""
+        return self._path_listing(txn, QueryDir(path))
 
     def _versions_child(self, txn: lmdb.Transaction, path: bytes, name: bytes) -> Node:
         number = points.parse_number(name.decode("ascii", "replace"))    # only "7" names version 7, not "07"
@@ -565,6 +575,8 @@ class HistoryViews:
             raise ReadOnly(".chronicle is read-only")
         if isinstance(node, QueryFile):
             return Rendered(self.query(node.path))
+        if isinstance(node, queries.QUERY_FILES):
+            return Rendered(queries.render(self, node))
         if isinstance(node, LogFile):
             return LogReader(self.ws, self.ws.head_seq, self.access)
         if isinstance(node, StatsFile):

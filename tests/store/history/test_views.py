@@ -64,7 +64,8 @@ def log_text(ws) -> bytes:
 
 
 def test_the_root_lists_its_fixed_children_with_their_modes(views, ws):
-    assert names(views.listing(Root())) == [b"at", b"ctl", b"log", b"query", b"snapshots", b"stats", b"versions"]
+    assert names(views.listing(Root())) == [b"at", b"blame", b"ctl", b"hash", b"log", b"query", b"snapshots", b"stats",
+                                            b"turns", b"versions"]
     root = ws.head_attrs(ws.root)
     for name, node in ROOT_CHILDREN.items():
         assert views.lookup(Root(), name) == node
