@@ -36,7 +36,8 @@ from chronicle.agent_cli import agent
 from chronicle.errors import ChronicleError, InvalidArgument, NotFound, StoreError, UsageError
 from chronicle.locate import Target, locate, select
 from chronicle.store.fsck.checks import fsck as check_store
-from chronicle.store.history import points
+from chronicle.store.history import points, search
+from chronicle.store.history.blame import blame as blame_of
 from chronicle.store.history.access import invoking_user
 from chronicle.store.history.points import TurnLabel
 from chronicle.store.history.views import HistoryViews, split_version
@@ -297,18 +298,27 @@ def umount(mountpoint: Path) -> None:
 @click.option("--since", metavar="T", help="From seq T, time T, or after snapshot/turn T.")
 @click.option("--until", metavar="T", help="Up to seq, time, snapshot or turn T (inclusive).")
 @click.option("--turn", metavar="AGENT:N", callback=_parse_turn, help="Only the events of that turn.")
+@click.option("--changed-in", "changed_in", metavar="AGENT:N", callback=_parse_turn,
+              help="The paths that turn changed (with --json: .chronicle/turns/AGENT/N).")
 @workspace_options
 @json_option
-def log(path, since, until, turn, store_opt, ws_opt, as_json) -> None:
+def log(path, since, until, turn, changed_in, store_opt, ws_opt, as_json) -> None:
     """History of PATH, or of the whole workspace (oldest first, newest last).
 
     T is a seq number, an ISO-8601 time, a snapshot name or turn:AGENT:N.
     """
+    if changed_in is not None and (path, since, until, turn) != (None, None, None, None):
+        raise click.UsageError("--changed-in takes no PATH, --since, --until or --turn")
     target = _target(store_opt, ws_opt, path)
     out = _out()
     with _open_store(target) as store:
         ws = store.open_workspace(target.workspace)
         views = HistoryViews(ws, caller=invoking_user())
+        if changed_in is not None:
+            doc = search.turn_changes(views, changed_in.agent, changed_in.number)
+            out.write((json.dumps(doc) + "\n").encode() if as_json
+                      else b"".join(_line(p) for p in doc["paths"]))
+            return
         lo, hi = points.seq_range(ws, since, until, turn)
         width = len(str(ws.head_seq))
         if not target.path:
@@ -386,6 +396,72 @@ def diff(path: str, a: int | None, b: int | None, store_opt, ws_opt) -> None:
                                  tofiledate=_entry_time(b_ver))
     for line in lines:
         click.echo(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n", nl=False)
+
+
+@cli.command()
+@click.argument("spec", metavar="PATH[@VERSION]")
+@workspace_options
+@json_option
+def blame(spec: str, store_opt, ws_opt, as_json) -> None:
+    """Which version, seq, time and turn last changed each line of a file.
+
+    Text: VERSION SEQ TIME TURN LINE) TEXT; a binary file (a NUL in its first
+    8000 bytes) by 4096-byte range. --json: JSON Lines as .chronicle/blame/PATH.
+    """
+    path, number = split_version(spec)
+    target = _target(store_opt, ws_opt, path)
+    with _open_store(target) as store:
+        result = blame_of(HistoryViews(store.open_workspace(target.workspace), caller=invoking_user()),
+                          target.path, number)
+    out = _out()
+    if as_json:
+        out.write(result.json_lines())
+        return
+    width = max((len(str(r["seq"])) for r in result.records), default=1)
+    vwidth = max((len(str(r["version"])) for r in result.records), default=1)
+    for r in result.records:
+        turn = r["turn"]
+        label = f"{turn.get('agent')}:{turn.get('turn')}" if isinstance(turn, dict) else "-"
+        where = f"{r['line']})" if "line" in r else f"{r['offset']}+{r['length']})"
+        text = f" {r['text']}" if "text" in r else ""
+        out.write(_line(f"{str(r['version']).rjust(vwidth)} {str(r['seq']).rjust(width)} {r['time']} {label} "
+                        f"{where}{text}"))
+
+
+@cli.command()
+@click.argument("pattern")
+@click.argument("paths", metavar="[PATH]...", nargs=-1)
+@click.option("--history", is_flag=True, help="Search every kept version, not only the head.")
+@click.option("--since", metavar="T", help="Versions from T (implies --history).")
+@click.option("--until", metavar="T", help="Versions up to T (implies --history).")
+@click.option("--turn", metavar="AGENT:N", callback=_parse_turn, help="Versions that turn wrote (implies --history).")
+@workspace_options
+@json_option
+@click.pass_context
+def grep(ctx, pattern, paths, history, since, until, turn, store_opt, ws_opt, as_json) -> None:
+    """Lines matching PATTERN (a Python regular expression) in the files.
+
+    Prints PATH:LINE:TEXT (PATH@VERSION:LINE:TEXT with --history); binary
+    files are skipped. Exit 1 if nothing matched.
+    """
+    targets = [_target(store_opt, ws_opt, p) for p in paths] or [_target(store_opt, ws_opt)]
+    if len({(t.store, t.workspace) for t in targets}) > 1:
+        raise UsageError("all PATHs must be in one workspace")
+    history = history or (since, until, turn) != (None, None, None)
+    out = _out()
+    found = False
+    with _open_store(targets[0]) as store:
+        ws = store.open_workspace(targets[0].workspace)
+        lo, hi = points.seq_range(ws, since, until, turn)
+        views = HistoryViews(ws, caller=invoking_user())
+        for m in search.grep(views, pattern, [t.path or b"" for t in targets], history=history, lo=lo, hi=hi):
+            found = True
+            text = m.text.decode("utf-8", "surrogateescape")
+            shown = _show_path(m.path) + ("" if m.version is None else f"@{m.version}")
+            out.write((json.dumps({"path": _show_path(m.path), "version": m.version, "line": m.line, "text": text})
+                       + "\n").encode() if as_json else _line(f"{shown}:{m.line}:{text}"))
+    if not found:
+        ctx.exit(1)
 
 
 @cli.command()

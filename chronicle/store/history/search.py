@@ -9,6 +9,9 @@
 - :func:`grep` — the lines matching a Python :mod:`re` pattern (bytes
   regex: ``re.search`` on each line, ``\\n`` removed) in the files of the head
   tree, or in every kept version (``history``) of every path, in a seq range.
+  A version shows once, under the first path whose (rename-following)
+  history holds it: paths at the head first, then deleted ones (so a file
+  renamed ``a`` → ``b`` shows its old versions as ``b@N``, not twice).
   Each distinct content is read and searched once (dedupe by content id),
   whichever paths and versions share it; binary contents
   (:func:`~chronicle.store.history.blame.is_binary`) are skipped.
@@ -33,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from chronicle.errors import InvalidArgument, NotFound
+from chronicle.errors import InvalidArgument, NotADirectory, NotFound
 from chronicle.store.history.access import R_OK, X_OK, permits
 from chronicle.store.history.blame import is_binary
 from chronicle.store.history.turns import TurnLog
@@ -205,7 +208,7 @@ class Grep:
             for root in roots:
                 try:
                     ino, kind = view.resolve(txn, root)
-                except (NotFound, OSError):
+                except (NotFound, NotADirectory):
                     raise NotFound(f"no {path_text(root) or '.'!r} in the workspace") from None
                 self._walk(txn, view, root, ino, kind, files)
         for path, content in sorted(set(files)):
@@ -230,21 +233,34 @@ class Grep:
         under ``roots``, by path then version."""
         with self.views.ws.read_txn() as txn:
             picked = []
-            for path in all_paths(self.views, txn):
-                if not any(not r or path == r or path.startswith(r + b"/") for r in roots):
-                    continue
+            seen: set[tuple[int, bytes]] = set()
+            view = self.views.ws.view()
+            paths = [p for p in all_paths(self.views, txn)
+                     if any(not r or p == r or p.startswith(r + b"/") for r in roots)]
+            live = {p for p in paths if _exists(txn, view, p)}
+            for path in sorted(live) + [p for p in paths if p not in live]:
                 try:
                     versions = self.views.ws.history.content_versions(txn, path)
                 except NotFound:
                     continue
                 for n in sorted(versions):
                     v = versions[n]
-                    if lo <= v.seq and (hi is None or v.seq <= hi) and (
-                            self.views.access.everything or self.views.access.version(txn, path, v)):
+                    if (v.seq, v.entry.fragment) in seen or v.seq < lo or (hi is not None and v.seq > hi):
+                        continue
+                    if self.views.access.everything or self.views.access.version(txn, path, v):
+                        seen.add((v.seq, v.entry.fragment))
                         picked.append((path, n, v.entry.content))
-        for path, n, content in picked:
+        for path, n, content in sorted(picked):
             for line_no, line in self._search(content):
                 yield Match(path, n, line_no, line)
+
+
+def _exists(txn: lmdb.Transaction, view, path: bytes) -> bool:
+    try:
+        view.resolve(txn, path)
+    except (NotFound, NotADirectory):
+        return False
+    return True
 
 
 def grep(views: HistoryViews, pattern: str | bytes, roots: list[bytes] | None = None, *, history: bool = False,
