@@ -27,6 +27,11 @@ Modules, lowest first:
   ``.chronicle/`` node's lookup, listing, attributes and content, FUSE-free
   (over ``paths`` and ``points``); the mount (``chronicle.fs.magic``) and
   the CLI (``log``, ``show``, ``diff``) both read it;
+- ``blame`` — which version last changed each line (or 4 KiB range) of a file;
+- ``search`` — content by BLAKE3 hash, grep over the head or every version,
+  what a turn changed;
+- ``queries`` — the ``blame/``, ``hash/`` and ``turns/`` nodes the views
+  dispatch to (over ``blame`` and ``search``);
 - ``turns`` — the turn log: :class:`~chronicle.store.history.turns.TurnLog`,
   turn labels (a workspace's seq ranges per turn), the agent runtime's turn
   records, state snapshots and agent records; written by the workspace's
