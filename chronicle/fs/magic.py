@@ -45,8 +45,9 @@ import pyfuse3
 from chronicle.errors import NotADirectory, NotFound, PermissionDenied, ReadOnly
 from chronicle.fs.ctl import CtlSession
 from chronicle.store.history.access import caller_of
-from chronicle.store.history.views import (AtDir, CtlFile, FileContent, HistoryViews, LogFile, Node, QueryDir,
-                                           Root, SnapshotsDir, StatsFile, VersionsDir)
+from chronicle.store.history.nodes import (AtDir, CtlFile, LogFile, Node, QueryDir, Root, SnapshotsDir, StatsFile,
+                                           VersionsDir)
+from chronicle.store.history.views import FileContent, HistoryViews
 
 if TYPE_CHECKING:       # operations imports this module
     from chronicle.fs.operations import ChronicleOperations
@@ -108,6 +109,8 @@ class MagicTree:
         return node
 
     def forget(self, ino: int, count: int) -> None:
+        """FORGET of magic inode ``ino``: drop ``count`` lookups; at zero a
+        non-static node gives its number back (a later lookup numbers it anew)."""
         left = self._lookups.get(ino, 0) - count
         if left > 0:
             self._lookups[ino] = left
@@ -131,6 +134,10 @@ class MagicTree:
         return self.views.for_caller(caller_of(ctx.uid, ctx.gid, ctx.pid))
 
     def entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The ``EntryAttributes`` of ``node`` (not counted): the views' attributes,
+        ``ctl`` as 0600 of the mounting user, cache timeouts by kind (immutable
+        nodes :data:`IMMUTABLE_TIMEOUT` s, directories ``DIR_TIMEOUT``, rendered
+        files 0). Raises ``NotFound``."""
         attrs = self.views.attrs(node)
         if isinstance(node, CtlFile):
             attrs = attrs.replace(mode=(attrs.mode & ~0o7777) | 0o600, uid=self.owner)
@@ -139,6 +146,7 @@ class MagicTree:
         return self.ops.entry(0, attrs, timeout=timeout, fuse_ino=self.ino(node), allocated=allocated)
 
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
+        """GETATTR of magic inode ``ino``. Raises ``NotFound`` (a forgotten number)."""
         return self.entry(self.node(ino))
 
     def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
@@ -161,6 +169,10 @@ class MagicTree:
         return fh
 
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """READDIR from entry ``start_id`` (pyfuse3's offset: index + 1 of the
+        last entry sent); the listing is taken at the first call and kept for
+        the handle, so offsets stay valid. Each entry sent counts one lookup;
+        EBADF for an unknown handle."""
         state = self._dirs.get(fh)
         if state is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -178,20 +190,30 @@ class MagicTree:
             self._count(entry)
 
     def releasedir(self, fh: int) -> None:
+        """RELEASEDIR: forget the handle's listing."""
         self._dirs.pop(fh, None)
 
     def readlink(self, ino: int) -> bytes:
+        """READLINK of a symlink in a past tree (``at/``, ``snapshots/``); EINVAL otherwise."""
         return self.views.readlink(self.node(ino))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        """GETXATTR: a past inode's recorded xattr ``name``; ENODATA if it has none."""
         return self.views.getxattr(self.node(ino), name)
 
     def listxattr(self, ino: int) -> list[bytes]:
+        """LISTXATTR: the names of a past inode's recorded xattrs (none for other nodes)."""
         return [key for key, _ in self.views.xattrs(self.node(ino))]
 
     # -- files -------------------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext, fh: int) -> pyfuse3.FileInfo:
+        """OPEN of magic inode ``ino`` as handle ``fh``: ``ctl`` (EACCES unless
+        the caller mounted the workspace or is root) starts a ctl session;
+        any other file is rendered or mapped now, as the caller may see it, and
+        stays as it was for the handle (SPEC §4). Rendered files are
+        ``direct_io``; immutable ones keep the page cache. EROFS for writing
+        anything but ``ctl``; EACCES for a version the caller may not read."""
         node = self.node(ino)
         if isinstance(node, CtlFile):
             if ctx.uid not in (0, self.owner):
@@ -203,21 +225,26 @@ class MagicTree:
         return pyfuse3.FileInfo(fh=fh, direct_io=node.rendered, keep_cache=node.immutable)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """READ ``size`` bytes at ``off`` of an open magic file; for ``ctl``, the
+        next pending reply lines (``off`` is ignored: ``nonseekable``)."""
         handle = self._handle(fh)
         if handle.ctl is not None:
             return handle.ctl.read(size)
         return handle.content.read(off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """WRITE to ``ctl``: command lines (one JSON object each); EROFS anywhere else."""
         handle = self._handles.get(fh)
         if handle is None or handle.ctl is None:
             raise ReadOnly(".chronicle is read-only")
         return await handle.ctl.write(buf)
 
     async def flush(self, fh: int) -> None:
+        """FLUSH: nothing to commit in ``.chronicle``."""
         return None
 
     async def release(self, fh: int) -> None:
+        """RELEASE: close the handle's content (a spool file, a log reader)."""
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.content is not None:
             handle.content.close()

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from chronicle.fs.magic import MAGIC_BASE, STATIC
-from chronicle.store.history.views import CtlFile
+from chronicle.store.history.nodes import CtlFile
 from chronicle.store.model import Actor
 
 OWNER = SimpleNamespace(uid=1000, gid=1000, pid=2 ** 22 + 1, umask=0o022)

@@ -57,8 +57,7 @@ import os
 import stat
 from bisect import bisect_right
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import lmdb
 
@@ -66,9 +65,11 @@ from chronicle.errors import (InvalidArgument, IsADirectory, NoAttribute, NotADi
                               PermissionDenied, ReadOnly)
 from chronicle.store.history import points, queries
 from chronicle.store.history.access import R_OK, ROOT, X_OK, Access, Caller, permits
+from chronicle.store.history.nodes import (ROOT_CHILDREN, AtDir, CtlFile, LogFile, Node, QueryDir, QueryFile,
+                                           Root, SnapshotsDir, StatsFile, TreeNode, VersionFile, VersionsDir)
 from chronicle.store.history.paths import History, Version
-from chronicle.store.meta.journal import path_text
 from chronicle.store.meta import schema
+from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_DIR
 from chronicle.store.model import KIND_DIR, Attrs
 
@@ -77,122 +78,6 @@ if TYPE_CHECKING:       # types only: namespace imports history (paths), so hist
     from chronicle.store.namespace.workspace import Workspace
 
 
-# -- nodes ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Root:
-    """``.chronicle/``."""
-
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class QueryDir:
-    """``query/<path>/`` (``path`` b"" is ``query/``): mirrors a directory's children."""
-
-    path: bytes
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class QueryFile:
-    """``query/<path>``: the JSON history of a path that is (or was last) not a directory."""
-
-    path: bytes
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class VersionsDir:
-    """``versions/<path>/``: the version numbers of ``path`` (a file) and its children (a directory)."""
-
-    path: bytes
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class VersionFile:
-    """``versions/<path>/<number>``: the content of one version."""
-
-    path: bytes
-    number: int
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = True
-
-
-@dataclass(frozen=True, slots=True)
-class AtDir:
-    """``at/``: any point (:mod:`~chronicle.store.history.points`) looks up; lists nothing."""
-
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotsDir:
-    """``snapshots/``: one tree per snapshot name."""
-
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class TreeNode:
-    """Inode ``ino`` of the workspace's tree at ``seq`` (read-only; any kind)."""
-
-    seq: int
-    ino: int
-    is_dir: ClassVar[bool] = False        # it depends on the inode: ask HistoryViews.is_dir
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = True
-
-
-@dataclass(frozen=True, slots=True)
-class LogFile:
-    """``log``: JSON Lines, one event per line, oldest first."""
-
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class StatsFile:
-    """``stats``: the store's and the workspace's figures (JSON)."""
-
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
-
-
-@dataclass(frozen=True, slots=True)
-class CtlFile:
-    """``ctl``: the control channel (read-write; served by the adapter)."""
-
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
-
-
-Node = (Root | QueryDir | QueryFile | VersionsDir | VersionFile | AtDir | SnapshotsDir | TreeNode | LogFile
-        | StatsFile | CtlFile | queries.QueryNode)     # blame/, hash/, turns/: chronicle.store.history.queries
-
-ROOT_CHILDREN: dict[bytes, Node] = {
-    b"at": AtDir(), b"ctl": CtlFile(), b"log": LogFile(), b"query": QueryDir(b""), b"snapshots": SnapshotsDir(),
-    b"stats": StatsFile(), b"versions": VersionsDir(b""), **queries.ROOT_QUERIES,
-}
 _DIR_MODE = stat.S_IFDIR | 0o555
 _FILE_MODE = stat.S_IFREG | 0o444
 _CTL_MODE = stat.S_IFREG | 0o660

@@ -16,7 +16,8 @@ from storeutil import A, write
 
 from chronicle.errors import PermissionDenied
 from chronicle.store.history.access import ROOT, Caller, caller_of, permits
-from chronicle.store.history.views import HistoryViews, QueryDir, VersionFile, VersionsDir
+from chronicle.store.history.nodes import QueryDir, VersionFile, VersionsDir
+from chronicle.store.history.views import HistoryViews
 from chronicle.store.model import Attrs
 
 U = Caller(1000, frozenset({1000}))

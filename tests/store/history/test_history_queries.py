@@ -15,8 +15,9 @@ from chronicle.errors import InvalidArgument, NotFound, PermissionDenied
 from chronicle.store.history import queries, search
 from chronicle.store.history.access import Caller
 from chronicle.store.history.blame import blame
+from chronicle.store.history.nodes import Root
 from chronicle.store.history.turns import TurnLog
-from chronicle.store.history.views import HistoryViews, Root
+from chronicle.store.history.views import HistoryViews
 from storeutil import A, write
 
 ALICE = Caller(1000, frozenset({1000}))

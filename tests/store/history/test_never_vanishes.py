@@ -18,7 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from chronicle.errors import ChronicleError
 from chronicle.store.chunks.ids import hash_bytes, to_hex
-from chronicle.store.history.views import HistoryViews, VersionFile, VersionsDir
+from chronicle.store.history.nodes import VersionFile, VersionsDir
+from chronicle.store.history.views import HistoryViews
 from chronicle.store.namespace.restore import restore_file
 from chronicle.store.store import Store
 from storeutil import A, history, write

@@ -15,9 +15,9 @@ import pytest
 from chronicle.errors import (Corrupt, InvalidArgument, IsADirectory, NoAttribute, NotADirectory,
                               NotFound, ReadOnly)
 from chronicle.store.history import points
-from chronicle.store.history.views import (ROOT_CHILDREN, AtDir, CtlFile, HistoryViews, LogFile, LogReader,
-                                           QueryDir, QueryFile, Root, SnapshotsDir, StatsFile, TreeNode,
-                                           VersionFile, VersionsDir, split_version, version_list)
+from chronicle.store.history.nodes import (ROOT_CHILDREN, AtDir, CtlFile, LogFile, QueryDir, QueryFile, Root,
+                                           SnapshotsDir, StatsFile, TreeNode, VersionFile, VersionsDir)
+from chronicle.store.history.views import HistoryViews, LogReader, split_version, version_list
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import EventWriter
 from storeutil import A, write
