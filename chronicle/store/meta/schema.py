@@ -421,6 +421,7 @@ P_CONTENT = 2    # the entry carries a content id (regular file content after th
 P_DIR = 4        # the path is a directory after (or, for removals, before) the event
 P_GONE = 8       # after the event nothing is at the path (delete, rename away)
 P_ARRIVED = 16   # something arrived at a path that was free (create, mkdir, link, symlink, rename)
+P_UNVERSIONED = 32   # an ignored path's version: it replaced the path's earlier ones (``gc.ignore``)
 
 
 @dataclass(frozen=True, slots=True)
