@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -83,3 +84,20 @@ def test_delete_workspace_drops_its_policy(store, ws):
     store.delete_workspace("o")
     with store.env.begin() as txn:
         assert txn.get(schema.ws_key(other.id), db=store.dbs["policies"]) is None
+
+
+def test_the_last_turns_ends_are_pins(store, ws):
+    seqs = []
+    for data in _contents(6):
+        write(ws, ws.root, b"f", data)
+        seqs.append(ws.head_seq)
+    with store.env.begin(write=True) as txn:
+        for n, end in enumerate(seqs[:4], 1):
+            label = {"agent": "a", "turn": n, "begin_seq": end, "end_seq": end}
+            txn.put(schema.turn_key(ws.id, b"a", n), json.dumps(label).encode(), db=store.dbs["turns"])
+    dryrun.set_policy(store, ws.id, Policy(keep_turns=2))
+    with store.env.begin() as txn:
+        pinned = dryrun.pins(store, store.workspace_record("w"), Policy(keep_turns=2), txn)
+    assert pinned == {seqs[2], seqs[3], seqs[5]}
+    mine = dryrun.dry_run(store, ["w"], now_ns=LATER)["workspaces"][0]
+    assert mine["kept_versions"] == 3
