@@ -36,6 +36,8 @@ from chronicle.agent_cli import agent
 from chronicle.errors import ChronicleError, InvalidArgument, NotFound, StoreError, UsageError
 from chronicle.locate import Target, locate, select
 from chronicle.store.fsck.checks import fsck as check_store
+from chronicle.store.gc import dryrun
+from chronicle.store.gc.policy import parse_duration
 from chronicle.store.history import points, search
 from chronicle.store.history.blame import blame as blame_of
 from chronicle.store.history.access import invoking_user
@@ -599,13 +601,99 @@ def workspaces(where, size: bool, store_opt, as_json) -> None:
     _table(table, right={1, 2, 3} if size else {1})
 
 
+def _duration(_ctx, _param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _count(name: str):
+    return click.option(f"--keep-{name}", f"keep_{name}", type=click.IntRange(0, 1 << 31), metavar="N")
+
+
+@cli.group()
+def policy() -> None:
+    """A workspace's retention policy (what gc keeps; README "Retention")."""
+
+
+@policy.command("show")
+@workspace_options
+@json_option
+def policy_show(store_opt, ws_opt, as_json) -> None:
+    """Print the workspace's policy (the default if none was set)."""
+    target = _target(store_opt, ws_opt)
+    with _open_store(target) as store:
+        record = store.workspace_record(target.workspace)
+        current = dryrun.get_policy(store, record.id)
+        own = dryrun.has_own_policy(store, record.id)
+    doc = {"workspace": target.workspace, "default": not own, **current.as_dict()}
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    _print_policy(doc)
+
+
+def _print_policy(doc: dict) -> None:
+    rows = [["workspace:", doc["workspace"] + (" (default policy)" if doc["default"] else "")]]
+    for key in ("keep_last", "keep_within_text", "keep_hourly", "keep_daily", "keep_weekly", "keep_turns"):
+        value = doc[key]
+        rows.append([key.replace("_text", "").replace("_", "-") + ":", "-" if value is None else str(value)])
+    rows.append(["ignore:", " ".join(doc["ignore"]) or "-"])
+    _table(rows)
+
+
+@policy.command("set")
+@_count("last")
+@click.option("--keep-within", callback=_duration, metavar="DURATION", help="e.g. 30m, 12h, 7d, 2w.")
+@_count("hourly")
+@_count("daily")
+@_count("weekly")
+@_count("turns")
+@click.option("--ignore", "ignore", multiple=True, metavar="PATTERN", help="Add a gitignore pattern.")
+@click.option("--no-ignore", "no_ignore", multiple=True, metavar="PATTERN", help="Remove a pattern.")
+@workspace_options
+def policy_set(keep_last, keep_within, keep_hourly, keep_daily, keep_weekly, keep_turns, ignore, no_ignore,
+               store_opt, ws_opt) -> None:
+    """Change the workspace's policy (options not given stay as they are)."""
+    target = _target(store_opt, ws_opt)
+    with _open_store(target) as store:
+        record = store.workspace_record(target.workspace)
+        new = dryrun.get_policy(store, record.id).changed(
+            keep_last=keep_last, keep_within=keep_within, keep_hourly=keep_hourly, keep_daily=keep_daily,
+            keep_weekly=keep_weekly, keep_turns=keep_turns, ignore_add=ignore, ignore_remove=no_ignore)
+        dryrun.set_policy(store, record.id, new)
+    _print_policy({"workspace": target.workspace, "default": False, **new.as_dict()})
+
+
 @cli.command()
-@click.option("--keep-last", type=int, metavar="N", help="Keep the last N versions of every path.")
-@click.option("--keep-within", metavar="DURATION", help="Keep versions younger than DURATION.")
-@store_options
-def gc(keep_last, keep_within, store_opt) -> None:
-    """Prune old versions by policy, then free unreferenced chunks (not implemented yet)."""
-    raise ChronicleError("gc is not implemented yet")
+@click.option("--dry-run", is_flag=True, help="Print what the policy would drop and free; change nothing.")
+@click.option("--all", "all_workspaces", is_flag=True, help="Every workspace of the store.")
+@workspace_options
+@json_option
+def gc(dry_run: bool, all_workspaces: bool, store_opt, ws_opt, as_json) -> None:
+    """Prune versions the policy no longer keeps and free their chunks (only --dry-run so far)."""
+    if all_workspaces and ws_opt is not None:
+        raise UsageError("give --workspace or --all, not both")
+    if not dry_run:
+        raise ChronicleError("gc is not implemented yet: --dry-run shows what it would free")
+    target = _target(store_opt, ws_opt)
+    with _open_store(target) as store:
+        report = dryrun.dry_run(store, None if all_workspaces else [target.workspace])
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    out = _out()
+    for ws in report["workspaces"]:
+        out.write(_line(f"workspace {ws['workspace']}: {ws['versions']} versions, would drop "
+                        f"{ws['dropped_versions']} ({_human(ws['dropped_bytes'])} logical), keep {ws['kept_versions']}"))
+        for p in ws["paths"]:
+            seqs = ", ".join(str(s) for s in p["dropped"])
+            out.write(_line(f"  {p['path']}: drop {len(p['dropped'])} of {p['versions']} (seqs {seqs})"))
+    out.write(_line(f"would free {report['freed_chunks']} chunks, {_human(report['freed_bytes'])} stored "
+                    f"({_human(report['freed_raw_bytes'])} before compression); dry run, nothing changed"))
 
 
 @cli.command()
@@ -637,6 +725,16 @@ def fsck(ctx: click.Context, repair: bool, verify_contents: bool, store_opt, as_
     ctx.exit(0 if report.clean else 1)
 
 
+def _retention_figures(store: Store, ws: Workspace) -> dict:
+    """The workspace's head bytes, kept history, what its policy would free (dry run)."""
+    report = dryrun.dry_run(store, [ws.name])
+    mine = report["workspaces"][0]
+    return {"head_logical_bytes": _tree_size(ws)[1], "history_logical_bytes": mine["kept_bytes"],
+            "policy_would_drop_versions": mine["dropped_versions"],
+            "policy_would_drop_logical_bytes": mine["dropped_bytes"],
+            "policy_would_free_bytes": report["freed_bytes"], "last_gc": None}
+
+
 @cli.command()
 @click.argument("where", metavar="[PATH]", required=False)
 @workspace_options
@@ -654,6 +752,7 @@ def stats(where, store_opt, ws_opt, as_json) -> None:
             ws = None
         if ws is not None:
             figures.update(store.workspace_stats(ws))
+            figures.update(_retention_figures(store, ws))
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return

@@ -14,6 +14,8 @@ Its rooms, lowest first — each imports only from rooms above it in this list:
                        write transaction), the versioned tree reader, crash recovery
 ``history/``           path history (follows renames), points (seq, time, snapshot,
                        turn), the FUSE-free views of ``.chronicle/``, the turn log
+``gc/``                retention policies and the versions they keep, ignore rules, the GC
+                       dry run (pruning comes later)
 ``namespace/``         the workspace at its head: mutations, open files, staging,
                        streams, content maps, restore
 ``fsck/``              checks, repair and the report

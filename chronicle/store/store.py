@@ -410,7 +410,8 @@ class Store:
             os.close(fd)
 
     # Databases whose keys start with the workspace id (u32): a workspace's own records.
-    _WS_DATABASES = ("inodes", "dirents", "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns")
+    _WS_DATABASES = ("inodes", "dirents", "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
+                     "policies")
 
     def delete_workspace(self, name: str) -> None:
         """Delete workspace ``name`` and all its own records, in one transaction.

@@ -340,7 +340,7 @@ def test_bad_inputs(runner, store, tmp_path):
     fails(runner, "log", "--store", store, "../outside", code=2, match="outside the workspace")
     fails(runner, "stats", "--store", store, "--workspace", "nope", code=1)
     fails(runner, "snapshots", "--store", store, "-w", "nope", code=1)
-    fails(runner, "gc", "--store", store, code=1, match="not implemented")
+    fails(runner, "gc", "--store", store, code=1, match="not implemented yet: --dry-run shows what it would free")
     fails(runner, "frobnicate", code=2)
 
 

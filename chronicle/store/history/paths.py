@@ -35,7 +35,7 @@ import lmdb
 from chronicle.errors import NotFound
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time, path_text
-from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, PathEntry, PathHead
+from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, P_UNVERSIONED, PathEntry, PathHead
 from chronicle.store.meta.tree import Layer, TreeView
 
 _MAX_FOLLOW = 256
@@ -185,10 +185,17 @@ class History:
         return PathHead(version, items[-1][0], items[-1][1].ino)
 
     def render_query(self, txn: lmdb.Transaction, path: bytes) -> bytes:
-        """The JSON of ``.chronicle/query/<path>`` (SPEC §4)."""
-        parts = [b'{"version": %d, ' % v.version + v.entry.fragment for v in self.versions(txn, path)]
-        return b'{"path": ' + json.dumps(path_text(path)).encode() + b', "versions": [' + \
-            b", ".join(parts) + b"]}\n"
+        """The JSON of ``.chronicle/query/<path>`` (SPEC §4). An ignored path
+        whose latest version replaced the others (``P_UNVERSIONED``) shows
+        ``"unversioned": true`` and its entries from that version on."""
+        versions = self.versions(txn, path)
+        last = next((v for v in reversed(versions) if v.entry.flags & P_BUMPS), None)
+        head = b'{"path": ' + json.dumps(path_text(path)).encode()
+        if last is not None and last.entry.flags & P_UNVERSIONED:
+            versions = [v for v in versions if v.seq >= last.seq]
+            head += b', "unversioned": true'
+        parts = [b'{"version": %d, ' % v.version + v.entry.fragment for v in versions]
+        return head + b', "versions": [' + b", ".join(parts) + b"]}\n"
 
     def has_history(self, txn: lmdb.Transaction, path: bytes) -> bool:
         return bool(self.followed(txn, path))

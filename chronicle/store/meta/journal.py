@@ -34,6 +34,17 @@ event exists once that transaction commits, with all of its records, or not
 at all (LMDB transactions are atomic). Committing, and moving the
 workspace's head seq, is the caller's (``Workspace.event``).
 
+**Ignored paths** (``chronicle.store.gc.ignore``; :attr:`EventWriter.ignored`
+says which) keep their latest content only. A new version of one (an entry
+with ``P_BUMPS`` and ``P_CONTENT``) *replaces* the path's earlier entries in
+the workspace's own layer (those that bumped or carried content: its versions,
+its chmods, its arrival) and is flagged ``P_UNVERSIONED``; its inode's
+earlier own-layer records go too, but the oldest, which now holds the new
+content (a past tree shows the latest content). Each record removed or
+rewritten gives back its reference on its old content, so refcounts stay
+what fsck counts and contents no inode uses any more wait for GC. A file with
+more than one link keeps its history (another name may be versioned).
+
 Threads: an EventWriter lives inside one synchronous function on one thread.
 """
 
@@ -42,6 +53,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
@@ -50,7 +62,8 @@ import lmdb
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.meta import schema
-from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, PathEntry, PathHead
+from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, P_UNVERSIONED, PathEntry,
+                                         PathHead)
 from chronicle.store.model import Attrs
 
 if TYPE_CHECKING:               # history.paths reads what this module writes (and imports it): a cycle at runtime
@@ -121,6 +134,7 @@ class EventWriter:
         self.time = iso_time(self.now_ns)
         self._history = history           # chronicle.store.history.paths.History of this workspace
         self.logged = False
+        self.ignored: Callable[[bytes], bool] | None = None     # the workspace's ignore rules (module docstring)
 
     # -- inodes ------------------------------------------------------------------
 
@@ -193,6 +207,10 @@ class EventWriter:
         """
         if not content:
             flags &= ~P_CONTENT            # no content id to carry (PathEntry encodes it only with the flag)
+        if flags & P_BUMPS and flags & P_CONTENT and self.ignored is not None and self.ignored(path) \
+                and self._replace_history(path, ino, content):
+            flags |= P_UNVERSIONED
+            fold_seq = None
         head = self.path_head(path)
         version = head.version if head else 0
         if fold_seq is not None and head is not None and self._fold_create(path, fold_seq, ino):
@@ -227,6 +245,64 @@ class EventWriter:
         self.txn.put(schema.path_head_key(self.ws, path), PathHead(version, self.seq, ino, long_path).encode(),
                      db=self.dbs["path_heads"])
         return version
+
+    def _replace_history(self, path: bytes, ino: int, content: bytes) -> bool:
+        """Make the coming entry of ignored ``path`` its only version (module
+        docstring). Returns False, changing nothing, if ``ino`` has more than one link."""
+        raw = self.txn.get(schema.inode_key(self.ws, ino, self.seq), db=self.dbs["inodes"])
+        current = Attrs.decode(raw) if raw is not None else None
+        if current is None or current.nlink > 1:
+            return False
+        db = self.dbs["paths"]
+        prefix = schema.path_prefix(self.ws, path)
+        long_path = schema.is_long(path)
+        with self.txn.cursor(db=db) as cur:
+            if cur.set_range(prefix):
+                while cur.key()[:len(prefix)] == prefix and schema.path_key_seq(cur.key()) < self.seq:
+                    entry = PathEntry.decode(cur.value())
+                    if (entry.flags & (P_BUMPS | P_CONTENT)) and (not long_path or entry.path == path):
+                        if not cur.delete():
+                            break
+                    elif not cur.next():
+                        break
+        self.txn.delete(schema.path_head_key(self.ws, path), db=self.dbs["path_heads"])
+        self._replace_inode_records(ino, current, content)
+        return True
+
+    def _replace_inode_records(self, ino: int, current: Attrs, content: bytes) -> None:
+        """Drop ``ino``'s own-layer records before this seq but the oldest,
+        which takes ``content``; refcounts follow (module docstring)."""
+        db = self.dbs["inodes"]
+        prefix = schema.inode_prefix(self.ws, ino)
+        older: list[tuple[bytes, Attrs]] = []
+        with self.txn.cursor(db=db) as cur:
+            if cur.set_range(schema.inode_key(self.ws, ino, self.seq - 1)):
+                for key, value in cur:
+                    if key[:len(prefix)] != prefix:
+                        break
+                    older.append((bytes(key), Attrs.decode(value)))
+        if not older:
+            return
+        *dropped, (oldest_key, oldest) = older
+        for key, attrs in dropped:
+            self._release_content(attrs.content)
+            self.txn.delete(key, db=db)
+        if oldest.is_file and oldest.content != content:
+            self._release_content(oldest.content)
+            if content != EMPTY_CONTENT_ID:
+                self.addref_content(content)
+            self.txn.put(oldest_key, oldest.replace(content=content, size=current.size).encode(), db=db)
+
+    def _release_content(self, content_id: bytes) -> None:
+        """Give back one reference on ``content_id`` (not on the empty content)."""
+        if not content_id or content_id == EMPTY_CONTENT_ID:
+            return
+        db = self.dbs["contents"]
+        raw = self.txn.get(content_id, db=db)
+        if raw is None:
+            raise Corrupt(f"content {to_hex(content_id)} is referenced but missing")
+        refcount = schema.content_header(raw)[1]
+        self.txn.put(content_id, schema.content_with_refcount(raw, max(0, refcount - 1)), db=db)
 
     def _fold_create(self, path: bytes, create_seq: int, ino: int) -> bool:
         """Turn the ``create`` entry at ``create_seq`` into a plain event (no
@@ -299,4 +375,4 @@ class EventWriter:
 
 # Re-exported for the modules that build entries.
 __all__ = ["EventWriter", "iso_time", "parse_iso_time", "path_text", "P_ARRIVED", "P_BUMPS", "P_CONTENT",
-           "P_DIR", "P_GONE"]
+           "P_DIR", "P_GONE", "P_UNVERSIONED"]

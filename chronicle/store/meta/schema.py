@@ -25,6 +25,7 @@ database                key                                        value
 ``agents``              agent id (UTF-8)                           JSON agent record
 ``agent_turns``         agent id, 0x00, turn u32                   JSON turn record
 ``agent_states``        agent id, 0x00, turn u32                   JSON state snapshot after that turn
+``policies``            ws u32                                     retention policy JSON (``gc.policy.Policy``)
 ======================  =========================================  ==========================================
 
 A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
@@ -53,7 +54,8 @@ most :data:`PATH_KEY_MAX` bytes, so prefix scans over a directory stay
 scans; below a longer directory they scan the digest keys sharing its
 prefix and compare the whole paths (``history.paths``, ``journal``).
 Format 2 introduced path keys (format 1 stores failed on paths of 499 bytes
-or more; none were deployed, so there is no migration).
+or more; none were deployed, so there is no migration). Format 3 added
+``policies`` (a workspace without a record has the default policy).
 """
 
 from __future__ import annotations
@@ -69,12 +71,12 @@ import lmdb
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, hash_bytes
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SEQ_MAX = (1 << 64) - 1
 
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
-             "agents", "agent_turns", "agent_states")
+             "agents", "agent_turns", "agent_states", "policies")
 
 # meta keys
 META_FORMAT = b"format"
@@ -419,6 +421,7 @@ P_CONTENT = 2    # the entry carries a content id (regular file content after th
 P_DIR = 4        # the path is a directory after (or, for removals, before) the event
 P_GONE = 8       # after the event nothing is at the path (delete, rename away)
 P_ARRIVED = 16   # something arrived at a path that was free (create, mkdir, link, symlink, rename)
+P_UNVERSIONED = 32   # an ignored path's version: it replaced the path's earlier ones (``gc.ignore``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ from chronicle.errors import (Exists, InvalidArgument, IsADirectory, NameTooLong
                               NotADirectory, NotEmpty, NotFound, NotPermitted, NotSupported, ReadOnly)
 from chronicle.store import model
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.store.gc.ignore import IgnoreRules
 from chronicle.store.history import points
 from chronicle.store.history.paths import History
 from chronicle.store.meta import schema
@@ -111,6 +112,7 @@ class Workspace:
             self.head_seq = store.head_seq(txn, self.id)
         self.turn: dict | None = None        # the open turn label; chronicle.store.history.turns sets it
         self._head_view = TreeView(self.dbs, self.chain, self.root, None)
+        self.ignore_rules = IgnoreRules(store, self.id, self._head_view, self.root)     # chronicle.store.gc.ignore
         self._attrs: dict[int, Attrs] = {}          # head attributes of the inodes in use
         self.links = PathLinks(self.root)
         self.files = OpenFiles(self)
@@ -265,6 +267,7 @@ class Workspace:
         txn = self.store.env.begin(write=True)
         writer = WorkspaceEvent(txn, self.dbs, self.id, seq, head=self._head_view, is_fork=self.is_fork,
                                 turn=self.turn, pid=actor.pid, history=self.history, now_ns=now_ns)
+        writer.ignored = self.ignore_rules.ignored
         try:
             yield writer
             if not writer.logged:

@@ -1,0 +1,97 @@
+"""``chronicle policy show|set``, ``gc --dry-run`` and the retention figures of ``stats``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from chronicle.cli import cli
+from chronicle.store.store import Store
+from tests.storeutil import write
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHRONICLE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CHRONICLE_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """Workspace ``default`` with f.txt written 5 times (distinct contents)."""
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("default", writable=True, create=True)
+    for i in range(5):
+        write(ws, ws.root, b"f.txt", bytes([i]) * 50_000)
+    st.close()
+    return path
+
+
+def run(runner, *args, code=0):
+    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in result.output + result.stderr
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    return result
+
+
+def test_show_the_default_then_set(runner, store):
+    doc = json.loads(run(runner, "policy", "show", "-s", store, "--json").stdout)
+    assert doc["default"] is True and doc["workspace"] == "default"
+    assert doc["keep_within"] == 86400 and doc["keep_hourly"] == 48 and "node_modules/" in doc["ignore"]
+    text = run(runner, "policy", "show", "-s", store).stdout
+    assert "(default policy)" in text and "24h" not in text and "1d" in text
+    run(runner, "policy", "set", "-s", store, "--keep-last", 2, "--keep-within", "12h", "--keep-daily", 0,
+        "--ignore", "build/", "--no-ignore", "*.pyc")
+    doc = json.loads(run(runner, "policy", "show", "-s", store, "--json").stdout)
+    assert doc["default"] is False and doc["keep_last"] == 2 and doc["keep_within"] == 12 * 3600
+    assert doc["keep_daily"] == 0 and doc["keep_weekly"] == 52          # not given: unchanged
+    assert "build/" in doc["ignore"] and "*.pyc" not in doc["ignore"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--keep-within", "7 days"], "bad duration"),
+    (["--keep-within", "1y"], "bad duration"),
+    (["--keep-last", "-1"], "--keep-last"),
+    (["--keep-hourly", "lots"], "--keep-hourly"),
+    (["--ignore", ""], "bad ignore pattern"),
+])
+def test_bad_policy_input_is_one_line(runner, store, args, match):
+    result = runner.invoke(cli, ["policy", "set", "-s", str(store), *args], catch_exceptions=False)
+    assert result.exit_code in (1, 2) and match in result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+
+
+def test_policy_of_an_unknown_workspace(runner, store):
+    result = run(runner, "policy", "show", "-s", store, "-w", "nope", code=1)
+    assert "no workspace named 'nope'" in result.stderr
+
+
+def test_gc_dry_run_and_plain_gc(runner, store):
+    run(runner, "policy", "set", "-s", store, "--keep-last", 2, "--keep-within", "0s", "--keep-hourly", 0,
+        "--keep-daily", 0, "--keep-weekly", 0, "--keep-turns", 0)
+    doc = json.loads(run(runner, "gc", "--dry-run", "-s", store, "--json").stdout)
+    mine = doc["workspaces"][0]
+    assert mine["dropped_versions"] == 3 and doc["freed_raw_bytes"] == 3 * 50_000
+    text = run(runner, "gc", "--dry-run", "-s", store, "--all").stdout
+    assert "would drop 3" in text and "f.txt: drop 3 of 5" in text and "nothing changed" in text
+    again = json.loads(run(runner, "gc", "--dry-run", "-s", store, "--json").stdout)
+    assert again == doc                                  # the dry run changed nothing
+    result = run(runner, "gc", "-s", store, code=1)
+    assert "not implemented yet: --dry-run shows what it would free" in result.stderr
+    assert "not both" in run(runner, "gc", "--dry-run", "-s", store, "--all", "-w", "default", code=2).stderr
+
+
+def test_stats_shows_retention_figures(runner, store):
+    run(runner, "policy", "set", "-s", store, "--keep-last", 1, "--keep-within", "0s", "--keep-hourly", 0,
+        "--keep-daily", 0, "--keep-weekly", 0)
+    figures = json.loads(run(runner, "stats", "-s", store, "--json").stdout)
+    assert figures["head_logical_bytes"] == 50_000
+    assert figures["history_logical_bytes"] == 50_000
+    assert figures["policy_would_drop_versions"] == 4
+    assert figures["policy_would_drop_logical_bytes"] == 4 * 50_000
+    assert figures["policy_would_free_bytes"] > 0 and figures["last_gc"] is None
