@@ -44,14 +44,6 @@ def write(ws, path: bytes, data: bytes) -> int:
 
 
 @pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHRONICLE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("CHRONICLE_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
-
-
-@pytest.fixture
 def store(tmp_path):
     """A store with workspace ``default``:
 

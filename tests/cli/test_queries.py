@@ -9,7 +9,7 @@ import pytest
 
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.store import Store
-from test_cli import ACTOR, fails, run, runner, write  # noqa: F401 - runner is a fixture
+from test_cli import ACTOR, fails, run, write
 
 
 @pytest.fixture
