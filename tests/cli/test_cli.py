@@ -12,7 +12,6 @@ import re
 import time
 
 import pytest
-from click.testing import CliRunner
 
 from chronicle.cli import cli
 from chronicle.store.history.turns import TurnLog
