@@ -14,117 +14,79 @@ Threads: nodes are immutable values; any thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from chronicle.store.history import queries
+from chronicle.store.history.kinds import DirNode, RenderedNode, StoredNode
 
 # -- nodes ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Root:
+class Root(DirNode):
     """``.chronicle/``."""
-
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class QueryDir:
+class QueryDir(DirNode):
     """``query/<path>/`` (``path`` b"" is ``query/``): mirrors a directory's children."""
 
     path: bytes
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class QueryFile:
+class QueryFile(RenderedNode):
     """``query/<path>``: the JSON history of a path that is (or was last) not a directory."""
 
     path: bytes
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class VersionsDir:
+class VersionsDir(DirNode):
     """``versions/<path>/``: the version numbers of ``path`` (a file) and its children (a directory)."""
 
     path: bytes
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class VersionFile:
+class VersionFile(StoredNode):
     """``versions/<path>/<number>``: the content of one version."""
 
     path: bytes
     number: int
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)
-class AtDir:
+class AtDir(DirNode):
     """``at/``: any point (:mod:`~chronicle.store.history.points`) looks up; lists nothing."""
 
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
 
 @dataclass(frozen=True, slots=True)
-class SnapshotsDir:
+class SnapshotsDir(DirNode):
     """``snapshots/``: one tree per snapshot name."""
 
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
 
 @dataclass(frozen=True, slots=True)
-class TreeNode:
-    """Inode ``ino`` of the workspace's tree at ``seq`` (read-only; any kind)."""
+class TreeNode(StoredNode):
+    """Inode ``ino`` of the workspace's tree at ``seq`` (read-only; any kind:
+    ``is_dir`` depends on the inode, so ask ``HistoryViews.is_dir``)."""
 
     seq: int
     ino: int
-    is_dir: ClassVar[bool] = False        # it depends on the inode: ask HistoryViews.is_dir
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)
-class LogFile:
+class LogFile(RenderedNode):
     """``log``: JSON Lines, one event per line, oldest first."""
 
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
-
 
 @dataclass(frozen=True, slots=True)
-class StatsFile:
+class StatsFile(RenderedNode):
     """``stats``: the store's and the workspace's figures (JSON)."""
 
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
-
 
 @dataclass(frozen=True, slots=True)
-class CtlFile:
+class CtlFile(RenderedNode):
     """``ctl``: the control channel (read-write; served by the adapter)."""
-
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
 
 
 Node = (Root | QueryDir | QueryFile | VersionsDir | VersionFile | AtDir | SnapshotsDir | TreeNode | LogFile

@@ -30,10 +30,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from chronicle.errors import NotADirectory, NotFound
 from chronicle.store.history import blame, points, search
+from chronicle.store.history.kinds import DirNode, RenderedNode
 
 if TYPE_CHECKING:
     import lmdb
@@ -42,72 +43,49 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
-class BlameDir:
+class BlameDir(DirNode):
     """``blame/<path>/`` (``path`` b"" is ``blame/``)."""
 
     path: bytes
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class BlameFile:
+class BlameFile(RenderedNode):
     """``blame/<path>``: the blame of the latest version of a file."""
 
     path: bytes
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class HashDir:
+class HashDir(DirNode):
     """``hash/``."""
 
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
 
 @dataclass(frozen=True, slots=True)
-class HashFile:
+class HashFile(RenderedNode):
     """``hash/<name>``: ``name`` as looked up (a whole hash or a unique prefix)."""
 
     name: str
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class TurnsDir:
+class TurnsDir(DirNode):
     """``turns/``."""
 
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
-
 
 @dataclass(frozen=True, slots=True)
-class TurnsAgentDir:
+class TurnsAgentDir(DirNode):
     """``turns/<agent>/``."""
 
     agent: str
-    is_dir: ClassVar[bool] = True
-    rendered: ClassVar[bool] = False
-    immutable: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
-class TurnFile:
+class TurnFile(RenderedNode):
     """``turns/<agent>/<n>``."""
 
     agent: str
     turn: int
-    is_dir: ClassVar[bool] = False
-    rendered: ClassVar[bool] = True
-    immutable: ClassVar[bool] = False
 
 
 QueryNode = BlameDir | BlameFile | HashDir | HashFile | TurnsDir | TurnsAgentDir | TurnFile
