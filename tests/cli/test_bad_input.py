@@ -23,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,14 +53,6 @@ def write(ws, name: bytes, data: bytes) -> None:
     ws.files.write(ino, 0, data, ACTOR.pid)
     ws.files.commit(ino, ACTOR.pid)
     ws.files.release(ino)
-
-
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHRONICLE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("CHRONICLE_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
 
 
 @pytest.fixture

@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from chronicle.cli import cli
 from chronicle.store.store import Store
+from test_cli import run
 from tests.storeutil import write
-
-
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHRONICLE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("CHRONICLE_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
 
 
 @pytest.fixture
@@ -30,13 +22,6 @@ def store(tmp_path):
         write(ws, ws.root, b"f.txt", bytes([i]) * 50_000)
     st.close()
     return path
-
-
-def run(runner, *args, code=0):
-    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert "Traceback" not in result.output + result.stderr
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    return result
 
 
 def test_show_the_default_then_set(runner, store):
