@@ -1,5 +1,7 @@
 """The runner's jobs: what waits in an agent's queue and runs between turns.
 
+:class:`CurrentTurn` is the turn (or hook) a runner is running;
+:func:`take_agent_lock` the lock one runtime process holds on an agent.
 A :class:`Job` is one thing an :class:`~agent_runtime.runner.AgentRunner`
 does, one at a time: a message (or a timer's wake) turn, a wake-up of the
 agent, a rollback, a sleep (scale to zero now), a graceful stop. Its
@@ -11,12 +13,30 @@ Threads: jobs belong to the coordinator's event loop.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from chronicle.errors import AgentBusy
 
 from agent_runtime.reply import Reply
 
 if TYPE_CHECKING:                       # (the runner imports this module)
     from agent_runtime.runner import AgentRunner
+
+
+@dataclass
+class CurrentTurn:
+    """The turn (or hook) being run; :meth:`AgentRunner.cancel` returns it."""
+
+    kind: str
+    reply: Reply | None = None
+    turn: int | None = None
+    cancel: bool = False
+    run_sent: bool = False
+    killer: asyncio.Task | None = None
+    idle: bool = False          # the handler called ctx.signal_idle (a queued message wakes it up)
 
 
 class Job:
@@ -74,8 +94,7 @@ class SleepJob(Job):
     """Scale the agent to zero now (``Runtime.signal_idle``), without asking ``on_idle_timeout``."""
 
     async def run(self, runner: AgentRunner) -> None:
-        if runner.awake:
-            await runner._sleep("sleeping")
+        await runner.scale_to_zero()
         self.finish(None)
 
 
@@ -84,4 +103,18 @@ class StopJob(Job):
         await runner.stop()
         self.finish(None)
 
-__all__ = ["Job", "MessageJob", "RollbackJob", "SleepJob", "StopJob", "WakeJob"]
+def take_agent_lock(path: os.PathLike, agent: str) -> int:
+    """An exclusive lock on the agent (its ``lock`` file). Raises :class:`AgentBusy`."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AgentBusy(f"agent {agent!r} is run by another runtime process") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+__all__ = ["CurrentTurn", "take_agent_lock", "Job", "MessageJob", "RollbackJob", "SleepJob", "StopJob", "WakeJob"]

@@ -64,25 +64,24 @@ Threads: everything here runs on the coordinator's event loop.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
 import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import jsonpatch
 
-from chronicle.errors import AgentBusy, AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
+from chronicle.errors import AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
 from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
 from chronicle.store.store import Store
 
+from agent_runtime.jobs import (CurrentTurn, Job, MessageJob, RollbackJob, SleepJob, StopJob, WakeJob,
+                                take_agent_lock)
 from agent_runtime.process import WorkerProcess, WorkspaceMount
-from agent_runtime.jobs import Job, MessageJob, RollbackJob, SleepJob, StopJob, WakeJob
 from agent_runtime.reply import Reply
 from agent_runtime.timers import compaction_point, timer_record
 
@@ -141,33 +140,6 @@ class RunnerHost(Protocol):
     def quota_state(self) -> dict[str, float]:
         """Every key backing off now: key -> end (epoch s)."""
         ...
-
-
-@dataclass
-class CurrentTurn:
-    """The turn (or hook) being run; :meth:`AgentRunner.cancel` returns it."""
-
-    kind: str
-    reply: Reply | None = None
-    turn: int | None = None
-    cancel: bool = False
-    run_sent: bool = False
-    killer: asyncio.Task | None = None
-    idle: bool = False          # the handler called ctx.signal_idle (a queued message wakes it up)
-
-
-def take_agent_lock(path: os.PathLike, agent: str) -> int:
-    """An exclusive lock on the agent (its ``lock`` file). Raises :class:`AgentBusy`."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AgentBusy(f"agent {agent!r} is run by another runtime process") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 class AgentRunner:
@@ -317,6 +289,11 @@ class AgentRunner:
             except ChronicleError as exc:
                 log.warning("agent %r: on_shutdown could not run: %s", self.id, exc)
         await self._sleep("stopped")
+
+    async def scale_to_zero(self) -> None:
+        """Sleep now (``Runtime.signal_idle``), without asking ``on_idle_timeout``."""
+        if self.awake:
+            await self._sleep("sleeping")
 
     async def _sleep(self, status: str) -> None:
         await self._drop_worker()
