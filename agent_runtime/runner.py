@@ -53,6 +53,11 @@ turns too, labelled and with their state patch, but the turn log keeps them
 only if they changed something (state or files) or failed (or, for a
 migrating ``on_init``, always); otherwise their number is used by the next turn.
 
+Timers and quotas (:mod:`agent_runtime.timers`): a turn that ends in
+``ctx.sleep``/``pause`` leaves a timer (``host.set_timer``) and the agent
+sleeps at once; a message or ``wake`` turn clears it. A turn of a class with
+``quota_keys`` starts only once the host's backoff of those keys has passed.
+
 The runner's **host** (:class:`RunnerHost`, implemented by
 :class:`~agent_runtime.runtime.Runtime`) gives it the store and the turn log
 to read, its settings, paths, mounts and workers, and hears when it ends; the
@@ -152,7 +157,7 @@ class AgentRunner:
         self.lock_fd = lock_fd
         self.log = host.turn_log
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._pending: list[Job] = []               # the queue's jobs, to look at (queued())
+        self._pending: list[Job] = []               # the queue's jobs (queued())
         self.mount = host.workspace_mount(agent_id)
         self.worker: WorkerProcess | None = None
         self.spare: WorkerProcess | None = None      # a loaded worker handed over by create()
@@ -176,8 +181,7 @@ class AgentRunner:
         return list(self._pending)
 
     def _take(self, job: Job) -> Job:
-        if job in self._pending:
-            self._pending.remove(job)
+        self._pending.remove(job)
         return job
 
     def _wake_up_idle(self, job: Job | None) -> None:
@@ -566,11 +570,9 @@ class AgentRunner:
             if self.log.get(self.id).get("timer") is not None:
                 self.host.set_timer(self.id, None)
             await self.wake()
-            assert self.worker is not None
-            keys = self.worker.info.get("quota_keys") or []
+            keys = (self.worker.info if self.worker is not None else {}).get("quota_keys") or []
             while keys and (until := self.host.quota_until(keys)) is not None and not cur.cancel:
-                log.info("agent %r: quota backoff, the turn waits %.2fs", self.id, until - time.time())
-                await asyncio.sleep(max(0.0, until - time.time()))
+                await asyncio.sleep(max(0.0, until - time.time()))      # (a quota backoff)
             await self.wake()
             turn = self.log.get(self.id)["last_turn"] + 1
             started = time.monotonic()
