@@ -7,9 +7,10 @@ one versioned workspace per agent, turns recorded in the Chronicle store).
 
 from chronicle.errors import StateError
 
-from agent_runtime.agent import AgentContext, BaseAgent, Message, RetryPolicy
+from agent_runtime.agent import AgentContext, BaseAgent, Message, RetryPolicy, TurnSuspended
 from agent_runtime.delta_state import DeltaState
 from agent_runtime.reply import Reply
 from agent_runtime.runtime import Runtime
 
-__all__ = ["AgentContext", "BaseAgent", "DeltaState", "Message", "Reply", "RetryPolicy", "Runtime", "StateError"]
+__all__ = ["AgentContext", "BaseAgent", "DeltaState", "Message", "Reply", "RetryPolicy", "Runtime", "StateError",
+           "TurnSuspended"]

@@ -40,6 +40,30 @@ The worker's current directory is the agent's workspace, so relative paths
 and child processes (``subprocess``, shells, git) work in it; its absolute
 path is ``ctx.workspace`` and ``$AGENT_WORKSPACE``.
 
+Timers (the README's "Timers"): ``await ctx.sleep(seconds, reason)`` /
+``await ctx.sleep_until(when, reason)`` / ``await ctx.pause(reason)`` end the
+turn at once (code after them does not run; the turn is ``completed``, with
+its state patch), the agent scales to zero and the runtime stores a durable
+timer in the agent record; when it is due the runtime runs a ``wake`` turn,
+``on_wake(ctx, event)`` (default: ``on_message(ctx, {"wake": event})``). A
+message that arrives first wakes the agent at once and cancels the timer.
+``pause`` sets no time: only a message wakes the agent.
+
+Compaction: ``ctx.compact(summary, keep_last=N)`` records a compaction point
+at the end of this turn (with a state snapshot): the message turns before it
+but the last ``N`` are summarised by ``summary``.
+
+Quotas: ``ctx.record_quota_hit(retry_after, key=K)`` tells the runtime that
+key ``K`` (a model API, say) is rate-limited for ``retry_after`` seconds;
+``await ctx.wait_for_quota(K)`` waits until that passes, in every agent of
+the runtime, and the runtime starts no turn of an agent whose class lists
+``K`` in ``quota_keys`` before then.
+
+Idle: ``ctx.signal_idle()`` says the handler is waiting; ``await
+ctx.wait_for_wakeup(timeout)`` returns the next wake-up (a message queued for
+the agent: ``{"reason": "message", "message_id"}``) or None after ``timeout``
+seconds.
+
 Threads: a context belongs to the worker's event loop; call its methods from
 the handler's task (``asyncio.to_thread`` code must not call them).
 """
@@ -51,9 +75,12 @@ import inspect
 import json
 import logging
 import os
+import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from chronicle.errors import UsageError
@@ -72,6 +99,16 @@ class TokenSink(Protocol):
     async def step(self, name: str, result: Any) -> int | None:
         """Record a completed step; returns the workspace seq at its end (None without a runtime)."""
         ...
+
+    def notify(self, event: dict) -> None:
+        """Tell the runtime at once (no answer): ``{"ev": "quota", "key", "until"}``, ``{"ev": "idle"}``."""
+        ...
+
+
+class TurnSuspended(BaseException):
+    """Raised by ``ctx.sleep``/``sleep_until``/``pause`` to end the handler; the
+    worker records the turn completed. A BaseException, so that an agent's
+    ``except Exception`` does not swallow it."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +170,9 @@ class _CollectingSink:
     async def step(self, name: str, result: Any) -> int | None:
         return None
 
+    def notify(self, event: dict) -> None:
+        pass
+
 
 class Message:
     """One reply message of a turn, streamed token by token."""
@@ -189,6 +229,10 @@ class AgentContext:
         self._open = False
         self._recorded_steps: dict[str, Any] = {}     # name -> result, from an earlier attempt of this turn
         self._steps_run: set[str] = set()
+        self._suspend: dict | None = None              # set by sleep/pause, sent with the turn's done
+        self._compaction: dict | None = None
+        self._quota: dict[str, float] = {}             # key -> backoff end (epoch s), kept across turns
+        self._wakeup: asyncio.Future | None = None
 
     # -- replies ---------------------------------------------------------------------
 
@@ -287,6 +331,106 @@ class AgentContext:
         await self._sink.step(name, result)
         return result
 
+    # -- timers ------------------------------------------------------------------------
+
+    async def sleep(self, seconds: float, reason: str = "") -> None:
+        """End the turn now and wake the agent in ``seconds`` (a non-negative
+        number) with a ``wake`` turn (module docstring). Never returns: raises
+        :class:`TurnSuspended`, which the worker turns into a completed turn.
+        Raises :class:`UsageError` for a bad number or reason, outside a turn."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                or seconds < 0:
+            raise UsageError(f"sleep seconds must be a non-negative number, not {seconds!r}")
+        await self._suspend_turn("sleep", time.time() + seconds, reason)
+
+    async def sleep_until(self, when: datetime, reason: str = "") -> None:
+        """As :meth:`sleep`, until ``when`` (a ``datetime``; naive: local time;
+        a time past wakes the agent at once)."""
+        if not isinstance(when, datetime):
+            raise UsageError(f"sleep_until takes a datetime, not {type(when).__name__}")
+        await self._suspend_turn("sleep", when.timestamp(), reason)
+
+    async def pause(self, reason: str = "") -> None:
+        """End the turn now; the agent scales to zero and only a message wakes it."""
+        await self._suspend_turn("pause", None, reason)
+
+    async def _suspend_turn(self, kind: str, due: float | None, reason: str) -> None:
+        if not isinstance(reason, str):
+            raise UsageError(f"a reason is a str, not {type(reason).__name__}")
+        self._check_open()
+        self._suspend = {"kind": kind, "due": due, "reason": reason}
+        raise TurnSuspended(kind)
+
+    # -- compaction ----------------------------------------------------------------------
+
+    def compact(self, summary: str, keep_last: int = 0) -> None:
+        """Record a compaction point at the end of this turn: ``summary`` (a
+        str) stands for the message turns before it but the last ``keep_last``
+        (an int >= 0). The turn keeps a state snapshot.
+        ``Runtime.compaction_indices`` lists these turns. Raises :class:`UsageError`."""
+        if not isinstance(summary, str):
+            raise UsageError(f"a summary is a str, not {type(summary).__name__}")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise UsageError(f"keep_last must be an integer >= 0, not {keep_last!r}")
+        self._check_open()
+        self._compaction = {"summary": summary, "keep_last": keep_last}
+
+    # -- quotas --------------------------------------------------------------------------
+
+    def record_quota_hit(self, retry_after: float, key: str = "default") -> None:
+        """Key ``key`` is rate-limited for ``retry_after`` seconds (a
+        non-negative number): every agent of the runtime waits (module
+        docstring). Raises :class:`UsageError`."""
+        if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) \
+                or not math.isfinite(retry_after) or retry_after < 0:
+            raise UsageError(f"retry_after must be a non-negative number of seconds, not {retry_after!r}")
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"a quota key is a non-empty str, not {key!r}")
+        until = time.time() + retry_after
+        self._quota[key] = max(until, self._quota.get(key, 0.0))
+        self._sink.notify({"ev": "quota", "key": key, "until": until})
+
+    def quota_until(self, key: str = "default") -> float | None:
+        """When the backoff of ``key`` ends (epoch seconds), or None if it is not backing off."""
+        until = self._quota.get(key)
+        return until if until is not None and until > time.time() else None
+
+    async def wait_for_quota(self, key: str = "default") -> float:
+        """Wait until the backoff of ``key`` (recorded by any agent of the
+        runtime) has passed; returns the seconds waited."""
+        started = time.monotonic()
+        while (until := self.quota_until(key)) is not None:
+            await asyncio.sleep(until - time.time())
+        return time.monotonic() - started
+
+    # -- idle ------------------------------------------------------------------------------
+
+    def signal_idle(self) -> None:
+        """Tell the runtime this turn is idle, waiting for a wake-up (:meth:`wait_for_wakeup`)."""
+        self._check_open()
+        if self._wakeup is None or self._wakeup.done():
+            self._wakeup = asyncio.get_running_loop().create_future()
+        self._sink.notify({"ev": "idle"})
+
+    async def wait_for_wakeup(self, timeout: float | None = None) -> dict | None:
+        """After :meth:`signal_idle`: the next wake-up (a message queued for the
+        agent, ``{"reason": "message", "message_id"}``), or None after
+        ``timeout`` seconds (None: no limit)."""
+        if self._wakeup is None:
+            self.signal_idle()
+        assert self._wakeup is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._wakeup), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if self._wakeup is not None and self._wakeup.done():
+                self._wakeup = None
+
+    def _woken(self, event: dict) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(event)
+
     # -- the runtime's side --------------------------------------------------------------
 
     def _begin(self, turn: int | None, message_id: str | None, steps: list[dict] | None = None) -> None:
@@ -297,6 +441,9 @@ class AgentContext:
         self._open = True
         self._recorded_steps = {s["name"]: s.get("result") for s in steps or [] if isinstance(s, dict)}
         self._steps_run = set()
+        self._suspend = None
+        self._compaction = None
+        self._wakeup = None
 
     def _end(self) -> None:
         self._open = False
@@ -328,12 +475,24 @@ class BaseAgent:
     #: after an exception of ``retry_on``; completed ``ctx.step``s are reused.
     retry_policy: RetryPolicy = RetryPolicy()
 
+    #: Quota keys the agent uses (``ctx.record_quota_hit``): while one backs
+    #: off, the runtime starts none of its turns.
+    quota_keys: tuple[str, ...] = ()
+
     async def on_init(self, ctx: AgentContext) -> None:
         """Called once after the runtime starts (or wakes) the agent's worker."""
 
     async def on_message(self, ctx: AgentContext, message: dict) -> None:
         """Handle one message (a JSON object). Override this."""
         raise NotImplementedError(f"{type(self).__name__} does not implement on_message")
+
+    async def on_wake(self, ctx: AgentContext, event: dict) -> None:
+        """A timer (``ctx.sleep``) is due: ``event`` is ``{"reason", "kind": "sleep",
+        "due", "set_in_turn", "late_s"}`` (``due``: ISO time). Default:
+        ``on_message(ctx, {"wake": event})``."""
+        outcome = self.on_message(ctx, {"wake": event})
+        if inspect.isawaitable(outcome):
+            await outcome
 
     async def on_idle_timeout(self, ctx: AgentContext) -> bool:
         """Called after the configured idle time; True lets the runtime scale the agent to zero."""
@@ -343,4 +502,4 @@ class BaseAgent:
         """Called on a graceful stop."""
 
 
-__all__ = ["AgentContext", "BaseAgent", "Message", "RetryPolicy", "TokenSink"]
+__all__ = ["AgentContext", "BaseAgent", "Message", "RetryPolicy", "TokenSink", "TurnSuspended"]

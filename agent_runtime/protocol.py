@@ -10,7 +10,7 @@ Worker → coordinator (``ev``):
 
 =================================================================  =================================================
 ``{"ev": "loaded", "pid", "entity_type", "version", "defaults",    the class imported; ``defaults`` is the default
-``"atomic_turns", "retry"}``                                       state JSON (null if a field has no default);
+``"atomic_turns", "retry", "quota_keys"}``                         state JSON (null if a field has no default);
                                                                    ``retry``: its ``RetryPolicy`` timings
 ``{"ev": "error", "kind", "error"}``                               fatal (bad MODULE:CLASS, bad stored state, a
                                                                    patch that does not apply); the worker exits
@@ -19,15 +19,22 @@ Worker → coordinator (``ev``):
 ``{"ev": "message", "turn", "message"}``                           a reply message starts (``message``: its index)
 ``{"ev": "token", "turn", "message", "token", "final"}``           one reply token, sent as soon as it is produced
 ``{"ev": "done", "turn", "status", "patch", "messages",            the end of a ``run``: ``status`` is
-``"usage", "error", "result", "state", "retry"}``                  completed / failed / cancelled; ``patch`` the
-                                                                   turn's JSON Patch ([] unless completed);
+``"usage", "error", "result", "state", "retry",                    completed / failed / cancelled; ``patch`` the
+``"suspend"?, "compaction"?}``                                     turn's JSON Patch ([] unless completed);
                                                                    ``state`` the full state JSON after the run when
                                                                    it asked for a snapshot; ``result`` the value
                                                                    ``on_idle_timeout`` returned (as a bool);
-                                                                   ``retry``: the exception is one to retry
+                                                                   ``retry``: the exception is one to retry;
+                                                                   ``suspend``: ``{"kind": sleep|pause, "due",
+                                                                   "reason"}``; ``compaction``: ``{"summary",
+                                                                   "keep_last"}`` (``state`` then sent too)
 ``{"ev": "step", "turn", "name", "result"}``                       a ``ctx.step`` completed; the worker waits for
                                                                    ``stepped`` before the step returns
 ``{"ev": "state", "version", "state"}``                            answer to ``load``
+``{"ev": "quota", "turn", "key", "until"}``                        ``ctx.record_quota_hit``: ``key`` backs off
+                                                                   until ``until`` (epoch s); no answer
+``{"ev": "idle", "turn"}``                                         ``ctx.signal_idle``: send ``wakeup`` when a
+                                                                   message is queued for the agent
 =================================================================  =================================================
 
 Coordinator → worker (``op``):
@@ -35,7 +42,7 @@ Coordinator → worker (``op``):
 =================================================================  =================================================
 ``{"op": "start", "workspace", "state", "version"}``               load the state (migrating an older version),
                                                                    enter the workspace; answered by ``started``
-``{"op": "run", "kind", "turn", "message_id", "message",           one turn: ``kind`` is message / init / idle /
+``{"op": "run", "kind", "turn", "message_id", "message",           one turn: ``kind`` is message / wake / init / idle /
 ``"snapshot", "steps"?, "init"?}``                                 shutdown; tokens, then ``done``; ``steps``:
                                                                    the completed steps of earlier attempts;
                                                                    ``init``: call ``on_init`` first
@@ -43,6 +50,8 @@ Coordinator → worker (``op``):
 ``{"op": "cancel", "turn"}``                                       cancel that turn's task (its ``done`` says
                                                                    cancelled); ignored if it is not running
 ``{"op": "load", "state", "version"}``                             replace the state (rollback); answered by ``state``
+``{"op": "quota", "key", "until"}``                                a key of the runtime backs off until ``until``
+``{"op": "wakeup", "event"}``                                      answers ``idle``: ``ctx.wait_for_wakeup`` returns
 ``{"op": "exit"}``                                                 exit now (no hook); EOF does the same
 =================================================================  =================================================
 

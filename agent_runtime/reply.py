@@ -14,6 +14,10 @@ reply whose message could not even start a turn (the agent's class cannot be
 loaded, its workspace cannot be mounted) raises that error from
 ``result()`` and from the iteration.
 
+``Runtime.disconnect`` detaches a reply (:attr:`detached`): its token
+stream ends at once, the turn goes on, and ``text``/``result()`` still give
+what it produced.
+
 Threads: a Reply belongs to the runtime's event loop.
 """
 
@@ -35,6 +39,7 @@ class Reply:
         self.message = message
         self.turn: int | None = None
         self.text = ""
+        self.detached = False
         self._tokens: asyncio.Queue[Any] = asyncio.Queue()
         self._result: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         # An error nobody asks for (send() and forget) is not "never retrieved" noise.
@@ -65,17 +70,28 @@ class Reply:
 
     def _token(self, token: str) -> None:
         self.text += token
-        self._tokens.put_nowait(token)
+        if not self.detached:
+            self._tokens.put_nowait(token)
+
+    def _detach(self) -> bool:
+        """End the token stream now (the turn goes on). True if it was still attached and running."""
+        if self.detached or self.done:
+            return False
+        self.detached = True
+        self._tokens.put_nowait(_END)
+        return True
 
     def _finish(self, result: dict[str, Any]) -> None:
         if not self._result.done():
             self._result.set_result(result)
-            self._tokens.put_nowait(_END)
+            if not self.detached:
+                self._tokens.put_nowait(_END)
 
     def _fail(self, exc: BaseException) -> None:
         if not self._result.done():
             self._result.set_exception(exc)
-            self._tokens.put_nowait(_END)
+            if not self.detached:
+                self._tokens.put_nowait(_END)
 
     def __repr__(self) -> str:
         state = "done" if self.done else "pending"

@@ -53,6 +53,11 @@ turns too, labelled and with their state patch, but the turn log keeps them
 only if they changed something (state or files) or failed (or, for a
 migrating ``on_init``, always); otherwise their number is used by the next turn.
 
+Timers and quotas (:mod:`agent_runtime.timers`): a turn that ends in
+``ctx.sleep``/``pause`` leaves a timer (``host.set_timer``) and the agent
+sleeps at once; a message or ``wake`` turn clears it. A turn of a class with
+``quota_keys`` starts only once the host's backoff of those keys has passed.
+
 The runner's **host** (:class:`RunnerHost`, implemented by
 :class:`~agent_runtime.runtime.Runtime`) gives it the store and the turn log
 to read, its settings, paths, mounts and workers, and hears when it ends; the
@@ -64,25 +69,26 @@ Threads: everything here runs on the coordinator's event loop.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
 import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import jsonpatch
 
-from chronicle.errors import AgentBusy, AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
+from chronicle.errors import AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
 from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
 from chronicle.store.store import Store
 
+from agent_runtime.jobs import (CurrentTurn, Job, MessageJob, RollbackJob, SleepJob, StopJob, WakeJob,
+                                take_agent_lock)
 from agent_runtime.process import WorkerProcess, WorkspaceMount
 from agent_runtime.reply import Reply
+from agent_runtime.timers import compaction_point, timer_record
 
 log = logging.getLogger("agent_runtime")
 
@@ -124,85 +130,21 @@ class RunnerHost(Protocol):
         """``runner`` has ended (its queue failed; its lock is released next)."""
         ...
 
+    def set_timer(self, agent_id: str, timer: dict | None) -> None:
+        """Store (None: clear) the agent's timer (``ctx.sleep``/``pause``) and schedule its wake."""
+        ...
 
-@dataclass
-class CurrentTurn:
-    """The turn (or hook) being run; :meth:`AgentRunner.cancel` returns it."""
+    def quota_hit(self, agent_id: str, key: str, until: float) -> None:
+        """An agent's ``ctx.record_quota_hit``: ``key`` backs off until ``until`` (epoch s)."""
+        ...
 
-    kind: str
-    reply: Reply | None = None
-    turn: int | None = None
-    cancel: bool = False
-    run_sent: bool = False
-    killer: asyncio.Task | None = None
+    def quota_until(self, keys: list[str]) -> float | None:
+        """When the latest backoff of ``keys`` ends (epoch s), or None if none backs off."""
+        ...
 
-
-class Job:
-    """Something the runner does between turns; ``future`` gets its outcome."""
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    async def run(self, runner: AgentRunner) -> Any:
-        raise NotImplementedError
-
-    def finish(self, value: Any) -> None:
-        if not self.future.done():
-            self.future.set_result(value)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-
-class MessageJob(Job):
-    def __init__(self, reply: Reply):
-        super().__init__()
-        self.reply = reply
-
-    async def run(self, runner: AgentRunner) -> None:
-        result = await runner.message_turn(self.reply)
-        self.finish(result)
-
-    def fail(self, exc: BaseException) -> None:
-        super().fail(exc)
-        self.reply._fail(exc)
-
-
-class WakeJob(Job):
-    async def run(self, runner: AgentRunner) -> None:
-        await runner.wake()
-        self.finish(None)
-
-
-class RollbackJob(Job):
-    def __init__(self, to: int):
-        super().__init__()
-        self.to = to
-
-    async def run(self, runner: AgentRunner) -> None:
-        self.finish(await runner.rollback(self.to))
-
-
-class StopJob(Job):
-    async def run(self, runner: AgentRunner) -> None:
-        await runner.stop()
-        self.finish(None)
-
-
-def take_agent_lock(path: os.PathLike, agent: str) -> int:
-    """An exclusive lock on the agent (its ``lock`` file). Raises :class:`AgentBusy`."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AgentBusy(f"agent {agent!r} is run by another runtime process") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+    def quota_state(self) -> dict[str, float]:
+        """Every key backing off now: key -> end (epoch s)."""
+        ...
 
 
 class AgentRunner:
@@ -215,6 +157,7 @@ class AgentRunner:
         self.lock_fd = lock_fd
         self.log = host.turn_log
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._pending: list[Job] = []               # the queue's jobs (queued())
         self.mount = host.workspace_mount(agent_id)
         self.worker: WorkerProcess | None = None
         self.spare: WorkerProcess | None = None      # a loaded worker handed over by create()
@@ -229,7 +172,27 @@ class AgentRunner:
 
     def submit(self, job: Job) -> Job:
         self.queue.put_nowait(job)
+        self._pending.append(job)
+        self._wake_up_idle(job)
         return job
+
+    def queued(self) -> list[Job]:
+        """The jobs waiting in the queue, oldest first."""
+        return list(self._pending)
+
+    def _take(self, job: Job) -> Job:
+        self._pending.remove(job)
+        return job
+
+    def _wake_up_idle(self, job: Job | None) -> None:
+        """A handler waiting in ``ctx.wait_for_wakeup`` hears of a queued job:
+        ``{"reason": "message", "message_id"}`` for a message, else ``{"reason": "job"}``."""
+        cur, worker = self.current, self.worker
+        if cur is not None and cur.idle and worker is not None and worker.alive:
+            cur.idle = False
+            event = {"reason": "message", "message_id": job.reply.message_id} if isinstance(job, MessageJob) \
+                else {"reason": "job"}
+            asyncio.get_running_loop().create_task(worker.send({"op": "wakeup", "event": event}))
 
     async def _serve(self) -> None:
         job: Job | None = None
@@ -237,7 +200,7 @@ class AgentRunner:
             while True:
                 timeout = self.host.idle_timeout if self.awake and self.host.idle_timeout else None
                 try:
-                    job = await asyncio.wait_for(self.queue.get(), timeout)
+                    job = self._take(await asyncio.wait_for(self.queue.get(), timeout))
                 except TimeoutError:
                     try:
                         await self._idle()
@@ -264,7 +227,7 @@ class AgentRunner:
             if job is not None:
                 job.fail(gone)                  # (a no-op for a job that finished)
             while not self.queue.empty():
-                self.queue.get_nowait().fail(gone)
+                self._take(self.queue.get_nowait()).fail(gone)
                 self.queue.task_done()
             self.host.runner_finished(self)
             os.close(self.lock_fd)
@@ -298,7 +261,12 @@ class AgentRunner:
             raise
         self.worker = worker
         self.awake = True
-        self.log.update(self.id, status="running", state_version=started["version"])
+        fields: dict[str, Any] = {"status": "running", "state_version": started["version"]}
+        if worker.info.get("quota_keys") or info.get("quota_keys"):
+            fields["quota_keys"] = worker.info.get("quota_keys") or []
+        self.log.update(self.id, **fields)
+        for key, until in self.host.quota_state().items():
+            await worker.send({"op": "quota", "key": key, "until": until})
         migrated = started.get("migrated_from")
         await self.hook("init", force=migrated is not None,
                         extra={"migrated_from": migrated} if migrated is not None else None)
@@ -325,6 +293,11 @@ class AgentRunner:
             except ChronicleError as exc:
                 log.warning("agent %r: on_shutdown could not run: %s", self.id, exc)
         await self._sleep("stopped")
+
+    async def scale_to_zero(self) -> None:
+        """Sleep now (``Runtime.signal_idle``), without asking ``on_idle_timeout``."""
+        if self.awake:
+            await self._sleep("sleeping")
 
     async def _sleep(self, status: str) -> None:
         await self._drop_worker()
@@ -485,6 +458,13 @@ class AgentRunner:
                         cur.reply._token("\n")
                 elif ev == "step":
                     await self._step(worker, event)
+                elif ev == "quota":
+                    if isinstance(event.get("key"), str) and isinstance(event.get("until"), (int, float)):
+                        self.host.quota_hit(self.id, event["key"], float(event["until"]))
+                elif ev == "idle":
+                    cur.idle = True
+                    if not self.queue.empty():
+                        self._wake_up_idle(None)
                 elif ev == "done":
                     return event
                 elif ev in ("eof", "error"):
@@ -579,20 +559,30 @@ class AgentRunner:
             log.warning("agent %r: %s failed: %s", self.id, kind, outcome["error"])
         return done
 
-    async def message_turn(self, reply: Reply) -> dict:
-        """One ``on_message`` turn (module docstring); returns the Reply's result."""
+    async def message_turn(self, reply: Reply, kind: str = "message") -> dict:
+        """One ``on_message`` turn (module docstring), or ``on_wake`` (``kind``
+        "wake": a timer's); returns the Reply's result. Either cancels the
+        agent's timer; a suspended turn (``ctx.sleep``/``pause``) stores the new
+        one and the agent scales to zero."""
         cur = self.current = CurrentTurn("message", reply)
+        suspend = None
         try:
+            if self.log.get(self.id).get("timer") is not None:
+                self.host.set_timer(self.id, None)
+            await self.wake()
+            keys = (self.worker.info if self.worker is not None else {}).get("quota_keys") or []
+            while keys and (until := self.host.quota_until(keys)) is not None and not cur.cancel:
+                await asyncio.sleep(max(0.0, until - time.time()))      # (a quota backoff)
             await self.wake()
             turn = self.log.get(self.id)["last_turn"] + 1
             started = time.monotonic()
-            begun = await self._turn_begin(turn, reply.message_id, {"kind": "message", "message": reply.message,
+            begun = await self._turn_begin(turn, reply.message_id, {"kind": kind, "message": reply.message,
                                                                     "time": now_iso()})
             reply.turn = turn
             assert self.worker is not None
             worker_info = self.worker.info
             try:
-                done, attempts = await self._attempts(cur, turn, reply, begun["seq"], worker_info)
+                done, attempts = await self._attempts(cur, turn, reply, begun["seq"], worker_info, kind)
             except BaseException as exc:
                 done = {"status": "interrupted", "patch": [], "messages": None, "usage": {},
                         "error": f"the runtime failed during the turn: {exc}"}
@@ -602,6 +592,10 @@ class AgentRunner:
             undo = done["status"] != "completed" and worker_info.get("atomic_turns", True)
             if undo:
                 extra["undone"] = {"to_seq": begun["seq"]}
+            if done["status"] == "completed" and isinstance(done.get("suspend"), dict):
+                suspend = extra["suspend"] = timer_record(turn, done["suspend"])
+            if done["status"] == "completed" and isinstance(done.get("compaction"), dict):
+                extra["compaction"] = compaction_point(self.log, self.id, turn, done["compaction"])
             outcome = self._outcome(done, started, reply.text, **extra)
             ended = await self._turn_end(outcome, self._snapshot(done))
             record = self._recorded(turn, outcome, ended)
@@ -612,14 +606,19 @@ class AgentRunner:
                 log.info("agent %r: turn %d failed: %s", self.id, turn, record["error"])
         finally:
             self.current = None
-        result = {"agent": self.id, "turn": turn, "message_id": reply.message_id, "kind": "message",
+        result = {"agent": self.id, "turn": turn, "message_id": reply.message_id, "kind": kind,
                   "status": record["status"], "reply": record["reply"], "messages": record["messages"],
                   "error": record["error"], "usage": record["usage"]}
+        if suspend is not None and record.get("status") == "completed":
+            result["suspend"] = suspend
+            self.host.set_timer(self.id, suspend)
         reply._finish(result)
+        if suspend is not None and record.get("status") == "completed" and self.queue.empty():
+            await self._sleep("sleeping")
         return result
 
     async def _attempts(self, cur: CurrentTurn, turn: int, reply: Reply, begin_seq: int,
-                        worker_info: dict) -> tuple[dict, int]:
+                        worker_info: dict, kind: str = "message") -> tuple[dict, int]:
         """Run the message turn, again per the class's retry policy while it
         fails retryably (its worker died; an exception of ``retry_on``): each
         new attempt starts from the workspace at the last completed step's
@@ -629,7 +628,7 @@ class AgentRunner:
         max_attempts = policy.get("max_attempts", 1)
         attempt, steps, init = 1, None, False
         while True:
-            done = await self._run(cur, "message", turn, reply.message_id, reply.message,
+            done = await self._run(cur, kind, turn, reply.message_id, reply.message,
                                    snapshot=self._due(turn), steps=steps, init=init)
             retryable = done["status"] == "interrupted" or (done["status"] == "failed" and done.get("retry"))
             if not retryable or cur.cancel or attempt >= max_attempts:
@@ -697,4 +696,5 @@ class AgentRunner:
         return record
 
 
-__all__ = ["AgentRunner", "CurrentTurn", "Job", "RunnerHost", "MessageJob", "RollbackJob", "StopJob", "WakeJob", "take_agent_lock"]
+__all__ = ["AgentRunner", "CurrentTurn", "Job", "RunnerHost", "MessageJob", "RollbackJob", "SleepJob", "StopJob",
+           "WakeJob", "take_agent_lock"]

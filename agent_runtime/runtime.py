@@ -24,7 +24,9 @@ Operations that drive agents are coroutines (``create``, ``start``,
 that touch only the store and work whether the agent runs or not, here or in
 another runtime (``list_agents``, ``agent``, ``turns``, ``turn_count``,
 ``show_turn``, ``state``, ``history``, ``last_turn_usage``,
-``total_usage``). An agent that exists in the store starts on its first
+``total_usage``, ``last_response``, ``compaction_indices``). Timers, quotas,
+``disconnect`` and ``signal_idle``/``wait_for_wakeup``:
+:mod:`agent_runtime.surface`. An agent that exists in the store starts on its first
 message (and wakes again after scaling to zero); one runtime process at a
 time runs a given agent (its ``lock`` file).
 
@@ -60,11 +62,13 @@ from agent_runtime.loader import normalise_target
 from agent_runtime.process import WorkerProcess, WorkspaceMount
 from agent_runtime.reply import Reply
 from agent_runtime.runner import AgentRunner, Job, MessageJob, RollbackJob, StopJob, WakeJob, take_agent_lock
+from agent_runtime.surface import RuntimeSurface
+from agent_runtime.timers import QuotaRegistry, TimerScheduler, describe_wait
 
 log = logging.getLogger("agent_runtime")
 
 
-class Runtime:
+class Runtime(RuntimeSurface):
     """A coordinator for the agents of one store (module docstring).
 
     ``store``: the store directory (default ``$CHRONICLE_HOME/store``; created
@@ -106,6 +110,8 @@ class Runtime:
         self._runners: dict[str, AgentRunner] = {}
         self._sync_task: asyncio.Task | None = None
         self._closed = False
+        self._timers = TimerScheduler(self._fire)
+        self.quotas = QuotaRegistry()
 
     async def __aenter__(self) -> Runtime:
         return self
@@ -462,10 +468,12 @@ class Runtime:
             os.close(lock)
 
     async def close(self) -> None:
-        """Shut every running agent down gracefully, then close the store."""
+        """Shut every running agent down gracefully, then close the store.
+        Stored timers stay in the store (a later runtime's :meth:`start_timers`)."""
         if self._closed:
             return
         self._closed = True
+        self._timers.close()
         runners = list(self._runners.values())
         jobs = [r.submit(StopJob()) for r in runners]
         for runner, job in zip(runners, jobs, strict=True):
@@ -493,6 +501,8 @@ class Runtime:
         info["mounted"] = self.store.mount_info(agent_id) is not None
         info["running_here"] = bool(runner and runner.awake)
         info["worker_pid"] = runner.worker.pid if runner and runner.worker else None
+        info["waiting"] = describe_wait(info.get("timer"))
+        info["quota"] = self.quotas.describe(info.get("quota_keys") or [])
         return info
 
     def list_agents(self) -> list[dict]:
@@ -547,8 +557,12 @@ class Runtime:
 
     def history(self, agent_id: str) -> list[dict]:
         """The conversation, oldest first: ``{"agent", "turn", "message_id",
-        "message", "reply", "status", "time"}`` per message turn since the last
-        :meth:`clear_history`; a fork starts with its parent's up to the fork."""
+        "message", "reply", "status", "time", "kind", "compaction",
+        "compacted"}`` per message or wake turn since the last
+        :meth:`clear_history`; a fork starts with its parent's up to the fork.
+        ``compaction``: the compaction point the turn recorded (``ctx.compact``:
+        ``{"summary", "keep_last", "summarises", "state_turn"}``) or None;
+        ``compacted``: a later point of this agent summarises the turn."""
         return self._history(agent_id, None, 0)
 
     def _history(self, agent_id: str, upto: int | None, depth: int) -> list[dict]:
@@ -561,11 +575,18 @@ class Runtime:
                 out = self._history(parent["agent"], parent["turn"], depth + 1)
             except AgentNotFound:
                 pass
+        summarised: set[int] = set()
         for rec in self.turn_log.records(agent_id, start + 1, upto):
-            if rec.get("kind") == "message":
+            point = rec.get("compaction")
+            if point:
+                summarised.update(point.get("summarises") or [])
+            if rec.get("kind") in ("message", "wake") or point:
                 out.append({"agent": agent_id, "turn": rec["turn"], "message_id": rec.get("message_id"),
                             "message": rec.get("message"), "reply": rec.get("reply") or "",
-                            "status": rec.get("status"), "time": rec.get("time")})
+                            "status": rec.get("status"), "time": rec.get("time"), "kind": rec.get("kind"),
+                            "compaction": point})
+        for entry in out:
+            entry["compacted"] = entry["agent"] == agent_id and entry["turn"] in summarised
         return out
 
     def last_turn_usage(self, agent_id: str) -> dict:

@@ -19,7 +19,9 @@ local client of its user, below) or 500; an unknown route or method is 404 or
 
 =======================================  ==========================================================
 ``GET  /``                               ``{"store", "pid", "agents": [ids running here]}``
-``GET  /agents``                         every agent record of the store
+``GET  /agents``                         every agent record of the store, with ``waiting``
+                                         ("sleeping until T (reason)", "paused (reason)" or
+                                         null) and ``quota`` (its keys in the registry)
 ``POST /agents``                         ``{"id", "target"?, "cwd"?}``: create the agent from
                                          ``target`` (``MODULE:CLASS``, imported from ``cwd``,
                                          default the directory serve was started in) or start
@@ -52,6 +54,15 @@ local client of its user, below) or 500; an unknown route or method is 404 or
 ``POST /agents/{id}/fork``               ``{"id": NEW, "at": N?}``: 201, the new agent's record
 ``POST /agents/{id}/shutdown``           stop the agent gracefully (``on_shutdown``, unmount);
                                          it starts again on its next message
+``POST /agents/{id}/disconnect``         detach the clients streaming its replies: their
+                                         streams end with ``{"disconnected": true,
+                                         "message_id"}``; the turns go on (``/replies/{mid}``):
+                                         ``{"disconnected": N}``
+``POST /agents/{id}/idle``               scale the agent to zero now (``signal_idle``): the record
+``GET  /agents/{id}/last-response``      ``{"reply": the last completed turn's reply or null}``
+``GET  /agents/{id}/compactions``        the turns with a compaction point (``ctx.compact``)
+``GET  /quotas``                         the quota registry: ``{key: {"until", "remaining_s",
+                                         "backing_off", "hits", "last_agent"}}``
 ``POST /shutdown``                       stop the coordinator, as SIGTERM does: 202
 =======================================  ==========================================================
 
@@ -68,6 +79,11 @@ refused with 400. A request aiohttp cannot parse at all (HTTP/1.1 without
 input is logged as one DEBUG line, never with a traceback. Listening on another address
 (``--host``) drops the uid check (it cannot be made for remote clients) and
 has no authentication at all.
+
+Timers: on start the coordinator schedules every timer stored in the store
+(``Runtime.start_timers``), so a sleeping agent wakes on time across restarts
+(a timer due while no coordinator ran fires at once); the replies of the wake
+turns are kept for ``/replies`` like sent messages.
 
 Stopping: SIGINT, SIGTERM or ``POST /shutdown`` stop accepting requests, let
 queued turns finish, run every agent's ``on_shutdown``, stop the workers and
@@ -248,6 +264,11 @@ class Server:
             web.post(a + "/rollback", self.rollback),
             web.post(a + "/fork", self.fork),
             web.post(a + "/shutdown", self.shutdown_agent),
+            web.post(a + "/disconnect", self.disconnect),
+            web.post(a + "/idle", self.signal_idle),
+            web.get(a + "/last-response", self.last_response),
+            web.get(a + "/compactions", self.compactions),
+            web.get("/quotas", self.quotas),
             web.post("/shutdown", self.shutdown),
         ])
 
@@ -360,7 +381,10 @@ class Server:
             try:
                 async for token in reply:
                     await response.write(_line({"token": token}))
-                final = {"result": await reply.result()}
+                if reply.detached and not reply.done:
+                    final = {"disconnected": True, "message_id": reply.message_id}
+                else:
+                    final = {"result": await reply.result()}
             except ChronicleError as exc:
                 final = {"error": " ".join(str(exc).split()), "kind": type(exc).__name__}
             await response.write(_line(final))
@@ -434,6 +458,23 @@ class Server:
         await self.rt.shutdown_agent(agent)
         return _json(self.rt.agent(agent))
 
+    async def disconnect(self, request: web.Request) -> web.Response:
+        return _json({"disconnected": self.rt.disconnect(request.match_info["id"])})
+
+    async def signal_idle(self, request: web.Request) -> web.Response:
+        agent = request.match_info["id"]
+        await self.rt.signal_idle(agent)
+        return _json(self.rt.agent(agent))
+
+    async def last_response(self, request: web.Request) -> web.Response:
+        return _json({"reply": self.rt.last_response(request.match_info["id"])})
+
+    async def compactions(self, request: web.Request) -> web.Response:
+        return _json(self.rt.compaction_indices(request.match_info["id"]))
+
+    async def quotas(self, request: web.Request) -> web.Response:
+        return _json(self.rt.quota_registry())
+
     async def shutdown(self, request: web.Request) -> web.Response:
         self._request_shutdown()
         return _json({"stopping": True}, 202)
@@ -497,6 +538,7 @@ async def serve(store: os.PathLike | str | None, host: str = DEFAULT_HOST, port:
                     loop.create_task(rt.cancel(record["id"], wait=False))
 
     server = Server(rt, cwd=os.getcwd(), loopback=is_loopback(host), on_shutdown=stop.set)
+    rt.reply_listener = server._remember
     runner = web.AppRunner(server.app, handle_signals=False, access_log=None,
                            logger=ProtocolLog(logging.getLogger("aiohttp.server"), {}))
     registered = False
@@ -515,6 +557,9 @@ async def serve(store: os.PathLike | str | None, host: str = DEFAULT_HOST, port:
         registered = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        timers = rt.start_timers()
+        if timers:
+            log.info("scheduled the timers of %d sleeping agents", timers)
         announce(f"Serving the agents of {rt.store_path} at {url} (pid {os.getpid()}; Ctrl-C to stop)")
         await stop.wait()
         log.info("stopping: shutting every agent down")

@@ -43,13 +43,14 @@ import jsonpatch
 
 from chronicle.errors import AgentError, ChronicleError, StateError, UsageError
 
-from agent_runtime.agent import AgentContext, BaseAgent, RetryPolicy
+from agent_runtime.agent import AgentContext, BaseAgent, RetryPolicy, TurnSuspended
 from agent_runtime.loader import load_agent_class
 from agent_runtime.protocol import Channel
 
 log = logging.getLogger("agent_runtime.worker")
 
-HOOKS = {"message": "on_message", "init": "on_init", "idle": "on_idle_timeout", "shutdown": "on_shutdown"}
+HOOKS = {"message": "on_message", "wake": "on_wake", "init": "on_init", "idle": "on_idle_timeout",
+         "shutdown": "on_shutdown"}
 
 
 class _ChannelSink:
@@ -74,6 +75,9 @@ class _ChannelSink:
         if answer.get("error"):
             raise UsageError(f"step {name!r} could not be recorded: {answer['error']}")
         return answer.get("seq")
+
+    def notify(self, event: dict) -> None:
+        self.worker.channel.send_nowait({**event, "turn": self.worker.ctx.turn})
 
 
 class Worker:
@@ -114,6 +118,13 @@ class Worker:
                         self.step_waiter.set_result(command)
                 elif op == "load":
                     await self.load(command)
+                elif op == "quota":
+                    if self.ctx is not None and isinstance(command.get("until"), (int, float)):
+                        key = str(command.get("key"))
+                        self.ctx._quota[key] = max(command["until"], self.ctx._quota.get(key, 0.0))
+                elif op == "wakeup":
+                    if self.ctx is not None:
+                        self.ctx._woken(command.get("event") or {})
                 else:
                     raise AgentError(f"unknown op {op!r}")
             except ChronicleError as exc:
@@ -170,11 +181,13 @@ class Worker:
                 if inspect.isawaitable(outcome):
                     await outcome
             hook = getattr(self.agent, HOOKS[kind])
-            outcome = hook(ctx, command.get("message")) if kind == "message" else hook(ctx)
+            outcome = hook(ctx, command.get("message")) if kind in ("message", "wake") else hook(ctx)
             if inspect.isawaitable(outcome):
                 outcome = await outcome
             if kind == "idle":
                 result = bool(outcome)
+        except TurnSuspended:
+            pass                            # ctx.sleep / pause: the turn ends here, completed
         except asyncio.CancelledError:
             status = "cancelled"
         except BaseException as exc:        # SystemExit too: the agent keeps serving
@@ -185,6 +198,7 @@ class Worker:
         finally:
             messages = [m.text for m in ctx.messages]
             usage = ctx.usage
+            suspend, compaction = ctx._suspend, ctx._compaction
             ctx._end()
         patch: list = []
         if status == "completed":
@@ -201,7 +215,11 @@ class Worker:
         done: dict[str, Any] = {"ev": "done", "turn": turn, "status": status, "patch": patch,
                                 "messages": messages, "usage": usage, "error": error, "result": result,
                                 "retry": retry}
-        if command.get("snapshot"):
+        if status == "completed" and suspend is not None:
+            done["suspend"] = suspend
+        if status == "completed" and compaction is not None:
+            done["compaction"] = compaction
+        if command.get("snapshot") or "compaction" in done:
             done["state"] = self.committed          # the state after the run, whatever its status
         await self.channel.send(done)
 
@@ -227,7 +245,8 @@ async def _main(args: argparse.Namespace) -> int:
         policy = cls.retry_policy if isinstance(cls.retry_policy, RetryPolicy) else RetryPolicy()
         await channel.send({"ev": "loaded", "pid": os.getpid(), "entity_type": cls.State._entity_type,
                             "version": cls.State._version, "defaults": defaults,
-                            "atomic_turns": bool(cls.atomic_turns), "retry": policy.to_json()})
+                            "atomic_turns": bool(cls.atomic_turns), "retry": policy.to_json(),
+                            "quota_keys": [str(k) for k in cls.quota_keys or ()]})
         return await worker.serve()
     except (ConnectionError, BrokenPipeError):
         return 0

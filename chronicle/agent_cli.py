@@ -325,20 +325,25 @@ def _query(store_opt: Path | None, method: str, *args: Any) -> Any:
 @_store_option
 @_json_option
 def list_agents(store_opt, as_json: bool) -> None:
-    """List the store's agents."""
-    agents = _query(store_opt, "list_agents")
+    """List the store's agents (through the running `chronicle agent serve`, if
+    any: its quota registry and running agents)."""
+    client = _coordinator(store_opt)
+    agents = client.call("GET", "/agents") if client is not None else _query(store_opt, "list_agents")
     if as_json:
         _print_json(agents)
         return
     if not agents:
         click.echo(f"No agents in {_store_path(store_opt)}", err=True)
         return
-    rows = [["ID", "STATUS", "TURNS", "MESSAGES", "FORK OF", "MOUNTED", "CODE"]]
+    rows = [["ID", "STATUS", "TURNS", "MESSAGES", "FORK OF", "MOUNTED", "CODE", "WAITING"]]
     for a in agents:
         parent = a.get("parent")
+        waiting = [a["waiting"]] if a.get("waiting") else []
+        waiting += [f"quota {key} backing off until {q['until']}" for key, q in (a.get("quota") or {}).items()
+                    if q.get("backing_off")]
         rows.append([a["id"], a.get("status") or "-", str(a.get("last_turn", 0)), str(a.get("message_turns", 0)),
                      f"{parent['agent']}:{parent['turn']}" if parent else "-", "yes" if a.get("mounted") else "no",
-                     a.get("target") or "-"])
+                     a.get("target") or "-", "; ".join(waiting) or "-"])
     _table(rows, right={2, 3})
 
 

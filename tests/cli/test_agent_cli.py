@@ -563,3 +563,41 @@ def test_reads_answer_while_a_turn_runs_under_serve(env):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=120)
     assert proc.returncode == 0
+
+
+PAUSER = '''
+from agent_runtime import BaseAgent
+
+class Pauser(BaseAgent):
+    quota_keys = ("api",)
+
+    async def on_message(self, ctx, message):
+        if message.get("hit"):
+            ctx.record_quota_hit(message["hit"], key="api")
+        await ctx.send_message("ok")
+        if message.get("pause"):
+            await ctx.pause(message["pause"])
+'''
+
+
+def test_list_shows_paused_agents_and_through_serve_the_quota_registry(env):
+    (env.src / "pauser.py").write_text(PAUSER)
+    out = env.ok("chat", "pauser:Pauser", "--id", "p", input='{"pause": "needs a human"}\n', cwd=env.src)
+    assert out == "ok\n"
+    header, row = env.ok("list").splitlines()
+    assert header.split()[-1] == "WAITING" and row.endswith("paused (needs a human)")
+    assert env.json("list")[0]["waiting"] == "paused (needs a human)"
+    port = free_port()
+    proc, api = start_serve(env, port)
+    status, lines = api("POST", "/agents", {"id": "q", "target": "pauser:Pauser"})
+    assert status == 201
+    with api.stream("q", {"hit": 30}) as resp:
+        assert json.loads(resp.read().splitlines()[-1])["result"]["status"] == "completed"
+    status, quotas = api("GET", "/quotas")
+    assert status == 200 and quotas["api"]["backing_off"] and quotas["api"]["last_agent"] == "q"
+    listed = {a["id"]: a for a in env.json("list")}          # through the coordinator: its registry
+    assert listed["q"]["quota"]["api"]["backing_off"] and listed["p"]["waiting"] == "paused (needs a human)"
+    assert "quota api backing off until" in env.ok("list")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    assert proc.returncode == 0

@@ -26,14 +26,20 @@ Vocabulary (SPEC §4, §5):
        "time", "end_time", "duration_ms", "snapshot": bool,
        "rollback_to"?, "forked_from"?, "migrated_from"?, "target"?,
        "steps"?: [{"name", "result", "seq", "time"}], "attempts"?: N,
-       "undone"?: {"to_seq"}}
+       "undone"?: {"to_seq"}, "suspend"?: {timer}, "compaction"?: {...}}
 
   ``steps``: its completed durable steps (:meth:`TurnLog.step`); ``attempts``:
   runs of the turn; ``undone``: a turn that did not complete whose files (if any) the
   runtime put back after its end (a restore to ``to_seq``, unlabelled events
   after ``end_seq``: ``turn:AGENT:N`` still shows the attempt's tree).
 
-  ``kind``: ``create`` (turn 0)/``fork`` (the fork turn), ``message``, ``init``/``idle``/
+  ``suspend``: the turn ended in ``ctx.sleep``/``pause`` and left this timer
+  (the agent record's ``timer``, below); ``compaction``: the compaction point
+  it recorded (``ctx.compact``): ``{"summary", "keep_last", "summarises":
+  [turns], "state_turn"}``, its state snapshot kept with it.
+
+  ``kind``: ``create`` (turn 0)/``fork`` (the fork turn), ``message``, ``wake``
+  (a timer's ``on_wake``, its ``message`` the wake event), ``init``/``idle``/
   ``shutdown`` (hooks), ``rollback``. ``status`` is ``running`` (written with
   the label when the turn begins), then one of :data:`FINAL_STATUSES` —
   ``completed``, ``failed`` (the handler raised), ``cancelled``,
@@ -59,7 +65,10 @@ Vocabulary (SPEC §4, §5):
        "first_turn"?: N,                      # a fork's own first turn (= parent turn): it numbers on
        "last_turn": N, "message_turns": N,    # the turn counters
        "history_from": N, "total_usage": {...}, "last_turn_usage": {...},
-       "status": "created" | "running" | "sleeping" | "stopped"}
+       "status": "created" | "running" | "sleeping" | "stopped",
+       "timer"?: null | {"kind": "sleep" | "pause", "reason", "due": epoch s | null,
+                         "until": ISO | null, "turn", "set"},   # a durable timer (agent_runtime.timers)
+       "quota_keys"?: [keys]}                 # the class's quota_keys
 
 History is never rewritten: a turn record changes only from ``running`` to a
 final status; a rollback is a new turn.
@@ -80,7 +89,9 @@ change, and a label and its record must end at the same seq). When the
 workspace is not mounted (creating or forking an agent) the runtime takes the
 writer lock itself for that one transaction; deleting an agent drops its
 records after its workspace is gone. The runtime writes the other
-fields of the agent record (:meth:`TurnLog.update`); LMDB serialises write
+fields of the agent record (:meth:`TurnLog.update`) — its ``timer`` too,
+after the turn that set it ended (the turn record's ``suspend``, written by
+the daemon, is its copy in the history); LMDB serialises write
 transactions across processes, so each read-modify-write sees the other's.
 Everyone reads, in any process.
 
