@@ -20,6 +20,7 @@ Logging goes to stderr: ``"%(asctime)s %(levelname)s %(name)s: %(message)s"``.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
@@ -40,10 +41,28 @@ log = logging.getLogger("chronicle.daemon")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _InterruptedReplies(logging.Filter):
+    """pyfuse3 logs every failed ``fuse_reply_*`` as an ERROR. One failure is
+    not an error: ENOENT, which the kernel answers when the request being
+    replied to is no longer waiting — it was interrupted, or it was an
+    asynchronous RELEASE whose file the kernel already let go (``close(2)``
+    returns before RELEASE is answered, so an unmount can overtake it; see
+    ``fuse_dev_do_write`` in the kernel's ``fs/fuse/dev.c``). Those are logged
+    at DEBUG; every other reply failure stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "fuse_reply_* failed with" in str(record.msg) and \
+                record.args and str(record.args[-1]) == os.strerror(errno.ENOENT):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging() -> None:
     """Log to stderr in :data:`LOG_FORMAT` at ``$CHRONICLE_LOG_LEVEL`` (default INFO)."""
     level = os.environ.get("CHRONICLE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("pyfuse3").addFilter(_InterruptedReplies())
 
 
 def clear_stale(mountpoint: Path) -> bool:
