@@ -7,8 +7,8 @@ workspace root, so the file can re-include (``!pattern``) what the policy
 ignores. The file itself is never ignored.
 
 :class:`IgnoreRules` reads them from the *committed* head (its own read
-transaction): an edit of ``.chronicleignore`` takes effect for the commits
-after the one that wrote it. The compiled spec is cached by the policy
+transaction, or the committing event's): an edit of ``.chronicleignore``
+takes effect for the commits after the one that wrote it. The compiled spec is cached by the policy
 record's bytes and the file's content id, so an unchanged rule set costs
 one policy read and one directory lookup per content commit.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import lmdb
 import pathspec
 
 from chronicle.errors import ChronicleError
@@ -50,13 +51,16 @@ class IgnoreRules:
         self._key: tuple | None = None
         self._spec: pathspec.GitIgnoreSpec | None = None
 
-    def spec(self) -> pathspec.GitIgnoreSpec | None:
-        """The compiled rules now (None: no patterns at all)."""
+    def spec(self, txn: lmdb.Transaction) -> pathspec.GitIgnoreSpec | None:
+        """The compiled rules as ``txn`` sees the head (None: no patterns at
+        all). The commit path passes its own write transaction: an event that
+        writes an ignored path never also changes the rules (the policy is
+        set in its own transaction; ``.chronicleignore`` is never ignored),
+        so that is the committed rule set, without a read transaction of its own."""
         store = self._store
-        with store.env.begin() as txn:
-            raw = txn.get(schema.ws_key(self._ws), db=store.dbs["policies"])
-            found = self._head.lookup(txn, self._root, IGNORE_FILE)
-            attrs = self._head.attrs(txn, found[0]) if found is not None else None
+        raw = txn.get(schema.ws_key(self._ws), db=store.dbs["policies"])
+        found = self._head.lookup(txn, self._root, IGNORE_FILE)
+        attrs = self._head.attrs(txn, found[0]) if found is not None else None
         content = attrs.content if attrs is not None and attrs.is_file else None
         key = (None if raw is None else bytes(raw), content)
         if key != self._key:
@@ -75,10 +79,10 @@ class IgnoreRules:
             return []                   # unreadable: fsck reports it; commits keep their history
         return [os.fsdecode(line) for line in data.splitlines()]
 
-    def ignored(self, path: bytes) -> bool:
+    def ignored(self, txn: lmdb.Transaction, path: bytes) -> bool:
         """True if ``path`` (relative to the root, components joined by ``/``)
         matches the rules. ``.chronicleignore`` itself never does."""
         if path == IGNORE_FILE or not path:
             return False
-        spec = self.spec()
+        spec = self.spec(txn)
         return spec is not None and spec.match_file(os.fsdecode(path))

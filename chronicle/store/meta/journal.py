@@ -134,7 +134,8 @@ class EventWriter:
         self.time = iso_time(self.now_ns)
         self._history = history           # chronicle.store.history.paths.History of this workspace
         self.logged = False
-        self.ignored: Callable[[bytes], bool] | None = None     # the workspace's ignore rules (module docstring)
+        # the workspace's ignore rules (module docstring): ignored(txn, path), read in this event's transaction
+        self.ignored: Callable[[lmdb.Transaction, bytes], bool] | None = None
 
     # -- inodes ------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ class EventWriter:
         """
         if not content:
             flags &= ~P_CONTENT            # no content id to carry (PathEntry encodes it only with the flag)
-        if flags & P_BUMPS and flags & P_CONTENT and self.ignored is not None and self.ignored(path) \
+        if flags & P_BUMPS and flags & P_CONTENT and self.ignored is not None and self.ignored(self.txn, path) \
                 and self._replace_history(path, ino, content):
             flags |= P_UNVERSIONED
             fold_seq = None
