@@ -250,18 +250,21 @@ def wait_for(predicate, timeout: float, what: str):
 
 def test_a_timer_wakes_a_sleeping_agent_under_serve(served):
     api = Serve(served, free_port())
-    assert api("POST", "/agents", {"id": "z", "target": SLEEPER})[0] == 201
-    status, lines = api("POST", "/agents/z/messages", {"op": "sleep", "seconds": 1.5, "reason": "short"})
-    assert status == 200 and lines[-1]["result"]["status"] == "completed"
-    status, agents = api("GET", "/agents")
-    (z,) = [a for a in agents if a["id"] == "z"]
-    due = z["timer"]["due"]
-    assert z["waiting"].endswith("(short)") and not z["running_here"]
-    woke = wait_for(lambda: wake_lines(served), 1.5 + WAKE_TOLERANCE + 30, "the wake")
-    assert due <= woke[0] <= due + WAKE_TOLERANCE
-    status, last = api("GET", "/agents/z/last-response")
-    assert last == {"reply": "woke short"}
-    api.stop()
+    try:
+        assert api("POST", "/agents", {"id": "z", "target": SLEEPER})[0] == 201
+        status, lines = api("POST", "/agents/z/messages", {"op": "sleep", "seconds": 1.5, "reason": "short"})
+        assert status == 200 and lines[-1]["result"]["status"] == "completed"
+        status, agents = api("GET", "/agents")
+        (z,) = [a for a in agents if a["id"] == "z"]
+        due = z["timer"]["due"]
+        assert z["waiting"].endswith("(short)") and not z["running_here"]
+        woke = wait_for(lambda: wake_lines(served), 1.5 + WAKE_TOLERANCE + 30, "the wake")
+        assert due <= woke[0] <= due + WAKE_TOLERANCE
+        # the handler traces "woke" before its turn ends: the reply is the last response once it has
+        wait_for(lambda: api("GET", "/agents/z/last-response")[1] == {"reply": "woke short"}, 30,
+                 "the wake turn's reply")
+    finally:
+        api.stop()
 
 
 def test_a_timer_survives_a_serve_restart(served):
@@ -279,8 +282,10 @@ def test_a_timer_survives_a_serve_restart(served):
     assert out.returncode == 0 and "sleeping until " in out.stdout and "(across)" in out.stdout, out
     time.sleep(1.0)
     api = Serve(served, port)
-    woke = wait_for(lambda: wake_lines(served), 6 + WAKE_TOLERANCE + 30, "the wake after the restart")
-    assert due <= woke[0] <= due + WAKE_TOLERANCE, (woke[0] - due)
-    turns = api("GET", "/agents/r/turns")[1]
-    assert [t["kind"] for t in turns if t["kind"] in ("message", "wake")] == ["message", "wake"]
-    api.stop()
+    try:
+        woke = wait_for(lambda: wake_lines(served), 6 + WAKE_TOLERANCE + 30, "the wake after the restart")
+        assert due <= woke[0] <= due + WAKE_TOLERANCE, (woke[0] - due)
+        turns = api("GET", "/agents/r/turns")[1]
+        assert [t["kind"] for t in turns if t["kind"] in ("message", "wake")] == ["message", "wake"]
+    finally:
+        api.stop()
