@@ -320,6 +320,18 @@ class Mount:
         return f"<Mount {self.target} {self.path} pid={self.pid}>"
 
 
+def stop_workers(pids: list[int], store: Path) -> list[str]:
+    """After a runtime test: kill the process group of every agent worker in
+    ``pids`` still alive (by PID, nothing else), then :func:`clean_store_mounts`;
+    returns the problems (a worker left running, a mount left mounted)."""
+    problems = []
+    for pid in pids:
+        if alive(pid):
+            problems.append(f"worker {pid} was still running")
+            os.killpg(pid, signal.SIGKILL)
+    return problems + clean_store_mounts(store)
+
+
 def clean_store_mounts(store: Path) -> list[str]:
     """After a test: unmount what the mount daemons of ``store`` left mounted
     (their registrations in ``run/`` and the agent workspaces under

@@ -167,12 +167,7 @@ class Env:
 
     def cleanup(self) -> list[str]:
         """Stop what is left (by PID), unmount what is mounted; returns problems."""
-        problems = []
-        for pid in self.worker_pids:
-            if alive(pid):
-                problems.append(f"worker {pid} was still running")
-                os.killpg(pid, signal.SIGKILL)
-        return problems + mounts.clean_store_mounts(self.store)
+        return mounts.stop_workers(self.worker_pids, self.store)
 
     def daemon_log_problems(self) -> list[str]:
         import re

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from chronicle.errors import AgentError
-from chronicle.procs import alive
 from agent_runtime import Runtime
 from agent_runtime import isolation
 from agent_runtime.isolation import AGENT_UID
@@ -112,12 +111,7 @@ class Env:
         return asyncio.run(main())
 
     def cleanup(self) -> list[str]:
-        problems = []
-        for pid in self.worker_pids:
-            if alive(pid):
-                problems.append(f"worker {pid} was still running")
-                os.killpg(pid, signal.SIGKILL)
-        return problems + mounts.clean_store_mounts(self.store)
+        return mounts.stop_workers(self.worker_pids, self.store)
 
 
 @pytest.fixture
