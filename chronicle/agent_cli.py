@@ -30,6 +30,7 @@ from typing import Any
 
 import click
 
+from chronicle import actions
 from chronicle.errors import ChronicleError, UsageError
 from chronicle.store.store import check_workspace_name, default_store_path
 
@@ -459,11 +460,7 @@ def rollback(name: str, to: int, store_opt, as_json: bool) -> None:
     Recorded as a new turn (the workspace gets a restore event); history is
     never rewritten.
     """
-    client = _coordinator(store_opt)
-    if client is not None:
-        record = client.rollback(name, to)
-    else:
-        record = _run(store_opt, lambda rt: rt.rollback(name, to))
+    record = asyncio.run(actions.rollback_agent(_store_path(store_opt), name, to))
     if as_json:
         _print_json(record)
     if record.get("status") != "completed":
@@ -485,7 +482,7 @@ def fork(name: str, new: str, at: int | None, store_opt, as_json: bool) -> None:
     NEW's workspace is a copy-on-write fork of NAME's at that turn and its state
     is NAME's state after it; it runs the same code and starts on its first message.
     """
-    record = _run(store_opt, lambda rt: rt.fork(name, new, at))
+    record = asyncio.run(actions.fork_agent(_store_path(store_opt), name, new, at))
     if as_json:
         _print_json(record)
         return

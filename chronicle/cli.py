@@ -18,9 +18,11 @@ one line ``chronicle: internal error: ...`` and exit 1 (a traceback only with
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import errno
 import json
+import logging
 import os
 import sys
 import traceback
@@ -31,7 +33,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from chronicle import control, mounting
+from chronicle import actions, control, mounting
 from chronicle.agent_cli import agent
 from chronicle.errors import ChronicleError, InvalidArgument, NotFound, StoreError, UsageError
 from chronicle.locate import Target, locate, select
@@ -44,7 +46,7 @@ from chronicle.store.history.access import invoking_user
 from chronicle.store.history.points import TurnLabel
 from chronicle.store.history.views import HistoryViews, split_version
 from chronicle.store.model import KIND_FILE, Actor
-from chronicle.store.namespace.restore import restore_file, restore_tree
+from chronicle.store.namespace.restore import restore_tree
 from chronicle.store.namespace.workspace import Workspace
 from chronicle.store.store import Store
 
@@ -486,21 +488,18 @@ def restore(path, number, point, store_opt, ws_opt) -> None:
         raise UsageError("give a file path, not the workspace root (use --at to restore the whole workspace)")
     with _open_store(target) as store:
         mounted = store.mount_info(target.workspace)
-        if mounted is not None:
-            command = ({"cmd": "restore", "path": os.fsdecode(target.path), "version": number} if path is not None
-                       else {"cmd": "restore", "at": point})
+        if path is not None:
+            seq, paths, at = actions.restore_version(store, target.workspace, target.path, number).seq, None, None
+        elif mounted is not None:
             with _progress("Restoring"):
-                reply = control.send(mounted["mountpoint"], command)
-            changed = reply.get("changed", True) if path is not None else reply.get("paths") != 0
+                reply = control.send(mounted["mountpoint"], {"cmd": "restore", "at": point})
+            changed = reply.get("paths") != 0
             seq, paths, at = reply.get("seq") if changed else None, reply.get("paths"), reply.get("at", point)
         else:
             ws = store.open_workspace(target.workspace, writable=True)
-            if path is not None:
-                changes, at = restore_file(ws, target.path, number, _actor()), None
-            else:
-                at = points.resolve_point(ws, point)
-                with _progress(f"Restoring workspace {target.workspace!r} to seq {at}"):
-                    changes = restore_tree(ws, at, _actor())
+            at = points.resolve_point(ws, point)
+            with _progress(f"Restoring workspace {target.workspace!r} to seq {at}"):
+                changes = restore_tree(ws, at, _actor())
             seq, paths = changes.seq, changes.paths
     what = (f"{_show_path(target.path)} to version {number}" if path is not None
             else f"workspace {target.workspace!r} to seq {at}")
@@ -517,12 +516,7 @@ def snapshot(name: str, store_opt, ws_opt) -> None:
     """Name the workspace's current seq NAME."""
     target = _target(store_opt, ws_opt)
     with _open_store(target) as store:
-        mounted = store.mount_info(target.workspace)
-        if mounted is not None:
-            seq = control.send(mounted["mountpoint"], {"cmd": "snapshot", "name": name}).get("seq")
-        else:
-            ws = store.open_workspace(target.workspace, writable=True)
-            seq = ws.snapshot(name)
+        seq = actions.take_snapshot(store, target.workspace, name)
     click.echo(f"Snapshot {name!r} of workspace {target.workspace!r}" + (f" at seq {seq}" if seq is not None else ""))
 
 
@@ -764,6 +758,33 @@ def stats(where, store_opt, ws_opt, as_json) -> None:
             value = "-"
         rows.append([key.replace("_", " ") + ":", str(value)])
     _table(rows)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8770, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port; the URL is printed).")
+@store_options
+def ui(host: str, port: int, store_opt) -> None:
+    """Serve the web timeline of the store: agents, turns, diffs, file history, past trees.
+
+    On a loopback address only you (and root) may use it; it refuses requests
+    from other sites. SIGINT or SIGTERM stops it. See the README's "Web timeline".
+    """
+    from chronicle.ui import app as web_ui       # aiohttp, jinja2 and pygments are loaded only for this command
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not web_ui.is_loopback(host):
+        click.echo(f"chronicle: warning: listening on {host}, not a loopback address: the web timeline has no "
+                   "authentication, anyone who reaches it can read the store's history and roll agents back",
+                   err=True)
+
+    def announce(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    asyncio.run(web_ui.serve(_in_mount(store_opt, None, None).store, host, port, announce=announce))
 
 
 cli.add_command(agent)

@@ -11,7 +11,9 @@ out (they never run). Then:
 - the bottom of the chunk room (ids, codec, chunker, backends) never imports
   the metadata, namespace, history or fsck rooms;
 - ``chronicle.fs`` never imports ``agent_runtime``; ``agent_runtime`` never
-  imports ``chronicle.fs``.
+  imports ``chronicle.fs``;
+- the web timeline (``chronicle.ui``) never imports ``chronicle.fs``, pyfuse3,
+  trio or the CLI, and neither the store, the adapter nor the runtime imports it.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _violations(importer_prefix: str, forbidden: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("importer, forbidden", [
     ("chronicle.store", ("pyfuse3", "trio", "aiohttp", "chronicle.fs", "chronicle.cli", "chronicle.agent_cli",
-                         "chronicle.mounting", "agent_runtime")),
+                         "chronicle.mounting", "agent_runtime", "chronicle.ui", "chronicle.actions")),
     ("chronicle.store.chunks.ids", ("chronicle.store.meta", "chronicle.store.namespace",
                                     "chronicle.store.history", "chronicle.store.fsck", "lmdb")),
     ("chronicle.store.chunks.codec", ("chronicle.store.meta", "chronicle.store.namespace",
@@ -158,8 +160,10 @@ def _violations(importer_prefix: str, forbidden: tuple[str, ...]) -> list[str]:
     ("chronicle.store.chunks.backends", ("chronicle.store.meta", "chronicle.store.namespace",
                                          "chronicle.store.history", "chronicle.store.fsck", "lmdb")),
     ("chronicle.store.model", ("lmdb", "chronicle.store.meta", "chronicle.store.namespace")),
-    ("chronicle.fs", ("agent_runtime",)),
-    ("agent_runtime", ("chronicle.fs",)),
+    ("chronicle.fs", ("agent_runtime", "chronicle.ui")),
+    ("agent_runtime", ("chronicle.fs", "chronicle.ui", "chronicle.actions")),
+    # The web timeline reads the store, never a mount: no FUSE adapter, no pyfuse3 or trio, no CLI.
+    ("chronicle.ui", ("chronicle.fs", "pyfuse3", "trio", "chronicle.cli", "chronicle.agent_cli", "chronicle.mounting")),
 ])
 def test_layer_rule(importer, forbidden):
     assert _violations(importer, forbidden) == []
