@@ -396,7 +396,7 @@ class UI:
     def _change(self, fn: Callable, *args: Any) -> Any:
         """A blocking action, then a sync of the store (as the CLI's close syncs)."""
         result = fn(*args)
-        if self.store.dirty():
+        if self.store.dirty:
             self.store.sync()
         return result
 

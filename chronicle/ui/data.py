@@ -278,25 +278,60 @@ def file_diff(path: str, old: bytes | None, new: bytes | None, old_name: str, ne
     return {**out, "kind": "text", "lines": text}
 
 
+def files_under(views: HistoryViews, seq: int, path: bytes, limit: int = 10_000) -> dict[bytes, bytes]:
+    """Path → content id of every regular file at or under ``path`` in the
+    tree at ``seq`` that the caller may see (at most ``limit``; none if the
+    path is not there)."""
+    out: dict[bytes, bytes] = {}
+    try:
+        stack = [(path, node_at(views, seq, path))]
+    except (NotFound, NotADirectory, PermissionDenied):
+        return out
+    while stack and len(out) < limit:
+        where, node = stack.pop()
+        attrs = views.attrs(node)
+        if attrs.is_dir:
+            try:
+                children = views.listing(node)
+            except PermissionDenied:
+                continue
+            stack.extend((where + b"/" + name if where else name, child) for name, child in children)
+        elif attrs.is_file:
+            out[where] = attrs.content
+    return out
+
+
+def turn_paths(views: HistoryViews, events: list[dict], before: int, after: int) -> list[bytes]:
+    """The files whose content differs between the trees at ``before`` and
+    ``after`` among those the events name: a file itself, or every file under
+    a directory an event names (a restore of the whole tree names the root)."""
+    named: list[bytes] = []
+    for ev in events:
+        for key in ("from", "path", "to"):
+            p = ev.get(key)
+            if isinstance(p, str) and os.fsencode(p) not in named:
+                named.append(os.fsencode(p))
+    out: list[bytes] = []
+    for raw in named:
+        old, new = files_under(views, before, raw), files_under(views, after, raw)
+        for p in sorted(set(old) | set(new)):
+            if old.get(p) != new.get(p) and p not in out:
+                out.append(p)
+    return out
+
+
 def turn_diffs(views: HistoryViews, record: dict, events: list[dict]) -> list[dict]:
-    """A unified diff of every file the turn changed: its content before the
-    turn (at ``begin_seq - 1``) against its content at the turn's end, for
-    every path its events name (renames: both names), at most
-    :data:`DIFFS_PER_TURN`."""
+    """A unified diff of every file the turn changed (:func:`turn_paths`):
+    its content before the turn (at ``begin_seq - 1``) against its content at
+    the turn's end, at most :data:`DIFFS_PER_TURN`."""
     begin = record.get("begin_seq")
     end = record.get("end_seq")
     if begin is None or not events:
         return []
     end = views.ws.head_seq if end is None else end
-    paths: list[str] = []
-    for ev in events:
-        for key in ("from", "path", "to"):
-            p = ev.get(key)
-            if isinstance(p, str) and p and p not in paths:
-                paths.append(p)
     out = []
-    for p in paths[:DIFFS_PER_TURN]:
-        raw = os.fsencode(p)
+    for raw in turn_paths(views, events, begin - 1, end)[:DIFFS_PER_TURN]:
+        p = os.fsdecode(raw)
         try:
             old, new = content_at(views, begin - 1, raw), content_at(views, end, raw)
         except PermissionDenied:
@@ -304,8 +339,6 @@ def turn_diffs(views: HistoryViews, record: dict, events: list[dict]) -> list[di
             continue
         except ValueError:
             out.append({"path": p, "kind": "large", "lines": ""})
-            continue
-        if old == new:
             continue
         out.append(file_diff(p, old, new, f"a/{p}@{begin - 1}", f"b/{p}@{end}"))
     return out
