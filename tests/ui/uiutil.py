@@ -116,12 +116,14 @@ class Servers:
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ, PYTHONPATH=str(REPO), CHRONICLE_HOME=str(tmp_path / "home"))
         self.env.pop("CHRONICLE_DEBUG", None)
+        self.argv = [sys.executable, "-m", "chronicle"]        # how the next server is started
 
     def __call__(self, store: Path, *extra: str, timeout: float = 60.0) -> tuple[str, subprocess.Popen]:
-        proc = subprocess.Popen([sys.executable, "-m", "chronicle", "ui", "--store", str(store), "--port", "0",
-                                 *extra], env=self.env, cwd=REPO, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*self.argv, "ui", "--store", str(store), "--port", "0", *extra], env=self.env,
+                                cwd="/", stdout=subprocess.PIPE,
                                 stderr=open(self.tmp / f"ui-{len(self.procs)}.log", "w"), text=True)
         self.procs.append(proc)
+        self.argv = [sys.executable, "-m", "chronicle"]
         deadline = time.monotonic() + timeout
         line = ""
         while time.monotonic() < deadline:
@@ -140,6 +142,8 @@ class Servers:
         return "".join(p.read_text() for p in sorted(self.tmp.glob("ui-*.log")))
 
     def stop(self) -> list[str]:
+        """Stop every server started (SIGTERM by PID); the problems: one that would not stop, a
+        traceback or an ERROR on a server's stderr. Safe to call twice."""
         problems = []
         for proc in self.procs:
             if proc.poll() is None:
@@ -150,7 +154,8 @@ class Servers:
                     problems.append(f"chronicle ui (pid {proc.pid}) did not stop on SIGTERM")
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait(10)
-            proc.stdout.close()
+            if not proc.stdout.closed:
+                proc.stdout.close()
         text = self.logs()
         problems += [line for line in text.splitlines() if "Traceback" in line or " ERROR " in line]
         return problems
