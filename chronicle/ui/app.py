@@ -50,6 +50,7 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 from aiohttp import web
+from markupsafe import Markup
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import DiffLexer, TextLexer, get_lexer_for_filename
@@ -159,16 +160,16 @@ class UI:
         """Highlighted HTML of a file's content (Pygments; a lexer by file name, else plain text)."""
         text = data.as_text(data_bytes)
         if text is None:
-            return jinja2.utils.markupsafe.Markup('<p class="note">binary content, not shown</p>')
+            return Markup('<p class="note">binary content, not shown</p>')
         try:
             lexer = get_lexer_for_filename(name, text, stripnl=False)
         except ClassNotFound:
             lexer = TextLexer(stripnl=False)
-        return jinja2.utils.markupsafe.Markup(highlight(text, lexer, self.formatter))
+        return Markup(highlight(text, lexer, self.formatter))
 
     def diff_html(self, text: str) -> str:
         """Highlighted HTML of a unified diff (Pygments' DiffLexer)."""
-        return jinja2.utils.markupsafe.Markup(highlight(text, DiffLexer(stripnl=False), self.formatter))
+        return Markup(highlight(text, DiffLexer(stripnl=False), self.formatter))
 
     def page(self, template: str, status: int = 200, **context: Any) -> web.Response:
         html = self.jinja.get_template(template).render(**context)
@@ -234,7 +235,7 @@ class UI:
         if not (hmac.compare_digest(sent, self.token) and hmac.compare_digest(cookie, self.token)):
             raise PermissionDenied("the form's CSRF token is missing or stale: reload the page and try again")
 
-    async def _read(self, fn: Callable, *args: Any) -> Any:
+    async def _thread(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
     def _views(self, workspace: str) -> HistoryViews:
@@ -243,8 +244,8 @@ class UI:
     # -- pages ---------------------------------------------------------------------------
 
     async def index(self, request: web.Request) -> web.Response:
-        workspaces = await self._read(data.workspace_tree, self.store)
-        agents = await self._read(data.agent_tree, self.store)
+        workspaces = await self._thread(data.workspace_tree, self.store)
+        agents = await self._thread(data.agent_tree, self.store)
         return self.page("index.html", workspaces=workspaces, agents=agents, title="Chronicle")
 
     async def pygments_css(self, request: web.Request) -> web.Response:
@@ -253,25 +254,25 @@ class UI:
     async def agent(self, request: web.Request) -> web.Response:
         name = request.match_info["agent"]
         page = _int(request.query.get("page"), "page", 0)
-        turns = await self._read(data.turn_page, self.store, name, page)
+        turns = await self._thread(data.turn_page, self.store, name, page)
         return self.page("agent.html", name=name, t=turns, title=f"agent {name}")
 
     async def turn(self, request: web.Request) -> web.Response:
         name = request.match_info["agent"]
         number = _int(request.match_info["n"], "the turn number")
-        detail = await self._read(data.turn_detail, self.store, self.caller, name, number)
+        detail = await self._thread(data.turn_detail, self.store, self.caller, name, number)
         return self.page("turn.html", name=name, number=number, d=detail, done=request.query.get("done"),
                          title=f"{name} turn {number}")
 
     async def workspace(self, request: web.Request) -> web.Response:
         name = request.match_info["ws"]
-        views = await self._read(self._views, name)
+        views = await self._thread(self._views, name)
         head = views.ws.head_seq
         before = _int(request.query.get("before"), "before", head + 1)
         hi = min(before, head + 1) - 1
         lo = max(1, hi - LOG_PAGE + 1)
-        events = await self._read(data.log_events, views, lo, hi)
-        choices = await self._read(data.point_choices, views)
+        events = await self._thread(data.log_events, views, lo, hi)
+        choices = await self._thread(data.point_choices, views)
         return self.page("workspace.html", ws=name, record=self.store.workspace_record(name), head=head,
                          events=list(reversed(events)), lo=lo, hi=hi, choices=choices,
                          done=request.query.get("done"), title=f"workspace {name}")
@@ -281,19 +282,19 @@ class UI:
         path = _path(request.query.get("path"))
         if not path:
             raise UsageError("give a file path (?path=...)")
-        views = await self._read(self._views, name)
-        history = await self._read(data.file_history, views, path)
+        views = await self._thread(self._views, name)
+        history = await self._thread(data.file_history, views, path)
         view = request.query.get("v")
         a, b = request.query.get("a"), request.query.get("b")
         shown = content = diff = None
         if view:
             shown = _int(view, "the version")
-            content = await self._read(data.version_content, views, path, shown)
+            content = await self._thread(data.version_content, views, path, shown)
         elif a or b or len(history["content"]) > 1:
             numbers = history["content"]
             a_no = _int(a, "version a", numbers[-2] if len(numbers) > 1 else (numbers[0] if numbers else 0))
             b_no = _int(b, "version b", numbers[-1] if numbers else 0)
-            diff = await self._read(data.version_diff, views, path, a_no, b_no)
+            diff = await self._thread(data.version_diff, views, path, a_no, b_no)
             a, b = a_no, b_no
         return self.page("file.html", ws=name, path=os.fsdecode(path), h=history, shown=shown, content=content,
                          diff=diff, a=a, b=b, done=request.query.get("done"), title=os.fsdecode(path))
@@ -302,9 +303,9 @@ class UI:
         name = request.match_info["ws"]
         point = request.query.get("at", "").strip()
         path = _path(request.query.get("path"))
-        views = await self._read(self._views, name)
-        listing = await self._read(data.tree_listing, views, point or None, path)
-        choices = await self._read(data.point_choices, views)
+        views = await self._thread(self._views, name)
+        listing = await self._thread(data.tree_listing, views, point or None, path)
+        choices = await self._thread(data.point_choices, views)
         parents = []
         parts = listing["path"].split("/") if listing["path"] else []
         for i in range(len(parts)):
@@ -317,11 +318,11 @@ class UI:
     async def confirm_rollback(self, request: web.Request) -> web.Response:
         name = request.match_info["agent"]
         to = _int(request.query.get("to"), "the turn to roll back to")
-        detail = await self._read(data.turn_page, self.store, name, 0, 1)
+        info, _owner, _record = await self._thread(data.agent_turn, self.store, name, to)
         return self.page("confirm.html", title="Roll back", action=self.url("agents", name, "rollback"),
                          fields={"to": to}, button=f"Roll back {name} to turn {to}",
                          text=f"Bring agent {name!r}'s files and state back to the end of turn {to}. This is "
-                              f"recorded as a new turn after turn {detail['agent'].get('last_turn')}: history is "
+                              f"recorded as a new turn after turn {info.get('last_turn')}: history is "
                               "never rewritten. The agent's worker is started for it if it is not running.",
                          back=self.url("agents", name, "turns", to))
 
@@ -338,6 +339,7 @@ class UI:
     async def confirm_fork(self, request: web.Request) -> web.Response:
         name = request.match_info["agent"]
         at = _int(request.query.get("at"), "the turn to fork at")
+        await self._thread(data.agent_turn, self.store, name, at)         # NotFound before asking
         return self.page("confirm.html", title="Fork", action=self.url("agents", name, "fork"),
                          fields={"at": at}, ask="new", ask_label="New agent's name",
                          button=f"Fork {name} at turn {at}",
@@ -358,8 +360,8 @@ class UI:
         name = request.match_info["ws"]
         path = _path(request.query.get("path"))
         number = _int(request.query.get("version"), "the version")
-        views = await self._read(self._views, name)
-        await self._read(views.version, path, number)           # NotFound / PermissionDenied first
+        views = await self._thread(self._views, name)
+        await self._thread(views.version, path, number)           # NotFound / PermissionDenied first
         shown = os.fsdecode(path)
         return self.page("confirm.html", title="Restore", action=self.url("w", name, "restore"),
                          fields={"path": shown, "version": number}, button=f"Restore {shown} to version {number}",
@@ -372,7 +374,7 @@ class UI:
         form = await request.post()
         path = _path(form.get("path"))
         number = _int(form.get("version"), "the version")
-        done = await self._read(self._change, actions.restore_version, self.store, name, path, number)
+        done = await self._thread(self._change, actions.restore_version, self.store, name, path, number)
         what = "nothing to restore: it is that version already" if done.seq is None else f"restored at seq {done.seq}"
         raise web.HTTPSeeOther(self.url("w", name, "file", path=os.fsdecode(path), done=what))
 
@@ -380,7 +382,7 @@ class UI:
         name = request.match_info["ws"]
         snap = request.query.get("name", "").strip()
         points.check_snapshot_name(snap)
-        head = (await self._read(self._views, name)).ws.head_seq
+        head = (await self._thread(self._views, name)).ws.head_seq
         return self.page("confirm.html", title="Snapshot", action=self.url("w", name, "snapshot"),
                          fields={"name": snap}, button=f"Take snapshot {snap!r}",
                          text=f"Name the current state of workspace {name!r} (now seq {head}) {snap!r}.",
@@ -390,7 +392,7 @@ class UI:
         name = request.match_info["ws"]
         form = await request.post()
         snap = str(form.get("name", "")).strip()
-        seq = await self._read(self._change, actions.take_snapshot, self.store, name, snap)
+        seq = await self._thread(self._change, actions.take_snapshot, self.store, name, snap)
         raise web.HTTPSeeOther(self.url("w", name, done=f"snapshot {snap!r} at seq {seq}"))
 
     def _change(self, fn: Callable, *args: Any) -> Any:

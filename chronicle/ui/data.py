@@ -116,6 +116,17 @@ def lineage_records(log: TurnLog, agent: str, lo: int, hi: int) -> list[tuple[st
     return out
 
 
+def agent_turn(store: Store, agent: str, number: int) -> tuple[dict, str, dict]:
+    """``(agent record, owner, turn record)`` of turn ``number`` along the
+    agent's lineage. Raises :class:`AgentNotFound`, :class:`NotFound`."""
+    log = TurnLog(store)
+    info = log.get(agent)
+    found = log.lineage_record(agent, number)
+    if found is None:
+        raise NotFound(f"agent {agent!r} has no turn {number} (its turns are 0 to {info.get('last_turn', 0)})")
+    return info, found[0], found[1]
+
+
 def turn_row(owner: str, rec: dict) -> dict:
     """A turn record as one row of the timeline (module docstring)."""
     begin, end = rec.get("begin_seq"), rec.get("end_seq")
@@ -352,11 +363,7 @@ def turn_detail(store: Store, caller: Caller, agent: str, number: int) -> dict:
     what the turn record holds under those names, if anything). Raises
     :class:`AgentNotFound`, :class:`NotFound`."""
     log = TurnLog(store)
-    info = log.get(agent)
-    found = log.lineage_record(agent, number)
-    if found is None:
-        raise NotFound(f"agent {agent!r} has no turn {number} (its turns are 0 to {info.get('last_turn', 0)})")
-    owner, record = found
+    info, owner, record = agent_turn(store, agent, number)
     after = log.state_at(agent, number).state
     before = log.state_at(agent, number - 1).state if number > 0 else None
     patch = record.get("patch") or []

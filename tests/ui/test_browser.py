@@ -19,6 +19,7 @@ import pytest
 
 from chronicle.store.history.access import invoking_user
 from chronicle.store.history import points
+from chronicle.store.history.turns import TurnLog
 from chronicle.store.history.views import HistoryViews
 from chronicle.store.store import Store
 from chronicle.ui import data
@@ -117,7 +118,7 @@ def test_click_through_an_agent_and_a_turn(tmp_path, ui_server, browser, shots):
     assert "ship" in page.locator(".content").inner_text()
 
 
-def test_snapshot_and_restore_behind_confirmations(tmp_path, ui_server, browser, shots):
+def test_snapshot_restore_and_fork_behind_confirmations(tmp_path, ui_server, browser, shots):
     store = uiutil.build_store(tmp_path / "store")
     url, _proc = ui_server(store)
     page = browser
@@ -150,6 +151,25 @@ def test_snapshot_and_restore_behind_confirmations(tmp_path, ui_server, browser,
     assert head_content(store, "notes", b"notes/todo.md") == b"- [ ] write\n"
     assert page.locator("tr.version").first.get_attribute("data-version") == "4"
     page.screenshot(path=shots / "3-restored.png", full_page=True)
+
+    # Fork an agent at a turn: the new agent's name is asked on the confirmation page.
+    page.goto(url + "/agents/bot/turns/3")
+    page.click("#fork")
+    page.wait_for_url("**/agents/bot/fork?at=3")
+    page.fill("#ask", "bot3")
+    page.screenshot(path=shots / "4-confirm-fork.png", full_page=True)
+    page.click("#confirm")
+    page.wait_for_url("**/agents/bot3")
+    assert page.locator("tr.turn").first.get_attribute("data-turn") == "3"
+    assert "forked from bot turn 3" in page.locator("p.meta").first.inner_text()
+    with Store.open(store) as st:
+        record = TurnLog(st).get("bot3")
+        assert record["parent"] == {"agent": "bot", "turn": 3} and TurnLog(st).state_at("bot3").state["count"] == 3
+        assert st.workspace_record("bot3").fork_seq == TurnLog(st).record("bot", 3)["end_seq"]
+    page.goto(url + "/agents/bot/fork?at=3")
+    page.fill("#ask", "bot3")
+    page.click("#confirm")                        # the name is taken: one line, nothing changed
+    assert "already exists" in page.locator("#error").inner_text()
 
     # A bad snapshot name is one line on an error page, and changes nothing.
     page.goto(url + "/w/notes/snapshot?name=12")
