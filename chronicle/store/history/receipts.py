@@ -235,7 +235,12 @@ class Receipts:
         with self.env.begin() as txn:
             base = self._latest(txn, seq)
             if base is not None and base["seq"] == seq:
-                return base
+                if base["workspace"] == self.ws.name:
+                    return base
+                receipt = {**base, "workspace": self.ws.name, "time": iso_time(time.time_ns()),
+                           "computed": {"base": seq, "dirs": 0, "entries": 0, "full": None, "ms": 0.0}}
+                self._write(receipt, {})          # a fork's own copy of its parent's tree's receipt
+                return receipt
             if base is None:
                 dirty, full = set(), "no receipt before it"
             else:
