@@ -307,8 +307,8 @@ def _apply(ws: Workspace, receipts: Receipts, op: tuple) -> None:
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops)
-def test_incremental_equals_from_scratch_equals_a_checkout(ops):
+@given(ops, st.integers(0, 1000), st.lists(st.sampled_from(range(len(NAMES))), max_size=6))
+def test_incremental_equals_from_scratch_equals_a_checkout(ops, fork_at, fork_writes):
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.init(Path(tmp) / "store")
         try:
@@ -333,6 +333,19 @@ def test_incremental_equals_from_scratch_equals_a_checkout(ops):
                 stored = [json.loads(v) for k, v in cur if k[:4] == schema.ws_key(ws.id)]
             for r in stored:
                 assert r["root"] == receipts.compute(r["seq"])["root"], r
+            # A fork at a random seq: its receipts start from its parent's and cover its own tree.
+            store.fork("w", fork_at % (ws.head_seq + 1), "f")
+            fork = store.open_workspace("f", writable=True)
+            forked = Receipts(fork)
+            forked.make()
+            for i in fork_writes:
+                try:
+                    _apply(fork, forked, ("write", i * 7, NAMES[i], DATA[i % len(DATA)]))
+                except ChronicleError:
+                    pass
+            mine = forked.make()
+            assert mine["root"] == forked.compute()["root"]
+            assert checkout_tree(os.fsencode(checkout(fork, Path(tmp) / "fork-co")))["root"] == mine["root"]
         finally:
             store.close()
 
