@@ -46,8 +46,8 @@ def test_receipt_commands(runner, tmp_path):
 
     st = Store.open(path)                 # a stored receipt that the tree no longer gives
     with st.env.begin(write=True) as txn:
-        txn.put(schema.event_key(st.workspace_record("w").id, head_seq), json.dumps({**head, "root": "ab" * 32}).encode(),
-                db=st.dbs["receipts"])
+        forged = json.dumps({**head, "root": "ab" * 32}).encode()
+        txn.put(schema.event_key(st.workspace_record("w").id, head_seq), forged, db=st.dbs["receipts"])
     st.close()
     bad = run(runner, "receipt", *s, "--verify", code=1)
     assert f"does NOT match the stored tree (it hashes to {head['root']})" in bad.stdout
