@@ -36,6 +36,9 @@ Vocabulary:
   ``dirs``, ``others``, ``bytes`` of its subtree), stored in
   ``receipt_dirs`` under (ws u32, directory ino u64, ~seq u64) for every
   directory a receipt recomputed (:class:`DirSum`).
+- a **listing** is a directory's hashed entries with each one's counts
+  (:class:`Listing`); ``receipt_entries`` keeps the latest of each directory
+  of at least :data:`LISTING_MIN_ENTRIES` entries (ws u32, ino u64).
 
 **Incremental.** A receipt at seq P starts from the latest stored receipt
 at or before P (its **base** B; a fork with none of its own takes its
@@ -46,13 +49,19 @@ to the directory of each event in ``(B, P]`` — the event's ``path``, and its
 receipt writes the sums of all the directories it recomputed at P, so the
 latest sum at or before any receipt's seq is that directory's sum there (a
 receipt made later at an earlier seq recomputes a subset of the directories
-that changed, and writes them at its own seq). Cost: the entries of the
-dirty directories plus, per event, one lookup per path component. From
+that changed, and writes them at its own seq). A dirty directory whose
+stored listing hashes to its sum at B (so it *is* its entries at B) reads
+again only the names the events named or went through in it, and splices
+them into the listing; any other dirty directory reads all its entries.
+Cost: per event, one lookup per path component; per dirty directory, its
+changed names (with a listing) or its entries (without), and one pass of
+BLAKE3 over its entry bytes (about 80 bytes an entry). From
 scratch (``computed.full`` says why): the first receipt, a whole-tree
-restore, a namespace event no path names, and a change to the content or
-mode of a file with more than one link (no index leads from an inode to
-its other names). An event no path names that is not a namespace event
-changed an inode no name reaches (an unlinked open file): it is in no tree.
+restore, an event no path names (its writer did not know the path: a
+write to a file unlinked while open, or an inode a process reached without
+looking it up from the root), and a change to the content or mode of a
+file with more than one link (no index leads from an inode to its other
+names).
 
 **Content hashes** are the content records' whole-file BLAKE3. A file too
 sparse to hash at commit (``ContentRecord.hash`` None) is hashed here once,
@@ -83,7 +92,10 @@ import os
 import stat
 import struct
 import time
+from array import array
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import blake3
@@ -113,7 +125,10 @@ _MODE = struct.Struct(">I")
 _RDEV = struct.Struct(">Q")
 _SUM = struct.Struct("<QQQQ")
 _KEY = struct.Struct(">IQQ")
+_WS_INO = struct.Struct(">IQ")
 _ZEROS = bytes(1 << 20)
+# Directories with fewer entries are read again whole when they change (cheaper than keeping a listing).
+LISTING_MIN_ENTRIES = 256
 
 
 # -- the construction ----------------------------------------------------------------------
@@ -169,17 +184,131 @@ def _sum_key(ws: int, ino: int, seq: int) -> bytes:
     return _KEY.pack(ws, ino, schema.inv(seq))
 
 
+def _listing_key(ws: int, ino: int) -> bytes:
+    return _WS_INO.pack(ws, ino)
+
+
+def _digest(entries: bytes) -> bytes:
+    hasher = blake3.blake3(DIR_DOMAIN)
+    hasher.update(entries)
+    return hasher.digest()
+
+
+@dataclass(slots=True)
+class Listing:
+    """A directory's entries as hashed: ``entries``, their concatenation
+    (sorted by name); ``lengths`` (``array('I')``), each one's length;
+    ``counts`` (``array('Q')``, 4 per entry), each one's files, dirs,
+    others, bytes; ``digest``, the directory hash they give. Database
+    ``receipt_entries`` keeps the latest listing of each directory of at
+    least :data:`LISTING_MIN_ENTRIES` entries (ws u32, ino u64 → :meth:`encode`);
+    a listing whose digest is a directory's sum at the base is its entries
+    there, so only the names that changed are read again."""
+
+    digest: bytes
+    lengths: array
+    counts: array
+    entries: bytes
+
+    def encode(self) -> bytes:
+        """digest (32), entry count u32, lengths (u32 each), counts (u64 each), entries (little-endian)."""
+        return b"".join((self.digest, struct.pack("<I", len(self.lengths)), self.lengths.tobytes(),
+                         self.counts.tobytes(), self.entries))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Listing:
+        """From :meth:`encode`'s bytes. Raises ``Corrupt`` if damaged."""
+        try:
+            (n,) = struct.unpack_from("<I", raw, 32)
+            lengths, counts = array("I"), array("Q")
+            pos = 36 + 4 * n
+            lengths.frombytes(raw[36:pos])
+            counts.frombytes(raw[pos:pos + 32 * n])
+        except (struct.error, ValueError):
+            raise Corrupt("damaged receipt listing") from None
+        entries = bytes(raw[pos + 32 * n:])
+        if len(lengths) != n or len(counts) != 4 * n or sum(lengths) != len(entries) or lengths.itemsize != 4:
+            raise Corrupt("damaged receipt listing")
+        return cls(bytes(raw[:32]), lengths, counts, entries)
+
+    def merge(self, changes: dict[bytes, tuple[bytes, tuple] | None]) -> tuple[Listing, list[int]]:
+        """This listing with ``changes`` applied (name → ``(entry, counts)``,
+        or None: gone), and the change to the counts. O(changes × log
+        entries) lookups and one copy of the bytes."""
+        offsets = list(accumulate(self.lengths, initial=0))
+        n, data = len(self.lengths), self.entries
+
+        def name_at(i: int) -> bytes:
+            off = offsets[i]
+            return data[off + 4:off + 4 + _NAME_LEN.unpack_from(data, off)[0]]
+
+        pieces, lengths, counts = [], array("I"), array("Q")
+        delta = [0, 0, 0, 0]
+        done = 0
+        for name in sorted(changes):
+            i = bisect_left(range(n), name, lo=done, key=name_at)
+            pieces.append(data[offsets[done]:offsets[i]])
+            lengths.extend(self.lengths[done:i])
+            counts.extend(self.counts[4 * done:4 * i])
+            done = i
+            if i < n and name_at(i) == name:
+                for k in range(4):
+                    delta[k] -= self.counts[4 * i + k]
+                done = i + 1
+            new = changes[name]
+            if new is not None:
+                entry, contribution = new
+                pieces.append(entry)
+                lengths.append(len(entry))
+                counts.extend(contribution)
+                for k in range(4):
+                    delta[k] += contribution[k]
+        pieces.append(data[offsets[done]:])
+        lengths.extend(self.lengths[done:])
+        counts.extend(self.counts[4 * done:])
+        entries = b"".join(pieces)
+        return Listing(_digest(entries), lengths, counts, entries), delta
+
+
 @dataclass(slots=True)
 class _Frame:
-    """A directory being summed: its entries, how far along, what is hashed so far."""
+    """A directory being recomputed: its work (``(name, ino)`` of every entry;
+    or, with ``listing``, its listing at the base, ``(name, None)`` of each
+    name that changed) and what is done so far."""
 
     ino: int
-    entries: list
+    work: list
     name: bytes = b""
     mode: int = 0
+    listing: Listing | None = None
+    before: DirSum | None = None
     index: int = 0
     parts: list = field(default_factory=list)
-    total: DirSum = field(default_factory=lambda: DirSum(b""))
+    lengths: array = field(default_factory=lambda: array("I"))
+    counts: array = field(default_factory=lambda: array("Q"))
+    changes: dict = field(default_factory=dict)
+
+    def put(self, name: bytes, entry: bytes | None, contribution: tuple | None) -> None:
+        """Entry ``name`` is ``entry`` (None: there is none) with ``contribution`` to the counts."""
+        if self.listing is not None:
+            self.changes[name] = None if entry is None else (entry, contribution)
+        elif entry is not None:
+            self.parts.append(entry)
+            self.lengths.append(len(entry))
+            self.counts.extend(contribution)
+
+    def finish(self) -> tuple[DirSum, Listing]:
+        """The directory's sum and listing."""
+        if self.listing is None:
+            entries = b"".join(self.parts)
+            listing = Listing(_digest(entries), self.lengths, self.counts, entries)
+            totals = [sum(self.counts[k::4]) for k in range(4)]
+        else:
+            listing, delta = self.listing.merge(self.changes)
+            before = self.before
+            totals = [before.files + delta[0], before.dirs + delta[1], before.others + delta[2],
+                      before.bytes + delta[3]]
+        return DirSum(listing.digest, *totals), listing
 
 
 class Receipts:
@@ -239,17 +368,17 @@ class Receipts:
                     return base
                 receipt = {**base, "workspace": self.ws.name, "time": iso_time(time.time_ns()),
                            "computed": {"base": seq, "dirs": 0, "entries": 0, "full": None, "ms": 0.0}}
-                self._write(receipt, {})          # a fork's own copy of its parent's tree's receipt
+                self._write(receipt, {}, {})      # a fork's own copy of its parent's tree's receipt
                 return receipt
             if base is None:
                 dirty, full = set(), "no receipt before it"
             else:
                 dirty, full = self._dirty(txn, base["seq"], seq)
-            sums, stats = self._compute(txn, seq, dirty, full is not None, base["seq"] if base else None)
+            sums, listings, stats = self._compute(txn, seq, dirty, full is not None, base["seq"] if base else None)
         receipt = self._receipt(seq, sums[self.ws.root], {
             "base": base["seq"] if base else None, "dirs": stats[0], "entries": stats[1], "full": full,
             "ms": round((time.perf_counter() - started) * 1000, 3)})
-        self._write(receipt, sums)
+        self._write(receipt, sums, listings)
         return receipt
 
     def compute(self, seq: int | None = None) -> dict:
@@ -261,7 +390,7 @@ class Receipts:
             raise NotFound(f"seq {seq} does not exist yet (head is {self.ws.head_seq})")
         started = time.perf_counter()
         with self.env.begin() as txn:
-            sums, stats = self._compute(txn, seq, set(), True, None)
+            sums, _listings, stats = self._compute(txn, seq, {}, True, None)
         return self._receipt(seq, sums[self.ws.root], {
             "base": None, "dirs": stats[0], "entries": stats[1], "full": "asked to recompute",
             "ms": round((time.perf_counter() - started) * 1000, 3)})
@@ -286,7 +415,7 @@ class Receipts:
                 "files": root.files, "dirs": root.dirs, "others": root.others, "bytes": root.bytes,
                 "time": iso_time(time.time_ns()), "computed": computed}
 
-    def _write(self, receipt: dict, sums: dict[int, DirSum]) -> None:
+    def _write(self, receipt: dict, sums: dict[int, DirSum], listings: dict[int, Listing]) -> None:
         seq = receipt["seq"]
         with self.env.begin(write=True) as txn:
             key = schema.event_key(self.ws.id, seq)
@@ -295,6 +424,9 @@ class Receipts:
             dirs = self.dbs["receipt_dirs"]
             for ino, total in sums.items():
                 txn.put(_sum_key(self.ws.id, ino, seq), total.encode(), db=dirs)
+            for ino, listing in listings.items():
+                if len(listing.lengths) >= LISTING_MIN_ENTRIES:
+                    txn.put(_listing_key(self.ws.id, ino), listing.encode(), db=self.dbs["receipt_entries"])
             for content, digest in self._new_hashes.items():
                 txn.put(content, digest, db=self.dbs["receipt_hashes"])
             txn.put(key, json.dumps(receipt).encode(), db=self.dbs["receipts"])
@@ -303,50 +435,52 @@ class Receipts:
 
     # -- which directories changed -------------------------------------------------------
 
-    def _dirty(self, txn: lmdb.Transaction, since: int, seq: int) -> tuple[set[int], str | None]:
-        """The inos of the directories events in ``(since, seq]`` may have
-        changed, and None; or ``(set(), why)`` if the receipt must be made
-        from scratch (module docstring)."""
-        dirty: set[int] = set()
+    def _dirty(self, txn: lmdb.Transaction, since: int, seq: int) -> tuple[dict[int, set[bytes]], str | None]:
+        """The directories events in ``(since, seq]`` may have changed — ino
+        → the names in it those events went through or named — and None; or
+        ``({}, why)`` if the receipt must be made from scratch (module docstring)."""
+        dirty: dict[int, set[bytes]] = {}
         for event_seq, line in self.ws.history.log_entries(txn, since + 1, seq):
             event = json.loads(line)
             kind, path = event.get("event"), event.get("path")
             if kind == "restore" and "at" in event:
-                return set(), f"a whole-tree restore at seq {event_seq}"
-            if path is None:
-                if kind in NAMESPACE_EVENTS:
-                    return set(), f"a {kind} event at seq {event_seq} names no path"
-                continue                        # an inode no name reaches: in no tree
+                return {}, f"a whole-tree restore at seq {event_seq}"
             if kind in UNHASHED_EVENTS:
                 continue
+            if path is None:            # its writer did not know the path (or none reaches it): no way to tell
+                return {}, f"a {kind} event at seq {event_seq} names no path"
             view = TreeView(self.dbs, self.ws.chain, self.ws.root, event_seq)
             names = [os.fsencode(path)]
             if kind in ("rename", "link"):
                 origin = event.get("from")
                 if origin is None and kind == "rename":
-                    return set(), f"a rename at seq {event_seq} without its old path"
+                    return {}, f"a rename at seq {event_seq} without its old path"
                 if origin is not None and kind == "rename":
                     names.append(os.fsencode(origin))
             for name in names:
                 if not self._add_parents(txn, view, name, dirty):
-                    return set(), f"the directory of {path!r} (seq {event_seq}) is not in its tree"
+                    return {}, f"the directory of {path!r} (seq {event_seq}) is not in its tree"
             if kind not in NAMESPACE_EVENTS and names[0] and self._linked_elsewhere(txn, view, names[0]):
-                return set(), f"a file with more than one link changed at seq {event_seq}"
+                return {}, f"a file with more than one link changed at seq {event_seq}"
         return dirty, None
 
     @staticmethod
-    def _add_parents(txn: lmdb.Transaction, view: TreeView, path: bytes, dirty: set[int]) -> bool:
-        """Add the inos of the directories from the root to ``path``'s parent
-        (in ``view``) to ``dirty``; False if one is missing."""
+    def _add_parents(txn: lmdb.Transaction, view: TreeView, path: bytes, dirty: dict[int, set[bytes]]) -> bool:
+        """Mark the directories from the root to ``path``'s parent (in
+        ``view``) dirty, each with the name of the next step (the parent
+        with the path's last name); False if one is missing."""
         ino = view.root
-        dirty.add(ino)
+        names = dirty.setdefault(ino, set())
         parts = [p for p in path.split(b"/") if p and p != b"."]
-        for part in parts[:-1]:
+        for i, part in enumerate(parts):
+            names.add(part)
+            if i == len(parts) - 1:
+                break
             found = view.lookup(txn, ino, part)
             if found is None or found[1] != KIND_DIR:
                 return False
             ino = found[0]
-            dirty.add(ino)
+            names = dirty.setdefault(ino, set())
         return True
 
     @staticmethod
@@ -363,56 +497,80 @@ class Receipts:
 
     # -- summing the tree ---------------------------------------------------------------
 
-    def _compute(self, txn: lmdb.Transaction, seq: int, dirty: set[int], full: bool,
-                 base: int | None) -> tuple[dict[int, DirSum], tuple[int, int]]:
-        """The sums of the directories recomputed for the tree at ``seq``
-        (the root's under its ino), and ``(directories recomputed, entries
-        read)``. A directory not in ``dirty`` keeps its latest sum at or
-        before ``base`` unless ``full``. Iterative (paths may be deeper than
-        Python's recursion limit)."""
+    def _compute(self, txn: lmdb.Transaction, seq: int, dirty: dict[int, set[bytes]], full: bool,
+                 base: int | None) -> tuple[dict[int, DirSum], dict[int, Listing], tuple[int, int]]:
+        """The sums and listings of the directories recomputed for the tree
+        at ``seq`` (the root's under its ino), and ``(directories recomputed,
+        entries read)``. Unless ``full``, a directory not in ``dirty`` keeps
+        its latest sum at or before ``base``, and a dirty one whose listing
+        at ``base`` is known re-reads only its names in ``dirty``.
+        Iterative (paths may be deeper than Python's recursion limit)."""
         view = TreeView(self.dbs, self.ws.chain, self.ws.root, seq)
         base_layers = self._layers(base) if base is not None and not full else []
         sums: dict[int, DirSum] = {}
-        entries_read = 0
+        listings: dict[int, Listing] = {}
+        read = 0
         with txn.cursor(db=self.dbs["receipt_dirs"]) as cur:
-            stack = [_Frame(view.root, view.entries(txn, view.root))]
+            stack = [self._frame(txn, cur, view, base_layers, dirty, view.root, b"", 0)]
             while True:
                 frame = stack[-1]
-                if frame.index == len(frame.entries):
-                    total = frame.total
-                    total.digest = dir_hash(frame.parts)
-                    sums[frame.ino] = total
+                if frame.index == len(frame.work):
+                    total, listing = frame.finish()
+                    sums[frame.ino], listings[frame.ino] = total, listing
                     stack.pop()
                     if not stack:
-                        return sums, (len(sums), entries_read)
-                    parent = stack[-1]
-                    parent.parts.append(entry_bytes(frame.name, b"d", frame.mode, total.digest))
-                    _add(parent.total, total, dirs=1)
+                        return sums, listings, (len(sums), read)
+                    stack[-1].put(frame.name, entry_bytes(frame.name, b"d", frame.mode, total.digest),
+                                  (total.files, total.dirs + 1, total.others, total.bytes))
                     continue
-                name, child, _kind = frame.entries[frame.index]
+                name, child = frame.work[frame.index]
                 frame.index += 1
-                entries_read += 1
+                read += 1
+                if child is None:                   # a name that changed: what is it now?
+                    found = view.lookup(txn, frame.ino, name)
+                    if found is None:
+                        frame.put(name, None, None)
+                        continue
+                    child = found[0]
                 attrs = view.attrs(txn, child)
                 if attrs is None:
                     raise Corrupt(f"no inode record of ino {child} (entry {name!r} of directory ino {frame.ino})")
                 mode = attrs.mode
                 if stat.S_ISDIR(mode):
-                    known = None if full or child in dirty else self._stored(cur, base_layers, child)
+                    known = None if child in dirty else self._stored(cur, base_layers, child)
                     if known is None:
-                        stack.append(_Frame(child, view.entries(txn, child), name, mode & 0o7777))
+                        stack.append(self._frame(txn, cur, view, base_layers, dirty, child, name, mode & 0o7777))
                         continue
-                    frame.parts.append(entry_bytes(name, b"d", mode & 0o7777, known.digest))
-                    _add(frame.total, known, dirs=1)
+                    frame.put(name, entry_bytes(name, b"d", mode & 0o7777, known.digest),
+                              (known.files, known.dirs + 1, known.others, known.bytes))
                 elif stat.S_ISREG(mode):
-                    frame.parts.append(entry_bytes(name, b"f", mode & 0o7777, self._content_digest(txn, attrs)))
-                    frame.total.files += 1
-                    frame.total.bytes += attrs.size
+                    frame.put(name, entry_bytes(name, b"f", mode & 0o7777, self._content_digest(txn, attrs)),
+                              (1, 0, 0, attrs.size))
                 elif stat.S_ISLNK(mode):
-                    frame.parts.append(entry_bytes(name, b"l", 0, symlink_digest(attrs.target)))
-                    frame.total.others += 1
+                    frame.put(name, entry_bytes(name, b"l", 0, symlink_digest(attrs.target)), (0, 0, 1, 0))
                 else:
-                    frame.parts.append(entry_bytes(name, b"o", mode & 0o177777, special_digest(attrs.rdev)))
-                    frame.total.others += 1
+                    frame.put(name, entry_bytes(name, b"o", mode & 0o177777, special_digest(attrs.rdev)),
+                              (0, 0, 1, 0))
+
+    def _frame(self, txn: lmdb.Transaction, cur: lmdb.Cursor, view: TreeView, base_layers: list,
+               dirty: dict[int, set[bytes]], ino: int, name: bytes, mode: int) -> _Frame:
+        """The work of recomputing directory ``ino``: only its changed names if
+        its listing at the base is known (its digest is the base's sum), else
+        every entry."""
+        before = self._stored(cur, base_layers, ino) if base_layers else None
+        if before is not None:
+            listing = self._listing(txn, ino)
+            if listing is not None and listing.digest == before.digest:
+                return _Frame(ino, [(n, None) for n in sorted(dirty.get(ino, ()))], name, mode, listing, before)
+        return _Frame(ino, [(n, child) for n, child, _kind in view.entries(txn, ino)], name, mode)
+
+    def _listing(self, txn: lmdb.Transaction, ino: int) -> Listing | None:
+        """The latest listing stored for directory ``ino`` in any of the workspace's layers."""
+        for ws_id, _fork in self.ws.chain:
+            raw = txn.get(_listing_key(ws_id, ino), db=self.dbs["receipt_entries"])
+            if raw is not None:
+                return Listing.decode(raw)
+        return None
 
     @staticmethod
     def _stored(cur: lmdb.Cursor, layers: list, ino: int) -> DirSum | None:
@@ -420,7 +578,7 @@ class Receipts:
         for layer in layers:
             if cur.set_range(_sum_key(layer.ws, ino, layer.bound)):
                 key = cur.key()
-                if key[:12] == _KEY.pack(layer.ws, ino, 0)[:12]:
+                if key[:12] == _listing_key(layer.ws, ino):
                     return DirSum.decode(cur.value())
         return None
 

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chronicle.errors import ChronicleError, NotFound
+from chronicle.store.history import receipts as receipts_mod
 from chronicle.store.history.receipts import DIR_DOMAIN, EMPTY_DIR, Receipts
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
@@ -130,6 +131,32 @@ def test_recomputes_only_the_directories_on_the_changed_paths(ws):
     assert moved["computed"]["dirs"] == 3 and moved["root"] == receipts.compute()["root"]
     assert receipts.make() == moved                       # stored: nothing to compute
     assert receipts.get(moved["seq"]) == moved
+
+
+def test_a_large_directory_reads_only_its_changed_names(ws, tmp_path):
+    big, _ = ws.mkdir(ws.root, b"big", 0o755, A)
+    for i in range(600):
+        write(ws, big, b"f%04d" % i, b"%d" % i)
+    sub, _ = ws.mkdir(big, b"sub", 0o755, A)
+    write(ws, sub, b"deep", b"deep")
+    receipts = Receipts(ws)
+    first = receipts.make()
+    assert first["computed"]["entries"] == 1 + 601 + 1
+    write(ws, big, b"f0300", b"changed")
+    one = receipts.make()
+    assert (one["computed"]["dirs"], one["computed"]["entries"]) == (2, 2)   # root: "big"; big: "f0300"
+    assert one["root"] == receipts.compute()["root"] and one["bytes"] == first["bytes"] - 3 + 7
+    ws.unlink(big, b"f0000", A)                                      # the first name, a new last one,
+    write(ws, big, b"zzz", b"last")                                  # one in the middle moved, one below
+    ws.rename(big, b"f0400", big, b"f0400.moved", 0, A)
+    write(ws, sub, b"deep", b"deeper")
+    ws.setattr(ws.lookup(big, b"f0500")[0], A, mode=0o600)
+    many = receipts.make()
+    assert many["computed"]["dirs"] == 3 and many["computed"]["entries"] == 1 + 6 + 1
+    fresh = receipts.compute()
+    assert {k: many[k] for k in ("root", "files", "dirs", "others", "bytes")} == \
+        {k: fresh[k] for k in ("root", "files", "dirs", "others", "bytes")}
+    assert checkout_tree(os.fsencode(checkout(ws, tmp_path / "co")))["root"] == many["root"]
 
 
 def test_past_points_and_verify(ws):
@@ -244,7 +271,7 @@ def test_an_agents_turn_record_carries_its_receipt(store):
 
 NAMES = [b"a", b"b", b"c d", "é".encode(), b"x" * 40]
 MODES = [0o644, 0o600, 0o755, 0o700, 0o4755]
-DATA = [b"", b"one", b"two\n" * 100, bytes(range(256)) * 300]
+DATA = [b"", b"one", b"two\n" * 3, bytes(range(256))]
 
 _write = st.tuples(st.just("write"), st.integers(0, 99), st.sampled_from(NAMES), st.sampled_from(DATA))
 ops = st.lists(st.one_of(
@@ -261,7 +288,9 @@ ops = st.lists(st.one_of(
 
 
 def _nodes(ws: Workspace) -> list[tuple[int, bytes, int, int]]:
-    """``(parent, name, ino, kind)`` of every node of the head tree, and the root as ``(0, b"", root, dir)``."""
+    """``(parent, name, ino, kind)`` of every node of the head tree, and the
+    root as ``(0, b"", root, dir)``, each looked up from the root as the
+    kernel does (so the workspace knows their paths, as the daemon does)."""
     out = [(0, b"", ws.root, KIND_DIR)]
     view = ws.view()
     with ws.read_txn() as txn:
@@ -269,6 +298,7 @@ def _nodes(ws: Workspace) -> list[tuple[int, bytes, int, int]]:
         while stack:
             parent = stack.pop()
             for name, ino, kind in view.entries(txn, parent):
+                ws.lookup(parent, name, txn)
                 out.append((parent, name, ino, kind))
                 if kind == KIND_DIR:
                     stack.append(ino)
@@ -306,9 +336,12 @@ def _apply(ws: Workspace, receipts: Receipts, op: tuple) -> None:
         receipts.make(op[1] % (ws.head_seq + 1))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("listing_min", [0, receipts_mod.LISTING_MIN_ENTRIES])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops, st.integers(0, 1000), st.lists(st.sampled_from(range(len(NAMES))), max_size=6))
-def test_incremental_equals_from_scratch_equals_a_checkout(ops, fork_at, fork_writes):
+def test_incremental_equals_from_scratch_equals_a_checkout(listing_min, ops, fork_at, fork_writes):
+    """With listings kept for every directory (0) and only for large ones (the default)."""
+    saved, receipts_mod.LISTING_MIN_ENTRIES = receipts_mod.LISTING_MIN_ENTRIES, listing_min
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.init(Path(tmp) / "store")
         try:
@@ -348,6 +381,7 @@ def test_incremental_equals_from_scratch_equals_a_checkout(ops, fork_at, fork_wr
             assert checkout_tree(os.fsencode(checkout(fork, Path(tmp) / "fork-co")))["root"] == mine["root"]
         finally:
             store.close()
+            receipts_mod.LISTING_MIN_ENTRIES = saved
 
 
 def test_the_standalone_verifier(tmp_path):
