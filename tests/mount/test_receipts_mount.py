@@ -101,6 +101,20 @@ def test_every_turn_end_keeps_the_receipt_of_its_tree(mount, tmp_path):
     assert record["end_seq"] == label["end_seq"] and record["receipt"] == label["receipt"]
 
 
+def test_a_file_unlinked_while_open_leaves_receipts_incremental(mount, tmp_path):
+    root = mount.path
+    (root / "kept").write_bytes(b"kept\n")
+    with Ctl(mount) as ctl:
+        ctl.ok({"cmd": "receipt"})
+        with open(root / "scratch.tmp", "wb") as f:      # unlinked while open, then written (TemporaryFile)
+            os.unlink(root / "scratch.tmp")
+            f.write(b"gone")
+        (root / "new").write_bytes(b"new\n")
+        after = ctl.ok({"cmd": "receipt"})["receipt"]
+    assert after["computed"]["full"] is None and after["computed"]["dirs"] == 1
+    assert after["root"] == tool_root(copy_of(root, tmp_path / "co"))["root"] and after["files"] == 2
+
+
 def test_bad_receipt_requests_get_one_line_errors(mount):
     with Ctl(mount) as ctl:
         assert "'verify'" in ctl.refused({"cmd": "receipt", "verify": "yes"})["error"]

@@ -57,9 +57,10 @@ Cost: per event, one lookup per path component; per dirty directory, its
 changed names (with a listing) or its entries (without), and one pass of
 BLAKE3 over its entry bytes (about 80 bytes an entry). From
 scratch (``computed.full`` says why): the first receipt, a whole-tree
-restore, an event no path names (its writer did not know the path: a
-write to a file unlinked while open, or an inode a process reached without
-looking it up from the root), and a change to the content or mode of a
+restore, an event no path names (its writer did not know the path: an
+inode a process reached through the store API without looking it up from
+the root; the mount daemon knows every path, and a file unlinked while open
+makes no events), and a change to the content or mode of a
 file with more than one link (no index leads from an inode to its other
 names).
 
@@ -447,7 +448,7 @@ class Receipts:
                 return {}, f"a whole-tree restore at seq {event_seq}"
             if kind in UNHASHED_EVENTS:
                 continue
-            if path is None:            # its writer did not know the path (or none reaches it): no way to tell
+            if path is None:            # its writer did not know the path: which directory changed is unknown
                 return {}, f"a {kind} event at seq {event_seq} names no path"
             view = TreeView(self.dbs, self.ws.chain, self.ws.root, event_seq)
             names = [os.fsencode(path)]
