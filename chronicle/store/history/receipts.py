@@ -28,7 +28,7 @@ Vocabulary:
 
   The root is the root directory's hash (its own mode, owner and times are
   not in it). Owners, times, xattrs and link counts are not hashed (a
-  checkout by another user or ``cp`` without ``-a`` still matches); each
+  copy made by another user, or one that sets its own times, still matches); each
   name of a hard-linked file is an entry of its own; an empty directory is
   an entry whose digest is the hash of no entries; ``.chronicle`` is not in
   the tree.
@@ -376,6 +376,9 @@ class Receipts:
             else:
                 dirty, full = self._dirty(txn, base["seq"], seq)
             sums, listings, stats = self._compute(txn, seq, dirty, full is not None, base["seq"] if base else None)
+            ahead = self._latest(txn, self.ws.head_seq)
+            if ahead is not None and ahead["seq"] > seq:
+                listings = {}                   # keep the listings of the later tree: the next receipt's base
         receipt = self._receipt(seq, sums[self.ws.root], {
             "base": base["seq"] if base else None, "dirs": stats[0], "entries": stats[1], "full": full,
             "ms": round((time.perf_counter() - started) * 1000, 3)})
