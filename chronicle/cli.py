@@ -44,6 +44,7 @@ from chronicle.store.history import points, search
 from chronicle.store.history.blame import blame as blame_of
 from chronicle.store.history.access import invoking_user
 from chronicle.store.history.points import TurnLabel
+from chronicle.store.history.receipts import Receipts
 from chronicle.store.history.views import HistoryViews, split_version
 from chronicle.store.model import KIND_FILE, Actor
 from chronicle.store.namespace.restore import restore_tree
@@ -465,6 +466,48 @@ def grep(ctx, pattern, paths, history, since, until, turn, store_opt, ws_opt, as
             out.write((json.dumps({"path": _show_path(m.path), "version": m.version, "line": m.line, "text": text})
                        + "\n").encode() if as_json else _line(f"{shown}:{m.line}:{text}"))
     if not found:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.option("--at", "point", metavar="POINT", help="Seq, time, snapshot or turn:AGENT:N (default: the head).")
+@click.option("--verify", is_flag=True,
+              help="Check the stored receipt at POINT (default: the latest) against the stored tree.")
+@workspace_options
+@json_option
+@click.pass_context
+def receipt(ctx, point, verify, store_opt, ws_opt, as_json) -> None:
+    """Merkle root of the whole tree at a point (README "Receipts").
+
+    Prints ROOT, the seq and what it covers; made from the latest receipt
+    before it, in time proportional to what changed, and stored. --verify
+    recomputes a stored receipt from scratch: exit 0 if it matches, 1 if not.
+    tools/receipt.py DIR recomputes ROOT from a checkout.
+    """
+    target = _target(store_opt, ws_opt)
+    with _open_store(target) as store:
+        mounted = store.mount_info(target.workspace)
+        if mounted is not None:          # the daemon commits open files first
+            command = {"cmd": "receipt", "verify": verify, **({} if point is None else {"at": point})}
+            reply = control.send(mounted["mountpoint"], command)
+            result = ({"ok": reply.get("verified"), **{k: reply.get(k) for k in ("seq", "root", "recomputed",
+                                                                                   "receipt")}}
+                      if verify else reply.get("receipt"))
+        else:
+            ws = store.open_workspace(target.workspace)
+            seq = None if point is None else points.resolve_point(ws, point)
+            receipts = Receipts(ws)
+            result = receipts.verify(seq) if verify else receipts.make(seq)
+    if as_json:
+        click.echo(json.dumps(result))
+    elif verify:
+        click.echo(f"{result['root']} seq {result['seq']}: "
+                   + ("matches the stored tree" if result["ok"] else
+                      f"does NOT match the stored tree (it hashes to {result['recomputed']})"))
+    else:
+        click.echo(f"{result['root']} seq {result['seq']} ({result['files']} files, {result['dirs']} directories, "
+                   f"{result['others']} others, {result['bytes']} bytes)")
+    if verify and not result["ok"]:
         ctx.exit(1)
 
 

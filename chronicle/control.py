@@ -10,6 +10,7 @@ one JSON reply line per command on the same handle: ``{"ok": true, ...}`` or
     {"cmd": "turn-begin", "agent": A, "turn": N, "message_id": M}
     {"cmd": "turn-end"}
     {"cmd": "sync"}
+    {"cmd": "receipt", "at": POINT, "verify": bool}
 
 Commands that change a mounted workspace go through here so that the daemon
 (the workspace's only writer) applies them and the mount shows them at once.

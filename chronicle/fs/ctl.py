@@ -15,6 +15,9 @@ command                                                            does
 ``{"cmd": "turn-end"}``                                            end the label; reply has the label (``turn``)
 ``{"cmd": "step", "name": S, "result": JSON}``                     a durable step of the open turn; reply ``seq``
 ``{"cmd": "sync"}``                                                commit open files, make all durable
+``{"cmd": "receipt", "at"?: POINT, "verify"?: bool}``              the receipt of the tree at POINT (default:
+                                                                   the head, open files committed first); with
+                                                                   ``verify``: check the stored one
 =================================================================  ==========================================
 
 The turn commands take optional fields for the agent runtime's turn records
@@ -41,7 +44,8 @@ Threads: commands run on the FUSE loop as mutations under the adapter's
 whole-tree ``restore --at`` runs in a worker thread holding the gate
 (``ChronicleOperations.run_exclusive``), so the mount keeps answering
 lookups and stats meanwhile; ``sync`` waits for ``Store.sync`` in a worker
-thread (``sync_limiter``).
+thread (``sync_limiter``); ``receipt`` computes in a worker thread (it reads
+committed records only, ``chronicle.store.history.receipts``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import trio
 from chronicle.errors import ChronicleError, InvalidArgument, PermissionDenied
 from chronicle.store.history import points
 from chronicle.store.history.access import Access, caller_of
+from chronicle.store.history.receipts import Receipts
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.model import Actor
 from chronicle.store.namespace.restore import restore_file, restore_tree
@@ -135,7 +140,7 @@ class CtlSession:
             handler = COMMANDS.get(name) if isinstance(name, str) else None
             if handler is None:
                 raise InvalidArgument(f"unknown command {name!r}; commands: {', '.join(sorted(COMMANDS))}")
-            if handler is CtlSession.restore:
+            if handler in (CtlSession.restore, CtlSession.receipt):
                 result = await handler(self, command)          # takes the gate as it needs
             else:
                 async with self.ops.gate.mutation():
@@ -272,6 +277,29 @@ class CtlSession:
             raise InvalidArgument("the turn data is not a JSON object")
         return {**fields, **command}
 
+    async def receipt(self, command: dict) -> dict:
+        """``receipt``: commit open files, then the receipt of the tree at
+        ``at`` (default: the head; made and stored if new). Reply:
+        ``{"receipt": {...}}``; with ``"verify": true`` the stored receipt
+        at ``at`` (default: the latest) checked from scratch: ``{"verified":
+        bool, "root", "recomputed", "seq", "receipt"}``. Raises
+        ``InvalidArgument``, ``NotFound``."""
+        ws, point, verify = self.ops.ws, command.get("at"), command.get("verify", False)
+        if not isinstance(verify, bool):
+            raise InvalidArgument("'verify' must be true or false")
+        if point is not None and (not isinstance(point, (str, int)) or isinstance(point, bool)):
+            raise InvalidArgument("'at' is a seq, an ISO-8601 time, a snapshot name or turn:AGENT:N")
+        if isinstance(point, str):
+            _check_text("at", point)
+        async with self.ops.gate.mutation():     # the point's tree, committed; then mutations go on
+            await self.ops.commit_all()
+            seq = ws.head_seq if point is None else points.resolve_point(ws, str(point))
+        receipts = Receipts(ws)
+        if verify:
+            result = await trio.to_thread.run_sync(receipts.verify, None if point is None else seq)
+            return {"verified": result.pop("ok"), **result}
+        return {"receipt": await trio.to_thread.run_sync(receipts.make, seq)}
+
     async def sync(self, command: dict) -> dict:
         """Commit open files, then ``Store.sync`` in a worker thread."""
         await self.ops.commit_all()
@@ -287,6 +315,7 @@ COMMANDS = {
     "turn-data": CtlSession.turn_data,
     "step": CtlSession.step,
     "sync": CtlSession.sync,
+    "receipt": CtlSession.receipt,
 }
 
 

@@ -282,6 +282,7 @@ _COMMANDS = {
     "fork": [("--at", _points), (None, _words)],
     "snapshot": [(None, _words)],
     "snapshots": [("--json", None)],
+    "receipt": [("--at", _points), ("--verify", None), ("--json", None)],
 }
 
 
@@ -313,7 +314,7 @@ def test_fuzz_structured_command_lines(runner, store, args):
 @given(args=st.lists(st.one_of(_words, st.sampled_from(["--since", "--until", "--turn", "--at", "--version",
                                                          "--workspace", "-w", "--json"]), st.text(max_size=8)),
                      max_size=6),
-       command=st.sampled_from(["log", "show", "diff", "restore", "fork", "snapshot", "snapshots"]))
+       command=st.sampled_from(["log", "show", "diff", "restore", "fork", "snapshot", "snapshots", "receipt"]))
 def test_fuzz_random_argument_strings(runner, store, command, args):
     clean(invoke(runner, command, *args, "--store", store))
 

@@ -26,8 +26,8 @@ from chronicle.store.store import Store
 pytestmark = pytest.mark.mount
 
 AGENT = "bot"
-COMMANDS = ["snapshot", "restore", "turn-begin", "turn-end", "turn-data", "sync"]
-FIELDS = ["cmd", "name", "path", "version", "at", "agent", "turn", "message_id", "record", "snapshot", "keep",
+COMMANDS = ["snapshot", "restore", "turn-begin", "turn-end", "turn-data", "sync", "receipt"]
+FIELDS = ["cmd", "name", "path", "version", "at", "verify", "agent", "turn", "message_id", "record", "snapshot", "keep",
           "turn_data", "data", "status", "kind", "patch", "state", "entity_type"]
 POINTS = ["1", "0", "01", " 1", "٣", "-1", "99999999999999999999999", "9999-12-31T23:59:59.999999Z",
           "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "2026-13-45T99:00:00Z", "turn:bot:0",

@@ -32,14 +32,20 @@ Modules, lowest first:
   what a turn changed;
 - ``queries`` — the ``blame/``, ``hash/`` and ``turns/`` nodes the views
   dispatch to (over ``blame`` and ``search``);
+- ``receipts`` — :class:`~chronicle.store.history.receipts.Receipts`: the
+  Merkle root of a whole tree at a seq (a **receipt**, its construction
+  documented there and in the README), recomputing only the directories on
+  the paths of the events since the previous receipt; written by any
+  process (a receipt is a function of its tree), at every turn end by the
+  writer;
 - ``turns`` — the turn log: :class:`~chronicle.store.history.turns.TurnLog`,
   turn labels (a workspace's seq ranges per turn), the agent runtime's turn
   records, state snapshots and agent records; written by the workspace's
   writer only (see ``turns``), read by everyone.
 
 Threads: nothing here holds a transaction between calls: each call opens
-its own read transaction (``points.put_snapshot`` its own write
-transaction, begun and committed inside it), so any thread may call. The
+its own read transaction (``points.put_snapshot`` and ``receipts`` their own
+write transactions, begun and committed inside one call), so any thread may call. The
 FUSE loop may call the views inline: their calls are short (a lookup is a
 few index reads; opening ``log`` is O(1) and each read renders only what it
 returns). This package imports no FUSE, trio or namespace module at run

@@ -282,7 +282,8 @@ def turn_changes(views: HistoryViews, agent: str, turn: int) -> dict:
 
         {"agent", "turn", "status", "begin_seq", "end_seq", "begin_time", "end_time",
          "record": {status, kind, time, end_time, duration_ms, error, reply, steps (count)} | null,
-         "paths": [changed paths, sorted], "events": [log records of its file events]}
+         "paths": [changed paths, sorted], "events": [log records of its file events],
+         "receipt": hex root of the tree at its end (``receipts``) | null}
 
     ``status`` is the record's, else ``"ended"``/``"open"`` from the label.
     Raises :class:`NotFound` (no such turn in this workspace).
@@ -307,7 +308,7 @@ def turn_changes(views: HistoryViews, agent: str, turn: int) -> dict:
     paths = sorted({p for e in events for p in (e.get("path"), e.get("to")) if isinstance(p, str)})
     return {"agent": agent, "turn": turn, "status": status, "begin_seq": begin, "end_seq": end,
             "begin_time": label.get("begin_time"), "end_time": label.get("end_time"), "record": from_log,
-            "paths": paths, "events": events}
+            "paths": paths, "events": events, "receipt": label.get("receipt")}
 
 
 def _record(views: HistoryViews, agent: str, turn: int) -> dict | None:

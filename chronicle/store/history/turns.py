@@ -10,11 +10,13 @@ Vocabulary (SPEC §4, §5):
   ``turns``, key ws, agent, turn)::
 
       {"agent", "turn", "message_id", "begin_seq", "end_seq", "begin_time", "end_time",
-       "interrupted"?: true}
+       "interrupted"?: true, "receipt"?: "<hex root>"}
 
   While a label is open (``end_seq`` null) every file event committed carries
   ``{"agent", "turn", "message_id"}`` (:attr:`Workspace.turn`), and
-  ``turn:AGENT:N`` names the tree at ``end_seq``. ``end_seq < begin_seq``: the
+  ``turn:AGENT:N`` names the tree at ``end_seq``; ``receipt`` is the root of
+  the receipt of that tree (``chronicle.store.history.receipts``), made when
+  the turn ended and kept in its record too. ``end_seq < begin_seq``: the
   turn had no file events. ``interrupted``: the mount daemon stopped before
   the turn ended (the next daemon ended it at its head). A fork sees its
   parent's labels that ended at or before the fork seq.
@@ -26,7 +28,7 @@ Vocabulary (SPEC §4, §5):
        "time", "end_time", "duration_ms", "snapshot": bool,
        "rollback_to"?, "forked_from"?, "migrated_from"?, "target"?,
        "steps"?: [{"name", "result", "seq", "time"}], "attempts"?: N,
-       "undone"?: {"to_seq"}, "suspend"?: {timer}, "compaction"?: {...}}
+       "undone"?: {"to_seq"}, "suspend"?: {timer}, "compaction"?: {...}, "receipt"?: "<hex root>"}
 
   ``steps``: its completed durable steps (:meth:`TurnLog.step`); ``attempts``:
   runs of the turn; ``undone``: a turn that did not complete whose files (if any) the
@@ -110,6 +112,7 @@ the workspace's open label and belongs to the workspace's thread;
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,12 +122,15 @@ import jsonpatch
 import lmdb
 
 from chronicle.errors import AgentExists, AgentNotFound, Corrupt, InvalidArgument, NotFound, ReadOnly
+from chronicle.store.history.receipts import Receipts
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time
 
 if TYPE_CHECKING:                      # (store.py and namespace/ import this module)
     from chronicle.store.namespace.workspace import Workspace
     from chronicle.store.store import Store
+
+log = logging.getLogger(__name__)
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "interrupted")
 TURN_MAX = 2 ** 32 - 1
@@ -570,14 +576,23 @@ class TurnLog:
         counters. No ``outcome`` and a ``running`` record: the record becomes
         ``interrupted`` (its runtime lost the turn). Returns ``(label, record
         or None)``. Raises as :meth:`check_end` (call that first: the label is
-        closed already)."""
+        closed already). Label and record get the ``receipt`` of the tree at
+        the end (made first, in its own transaction; left out, with a
+        warning, if the tree cannot be read)."""
         agent, turn = ended.agent, ended.turn
+        try:
+            receipt = Receipts(ws).make(ended.end_seq)["root"]
+        except Corrupt as exc:
+            log.warning("no receipt for turn %s of agent %r: %s", turn, agent, exc)
+            receipt = None
         with self.env.begin(write=True) as txn:
             raw = txn.get(schema.turn_key(ws.id, agent.encode(), turn), db=self.labels_db)
             label = json.loads(raw) if raw is not None else {"agent": agent, "turn": turn,
                                                               "message_id": ended.message_id,
                                                               "begin_seq": ended.end_seq + 1, "end_seq": None}
             label.update(end_seq=ended.end_seq, end_time=ended.end_time)
+            if receipt is not None:
+                label["receipt"] = receipt
             self._put_label(txn, ws, label)
             record = None
             if agent == ws.name and (outcome is not None or txn.get(agent.encode(), db=self.agents_db)):
@@ -692,6 +707,8 @@ class TurnLog:
                   "end_seq": label.get("end_seq"), "end_time": label.get("end_time") or now_iso()}
         if record["status"] != "completed":
             record["patch"] = []
+        if label.get("receipt"):
+            record["receipt"] = label["receipt"]
         if old is None:
             files_changed = (record["end_seq"] or 0) >= (record["begin_seq"] or 0)
             if not (keep or record["patch"] or files_changed or record["status"] != "completed"):

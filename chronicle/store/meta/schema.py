@@ -26,6 +26,10 @@ database                key                                        value
 ``agent_turns``         agent id, 0x00, turn u32                   JSON turn record
 ``agent_states``        agent id, 0x00, turn u32                   JSON state snapshot after that turn
 ``policies``            ws u32                                     retention policy JSON (``gc.policy.Policy``)
+``receipts``            ws u32, seq u64                            receipt JSON (``history.receipts``)
+``receipt_dirs``        ws u32, dir ino u64, ~seq u64              a directory's receipt hash and counts
+``receipt_entries``     ws u32, dir ino u64                        a large directory's latest receipt entries
+``receipt_hashes``      content id (32)                            BLAKE3 of a content too sparse to hash at commit
 ======================  =========================================  ==========================================
 
 A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
@@ -76,7 +80,8 @@ SEQ_MAX = (1 << 64) - 1
 
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
-             "agents", "agent_turns", "agent_states", "policies")
+             "agents", "agent_turns", "agent_states", "policies", "receipts", "receipt_dirs", "receipt_entries",
+             "receipt_hashes")
 
 # meta keys
 META_FORMAT = b"format"
