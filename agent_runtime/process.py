@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from chronicle import errors, procs
@@ -50,6 +51,50 @@ if TYPE_CHECKING:
 log = logging.getLogger("agent_runtime")
 
 _REPO = str(Path(__file__).resolve().parent.parent)      # where agent_runtime and chronicle import from
+
+#: The runtime's environment variables a worker inherits; no other name does,
+#: so the runtime's credentials (``AWS_*``, ``*_TOKEN``, proxies with
+#: passwords...) stay out of agents. More names: ``Runtime(worker_env=...)``,
+#: ``$CHRONICLE_AGENT_ENV`` (comma-separated) and ``BaseAgent.worker_env``.
+#: Isolated, ``HOME``, ``TMPDIR`` and ``PATH`` are then set for the view
+#: (``agent_runtime.isolation.View.env``).
+WORKER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+              "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8")
+WORKER_ENV_PREFIXES = ("LC_",)           # the locale's LC_ALL, LC_CTYPE, ...
+AGENT_ENV = "CHRONICLE_AGENT_ENV"        # more names for every worker of this process's runtimes
+
+
+def env_names(names: object, what: str) -> tuple[str, ...]:
+    """``names`` (an iterable of environment variable names, or one
+    comma-separated string) as a tuple. Raises :class:`UsageError` naming
+    ``what`` for a name that cannot be one (empty, with ``=`` or NUL)."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, Iterable):
+        raise errors.UsageError(f"{what} is a list of environment variable names, not {names!r}")
+    out = tuple(names)
+    for name in out:
+        if not isinstance(name, str) or not name or "=" in name or "\x00" in name:
+            raise errors.UsageError(f"{what}: {name!r} is not an environment variable name")
+    return out
+
+
+def worker_environment(extra: Iterable[str] = (), environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment a worker starts with: the names of :data:`WORKER_ENV`
+    (and ``LC_*``), ``extra`` and ``$CHRONICLE_AGENT_ENV`` that ``environ``
+    has, with ``PYTHONPATH`` led by the runtime's own import path."""
+    wanted = set(WORKER_ENV) | set(extra) | set(env_names(environ.get(AGENT_ENV, ""), AGENT_ENV))
+    env = {k: v for k, v in environ.items() if k in wanted or k.startswith(WORKER_ENV_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def class_environment(names: object, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The values of the names an agent class asks for (``BaseAgent.worker_env``,
+    as its worker reported them) that ``environ`` has."""
+    if not isinstance(names, list):
+        return {}
+    return {n: environ[n] for n in names if isinstance(n, str) and n in environ}
 
 
 def _error(kind: Any, message: str) -> ChronicleError:
@@ -74,10 +119,12 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(cls, agent_id: str, target: str, cwd: str, workspace: str, log_path: Path,
-                    timeout: float, view: View | None = None) -> WorkerProcess:
+                    timeout: float, view: View | None = None, env_extra: Iterable[str] = ()) -> WorkerProcess:
         """Start a worker and wait for it to import the agent class. With a
         ``view``, the worker runs isolated in it (:mod:`agent_runtime.isolation`;
         its ``pid`` is then that of the ``unshare`` holding its namespaces).
+        Its environment: :func:`worker_environment` (``env_extra``: names
+        more), ``AGENT_WORKSPACE``, ``AGENT_ID``.
 
         Raises :class:`AgentLoadError` (bad MODULE:CLASS) or :class:`AgentError`
         (the worker died or did not answer within ``timeout`` s), with its log's tail.
@@ -86,8 +133,8 @@ class WorkerProcess:
             raise errors.AgentLoadError(f"the agent's directory {cwd} does not exist (its module is "
                                         "imported from there)")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, AGENT_WORKSPACE=workspace, AGENT_ID=agent_id, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+        env = dict(worker_environment(env_extra), AGENT_WORKSPACE=workspace, AGENT_ID=agent_id,
+                   PYTHONUNBUFFERED="1")
         argv = [sys.executable, "-m", "agent_runtime.worker", "--fd", str(child.fileno()),
                 "--agent", agent_id, "--target", target]
         fds = [child.fileno()]
@@ -402,4 +449,5 @@ class WorkspaceMount:
         self.proc = self.pid = None
 
 
-__all__ = ["WorkerProcess", "WorkspaceMount", "log_tail"]
+__all__ = ["AGENT_ENV", "WORKER_ENV", "WorkerProcess", "WorkspaceMount", "class_environment", "env_names",
+           "log_tail", "worker_environment"]

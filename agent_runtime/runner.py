@@ -86,7 +86,7 @@ from chronicle.store.store import Store
 
 from agent_runtime.jobs import (CurrentTurn, Job, MessageJob, RollbackJob, SleepJob, StopJob, WakeJob,
                                 take_agent_lock)
-from agent_runtime.process import WorkerProcess, WorkspaceMount
+from agent_runtime.process import WorkerProcess, WorkspaceMount, class_environment
 from agent_runtime.reply import Reply
 from agent_runtime.timers import compaction_point, timer_record
 
@@ -254,7 +254,8 @@ class AgentRunner:
                 await self._undo_lost_turn()
             state = self.log.state_at(self.id)
             started = await worker.request({"op": "start", "workspace": str(self.mount.mountpoint),
-                                            "state": state.state, "version": state.version},
+                                            "state": state.state, "version": state.version,
+                                            "env": class_environment(worker.info.get("env"))},
                                            "started", self.host.start_timeout)
         except BaseException:
             await worker.stop()
@@ -513,7 +514,8 @@ class AgentRunner:
             worker = await self.host.spawn_worker(self.id, info["target"], info["cwd"])
             state = self.log.state_at(self.id)
             await worker.request({"op": "start", "workspace": str(self.mount.mountpoint), "state": state.state,
-                                  "version": state.version}, "started", self.host.start_timeout)
+                                  "version": state.version, "env": class_environment(worker.info.get("env"))},
+                                 "started", self.host.start_timeout)
         except ChronicleError as exc:
             log.warning("agent %r: could not restart the worker to run the turn again: %s", self.id, exc)
             if worker is not None:

@@ -48,7 +48,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ from chronicle.store.store import Store, check_workspace_name, default_store_pat
 
 from agent_runtime.isolation import AGENT_UID, View, adopt, check, isolation_default
 from agent_runtime.loader import normalise_target
-from agent_runtime.process import WorkerProcess, WorkspaceMount
+from agent_runtime.process import WorkerProcess, WorkspaceMount, env_names
 from agent_runtime.reply import Reply
 from agent_runtime.runner import AgentRunner, Job, MessageJob, RollbackJob, StopJob, WakeJob, take_agent_lock
 from agent_runtime.surface import RuntimeSurface
@@ -85,13 +85,17 @@ class Runtime(RuntimeSurface):
     (:mod:`agent_runtime.isolation`; default True unless
     ``$CHRONICLE_NO_ISOLATION`` is set); its requirements are checked when the
     first worker starts (:class:`AgentError` if unmet). False: workers run as
-    this process's user, in its mount namespace.
+    this process's user, in its mount namespace. ``worker_env``: names of
+    this process's environment variables every worker gets besides the
+    allowlist (``agent_runtime.process.WORKER_ENV``; also
+    ``$CHRONICLE_AGENT_ENV``, comma-separated). A worker inherits nothing
+    else; an agent class names what it needs in ``BaseAgent.worker_env``.
     """
 
     def __init__(self, store: os.PathLike | str | None = None, *, agents_dir: os.PathLike | str | None = None,
                  snapshot_every: int = 100, idle_timeout: float | None = None, cancel_grace: float = 5.0,
                  start_timeout: float = 60.0, sync_interval: float = 5.0, create_store: bool = True,
-                 isolation: bool | None = None, agent_uid: int = AGENT_UID):
+                 isolation: bool | None = None, agent_uid: int = AGENT_UID, worker_env: Iterable[str] = ()):
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
             raise UsageError(f"snapshot_every must be a positive integer, not {snapshot_every!r}")
         if idle_timeout is not None and idle_timeout <= 0:
@@ -107,6 +111,7 @@ class Runtime(RuntimeSurface):
         self.sync_interval = sync_interval
         self.isolation = isolation_default() if isolation is None else bool(isolation)
         self.agent_uid = agent_uid
+        self.worker_env = env_names(worker_env, "worker_env")
         self._runners: dict[str, AgentRunner] = {}
         self._sync_task: asyncio.Task | None = None
         self._closed = False
@@ -145,7 +150,8 @@ class Runtime(RuntimeSurface):
         has none, and the worker sees no workspace."""
         if not self.isolation:
             return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                             self.worker_log(agent_id), self.start_timeout)
+                                             self.worker_log(agent_id), self.start_timeout,
+                                             env_extra=self.worker_env)
         await asyncio.to_thread(check, self.agent_uid)
         runner = self._runners.get(agent_id)
         mount = runner.mount if runner is not None and self._has_workspace(agent_id) else None
@@ -155,7 +161,8 @@ class Runtime(RuntimeSurface):
         mounting = asyncio.ensure_future(mount.ensure(self.store, self.start_timeout)) if mount else None
         try:
             worker = await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                               self.worker_log(agent_id), self.start_timeout, view)
+                                               self.worker_log(agent_id), self.start_timeout, view,
+                                               env_extra=self.worker_env)
         except BaseException:
             if mounting is not None:
                 await asyncio.gather(mounting, return_exceptions=True)
