@@ -227,8 +227,8 @@ class CtlSession:
 
     async def step(self, command: dict) -> dict:
         """``step``: commit open files, then record a completed durable step
-        (``name``, its JSON ``result``) in the open turn's ``running`` record,
-        at the head seq (``TurnLog.step``). Reply: ``{"seq", "name"}``."""
+        (``name``, its JSON ``result``) of the open turn, at the head seq
+        (``TurnLog.step``: its own key, O(1)). Reply: ``{"seq", "name"}``."""
         command = await self._with_turn_data(command)
         name = _field(command, "name", str)
         if "result" not in command:
