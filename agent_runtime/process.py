@@ -7,10 +7,11 @@
   :mod:`agent_runtime.protocol` over a socket pair; a reader task turns the
   lines into a queue of events, ending with ``{"ev": "eof"}``.
 - :class:`WorkspaceMount` — the agent's workspace mounted by ``python -m
-  chronicle mount --foreground`` (the public command, in its own session, log
-  appended to ``<store>/run/mount-<workspace>.log`` as ``chronicle mount``
-  does), and its ``.chronicle/ctl`` channel (``chronicle.control``). A mount
-  left by an earlier runtime whose daemon still serves is adopted.
+  chronicle.mounting`` (the daemon of ``chronicle mount --foreground``
+  without the command line's imports: it mounts sooner; in its own session,
+  log appended to ``<store>/run/mount-<workspace>.log`` as ``chronicle
+  mount`` does), and its ``.chronicle/ctl`` channel (``chronicle.control``).
+  A mount left by an earlier runtime whose daemon still serves is adopted.
 
 The runtime reaches a workspace only through these: the mount, its ``ctl``
 file, and the store's public API.
@@ -26,6 +27,7 @@ requests, waiting for a mount, fusermount3) run in worker threads via
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -33,11 +35,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chronicle import errors, procs
+from chronicle import errors, mounting, procs
 from chronicle.control import ControlChannel
 from chronicle.errors import AgentBusy, AgentError, Busy, ChronicleError, StoreError
 from chronicle.procs import log_tail
@@ -295,23 +297,115 @@ class WorkerProcess:
         self._reader.cancel()
 
 
-class WorkspaceMount:
-    """One agent workspace's mount and control channel."""
+def daemon_env() -> dict[str, str]:
+    """The environment of a mount daemon: this process's, importing from where we do."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
 
-    def __init__(self, store_path: Path, workspace: str, mountpoint: Path):
+
+# After a mount, the next standby daemon starts at once as root (its imports run at SCHED_IDLE: they
+# take no CPU from the wake in progress), else after this many seconds (not to compete with it).
+STANDBY_DELAY = 0.0 if os.geteuid() == 0 else 1.0
+
+
+class DaemonStandby:
+    """A mount daemon started ahead of need (``python -m chronicle.mounting
+    --standby``): its imports — most of a daemon's start — are done while
+    nothing waits, and :meth:`take` hands it to the next mount, which writes
+    it its job (the workspace to serve) and so mounts in a fraction of the
+    time. One is kept ready: each :meth:`take` starts the next one. It
+    exits at EOF on its stdin — :meth:`close`, or when this process ends,
+    however it ends. Its output before a job goes to ``log_path``."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self._proc: asyncio.subprocess.Process | None = None
+        self._starting: asyncio.Task | None = None
+        self._waiting = False                   # _starting is in its delay (cancel it, no process yet)
+        self._closed = False
+
+    def prepare(self, delay: float = 0.0) -> None:
+        """Start a standby daemon in ``delay`` s (not to compete for the CPU
+        with a wake in progress), unless one is there or starting."""
+        if self._closed or self._starting is not None or (self._proc is not None and self._proc.returncode is None):
+            return
+        self._starting = asyncio.get_running_loop().create_task(self._start(delay))
+
+    async def _start(self, delay: float) -> None:
+        self._waiting = True
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._starting = None
+            raise
+        finally:
+            self._waiting = False
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as out:
+                self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", mounting.DAEMON_MODULE, "--standby", stdin=subprocess.PIPE,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=daemon_env())
+        except OSError as exc:
+            log.warning("could not start a standby mount daemon: %s", exc)
+        finally:
+            self._starting = None
+
+    async def take(self) -> asyncio.subprocess.Process | None:
+        """The standby daemon (started, waiting for its job), or None if there
+        is none (:meth:`prepare` starts the next)."""
+        if self._starting is not None:
+            if self._waiting:
+                self._starting.cancel()                 # still waiting out its delay: no daemon yet
+            await asyncio.gather(self._starting, return_exceptions=True)
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return None
+        return proc
+
+    async def close(self) -> None:
+        """End the standby daemon (EOF on its stdin; killed if it does not exit)."""
+        self._closed = True
+        if self._starting is not None:
+            if self._waiting:
+                self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+class WorkspaceMount:
+    """One agent workspace's mount and control channel (``standby``: where
+    its daemon comes from, when it has one ready)."""
+
+    def __init__(self, store_path: Path, workspace: str, mountpoint: Path, standby: DaemonStandby | None = None):
         self.store_path = store_path
         self.workspace = workspace
         self.mountpoint = mountpoint
+        self.standby = standby
         self.log_path = store_path / "run" / f"mount-{workspace}.log"
         self.proc: asyncio.subprocess.Process | None = None     # a daemon we started
         self.pid: int | None = None                             # ours or an adopted one
         self._ctl: ControlChannel | None = None
         self._ctl_lock = asyncio.Lock()
 
-    def serving(self) -> bool:
-        """True while the daemon lives and the mount answers."""
+    def serving(self, quick: bool = False) -> bool:
+        """True while the daemon lives and the mount answers. ``quick``: for
+        a daemon this process started, only that it has not exited (no
+        request to the mount: a stale mount needs its daemon gone, and a
+        daemon whose mount was removed exits); the next ``ctl`` request tells
+        the rest (:meth:`control` raises :class:`StoreError`)."""
         if self.pid is None:
             return False
+        if quick and self.proc is not None and self._ctl is not None:
+            return self.proc.returncode is None
         if self.proc is not None and self.proc.returncode is not None:
             return False
         if self.proc is None and not procs.alive(self.pid):
@@ -336,17 +430,26 @@ class WorkspaceMount:
             raise AgentBusy(f"the workspace of agent {self.workspace!r} is mounted at {info['mountpoint']} "
                             f"by pid {info['pid']}; unmount it first (chronicle umount {info['mountpoint']})")
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        proc = await self.standby.take() if self.standby is not None else None
         with open(self.log_path, "ab") as out:
             start = out.tell()
-            proc = await asyncio.create_subprocess_exec(
-                *procs.mount_command(self.store_path, self.workspace, self.mountpoint),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                    p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)))
+            if proc is not None and proc.stdin is not None:
+                job = {"store": str(self.store_path), "workspace": self.workspace,
+                       "mountpoint": str(self.mountpoint), "log": str(self.log_path)}
+                proc.stdin.write(json.dumps(job).encode() + b"\n")
+                proc.stdin.close()
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", mounting.DAEMON_MODULE, "--store", str(self.store_path),
+                    "--workspace", self.workspace, str(self.mountpoint),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    env=daemon_env())
         self.proc, self.pid = proc, proc.pid
         try:
             await asyncio.to_thread(procs.wait_for_mount, self.mountpoint, proc.pid, timeout=timeout,
                                     log_path=self.log_path, log_start=start)
+            if self.standby is not None:
+                self.standby.prepare(delay=STANDBY_DELAY)       # for the next mount
         except StoreError:
             tail = log_tail(self.log_path, start, 3)
             if procs.alive(proc.pid):
@@ -449,5 +552,5 @@ class WorkspaceMount:
         self.proc = self.pid = None
 
 
-__all__ = ["AGENT_ENV", "WORKER_ENV", "WorkerProcess", "WorkspaceMount", "class_environment", "env_names",
+__all__ = ["AGENT_ENV", "DaemonStandby", "WORKER_ENV", "WorkerProcess", "WorkspaceMount", "class_environment", "env_names",
            "log_tail", "worker_environment"]

@@ -59,7 +59,7 @@ from chronicle.store.store import Store, check_workspace_name, default_store_pat
 
 from agent_runtime.isolation import AGENT_UID, View, adopt, check, isolation_default
 from agent_runtime.loader import normalise_target
-from agent_runtime.process import WorkerProcess, WorkspaceMount, env_names
+from agent_runtime.process import DaemonStandby, WorkerProcess, WorkspaceMount, env_names
 from agent_runtime.reply import Reply
 from agent_runtime.runner import AgentRunner, Job, MessageJob, RollbackJob, StopJob, WakeJob, take_agent_lock
 from agent_runtime.surface import RuntimeSurface
@@ -116,6 +116,7 @@ class Runtime(RuntimeSurface):
         self._sync_task: asyncio.Task | None = None
         self._closed = False
         self._timers = TimerScheduler(self._fire)
+        self._standby = DaemonStandby(self.store_path / "run" / "mount-standby.log")   # (started by mounts)
         self.quotas = QuotaRegistry()
 
     async def __aenter__(self) -> Runtime:
@@ -139,25 +140,23 @@ class Runtime(RuntimeSurface):
 
     def workspace_mount(self, agent_id: str) -> WorkspaceMount:
         """A handle on the agent's workspace mount at :meth:`mountpoint` (``RunnerHost``)."""
-        return WorkspaceMount(self.store_path, agent_id, self.mountpoint(agent_id))
+        return WorkspaceMount(self.store_path, agent_id, self.mountpoint(agent_id), self._standby)
 
     async def spawn_worker(self, agent_id: str, target: str, cwd: str) -> WorkerProcess:
         """A worker for the agent that has loaded ``target`` from ``cwd``
         (``RunnerHost``). Raises :class:`AgentLoadError`, :class:`AgentError`.
 
-        Isolated, the workspace is mounted first (it must be there when the
-        worker's mount namespace is made); while the agent is being created it
-        has none, and the worker sees no workspace."""
-        if not self.isolation:
-            return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                             self.worker_log(agent_id), self.start_timeout,
-                                             env_extra=self.worker_env)
-        await asyncio.to_thread(check, self.agent_uid)
+        The worker starts (and imports its code) while the workspace mounts
+        (both take a few hundred ms: a wake waits for the slower). Isolated,
+        its view takes the mount once it is up; while the agent is being
+        created it has none, and the worker sees no workspace."""
         runner = self._runners.get(agent_id)
         mount = runner.mount if runner is not None and self._has_workspace(agent_id) else None
-        hide = tuple(dict.fromkeys((str(self.store_path), str(self.agents_dir))))
-        view = View(hide, str(mount.mountpoint) if mount else None, cwd, self.agent_uid, self.agent_uid)
-        # The worker starts (and imports its code) while the workspace mounts; its view takes the mount after.
+        view = None
+        if self.isolation:
+            await asyncio.to_thread(check, self.agent_uid)
+            hide = tuple(dict.fromkeys((str(self.store_path), str(self.agents_dir))))
+            view = View(hide, str(mount.mountpoint) if mount else None, cwd, self.agent_uid, self.agent_uid)
         mounting = asyncio.ensure_future(mount.ensure(self.store, self.start_timeout)) if mount else None
         try:
             worker = await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
@@ -171,10 +170,12 @@ class Runtime(RuntimeSurface):
             return worker
         try:
             await mounting
-            changed = await asyncio.to_thread(adopt, mount.mountpoint, self.agent_uid, self.agent_uid)
-            if changed:
-                log.info("agent %r: gave its %d files to uid %d (isolation)", agent_id, changed, self.agent_uid)
-            await worker.attach(mount.mountpoint, self.start_timeout)
+            if view is not None:
+                changed = await asyncio.to_thread(adopt, mount.mountpoint, self.agent_uid, self.agent_uid)
+                if changed:
+                    log.info("agent %r: gave its %d files to uid %d (isolation)", agent_id, changed,
+                             self.agent_uid)
+                await worker.attach(mount.mountpoint, self.start_timeout)
         except BaseException:
             await worker.stop()
             raise
@@ -495,6 +496,7 @@ class Runtime(RuntimeSurface):
                 pass
         if self._sync_task is not None:
             self._sync_task.cancel()
+        await self._standby.close()
         self.store.close()
 
     # -- reads -------------------------------------------------------------------------
