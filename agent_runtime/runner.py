@@ -80,7 +80,7 @@ from typing import Any, Protocol
 
 import jsonpatch
 
-from chronicle.errors import AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
+from chronicle.errors import AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound, StoreError
 from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
 from chronicle.store.store import Store
 
@@ -234,9 +234,12 @@ class AgentRunner:
 
     # -- waking and sleeping -----------------------------------------------------------
 
-    async def wake(self) -> None:
-        """Mount, start a worker with the latest state, run ``on_init``: an awake agent."""
-        if self.awake and self.worker is not None and self.worker.alive and self.mount.serving():
+    async def wake(self, quick: bool = False) -> None:
+        """Mount, start a worker with the latest state, run ``on_init``: an
+        awake agent. ``quick``: an awake agent's mount is checked without a
+        request to it (``WorkspaceMount.serving``; before a turn, whose
+        ``turn-begin`` asks the mount anyway)."""
+        if self.awake and self.worker is not None and self.worker.alive and self.mount.serving(quick):
             return
         await self._drop_worker()
         info = self.log.get(self.id)
@@ -571,15 +574,22 @@ class AgentRunner:
         try:
             if self.log.get(self.id).get("timer") is not None:
                 self.host.set_timer(self.id, None)
-            await self.wake()
+            await self.wake(quick=True)
             keys = (self.worker.info if self.worker is not None else {}).get("quota_keys") or []
-            while keys and (until := self.host.quota_until(keys)) is not None and not cur.cancel:
-                await asyncio.sleep(max(0.0, until - time.time()))      # (a quota backoff)
-            await self.wake()
+            if keys and self.host.quota_until(keys) is not None:
+                while (until := self.host.quota_until(keys)) is not None and not cur.cancel:
+                    await asyncio.sleep(max(0.0, until - time.time()))      # (a quota backoff)
+                await self.wake()
             turn = self.log.get(self.id)["last_turn"] + 1
             started = time.monotonic()
-            begun = await self._turn_begin(turn, reply.message_id, {"kind": kind, "message": reply.message,
-                                                                    "time": now_iso()})
+            record = {"kind": kind, "message": reply.message, "time": now_iso()}
+            try:
+                begun = await self._turn_begin(turn, reply.message_id, record)
+            except StoreError:                  # the mount's daemon is gone: wake again (a new one), once
+                log.warning("agent %r: its mount did not answer turn-begin; mounting it again", self.id)
+                await self.wake()
+                turn = self.log.get(self.id)["last_turn"] + 1
+                begun = await self._turn_begin(turn, reply.message_id, record)
             reply.turn = turn
             assert self.worker is not None
             worker_info = self.worker.info

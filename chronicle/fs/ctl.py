@@ -222,7 +222,11 @@ class CtlSession:
         self.turn_log.check_end(ws, outcome, snapshot)
         await self.ops.commit_all()
         ended = self.turn_log.end_label(ws)                 # no event after this carries the label
-        label, record = await trio.to_thread.run_sync(self.turn_log.record_end, ws, ended, outcome, snapshot, keep)
+        if snapshot is None and not command.get("turn_data"):      # a small record: one short transaction
+            label, record = self.turn_log.record_end(ws, ended, outcome, snapshot, keep)
+        else:                                               # a state snapshot may be large: off the loop
+            label, record = await trio.to_thread.run_sync(self.turn_log.record_end, ws, ended, outcome, snapshot,
+                                                          keep)
         return {"seq": ws.head_seq, "turn": label, "recorded": record is not None}
 
     async def step(self, command: dict) -> dict:
