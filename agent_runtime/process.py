@@ -12,6 +12,12 @@
   log appended to ``<store>/run/mount-<workspace>.log`` as ``chronicle
   mount`` does), and its ``.chronicle/ctl`` channel (``chronicle.control``).
   A mount left by an earlier runtime whose daemon still serves is adopted.
+- :class:`DaemonStandby` — one mount daemon started ahead (its imports done
+  while nothing waits), handed to the next mount: a wake does not wait for a
+  daemon's start-up.
+
+A worker's environment is an allowlist of the coordinator's
+(:data:`WORKER_ENV`, :func:`worker_environment`), never all of it.
 
 The runtime reaches a workspace only through these: the mount, its ``ctl``
 file, and the store's public API.
@@ -477,13 +483,19 @@ class WorkspaceMount:
 
     # -- ctl ---------------------------------------------------------------------------
 
-    async def control(self, command: dict) -> dict:
-        """One ``ctl`` command (``chronicle.control``); raises its error."""
+    async def control(self, command: dict, quiet: bool = False) -> dict | None:
+        """One ``ctl`` command (``chronicle.control``); raises its error.
+        ``quiet`` (a turn command): no reply is read when it succeeds —
+        returns None then (``ControlChannel.request_quiet``; a line too long
+        for that is sent as usual and its reply returned)."""
         async with self._ctl_lock:
             if self._ctl is None:
                 self._ctl = await asyncio.to_thread(ControlChannel, self.mountpoint)
+            ctl = self._ctl
             try:
-                return await asyncio.to_thread(self._ctl.request, command)
+                if quiet and await asyncio.to_thread(ctl.request_quiet, command):
+                    return None
+                return await asyncio.to_thread(ctl.request, command)
             except StoreError:
                 self.close_ctl()          # the channel itself failed: reopen next time
                 raise

@@ -17,6 +17,10 @@ log's, ``chronicle.store.history.turns``)::
                                                     turn N final (+ the state snapshot if due) in
                                                     one transaction, beside the file events
 
+``turn-begin`` (with a record), a completed turn's ``turn-end`` and ``step``
+go *quiet* (``chronicle.fs.ctl``): the ``write`` returning is the answer, no
+reply is read — one FUSE request per command, not two.
+
 A message turn is all-or-nothing (SPEC §5): when it ends failed, cancelled
 or interrupted and the class has ``atomic_turns`` (the default), the runner
 sends ``ctl restore at=<the head before turn-begin>`` *after* ``turn-end`` —
@@ -46,7 +50,10 @@ after ``idle_timeout`` seconds without jobs it asks ``on_idle_timeout`` and,
 on True, syncs the store, stops the worker and unmounts. A
 worker that dies is noticed at once during a turn (EOF: the turn is
 ``interrupted``) and otherwise at the next job, which starts a new one from
-the store (the latest snapshot plus patches).
+the store (the latest snapshot plus patches). Before a message turn the
+mount is checked without a request to it (its daemon has not exited); a
+``turn-begin`` that finds the daemon gone (``StoreError``) wakes the agent
+again — a new mount — and begins once more.
 
 Lifecycle hooks (``on_init``, ``on_idle_timeout``, ``on_shutdown``) run as
 turns too, labelled and with their state patch, but the turn log keeps them
@@ -334,12 +341,13 @@ class AgentRunner:
 
     # -- turn commands on the workspace's ctl ---------------------------------------------
 
-    async def _turn_command(self, command: dict, fields: dict) -> dict:
+    async def _turn_command(self, command: dict, fields: dict, quiet: bool = False) -> dict | None:
         """``command`` with ``fields`` (a record, a snapshot); fields too long for
-        one ctl line go ahead in ``turn-data`` pieces on the same handle."""
+        one ctl line go ahead in ``turn-data`` pieces on the same handle.
+        ``quiet``: no reply read if it succeeds (None; ``chronicle.fs.ctl``)."""
         full = {**command, **fields}
         if len(json.dumps(full, separators=(",", ":"))) < CTL_LINE - 1024:
-            return await self.mount.control(full)
+            return await self.mount.control(full, quiet=quiet)
         text = json.dumps(fields, separators=(",", ":"))           # ASCII: escaping at most doubles it
         for start in range(0, len(text), TURN_DATA_PIECE):
             await self.mount.control({"cmd": "turn-data", "data": text[start:start + TURN_DATA_PIECE]})
@@ -368,31 +376,39 @@ class AgentRunner:
             await self._restore(begin - 1)
 
     async def _turn_begin(self, turn: int, message_id: str | None, record: dict | None = None) -> dict:
-        """``turn-begin`` (with the ``running`` record, if given); a label left
-        open (a ``turn-end`` that failed) is ended first. Returns the reply."""
+        """``turn-begin`` (with the ``running`` record, if given: then quiet,
+        its ``seq`` read from the record); a label left open (a ``turn-end``
+        that failed) is ended first. Returns ``{"seq"}``: the head before the turn."""
         command = {"cmd": "turn-begin", "agent": self.id, "turn": turn, "message_id": message_id}
         fields = {"record": record} if record is not None else {}
         try:
-            return await self._turn_command(command, fields)
+            reply = await self._turn_command(command, fields, quiet=record is not None)
         except InvalidArgument as exc:
             if "still open" not in str(exc):
                 raise
-        await self._close_label()
-        return await self._turn_command(command, fields)
+            await self._close_label()
+            reply = await self._turn_command(command, fields, quiet=record is not None)
+        if reply is None:                       # quiet: the running record is there
+            running = self.log.record(self.id, turn) or {}
+            return {"seq": running["begin_seq"] - 1}
+        return reply
 
-    async def _turn_end(self, outcome: dict, snapshot: dict | None = None, keep: bool = False) -> dict | None:
+    async def _turn_end(self, outcome: dict, snapshot: dict | None = None, keep: bool = False,
+                        quiet: bool = False) -> dict | None:
         """``turn-end`` with the turn's outcome (and the state after it): the
-        reply ``{"seq", "turn": label, "recorded"}``, or None if the daemon
-        could not take it — then the turn is recorded ``interrupted`` when the
-        label is next ended (module docstring) and the worker, whose state
-        now runs ahead of the log, is stopped so the next turn reloads it."""
+        reply ``{"seq", "turn": label, "recorded"}`` (``quiet``: ``{}``, no
+        reply read), or None if the daemon could not take it — then the turn
+        is recorded ``interrupted`` when the label is next ended (module
+        docstring) and the worker, whose state now runs ahead of the log, is
+        stopped so the next turn reloads it."""
         fields: dict[str, Any] = {"record": outcome}
         if snapshot is not None:
             fields["snapshot"] = snapshot
         if keep:
             fields["keep"] = True
         try:
-            return await self._turn_command({"cmd": "turn-end"}, fields)
+            reply = await self._turn_command({"cmd": "turn-end"}, fields, quiet=quiet)
+            return {} if reply is None else reply
         except ChronicleError as exc:
             log.warning("agent %r: turn-end failed: %s", self.id, exc)
             await self._drop_worker()
@@ -489,8 +505,9 @@ class AgentRunner:
         """Record a worker's completed step through ``ctl`` and answer ``stepped``."""
         name = event.get("name")
         try:
-            reply = await self._turn_command({"cmd": "step", "name": name}, {"result": event.get("result")})
-            answer = {"op": "stepped", "name": name, "seq": reply.get("seq")}
+            reply = await self._turn_command({"cmd": "step", "name": name}, {"result": event.get("result")},
+                                             quiet=True)
+            answer = {"op": "stepped", "name": name, "seq": reply.get("seq") if reply is not None else None}
         except ChronicleError as exc:
             answer = {"op": "stepped", "name": name, "error": str(exc)}
         await worker.send(answer)
@@ -609,7 +626,7 @@ class AgentRunner:
             if done["status"] == "completed" and isinstance(done.get("compaction"), dict):
                 extra["compaction"] = compaction_point(self.log, self.id, turn, done["compaction"])
             outcome = self._outcome(done, started, reply.text, **extra)
-            ended = await self._turn_end(outcome, self._snapshot(done))
+            ended = await self._turn_end(outcome, self._snapshot(done), quiet=not undo)
             record = self._recorded(turn, outcome, ended)
             if undo and ended is not None and ended["turn"]["end_seq"] >= ended["turn"]["begin_seq"]:
                 # After the label's end: turn:AGENT:N keeps the attempt's tree; the undo carries no label.
