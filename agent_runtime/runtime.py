@@ -8,7 +8,9 @@ and a worker process (``python -m agent_runtime.worker``, log in
 environment beside the file events (``chronicle.store.history.turns``),
 written by the workspace's mount daemon from what the agent's runner sends on
 its ``ctl`` channel; the runtime reads it. The runtime is each runner's host
-(:class:`~agent_runtime.runner.RunnerHost`).
+(:class:`~agent_runtime.runner.RunnerHost`). After its first mount it keeps
+one standby mount daemon ready for the next (``process.DaemonStandby``),
+ended by :meth:`close` (or by EOF when this process ends).
 
 Use::
 
