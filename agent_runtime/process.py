@@ -308,18 +308,14 @@ def daemon_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
 
 
-# After a mount, the next standby daemon starts at once as root (its imports run at SCHED_IDLE: they
-# take no CPU from the wake in progress), else after this many seconds (not to compete with it).
-STANDBY_DELAY = 0.0 if os.geteuid() == 0 else 1.0
-
-
 class DaemonStandby:
     """A mount daemon started ahead of need (``python -m chronicle.mounting
     --standby``): its imports — most of a daemon's start — are done while
     nothing waits, and :meth:`take` hands it to the next mount, which writes
     it its job (the workspace to serve) and so mounts in a fraction of the
-    time. One is kept ready: each :meth:`take` starts the next one. It
-    exits at EOF on its stdin — :meth:`close`, or when this process ends,
+    time. One is kept ready: the runner asks for the next one
+    (:meth:`prepare`) once a wake is complete, so that its start-up (0.2 s of
+    CPU) does not slow the wake. It exits at EOF on its stdin — :meth:`close`, or when this process ends,
     however it ends. Its output before a job goes to ``log_path``."""
 
     def __init__(self, log_path: Path):
@@ -454,8 +450,6 @@ class WorkspaceMount:
         try:
             await asyncio.to_thread(procs.wait_for_mount, self.mountpoint, proc.pid, timeout=timeout,
                                     log_path=self.log_path, log_start=start)
-            if self.standby is not None:
-                self.standby.prepare(delay=STANDBY_DELAY)       # for the next mount
         except StoreError:
             tail = log_tail(self.log_path, start, 3)
             if procs.alive(proc.pid):
@@ -564,5 +558,5 @@ class WorkspaceMount:
         self.proc = self.pid = None
 
 
-__all__ = ["AGENT_ENV", "DaemonStandby", "WORKER_ENV", "WorkerProcess", "WorkspaceMount", "class_environment", "env_names",
-           "log_tail", "worker_environment"]
+__all__ = ["AGENT_ENV", "DaemonStandby", "WORKER_ENV", "WorkerProcess", "WorkspaceMount", "class_environment",
+           "env_names", "log_tail", "worker_environment"]

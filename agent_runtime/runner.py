@@ -284,6 +284,8 @@ class AgentRunner:
         if not self.awake:
             raise AgentError(f"the worker of agent {self.id!r} died during on_init (or its turn could not be "
                              f"recorded); see {self.host.worker_log(self.id)}")
+        if self.mount.standby is not None:
+            self.mount.standby.prepare()        # a daemon ready for the next wake (now, not during this one)
 
     async def _idle(self) -> None:
         if not self.awake:

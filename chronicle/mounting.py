@@ -145,17 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 def _standby() -> tuple[Path | None, str, Path | None]:
     """``main --standby``: the daemon's imports, then its job from stdin (the
     store, workspace and mountpoint; ``(None, "", None)`` at EOF), with
-    stdout and stderr appended to the job's log from then on. As root the
-    imports run at ``SCHED_IDLE`` (sched(7): only CPU time nobody else
-    wants), and the daemon serves at the normal policy."""
-    idle = os.geteuid() == 0            # (an unprivileged process could not come back from SCHED_IDLE)
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    stdout and stderr appended to the job's log from then on."""
     import chronicle.fs.daemon  # noqa: F401  (the start-up cost, paid before the job comes)
 
     line = sys.stdin.readline()
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     if not line.strip():
         return None, "", None
     try:
