@@ -315,8 +315,9 @@ class DaemonStandby:
     it its job (the workspace to serve) and so mounts in a fraction of the
     time. One is kept ready: the runner asks for the next one
     (:meth:`prepare`) once a wake is complete, so that its start-up (0.2 s of
-    CPU) does not slow the wake. It exits at EOF on its stdin — :meth:`close`, or when this process ends,
-    however it ends. Its output before a job goes to ``log_path``."""
+    CPU) does not slow the wake. :meth:`close` kills it; it exits by itself
+    at EOF on its stdin, when this process ends however it ends. Its output
+    before a job goes to ``log_path``."""
 
     def __init__(self, log_path: Path):
         self.log_path = log_path
@@ -365,7 +366,8 @@ class DaemonStandby:
         return proc
 
     async def close(self) -> None:
-        """End the standby daemon (EOF on its stdin; killed if it does not exit)."""
+        """End the standby daemon: killed (it has no job, so it holds nothing:
+        no store, no mount), not to wait for its imports to finish."""
         self._closed = True
         if self._starting is not None:
             if self._waiting:
@@ -374,13 +376,13 @@ class DaemonStandby:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass                                # (it has just exited)
+        await proc.wait()
         if proc.stdin is not None:
             proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10.0)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 class WorkspaceMount:
