@@ -65,7 +65,7 @@ Timers and quotas (:mod:`agent_runtime.timers`): a turn that ends in
 sleeps at once; a message or ``wake`` turn clears it. A turn of a class with
 ``quota_keys`` starts only once the host's backoff of those keys has passed.
 
-The runner's **host** (:class:`RunnerHost`, implemented by
+The runner's **host** (:class:`~agent_runtime.host.RunnerHost`, implemented by
 :class:`~agent_runtime.runtime.Runtime`) gives it the store and the turn log
 to read, its settings, paths, mounts and workers, and hears when it ends; the
 runner knows nothing else of the runtime.
@@ -82,18 +82,17 @@ import os
 import random
 import signal
 import time
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jsonpatch
 
 from chronicle.errors import AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound, StoreError
-from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
-from chronicle.store.store import Store
+from chronicle.store.history.turns import FINAL_STATUSES, now_iso
 
+from agent_runtime.host import RunnerHost
 from agent_runtime.jobs import (CurrentTurn, Job, MessageJob, RollbackJob, SleepJob, StopJob, WakeJob,
                                 take_agent_lock)
-from agent_runtime.process import WorkerProcess, WorkspaceMount, class_environment
+from agent_runtime.process import WorkerProcess, class_environment
 from agent_runtime.reply import Reply
 from agent_runtime.timers import compaction_point, timer_record
 
@@ -101,57 +100,6 @@ log = logging.getLogger("agent_runtime")
 
 CTL_LINE = 1 << 20          # the longest ctl command line (SPEC §4; chronicle.fs.ctl.MAX_LINE)
 TURN_DATA_PIECE = 1 << 18   # characters of JSON per turn-data piece (at most twice that once escaped)
-
-
-class RunnerHost(Protocol):
-    """What an :class:`AgentRunner` needs from the runtime that hosts it.
-
-    ``store``: the open store (the runner syncs it and reads its mount
-    registrations; its turns go through the mount's ``ctl``); ``turn_log``:
-    the store's turn log, for agent records, turn records and states; the
-    settings below, in seconds (``idle_timeout`` None: never scale to zero)
-    and turns (``snapshot_every``).
-    """
-
-    store: Store
-    turn_log: TurnLog
-    idle_timeout: float | None
-    start_timeout: float
-    cancel_grace: float
-    snapshot_every: int
-
-    def workspace_mount(self, agent_id: str) -> WorkspaceMount:
-        """A handle on the agent's workspace mount (not mounted yet)."""
-        ...
-
-    def worker_log(self, agent_id: str) -> Path:
-        """The agent's worker log file."""
-        ...
-
-    async def spawn_worker(self, agent_id: str, target: str, cwd: str) -> WorkerProcess:
-        """A new worker that has loaded ``target`` from ``cwd``. Raises
-        :class:`AgentLoadError`, :class:`AgentError`."""
-        ...
-
-    def runner_finished(self, runner: AgentRunner) -> None:
-        """``runner`` has ended (its queue failed; its lock is released next)."""
-        ...
-
-    def set_timer(self, agent_id: str, timer: dict | None) -> None:
-        """Store (None: clear) the agent's timer (``ctx.sleep``/``pause``) and schedule its wake."""
-        ...
-
-    def quota_hit(self, agent_id: str, key: str, until: float) -> None:
-        """An agent's ``ctx.record_quota_hit``: ``key`` backs off until ``until`` (epoch s)."""
-        ...
-
-    def quota_until(self, keys: list[str]) -> float | None:
-        """When the latest backoff of ``keys`` ends (epoch s), or None if none backs off."""
-        ...
-
-    def quota_state(self) -> dict[str, float]:
-        """Every key backing off now: key -> end (epoch s)."""
-        ...
 
 
 class AgentRunner:
