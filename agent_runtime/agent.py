@@ -479,6 +479,13 @@ class BaseAgent:
     #: off, the runtime starts none of its turns.
     quota_keys: tuple[str, ...] = ()
 
+    #: Names of the runtime's environment variables the agent needs (an API
+    #: key: ``("OPENAI_API_KEY",)``). A worker gets only the runtime's
+    #: allowlist (``agent_runtime.process.WORKER_ENV``); these are set in its
+    #: ``os.environ`` before ``on_init`` — after the module was imported, so
+    #: read them in a hook, not at import time.
+    worker_env: tuple[str, ...] = ()
+
     async def on_init(self, ctx: AgentContext) -> None:
         """Called once after the runtime starts (or wakes) the agent's worker."""
 

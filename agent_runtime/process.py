@@ -7,10 +7,17 @@
   :mod:`agent_runtime.protocol` over a socket pair; a reader task turns the
   lines into a queue of events, ending with ``{"ev": "eof"}``.
 - :class:`WorkspaceMount` — the agent's workspace mounted by ``python -m
-  chronicle mount --foreground`` (the public command, in its own session, log
-  appended to ``<store>/run/mount-<workspace>.log`` as ``chronicle mount``
-  does), and its ``.chronicle/ctl`` channel (``chronicle.control``). A mount
-  left by an earlier runtime whose daemon still serves is adopted.
+  chronicle.mounting`` (the daemon of ``chronicle mount --foreground``
+  without the command line's imports: it mounts sooner; in its own session,
+  log appended to ``<store>/run/mount-<workspace>.log`` as ``chronicle
+  mount`` does), and its ``.chronicle/ctl`` channel (``chronicle.control``).
+  A mount left by an earlier runtime whose daemon still serves is adopted.
+- :class:`DaemonStandby` — one mount daemon started ahead (its imports done
+  while nothing waits), handed to the next mount: a wake does not wait for a
+  daemon's start-up.
+
+A worker's environment is an allowlist of the coordinator's
+(:data:`WORKER_ENV`, :func:`worker_environment`), never all of it.
 
 The runtime reaches a workspace only through these: the mount, its ``ctl``
 file, and the store's public API.
@@ -26,6 +33,7 @@ requests, waiting for a mount, fusermount3) run in worker threads via
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -33,10 +41,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chronicle import errors, procs
+from chronicle import errors, mounting, procs
 from chronicle.control import ControlChannel
 from chronicle.errors import AgentBusy, AgentError, Busy, ChronicleError, StoreError
 from chronicle.procs import log_tail
@@ -50,6 +59,50 @@ if TYPE_CHECKING:
 log = logging.getLogger("agent_runtime")
 
 _REPO = str(Path(__file__).resolve().parent.parent)      # where agent_runtime and chronicle import from
+
+#: The runtime's environment variables a worker inherits; no other name does,
+#: so the runtime's credentials (``AWS_*``, ``*_TOKEN``, proxies with
+#: passwords...) stay out of agents. More names: ``Runtime(worker_env=...)``,
+#: ``$CHRONICLE_AGENT_ENV`` (comma-separated) and ``BaseAgent.worker_env``.
+#: Isolated, ``HOME``, ``TMPDIR`` and ``PATH`` are then set for the view
+#: (``agent_runtime.isolation.View.env``).
+WORKER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+              "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8")
+WORKER_ENV_PREFIXES = ("LC_",)           # the locale's LC_ALL, LC_CTYPE, ...
+AGENT_ENV = "CHRONICLE_AGENT_ENV"        # more names for every worker of this process's runtimes
+
+
+def env_names(names: object, what: str) -> tuple[str, ...]:
+    """``names`` (an iterable of environment variable names, or one
+    comma-separated string) as a tuple. Raises :class:`UsageError` naming
+    ``what`` for a name that cannot be one (empty, with ``=`` or NUL)."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, Iterable):
+        raise errors.UsageError(f"{what} is a list of environment variable names, not {names!r}")
+    out = tuple(names)
+    for name in out:
+        if not isinstance(name, str) or not name or "=" in name or "\x00" in name:
+            raise errors.UsageError(f"{what}: {name!r} is not an environment variable name")
+    return out
+
+
+def worker_environment(extra: Iterable[str] = (), environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment a worker starts with: the names of :data:`WORKER_ENV`
+    (and ``LC_*``), ``extra`` and ``$CHRONICLE_AGENT_ENV`` that ``environ``
+    has, with ``PYTHONPATH`` led by the runtime's own import path."""
+    wanted = set(WORKER_ENV) | set(extra) | set(env_names(environ.get(AGENT_ENV, ""), AGENT_ENV))
+    env = {k: v for k, v in environ.items() if k in wanted or k.startswith(WORKER_ENV_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def class_environment(names: object, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The values of the names an agent class asks for (``BaseAgent.worker_env``,
+    as its worker reported them) that ``environ`` has."""
+    if not isinstance(names, list):
+        return {}
+    return {n: environ[n] for n in names if isinstance(n, str) and n in environ}
 
 
 def _error(kind: Any, message: str) -> ChronicleError:
@@ -74,10 +127,12 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(cls, agent_id: str, target: str, cwd: str, workspace: str, log_path: Path,
-                    timeout: float, view: View | None = None) -> WorkerProcess:
+                    timeout: float, view: View | None = None, env_extra: Iterable[str] = ()) -> WorkerProcess:
         """Start a worker and wait for it to import the agent class. With a
         ``view``, the worker runs isolated in it (:mod:`agent_runtime.isolation`;
         its ``pid`` is then that of the ``unshare`` holding its namespaces).
+        Its environment: :func:`worker_environment` (``env_extra``: names
+        more), ``AGENT_WORKSPACE``, ``AGENT_ID``.
 
         Raises :class:`AgentLoadError` (bad MODULE:CLASS) or :class:`AgentError`
         (the worker died or did not answer within ``timeout`` s), with its log's tail.
@@ -86,8 +141,8 @@ class WorkerProcess:
             raise errors.AgentLoadError(f"the agent's directory {cwd} does not exist (its module is "
                                         "imported from there)")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, AGENT_WORKSPACE=workspace, AGENT_ID=agent_id, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+        env = dict(worker_environment(env_extra), AGENT_WORKSPACE=workspace, AGENT_ID=agent_id,
+                   PYTHONUNBUFFERED="1")
         argv = [sys.executable, "-m", "agent_runtime.worker", "--fd", str(child.fileno()),
                 "--agent", agent_id, "--target", target]
         fds = [child.fileno()]
@@ -248,23 +303,113 @@ class WorkerProcess:
         self._reader.cancel()
 
 
-class WorkspaceMount:
-    """One agent workspace's mount and control channel."""
+def daemon_env() -> dict[str, str]:
+    """The environment of a mount daemon: this process's, importing from where we do."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
 
-    def __init__(self, store_path: Path, workspace: str, mountpoint: Path):
+
+class DaemonStandby:
+    """A mount daemon started ahead of need (``python -m chronicle.mounting
+    --standby``): its imports — most of a daemon's start — are done while
+    nothing waits, and :meth:`take` hands it to the next mount, which writes
+    it its job (the workspace to serve) and so mounts in a fraction of the
+    time. One is kept ready: the runner asks for the next one
+    (:meth:`prepare`) once a wake is complete, so that its start-up (0.2 s of
+    CPU) does not slow the wake. :meth:`close` kills it; it exits by itself
+    at EOF on its stdin, when this process ends however it ends. Its output
+    before a job goes to ``log_path``."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self._proc: asyncio.subprocess.Process | None = None
+        self._starting: asyncio.Task | None = None
+        self._waiting = False                   # _starting is in its delay (cancel it, no process yet)
+        self._closed = False
+
+    def prepare(self, delay: float = 0.0) -> None:
+        """Start a standby daemon in ``delay`` s (not to compete for the CPU
+        with a wake in progress), unless one is there or starting."""
+        if self._closed or self._starting is not None or (self._proc is not None and self._proc.returncode is None):
+            return
+        self._starting = asyncio.get_running_loop().create_task(self._start(delay))
+
+    async def _start(self, delay: float) -> None:
+        self._waiting = True
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._starting = None
+            raise
+        finally:
+            self._waiting = False
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as out:
+                self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", mounting.DAEMON_MODULE, "--standby", stdin=subprocess.PIPE,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=daemon_env())
+        except OSError as exc:
+            log.warning("could not start a standby mount daemon: %s", exc)
+        finally:
+            self._starting = None
+
+    async def take(self) -> asyncio.subprocess.Process | None:
+        """The standby daemon (started, waiting for its job), or None if there
+        is none (:meth:`prepare` starts the next)."""
+        if self._starting is not None:
+            if self._waiting:
+                self._starting.cancel()                 # still waiting out its delay: no daemon yet
+            await asyncio.gather(self._starting, return_exceptions=True)
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return None
+        return proc
+
+    async def close(self) -> None:
+        """End the standby daemon: killed (it has no job, so it holds nothing:
+        no store, no mount), not to wait for its imports to finish."""
+        self._closed = True
+        if self._starting is not None:
+            if self._waiting:
+                self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass                                # (it has just exited)
+        await proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+class WorkspaceMount:
+    """One agent workspace's mount and control channel (``standby``: where
+    its daemon comes from, when it has one ready)."""
+
+    def __init__(self, store_path: Path, workspace: str, mountpoint: Path, standby: DaemonStandby | None = None):
         self.store_path = store_path
         self.workspace = workspace
         self.mountpoint = mountpoint
+        self.standby = standby
         self.log_path = store_path / "run" / f"mount-{workspace}.log"
         self.proc: asyncio.subprocess.Process | None = None     # a daemon we started
         self.pid: int | None = None                             # ours or an adopted one
         self._ctl: ControlChannel | None = None
         self._ctl_lock = asyncio.Lock()
 
-    def serving(self) -> bool:
-        """True while the daemon lives and the mount answers."""
+    def serving(self, quick: bool = False) -> bool:
+        """True while the daemon lives and the mount answers. ``quick``: for
+        a daemon this process started, only that it has not exited (no
+        request to the mount: a stale mount needs its daemon gone, and a
+        daemon whose mount was removed exits); the next ``ctl`` request tells
+        the rest (:meth:`control` raises :class:`StoreError`)."""
         if self.pid is None:
             return False
+        if quick and self.proc is not None and self._ctl is not None:
+            return self.proc.returncode is None
         if self.proc is not None and self.proc.returncode is not None:
             return False
         if self.proc is None and not procs.alive(self.pid):
@@ -289,13 +434,20 @@ class WorkspaceMount:
             raise AgentBusy(f"the workspace of agent {self.workspace!r} is mounted at {info['mountpoint']} "
                             f"by pid {info['pid']}; unmount it first (chronicle umount {info['mountpoint']})")
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        proc = await self.standby.take() if self.standby is not None else None
         with open(self.log_path, "ab") as out:
             start = out.tell()
-            proc = await asyncio.create_subprocess_exec(
-                *procs.mount_command(self.store_path, self.workspace, self.mountpoint),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                    p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)))
+            if proc is not None and proc.stdin is not None:
+                job = {"store": str(self.store_path), "workspace": self.workspace,
+                       "mountpoint": str(self.mountpoint), "log": str(self.log_path)}
+                proc.stdin.write(json.dumps(job).encode() + b"\n")
+                proc.stdin.close()
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", mounting.DAEMON_MODULE, "--store", str(self.store_path),
+                    "--workspace", self.workspace, str(self.mountpoint),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    env=daemon_env())
         self.proc, self.pid = proc, proc.pid
         try:
             await asyncio.to_thread(procs.wait_for_mount, self.mountpoint, proc.pid, timeout=timeout,
@@ -327,13 +479,19 @@ class WorkspaceMount:
 
     # -- ctl ---------------------------------------------------------------------------
 
-    async def control(self, command: dict) -> dict:
-        """One ``ctl`` command (``chronicle.control``); raises its error."""
+    async def control(self, command: dict, quiet: bool = False) -> dict | None:
+        """One ``ctl`` command (``chronicle.control``); raises its error.
+        ``quiet`` (a turn command): no reply is read when it succeeds —
+        returns None then (``ControlChannel.request_quiet``; a line too long
+        for that is sent as usual and its reply returned)."""
         async with self._ctl_lock:
             if self._ctl is None:
                 self._ctl = await asyncio.to_thread(ControlChannel, self.mountpoint)
+            ctl = self._ctl
             try:
-                return await asyncio.to_thread(self._ctl.request, command)
+                if quiet and await asyncio.to_thread(ctl.request_quiet, command):
+                    return None
+                return await asyncio.to_thread(ctl.request, command)
             except StoreError:
                 self.close_ctl()          # the channel itself failed: reopen next time
                 raise
@@ -402,4 +560,5 @@ class WorkspaceMount:
         self.proc = self.pid = None
 
 
-__all__ = ["WorkerProcess", "WorkspaceMount", "log_tail"]
+__all__ = ["AGENT_ENV", "DaemonStandby", "WORKER_ENV", "WorkerProcess", "WorkspaceMount", "class_environment",
+           "env_names", "log_tail", "worker_environment"]

@@ -10,8 +10,9 @@ Worker → coordinator (``ev``):
 
 =================================================================  =================================================
 ``{"ev": "loaded", "pid", "entity_type", "version", "defaults",    the class imported; ``defaults`` is the default
-``"atomic_turns", "retry", "quota_keys"}``                         state JSON (null if a field has no default);
-                                                                   ``retry``: its ``RetryPolicy`` timings
+``"atomic_turns", "retry", "quota_keys", "env"}``                  state JSON (null if a field has no default);
+                                                                   ``retry``: its ``RetryPolicy`` timings;
+                                                                   ``env``: its ``worker_env`` names
 ``{"ev": "error", "kind", "error"}``                               fatal (bad MODULE:CLASS, bad stored state, a
                                                                    patch that does not apply); the worker exits
 ``{"ev": "started", "version", "migrated_from", "state"}``         the state is loaded; ``state`` (the migrated
@@ -40,8 +41,9 @@ Worker → coordinator (``ev``):
 Coordinator → worker (``op``):
 
 =================================================================  =================================================
-``{"op": "start", "workspace", "state", "version"}``               load the state (migrating an older version),
-                                                                   enter the workspace; answered by ``started``
+``{"op": "start", "workspace", "state", "version", "env"?}``       load the state (migrating an older version),
+                                                                   enter the workspace, set ``env`` (the values
+                                                                   of ``worker_env``); answered by ``started``
 ``{"op": "run", "kind", "turn", "message_id", "message",           one turn: ``kind`` is message / wake / init / idle /
 ``"snapshot", "steps"?, "init"?}``                                 shutdown; tokens, then ``done``; ``steps``:
                                                                    the completed steps of earlier attempts;

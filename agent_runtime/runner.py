@@ -17,6 +17,10 @@ log's, ``chronicle.store.history.turns``)::
                                                     turn N final (+ the state snapshot if due) in
                                                     one transaction, beside the file events
 
+``turn-begin`` (with a record), a completed turn's ``turn-end`` and ``step``
+go *quiet* (``chronicle.fs.ctl``): the ``write`` returning is the answer, no
+reply is read — one FUSE request per command, not two.
+
 A message turn is all-or-nothing (SPEC §5): when it ends failed, cancelled
 or interrupted and the class has ``atomic_turns`` (the default), the runner
 sends ``ctl restore at=<the head before turn-begin>`` *after* ``turn-end`` —
@@ -46,7 +50,10 @@ after ``idle_timeout`` seconds without jobs it asks ``on_idle_timeout`` and,
 on True, syncs the store, stops the worker and unmounts. A
 worker that dies is noticed at once during a turn (EOF: the turn is
 ``interrupted``) and otherwise at the next job, which starts a new one from
-the store (the latest snapshot plus patches).
+the store (the latest snapshot plus patches). Before a message turn the
+mount is checked without a request to it (its daemon has not exited); a
+``turn-begin`` that finds the daemon gone (``StoreError``) wakes the agent
+again — a new mount — and begins once more.
 
 Lifecycle hooks (``on_init``, ``on_idle_timeout``, ``on_shutdown``) run as
 turns too, labelled and with their state patch, but the turn log keeps them
@@ -58,7 +65,7 @@ Timers and quotas (:mod:`agent_runtime.timers`): a turn that ends in
 sleeps at once; a message or ``wake`` turn clears it. A turn of a class with
 ``quota_keys`` starts only once the host's backoff of those keys has passed.
 
-The runner's **host** (:class:`RunnerHost`, implemented by
+The runner's **host** (:class:`~agent_runtime.host.RunnerHost`, implemented by
 :class:`~agent_runtime.runtime.Runtime`) gives it the store and the turn log
 to read, its settings, paths, mounts and workers, and hears when it ends; the
 runner knows nothing else of the runtime.
@@ -75,18 +82,17 @@ import os
 import random
 import signal
 import time
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jsonpatch
 
-from chronicle.errors import AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound
-from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
-from chronicle.store.store import Store
+from chronicle.errors import AgentError, AgentLoadError, Busy, ChronicleError, InvalidArgument, NotFound, StoreError
+from chronicle.store.history.turns import FINAL_STATUSES, now_iso
 
+from agent_runtime.host import RunnerHost
 from agent_runtime.jobs import (CurrentTurn, Job, MessageJob, RollbackJob, SleepJob, StopJob, WakeJob,
                                 take_agent_lock)
-from agent_runtime.process import WorkerProcess, WorkspaceMount
+from agent_runtime.process import WorkerProcess, class_environment
 from agent_runtime.reply import Reply
 from agent_runtime.timers import compaction_point, timer_record
 
@@ -94,57 +100,6 @@ log = logging.getLogger("agent_runtime")
 
 CTL_LINE = 1 << 20          # the longest ctl command line (SPEC §4; chronicle.fs.ctl.MAX_LINE)
 TURN_DATA_PIECE = 1 << 18   # characters of JSON per turn-data piece (at most twice that once escaped)
-
-
-class RunnerHost(Protocol):
-    """What an :class:`AgentRunner` needs from the runtime that hosts it.
-
-    ``store``: the open store (the runner syncs it and reads its mount
-    registrations; its turns go through the mount's ``ctl``); ``turn_log``:
-    the store's turn log, for agent records, turn records and states; the
-    settings below, in seconds (``idle_timeout`` None: never scale to zero)
-    and turns (``snapshot_every``).
-    """
-
-    store: Store
-    turn_log: TurnLog
-    idle_timeout: float | None
-    start_timeout: float
-    cancel_grace: float
-    snapshot_every: int
-
-    def workspace_mount(self, agent_id: str) -> WorkspaceMount:
-        """A handle on the agent's workspace mount (not mounted yet)."""
-        ...
-
-    def worker_log(self, agent_id: str) -> Path:
-        """The agent's worker log file."""
-        ...
-
-    async def spawn_worker(self, agent_id: str, target: str, cwd: str) -> WorkerProcess:
-        """A new worker that has loaded ``target`` from ``cwd``. Raises
-        :class:`AgentLoadError`, :class:`AgentError`."""
-        ...
-
-    def runner_finished(self, runner: AgentRunner) -> None:
-        """``runner`` has ended (its queue failed; its lock is released next)."""
-        ...
-
-    def set_timer(self, agent_id: str, timer: dict | None) -> None:
-        """Store (None: clear) the agent's timer (``ctx.sleep``/``pause``) and schedule its wake."""
-        ...
-
-    def quota_hit(self, agent_id: str, key: str, until: float) -> None:
-        """An agent's ``ctx.record_quota_hit``: ``key`` backs off until ``until`` (epoch s)."""
-        ...
-
-    def quota_until(self, keys: list[str]) -> float | None:
-        """When the latest backoff of ``keys`` ends (epoch s), or None if none backs off."""
-        ...
-
-    def quota_state(self) -> dict[str, float]:
-        """Every key backing off now: key -> end (epoch s)."""
-        ...
 
 
 class AgentRunner:
@@ -234,9 +189,12 @@ class AgentRunner:
 
     # -- waking and sleeping -----------------------------------------------------------
 
-    async def wake(self) -> None:
-        """Mount, start a worker with the latest state, run ``on_init``: an awake agent."""
-        if self.awake and self.worker is not None and self.worker.alive and self.mount.serving():
+    async def wake(self, quick: bool = False) -> None:
+        """Mount, start a worker with the latest state, run ``on_init``: an
+        awake agent. ``quick``: an awake agent's mount is checked without a
+        request to it (``WorkspaceMount.serving``; before a turn, whose
+        ``turn-begin`` asks the mount anyway)."""
+        if self.awake and self.worker is not None and self.worker.alive and self.mount.serving(quick):
             return
         await self._drop_worker()
         info = self.log.get(self.id)
@@ -254,7 +212,8 @@ class AgentRunner:
                 await self._undo_lost_turn()
             state = self.log.state_at(self.id)
             started = await worker.request({"op": "start", "workspace": str(self.mount.mountpoint),
-                                            "state": state.state, "version": state.version},
+                                            "state": state.state, "version": state.version,
+                                            "env": class_environment(worker.info.get("env"))},
                                            "started", self.host.start_timeout)
         except BaseException:
             await worker.stop()
@@ -273,6 +232,8 @@ class AgentRunner:
         if not self.awake:
             raise AgentError(f"the worker of agent {self.id!r} died during on_init (or its turn could not be "
                              f"recorded); see {self.host.worker_log(self.id)}")
+        if self.mount.standby is not None:
+            self.mount.standby.prepare()        # a daemon ready for the next wake (now, not during this one)
 
     async def _idle(self) -> None:
         if not self.awake:
@@ -330,12 +291,13 @@ class AgentRunner:
 
     # -- turn commands on the workspace's ctl ---------------------------------------------
 
-    async def _turn_command(self, command: dict, fields: dict) -> dict:
+    async def _turn_command(self, command: dict, fields: dict, quiet: bool = False) -> dict | None:
         """``command`` with ``fields`` (a record, a snapshot); fields too long for
-        one ctl line go ahead in ``turn-data`` pieces on the same handle."""
+        one ctl line go ahead in ``turn-data`` pieces on the same handle.
+        ``quiet``: no reply read if it succeeds (None; ``chronicle.fs.ctl``)."""
         full = {**command, **fields}
         if len(json.dumps(full, separators=(",", ":"))) < CTL_LINE - 1024:
-            return await self.mount.control(full)
+            return await self.mount.control(full, quiet=quiet)
         text = json.dumps(fields, separators=(",", ":"))           # ASCII: escaping at most doubles it
         for start in range(0, len(text), TURN_DATA_PIECE):
             await self.mount.control({"cmd": "turn-data", "data": text[start:start + TURN_DATA_PIECE]})
@@ -364,31 +326,39 @@ class AgentRunner:
             await self._restore(begin - 1)
 
     async def _turn_begin(self, turn: int, message_id: str | None, record: dict | None = None) -> dict:
-        """``turn-begin`` (with the ``running`` record, if given); a label left
-        open (a ``turn-end`` that failed) is ended first. Returns the reply."""
+        """``turn-begin`` (with the ``running`` record, if given: then quiet,
+        its ``seq`` read from the record); a label left open (a ``turn-end``
+        that failed) is ended first. Returns ``{"seq"}``: the head before the turn."""
         command = {"cmd": "turn-begin", "agent": self.id, "turn": turn, "message_id": message_id}
         fields = {"record": record} if record is not None else {}
         try:
-            return await self._turn_command(command, fields)
+            reply = await self._turn_command(command, fields, quiet=record is not None)
         except InvalidArgument as exc:
             if "still open" not in str(exc):
                 raise
-        await self._close_label()
-        return await self._turn_command(command, fields)
+            await self._close_label()
+            reply = await self._turn_command(command, fields, quiet=record is not None)
+        if reply is None:                       # quiet: the running record is there
+            running = self.log.record(self.id, turn) or {}
+            return {"seq": running["begin_seq"] - 1}
+        return reply
 
-    async def _turn_end(self, outcome: dict, snapshot: dict | None = None, keep: bool = False) -> dict | None:
+    async def _turn_end(self, outcome: dict, snapshot: dict | None = None, keep: bool = False,
+                        quiet: bool = False) -> dict | None:
         """``turn-end`` with the turn's outcome (and the state after it): the
-        reply ``{"seq", "turn": label, "recorded"}``, or None if the daemon
-        could not take it — then the turn is recorded ``interrupted`` when the
-        label is next ended (module docstring) and the worker, whose state
-        now runs ahead of the log, is stopped so the next turn reloads it."""
+        reply ``{"seq", "turn": label, "recorded"}`` (``quiet``: ``{}``, no
+        reply read), or None if the daemon could not take it — then the turn
+        is recorded ``interrupted`` when the label is next ended (module
+        docstring) and the worker, whose state now runs ahead of the log, is
+        stopped so the next turn reloads it."""
         fields: dict[str, Any] = {"record": outcome}
         if snapshot is not None:
             fields["snapshot"] = snapshot
         if keep:
             fields["keep"] = True
         try:
-            return await self._turn_command({"cmd": "turn-end"}, fields)
+            reply = await self._turn_command({"cmd": "turn-end"}, fields, quiet=quiet)
+            return {} if reply is None else reply
         except ChronicleError as exc:
             log.warning("agent %r: turn-end failed: %s", self.id, exc)
             await self._drop_worker()
@@ -485,8 +455,9 @@ class AgentRunner:
         """Record a worker's completed step through ``ctl`` and answer ``stepped``."""
         name = event.get("name")
         try:
-            reply = await self._turn_command({"cmd": "step", "name": name}, {"result": event.get("result")})
-            answer = {"op": "stepped", "name": name, "seq": reply.get("seq")}
+            reply = await self._turn_command({"cmd": "step", "name": name}, {"result": event.get("result")},
+                                             quiet=True)
+            answer = {"op": "stepped", "name": name, "seq": reply.get("seq") if reply is not None else None}
         except ChronicleError as exc:
             answer = {"op": "stepped", "name": name, "error": str(exc)}
         await worker.send(answer)
@@ -513,7 +484,8 @@ class AgentRunner:
             worker = await self.host.spawn_worker(self.id, info["target"], info["cwd"])
             state = self.log.state_at(self.id)
             await worker.request({"op": "start", "workspace": str(self.mount.mountpoint), "state": state.state,
-                                  "version": state.version}, "started", self.host.start_timeout)
+                                  "version": state.version, "env": class_environment(worker.info.get("env"))},
+                                 "started", self.host.start_timeout)
         except ChronicleError as exc:
             log.warning("agent %r: could not restart the worker to run the turn again: %s", self.id, exc)
             if worker is not None:
@@ -569,15 +541,22 @@ class AgentRunner:
         try:
             if self.log.get(self.id).get("timer") is not None:
                 self.host.set_timer(self.id, None)
-            await self.wake()
+            await self.wake(quick=True)
             keys = (self.worker.info if self.worker is not None else {}).get("quota_keys") or []
-            while keys and (until := self.host.quota_until(keys)) is not None and not cur.cancel:
-                await asyncio.sleep(max(0.0, until - time.time()))      # (a quota backoff)
-            await self.wake()
+            if keys and self.host.quota_until(keys) is not None:
+                while (until := self.host.quota_until(keys)) is not None and not cur.cancel:
+                    await asyncio.sleep(max(0.0, until - time.time()))      # (a quota backoff)
+                await self.wake()
             turn = self.log.get(self.id)["last_turn"] + 1
             started = time.monotonic()
-            begun = await self._turn_begin(turn, reply.message_id, {"kind": kind, "message": reply.message,
-                                                                    "time": now_iso()})
+            record = {"kind": kind, "message": reply.message, "time": now_iso()}
+            try:
+                begun = await self._turn_begin(turn, reply.message_id, record)
+            except StoreError:                  # the mount's daemon is gone: wake again (a new one), once
+                log.warning("agent %r: its mount did not answer turn-begin; mounting it again", self.id)
+                await self.wake()
+                turn = self.log.get(self.id)["last_turn"] + 1
+                begun = await self._turn_begin(turn, reply.message_id, record)
             reply.turn = turn
             assert self.worker is not None
             worker_info = self.worker.info
@@ -597,7 +576,7 @@ class AgentRunner:
             if done["status"] == "completed" and isinstance(done.get("compaction"), dict):
                 extra["compaction"] = compaction_point(self.log, self.id, turn, done["compaction"])
             outcome = self._outcome(done, started, reply.text, **extra)
-            ended = await self._turn_end(outcome, self._snapshot(done))
+            ended = await self._turn_end(outcome, self._snapshot(done), quiet=not undo)
             record = self._recorded(turn, outcome, ended)
             if undo and ended is not None and ended["turn"]["end_seq"] >= ended["turn"]["begin_seq"]:
                 # After the label's end: turn:AGENT:N keeps the attempt's tree; the undo carries no label.

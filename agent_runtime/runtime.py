@@ -8,7 +8,9 @@ and a worker process (``python -m agent_runtime.worker``, log in
 environment beside the file events (``chronicle.store.history.turns``),
 written by the workspace's mount daemon from what the agent's runner sends on
 its ``ctl`` channel; the runtime reads it. The runtime is each runner's host
-(:class:`~agent_runtime.runner.RunnerHost`).
+(:class:`~agent_runtime.runner.RunnerHost`). After its first mount it keeps
+one standby mount daemon ready for the next (``process.DaemonStandby``),
+ended by :meth:`close` (or by EOF when this process ends).
 
 Use::
 
@@ -48,7 +50,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ from chronicle.store.store import Store, check_workspace_name, default_store_pat
 
 from agent_runtime.isolation import AGENT_UID, View, adopt, check, isolation_default
 from agent_runtime.loader import normalise_target
-from agent_runtime.process import WorkerProcess, WorkspaceMount
+from agent_runtime.process import DaemonStandby, WorkerProcess, WorkspaceMount, env_names
 from agent_runtime.reply import Reply
 from agent_runtime.runner import AgentRunner, Job, MessageJob, RollbackJob, StopJob, WakeJob, take_agent_lock
 from agent_runtime.surface import RuntimeSurface
@@ -85,13 +87,17 @@ class Runtime(RuntimeSurface):
     (:mod:`agent_runtime.isolation`; default True unless
     ``$CHRONICLE_NO_ISOLATION`` is set); its requirements are checked when the
     first worker starts (:class:`AgentError` if unmet). False: workers run as
-    this process's user, in its mount namespace.
+    this process's user, in its mount namespace. ``worker_env``: names of
+    this process's environment variables every worker gets besides the
+    allowlist (``agent_runtime.process.WORKER_ENV``; also
+    ``$CHRONICLE_AGENT_ENV``, comma-separated). A worker inherits nothing
+    else; an agent class names what it needs in ``BaseAgent.worker_env``.
     """
 
     def __init__(self, store: os.PathLike | str | None = None, *, agents_dir: os.PathLike | str | None = None,
                  snapshot_every: int = 100, idle_timeout: float | None = None, cancel_grace: float = 5.0,
                  start_timeout: float = 60.0, sync_interval: float = 5.0, create_store: bool = True,
-                 isolation: bool | None = None, agent_uid: int = AGENT_UID):
+                 isolation: bool | None = None, agent_uid: int = AGENT_UID, worker_env: Iterable[str] = ()):
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
             raise UsageError(f"snapshot_every must be a positive integer, not {snapshot_every!r}")
         if idle_timeout is not None and idle_timeout <= 0:
@@ -107,10 +113,12 @@ class Runtime(RuntimeSurface):
         self.sync_interval = sync_interval
         self.isolation = isolation_default() if isolation is None else bool(isolation)
         self.agent_uid = agent_uid
+        self.worker_env = env_names(worker_env, "worker_env")
         self._runners: dict[str, AgentRunner] = {}
         self._sync_task: asyncio.Task | None = None
         self._closed = False
         self._timers = TimerScheduler(self._fire)
+        self._standby = DaemonStandby(self.store_path / "run" / "mount-standby.log")   # (started by mounts)
         self.quotas = QuotaRegistry()
 
     async def __aenter__(self) -> Runtime:
@@ -134,28 +142,28 @@ class Runtime(RuntimeSurface):
 
     def workspace_mount(self, agent_id: str) -> WorkspaceMount:
         """A handle on the agent's workspace mount at :meth:`mountpoint` (``RunnerHost``)."""
-        return WorkspaceMount(self.store_path, agent_id, self.mountpoint(agent_id))
+        return WorkspaceMount(self.store_path, agent_id, self.mountpoint(agent_id), self._standby)
 
     async def spawn_worker(self, agent_id: str, target: str, cwd: str) -> WorkerProcess:
         """A worker for the agent that has loaded ``target`` from ``cwd``
         (``RunnerHost``). Raises :class:`AgentLoadError`, :class:`AgentError`.
 
-        Isolated, the workspace is mounted first (it must be there when the
-        worker's mount namespace is made); while the agent is being created it
-        has none, and the worker sees no workspace."""
-        if not self.isolation:
-            return await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                             self.worker_log(agent_id), self.start_timeout)
-        await asyncio.to_thread(check, self.agent_uid)
+        The worker starts (and imports its code) while the workspace mounts
+        (both take a few hundred ms: a wake waits for the slower). Isolated,
+        its view takes the mount once it is up; while the agent is being
+        created it has none, and the worker sees no workspace."""
         runner = self._runners.get(agent_id)
         mount = runner.mount if runner is not None and self._has_workspace(agent_id) else None
-        hide = tuple(dict.fromkeys((str(self.store_path), str(self.agents_dir))))
-        view = View(hide, str(mount.mountpoint) if mount else None, cwd, self.agent_uid, self.agent_uid)
-        # The worker starts (and imports its code) while the workspace mounts; its view takes the mount after.
+        view = None
+        if self.isolation:
+            await asyncio.to_thread(check, self.agent_uid)
+            hide = tuple(dict.fromkeys((str(self.store_path), str(self.agents_dir))))
+            view = View(hide, str(mount.mountpoint) if mount else None, cwd, self.agent_uid, self.agent_uid)
         mounting = asyncio.ensure_future(mount.ensure(self.store, self.start_timeout)) if mount else None
         try:
             worker = await WorkerProcess.spawn(agent_id, target, cwd, str(self.mountpoint(agent_id)),
-                                               self.worker_log(agent_id), self.start_timeout, view)
+                                               self.worker_log(agent_id), self.start_timeout, view,
+                                               env_extra=self.worker_env)
         except BaseException:
             if mounting is not None:
                 await asyncio.gather(mounting, return_exceptions=True)
@@ -164,10 +172,12 @@ class Runtime(RuntimeSurface):
             return worker
         try:
             await mounting
-            changed = await asyncio.to_thread(adopt, mount.mountpoint, self.agent_uid, self.agent_uid)
-            if changed:
-                log.info("agent %r: gave its %d files to uid %d (isolation)", agent_id, changed, self.agent_uid)
-            await worker.attach(mount.mountpoint, self.start_timeout)
+            if view is not None:
+                changed = await asyncio.to_thread(adopt, mount.mountpoint, self.agent_uid, self.agent_uid)
+                if changed:
+                    log.info("agent %r: gave its %d files to uid %d (isolation)", agent_id, changed,
+                             self.agent_uid)
+                await worker.attach(mount.mountpoint, self.start_timeout)
         except BaseException:
             await worker.stop()
             raise
@@ -488,6 +498,7 @@ class Runtime(RuntimeSurface):
                 pass
         if self._sync_task is not None:
             self._sync_task.cancel()
+        await self._standby.close()
         self.store.close()
 
     # -- reads -------------------------------------------------------------------------

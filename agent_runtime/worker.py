@@ -5,7 +5,9 @@ in the agent's directory (where its module is importable from), it imports
 the class and speaks :mod:`agent_runtime.protocol` on fd N: ``loaded``, then
 on ``start`` it loads the state and changes its current directory to the
 workspace, then serves ``run``/``cancel``/``load``/``exit`` until ``exit`` or
-EOF.
+EOF. Its environment is the runtime's allowlist (``agent_runtime.process.
+WORKER_ENV``); ``start`` adds the variables its class asks for
+(``BaseAgent.worker_env``).
 
 Turn semantics: before each run the worker holds ``committed``, the state
 JSON as of the last completed turn. A run that returns drains the state's
@@ -135,6 +137,8 @@ class Worker:
         version = command.get("version")
         state = self.cls.State.from_json(command["state"], version)
         workspace = command["workspace"]
+        for name, value in (command.get("env") or {}).items():     # the class's worker_env
+            os.environ[name] = value
         os.environ["AGENT_WORKSPACE"] = workspace
         os.chdir(workspace)
         self.ctx = AgentContext(self.agent_id, workspace, state, _ChannelSink(self))
@@ -243,10 +247,17 @@ async def _main(args: argparse.Namespace) -> int:
         except StateError:
             defaults = None
         policy = cls.retry_policy if isinstance(cls.retry_policy, RetryPolicy) else RetryPolicy()
+        names = cls.worker_env
+        if isinstance(names, str) or not isinstance(names, (tuple, list)) \
+                or not all(isinstance(n, str) and n and "=" not in n and "\x00" not in n for n in names):
+            await channel.send({"ev": "error", "kind": "AgentLoadError",
+                                "error": f"bad agent class {args.target!r}: worker_env must be a tuple of "
+                                         f"environment variable names, not {names!r}"})
+            return 2
         await channel.send({"ev": "loaded", "pid": os.getpid(), "entity_type": cls.State._entity_type,
                             "version": cls.State._version, "defaults": defaults,
                             "atomic_turns": bool(cls.atomic_turns), "retry": policy.to_json(),
-                            "quota_keys": [str(k) for k in cls.quota_keys or ()]})
+                            "quota_keys": [str(k) for k in cls.quota_keys or ()], "env": list(names)})
         return await worker.serve()
     except (ConnectionError, BrokenPipeError):
         return 0

@@ -7,12 +7,20 @@ mount and the daemon is alive — or raises with the daemon's last error.
 ``umount`` unmounts with ``fusermount3 -u`` and waits for the daemon to
 finish committing and syncing. Processes and mounts are asked about through
 :mod:`chronicle.procs` (alive, stale, fusermount, spawn-and-wait).
+
+``python -m chronicle.mounting --store STORE --workspace NAME MOUNTPOINT``
+(:func:`main`) is ``chronicle mount --foreground`` without importing the
+command line (click, rich, the agent commands): the same daemon, mounted
+sooner. The agent runtime starts its workspaces' daemons this way
+(``agent_runtime.process.WorkspaceMount``; :data:`DAEMON_MODULE`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from chronicle import procs
@@ -21,6 +29,7 @@ from chronicle.errors import Busy, ChronicleError, InvalidArgument, NotFound, St
 DEFAULT_WORKSPACE = "default"
 MOUNT_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 120.0
+DAEMON_MODULE = "chronicle.mounting"      # python -m DAEMON_MODULE: a foreground daemon (main)
 
 
 def _store_path(store: Path | None) -> Path:
@@ -91,3 +100,73 @@ def umount(mountpoint: Path) -> None:
         raise ChronicleError(message)
     if pid and not procs.wait_gone(pid, UMOUNT_TIMEOUT):
         raise StoreError(f"the daemon (pid {pid}) did not exit within {UMOUNT_TIMEOUT:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m chronicle.mounting --store STORE --workspace NAME
+    MOUNTPOINT``: serve in the foreground, as ``chronicle mount --foreground``.
+    ``--standby`` (no other argument): import the daemon's code, then read
+    what to serve from stdin, one JSON line ``{"store", "workspace",
+    "mountpoint", "log"}`` (``log``: the file its output is appended to from
+    then on); EOF first: exit 0 — a daemon started ahead of need, so that a
+    mount costs no start-up (``agent_runtime.process.DaemonStandby``).
+    An error before mounting is one line ``chronicle: error: ...`` on stderr
+    and the error's exit code (1 for an ``OSError``), as the CLI's."""
+    parser = argparse.ArgumentParser(prog=f"python -m {DAEMON_MODULE}",
+                                     description="Serve a workspace at MOUNTPOINT (chronicle mount --foreground).")
+    parser.add_argument("--store", type=Path)
+    parser.add_argument("--workspace", default=DEFAULT_WORKSPACE)
+    parser.add_argument("--standby", action="store_true",
+                        help="read {store, workspace, mountpoint, log} as one JSON line from stdin")
+    parser.add_argument("mountpoint", type=Path, nargs="?")
+    args = parser.parse_args(argv)
+    try:
+        if args.standby:
+            if args.store is not None or args.mountpoint is not None:
+                parser.error("--standby reads the store, workspace and mountpoint from stdin")
+            store, workspace, mountpoint = _standby()
+            if store is None:
+                return 0
+        else:
+            if args.store is None or args.mountpoint is None:
+                parser.error("give --store STORE and MOUNTPOINT (or --standby)")
+            store, workspace, mountpoint = args.store, args.workspace, args.mountpoint
+        mount(store.absolute(), workspace, mountpoint.absolute(), foreground=True)
+    except ChronicleError as err:
+        print(f"chronicle: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
+    except OSError as exc:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "") if exc.strerror else str(exc)
+        print(f"chronicle: error: {' '.join(text.split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _standby() -> tuple[Path | None, str, Path | None]:
+    """``main --standby``: the daemon's imports, then its job from stdin (the
+    store, workspace and mountpoint; ``(None, "", None)`` at EOF), with
+    stdout and stderr appended to the job's log from then on."""
+    import chronicle.fs.daemon  # noqa: F401  (the start-up cost, paid before the job comes)
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None, "", None
+    try:
+        job = json.loads(line)
+        store, workspace, mountpoint, log = (job["store"], job["workspace"], job["mountpoint"], job["log"])
+        if not all(isinstance(v, str) and v for v in (store, workspace, mountpoint, log)):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument('a standby daemon reads {"store", "workspace", "mountpoint", "log"} '
+                              "(strings) as one JSON line") from None
+    out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    return Path(store), workspace, Path(mountpoint)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,6 +37,9 @@ import pytest
 # The runtime's tests run agents as root without isolation (their agents write trace files the test
 # reads, outside any view); tests/runtime/test_isolation.py asks for isolation explicitly.
 os.environ.setdefault("CHRONICLE_NO_ISOLATION", "1")
+# Workers inherit only an allowlist of the environment (agent_runtime.process.WORKER_ENV); the test
+# agents' trace file is named in AGENT_TEST_TRACE, passed on by name.
+os.environ.setdefault("CHRONICLE_AGENT_ENV", "AGENT_TEST_TRACE")
 
 try:  # tests/ may become a package one day
     from . import mounts

@@ -39,6 +39,13 @@ Malformed input (not JSON, not an object, unknown command, missing or
 wrong-typed fields, an over-long line) gets an error reply; the daemon logs
 nothing for it and keeps serving. The reply is ready when ``write`` returns.
 
+**Quiet turn commands.** ``turn-begin``, ``turn-end`` and ``step`` with
+``"quiet": true`` queue no reply when they succeed: the ``write`` returning
+says so (the command ran and was committed before it returned), which
+saves a ``read`` — a FUSE round trip — per command (the agent runtime's
+per-turn cost). When one fails, its error reply is queued as usual and the
+``write`` fails with ``EBADMSG``; the client then reads the reply.
+
 Threads: commands run on the FUSE loop as mutations under the adapter's
 :class:`~chronicle.fs.operations.MutationGate`, except the long one: a
 whole-tree ``restore --at`` runs in a worker thread holding the gate
@@ -50,6 +57,7 @@ committed records only, ``chronicle.store.history.receipts``).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -88,6 +96,7 @@ class CtlSession:
         self.turn_log = TurnLog(ops.store)
         self._turn_data: list[str] = []  # turn-data pieces for the next turn command
         self._turn_chars = 0
+        self._quiet = False              # the command being run asked for no reply on success
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes of the pending replies (``b""``: none pending)."""
@@ -97,8 +106,10 @@ class CtlSession:
 
     async def write(self, data: bytes) -> int:
         """Take ``data`` (any split of the command lines); runs each complete
-        line and queues its reply before returning. Returns ``len(data)``."""
+        line and queues its reply before returning. Returns ``len(data)``;
+        raises ``FUSEError(EBADMSG)`` if a quiet command failed (module docstring)."""
         self._input += data
+        failed = False
         while True:
             newline = self._input.find(b"\n")
             if self._discarding:
@@ -119,7 +130,13 @@ class CtlSession:
             if len(line) > MAX_LINE:
                 self._reply({"ok": False, "error": f"command line longer than {MAX_LINE} bytes"})
             elif line.strip():
-                self._reply(await self.execute(line))
+                self._quiet = False
+                reply = await self.execute(line)
+                if not (self._quiet and reply["ok"]):
+                    self._reply(reply)
+                failed = failed or (self._quiet and not reply["ok"])
+        if failed:
+            raise pyfuse3.FUSEError(errno.EBADMSG)      # a quiet command failed: its reply is queued
         return len(data)
 
     def _reply(self, reply: dict) -> None:
@@ -140,6 +157,7 @@ class CtlSession:
             handler = COMMANDS.get(name) if isinstance(name, str) else None
             if handler is None:
                 raise InvalidArgument(f"unknown command {name!r}; commands: {', '.join(sorted(COMMANDS))}")
+            self._quiet = command.get("quiet") is True and name in QUIET_COMMANDS
             if handler in (CtlSession.restore, CtlSession.receipt):
                 result = await handler(self, command)          # takes the gate as it needs
             else:
@@ -227,13 +245,17 @@ class CtlSession:
         self.turn_log.check_end(ws, outcome, snapshot)
         await self.ops.commit_all()
         ended = self.turn_log.end_label(ws)                 # no event after this carries the label
-        label, record = await trio.to_thread.run_sync(self.turn_log.record_end, ws, ended, outcome, snapshot, keep)
+        if snapshot is None and not command.get("turn_data"):      # a small record: one short transaction
+            label, record = self.turn_log.record_end(ws, ended, outcome, snapshot, keep)
+        else:                                               # a state snapshot may be large: off the loop
+            label, record = await trio.to_thread.run_sync(self.turn_log.record_end, ws, ended, outcome, snapshot,
+                                                          keep)
         return {"seq": ws.head_seq, "turn": label, "recorded": record is not None}
 
     async def step(self, command: dict) -> dict:
         """``step``: commit open files, then record a completed durable step
-        (``name``, its JSON ``result``) in the open turn's ``running`` record,
-        at the head seq (``TurnLog.step``). Reply: ``{"seq", "name"}``."""
+        (``name``, its JSON ``result``) of the open turn, at the head seq
+        (``TurnLog.step``: its own key, O(1)). Reply: ``{"seq", "name"}``."""
         command = await self._with_turn_data(command)
         name = _field(command, "name", str)
         if "result" not in command:
@@ -306,6 +328,8 @@ class CtlSession:
         await self.ops.sync()
         return {"seq": self.ops.ws.head_seq}
 
+
+QUIET_COMMANDS = frozenset({"turn-begin", "turn-end", "step"})
 
 COMMANDS = {
     "snapshot": CtlSession.snapshot,

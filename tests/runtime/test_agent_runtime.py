@@ -439,9 +439,9 @@ def test_turn_records_longer_than_a_ctl_line(env, monkeypatch):
     sent = []
     control = runtime_process.WorkspaceMount.control
 
-    async def spy(self, command):
+    async def spy(self, command, **kwargs):
         sent.append(command["cmd"])
-        return await control(self, command)
+        return await control(self, command, **kwargs)
 
     monkeypatch.setattr(runtime_process.WorkspaceMount, "control", spy)
 

@@ -116,3 +116,35 @@ def test_step_records_a_result_at_the_head_seq(agent_mount):
         assert first["seq"] >= running["begin_seq"]                  # the file's events are before the step
         ctl.request({"cmd": "turn-end", "record": {"status": "completed"}})
     assert [s["name"] for s in log.record("bot", 1)["steps"]] == ["fetch"]      # kept in the final record
+
+
+def test_quiet_turn_commands_answer_only_when_they_fail(agent_mount):
+    """``"quiet": true``: a turn command that succeeds queues no reply (the
+    write returning says so); one that fails fails the write (EBADMSG) and its
+    error reply is read — the replies of later commands stay in step."""
+    mount, _store, log = agent_mount
+    with ControlChannel(mount.path) as ctl:
+        record = {"kind": "message", "message": {"text": "quiet"}}
+        assert ctl.request_quiet({"cmd": "turn-begin", "agent": "bot", "turn": 1, "record": record}) is True
+        assert log.record("bot", 1)["status"] == "running"
+        with pytest.raises(InvalidArgument, match="still open"):       # fails: its reply is read and raised
+            ctl.request_quiet({"cmd": "turn-begin", "agent": "bot", "turn": 2, "record": record})
+        (mount.path / "q.txt").write_text("in the turn\n")
+        assert ctl.request_quiet({"cmd": "step", "name": "s1", "result": [1]}) is True
+        with pytest.raises(InvalidArgument, match="already recorded"):
+            ctl.request_quiet({"cmd": "step", "name": "s1", "result": [2]})
+        assert ctl.request({"cmd": "sync"})["seq"] >= 1                # no stale reply in between
+        assert ctl.request_quiet({"cmd": "turn-end", "record": {"status": "completed"}}) is True
+        final = log.record("bot", 1)
+        assert final["status"] == "completed" and [s["name"] for s in final["steps"]] == ["s1"]
+        with pytest.raises(InvalidArgument, match="no turn is open"):
+            ctl.request_quiet({"cmd": "turn-end", "record": {"status": "completed"}})
+        with pytest.raises(InvalidArgument, match="can be sent quiet"):
+            ctl.request_quiet({"cmd": "sync"})
+        # A line too long for one request is not sent quiet (the caller sends it as usual).
+        assert ctl.request_quiet({"cmd": "turn-begin", "agent": "bot", "turn": 2,
+                                  "record": {"kind": "message", "message": {"text": "x" * (70 << 10)}}}) is False
+        assert log.record("bot", 2) is None
+        # The same commands without "quiet" answer as before.
+        assert "seq" in ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": 2, "record": record})
+        assert ctl.request({"cmd": "turn-end", "record": {"status": "completed"}})["recorded"] is True

@@ -58,7 +58,6 @@ from agent_runtime import AgentContext, Runtime  # noqa: E402
 from agent_runtime.loader import load_agent_class  # noqa: E402
 
 AGENTS = textwrap.dedent('''
-    import asyncio, os
     from agent_runtime import BaseAgent, DeltaState
 
     class Noop(BaseAgent):
@@ -77,9 +76,9 @@ AGENTS = textwrap.dedent('''
         async def on_message(self, ctx, message):
             for i in range(message.get("steps", 0)):
                 await ctx.step(f"s{i}", int, i)
-            if message.get("wait_file"):
-                while not os.path.exists(message["wait_file"]):
-                    await asyncio.sleep(0.001)
+            if message.get("hold"):             # (c): mid-turn until the next message is queued
+                ctx.signal_idle()
+                await ctx.wait_for_wakeup(60)
 
     class Counter(BaseAgent):
         class State(DeltaState):
@@ -168,8 +167,7 @@ async def steps_and_reads(rt: Runtime, src: Path, work: Path, steps: int) -> dic
 
     empty = statistics.median([await turn({"steps": 0}) for _ in range(5)])
     full = statistics.median([await turn({"steps": steps}) for _ in range(5)])
-    go = work / "go"
-    reply = await rt.send("stepper", {"wait_file": str(go)})
+    reply = await rt.send("stepper", {"hold": True})
     while not rt.turns("stepper")[-1]["status"] == "running":
         await asyncio.sleep(0.001)
     reads = {}
@@ -181,8 +179,9 @@ async def steps_and_reads(rt: Runtime, src: Path, work: Path, steps: int) -> dic
             times.append(time.perf_counter() - started)
         reads[name] = statistics.median(times)
     running = not reply.done
-    go.touch()
+    release = await rt.send("stepper", {})          # queued: wakes the held turn (ctx.wait_for_wakeup)
     await reply.result(60)
+    await release.result(60)
     await rt.shutdown_agent("stepper")
     return {"steps": steps, "step_ms": (full - empty) / steps * 1000, "turn_without_steps_ms": empty * 1000,
             "state_during_turn_ms": reads["state"] * 1000, "turns_during_turn_ms": reads["turns"] * 1000,

@@ -40,7 +40,8 @@ Modules, lowest first:
   writer;
 - ``turns`` — the turn log: :class:`~chronicle.store.history.turns.TurnLog`,
   turn labels (a workspace's seq ranges per turn), the agent runtime's turn
-  records, state snapshots and agent records; written by the workspace's
+  records, durable steps (a key each while their turn runs), state snapshots
+  and agent records; written by the workspace's
   writer only (see ``turns``), read by everyone.
 
 Threads: nothing here holds a transaction between calls: each call opens

@@ -30,7 +30,11 @@ Vocabulary (SPEC §4, §5):
        "steps"?: [{"name", "result", "seq", "time"}], "attempts"?: N,
        "undone"?: {"to_seq"}, "suspend"?: {timer}, "compaction"?: {...}, "receipt"?: "<hex root>"}
 
-  ``steps``: its completed durable steps (:meth:`TurnLog.step`); ``attempts``:
+  ``steps``: its completed durable steps (:meth:`TurnLog.step`; while the
+  turn runs each is its own key in database ``agent_steps``, key agent,
+  turn, step index — O(1) per step, the ``running`` record is not
+  rewritten — and :meth:`TurnLog.record` shows them in ``steps``; the
+  turn's final record holds them and their keys are dropped); ``attempts``:
   runs of the turn; ``undone``: a turn that did not complete whose files (if any) the
   runtime put back after its end (a restore to ``to_seq``, unlabelled events
   after ``end_seq``: ``turn:AGENT:N`` still shows the attempt's tree).
@@ -244,6 +248,8 @@ class TurnLog:
         self.agents_db = store.dbs["agents"]
         self.records_db = store.dbs["agent_turns"]
         self.states_db = store.dbs["agent_states"]
+        self.steps_db = store.dbs["agent_steps"]
+        self._step_names: tuple[bytes, list[str]] | None = None   # the open turn's step names (step())
 
     # -- agent records -------------------------------------------------------------------
 
@@ -316,7 +322,7 @@ class TurnLog:
 
     def _delete_records(self, txn: lmdb.Transaction, agent: str) -> None:
         prefix = _agent_prefix(agent)
-        for db in (self.records_db, self.states_db):
+        for db in (self.records_db, self.states_db, self.steps_db):
             with txn.cursor(db=db) as cur:
                 if not cur.set_range(prefix):
                     continue
@@ -368,7 +374,12 @@ class TurnLog:
         if not isinstance(turn, int) or turn < 0 or turn > TURN_MAX:
             return None
         raw = txn.get(turn_key(agent, turn), db=self.records_db)
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        if record.get("status") == "running":
+            self._add_steps(txn, agent, turn, record)
+        return record
 
     def records(self, agent: str, since: int = 0, until: int | None = None,
                 txn: lmdb.Transaction | None = None) -> Iterator[dict]:
@@ -386,7 +397,10 @@ class TurnLog:
                     break
                 if until is not None and _turn_of_key(key) > until:
                     break
-                yield json.loads(value)
+                record = json.loads(value)
+                if record.get("status") == "running":
+                    self._add_steps(txn, agent, _turn_of_key(key), record)
+                yield record
 
     @staticmethod
     def inherited_from(info: dict, turn: int) -> str | None:
@@ -608,8 +622,9 @@ class TurnLog:
         return self.record_end(ws, self.end_label(ws), outcome, snapshot, keep)
 
     def step(self, ws: Workspace, name: str, result: Any) -> dict:
-        """Append ``{"name", "result", "seq" (the head), "time"}`` to the
-        ``steps`` of the open turn's ``running`` record; returns it. Raises
+        """Record ``{"name", "result", "seq" (the head), "time"}`` as the next
+        step of the open turn (its own key in ``agent_steps``; the ``running``
+        record shows it in ``steps``); returns it. Raises
         :class:`InvalidArgument` (no turn open, no ``running`` record, a bad
         or already used name), :class:`ReadOnly`."""
         if ws.turn is None:
@@ -619,18 +634,55 @@ class TurnLog:
         if not isinstance(name, str) or not name or len(name.encode("utf-8", "replace")) > 1024 or "\x00" in name:
             raise InvalidArgument("a step name is a non-empty string of at most 1024 bytes, without NUL")
         step = {"name": name, "result": result, "seq": ws.head_seq, "time": now_iso()}
+        prefix = turn_key(agent, turn)
         with self.env.begin(write=True) as txn:
-            record = self.record(agent, turn, txn)
-            if record is None or record.get("status") != "running":
+            raw = txn.get(prefix, db=self.records_db)
+            if raw is None or json.loads(raw).get("status") != "running":
                 raise InvalidArgument(f"turn {turn} of agent {agent!r} has no running record to add a step to")
-            steps = record.setdefault("steps", [])
-            if any(s.get("name") == name for s in steps):
+            names = self._names_of_steps(txn, prefix)
+            if name in names:
                 raise InvalidArgument(f"step {name!r} was already recorded in turn {turn}; step names are "
                                       "unique within a turn")
-            steps.append(step)
-            txn.put(turn_key(agent, turn), json.dumps(record).encode(), db=self.records_db)
+            txn.put(prefix + schema.U32.pack(len(names)), json.dumps(step).encode(), db=self.steps_db)
+        names.append(name)                  # (after the commit: a failed one leaves the cache as the store)
         self.store.note_commit()
         return step
+
+    def _names_of_steps(self, txn: lmdb.Transaction, prefix: bytes) -> list[str]:
+        """The names of the steps recorded under ``prefix`` (agent, turn), in
+        order: kept from the last :meth:`step` while the store has exactly
+        that many (two point reads), else read from the store."""
+        cached = self._step_names
+        if cached is not None and cached[0] == prefix:
+            count = len(cached[1])
+            if (count == 0 or txn.get(prefix + schema.U32.pack(count - 1), db=self.steps_db) is not None) \
+                    and txn.get(prefix + schema.U32.pack(count), db=self.steps_db) is None:
+                return cached[1]
+        names = [json.loads(value).get("name") for value in self._step_values(txn, prefix)]
+        self._step_names = (prefix, names)
+        return names
+
+    def _step_values(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[bytes]:
+        with txn.cursor(db=self.steps_db) as cur:
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if key[:len(prefix)] != prefix or len(key) != len(prefix) + 4:
+                        break
+                    yield value
+
+    def _add_steps(self, txn: lmdb.Transaction, agent: str, turn: int, record: dict) -> None:
+        """A ``running`` record with the steps recorded in ``agent_steps`` after its own."""
+        steps = [json.loads(value) for value in self._step_values(txn, turn_key(agent, turn))]
+        if steps:
+            record["steps"] = (record.get("steps") or []) + steps
+
+    def _drop_steps(self, txn: lmdb.Transaction, agent: str, turn: int) -> None:
+        prefix = turn_key(agent, turn)
+        with txn.cursor(db=self.steps_db) as cur:
+            if cur.set_range(prefix):
+                while cur.key()[:len(prefix)] == prefix and len(cur.key()) == len(prefix) + 4:
+                    if not cur.delete():
+                        break
 
     def close_interrupted(self, ws: Workspace) -> int:
         """End the labels of ``ws`` a daemon that stopped mid-turn left open:
@@ -647,7 +699,8 @@ class TurnLog:
                     for key, value in cur:
                         if key[:4] != prefix:
                             break
-                        found.append(json.loads(value))
+                        if b'"end_seq": null' in value:     # open (json.dumps' spelling): the few to parse
+                            found.append(json.loads(value))
             for label in found:
                 if label.get("end_seq") is not None or label.get("begin_seq", 0) > ws.head_seq + 1:
                     continue
@@ -721,6 +774,8 @@ class TurnLog:
         if record.get("kind") == "message":
             info["last_turn_usage"] = add_usage({}, usage)
         txn.put(turn_key(agent, turn), json.dumps(record).encode(), db=self.records_db)
+        if record.get("steps"):
+            self._drop_steps(txn, agent, turn)           # (old, a running record, showed them: now in record)
         if snapshot is not None:
             txn.put(turn_key(agent, turn), json.dumps(snapshot).encode(), db=self.states_db)
         txn.put(agent.encode(), json.dumps(info).encode(), db=self.agents_db)

@@ -25,6 +25,7 @@ database                key                                        value
 ``agents``              agent id (UTF-8)                           JSON agent record
 ``agent_turns``         agent id, 0x00, turn u32                   JSON turn record
 ``agent_states``        agent id, 0x00, turn u32                   JSON state snapshot after that turn
+``agent_steps``         agent id, 0x00, turn u32, step u32         JSON durable step of a running turn
 ``policies``            ws u32                                     retention policy JSON (``gc.policy.Policy``)
 ``receipts``            ws u32, seq u64                            receipt JSON (``history.receipts``)
 ``receipt_dirs``        ws u32, dir ino u64, ~seq u64              a directory's receipt hash and counts
@@ -80,8 +81,8 @@ SEQ_MAX = (1 << 64) - 1
 
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
-             "agents", "agent_turns", "agent_states", "policies", "receipts", "receipt_dirs", "receipt_entries",
-             "receipt_hashes")
+             "agents", "agent_turns", "agent_states", "agent_steps", "policies", "receipts", "receipt_dirs",
+             "receipt_entries", "receipt_hashes")
 
 # meta keys
 META_FORMAT = b"format"

@@ -358,3 +358,46 @@ def test_steps_are_kept_in_the_running_record(store, log):
     assert [s["name"] for s in log.record("bot", 1)["steps"]] == ["fetch"]
     with pytest.raises(InvalidArgument):
         log.step(ws, "late", 1)
+
+
+def test_steps_have_their_own_keys_and_the_final_record_holds_them(store, log):
+    """A step is one new key (``agent_steps``): the ``running`` record is not
+    rewritten however many steps the turn has; readers see them in ``steps``;
+    the turn's end moves them into its record and drops the keys."""
+    ws = new_agent(store, log)
+    log.begin(ws, "bot", 1, "m", record={"kind": "message", "message": {"text": "x" * 1000}})
+
+    def running_raw():
+        with store.env.begin() as txn:
+            return bytes(txn.get(b"bot\x00" + (1).to_bytes(4, "big"), db=store.dbs["agent_turns"]))
+
+    def step_keys():
+        with store.env.begin() as txn:
+            return [bytes(k) for k, _ in txn.cursor(db=store.dbs["agent_steps"])]
+
+    before = running_raw()
+    for i in range(50):
+        log.step(ws, f"s{i}", {"i": i})
+    assert running_raw() == before                           # never rewritten
+    assert step_keys() == [b"bot\x00" + (1).to_bytes(4, "big") + i.to_bytes(4, "big") for i in range(50)]
+    running = log.record("bot", 1)
+    assert running["status"] == "running" and [s["result"]["i"] for s in running["steps"]] == list(range(50))
+    assert [s["name"] for s in list(log.records("bot"))[-1]["steps"]] == [f"s{i}" for i in range(50)]
+    # Another writer's TurnLog (another ctl handle) adds a step: names stay unique across both.
+    other = TurnLog(store)
+    other.step(ws, "from-other", 1)
+    with pytest.raises(InvalidArgument, match="already recorded"):
+        log.step(ws, "from-other", 2)
+    with pytest.raises(InvalidArgument, match="already recorded"):
+        other.step(ws, "s3", 2)
+    log.step(ws, "last", 3)
+    _, record = log.end(ws, {"status": "completed"})
+    names = [f"s{i}" for i in range(50)] + ["from-other", "last"]
+    assert [s["name"] for s in record["steps"]] == names
+    assert [s["name"] for s in log.record("bot", 1)["steps"]] == names
+    assert step_keys() == []
+    # The next turn starts with no steps, and its names may repeat the last turn's.
+    log.begin(ws, "bot", 2, "m2", record={"kind": "message"})
+    assert "steps" not in log.record("bot", 2)
+    log.step(ws, "s0", 0)
+    assert [s["name"] for s in log.record("bot", 2)["steps"]] == ["s0"]
