@@ -70,6 +70,7 @@ from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.gate import MutationGate
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
 from chronicle.store.model import Actor, Attrs
+from chronicle.store.namespace.files import ReadTracker
 from chronicle.store.namespace.staging import MAX_FILE_SIZE
 from chronicle.store.namespace.workspace import NAME_MAX, Workspace
 from chronicle.store.store import Store
@@ -132,6 +133,7 @@ class ChronicleOperations(pyfuse3.Operations):
         self.stream_limiter = trio.CapacityLimiter(STREAM_WAIT_THREADS)
         self.job_limiter = trio.CapacityLimiter(1)
         self.gate = MutationGate()
+        self.reads = ReadTracker(ws)           # the open turn's read-set (ctl turn-begin/turn-end)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -467,7 +469,8 @@ class ChronicleOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         """FUSE_OPEN: a file handle for ``inode`` (``.chronicle`` files go to
         the magic tree). ``O_TRUNC`` of a writable open empties the file; the
-        kernel keeps its page cache across opens (``keep_cache``). Errors:
+        kernel keeps its page cache across opens (``keep_cache``), except
+        while the open turn tracks its reads (``self.reads``). Errors:
         EISDIR, EINVAL (not a regular file), ENOENT."""
         if inode >= MAGIC_BASE:
             await self.gate.wait_free()
@@ -482,7 +485,9 @@ class ChronicleOperations(pyfuse3.Operations):
             self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
             if truncate:
                 self.ws.files[ino].pid = ctx.pid
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # While a turn tracks its reads, the kernel drops the file's cached pages at this open, so its
+        # reads reach read() and are recorded (a cached page is served without asking the daemon).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.reads.active)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -504,13 +509,18 @@ class ChronicleOperations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """FUSE_READ: ``size`` bytes at ``off`` of open handle ``fh``, with its
-        uncommitted writes; short only at the end of the file. Errors: EIO
-        (a damaged chunk: ``Corrupt``, logged)."""
+        uncommitted writes; short only at the end of the file. While a turn
+        tracks its reads, the range served joins its read-set (``self.reads``;
+        ``.chronicle`` reads do not). Errors: EIO (a damaged chunk:
+        ``Corrupt``, logged)."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.read(fh, off, size)
         await self.gate.wait_free()            # a restore may repoint the open file's content
-        return self.ws.files.read(handle.ino, off, size)
+        data = self.ws.files.read(handle.ino, off, size)
+        if self.reads.active:
+            self.reads.note(handle.ino, off, len(data), handle.pid)
+        return data
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -26,6 +26,7 @@ database                key                                        value
 ``agent_turns``         agent id, 0x00, turn u32                   JSON turn record
 ``agent_states``        agent id, 0x00, turn u32                   JSON state snapshot after that turn
 ``policies``            ws u32                                     retention policy JSON (``gc.policy.Policy``)
+``turn_reads``          ws u32, agent, 0x00, turn u32, index u32   JSON: one file read of the turn (``history.reads``)
 ======================  =========================================  ==========================================
 
 A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
@@ -76,7 +77,7 @@ SEQ_MAX = (1 << 64) - 1
 
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
-             "agents", "agent_turns", "agent_states", "policies")
+             "agents", "agent_turns", "agent_states", "policies", "turn_reads")
 
 # meta keys
 META_FORMAT = b"format"
