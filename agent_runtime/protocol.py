@@ -10,7 +10,7 @@ Worker → coordinator (``ev``):
 
 =================================================================  =================================================
 ``{"ev": "loaded", "pid", "entity_type", "version", "defaults",    the class imported; ``defaults`` is the default
-``"atomic_turns", "retry", "quota_keys"}``                         state JSON (null if a field has no default);
+``"atomic_turns", "retry", "quota_keys", "track_reads"}``          state JSON (null if a field has no default);
                                                                    ``retry``: its ``RetryPolicy`` timings
 ``{"ev": "error", "kind", "error"}``                               fatal (bad MODULE:CLASS, bad stored state, a
                                                                    patch that does not apply); the worker exits

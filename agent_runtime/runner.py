@@ -367,6 +367,8 @@ class AgentRunner:
         """``turn-begin`` (with the ``running`` record, if given); a label left
         open (a ``turn-end`` that failed) is ended first. Returns the reply."""
         command = {"cmd": "turn-begin", "agent": self.id, "turn": turn, "message_id": message_id}
+        if self.worker is not None and self.worker.info.get("track_reads") is False:
+            command["track_reads"] = False            # the class's track_reads: no read-set for its turns
         fields = {"record": record} if record is not None else {}
         try:
             return await self._turn_command(command, fields)
