@@ -193,9 +193,10 @@ class ReadLog:
         Raises :class:`NotFound` (no such workspace)."""
         ws_id = self.store.workspace_record(workspace).id
         with self.env.begin() as txn:
-            return self._reads(txn, ws_id, agent, turn)
+            return self.layer_reads(txn, ws_id, agent, turn)
 
-    def _reads(self, txn: lmdb.Transaction, ws_id: int, agent: str, turn: int) -> list[dict]:
+    def layer_reads(self, txn: lmdb.Transaction, ws_id: int, agent: str, turn: int) -> list[dict]:
+        """The read-set of ``turn`` of ``agent`` kept under workspace id ``ws_id`` (one range scan)."""
         prefix = reads_prefix(ws_id, agent, turn)
         out = []
         with txn.cursor(db=self.db) as cur:
@@ -233,7 +234,7 @@ class ReadLog:
                     except NotFound:
                         continue
                 changed = []
-                for read in self._reads(txn, owner_ws.id, owner, record["turn"]):
+                for read in self.layer_reads(txn, owner_ws.id, owner, record["turn"]):
                     path = os.fsencode(read["path"])
                     if path not in heads:
                         heads[path] = _file_at(txn, ws, path, None)
