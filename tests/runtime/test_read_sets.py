@@ -162,6 +162,7 @@ def test_a_turns_reads_by_agent_and_child_then_stale_after_a_write(env):
         # Turn 3 reads a.txt and then writes it itself: not stale for that.
         third = await rt.ask("bot", {"steps": [["read", "a.txt"], ["write", "a.txt", "alpha 2\n"]]})
         assert third["status"] == "completed"
+        await rt.fork("bot", "bot-b", 3)                         # inherits turns 0-2, with turn 3's files
         return rt.show_turn("bot", 2)
     shown = env.run(program)
     reads = ReadLog(Store.open(env.store)).turn_reads("bot", "bot", 2)
@@ -184,6 +185,13 @@ def test_a_turns_reads_by_agent_and_child_then_stale_after_a_write(env):
     assert change["read"]["version"] == 1 and change["now"]["version"] == 2 and change["deleted"] is False
     table = _ok(env.store, "stale", "bot").splitlines()
     assert table[0].split() == ["TURN", "PATH", "READ", "NOW"] and table[1].split() == ["2", "a.txt", "v1", "v2"]
+
+    # The fork inherited turn 2 with its read-set, and its a.txt is turn 3's: stale there too.
+    inherited = json.loads(_ok(env.store, "show", "bot-b", "2", "--json"))
+    assert inherited["inherited"] == "bot" and inherited["reads"] == reads
+    [in_fork] = json.loads(_ok(env.store, "stale", "bot-b", "--json"))
+    assert (in_fork["turn"], in_fork["owner"], in_fork["changed"]) == (2, "bot", stale["changed"])
+    assert _ok(env.store, "stale", "bot-b").splitlines()[1].split() == ["bot:2", "a.txt", "v1", "v2"]
 
     # A deleted file counts as changed; turn 3 (which wrote a.txt itself) is stale only once it is gone.
     async def delete(rt):

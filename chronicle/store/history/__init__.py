@@ -32,6 +32,9 @@ Modules, lowest first:
   what a turn changed;
 - ``queries`` — the ``blame/``, ``hash/`` and ``turns/`` nodes the views
   dispatch to (over ``blame`` and ``search``);
+- ``reads`` — read-sets: the file versions (and byte ranges) each turn
+  read, written at the turn's end by the mount daemon, and the completed
+  turns whose read files changed since (:class:`~chronicle.store.history.reads.ReadLog`);
 - ``turns`` — the turn log: :class:`~chronicle.store.history.turns.TurnLog`,
   turn labels (a workspace's seq ranges per turn), the agent runtime's turn
   records, state snapshots and agent records; written by the workspace's
