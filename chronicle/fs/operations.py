@@ -9,7 +9,11 @@ Kernel caching is deliberate (FUSE docs, "entry_timeout"/"attr_timeout"):
 Chronicle owns its data and every change comes through this adapter — or
 through ``ctl``, which invalidates what it changed — so entries, attributes
 and negative lookups are cached for :data:`CACHE_TIMEOUT` seconds and file
-pages are kept across opens (``keep_cache``). ``max_write`` is libfuse's
+pages are kept across opens (``keep_cache``) — except while the open turn
+records its reads (``self.reads``, a
+:class:`~chronicle.store.namespace.files.ReadTracker`): a read the page
+cache answers never reaches the daemon, so such opens drop the file's
+cached pages. ``max_write`` is libfuse's
 default of 1 MiB (FUSE_CAP_MAX_PAGES).
 
 Lookup counts follow the kernel's (the FUSE docs' "lookup count"): every

@@ -83,12 +83,11 @@ class Ranges:
         if end <= start:
             return
         starts, ends = self._starts, self._ends
-        if not starts or start > ends[-1]:
-            if not starts or start >= starts[-1]:
-                starts.append(start)
-                ends.append(end)
-                return
-        elif start >= starts[-1]:                     # touches or overlaps the last range
+        if not starts or start > ends[-1]:           # after every range: the sequential case
+            starts.append(start)
+            ends.append(end)
+            return
+        if start >= starts[-1]:                       # touches or overlaps the last range
             if end > ends[-1]:
                 ends[-1] = end
             return
@@ -122,7 +121,7 @@ class Ranges:
 @dataclass
 class FileRead:
     """One file content read during a turn, as the mount daemon gathers it
-    before the turn ends (:class:`chronicle.store.namespace.reads.ReadTracker`):
+    before the turn ends (:class:`chronicle.store.namespace.files.ReadTracker`):
     ``path`` when first read, the content id and BLAKE3 ``digest`` of the
     committed content, ``seq`` the head then, ``size`` its size in bytes."""
 
