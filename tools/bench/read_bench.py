@@ -8,7 +8,7 @@
   the turn's end), ms per turn through the runtime (``Runtime.ask``);
 - sequential read throughput through the agent's mount: the agent reads a
   ``--read-mib`` file (default 256 MiB) front to back in 1 MiB ``read``\\ s
-  inside a turn, median of 3 rounds, MiB/s. ``cold``: the file's cached
+  inside a turn, median of 5 rounds, MiB/s. ``cold``: the file's cached
   pages dropped first (``posix_fadvise(POSIX_FADV_DONTNEED)``), so every
   byte comes from the daemon; ``warm``: read again at once — untracked, the
   kernel's page cache answers; tracked, the open drops the cache (a
@@ -69,7 +69,7 @@ READ_AGENTS = textwrap.dedent('''
         track_reads = False
 ''')
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 async def _turns(rt: Runtime, agent: str, message: dict, turns: int) -> float:
@@ -94,7 +94,8 @@ async def _rate(rt: Runtime, agent: str, mib: int, cold: bool) -> float:
 async def read_tracking(rt: Runtime, src: Path, turns: int, mib: int) -> dict:
     """The figures of (d) (module docstring), as a dict. Tracked and
     untracked agents take turns in blocks (of a tenth of ``turns``) and
-    rounds, so drift of the machine's load falls on both."""
+    rounds, each first half of the time, so drift of the machine's load
+    falls on both."""
     (src / "bench_reads.py").write_text(READ_AGENTS)
     keys = {"tracked": "", "untracked": "Untracked"}
     out: dict = {"turns": turns, "read_mib": mib, "rounds": ROUNDS}
@@ -107,14 +108,15 @@ async def read_tracking(rt: Runtime, src: Path, turns: int, mib: int) -> dict:
         await _turns(rt, f"reader-{key}", {"read": "small.bin"}, 10)
     block = max(1, turns // 10)
     spent = {(key, kind): 0.0 for key in keys for kind in ("noop", "read4k")}
-    for _ in range(0, turns, block):
-        for key in keys:
+    order = [list(keys), list(reversed(keys))]        # each goes first half of the time
+    for i, _ in enumerate(range(0, turns, block)):
+        for key in order[i % 2]:
             spent[key, "noop"] += await _turns(rt, f"noop-{key}", {}, block)
             spent[key, "read4k"] += await _turns(rt, f"reader-{key}", {"read": "small.bin"}, block)
     done = block * len(range(0, turns, block))
     rates: dict = {(key, cold): [] for key in keys for cold in (True, False)}
-    for _ in range(ROUNDS):
-        for key in keys:
+    for i in range(ROUNDS):
+        for key in order[i % 2]:
             for cold in (True, False):
                 rates[key, cold].append(await _rate(rt, f"reader-{key}", mib, cold))
     for key in keys:
