@@ -403,12 +403,7 @@ def show(name: str, number: int, store_opt, as_json: bool) -> None:
     """Show turn N of agent NAME: its message, reply, state patch, file events
     and read-set (the file versions it read: path, version, seq, byte ranges,
     hash; none if the agent's class sets ``track_reads = False``)."""
-    async def program(rt: Runtime) -> dict:
-        shown = rt.show_turn(name, number)
-        owner = shown.get("inherited") or name
-        shown["reads"] = ReadLog(rt.store).turn_reads(owner, owner, shown["turn"])
-        return shown
-    t = _run(store_opt, program)
+    t = _query(store_opt, "show_turn", name, number)
     if as_json:
         _print_json(t, indent=2)
         return

@@ -168,6 +168,7 @@ def test_a_turns_reads_by_agent_and_child_then_stale_after_a_write(env):
     reads = ReadLog(Store.open(env.store)).turn_reads("bot", "bot", 2)
     assert [(r["path"], r["version"], r["ranges"], r["size"]) for r in reads] == [
         ("a.txt", 1, [[0, 6]], 6), ("b.txt", 1, [[0, 10]], 10)]
+    assert shown["reads"] == reads                                   # Runtime.show_turn (and GET /agents/ID/turns/N)
     a, b = reads
     assert a["seq"] < shown["begin_seq"] and b["seq"] < shown["begin_seq"]      # versions of turn 1
     assert len(a["pids"]) == 1 and len(b["pids"]) == 1 and a["pids"] != b["pids"]   # agent, then its child

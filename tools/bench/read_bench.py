@@ -5,10 +5,10 @@
 
 - per-turn overhead: a no-op agent (``noop``), and one that reads one
   4 KiB file per turn (``read4k``: a one-entry read-set, one LMDB write at
-  the turn's end), ms per turn through the runtime (``Runtime.ask``);
+  the turn's end), the median ms of a turn through the runtime (``Runtime.ask``);
 - sequential read throughput through the agent's mount: the agent reads a
   ``--read-mib`` file (default 256 MiB) front to back in 1 MiB ``read``\\ s
-  inside a turn, median of 5 rounds, MiB/s. ``cold``: the file's cached
+  inside a turn, median of 7 rounds, MiB/s. ``cold``: the file's cached
   pages dropped first (``posix_fadvise(POSIX_FADV_DONTNEED)``), so every
   byte comes from the daemon; ``warm``: read again at once — untracked, the
   kernel's page cache answers; tracked, the open drops the cache (a
@@ -69,7 +69,7 @@ READ_AGENTS = textwrap.dedent('''
         track_reads = False
 ''')
 
-ROUNDS = 5
+ROUNDS = 7
 
 
 async def _turns(rt: Runtime, agent: str, message: dict, turns: int) -> float:
@@ -93,9 +93,8 @@ async def _rate(rt: Runtime, agent: str, mib: int, cold: bool) -> float:
 
 async def read_tracking(rt: Runtime, src: Path, turns: int, mib: int) -> dict:
     """The figures of (d) (module docstring), as a dict. Tracked and
-    untracked agents take turns in blocks (of a tenth of ``turns``) and
-    rounds, each first half of the time, so drift of the machine's load
-    falls on both."""
+    untracked agents take turns one by one (turn times: medians) and rounds,
+    each first half of the time, so drift of the machine's load falls on both."""
     (src / "bench_reads.py").write_text(READ_AGENTS)
     keys = {"tracked": "", "untracked": "Untracked"}
     out: dict = {"turns": turns, "read_mib": mib, "rounds": ROUNDS}
@@ -106,14 +105,12 @@ async def read_tracking(rt: Runtime, src: Path, turns: int, mib: int) -> dict:
         (rt.mountpoint(f"reader-{key}") / "small.bin").write_bytes(b"x" * 4096)
         await _turns(rt, f"noop-{key}", {}, 10)                      # warm-up: worker, mount
         await _turns(rt, f"reader-{key}", {"read": "small.bin"}, 10)
-    block = max(1, turns // 10)
-    spent = {(key, kind): 0.0 for key in keys for kind in ("noop", "read4k")}
+    times: dict = {(key, kind): [] for key in keys for kind in ("noop", "read4k")}
     order = [list(keys), list(reversed(keys))]        # each goes first half of the time
-    for i, _ in enumerate(range(0, turns, block)):
+    for i in range(turns):
         for key in order[i % 2]:
-            spent[key, "noop"] += await _turns(rt, f"noop-{key}", {}, block)
-            spent[key, "read4k"] += await _turns(rt, f"reader-{key}", {"read": "small.bin"}, block)
-    done = block * len(range(0, turns, block))
+            times[key, "noop"].append(await _turns(rt, f"noop-{key}", {}, 1))
+            times[key, "read4k"].append(await _turns(rt, f"reader-{key}", {"read": "small.bin"}, 1))
     rates: dict = {(key, cold): [] for key in keys for cold in (True, False)}
     for i in range(ROUNDS):
         for key in order[i % 2]:
@@ -122,7 +119,8 @@ async def read_tracking(rt: Runtime, src: Path, turns: int, mib: int) -> dict:
     for key in keys:
         reader = f"reader-{key}"
         reads = ReadLog(rt.store).turn_reads(reader, reader, rt.turns(reader)[-1]["turn"])
-        out[key] = {"noop_ms": spent[key, "noop"] / done * 1000, "read4k_ms": spent[key, "read4k"] / done * 1000,
+        out[key] = {"noop_ms": statistics.median(times[key, "noop"]) * 1000,
+                    "read4k_ms": statistics.median(times[key, "read4k"]) * 1000,
                     "cold_mib_s": statistics.median(rates[key, True]),
                     "warm_mib_s": statistics.median(rates[key, False]),
                     "last_read_set": [(r["path"], r["bytes"]) for r in reads]}   # tracked: the whole file
@@ -133,7 +131,7 @@ async def read_tracking(rt: Runtime, src: Path, turns: int, mib: int) -> dict:
 
 def report(d: dict, ms) -> None:
     """Print (d); ``ms`` formats seconds as milliseconds (agent_bench's)."""
-    print(f"(d) Read tracking on vs off (track_reads): {d['turns']:,} turns each; "
+    print(f"(d) Read tracking on vs off (track_reads): {d['turns']:,} turns each (medians); "
           f"a {d['read_mib']} MiB file read in 1 MiB reads, median of {d['rounds']}")
     rows = [("", "tracked", "untracked", "tracked/untracked")]
     t, u = d["tracked"], d["untracked"]
