@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 
 from chronicle.control import ControlChannel
@@ -85,7 +86,6 @@ def test_ctl_turn_records_reads_of_this_process_and_a_child(agent_mount):
     assert b["version"] == 1 and b["size"] == len(big)
     [(start, end)] = b["ranges"]                              # the block, with the kernel's read-ahead
     assert start <= 256 * 4096 and end >= 257 * 4096 and end <= len(big)
-    import blake3
     assert a["hash"] == blake3.blake3(b"alpha\n").hexdigest()
 
 
