@@ -486,6 +486,12 @@ class BaseAgent:
     #: read them in a hook, not at import time.
     worker_env: tuple[str, ...] = ()
 
+    #: Record each turn's read-set: the file versions it (and its child
+    #: processes) read through the workspace, kept at the turn's end
+    #: (``chronicle agent show``/``agent stale``). False: none is kept, and
+    #: files keep the kernel's page cache across the agent's turns.
+    track_reads: bool = True
+
     async def on_init(self, ctx: AgentContext) -> None:
         """Called once after the runtime starts (or wakes) the agent's worker."""
 

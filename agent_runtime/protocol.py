@@ -10,7 +10,7 @@ Worker → coordinator (``ev``):
 
 =================================================================  =================================================
 ``{"ev": "loaded", "pid", "entity_type", "version", "defaults",    the class imported; ``defaults`` is the default
-``"atomic_turns", "retry", "quota_keys", "env"}``                  state JSON (null if a field has no default);
+``"atomic_turns", "retry", "quota_keys", "env", "track_reads"}``   state JSON (null if a field has no default);
                                                                    ``retry``: its ``RetryPolicy`` timings;
                                                                    ``env``: its ``worker_env`` names
 ``{"ev": "error", "kind", "error"}``                               fatal (bad MODULE:CLASS, bad stored state, a

@@ -330,6 +330,8 @@ class AgentRunner:
         its ``seq`` read from the record); a label left open (a ``turn-end``
         that failed) is ended first. Returns ``{"seq"}``: the head before the turn."""
         command = {"cmd": "turn-begin", "agent": self.id, "turn": turn, "message_id": message_id}
+        if self.worker is not None and self.worker.info.get("track_reads") is False:
+            command["track_reads"] = False            # the class's track_reads: no read-set for its turns
         fields = {"record": record} if record is not None else {}
         try:
             reply = await self._turn_command(command, fields, quiet=record is not None)

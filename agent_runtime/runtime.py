@@ -56,6 +56,7 @@ from typing import Any
 
 from chronicle.errors import (AgentBusy, AgentExists, AgentLoadError, AgentNotFound, Busy, ChronicleError,
                               NotFound, UsageError)
+from chronicle.store.history.reads import ReadLog
 from chronicle.store.history.turns import FINAL_STATUSES, TurnLog, now_iso
 from chronicle.store.store import Store, check_workspace_name, default_store_path
 
@@ -546,9 +547,10 @@ class Runtime(RuntimeSurface):
         return self.turn_log.get(agent_id).get("message_turns", 0)
 
     def show_turn(self, agent_id: str, turn: int) -> dict:
-        """One turn in full: ``{"turn", "message", "patch", "files", "reply",
-        "status", ...}``, ``files`` being the workspace's file events of the
-        turn (``.chronicle/log`` records, with their paths). Raises
+        """One turn in full: ``{"turn", "message", "patch", "files", "reads",
+        "reply", "status", ...}``, ``files`` being the workspace's file events
+        of the turn (``.chronicle/log`` records, with their paths), ``reads``
+        its read-set (``chronicle.store.history.reads``). Raises
         :class:`NotFound`."""
         self.turn_log.get(agent_id)
         found = self.turn_log.lineage_record(agent_id, turn) if isinstance(turn, int) else None
@@ -556,7 +558,9 @@ class Runtime(RuntimeSurface):
             raise NotFound(f"agent {agent_id!r} has no turn {turn}")
         owner, record = found
         out = {"turn": record["turn"], "message": record.get("message"), "patch": record.get("patch") or [],
-               "files": self.turn_log.turn_events(owner, record), "reply": record.get("reply") or "",
+               "files": self.turn_log.turn_events(owner, record),
+               "reads": ReadLog(self.store).turn_reads(owner, owner, record["turn"]),
+               "reply": record.get("reply") or "",
                "status": record.get("status"), "inherited": owner if owner != agent_id else None}
         out.update((k, v) for k, v in record.items() if k not in out)
         return out

@@ -257,7 +257,8 @@ async def _main(args: argparse.Namespace) -> int:
         await channel.send({"ev": "loaded", "pid": os.getpid(), "entity_type": cls.State._entity_type,
                             "version": cls.State._version, "defaults": defaults,
                             "atomic_turns": bool(cls.atomic_turns), "retry": policy.to_json(),
-                            "quota_keys": [str(k) for k in cls.quota_keys or ()], "env": list(names)})
+                            "quota_keys": [str(k) for k in cls.quota_keys or ()], "env": list(names),
+                            "track_reads": bool(getattr(cls, "track_reads", True))})
         return await worker.serve()
     except (ConnectionError, BrokenPipeError):
         return 0

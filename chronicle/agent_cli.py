@@ -4,7 +4,7 @@ Store: ``--store``, default ``$CHRONICLE_HOME/store`` as for ``chronicle
 mount``. ``chat`` and ``serve`` create it if missing; the other commands need
 an existing one.
 
-Reads (``list``, ``turns``, ``show``, ``state``) open the store and work
+Reads (``list``, ``turns``, ``show``, ``state``, ``stale``) open the store and work
 whether the agent runs or not, in this process or another. Commands that
 drive an agent (``chat``, ``rollback``, ``delete``, ``cancel``) go through
 ``chronicle agent serve`` when one serves the store (it runs the agents, and
@@ -32,6 +32,7 @@ import click
 
 from chronicle import actions
 from chronicle.errors import ChronicleError, UsageError
+from chronicle.store.history.reads import ReadLog
 from chronicle.store.store import check_workspace_name, default_store_path
 
 from agent_runtime.client import ServeClient, error_from
@@ -400,7 +401,9 @@ def _event_text(ev: dict, label: dict) -> str:
 @_store_option
 @_json_option
 def show(name: str, number: int, store_opt, as_json: bool) -> None:
-    """Show turn N of agent NAME: its message, reply, state patch and file events."""
+    """Show turn N of agent NAME: its message, reply, state patch, file events
+    and read-set (the file versions it read: path, version, seq, byte ranges,
+    hash; none if the agent's class sets ``track_reads = False``)."""
     t = _query(store_opt, "show_turn", name, number)
     if as_json:
         _print_json(t, indent=2)
@@ -433,6 +436,51 @@ def show(name: str, number: int, store_opt, as_json: bool) -> None:
     click.echo(f"files: {len(t['files'])} event(s)")
     for ev in t["files"]:
         click.echo("  " + _event_text(ev, label))
+    click.echo(f"reads: {len(t['reads'])} file version(s)")
+    if t["reads"]:
+        rows = [["PATH", "VERSION", "SEQ", "BYTES", "SIZE", "RANGES", "HASH"]]
+        for r in t["reads"]:
+            ranges = ", ".join(f"{a}-{b}" for a, b in r["ranges"][:4]) + (" ..." if len(r["ranges"]) > 4 else "")
+            rows.append([r["path"], _version_text(r), str(r["seq"]) if r.get("seq") is not None else "-",
+                         str(r["bytes"]), str(r["size"]), ranges, (r.get("hash") or "-")[:16]])
+        _table([["  " + row[0]] + row[1:] for row in rows], right={2, 3, 4})
+
+
+def _version_text(read: dict) -> str:
+    text = f"v{read['version']}" if read.get("version") is not None else "-"
+    return text + " +own writes" if read.get("uncommitted") else text
+
+
+@agent.command()
+@click.argument("name", callback=_agent_id)
+@_store_option
+@_json_option
+def stale(name: str, store_opt, as_json: bool) -> None:
+    """List agent NAME's completed turns whose read files have changed since.
+
+    A read file has changed when its content at the head differs from its
+    content when the turn ended (a deleted file counts as changed). READ is
+    the version the turn read, NOW the version at the head.
+    """
+    async def program(rt: Runtime) -> list[dict]:
+        return ReadLog(rt.store).stale(name)
+    turns = _run(store_opt, program)
+    if as_json:
+        _print_json(turns)
+        return
+    if not turns:
+        click.echo(f"No stale turns of agent {name!r}", err=True)
+        return
+    rows = [["TURN", "PATH", "READ", "NOW"]]
+    for t in turns:
+        for c in t["changed"]:
+            read, now = c["read"], c["now"]
+            read_text = f"v{read['version']}" if read.get("version") is not None else (read.get("hash") or "?")[:12]
+            now_text = "deleted" if now is None else (f"v{now['version']}" if now.get("version") is not None
+                                                      else (now.get("hash") or "?")[:12])
+            turn = f"{t['owner']}:{t['turn']}" if t["owner"] != name else str(t["turn"])
+            rows.append([turn, c["path"], read_text, now_text])
+    _table(rows, right={0})
 
 
 @agent.command()

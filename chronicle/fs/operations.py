@@ -9,7 +9,11 @@ Kernel caching is deliberate (FUSE docs, "entry_timeout"/"attr_timeout"):
 Chronicle owns its data and every change comes through this adapter — or
 through ``ctl``, which invalidates what it changed — so entries, attributes
 and negative lookups are cached for :data:`CACHE_TIMEOUT` seconds and file
-pages are kept across opens (``keep_cache``). ``max_write`` is libfuse's
+pages are kept across opens (``keep_cache``) — except while the open turn
+records its reads (``self.reads``, a
+:class:`~chronicle.store.namespace.files.ReadTracker`): a read the page
+cache answers never reaches the daemon, so such opens drop the file's
+cached pages. ``max_write`` is libfuse's
 default of 1 MiB (FUSE_CAP_MAX_PAGES).
 
 Lookup counts follow the kernel's (the FUSE docs' "lookup count"): every
@@ -70,6 +74,7 @@ from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.gate import MutationGate
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
 from chronicle.store.model import Actor, Attrs
+from chronicle.store.namespace.files import ReadTracker
 from chronicle.store.namespace.staging import MAX_FILE_SIZE
 from chronicle.store.namespace.workspace import NAME_MAX, Workspace
 from chronicle.store.store import Store
@@ -132,6 +137,7 @@ class ChronicleOperations(pyfuse3.Operations):
         self.stream_limiter = trio.CapacityLimiter(STREAM_WAIT_THREADS)
         self.job_limiter = trio.CapacityLimiter(1)
         self.gate = MutationGate()
+        self.reads = ReadTracker(ws)           # the open turn's read-set (ctl turn-begin/turn-end)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -467,7 +473,8 @@ class ChronicleOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         """FUSE_OPEN: a file handle for ``inode`` (``.chronicle`` files go to
         the magic tree). ``O_TRUNC`` of a writable open empties the file; the
-        kernel keeps its page cache across opens (``keep_cache``). Errors:
+        kernel keeps its page cache across opens (``keep_cache``), except
+        while the open turn tracks its reads (``self.reads``). Errors:
         EISDIR, EINVAL (not a regular file), ENOENT."""
         if inode >= MAGIC_BASE:
             await self.gate.wait_free()
@@ -482,7 +489,9 @@ class ChronicleOperations(pyfuse3.Operations):
             self._handles[fh] = Handle(fh, ino, writable, ctx.pid)
             if truncate:
                 self.ws.files[ino].pid = ctx.pid
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # While a turn tracks its reads, the kernel drops the file's cached pages at this open, so its
+        # reads reach read() and are recorded (a cached page is served without asking the daemon).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.reads.active)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -504,13 +513,18 @@ class ChronicleOperations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """FUSE_READ: ``size`` bytes at ``off`` of open handle ``fh``, with its
-        uncommitted writes; short only at the end of the file. Errors: EIO
-        (a damaged chunk: ``Corrupt``, logged)."""
+        uncommitted writes; short only at the end of the file. While a turn
+        tracks its reads, the range served joins its read-set (``self.reads``;
+        ``.chronicle`` reads do not). Errors: EIO (a damaged chunk:
+        ``Corrupt``, logged)."""
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.read(fh, off, size)
         await self.gate.wait_free()            # a restore may repoint the open file's content
-        return self.ws.files.read(handle.ino, off, size)
+        data = self.ws.files.read(handle.ino, off, size)
+        if self.reads.active:
+            self.reads.note(handle.ino, off, len(data), handle.pid)
+        return data
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -55,3 +55,21 @@ def test_agent_bench_quick(tmp_path):
     assert (restore["state_latest_snapshot"], restore["state_latest_patches"]) == (100, 20)
     assert (restore["state_worst_turn"], restore["state_worst_patches"], restore["turns_listed"]) == (99, 99, 121)
     assert list(workdir.iterdir()) == [], "the run's temp dir was not removed"
+
+
+@pytest.mark.mount
+def test_agent_bench_reads_quick(tmp_path):
+    """agent_bench.py --reads measures read tracking on and off; the tracked reader's last read-set is the file."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    results_path = tmp_path / "agents.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench" / "agent_bench.py"), "--quick", "--turns", "5",
+         "--log-turns", "120", "--reads", "--read-mib", "4", "--workdir", str(workdir), "--json", str(results_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(d) Read tracking on vs off" in proc.stdout
+    reads = json.loads(results_path.read_text())["reads"]
+    assert reads["tracked"]["last_read_set"] == [["big.bin", 4 << 20]] and reads["untracked"]["last_read_set"] == []
+    assert all(reads[k][f] > 0 for k in ("tracked", "untracked") for f in ("noop_ms", "cold_mib_s", "warm_mib_s"))
+    assert list(workdir.iterdir()) == [], "the run's temp dir was not removed"

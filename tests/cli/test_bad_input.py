@@ -173,7 +173,7 @@ def test_an_empty_workspace_name_is_not_the_default(runner, store):
 @pytest.mark.parametrize("args", [
     ("chat", "x:Y", "--id", ""), ("chat", "x:Y", "--id", "a:b"), ("chat", "x:Y", "--id", "a" * 600),
     ("turns", ""), ("turns", "\udcff"), ("show", "a" * 600, "1"), ("state", "a:b"), ("rollback", "", "--to", "1"),
-    ("delete", "--yes", "\udcff"), ("cancel", ""), ("fork", "a", ""), ("fork", "", "b"),
+    ("delete", "--yes", "\udcff"), ("cancel", ""), ("fork", "a", ""), ("fork", "", "b"), ("stale", "a:b"),
 ])
 def test_an_agent_id_that_cannot_be_one_is_refused_before_any_lookup(runner, store, args):
     refused(runner, "agent", *args, "--store", store, code=2, match="invalid workspace name")

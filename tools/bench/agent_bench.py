@@ -2,7 +2,7 @@
 """Agent runtime benchmark: the cost of a turn, and restoring an agent with a long turn log.
 
     .venv/bin/python tools/bench/agent_bench.py [--quick] [--turns N] [--log-turns N] [--json PATH]
-        [--steps N] [--workdir /var/tmp]
+        [--steps N] [--workdir /var/tmp] [--reads [--read-mib N]]
 
 (a) **Per-turn overhead.** ``--turns`` message turns of an agent that does
 nothing (``noop``) and of one that changes its state a little (``counter``:
@@ -28,6 +28,9 @@ median of 3, and the first message after a wake.
 turn of ``--steps`` steps against a turn of none: each step a worker →
 coordinator → ``ctl step`` → LMDB round trip), and ``Runtime.state()`` /
 ``Runtime.turns()`` answered while the agent is mid-turn.
+
+(d) **Read tracking** (``--reads``): per-turn overhead and sequential read
+throughput with ``track_reads`` on and off (``tools/bench/read_bench.py``).
 
 Not a CI test (figures depend on the machine); ``tests/bench/test_bench_smoke.py``
 runs ``--quick`` so it does not rot. Everything lives in one fresh directory
@@ -56,6 +59,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from agent_runtime import AgentContext, Runtime  # noqa: E402
 from agent_runtime.loader import load_agent_class  # noqa: E402
+from tools.bench import read_bench  # noqa: E402
 
 AGENTS = textwrap.dedent('''
     from agent_runtime import BaseAgent, DeltaState
@@ -326,6 +330,8 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
         a = await overhead(rt, src, direct_dir, args.turns)
         b = await restore(rt, src, args.log_turns)
         c = await steps_and_reads(rt, src, work, args.steps)
+        if args.reads:
+            args.read_figures = await read_bench.read_tracking(rt, src, args.turns, args.read_mib)
     return a, b, c
 
 
@@ -335,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, help="message turns per agent for (a) (default 1000; quick: 30)")
     parser.add_argument("--log-turns", type=int, help="turns in the long log of (b) (default 10000; quick: 300)")
     parser.add_argument("--steps", type=int, help="steps in the step turn of (c) (default 200; quick: 20)")
+    parser.add_argument("--reads", action="store_true", help="also (d): read tracking on vs off")
+    parser.add_argument("--read-mib", type=int, help="MiB of the file (d) reads (default 256; quick: 16)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="parent of the run's temp dir")
     parser.add_argument("--no-isolation", action="store_true",
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args.turns = args.turns or (30 if args.quick else 1000)
     args.log_turns = args.log_turns or (300 if args.quick else 10_000)
     args.steps = args.steps or (20 if args.quick else 200)
+    args.read_mib = args.read_mib or (16 if args.quick else 256)
+    args.read_figures = None
     if args.turns < 1 or args.log_turns < 2 or args.steps < 1:
         parser.error("--turns and --steps must be >= 1 and --log-turns >= 2")
     work = Path(tempfile.mkdtemp(prefix="agent-bench-", dir=args.workdir))
@@ -351,8 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(a, b, c)
+    figures = {"overhead": a, "restore": b, "steps": c}
+    if args.read_figures is not None:
+        print()
+        read_bench.report(args.read_figures, ms)
+        figures["reads"] = args.read_figures
     if args.json:
-        args.json.write_text(json.dumps({"overhead": a, "restore": b, "steps": c}, indent=2))
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

@@ -38,6 +38,9 @@ Modules, lowest first:
   the paths of the events since the previous receipt; written by any
   process (a receipt is a function of its tree), at every turn end by the
   writer;
+- ``reads`` — read-sets: the file versions (and byte ranges) each turn
+  read, written at the turn's end by the mount daemon, and the completed
+  turns whose read files changed since (:class:`~chronicle.store.history.reads.ReadLog`);
 - ``turns`` — the turn log: :class:`~chronicle.store.history.turns.TurnLog`,
   turn labels (a workspace's seq ranges per turn), the agent runtime's turn
   records, durable steps (a key each while their turn runs), state snapshots

@@ -30,6 +30,7 @@ Threads: as the views (each call opens and closes its own read transaction).
 from __future__ import annotations
 
 import json
+import os
 import re
 import string
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 from chronicle.errors import InvalidArgument, NotADirectory, NotFound
 from chronicle.store.history.access import R_OK, X_OK, permits
 from chronicle.store.history.blame import is_binary
+from chronicle.store.history.reads import ReadLog
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import path_text
@@ -283,9 +285,12 @@ def turn_changes(views: HistoryViews, agent: str, turn: int) -> dict:
         {"agent", "turn", "status", "begin_seq", "end_seq", "begin_time", "end_time",
          "record": {status, kind, time, end_time, duration_ms, error, reply, steps (count)} | null,
          "paths": [changed paths, sorted], "events": [log records of its file events],
-         "receipt": hex root of the tree at its end (``receipts``) | null}
+         "receipt": hex root of the tree at its end (``receipts``) | null,
+         "reads": [its read-set: the reads of chronicle.store.history.reads]}
 
-    ``status`` is the record's, else ``"ended"``/``"open"`` from the label.
+    ``status`` is the record's, else ``"ended"``/``"open"`` from the label;
+    ``reads`` holds the files the caller may read now whose version read the
+    caller could read (``access``).
     Raises :class:`NotFound` (no such turn in this workspace).
     """
     ws = views.ws
@@ -308,7 +313,40 @@ def turn_changes(views: HistoryViews, agent: str, turn: int) -> dict:
     paths = sorted({p for e in events for p in (e.get("path"), e.get("to")) if isinstance(p, str)})
     return {"agent": agent, "turn": turn, "status": status, "begin_seq": begin, "end_seq": end,
             "begin_time": label.get("begin_time"), "end_time": label.get("end_time"), "record": from_log,
-            "paths": paths, "events": events, "receipt": label.get("receipt")}
+            "paths": paths, "events": events, "receipt": label.get("receipt"),
+            "reads": _turn_reads(views, agent, turn)}
+
+
+def _turn_reads(views: HistoryViews, agent: str, turn: int) -> list[dict]:
+    """The read-set of the turn (kept in the layer it ran in), as the caller may see it."""
+    ws, access = views.ws, views.access
+    log = ReadLog(ws.store)
+    with ws.read_txn() as txn:
+        for layer in ws.history.layers:               # the layer whose label this workspace sees (TurnLog.label)
+            raw = txn.get(schema.turn_key(layer.ws, agent.encode(), turn), db=ws.dbs["turns"])
+            end = json.loads(raw).get("end_seq") if raw is not None else None
+            if raw is not None and (layer.ws == ws.id or (end is not None and end <= layer.bound)):
+                reads = log.layer_reads(txn, layer.ws, agent, turn)
+                break
+        else:
+            return []
+        if access.everything:
+            return reads
+        out = []
+        for read in reads:
+            path = os.fsencode(read["path"])
+            if not access.now(txn, path, R_OK):
+                continue
+            if read.get("version") is not None:
+                try:
+                    found = [v for v in ws.history.versions(txn, path) if v.version == read["version"]
+                             and v.entry.flags & P_BUMPS]
+                except NotFound:
+                    continue
+                if not found or not access.version(txn, path, found[-1]):
+                    continue
+            out.append(read)
+        return out
 
 
 def _record(views: HistoryViews, agent: str, turn: int) -> dict | None:

@@ -31,6 +31,7 @@ database                key                                        value
 ``receipt_dirs``        ws u32, dir ino u64, ~seq u64              a directory's receipt hash and counts
 ``receipt_entries``     ws u32, dir ino u64                        a large directory's latest receipt entries
 ``receipt_hashes``      content id (32)                            BLAKE3 of a content too sparse to hash at commit
+``turn_reads``          ws u32, agent, 0x00, turn u32, index u32   JSON: one file read of the turn (``history.reads``)
 ======================  =========================================  ==========================================
 
 A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
@@ -82,7 +83,7 @@ SEQ_MAX = (1 << 64) - 1
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
              "agents", "agent_turns", "agent_states", "agent_steps", "policies", "receipts", "receipt_dirs",
-             "receipt_entries", "receipt_hashes")
+             "receipt_entries", "receipt_hashes", "turn_reads")
 
 # meta keys
 META_FORMAT = b"format"

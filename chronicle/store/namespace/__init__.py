@@ -10,7 +10,9 @@ Modules, from the top down (each imports only those below it):
   seq as new events, written with that public API alone;
 - ``files`` — :class:`~chronicle.store.namespace.files.OpenFiles`
   (``ws.files``): open-file state (handle counts, overlays) and the
-  three-phase commit that turns writes into versions;
+  three-phase commit that turns writes into versions; and
+  :class:`~chronicle.store.namespace.files.ReadTracker`, the open turn's
+  read-set gathered in memory as the mount serves reads;
 - ``head`` — :class:`~chronicle.store.namespace.head.PathLinks`
   (``ws.links``: the name each inode was reached by, hence an event's path)
   and :class:`~chronicle.store.namespace.head.WorkspaceEvent` (an event that
@@ -23,7 +25,8 @@ Modules, from the top down (each imports only those below it):
 Vocabulary: **head** (the workspace's current state, seq ``head_seq``),
 **event** (one mutation: one seq, one LMDB write transaction, one log
 line), **actor** (uid, gid, pid of who asked), **link** (a ``(parent ino,
-name)`` entry reaching an inode), **overlay** (uncommitted writes of one
+name)`` entry reaching an inode), **read-set** (the file versions and byte
+ranges a turn read), **overlay** (uncommitted writes of one
 open file), **version** (a numbered entry of a path's history with new
 content), **content** (an extent list of chunks and holes, keyed by the
 BLAKE3 of the bytes).

@@ -33,6 +33,28 @@ regular file, as open(2) answers EISDIR), :class:`FileTooLarge` and
 :class:`NoSpace` from the overlay, :class:`Busy` (``reload`` over
 uncommitted writes).
 
+**Read recording.** :class:`ReadTracker` gathers the read-set of the open
+turn in memory; the mount daemon (the FUSE adapter) holds one beside the
+workspace it serves. While a turn label is open and its tracking is on
+(``turn-begin`` without ``"track_reads": false``), every read the adapter
+answers is noted (:meth:`ReadTracker.note`): the open file's committed
+content and the byte range go to that (inode, content)'s
+:class:`~chronicle.store.history.reads.FileRead` — a dict lookup and a
+range append, no LMDB. :meth:`ReadTracker.end` hands the read-set over when
+the turn ends; the caller writes it in one transaction
+(:meth:`chronicle.store.history.reads.ReadLog.record`): one LMDB write per
+turn, whatever the number of reads. What counts: reads of regular
+workspace files while the label is open, by any process on the mount (the
+attribution of a write's turn label: the agent and its child processes).
+Reads of ``.chronicle/`` are not file reads of the workspace and are left
+out, as are reads of a file no path reaches (unlinked while open). A read
+the kernel answers from its page cache never reaches the daemon, so while
+tracking is on the adapter opens files without keeping the page cache
+(``keep_cache`` off): a file opened in a tracked turn is read through the
+mount. Not seen: pages cached before the turn read through a handle opened
+before it, and empty files (the kernel asks nothing). Ranges are what the
+kernel asked for, read-ahead included, clipped to the bytes served.
+
 Threads: the workspace's thread, except :meth:`OpenFiles.commit_build` and
 :meth:`OpenFiles.wait_stream`, which are meant for a worker thread while the
 caller holds the inode's lock (the FUSE adapter's per-inode ``trio.Lock``).
@@ -47,6 +69,7 @@ from typing import TYPE_CHECKING
 
 from chronicle.errors import Busy, InvalidArgument, IsADirectory, NotFound
 from chronicle.store.chunks.ids import to_hex
+from chronicle.store.history.reads import FileRead
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, add_totals
 from chronicle.store.model import Actor, Attrs
 from chronicle.store.namespace.content import BuiltContent, ContentMap
@@ -323,4 +346,55 @@ class OpenFiles(Mapping[int, FileState]):
             state.overlay.rebase(base)
 
 
-__all__ = ["FileState", "OpenFiles"]
+class ReadTracker:
+    """The read-set of the open turn of one writable workspace (module docstring: "Read recording")."""
+
+    def __init__(self, ws: Workspace):
+        self._ws = ws
+        self.agent: str | None = None
+        self.turn: int | None = None
+        self.active = False              # a turn is open and tracks its reads
+        self._reads: dict[tuple[int, bytes], FileRead] = {}
+
+    def begin(self, agent: str, turn: int, *, enabled: bool = True) -> None:
+        """A turn's label was opened: gather its reads from now on (if
+        ``enabled``). Drops what an earlier turn left unclaimed."""
+        self.agent, self.turn = agent, turn
+        self.active = enabled
+        self._reads = {}
+
+    def end(self) -> list[FileRead]:
+        """The turn's label was closed: its reads (every read noted before
+        this call), and tracking stops until the next :meth:`begin`."""
+        reads = list(self._reads.values())
+        self._reads = {}
+        self.active = False
+        self.agent = self.turn = None
+        return reads
+
+    def note(self, ino: int, offset: int, length: int, pid: int = 0) -> None:
+        """``length`` bytes at ``offset`` of open inode ``ino`` were served to
+        a handle opened by ``pid``. Cheap: called for every read."""
+        if not self.active or length <= 0:
+            return
+        state = self._ws.files.get(ino)
+        if state is None:
+            return
+        base = state.base
+        read = self._reads.get((ino, base.id))
+        if read is None:
+            path = self._ws.links.path_of(ino)
+            if path is None:
+                return
+            read = self._reads[(ino, base.id)] = FileRead(path, ino, base.id, base.hash, self._ws.head_seq,
+                                                          base.size)
+        read.ranges.add(offset, offset + length)
+        read.pids.add(pid)
+        if state.dirty:
+            read.uncommitted = True
+
+    def __len__(self) -> int:
+        return len(self._reads)
+
+
+__all__ = ["FileState", "OpenFiles", "ReadTracker"]
