@@ -65,7 +65,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from chronicle.errors import NameTooLong, NotADirectory, NotFound, ReadOnly
+from chronicle.errors import Corrupt, NameTooLong, NotADirectory, NotFound, ReadOnly
 from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.gate import MutationGate
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
@@ -640,6 +640,9 @@ class ChronicleOperations(pyfuse3.Operations):
             try:
                 attrs = self.attrs(child)
             except NotFound:
+                continue
+            except Corrupt as exc:          # damaged metadata: list the rest; a lookup of it answers EIO
+                log.error("readdir: %s", exc)
                 continue
             if not pyfuse3.readdir_reply(token, name, self.entry(child, attrs), i + 1):
                 return

@@ -72,6 +72,8 @@ Threads: :func:`fsck` runs in the calling thread; it shares nothing.
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 import time
 from collections import Counter, defaultdict
@@ -99,7 +101,9 @@ from chronicle.store.fsck.tree import TreeChecks
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
-from chronicle.store.fsck.damage import Reader, describe_damage, rebuild
+from chronicle.store.fsck.damage import Reader, describe_damage
+from chronicle.store.fsck.rebuild import SoundCopy, build, scan, swap_in
+from chronicle.store.meta.pages import PageWalk
 from chronicle.store.store import Store
 
 _ZEROS = bytes(1 << 20)
@@ -117,9 +121,59 @@ def fsck(store: Store, *, repair: bool = False, verify_contents: bool = False,
     raise ``OSError`` if the store directory cannot be read at all.
     """
     started = time.monotonic()
-    checker = _Checker(store, repair=repair, verify_contents=verify_contents, progress=progress)
-    report = checker.run()
+    walk = scan(store.meta_dir)
+    try:
+        if walk.damaged:
+            report = _check_damaged(store, walk, repair=repair, verify_contents=verify_contents, progress=progress)
+        else:
+            report = _Checker(store, repair=repair, verify_contents=verify_contents, progress=progress).run()
+    finally:
+        walk.close()
     report.seconds = time.monotonic() - started
+    return report
+
+
+def _check_damaged(store: Store, walk: PageWalk, *, repair: bool, verify_contents: bool,
+                   progress: Progress | None) -> FsckReport:
+    """fsck of a store whose metadata file has damaged pages (``walk``
+    found them): every readable record goes into a fresh file with what the
+    damaged ones said derived again (``fsck.rebuild``), the checks run on
+    that file, and each damaged range is reported with what it held. With
+    ``repair``, the fresh file replaces the damaged one; the caller closes
+    the store and checks it again (``report.metadata_rebuilt``)."""
+    work = store.meta_dir / f"check-{os.getpid()}"
+    built = build(walk, work, store.env.info()["map_size"], store.modes.file_mode)
+    copy = SoundCopy(store, work)
+    try:
+        checker = _Checker(copy, repair=False, verify_contents=verify_contents, progress=progress)
+        report = checker.run()
+        names = {ws: rec.name for ws, rec in checker.workspaces.items()}
+    finally:
+        copy.close()
+    report.repair = repair
+    damage = [Problem("meta-damaged", message, ERROR, False, details)
+              for message, details in describe_damage(built.ranges, names)]
+    report.problems[:0] = damage
+    if built.lost_paths:
+        report.problems.append(Problem(
+            "names-lost", f"{len(built.lost_paths)} path(s) the history says exist are not in the tree without "
+            "the damaged records (their history is still in query/ and versions/): " + ", ".join(
+                f"{ws}:{path}" for ws, path in built.lost_paths[:_NAMED_IN_MESSAGE])
+            + (f" and {len(built.lost_paths) - _NAMED_IN_MESSAGE} more" if len(built.lost_paths) > _NAMED_IN_MESSAGE
+               else ""), ERROR, False, {"paths": [{"workspace": ws, "path": p} for ws, p in built.lost_paths]}))
+    report.metadata_lost = built.lost
+    report.metadata_derived = built.derived
+    if not repair:
+        shutil.rmtree(work, ignore_errors=True)
+        for p in damage:
+            p.message += f" [fsck --repair drops them: {built.summary()}]"
+        return report
+    backup = swap_in(store.meta_dir, work)
+    for p in damage:
+        p.repaired = True
+        p.message += (f" [repaired: the unreadable records were dropped, {sum(built.copied.values())} readable ones "
+                      f"copied into a new metadata file (the damaged one is kept at {backup}); {built.summary()}]")
+    report.metadata_rebuilt = str(backup)
     return report
 
 
@@ -657,14 +711,23 @@ class _Checker(TreeChecks):
         self.progress.finish()
 
     def _rebuild_metadata(self) -> None:
-        """Drop the damaged records (``damage.rebuild``); the store must be
-        closed after this, and fsck run again for what referred to them."""
-        backup, copied = rebuild(self.store.env, self.dbs, self.store.meta_dir, self.store.env.info()["map_size"])
+        """Damage LMDB reported though the page walk found none (``fsck``
+        reads a file no one writes, so this is rare): the same rebuild."""
+        walk = scan(self.store.meta_dir)
+        try:
+            work = self.store.meta_dir / f"check-{os.getpid()}"
+            built = build(walk, work, self.store.env.info()["map_size"], self.store.modes.file_mode)
+        finally:
+            walk.close()
+        backup = swap_in(self.store.meta_dir, work)
         for p in self.damage_problems:
             p.repaired = True
-            p.message += (f" [repaired: the unreadable records were dropped, {sum(copied.values())} readable "
-                          f"ones copied into a new metadata file; the damaged one is kept at {backup}; run fsck again]")
+            p.message += (f" [repaired: the unreadable records were dropped, {sum(built.copied.values())} readable "
+                          f"ones copied into a new metadata file (the damaged one is kept at {backup}); "
+                          f"{built.summary()}]")
         self.report.metadata_rebuilt = str(backup)
+        self.report.metadata_lost = built.lost
+        self.report.metadata_derived = built.derived
 
     def _good_spare(self, chunk_id: bytes) -> PackRecord | None:
         for spare in self.spares.get(chunk_id, []):

@@ -51,6 +51,8 @@ class FsckReport:
     path_entries: int = 0
     events: int = 0
     metadata_rebuilt: str | None = None   # repair rebuilt the metadata: where the damaged file is kept
+    metadata_lost: dict[str, int] = field(default_factory=dict)      # ... records lost per database
+    metadata_derived: dict[str, int] = field(default_factory=dict)   # ... records derived again per database
     seconds: float = 0.0
 
     @property

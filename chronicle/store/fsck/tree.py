@@ -153,7 +153,7 @@ class TreeChecks:
         version lost from the history (:meth:`_check_head_recorded`)."""
         self.progress.start("tree-walk", len(self.workspaces))
         for n, (ws, rec) in enumerate(self.workspaces.items(), 1):
-            view = TreeView(self.dbs, self.chains[ws], rec.root)
+            view = TreeView(self.dbs, self.chains[ws], rec.root, env=self.store.env)
             seen = {rec.root: b""}
             stack = [(rec.root, b"")]
             loops = []
@@ -162,7 +162,7 @@ class TreeChecks:
                 dir_ino, dir_path = stack.pop()
                 try:
                     children = view.entries(self.txn, dir_ino)
-                except (struct.error, lmdb.Error):
+                except (Corrupt, struct.error, lmdb.Error):
                     continue            # damaged entries are reported by the table scan
                 for name, child, kind in children:
                     path = dir_path + b"/" + name if dir_path else name

@@ -11,21 +11,55 @@ Head lookups use the ``dirents`` table of the first layer (current entries
 plus whiteouts) and fall back to the parent's history at the fork seq; past
 lookups use ``dirent_hist`` in every layer.
 
+**Damage.** LMDB keeps no checksums: a damaged page shows up as an
+``lmdb.Error`` of the read that reaches it, and it marks the caller's read
+transaction bad for every later read. A view given the environment
+(``env``) reads *tolerantly*: a read that fails is tried again in a fresh
+read transaction (which is what makes the reads after one damaged record
+work); a directory listing whose ``dirents`` are damaged is read past the
+damage (``meta.damaged.Reader``), and the names on a damaged page are found
+in ``dirent_hist``, whose newest record of a name is its head entry (the
+journal writes both); only what neither holds is lost. A read that cannot be
+answered raises :class:`~chronicle.errors.Corrupt` naming what is damaged
+(the adapter answers EIO for that path alone), never an ``lmdb.Error``. The
+retry sees the latest commit, which is the caller's snapshot as long as no
+commit comes between (the one writer of a workspace does not commit inside
+a read; fsck runs on a store nobody writes).
+
 Threads: views hold no transaction; every method takes the caller's ``txn``.
 """
 
 from __future__ import annotations
 
+import logging
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lmdb
 
-from chronicle.errors import NotADirectory, NotFound
+from chronicle.errors import Corrupt, NotADirectory, NotFound
 from chronicle.store import model
 from chronicle.store.meta import schema
+from chronicle.store.meta.damaged import Reader
 from chronicle.store.meta.schema import SEQ_MAX
 from chronicle.store.model import Attrs
+
+log = logging.getLogger(__name__)
+
+
+def _after_prefix(prefix: bytes) -> bytes:
+    """The first key above every key that starts with ``prefix`` (a
+    directory prefix: never all 0xff bytes)."""
+    return (int.from_bytes(prefix, "big") + 1).to_bytes(len(prefix), "big")
+
+
+def _dirent_or_damaged(value: bytes) -> tuple[int, int] | None | bool:
+    """:func:`schema.decode_dirent`, or False for a value of the wrong length."""
+    try:
+        return schema.decode_dirent(value)
+    except struct.error:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +76,28 @@ class TreeView:
     ``dbs``: the store's named databases; ``chain`` lists ``(ws id, fork
     seq)`` from the workspace up its fork chain (``Store.fork_chain``):
     ``[(ws, fork_seq), (parent, parent_fork_seq), ..., (root ws, None)]``,
-    which becomes :attr:`layers`; ``root``: the workspace's root inode.
+    which becomes :attr:`layers`; ``root``: the workspace's root inode;
+    ``env``: the store's environment, for tolerant reads (module docstring;
+    None: an ``lmdb.Error`` of a damaged page reaches the caller).
     """
 
-    def __init__(self, dbs: dict, chain: list[tuple[int, int | None]], root: int, seq: int | None = None):
+    def __init__(self, dbs: dict, chain: list[tuple[int, int | None]], root: int, seq: int | None = None,
+                 env: lmdb.Environment | None = None):
         self.dbs = dbs
         self.root = root
         self.seq = seq
         self.ws = chain[0][0]
         self.layers = self._layers(chain, seq)
+        self.env = env
+
+    def _again(self, read, what: str, *args):
+        """``read(txn, *args)`` in a fresh read transaction, after it failed
+        in the caller's; raises :class:`Corrupt` naming ``what`` if it fails again."""
+        try:
+            with self.env.begin() as txn:
+                return read(txn, *args)
+        except (lmdb.Error, struct.error) as exc:
+            raise Corrupt(f"the metadata of {what} is damaged ({type(exc).__name__}: {exc})") from None
 
     @staticmethod
     def _layers(chain: list[tuple[int, int | None]], seq: int | None) -> list[Layer]:
@@ -71,7 +118,16 @@ class TreeView:
         return found[0] if found else None
 
     def attrs_with_seq(self, txn: lmdb.Transaction, ino: int) -> tuple[Attrs, int] | None:
-        """``(attrs, seq of the record)`` or None."""
+        """``(attrs, seq of the record)`` or None. Raises :class:`Corrupt`
+        if the inode's record is on a damaged page (tolerant views)."""
+        try:
+            return self._attrs_with_seq(txn, ino)
+        except lmdb.Error:
+            if self.env is None:
+                raise
+        return self._again(self._attrs_with_seq, f"inode {ino}", ino)
+
+    def _attrs_with_seq(self, txn: lmdb.Transaction, ino: int) -> tuple[Attrs, int] | None:
         db = self.dbs["inodes"]
         with txn.cursor(db=db) as cur:
             for layer in self.layers:
@@ -92,8 +148,27 @@ class TreeView:
     # -- directory entries -----------------------------------------------------
 
     def lookup(self, txn: lmdb.Transaction, parent: int, name: bytes) -> tuple[int, int] | None:
-        """``(ino, kind)`` of ``name`` in directory ``parent``, or None."""
-        if self.seq is None:
+        """``(ino, kind)`` of ``name`` in directory ``parent``, or None.
+        Raises :class:`Corrupt` if neither the head entry nor its history
+        can be read (tolerant views)."""
+        try:
+            return self._lookup(txn, parent, name)
+        except (lmdb.Error, struct.error):
+            if self.env is None:
+                raise
+        what = f"the entry {name.decode(errors='replace')!r} of directory inode {parent}"
+        try:
+            with self.env.begin() as fresh:
+                return self._lookup(fresh, parent, name)
+        except (lmdb.Error, struct.error):
+            pass
+        return self._again(self._lookup, what, parent, name, False)
+
+    def _lookup(self, txn: lmdb.Transaction, parent: int, name: bytes, head_table: bool = True
+                ) -> tuple[int, int] | None:
+        """:meth:`lookup`; ``head_table`` False reads the head from the history
+        (the first layer's newest ``dirent_hist`` record) instead of ``dirents``."""
+        if self.seq is None and head_table:
             raw = txn.get(schema.dirent_key(self.layers[0].ws, parent, name), db=self.dbs["dirents"])
             if raw is not None:
                 return schema.decode_dirent(raw)
@@ -113,7 +188,23 @@ class TreeView:
         return None
 
     def entries(self, txn: lmdb.Transaction, parent: int) -> list[tuple[bytes, int, int]]:
-        """``(name, ino, kind)`` of every entry of directory ``parent``, sorted by name."""
+        """``(name, ino, kind)`` of every entry of directory ``parent``, sorted
+        by name. A tolerant view leaves out only the names it cannot read
+        anywhere (module docstring), and raises :class:`Corrupt` only if
+        it can read none."""
+        try:
+            return self._entries(txn, parent)
+        except (lmdb.Error, struct.error):
+            if self.env is None:
+                raise
+        try:
+            with self.env.begin() as fresh:
+                return self._entries(fresh, parent)
+        except (lmdb.Error, struct.error):
+            pass
+        return self._entries_past_damage(parent)
+
+    def _entries(self, txn: lmdb.Transaction, parent: int) -> list[tuple[bytes, int, int]]:
         result: dict[bytes, tuple[int, int] | None] = {}
         start = 0
         if self.seq is None:
@@ -152,6 +243,66 @@ class TreeView:
                     # Records are newest first: jump to this name's newest record <= bound.
                     if not cur.set_range(schema.dirent_hist_key(layer.ws, parent, name, layer.bound)):
                         return
+
+    def _entries_past_damage(self, parent: int) -> list[tuple[bytes, int, int]]:
+        """:meth:`entries` read past damaged pages (module docstring): the
+        readable head entries, the names of damaged head pages from the
+        first layer's history, the other layers' history. Logs a WARNING
+        saying what was read from where; raises :class:`Corrupt` if no
+        entry at all can be read."""
+        reader = Reader(self.env, self.dbs)
+        result: dict[bytes, tuple[int, int] | None] = {}
+        from_history = 0
+        try:
+            start = 0
+            if self.seq is None:
+                prefix = schema.dir_prefix(self.layers[0].ws, parent)
+                end = _after_prefix(prefix)
+                for key, value in reader.items("dirents", prefix, end):
+                    decoded = _dirent_or_damaged(value)
+                    if decoded is not False:
+                        result[key[12:]] = decoded
+                gaps = [(r.after, r.before) for r in reader.damaged]
+                for after, before in gaps:
+                    lo = prefix + after[12:] + b"\x01" if after and after[:12] == prefix else prefix
+                    hi = before + b"\x00" if before and before[:12] == prefix else end
+                    for name, value in self._hist_past_damage(reader, self.layers[0], parent, lo, hi):
+                        if name not in result:
+                            result[name] = value
+                            from_history += value is not None
+                start = 1
+            for layer in self.layers[start:]:
+                prefix = schema.dir_prefix(layer.ws, parent)
+                for name, value in self._hist_past_damage(reader, layer, parent, prefix, _after_prefix(prefix)):
+                    if name not in result:
+                        result[name] = value
+        finally:
+            reader.close()
+        entries = sorted((name, v[0], v[1]) for name, v in result.items() if v is not None)
+        damaged = [r.describe() for r in reader.damaged]
+        if not entries and damaged:
+            raise Corrupt(f"the entries of directory inode {parent} are damaged: {damaged[0]}")
+        log.warning("directory inode %d: its entries are on damaged metadata pages; %d entries read, %d of them "
+                    "from the history (%s)", parent, len(entries), from_history, "; ".join(damaged[:3]))
+        return entries
+
+    def _hist_past_damage(self, reader: Reader, layer: Layer, parent: int, lo: bytes, hi: bytes
+                          ) -> Iterator[tuple[bytes, tuple | None]]:
+        """The newest readable ``dirent_hist`` record at or before
+        ``layer.bound`` of each name of ``parent`` with keys in ``[lo, hi)``
+        (None for a removed name), read past damage by ``reader``."""
+        current = None
+        for key, value in reader.items("dirent_hist", lo, hi):
+            if len(key) < 21:
+                continue
+            name, seq = schema.split_dirent_hist_key(key)
+            if name == current or seq > layer.bound:
+                continue
+            decoded = _dirent_or_damaged(value)
+            if decoded is False:
+                continue
+            current = name
+            yield name, decoded
 
     def resolve(self, txn: lmdb.Transaction, path: bytes) -> tuple[int, int]:
         """``(ino, kind)`` at ``path`` (relative, ``/``-separated; ``b""`` is the root).

@@ -1,0 +1,472 @@
+"""``fsck --repair`` of damaged metadata: a fresh LMDB file of every readable
+record, with what the lost records said derived again from the records that
+hold the same facts.
+
+LMDB cannot rewrite a damaged page in place, ``mdb_env_copy`` stops at
+damage, and some damage aborts LMDB itself (``meta.pages``), so
+:func:`scan` reads the file by hand (``meta.pages.PageWalk``) and
+:func:`build` copies every readable record into a fresh file, deriving what
+it can of the records on the damaged pages — the journal writes each fact
+twice (``chronicle.store.meta.journal``):
+
+- **dirents** (the head tables) from ``dirent_hist``: a name's newest
+  history record *is* its head entry (a fork's removal is a whiteout);
+- **dirent_hist** from ``dirents``: a head entry with no history record
+  gets one at the seq its inode arrived at that path (the path history's
+  arrival entry, else the inode's first record), so past trees and forks
+  see it again;
+- **inodes**: an inode a head entry names that has no record left gets one
+  from its path history (content, size, the time of its last entry; mode
+  0644/0755 and the parent directory's owner — the record that said them is
+  lost), so the file keeps its name and content; one whose newest records
+  were lost and whose older record shows an older content than its path
+  history's last gets a record of that last content;
+- **contents** of one chunk: a lost content record whose id is a chunk's id
+  is that chunk alone (both are the BLAKE3 of the same bytes); a file of
+  more chunks is lost with its record (their order is nowhere else).
+
+Then it names what is still lost: every path the history says exists at the
+head but the rebuilt tree does not reach (``lost_paths``), with its
+workspace. Counters: records copied, records lost (LMDB's entry count of the
+old database minus those copied), records derived.
+
+``fsck`` checks that fresh file (:class:`SoundCopy`) instead of the damaged
+one; ``fsck --repair`` then swaps it in (:func:`swap_in`, atomic: the
+damaged file is kept as ``meta/backup/data.mdb.damaged-<time>``, and
+``synced.json``, a meta page of the old file, is removed). Refcounts of
+contents named by derived inode records are set by the next fsck pass (the
+CLI runs it after a rebuild).
+
+Threads: one fsck run, one thread, on a store no other process has open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import struct
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from chronicle.errors import ChronicleError
+from chronicle.store import model
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.store.chunks.index import ChunkStore
+from chronicle.store.meta import schema
+from chronicle.store.meta.damaged import DamagedRange
+from chronicle.store.meta.journal import parse_iso_time, path_text
+from chronicle.store.meta.pages import PageWalk
+from chronicle.store.meta.schema import (P_ARRIVED, P_CONTENT, P_GONE, ChunkRecord, ContentRecord, PathEntry,
+                                         WorkspaceRecord)
+from chronicle.store.meta.tree import TreeView
+from chronicle.store.model import Attrs
+
+_NAMED = 1000           # lost paths listed
+
+
+@dataclass
+class Rebuilt:
+    """What :func:`rebuild` did: ``backup`` (the damaged file kept),
+    ``copied``/``lost``/``derived`` (``{database: records}``), the damaged
+    ``ranges`` it read past, and ``lost_paths``: ``[(workspace, path)]`` of
+    head paths the rebuilt tree no longer reaches."""
+
+    backup: Path
+    copied: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)
+    derived: dict[str, int] = field(default_factory=dict)
+    ranges: list[DamagedRange] = field(default_factory=list)
+    lost_paths: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: what was lost and what was derived again."""
+        lost = ", ".join(f"{n} {db}" for db, n in sorted(self.lost.items()) if n) or "none counted"
+        derived = ", ".join(f"{n} {db}" for db, n in sorted(self.derived.items()) if n) or "none"
+        names = (f"; {len(self.lost_paths)} path(s) of the head tree are no longer reached: "
+                 + ", ".join(f"{ws}:{p}" for ws, p in self.lost_paths[:5])
+                 + (f" and {len(self.lost_paths) - 5} more" if len(self.lost_paths) > 5 else "")
+                 if self.lost_paths else "; every path of the head tree is reached")
+        return f"records lost: {lost}; derived again from their other records: {derived}{names}"
+
+
+def scan(meta_dir: Path, names: tuple[str, ...] = schema.DATABASES) -> PageWalk:
+    """Read every record of databases ``names`` of ``meta_dir/data.mdb`` by
+    hand (``meta.pages.PageWalk``); the walk's ``damaged`` lists what could
+    not be read. The caller closes the walk. Raises ``OSError``."""
+    walk = PageWalk(meta_dir / "data.mdb")
+    for name in names:
+        for _record in walk.items(name):
+            pass
+    return walk
+
+
+def build(walk: PageWalk, work: Path, map_size: int, mode: int = 0o600,
+          names: tuple[str, ...] = schema.DATABASES) -> Rebuilt:
+    """Write every readable record of databases ``names`` (read by
+    ``walk``) into a fresh LMDB environment in directory ``work`` (made
+    empty first), with what the damaged ones said derived again (module
+    docstring); its file mode is ``mode``. Returns what was done (its
+    ``backup`` is set by :func:`swap_in`). Raises ``OSError``, ``lmdb.Error``."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    result = Rebuilt(work)
+    walk.damaged.clear()
+    stored = walk.databases()
+    fresh = lmdb.open(str(work), map_size=map_size, max_dbs=len(names) + 2, sync=False, mode=mode)
+    try:
+        new_dbs = {name: fresh.open_db(name.encode()) for name in names}
+        for name in names:
+            n = 0
+            with fresh.begin(write=True) as txn:
+                for key, value in walk.items(name):
+                    txn.put(key, value, db=new_dbs[name])
+                    n += 1
+            result.copied[name] = n
+            entries = stored[name.encode()][6] if name.encode() in stored else 0
+            result.lost[name] = max(entries - n, 0)
+        result.ranges = list(walk.damaged)
+        with fresh.begin(write=True) as txn:
+            _Deriver(txn, new_dbs, result).run()
+        fresh.sync(True)
+    finally:
+        fresh.close()
+    return result
+
+
+def swap_in(meta_dir: Path, work: Path) -> Path:
+    """Put the data file built in ``work`` in place of ``meta_dir/data.mdb``
+    atomically (``os.replace``); the old one is kept as
+    ``meta_dir/backup/data.mdb.damaged-<time>`` and returned; ``synced.json``
+    (a meta page of the old file) and ``work`` are removed. No process may
+    have the store open. Raises ``OSError``."""
+    backup_dir = meta_dir / "backup"
+    backup_dir.mkdir(exist_ok=True)
+    backup = backup_dir / f"data.mdb.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+    os.link(meta_dir / "data.mdb", backup)
+    os.replace(work / "data.mdb", meta_dir / "data.mdb")     # atomic: the old file or the new one
+    (meta_dir / "synced.json").unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    fd = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return backup
+
+
+class SoundCopy:
+    """The metadata built in ``work`` (:func:`build`) beside ``store``'s
+    packs, as the checks read a store: ``path``, ``meta_dir``, ``modes``,
+    ``env``, ``dbs``, ``chunks``. Read-only; :meth:`close` it."""
+
+    def __init__(self, store, work: Path, names: tuple[str, ...] = schema.DATABASES):
+        self.path, self.meta_dir, self.modes = store.path, store.meta_dir, store.modes
+        self.env = lmdb.open(str(work), max_dbs=len(names) + 2, readonly=True, lock=False)
+        self.dbs = {name: self.env.open_db(name.encode(), create=False) for name in names}
+        self.chunks = ChunkStore(self.env, self.dbs["chunks"], store.chunks.backend, meta_db=self.dbs["meta"])
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _hist_range(rng: DamagedRange) -> tuple[bytes, bytes | None]:
+    """The ``dirent_hist`` keys of the head entries in damaged ``dirents`` range ``rng``."""
+    lo = rng.after + b"\x01" if rng.after else b""
+    return lo, (rng.before + b"\x00" if rng.before else None)
+
+
+def _in(key: bytes, rng: DamagedRange) -> bool:
+    return (rng.after is None or key > rng.after) and (rng.before is None or key < rng.before)
+
+
+class _Deriver:
+    """The derivations of :func:`rebuild`, in the fresh file's write transaction ``txn``."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, result: Rebuilt):
+        self.txn, self.dbs, self.result = txn, dbs, result
+        self.workspaces: dict[int, WorkspaceRecord] = {}
+        with txn.cursor(db=dbs["workspaces"]) as cur:
+            for _key, value in cur:
+                try:
+                    rec = WorkspaceRecord.decode(value)
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self.workspaces[rec.id] = rec
+        self.damaged = {db: [r for r in result.ranges if r.db == db] for db in ("dirents", "dirent_hist", "inodes")}
+
+    def count(self, db: str) -> None:
+        self.result.derived[db] = self.result.derived.get(db, 0) + 1
+
+    def chain(self, rec: WorkspaceRecord) -> list[tuple[int, int | None]]:
+        chain = [(rec.id, rec.fork_seq)]
+        while rec.parent_id is not None and rec.parent_id in self.workspaces and len(chain) < 1000:
+            rec = self.workspaces[rec.parent_id]
+            chain.append((rec.id, rec.fork_seq))
+        return chain
+
+    def run(self) -> None:
+        if any(r.db == "contents" for r in self.result.ranges):
+            self.single_chunk_contents()
+        for rng in self.damaged["dirents"]:
+            self.dirents_from_history(rng)
+        if self.damaged["dirent_hist"] or self.damaged["inodes"] or self.damaged["dirents"]:
+            for rec in self.workspaces.values():
+                self.walk(rec)
+        for rec in self.workspaces.values():
+            self.name_lost_paths(rec)
+
+    # -- dirents from dirent_hist ------------------------------------------------------
+
+    def dirents_from_history(self, rng: DamagedRange) -> None:
+        lo, hi = _hist_range(rng)
+        current = None
+        with self.txn.cursor(db=self.dbs["dirent_hist"]) as cur:
+            ok = cur.set_range(lo)
+            while ok:
+                key = bytes(cur.key())
+                if hi is not None and key >= hi:
+                    break
+                if len(key) >= 21:
+                    head_key = key[:-9]
+                    if head_key != current and _in(head_key, rng):
+                        current = head_key              # the newest record of this name comes first
+                        self._put_head(head_key, bytes(cur.value()))
+                ok = cur.next()
+
+    def _put_head(self, head_key: bytes, value: bytes) -> None:
+        ws = schema.U32.unpack(head_key[:4])[0]
+        rec = self.workspaces.get(ws)
+        if rec is None or (not value and rec.parent_id is None):
+            return                   # an unknown workspace's, or a removal (no head entry)
+        if self.txn.put(head_key, value, db=self.dbs["dirents"], overwrite=False):
+            self.count("dirents")
+
+    # -- dirent_hist and inodes from the head tree and the path history ------------------
+
+    def walk(self, rec: WorkspaceRecord) -> None:
+        """Walk ``rec``'s head tree: give each head entry without a history
+        record one, and each inode without a record one."""
+        view = TreeView(self.dbs, self.chain(rec), rec.root)
+        stack = [(rec.root, b"")]
+        seen = {rec.root}
+        while stack:
+            dir_ino, dir_path = stack.pop()
+            try:
+                dir_attrs = view.attrs(self.txn, dir_ino)
+                children = view.entries(self.txn, dir_ino)
+            except (ChronicleError, struct.error):
+                continue
+            for name, ino, kind in children:
+                path = dir_path + b"/" + name if dir_path else name
+                if self.damaged["dirent_hist"]:
+                    self.history_of_entry(rec, view, dir_ino, name, ino, kind, path)
+                if self.damaged["inodes"]:
+                    self.inode_of_entry(rec, view, ino, kind, path, dir_attrs)
+                if kind == model.KIND_DIR and ino not in seen:
+                    seen.add(ino)
+                    stack.append((ino, path))
+
+    def _arrival(self, ws: int, path: bytes, ino: int) -> tuple[int, PathEntry] | None:
+        """``(seq, entry)`` of the last entry of ``path`` (own layer) naming
+        ``ino`` — the arrival first, else any."""
+        found = arrival = None
+        prefix = schema.path_prefix(ws, path)
+        with self.txn.cursor(db=self.dbs["paths"]) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key()[:len(prefix)] == prefix:
+                try:
+                    entry = PathEntry.decode(cur.value())
+                except (struct.error, ValueError):
+                    ok = cur.next()
+                    continue
+                seq = schema.path_key_seq(cur.key())
+                if entry.ino == ino and (not schema.is_long(path) or entry.path == path):
+                    found = (seq, entry)
+                    if entry.flags & P_ARRIVED:
+                        arrival = (seq, entry)
+                    elif entry.flags & P_GONE:
+                        arrival = None
+                ok = cur.next()
+        return arrival or found
+
+    def history_of_entry(self, rec: WorkspaceRecord, view: TreeView, parent: int, name: bytes, ino: int,
+                         kind: int, path: bytes) -> None:
+        prefix = schema.dirent_hist_prefix(rec.id, parent, name)
+        if not any((r.after is None or r.after < prefix + b"\xff" * 8) and (r.before is None or r.before > prefix)
+                   for r in self.damaged["dirent_hist"]):
+            return                       # none of its history was on a damaged page
+        with self.txn.cursor(db=self.dbs["dirent_hist"]) as cur:
+            if cur.set_range(prefix) and cur.key()[:len(prefix)] == prefix:
+                return                   # it has history left
+        raw = self.txn.get(schema.dirent_key(rec.id, parent, name), db=self.dbs["dirents"])
+        if not raw:
+            return                       # read through from the parent layer
+        arrival = self._arrival(rec.id, path, ino)
+        seq = arrival[0] if arrival else self._first_inode_seq(rec.id, ino)
+        if seq is None:
+            return
+        self.txn.put(schema.dirent_hist_key(rec.id, parent, name, seq), bytes(raw), db=self.dbs["dirent_hist"])
+        self.count("dirent_hist")
+
+    def _first_inode_seq(self, ws: int, ino: int) -> int | None:
+        prefix = schema.inode_prefix(ws, ino)
+        last = None
+        with self.txn.cursor(db=self.dbs["inodes"]) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key()[:12] == prefix:
+                last = schema.inode_key_seq(cur.key())
+                ok = cur.next()
+        return last
+
+    def inode_of_entry(self, rec: WorkspaceRecord, view: TreeView, ino: int, kind: int, path: bytes,
+                       parent_attrs: Attrs | None) -> None:
+        """Give ``ino`` (named by a head entry at ``path``) a record if it has
+        none, or a newer one if its newest record was lost and an older one
+        shows an older content than its path history's last."""
+        try:
+            found = view.attrs_with_seq(self.txn, ino)
+        except ChronicleError:
+            found = None                 # a damaged value: replaced below
+        last = self._last_entry(rec.id, path, ino) if kind == model.KIND_FILE else None
+        if found is not None:
+            attrs, seq = found
+            if last is None or last[0] <= seq or not attrs.is_file or last[1].content == attrs.content:
+                return
+            when = self._time(last[1])
+            attrs = attrs.replace(content=last[1].content, size=self._size(last[1]), mtime_ns=when, ctime_ns=when)
+            self.txn.put(schema.inode_key(rec.id, ino, last[0]), attrs.encode(), db=self.dbs["inodes"])
+            self.count("inodes")
+            return
+        if kind not in (model.KIND_FILE, model.KIND_DIR):
+            return                       # a symlink's target or a device number is not in the history
+        arrival = last or self._arrival(rec.id, path, ino)
+        if arrival is None:
+            return
+        seq, entry = arrival
+        now = self._time(entry)
+        owner = parent_attrs or Attrs(stat.S_IFDIR | 0o755, 0, 0, 2, 0, now, now, now)
+        if kind == model.KIND_DIR:
+            attrs = Attrs(stat.S_IFDIR | 0o755, owner.uid, owner.gid, 2, 0, now, now, now)
+        else:
+            content = entry.content if entry.flags & P_CONTENT and entry.content else EMPTY_CONTENT_ID
+            size = self._size(entry) if content != EMPTY_CONTENT_ID else 0
+            attrs = Attrs(stat.S_IFREG | 0o644, owner.uid, owner.gid, 1, size, now, now, now, content=content)
+        self.txn.put(schema.inode_key(rec.id, ino, seq), attrs.encode(), db=self.dbs["inodes"])
+        self.count("inodes")
+
+    @staticmethod
+    def _time(entry: PathEntry) -> int:
+        when = _fragment(entry).get("time")
+        try:
+            return parse_iso_time(when) if isinstance(when, str) else time.time_ns()
+        except ValueError:
+            return time.time_ns()
+
+    @staticmethod
+    def _size(entry: PathEntry) -> int:
+        size = _fragment(entry).get("size")
+        return size if isinstance(size, int) and size >= 0 else 0
+
+    # -- contents of one chunk ---------------------------------------------------------
+
+    def single_chunk_contents(self) -> None:
+        """A lost content record whose id is a chunk's id is a file of that
+        one chunk (both ids are the BLAKE3 of the same bytes): write it
+        again (refcount 0; the next fsck pass counts it)."""
+        wanted: set[bytes] = set()
+        with self.txn.cursor(db=self.dbs["inodes"]) as cur:
+            for _key, value in cur:
+                try:
+                    content = Attrs.decode(value).content
+                except ChronicleError:
+                    continue
+                if content:
+                    wanted.add(content)
+        with self.txn.cursor(db=self.dbs["paths"]) as cur:
+            for _key, value in cur:
+                try:
+                    entry = PathEntry.decode(value)
+                except (struct.error, ValueError):
+                    continue
+                if entry.flags & P_CONTENT and entry.content:
+                    wanted.add(entry.content)
+        for content_id in sorted(wanted):
+            if content_id == EMPTY_CONTENT_ID or self.txn.get(content_id, db=self.dbs["contents"]) is not None:
+                continue
+            raw = self.txn.get(content_id, db=self.dbs["chunks"])
+            if raw is None:
+                continue
+            try:
+                chunk = ChunkRecord.decode(raw)
+            except ChronicleError:
+                continue
+            record = ContentRecord(chunk.raw_len, content_id, content_id, array("Q", [chunk.raw_len]))
+            self.txn.put(content_id, record.encode(), db=self.dbs["contents"])
+            self.count("contents")
+
+    def _last_entry(self, ws: int, path: bytes, ino: int) -> tuple[int, PathEntry] | None:
+        """The newest entry of ``path`` naming ``ino`` with a content."""
+        best = None
+        prefix = schema.path_prefix(ws, path)
+        with self.txn.cursor(db=self.dbs["paths"]) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key()[:len(prefix)] == prefix:
+                try:
+                    entry = PathEntry.decode(cur.value())
+                    if entry.ino == ino and entry.flags & P_CONTENT:
+                        best = (schema.path_key_seq(cur.key()), entry)
+                except (struct.error, ValueError):
+                    pass
+                ok = cur.next()
+        return best
+
+    # -- what is still lost ------------------------------------------------------------------
+
+    def name_lost_paths(self, rec: WorkspaceRecord) -> None:
+        """Every path whose own history (``paths``, the workspace's layer)
+        ends with it there (its last entry is no removal) that the rebuilt
+        head tree does not reach with that inode."""
+        view = TreeView(self.dbs, self.chain(rec), rec.root)
+        prefix = schema.ws_key(rec.id)
+        last: tuple[bytes, bytes] | None = None         # (path key, value) of the ident read last
+        with self.txn.cursor(db=self.dbs["paths"]) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key()[:4] == prefix:
+                key = bytes(cur.key())
+                ident = schema.path_key_ident(key)
+                if last is not None and last[0] != ident:
+                    self._check_reached(rec, view, *last)
+                last = (ident, bytes(cur.value()))
+                ok = cur.next()
+        if last is not None:
+            self._check_reached(rec, view, *last)
+
+    def _check_reached(self, rec: WorkspaceRecord, view: TreeView, ident: bytes, raw: bytes) -> None:
+        try:
+            entry = PathEntry.decode(raw)
+        except (struct.error, ValueError):
+            return
+        if entry.flags & P_GONE or len(self.result.lost_paths) >= _NAMED:
+            return
+        path = entry.path if schema.ident_is_long(ident) else ident
+        try:
+            ino, _kind = view.resolve(self.txn, path)
+        except (ChronicleError, struct.error):
+            ino = None
+        if ino != entry.ino:
+            self.result.lost_paths.append((rec.name, path_text(path)))
+
+
+def _fragment(entry: PathEntry) -> dict:
+    try:
+        obj = json.loads(b'{"version": 0, ' + entry.fragment)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
