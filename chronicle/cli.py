@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import lmdb
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -70,6 +71,9 @@ class ChronicleGroup(click.Group):
             if exc.errno == errno.EPIPE:
                 raise                   # click quiets a closed stdout (`chronicle cat f | head`)
             _report(ctx, f"chronicle: error: {_one_line(exc)}", 1)
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.InvalidError) as exc:
+            _report(ctx, f"chronicle: error: the store's metadata is damaged ({type(exc).__name__}: "
+                    f"{_one_line(exc)}); `chronicle fsck` names what, `chronicle fsck --repair` drops it", 1)
         except Exception as exc:        # noqa: BLE001 - the last line of defence
             _report(ctx, f"chronicle: internal error: {type(exc).__name__}: {_one_line(exc)}", 1)
 

@@ -48,6 +48,8 @@ import lmdb
 
 from chronicle import procs
 from chronicle.errors import ChronicleError, Exists
+from chronicle.store.fsck.checks import fsck
+from chronicle.store.fsck.rebuild import scan
 from chronicle.store.model import Actor
 from chronicle.store.namespace.workspace import Workspace
 from chronicle.store.store import Store
@@ -139,7 +141,10 @@ def read_back(store: Path, expected: dict[str, bytes]) -> tuple[int, list[str]]:
     the store API; a file that cannot be read counts as neither."""
     good, wrong = 0, []
     with Store.open(store) as st:
-        ws = st.open_workspace(WORKSPACE)
+        try:
+            ws = st.open_workspace(WORKSPACE)
+        except (ChronicleError, lmdb.Error):
+            return 0, []
         for path, data in expected.items():
             try:
                 ino, _ = ws.resolve(path.encode())
@@ -151,6 +156,28 @@ def read_back(store: Path, expected: dict[str, bytes]) -> tuple[int, list[str]]:
             else:
                 wrong.append(path)
     return good, wrong
+
+
+def repair_in_process(store: Path) -> list:
+    """``fsck --repair`` as the CLI runs it, in this process: a second
+    repairing pass after a metadata rebuild. Returns the reports."""
+    with Store.open(store) as st:
+        reports = [fsck(st, repair=True)]
+    if reports[0].metadata_rebuilt:
+        with Store.open(store) as st:
+            reports.append(fsck(st, repair=True))
+    return reports
+
+
+def pages_holding(data_file: Path, needle: bytes) -> list[int]:
+    """The pages of ``data_file`` whose bytes contain ``needle`` (to aim damage at a record)."""
+    data = data_file.read_bytes()
+    out, at = [], data.find(needle)
+    while at >= 0:
+        if not out or out[-1] != at // PAGE:
+            out.append(at // PAGE)
+        at = data.find(needle, at + 1)
+    return out
 
 
 @dataclass

@@ -98,7 +98,7 @@ from chronicle.store.fsck.report import (
     _short,
 )
 from chronicle.store.fsck.tree import TreeChecks
-from chronicle.store.meta import schema
+from chronicle.store.meta import backup, schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
 from chronicle.store.fsck.damage import Reader, describe_damage
@@ -129,8 +129,32 @@ def fsck(store: Store, *, repair: bool = False, verify_contents: bool = False,
             report = _Checker(store, repair=repair, verify_contents=verify_contents, progress=progress).run()
     finally:
         walk.close()
+    _report_backups(store, report, repair)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _report_backups(store: Store, report: FsckReport, repair: bool) -> None:
+    """Which metadata is in use (the store's own, or a backup generation
+    ``Store.open`` fell back to: a warning until repair acknowledges it),
+    and the backups kept (``meta.backup``)."""
+    kept = backup.generations(store.path)
+    report.metadata_backups = len(kept)
+    report.metadata_backup_newest = kept[0].time if kept else None
+    note = backup.restored_note(store.path)
+    if note is None:
+        return
+    report.metadata_in_use = f"backup of {note.get('time')} (transaction {note.get('txnid')})"
+    heads = ", ".join(f"{name!r} after seq {seq}" for name, seq in sorted((note.get("heads") or {}).items()))
+    p = Problem("metadata-from-backup", f"the metadata in use is the backup of {note.get('time')}, restored on "
+                f"{note.get('restored')} because the store's own could not be opened ({note.get('reason')}); "
+                f"changes made after the backup ({heads}) are lost; the damaged file is kept at "
+                f"{note.get('damaged_file')}", WARNING, False, dict(note))
+    report.problems.append(p)
+    if repair:
+        backup.acknowledge(store.path)
+        p.repaired = True
+        p.message += " [acknowledged: fsck no longer reports it]"
 
 
 def _check_damaged(store: Store, walk: PageWalk, *, repair: bool, verify_contents: bool,

@@ -21,6 +21,8 @@ twice (``chronicle.store.meta.journal``):
   lost), so the file keeps its name and content; one whose newest records
   were lost and whose older record shows an older content than its path
   history's last gets a record of that last content;
+- **workspaces**: a workspace that is no fork, from its id (``ws_ids``)
+  and its root inode (its one record at seq 0);
 - **contents** of one chunk: a lost content record whose id is a chunk's id
   is that chunk alone (both are the BLAKE3 of the same bytes); a file of
   more chunks is lost with its record (their order is nowhere else).
@@ -60,7 +62,7 @@ from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.meta import schema
 from chronicle.store.meta.damaged import DamagedRange
-from chronicle.store.meta.journal import parse_iso_time, path_text
+from chronicle.store.meta.journal import iso_time, parse_iso_time, path_text
 from chronicle.store.meta.pages import PageWalk
 from chronicle.store.meta.schema import (P_ARRIVED, P_CONTENT, P_GONE, ChunkRecord, ContentRecord, PathEntry,
                                          WorkspaceRecord)
@@ -211,6 +213,8 @@ class _Deriver:
         return chain
 
     def run(self) -> None:
+        if any(r.db == "workspaces" for r in self.result.ranges):
+            self.workspace_records()
         if any(r.db == "contents" for r in self.result.ranges):
             self.single_chunk_contents()
         for rng in self.damaged["dirents"]:
@@ -220,6 +224,38 @@ class _Deriver:
                 self.walk(rec)
         for rec in self.workspaces.values():
             self.name_lost_paths(rec)
+
+    # -- workspace records from ws_ids and the root inode ----------------------------------
+
+    def workspace_records(self) -> None:
+        """A workspace named in ``ws_ids`` whose record was lost gets one
+        again if it is no fork: its root is its one inode with a record at
+        seq 0 (``Store.create_workspace``), its creation time that record's
+        ctime. A fork's parent and fork seq are nowhere else: it stays lost."""
+        with self.txn.cursor(db=self.dbs["ws_ids"]) as cur:
+            named = {schema.U32.unpack(k)[0]: bytes(v).decode(errors="replace") for k, v in cur if len(k) == 4}
+        for ws, name in sorted(named.items()):
+            if ws in self.workspaces or self.txn.get(name.encode(), db=self.dbs["workspaces"]) is not None:
+                continue
+            roots = []
+            prefix = schema.ws_key(ws)
+            with self.txn.cursor(db=self.dbs["inodes"]) as cur:
+                ok = cur.set_range(prefix)
+                while ok and cur.key()[:4] == prefix:
+                    key = bytes(cur.key())
+                    if len(key) == 20 and schema.inode_key_seq(key) == 0:
+                        roots.append((schema.U64.unpack(key[4:12])[0], bytes(cur.value())))
+                    ok = cur.next()
+            if len(roots) != 1:
+                continue
+            try:
+                attrs = Attrs.decode(roots[0][1])
+            except ChronicleError:
+                continue
+            record = WorkspaceRecord(ws, name, roots[0][0], iso_time(attrs.ctime_ns))
+            self.txn.put(name.encode(), record.encode(), db=self.dbs["workspaces"])
+            self.workspaces[ws] = record
+            self.count("workspaces")
 
     # -- dirents from dirent_hist ------------------------------------------------------
 
@@ -271,6 +307,69 @@ class _Deriver:
                 if kind == model.KIND_DIR and ino not in seen:
                     seen.add(ino)
                     stack.append((ino, path))
+            if self.damaged["inodes"]:
+                self.gone_inodes(rec, dir_ino, dir_path, {ino for _name, ino, _kind in children}, dir_attrs)
+
+    def gone_inodes(self, rec: WorkspaceRecord, dir_ino: int, dir_path: bytes, here: set[int],
+                    dir_attrs: Attrs | None) -> None:
+        """The inodes directory ``dir_ino`` named once (its ``dirent_hist``)
+        but not at the head, that have no record left at all: records from
+        their path history, one per version (past trees show them again)."""
+        prefix = schema.dir_prefix(rec.id, dir_ino)
+        named: dict[int, tuple[bytes, int]] = {}
+        with self.txn.cursor(db=self.dbs["dirent_hist"]) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key()[:12] == prefix:
+                key, value = bytes(cur.key()), bytes(cur.value())
+                ok = cur.next()
+                if len(key) < 21 or len(value) != 9:
+                    continue
+                ino, kind = schema.decode_dirent(value)
+                if ino not in here:
+                    named.setdefault(ino, (schema.split_dirent_hist_key(key)[0], kind))
+        for ino, (name, kind) in named.items():
+            with self.txn.cursor(db=self.dbs["inodes"]) as cur:
+                inode = schema.inode_prefix(rec.id, ino)
+                if cur.set_range(inode) and cur.key()[:12] == inode:
+                    continue                 # it has records
+            path = dir_path + b"/" + name if dir_path else name
+            self._versions_of(rec, ino, kind, path, dir_attrs)
+
+    def _versions_of(self, rec: WorkspaceRecord, ino: int, kind: int, path: bytes, owner: Attrs | None) -> None:
+        """Records of ``ino`` at each entry of ``path``'s history that names
+        it with a content (a file), or at its arrival (a directory, or a
+        file with none)."""
+        if kind not in (model.KIND_FILE, model.KIND_DIR):
+            return
+        prefix = schema.path_prefix(rec.id, path)
+        entries = []
+        with self.txn.cursor(db=self.dbs["paths"]) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key()[:len(prefix)] == prefix:
+                try:
+                    entry = PathEntry.decode(cur.value())
+                    if entry.ino == ino:
+                        entries.append((schema.path_key_seq(cur.key()), entry))
+                except (struct.error, ValueError):
+                    pass
+                ok = cur.next()
+        carrying = [(seq, e) for seq, e in entries if e.flags & P_CONTENT] if kind == model.KIND_FILE else []
+        arrivals = [(seq, e) for seq, e in entries if e.flags & P_ARRIVED]
+        for seq, entry in (carrying or arrivals[:1]):
+            self._put_inode(rec, ino, kind, seq, entry, owner)
+
+    def _put_inode(self, rec: WorkspaceRecord, ino: int, kind: int, seq: int, entry: PathEntry,
+                   parent: Attrs | None) -> None:
+        now = self._time(entry)
+        owner = parent or Attrs(stat.S_IFDIR | 0o755, 0, 0, 2, 0, now, now, now)
+        if kind == model.KIND_DIR:
+            attrs = Attrs(stat.S_IFDIR | 0o755, owner.uid, owner.gid, 2, 0, now, now, now)
+        else:
+            content = entry.content if entry.flags & P_CONTENT and entry.content else EMPTY_CONTENT_ID
+            size = self._size(entry) if content != EMPTY_CONTENT_ID else 0
+            attrs = Attrs(stat.S_IFREG | 0o644, owner.uid, owner.gid, 1, size, now, now, now, content=content)
+        if self.txn.put(schema.inode_key(rec.id, ino, seq), attrs.encode(), db=self.dbs["inodes"], overwrite=False):
+            self.count("inodes")
 
     def _arrival(self, ws: int, path: bytes, ino: int) -> tuple[int, PathEntry] | None:
         """``(seq, entry)`` of the last entry of ``path`` (own layer) naming
@@ -343,22 +442,8 @@ class _Deriver:
             self.txn.put(schema.inode_key(rec.id, ino, last[0]), attrs.encode(), db=self.dbs["inodes"])
             self.count("inodes")
             return
-        if kind not in (model.KIND_FILE, model.KIND_DIR):
-            return                       # a symlink's target or a device number is not in the history
-        arrival = last or self._arrival(rec.id, path, ino)
-        if arrival is None:
-            return
-        seq, entry = arrival
-        now = self._time(entry)
-        owner = parent_attrs or Attrs(stat.S_IFDIR | 0o755, 0, 0, 2, 0, now, now, now)
-        if kind == model.KIND_DIR:
-            attrs = Attrs(stat.S_IFDIR | 0o755, owner.uid, owner.gid, 2, 0, now, now, now)
-        else:
-            content = entry.content if entry.flags & P_CONTENT and entry.content else EMPTY_CONTENT_ID
-            size = self._size(entry) if content != EMPTY_CONTENT_ID else 0
-            attrs = Attrs(stat.S_IFREG | 0o644, owner.uid, owner.gid, 1, size, now, now, now, content=content)
-        self.txn.put(schema.inode_key(rec.id, ino, seq), attrs.encode(), db=self.dbs["inodes"])
-        self.count("inodes")
+        # a symlink's target or a device number is not in the history: only files and directories
+        self._versions_of(rec, ino, kind, path, parent_attrs)
 
     @staticmethod
     def _time(entry: PathEntry) -> int:
