@@ -223,6 +223,7 @@ class MountWalk:
     files_failed: int = 0
     files_wrong: int = 0
     tracebacks: int = 0
+    died: str = ""                  # the daemon did not exit cleanly (e.g. an LMDB assertion aborted it)
     error: str = ""
 
 
@@ -286,6 +287,8 @@ def mount_walk(store: Path, expected: dict[str, bytes], work: Path) -> MountWalk
             proc.wait()
         text = log_path.read_text(errors="replace")[start:]
         walk.tracebacks = text.count("Traceback")
+        if proc.returncode not in (0, None) or "Assertion" in text:
+            walk.died = next((line for line in text.splitlines() if "Assertion" in line), f"exit {proc.returncode}")
     return walk
 
 
@@ -361,6 +364,7 @@ def summary(trials: list[Trial], files: int) -> dict:
         "mount_root_listing_failed": sum(bool(t.mount and t.mount.root_listing_failed) for t in trials),
         "mount_files_exact": sum(t.mount.files_exact for t in trials if t.mount),
         "mount_tracebacks": sum(t.mount.tracebacks for t in trials if t.mount),
+        "mount_daemon_died": sum(bool(t.mount and t.mount.died) for t in trials),
         "crashed": sum(bool(t.crashed) for t in trials),
     }
 
@@ -398,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             walk = trial.mount
             print(f"page {page:4d}: opened={int(trial.opened)} fsck_aborted={int(trial.fsck.aborted)} "
                   f"named={trial.fsck.damaged} before={trial.before} "
-                  + (f"mount_exact={walk.files_exact} ls_root_failed={int(walk.root_listing_failed)} " if walk else "")
+                  + (f"mount_exact={walk.files_exact} ls_root_failed={int(walk.root_listing_failed)} "
+                     f"dirs_failed={walk.dirs_failed} " + (f"DIED({walk.died}) " if walk.died else "") if walk else "")
                   + f"repair_aborted={int(trial.repair.aborted)} after={trial.after} wrong={len(trial.wrong)}"
                   + (f" CRASHED {trial.crashed}" if trial.crashed else ""), flush=True)
             if args.verbose:

@@ -639,12 +639,13 @@ class ChronicleOperations(pyfuse3.Operations):
             name, child, _kind = listing[i]
             try:
                 attrs = self.attrs(child)
+                entry = self.entry(child, attrs)
             except NotFound:
                 continue
             except Corrupt as exc:          # damaged metadata: list the rest; a lookup of it answers EIO
                 log.error("readdir: %s", exc)
                 continue
-            if not pyfuse3.readdir_reply(token, name, self.entry(child, attrs), i + 1):
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                 return
             if i >= 2:                # the kernel takes no lookup count for "." and ".."
                 self._lookups[child] += 1

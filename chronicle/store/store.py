@@ -551,8 +551,12 @@ class Store:
         if content_id == EMPTY_CONTENT_ID:
             cm = ContentMap.empty(self.chunks)
         else:
-            with self.env.begin() as txn:
-                raw = txn.get(content_id, db=self.dbs["contents"])
+            try:
+                with self.env.begin() as txn:
+                    raw = txn.get(content_id, db=self.dbs["contents"])
+            except lmdb.Error as exc:
+                raise Corrupt(f"the record of content {to_hex(content_id)} is on a damaged metadata page "
+                              f"({type(exc).__name__}: {exc})") from None
             if raw is None:
                 raise Corrupt(f"content {to_hex(content_id)} is missing from the store")
             cm = ContentMap(content_id, ContentRecord.decode(raw), self.chunks)

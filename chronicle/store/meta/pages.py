@@ -93,6 +93,7 @@ class PageWalk:
         if self._main is None:
             self.meta_problem = "; ".join(problems) or "no meta page"
         self._named: dict[bytes, tuple] | None = None
+        self._want: tuple[bytes | None, bytes | None] = (None, None)
 
     def close(self) -> None:
         if isinstance(self._map, mmap.mmap):
@@ -118,15 +119,16 @@ class PageWalk:
                         self._named[key] = _DB.unpack(value)
         return self._named
 
-    def items(self, name: str) -> Iterator[tuple[bytes, bytes]]:
-        """Every readable ``(key, value)`` of named database ``name``, in key
-        order; what cannot be read is recorded in :attr:`damaged`. A
-        database the main database does not name yields nothing (LMDB
-        creates it when it is opened)."""
+    def items(self, name: str, lo: bytes | None = None, hi: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Every readable ``(key, value)`` of named database ``name`` with
+        ``lo <= key < hi`` (None: unbounded), in key order; only the pages
+        that may hold such keys are read, and what cannot be read is
+        recorded in :attr:`damaged`. A database the main database does not
+        name yields nothing (LMDB creates it when it is opened)."""
         db = self.databases().get(name.encode())
         if db is None:
             return
-        for key, value, flags in self._records(name, db):
+        for key, value, flags in self._records(name, db, lo, hi):
             if flags & (F_SUBDATA | F_DUPDATA):
                 self._damage(name, key, key, "a record with sub-database flags")
                 continue
@@ -134,10 +136,12 @@ class PageWalk:
 
     # -- the walk ----------------------------------------------------------------
 
-    def _records(self, name: str, db: tuple) -> Iterator[tuple[bytes, bytes, int]]:
+    def _records(self, name: str, db: tuple, lo: bytes | None = None, hi: bytes | None = None
+                 ) -> Iterator[tuple[bytes, bytes, int]]:
         depth, root = db[2], db[7]
         if root == P_INVALID:
             return
+        self._want = (lo, hi)
         self._last: bytes | None = None
         self._open: DamagedRange | None = None
         seen: set[int] = set()
@@ -176,17 +180,24 @@ class PageWalk:
             for i, (off, lo16, hi16, flags, ksize) in enumerate(nodes):
                 key = bytes(self._map[base + off + NODESIZE:base + off + NODESIZE + ksize]) if i else lo
                 children.append((lo16 | hi16 << 16 | flags << 32, key))
+            want_lo, want_hi = self._want
             for i, (child, key) in enumerate(children):
                 upper = children[i + 1][1] if i + 1 < len(children) else hi
+                if (want_hi is not None and key is not None and key >= want_hi) or \
+                        (want_lo is not None and upper is not None and upper <= want_lo):
+                    continue                # no wanted key below this child
                 if i and ((lo is not None and key < lo) or (hi is not None and key >= hi)
                           or (i > 1 and key <= children[i - 1][1])):
                     self._damage(name, key, upper, f"branch page {pgno} has keys out of order")
                     continue
                 yield from self._page(name, child, depth - 1, key, upper, seen)
             return
+        want_lo, want_hi = self._want
         for off, lo16, hi16, flags, ksize in nodes:
             start = base + off + NODESIZE
             key = bytes(self._map[start:start + ksize])
+            if (want_lo is not None and key < want_lo) or (want_hi is not None and key >= want_hi):
+                continue
             if (lo is not None and key < lo) or (hi is not None and key >= hi) or \
                     (self._last is not None and key <= self._last):
                 self._damage(name, key, key, f"leaf page {pgno} has a damaged key {key[:64].hex()}")

@@ -14,17 +14,19 @@ lookups use ``dirent_hist`` in every layer.
 **Damage.** LMDB keeps no checksums: a damaged page shows up as an
 ``lmdb.Error`` of the read that reaches it, and it marks the caller's read
 transaction bad for every later read. A view given the environment
-(``env``) reads *tolerantly*: a read that fails is tried again in a fresh
-read transaction (which is what makes the reads after one damaged record
-work); a directory listing whose ``dirents`` are damaged is read past the
-damage (``meta.damaged.Reader``), and the names on a damaged page are found
-in ``dirent_hist``, whose newest record of a name is its head entry (the
-journal writes both); only what neither holds is lost. A read that cannot be
-answered raises :class:`~chronicle.errors.Corrupt` naming what is damaged
-(the adapter answers EIO for that path alone), never an ``lmdb.Error``. The
-retry sees the latest commit, which is the caller's snapshot as long as no
-commit comes between (the one writer of a workspace does not commit inside
-a read; fsck runs on a store nobody writes).
+(``env``) reads *tolerantly*: a read that failed only because an earlier
+failure marked its transaction bad is tried again in a fresh one; a read
+that met a damaged page is done again by hand (``meta.pages.PageWalk``:
+LMDB must not touch a damaged page again, some of its checks abort the
+process). A directory listing whose ``dirents`` are damaged is read past
+the damage, and the names on a damaged page are found in ``dirent_hist``,
+whose newest record of a name is its head entry (the journal writes both);
+only what neither holds is lost. A read that cannot be answered raises
+:class:`~chronicle.errors.Corrupt` naming what is damaged (the adapter
+answers EIO for that path alone), never an ``lmdb.Error``. The second read
+sees the latest commit, which is the caller's snapshot as long as no commit
+comes between (the one writer of a workspace does not commit inside a
+read; fsck runs on a store nobody writes).
 
 Threads: views hold no transaction; every method takes the caller's ``txn``.
 """
@@ -35,13 +37,14 @@ import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lmdb
 
 from chronicle.errors import Corrupt, NotADirectory, NotFound
 from chronicle.store import model
 from chronicle.store.meta import schema
-from chronicle.store.meta.damaged import Reader
+from chronicle.store.meta.pages import PageWalk
 from chronicle.store.meta.schema import SEQ_MAX
 from chronicle.store.model import Attrs
 
@@ -90,14 +93,22 @@ class TreeView:
         self.layers = self._layers(chain, seq)
         self.env = env
 
-    def _again(self, read, what: str, *args):
-        """``read(txn, *args)`` in a fresh read transaction, after it failed
-        in the caller's; raises :class:`Corrupt` naming ``what`` if it fails again."""
-        try:
-            with self.env.begin() as txn:
-                return read(txn, *args)
-        except (lmdb.Error, struct.error) as exc:
-            raise Corrupt(f"the metadata of {what} is damaged ({type(exc).__name__}: {exc})") from None
+    def _tolerant(self, exc: Exception, read_lmdb, read_pages):
+        """After ``exc`` from a read in the caller's transaction: if it only
+        said the transaction was marked bad by an earlier failure
+        (``MDB_BAD_TXN``), ``read_lmdb(txn)`` in a fresh one; else (or if that
+        fails too) ``read_pages(walk)`` — the same read done by hand
+        (``meta.pages.PageWalk``), never letting LMDB near a damaged page,
+        while a read transaction keeps the pages it reads from being reused."""
+        if isinstance(exc, lmdb.BadTxnError):
+            try:
+                with self.env.begin() as txn:
+                    return read_lmdb(txn)
+            except (lmdb.Error, struct.error):
+                pass
+        with self.env.begin():
+            with PageWalk(Path(self.env.path()) / "data.mdb") as walk:
+                return read_pages(walk)
 
     @staticmethod
     def _layers(chain: list[tuple[int, int | None]], seq: int | None) -> list[Layer]:
@@ -122,10 +133,21 @@ class TreeView:
         if the inode's record is on a damaged page (tolerant views)."""
         try:
             return self._attrs_with_seq(txn, ino)
-        except lmdb.Error:
+        except lmdb.Error as exc:
             if self.env is None:
                 raise
-        return self._again(self._attrs_with_seq, f"inode {ino}", ino)
+            failed = exc
+        return self._tolerant(failed, lambda t: self._attrs_with_seq(t, ino), lambda w: self._attrs_walk(w, ino))
+
+    def _attrs_walk(self, walk: PageWalk, ino: int) -> tuple[Attrs, int] | None:
+        for layer in self.layers:
+            prefix = schema.inode_prefix(layer.ws, ino)
+            for key, value in walk.items("inodes", schema.inode_key(layer.ws, ino, layer.bound),
+                                         _after_prefix(prefix)):
+                return Attrs.decode(value), schema.inode_key_seq(key)
+        if walk.damaged:
+            raise Corrupt(f"the record of inode {ino} is on a damaged metadata page ({walk.damaged[0].error})")
+        return None
 
     def _attrs_with_seq(self, txn: lmdb.Transaction, ino: int) -> tuple[Attrs, int] | None:
         db = self.dbs["inodes"]
@@ -153,22 +175,39 @@ class TreeView:
         can be read (tolerant views)."""
         try:
             return self._lookup(txn, parent, name)
-        except (lmdb.Error, struct.error):
+        except (lmdb.Error, struct.error) as exc:
             if self.env is None:
                 raise
-        what = f"the entry {name.decode(errors='replace')!r} of directory inode {parent}"
-        try:
-            with self.env.begin() as fresh:
-                return self._lookup(fresh, parent, name)
-        except (lmdb.Error, struct.error):
-            pass
-        return self._again(self._lookup, what, parent, name, False)
+            failed = exc
+        return self._tolerant(failed, lambda t: self._lookup(t, parent, name),
+                              lambda w: self._lookup_walk(w, parent, name))
 
-    def _lookup(self, txn: lmdb.Transaction, parent: int, name: bytes, head_table: bool = True
-                ) -> tuple[int, int] | None:
-        """:meth:`lookup`; ``head_table`` False reads the head from the history
-        (the first layer's newest ``dirent_hist`` record) instead of ``dirents``."""
-        if self.seq is None and head_table:
+    def _lookup_walk(self, walk: PageWalk, parent: int, name: bytes) -> tuple[int, int] | None:
+        """:meth:`lookup` by hand: the head entry, else (it is on a damaged
+        page) the first layer's newest history record, then the other layers'."""
+        layers = self.layers
+        if self.seq is None:
+            key = schema.dirent_key(self.layers[0].ws, parent, name)
+            for _key, value in walk.items("dirents", key, key + b"\x00"):
+                found = _dirent_or_damaged(value)
+                if found is not False:
+                    return found
+            if not walk.damaged:
+                layers = self.layers[1:]      # no head entry: the first layer has none
+        for layer in layers:
+            prefix = schema.dirent_hist_prefix(layer.ws, parent, name)
+            for key, value in walk.items("dirent_hist", schema.dirent_hist_key(layer.ws, parent, name, layer.bound),
+                                         prefix + b"\xff" * 9):
+                found = _dirent_or_damaged(value)
+                if found is not False:
+                    return found
+        if walk.damaged:
+            raise Corrupt(f"the entry {name.decode(errors='replace')!r} of directory inode {parent} is on a "
+                          f"damaged metadata page ({walk.damaged[0].error})")
+        return None
+
+    def _lookup(self, txn: lmdb.Transaction, parent: int, name: bytes) -> tuple[int, int] | None:
+        if self.seq is None:
             raw = txn.get(schema.dirent_key(self.layers[0].ws, parent, name), db=self.dbs["dirents"])
             if raw is not None:
                 return schema.decode_dirent(raw)
@@ -194,15 +233,11 @@ class TreeView:
         it can read none."""
         try:
             return self._entries(txn, parent)
-        except (lmdb.Error, struct.error):
+        except (lmdb.Error, struct.error) as exc:
             if self.env is None:
                 raise
-        try:
-            with self.env.begin() as fresh:
-                return self._entries(fresh, parent)
-        except (lmdb.Error, struct.error):
-            pass
-        return self._entries_past_damage(parent)
+            failed = exc
+        return self._tolerant(failed, lambda t: self._entries(t, parent), lambda w: self._entries_walk(w, parent))
 
     def _entries(self, txn: lmdb.Transaction, parent: int) -> list[tuple[bytes, int, int]]:
         result: dict[bytes, tuple[int, int] | None] = {}
@@ -244,55 +279,51 @@ class TreeView:
                     if not cur.set_range(schema.dirent_hist_key(layer.ws, parent, name, layer.bound)):
                         return
 
-    def _entries_past_damage(self, parent: int) -> list[tuple[bytes, int, int]]:
-        """:meth:`entries` read past damaged pages (module docstring): the
-        readable head entries, the names of damaged head pages from the
+    def _entries_walk(self, walk: PageWalk, parent: int) -> list[tuple[bytes, int, int]]:
+        """:meth:`entries` by hand, past damaged pages (module docstring):
+        the readable head entries, the names of damaged head pages from the
         first layer's history, the other layers' history. Logs a WARNING
         saying what was read from where; raises :class:`Corrupt` if no
         entry at all can be read."""
-        reader = Reader(self.env, self.dbs)
         result: dict[bytes, tuple[int, int] | None] = {}
         from_history = 0
-        try:
-            start = 0
-            if self.seq is None:
-                prefix = schema.dir_prefix(self.layers[0].ws, parent)
-                end = _after_prefix(prefix)
-                for key, value in reader.items("dirents", prefix, end):
-                    decoded = _dirent_or_damaged(value)
-                    if decoded is not False:
-                        result[key[12:]] = decoded
-                gaps = [(r.after, r.before) for r in reader.damaged]
-                for after, before in gaps:
-                    lo = prefix + after[12:] + b"\x01" if after and after[:12] == prefix else prefix
-                    hi = before + b"\x00" if before and before[:12] == prefix else end
-                    for name, value in self._hist_past_damage(reader, self.layers[0], parent, lo, hi):
-                        if name not in result:
-                            result[name] = value
-                            from_history += value is not None
-                start = 1
-            for layer in self.layers[start:]:
-                prefix = schema.dir_prefix(layer.ws, parent)
-                for name, value in self._hist_past_damage(reader, layer, parent, prefix, _after_prefix(prefix)):
+        start = 0
+        if self.seq is None:
+            prefix = schema.dir_prefix(self.layers[0].ws, parent)
+            end = _after_prefix(prefix)
+            for key, value in walk.items("dirents", prefix, end):
+                decoded = _dirent_or_damaged(value)
+                if decoded is not False:
+                    result[key[12:]] = decoded
+            for rng in list(walk.damaged):
+                lo = prefix + rng.after[12:] + b"\x01" if rng.after and rng.after[:12] == prefix else prefix
+                hi = rng.before + b"\x00" if rng.before and rng.before[:12] == prefix else end
+                for name, value in self._hist_walk(walk, self.layers[0], parent, lo, hi):
                     if name not in result:
                         result[name] = value
-        finally:
-            reader.close()
+                        from_history += value is not None
+            start = 1
+        for layer in self.layers[start:]:
+            prefix = schema.dir_prefix(layer.ws, parent)
+            for name, value in self._hist_walk(walk, layer, parent, prefix, _after_prefix(prefix)):
+                if name not in result:
+                    result[name] = value
         entries = sorted((name, v[0], v[1]) for name, v in result.items() if v is not None)
-        damaged = [r.describe() for r in reader.damaged]
+        damaged = [r.describe() for r in walk.damaged]
         if not entries and damaged:
             raise Corrupt(f"the entries of directory inode {parent} are damaged: {damaged[0]}")
-        log.warning("directory inode %d: its entries are on damaged metadata pages; %d entries read, %d of them "
-                    "from the history (%s)", parent, len(entries), from_history, "; ".join(damaged[:3]))
+        if damaged:
+            log.warning("directory inode %d: its entries are on damaged metadata pages; %d entries read, %d of them "
+                        "from the history (%s)", parent, len(entries), from_history, "; ".join(damaged[:3]))
         return entries
 
-    def _hist_past_damage(self, reader: Reader, layer: Layer, parent: int, lo: bytes, hi: bytes
-                          ) -> Iterator[tuple[bytes, tuple | None]]:
+    def _hist_walk(self, walk: PageWalk, layer: Layer, parent: int, lo: bytes, hi: bytes
+                   ) -> Iterator[tuple[bytes, tuple | None]]:
         """The newest readable ``dirent_hist`` record at or before
         ``layer.bound`` of each name of ``parent`` with keys in ``[lo, hi)``
-        (None for a removed name), read past damage by ``reader``."""
+        (None for a removed name), read by hand."""
         current = None
-        for key, value in reader.items("dirent_hist", lo, hi):
+        for key, value in walk.items("dirent_hist", lo, hi):
             if len(key) < 21:
                 continue
             name, seq = schema.split_dirent_hist_key(key)
