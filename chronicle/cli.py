@@ -716,7 +716,7 @@ def fsck(ctx: click.Context, repair: bool, verify_contents: bool, store_opt, as_
         modes_changed = store.tighten_modes() if repair else 0
         report = check_store(store, repair=repair, verify_contents=verify_contents, progress=progress)
     reports = [report]
-    if report.metadata_rebuilt:
+    if repair and report.metadata_rebuilt:
         # the metadata file was replaced: check (and repair) the new one, e.g. refcounts of derived records
         with _open_store(target) as store, _progress("Checking the rebuilt metadata") as progress:
             reports.append(check_store(store, repair=True, verify_contents=verify_contents, progress=progress))

@@ -48,7 +48,7 @@ from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
-from chronicle.store.meta import backup, schema
+from chronicle.store.meta import backup, salvage, schema
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.recovery import (SYNCED_FILE, MetaReserve, is_no_space, record_synced,
                                            recover_after_crash, repair_meta_pages)
@@ -120,6 +120,8 @@ class Store:
         self._page_size = env.stat()["psize"]
         self._reserve = MetaReserve(self.meta_dir / "data.mdb", self._page_size)
         self._pin = env.begin()
+        # key ranges whose records a salvage at open lost (meta.salvage): their lookups answer Corrupt
+        self.damaged = salvage.damaged_ranges(salvage.salvage_note(self.meta_dir))
         self._locks: dict[int, int] = {}
         self._closed = False
         self._users = 0
@@ -220,6 +222,7 @@ class Store:
                 os.close(open_lock)
                 raise StoreError(f"cannot open the store's metadata at {path / 'meta'}: {problem}, and there is "
                                  f"no sound metadata backup in {path / backup.BACKUP_DIR}")
+            salvage.verify_or_salvage(path / "meta", modes, MAP_SIZE)     # LMDB must not read a damaged page
         except BlockingIOError:
             alone = False
         try:
@@ -319,10 +322,14 @@ class Store:
         if txn is None:
             with self.env.begin() as rtxn:
                 return self.workspace_record(name, rtxn)
-        raw = txn.get(name.encode(), db=self.dbs["workspaces"])
-        if raw is None:
-            raise NotFound(f"no workspace named {name!r} in {self.path}")
-        return WorkspaceRecord.decode(raw)
+        try:
+            raw = txn.get(name.encode(), db=self.dbs["workspaces"])
+            if raw is None:
+                raise NotFound(f"no workspace named {name!r} in {self.path}")
+            return WorkspaceRecord.decode(raw)
+        except (lmdb.Error, ValueError, KeyError, TypeError) as exc:
+            raise Corrupt(f"the record of workspace {name!r} is damaged ({type(exc).__name__}: {exc}); "
+                          "`chronicle fsck` names the damage, `chronicle fsck --repair` rebuilds it") from None
 
     def workspace_by_id(self, ws_id: int, txn: lmdb.Transaction) -> WorkspaceRecord:
         name = txn.get(schema.ws_key(ws_id), db=self.dbs["ws_ids"])

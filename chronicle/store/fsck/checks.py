@@ -98,7 +98,7 @@ from chronicle.store.fsck.report import (
     _short,
 )
 from chronicle.store.fsck.tree import TreeChecks
-from chronicle.store.meta import backup, schema
+from chronicle.store.meta import backup, salvage, schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
 from chronicle.store.fsck.damage import Reader, describe_damage
@@ -135,9 +135,30 @@ def fsck(store: Store, *, repair: bool = False, verify_contents: bool = False,
 
 
 def _report_backups(store: Store, report: FsckReport, repair: bool) -> None:
-    """Which metadata is in use (the store's own, or a backup generation
-    ``Store.open`` fell back to: a warning until repair acknowledges it),
-    and the backups kept (``meta.backup``)."""
+    """What ``Store.open`` did to damaged metadata — each range a salvage
+    lost (``meta.salvage``), and a fall back to a backup generation (a
+    warning) — until repair acknowledges it; and the backups kept (``meta.backup``)."""
+    note = salvage.salvage_note(store.meta_dir)
+    for done in (note or {}).get("salvages", []):
+        ranges = salvage.damaged_ranges({"salvages": [done]})
+        for message, details in describe_damage(ranges, {}):
+            p = Problem("meta-damaged", f"{message} [salvaged when the store was opened on {done['time']}: "
+                        f"{done['summary']}; the damaged file is kept at {done['damaged_file']}]", ERROR, False,
+                        details)
+            report.problems.append(p)
+            if repair:
+                p.repaired = True
+                p.message += " [acknowledged: fsck no longer reports it]"
+        if done.get("lost_paths"):
+            report.problems.append(Problem(
+                "names-lost", f"{len(done['lost_paths'])} path(s) the history says exist were lost with the damaged "
+                "pages (their history is in query/ and versions/): " + ", ".join(
+                    f"{p['workspace']}:{p['path']}" for p in done["lost_paths"][:_NAMED_IN_MESSAGE]), ERROR,
+                repair, {"paths": done["lost_paths"]}))
+        report.metadata_lost = done.get("lost", {})
+        report.metadata_derived = done.get("derived", {})
+    if note is not None and repair:
+        salvage.acknowledge(store.meta_dir)
     kept = backup.generations(store.path)
     report.metadata_backups = len(kept)
     report.metadata_backup_newest = kept[0].time if kept else None

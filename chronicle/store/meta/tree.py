@@ -44,6 +44,7 @@ import lmdb
 from chronicle.errors import Corrupt, NotADirectory, NotFound
 from chronicle.store import model
 from chronicle.store.meta import schema
+from chronicle.store.meta.damaged import DamagedRange
 from chronicle.store.meta.pages import PageWalk
 from chronicle.store.meta.schema import SEQ_MAX
 from chronicle.store.model import Attrs
@@ -81,17 +82,20 @@ class TreeView:
     ``[(ws, fork_seq), (parent, parent_fork_seq), ..., (root ws, None)]``,
     which becomes :attr:`layers`; ``root``: the workspace's root inode;
     ``env``: the store's environment, for tolerant reads (module docstring;
-    None: an ``lmdb.Error`` of a damaged page reaches the caller).
+    None: an ``lmdb.Error`` of a damaged page reaches the caller);
+    ``damaged``: key ranges a salvage lost (``Store.damaged``): a name
+    not found there raises :class:`Corrupt`, not None.
     """
 
     def __init__(self, dbs: dict, chain: list[tuple[int, int | None]], root: int, seq: int | None = None,
-                 env: lmdb.Environment | None = None):
+                 env: lmdb.Environment | None = None, damaged: list[DamagedRange] | None = None):
         self.dbs = dbs
         self.root = root
         self.seq = seq
         self.ws = chain[0][0]
         self.layers = self._layers(chain, seq)
         self.env = env
+        self.damaged = [r for r in damaged or () if r.db in ("dirents", "dirent_hist")]
 
     def _tolerant(self, exc: Exception, read_lmdb, read_pages):
         """After ``exc`` from a read in the caller's transaction: if it only
@@ -174,13 +178,31 @@ class TreeView:
         Raises :class:`Corrupt` if neither the head entry nor its history
         can be read (tolerant views)."""
         try:
-            return self._lookup(txn, parent, name)
+            found = self._lookup(txn, parent, name)
         except (lmdb.Error, struct.error) as exc:
             if self.env is None:
                 raise
-            failed = exc
-        return self._tolerant(failed, lambda t: self._lookup(t, parent, name),
-                              lambda w: self._lookup_walk(w, parent, name))
+            found = self._tolerant(exc, lambda t: self._lookup(t, parent, name),
+                                   lambda w: self._lookup_walk(w, parent, name))
+        if found is None and self.damaged:
+            self._check_salvaged(parent, name)
+        return found
+
+    def _check_salvaged(self, parent: int, name: bytes) -> None:
+        """Raise :class:`Corrupt` if ``parent/name`` may have been lost by a
+        salvage (``meta.salvage``), so that not found is not known: its
+        history was on a damaged page (and, at the head, its head entry too —
+        else the head entry says)."""
+        head = schema.dirent_key(self.layers[0].ws, parent, name)
+        hist = schema.dirent_hist_prefix(self.layers[0].ws, parent, name)
+
+        def hit(db: str, lo: bytes, hi: bytes) -> bool:
+            return any(r.db == db and (r.after is None or r.after < hi) and (r.before is None or r.before > lo)
+                       for r in self.damaged)
+
+        if hit("dirent_hist", hist, hist + b"\xff" * 8) and (self.seq is not None or hit("dirents", head, head)):
+            raise Corrupt(f"the entry {name.decode(errors='replace')!r} of directory inode {parent} may have been "
+                          "on a damaged metadata page, salvaged without it (chronicle fsck says what was lost)")
 
     def _lookup_walk(self, walk: PageWalk, parent: int, name: bytes) -> tuple[int, int] | None:
         """:meth:`lookup` by hand: the head entry, else (it is on a damaged
