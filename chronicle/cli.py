@@ -732,6 +732,9 @@ def fsck(ctx: click.Context, repair: bool, verify_contents: bool, store_opt, as_
             click.echo(f"{p.severity}: {p.kind}: {p.message}" + (" (repaired)" if p.repaired else ""))
         if modes_changed and not n:
             click.echo(f"store-modes: {modes_changed} directories and files put to the store's modes (repaired)")
+        if n == len(reports) - 1:
+            newest = f", newest {rep.metadata_backup_newest}" if rep.metadata_backup_newest else ""
+            click.echo(f"metadata: {rep.metadata_in_use}; {rep.metadata_backups} backup(s) in meta-backup/{newest}")
         figures = rep.as_dict()
         click.echo(f"{target.store}: {'clean' if rep.clean else 'NOT clean'} ({figures['errors']} error(s), "
                    f"{figures['warnings']} warning(s) unrepaired, {figures['repaired']} repaired; "

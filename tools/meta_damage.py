@@ -49,7 +49,6 @@ import lmdb
 from chronicle import procs
 from chronicle.errors import ChronicleError, Exists
 from chronicle.store.fsck.checks import fsck
-from chronicle.store.fsck.rebuild import scan
 from chronicle.store.model import Actor
 from chronicle.store.namespace.workspace import Workspace
 from chronicle.store.store import Store

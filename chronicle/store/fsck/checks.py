@@ -51,6 +51,17 @@ A damaged or missing chunk is reported with the file versions it holds
 (``workspace:path vN``), found through the contents that use it and the path
 entries that name those contents.
 
+Damaged metadata. Before the checks, ``data.mdb`` is read by hand
+(``meta.salvage.scan``: LMDB must never read a damaged page). ``Store.open``
+has usually salvaged a damaged file already (``meta.salvage``); fsck then
+names each damaged range it lost (``meta-damaged``, with the database, the
+decoded keys and whose records they were), the paths no longer reached
+(``names-lost``), and the checks show the rest (dangling entries, missing
+contents). If another process had the store open, fsck checks a salvaged
+copy instead, and ``--repair`` swaps it in. Repair acknowledges a salvage
+and a fall back to a metadata backup (``metadata-from-backup``); the report
+says which metadata is in use and which backups are kept.
+
 Repair (``repair=True``) never deletes anything. It sets refcounts to the
 counted values; points the index of a damaged, missing or unindexed chunk at
 another good copy of the same chunk found in the packs (concurrent writers
@@ -73,7 +84,6 @@ Threads: :func:`fsck` runs in the calling thread; it shares nothing.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import time
 from collections import Counter, defaultdict
@@ -98,12 +108,11 @@ from chronicle.store.fsck.report import (
     _short,
 )
 from chronicle.store.fsck.tree import TreeChecks
-from chronicle.store.meta import backup, salvage, schema
+from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
 from chronicle.store.fsck.damage import Reader, describe_damage
-from chronicle.store.fsck.rebuild import SoundCopy, build, scan, swap_in
-from chronicle.store.meta.pages import PageWalk
+from chronicle.store.fsck.rebuild import build, check_damaged, report_salvage_and_backups, scan, swap_in
 from chronicle.store.store import Store
 
 _ZEROS = bytes(1 << 20)
@@ -124,101 +133,14 @@ def fsck(store: Store, *, repair: bool = False, verify_contents: bool = False,
     walk = scan(store.meta_dir)
     try:
         if walk.damaged:
-            report = _check_damaged(store, walk, repair=repair, verify_contents=verify_contents, progress=progress)
+            report = check_damaged(store, walk, repair, lambda copy: _Checker(
+                copy, repair=False, verify_contents=verify_contents, progress=progress))
         else:
             report = _Checker(store, repair=repair, verify_contents=verify_contents, progress=progress).run()
     finally:
         walk.close()
-    _report_backups(store, report, repair)
+    report_salvage_and_backups(store, report, repair)
     report.seconds = time.monotonic() - started
-    return report
-
-
-def _report_backups(store: Store, report: FsckReport, repair: bool) -> None:
-    """What ``Store.open`` did to damaged metadata — each range a salvage
-    lost (``meta.salvage``), and a fall back to a backup generation (a
-    warning) — until repair acknowledges it; and the backups kept (``meta.backup``)."""
-    note = salvage.salvage_note(store.meta_dir)
-    for done in (note or {}).get("salvages", []):
-        ranges = salvage.damaged_ranges({"salvages": [done]})
-        for message, details in describe_damage(ranges, {}):
-            p = Problem("meta-damaged", f"{message} [salvaged when the store was opened on {done['time']}: "
-                        f"{done['summary']}; the damaged file is kept at {done['damaged_file']}]", ERROR, False,
-                        details)
-            report.problems.append(p)
-            if repair:
-                p.repaired = True
-                p.message += " [acknowledged: fsck no longer reports it]"
-        if done.get("lost_paths"):
-            report.problems.append(Problem(
-                "names-lost", f"{len(done['lost_paths'])} path(s) the history says exist were lost with the damaged "
-                "pages (their history is in query/ and versions/): " + ", ".join(
-                    f"{p['workspace']}:{p['path']}" for p in done["lost_paths"][:_NAMED_IN_MESSAGE]), ERROR,
-                repair, {"paths": done["lost_paths"]}))
-        report.metadata_lost = done.get("lost", {})
-        report.metadata_derived = done.get("derived", {})
-    if note is not None and repair:
-        salvage.acknowledge(store.meta_dir)
-    kept = backup.generations(store.path)
-    report.metadata_backups = len(kept)
-    report.metadata_backup_newest = kept[0].time if kept else None
-    note = backup.restored_note(store.path)
-    if note is None:
-        return
-    report.metadata_in_use = f"backup of {note.get('time')} (transaction {note.get('txnid')})"
-    heads = ", ".join(f"{name!r} after seq {seq}" for name, seq in sorted((note.get("heads") or {}).items()))
-    p = Problem("metadata-from-backup", f"the metadata in use is the backup of {note.get('time')}, restored on "
-                f"{note.get('restored')} because the store's own could not be opened ({note.get('reason')}); "
-                f"changes made after the backup ({heads}) are lost; the damaged file is kept at "
-                f"{note.get('damaged_file')}", WARNING, False, dict(note))
-    report.problems.append(p)
-    if repair:
-        backup.acknowledge(store.path)
-        p.repaired = True
-        p.message += " [acknowledged: fsck no longer reports it]"
-
-
-def _check_damaged(store: Store, walk: PageWalk, *, repair: bool, verify_contents: bool,
-                   progress: Progress | None) -> FsckReport:
-    """fsck of a store whose metadata file has damaged pages (``walk``
-    found them): every readable record goes into a fresh file with what the
-    damaged ones said derived again (``fsck.rebuild``), the checks run on
-    that file, and each damaged range is reported with what it held. With
-    ``repair``, the fresh file replaces the damaged one; the caller closes
-    the store and checks it again (``report.metadata_rebuilt``)."""
-    work = store.meta_dir / f"check-{os.getpid()}"
-    built = build(walk, work, store.env.info()["map_size"], store.modes.file_mode)
-    copy = SoundCopy(store, work)
-    try:
-        checker = _Checker(copy, repair=False, verify_contents=verify_contents, progress=progress)
-        report = checker.run()
-        names = {ws: rec.name for ws, rec in checker.workspaces.items()}
-    finally:
-        copy.close()
-    report.repair = repair
-    damage = [Problem("meta-damaged", message, ERROR, False, details)
-              for message, details in describe_damage(built.ranges, names)]
-    report.problems[:0] = damage
-    if built.lost_paths:
-        report.problems.append(Problem(
-            "names-lost", f"{len(built.lost_paths)} path(s) the history says exist are not in the tree without "
-            "the damaged records (their history is still in query/ and versions/): " + ", ".join(
-                f"{ws}:{path}" for ws, path in built.lost_paths[:_NAMED_IN_MESSAGE])
-            + (f" and {len(built.lost_paths) - _NAMED_IN_MESSAGE} more" if len(built.lost_paths) > _NAMED_IN_MESSAGE
-               else ""), ERROR, False, {"paths": [{"workspace": ws, "path": p} for ws, p in built.lost_paths]}))
-    report.metadata_lost = built.lost
-    report.metadata_derived = built.derived
-    if not repair:
-        shutil.rmtree(work, ignore_errors=True)
-        for p in damage:
-            p.message += f" [fsck --repair drops them: {built.summary()}]"
-        return report
-    backup = swap_in(store.meta_dir, work)
-    for p in damage:
-        p.repaired = True
-        p.message += (f" [repaired: the unreadable records were dropped, {sum(built.copied.values())} readable ones "
-                      f"copied into a new metadata file (the damaged one is kept at {backup}); {built.summary()}]")
-    report.metadata_rebuilt = str(backup)
     return report
 
 

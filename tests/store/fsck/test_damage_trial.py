@@ -20,6 +20,7 @@ import pytest
 
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.meta import schema
+from chronicle.store.meta.salvage import scan
 from chronicle.store.store import Store
 from tools import meta_damage as trial
 
@@ -75,7 +76,7 @@ def test_the_cli_names_the_damage_and_repairs_it(built, tmp_path):
     _pristine, expected, live = built
     for page in trial.pages_holding(built[0] / "meta" / "data.mdb", b"f003.txt"):   # a page of records
         copy = damaged(built, tmp_path, page, 3)
-        with trial.scan(copy / "meta") as walk:
+        with scan(copy / "meta") as walk:
             if walk.damaged:
                 break
     else:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from storeutil import A, read, write
+from storeutil import read, write
 
 from chronicle.errors import StoreError
 from chronicle.store.fsck.checks import fsck
