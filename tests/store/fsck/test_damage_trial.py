@@ -17,10 +17,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from storeutil import read, write
 
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.meta import schema
 from chronicle.store.meta.salvage import scan
+from chronicle.store.model import Attrs
 from chronicle.store.store import Store
 from tools import meta_damage as trial
 
@@ -90,3 +92,26 @@ def test_the_cli_names_the_damage_and_repairs_it(built, tmp_path):
     out = subprocess.run(trial.CLI + ["fsck", "--store", str(copy)], capture_output=True, text=True)
     assert "internal error" not in out.stdout + out.stderr
     assert trial.read_back(copy, expected) == (len(expected), [])
+
+
+def test_repair_mends_a_damaged_content_id_from_the_path_entry(tmp_path):
+    """A flipped byte inside a well-formed inode record (LMDB cannot see it):
+    fsck names the file, and repair takes the content its path entry of the
+    same event recorded."""
+    st = Store.init(tmp_path / "store")
+    ws = st.open_workspace("w", writable=True, create=True)
+    ino = write(ws, ws.root, b"f", b"the content\n")
+    with st.env.begin(write=True) as txn:
+        with txn.cursor(db=st.dbs["inodes"]) as cur:
+            prefix = schema.inode_prefix(ws.id, ino)
+            assert cur.set_range(prefix)
+            key, raw = bytes(cur.key()), bytes(cur.value())
+        attrs = Attrs.decode(raw)
+        txn.put(key, attrs.replace(content=bytes(32 * [7])).encode(), db=st.dbs["inodes"])
+    st.close()
+    with Store.open(tmp_path / "store") as st:
+        report = fsck(st, repair=True)
+        assert any(p.kind == "content-missing" and p.repaired for p in report.problems), report.problems
+    with Store.open(tmp_path / "store") as st:
+        assert fsck(st).clean
+        assert read(st.open_workspace("w"), b"f") == b"the content\n"
