@@ -9,7 +9,7 @@ metadata so every page of ``data.mdb`` is in use, and commits once more so
 both LMDB meta pages hold real commits. Then, for each trial, a copy gets
 one page damaged — ``flip16``: 16 random bytes at a random offset of the
 page (a bad sector's worth of a stray write); ``page``: the whole page
-random — on ``--trials`` random pages and on each meta page, and the trial
+random; ``zero``: the whole page zeros (a lost write) — on ``--trials`` random pages and on each meta page, and the trial
 records what a user sees:
 
 - ``opened``: the store opens (``Store.open``);
@@ -123,12 +123,12 @@ def build(base: Path, *, tops: int = 4, subs: int = 3, files: int = 25, seed: in
 
 def damage(store: Path, page: int, mode: str, rng: random.Random) -> None:
     """Damage page ``page`` of ``store``'s ``data.mdb`` in place (``mode``:
-    ``flip16`` or ``page``, module docstring). On a meta page the 16 bytes
+    ``flip16``, ``page`` or ``zero``, module docstring). On a meta page the 16 bytes
     land in its first 136 bytes of fields."""
     with open(store / "meta" / "data.mdb", "r+b") as f:
-        if mode == "page":
+        if mode in ("page", "zero"):
             f.seek(page * PAGE)
-            f.write(rng.randbytes(PAGE))
+            f.write(rng.randbytes(PAGE) if mode == "page" else bytes(PAGE))
             return
         offset = 16 + rng.randrange(0, 120) if page < 2 else rng.randrange(0, PAGE - 16)
         f.seek(page * PAGE + offset)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=40, help="random data pages damaged (plus both meta pages)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--mode", choices=("flip16", "page"), default="flip16")
+    parser.add_argument("--mode", choices=("flip16", "page", "zero"), default="flip16")
     parser.add_argument("--mount", action="store_true", help="also mount each damaged copy and walk it")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every trial record here")

@@ -46,8 +46,8 @@ open checks such a copy instead of the file (``fsck.rebuild.SoundCopy``),
 and ``--repair`` swaps it in. Refcounts of contents named by derived inode
 records are set by the next fsck pass.
 
-**Cost**: the check reads every page of the metadata in Python, about a
-million records a second, once per change of the file.
+**Cost**: the check reads every page of the metadata in Python, once per
+change of the file: 0.5 s for a store of 20,000 files (36 MiB of pages in use).
 
 Threads: one thread, on a store no other process has open.
 """
