@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import lmdb
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -73,6 +74,9 @@ class ChronicleGroup(click.Group):
             if exc.errno == errno.EPIPE:
                 raise                   # click quiets a closed stdout (`chronicle cat f | head`)
             _report(ctx, f"chronicle: error: {_one_line(exc)}", 1)
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.InvalidError) as exc:
+            _report(ctx, f"chronicle: error: the store's metadata is damaged ({type(exc).__name__}: "
+                    f"{_one_line(exc)}); `chronicle fsck` names what, `chronicle fsck --repair` drops it", 1)
         except Exception as exc:        # noqa: BLE001 - the last line of defence
             _report(ctx, f"chronicle: internal error: {type(exc).__name__}: {_one_line(exc)}", 1)
 
@@ -748,18 +752,31 @@ def fsck(ctx: click.Context, repair: bool, verify_contents: bool, store_opt, as_
     with _open_store(target) as store, _progress("Checking") as progress:
         modes_changed = store.tighten_modes() if repair else 0
         report = check_store(store, repair=repair, verify_contents=verify_contents, progress=progress)
+    reports = [report]
+    if repair and report.metadata_rebuilt:
+        # the metadata file was replaced: check (and repair) the new one, e.g. refcounts of derived records
+        with _open_store(target) as store, _progress("Checking the rebuilt metadata") as progress:
+            reports.append(check_store(store, repair=True, verify_contents=verify_contents, progress=progress))
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
-    else:
-        for p in report.problems:
+        doc = report.as_dict()
+        if len(reports) > 1:
+            doc["after_rebuild"] = reports[1].as_dict()
+        click.echo(json.dumps(doc, indent=2))
+    for n, rep in enumerate(reports if not as_json else ()):
+        if n:
+            click.echo("the metadata was rebuilt; checking it again:")
+        for p in rep.problems:
             click.echo(f"{p.severity}: {p.kind}: {p.message}" + (" (repaired)" if p.repaired else ""))
-        if modes_changed:
+        if modes_changed and not n:
             click.echo(f"store-modes: {modes_changed} directories and files put to the store's modes (repaired)")
-        figures = report.as_dict()
-        click.echo(f"{target.store}: {'clean' if report.clean else 'NOT clean'} ({figures['errors']} error(s), "
+        if n == len(reports) - 1:
+            newest = f", newest {rep.metadata_backup_newest}" if rep.metadata_backup_newest else ""
+            click.echo(f"metadata: {rep.metadata_in_use}; {rep.metadata_backups} backup(s) in meta-backup/{newest}")
+        figures = rep.as_dict()
+        click.echo(f"{target.store}: {'clean' if rep.clean else 'NOT clean'} ({figures['errors']} error(s), "
                    f"{figures['warnings']} warning(s) unrepaired, {figures['repaired']} repaired; "
-                   f"{report.chunks} chunks, {report.contents} contents, {report.seconds:.1f} s)")
-    ctx.exit(0 if report.clean else 1)
+                   f"{rep.chunks} chunks, {rep.contents} contents, {rep.seconds:.1f} s)")
+    ctx.exit(0 if reports[-1].clean else 1)
 
 
 def _retention_figures(store: Store, ws: Workspace) -> dict:

@@ -5,13 +5,15 @@ Lifecycle (S3QL's and borg's rules):
 - the store and workspace are opened (taking the workspace's writer lock)
   before mounting, so a bad store or a workspace mounted elsewhere fails
   before anything appears at the mountpoint;
-- the FUSE loop (``pyfuse3.main`` on trio) runs beside two background tasks:
+- the FUSE loop (``pyfuse3.main`` on trio) runs beside background tasks:
   :meth:`Store.sync` whenever it is due (every few seconds or few hundred
   commits while dirty, like ext4's 5 s commit interval; see
-  ``Store.needs_sync``) and the signal handler;
+  ``Store.needs_sync``), the metadata backup when due
+  (``Store.backup_due``, ``chronicle.store.meta.backup``) and the signal handler;
 - SIGTERM/SIGINT/SIGHUP end the loop cleanly; an unmount (``fusermount3 -u``)
-  ends it too. Only after a clean return are open files committed, the store
-  synced and the mount removed. On a crash path the mount is left in place
+  ends it too. Only after a clean return are open files committed, the
+  metadata backed up (if anything was committed), the store synced and the
+  mount removed. On a crash path the mount is left in place
   (an empty mountpoint would make tools think the files are gone); the next
   ``chronicle mount`` clears the stale mountpoint (``chronicle.procs``).
 
@@ -98,6 +100,29 @@ async def _periodic_sync(store: Store, limiter: trio.CapacityLimiter) -> None:
                 await trio.sleep(SYNC_INTERVAL)
 
 
+async def _periodic_backup(store: Store, limiter: trio.CapacityLimiter) -> None:
+    """Take a metadata backup (``Store.backup_metadata``) when one is due
+    (``Store.backup_due``), in a worker thread: the copy reads one LMDB
+    snapshot and blocks no commit. A failure is logged and retried at the next interval."""
+    while True:
+        await trio.sleep(1.0)
+        if store.backup_due():
+            try:
+                await trio.to_thread.run_sync(store.backup_metadata, limiter=limiter)
+            except Exception as exc:
+                log.warning("metadata backup failed (%s: %s); will retry", type(exc).__name__, exc)
+
+
+def _backup_at_unmount(store: Store) -> None:
+    """The clean unmount's metadata backup, if this daemon committed since the last."""
+    if not store.backup_due(0):
+        return
+    try:
+        store.backup_metadata()
+    except Exception as exc:
+        log.warning("metadata backup at unmount failed (%s: %s)", type(exc).__name__, exc)
+
+
 async def _signals(ops: ChronicleOperations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -109,6 +134,7 @@ async def _signals(ops: ChronicleOperations) -> None:
 async def _main(ops: ChronicleOperations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_periodic_sync, ops.store, ops.sync_limiter)
+        nursery.start_soon(_periodic_backup, ops.store, trio.CapacityLimiter(1))
         nursery.start_soon(_signals, ops)
         nursery.start_soon(_tune_readahead, ops.mountpoint)
         await pyfuse3.main()
@@ -152,6 +178,7 @@ def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
         pyfuse3.close(unmount=clean)
         if clean:
             _commit_open_files(ops)
+            _backup_at_unmount(store)
             log.info("unmounted %s", mountpoint)
         store.unregister_mount(workspace)
         store.close()

@@ -71,13 +71,18 @@ def lmdb_no_space(exc: lmdb.Error) -> int:
     return 0
 
 
+# LMDB's reports of a damaged page (or of a transaction such a report marked bad)
+_LMDB_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.InvalidError)
+
+
 def fuse_errors(handler):
     """Wrap an async FUSE handler: Chronicle errors become ``FUSEError(errno)``
     (:func:`errno_of`); ``Corrupt`` is logged (damage the user must hear of)
     and answered EIO; an ``OSError`` of a full disk or quota (ENOSPC,
     EDQUOT) or of a too-large file (EFBIG) keeps its errno, and so does an
     ``lmdb.Error`` of a full disk (its text names ENOSPC or EDQUOT: py-lmdb
-    gives no errno attribute); any other
+    gives no errno attribute); LMDB's report of a damaged page is logged in
+    one line and answered EIO, as ``Corrupt``; any other
     exception is logged with its traceback and becomes EIO. A
     ``FUSEError`` passes through as it is."""
 
@@ -101,6 +106,10 @@ def fuse_errors(handler):
             code = lmdb_no_space(exc)
             if code:
                 raise pyfuse3.FUSEError(code) from None
+            if isinstance(exc, _LMDB_DAMAGE):       # a damaged metadata page: damage, like Corrupt
+                log.error("%s: the store's metadata is damaged (%s: %s); run chronicle fsck",
+                          handler.__name__, type(exc).__name__, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:

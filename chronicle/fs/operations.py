@@ -69,7 +69,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from chronicle.errors import NameTooLong, NotADirectory, NotFound, ReadOnly
+from chronicle.errors import Corrupt, NameTooLong, NotADirectory, NotFound, ReadOnly
 from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.gate import MutationGate
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
@@ -653,9 +653,13 @@ class ChronicleOperations(pyfuse3.Operations):
             name, child, _kind = listing[i]
             try:
                 attrs = self.attrs(child)
+                entry = self.entry(child, attrs)
             except NotFound:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self.entry(child, attrs), i + 1):
+            except Corrupt as exc:          # damaged metadata: list the rest; a lookup of it answers EIO
+                log.error("readdir: %s", exc)
+                continue
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                 return
             if i >= 2:                # the kernel takes no lookup count for "." and ".."
                 self._lookups[child] += 1

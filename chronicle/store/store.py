@@ -48,7 +48,7 @@ from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
-from chronicle.store.meta import schema
+from chronicle.store.meta import backup, salvage, schema
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.recovery import (SYNCED_FILE, MetaReserve, is_no_space, record_synced,
                                            recover_after_crash, repair_meta_pages)
@@ -115,9 +115,13 @@ class Store:
         self._dirty = False
         self._commits_since_sync = 0
         self._last_sync = time.monotonic()
+        self._commits_since_backup = 0
+        self._last_backup = time.monotonic()
         self._page_size = env.stat()["psize"]
         self._reserve = MetaReserve(self.meta_dir / "data.mdb", self._page_size)
         self._pin = env.begin()
+        # key ranges whose records a salvage at open lost (meta.salvage): their lookups answer Corrupt
+        self.damaged = salvage.damaged_ranges(salvage.salvage_note(self.meta_dir))
         self._locks: dict[int, int] = {}
         self._closed = False
         self._users = 0
@@ -208,21 +212,31 @@ class Store:
             modes.mkdir(path / sub)
         open_lock = os.open(path / "run" / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, modes.file_mode)
         modes.fix_fd(open_lock)
+        alone = True                                # no other process has the store open
         try:
             fcntl.flock(open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             recover_after_crash(path / "meta")      # nobody else has it open
             repair_meta_pages(path / "meta", os.sysconf("SC_PAGE_SIZE"))
-            fcntl.flock(open_lock, fcntl.LOCK_SH)
+            problem = backup.unopenable(path / "meta")
+            if problem is not None and backup.restore(path, problem, modes) is None:
+                os.close(open_lock)
+                raise StoreError(f"cannot open the store's metadata at {path / 'meta'}: {problem}, and there is "
+                                 f"no sound metadata backup in {path / backup.BACKUP_DIR}")
+            salvage.verify_or_salvage(path / "meta", modes, MAP_SIZE)     # LMDB must not read a damaged page
         except BlockingIOError:
-            fcntl.flock(open_lock, fcntl.LOCK_SH)
+            alone = False
         try:
-            env = lmdb.open(str(path / "meta"), map_size=MAP_SIZE, max_dbs=len(schema.DATABASES) + 2,
-                            max_readers=1024, sync=False, metasync=False, readahead=False, meminit=False,
-                            lock=True, mode=modes.file_mode)
+            try:
+                env, dbs = cls._open_env(path, modes)
+            except lmdb.Error as exc:
+                if not alone or backup.restore(path, f"{type(exc).__name__}: {exc}", modes) is None:
+                    raise
+                env, dbs = cls._open_env(path, modes)
         except lmdb.Error as exc:
             os.close(open_lock)
-            raise StoreError(f"cannot open the store's metadata at {path / 'meta'}: {exc}") from None
-        dbs = {name: env.open_db(name.encode()) for name in schema.DATABASES}
+            raise StoreError(f"cannot open the store's metadata at {path / 'meta'}: {exc} (and no sound metadata "
+                             f"backup in {path / backup.BACKUP_DIR} could be used)") from None
+        fcntl.flock(open_lock, fcntl.LOCK_SH)
         store = cls(path, env, dbs, config)
         store.tighten_modes(warn=True)
         store._open_lock = open_lock
@@ -231,6 +245,19 @@ class Store:
                     schema.META_NEXT_INO, db=dbs["meta"]) is None:
                 pass   # being initialised by Store.init
         return store
+
+    @staticmethod
+    def _open_env(path: Path, modes: StoreModes) -> tuple[lmdb.Environment, dict]:
+        """The store's LMDB environment and its named databases (created if
+        missing). Raises ``lmdb.Error``."""
+        env = lmdb.open(str(path / "meta"), map_size=MAP_SIZE, max_dbs=len(schema.DATABASES) + 2,
+                        max_readers=1024, sync=False, metasync=False, readahead=False, meminit=False,
+                        lock=True, mode=modes.file_mode)
+        try:
+            return env, {name: env.open_db(name.encode()) for name in schema.DATABASES}
+        except lmdb.Error:
+            env.close()
+            raise
 
     def tighten_modes(self, *, warn: bool = False) -> int:
         """Put every directory and file of the store to its modes
@@ -295,10 +322,14 @@ class Store:
         if txn is None:
             with self.env.begin() as rtxn:
                 return self.workspace_record(name, rtxn)
-        raw = txn.get(name.encode(), db=self.dbs["workspaces"])
-        if raw is None:
-            raise NotFound(f"no workspace named {name!r} in {self.path}")
-        return WorkspaceRecord.decode(raw)
+        try:
+            raw = txn.get(name.encode(), db=self.dbs["workspaces"])
+            if raw is None:
+                raise NotFound(f"no workspace named {name!r} in {self.path}")
+            return WorkspaceRecord.decode(raw)
+        except (lmdb.Error, ValueError, KeyError, TypeError) as exc:
+            raise Corrupt(f"the record of workspace {name!r} is damaged ({type(exc).__name__}: {exc}); "
+                          "`chronicle fsck` names the damage, `chronicle fsck --repair` rebuilds it") from None
 
     def workspace_by_id(self, ws_id: int, txn: lmdb.Transaction) -> WorkspaceRecord:
         name = txn.get(schema.ws_key(ws_id), db=self.dbs["ws_ids"])
@@ -527,8 +558,12 @@ class Store:
         if content_id == EMPTY_CONTENT_ID:
             cm = ContentMap.empty(self.chunks)
         else:
-            with self.env.begin() as txn:
-                raw = txn.get(content_id, db=self.dbs["contents"])
+            try:
+                with self.env.begin() as txn:
+                    raw = txn.get(content_id, db=self.dbs["contents"])
+            except lmdb.Error as exc:
+                raise Corrupt(f"the record of content {to_hex(content_id)} is on a damaged metadata page "
+                              f"({type(exc).__name__}: {exc})") from None
             if raw is None:
                 raise Corrupt(f"content {to_hex(content_id)} is missing from the store")
             cm = ContentMap(content_id, ContentRecord.decode(raw), self.chunks)
@@ -547,6 +582,7 @@ class Store:
     def note_commit(self) -> None:
         self._dirty = True
         self._commits_since_sync += 1
+        self._commits_since_backup += 1
         if self._commits_since_sync >= 4 * SYNC_COMMITS:
             self.sync()          # a safety net for writers that never call maintain()
 
@@ -609,6 +645,28 @@ class Store:
                 txn.abort()
             old, self._pin = self._pin, new_pin
             old.abort()
+
+    def backup_due(self, interval: float | None = None) -> bool:
+        """True when this process committed since its last metadata backup
+        and ``interval`` seconds (default ``backup.INTERVAL``) passed since
+        (or since the store was opened)."""
+        interval = backup.INTERVAL if interval is None else interval
+        return self._commits_since_backup > 0 and time.monotonic() - self._last_backup >= interval
+
+    def backup_metadata(self) -> backup.Generation | None:
+        """Take a metadata backup generation now (``meta.backup.take``: a
+        compacted, checked copy into ``meta-backup/``; at most
+        ``backup.KEEP`` are kept). Returns it, or None if the newest already
+        holds the current transaction. Raises ``OSError``/``lmdb.Error``
+        from the disk, ``ValueError`` if the metadata is damaged."""
+        commits = self._commits_since_backup
+        self._commits_since_backup = 0
+        self._last_backup = time.monotonic()
+        try:
+            return backup.take(self.env, self.dbs, self.path, self.modes)
+        except BaseException:
+            self._commits_since_backup += commits
+            raise
 
     def before_commit(self) -> None:
         """Call inside a write transaction just before committing it: keeps

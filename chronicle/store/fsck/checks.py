@@ -51,6 +51,17 @@ A damaged or missing chunk is reported with the file versions it holds
 (``workspace:path vN``), found through the contents that use it and the path
 entries that name those contents.
 
+Damaged metadata. Before the checks, ``data.mdb`` is read by hand
+(``meta.salvage.scan``: LMDB must never read a damaged page). ``Store.open``
+has usually salvaged a damaged file already (``meta.salvage``); fsck then
+names each damaged range it lost (``meta-damaged``, with the database, the
+decoded keys and whose records they were), the paths no longer reached
+(``names-lost``), and the checks show the rest (dangling entries, missing
+contents). If another process had the store open, fsck checks a salvaged
+copy instead, and ``--repair`` swaps it in. Repair acknowledges a salvage
+and a fall back to a metadata backup (``metadata-from-backup``); the report
+says which metadata is in use and which backups are kept.
+
 Repair (``repair=True``) never deletes anything. It sets refcounts to the
 counted values; points the index of a damaged, missing or unindexed chunk at
 another good copy of the same chunk found in the packs (concurrent writers
@@ -72,6 +83,7 @@ Threads: :func:`fsck` runs in the calling thread; it shares nothing.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections import Counter, defaultdict
@@ -99,7 +111,8 @@ from chronicle.store.fsck.tree import TreeChecks
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
 from chronicle.store.meta.tree import Layer, TreeView
-from chronicle.store.fsck.damage import Reader, describe_damage, rebuild
+from chronicle.store.fsck.damage import Reader, describe_damage
+from chronicle.store.fsck.rebuild import build, check_damaged, report_salvage_and_backups, scan, swap_in
 from chronicle.store.store import Store
 
 _ZEROS = bytes(1 << 20)
@@ -117,8 +130,16 @@ def fsck(store: Store, *, repair: bool = False, verify_contents: bool = False,
     raise ``OSError`` if the store directory cannot be read at all.
     """
     started = time.monotonic()
-    checker = _Checker(store, repair=repair, verify_contents=verify_contents, progress=progress)
-    report = checker.run()
+    walk = scan(store.meta_dir)
+    try:
+        if walk.damaged:
+            report = check_damaged(store, walk, repair, lambda copy: _Checker(
+                copy, repair=False, verify_contents=verify_contents, progress=progress))
+        else:
+            report = _Checker(store, repair=repair, verify_contents=verify_contents, progress=progress).run()
+    finally:
+        walk.close()
+    report_salvage_and_backups(store, report, repair)
     report.seconds = time.monotonic() - started
     return report
 
@@ -657,14 +678,23 @@ class _Checker(TreeChecks):
         self.progress.finish()
 
     def _rebuild_metadata(self) -> None:
-        """Drop the damaged records (``damage.rebuild``); the store must be
-        closed after this, and fsck run again for what referred to them."""
-        backup, copied = rebuild(self.store.env, self.dbs, self.store.meta_dir, self.store.env.info()["map_size"])
+        """Damage LMDB reported though the page walk found none (``fsck``
+        reads a file no one writes, so this is rare): the same rebuild."""
+        walk = scan(self.store.meta_dir)
+        try:
+            work = self.store.meta_dir / f"check-{os.getpid()}"
+            built = build(walk, work, self.store.env.info()["map_size"], self.store.modes.file_mode)
+        finally:
+            walk.close()
+        backup = swap_in(self.store.meta_dir, work)
         for p in self.damage_problems:
             p.repaired = True
-            p.message += (f" [repaired: the unreadable records were dropped, {sum(copied.values())} readable "
-                          f"ones copied into a new metadata file; the damaged one is kept at {backup}; run fsck again]")
+            p.message += (f" [repaired: the unreadable records were dropped, {sum(built.copied.values())} readable "
+                          f"ones copied into a new metadata file (the damaged one is kept at {backup}); "
+                          f"{built.summary()}]")
         self.report.metadata_rebuilt = str(backup)
+        self.report.metadata_lost = built.lost
+        self.report.metadata_derived = built.derived
 
     def _good_spare(self, chunk_id: bytes) -> PackRecord | None:
         for spare in self.spares.get(chunk_id, []):

@@ -51,6 +51,11 @@ class FsckReport:
     path_entries: int = 0
     events: int = 0
     metadata_rebuilt: str | None = None   # repair rebuilt the metadata: where the damaged file is kept
+    metadata_lost: dict[str, int] = field(default_factory=dict)      # ... records lost per database
+    metadata_derived: dict[str, int] = field(default_factory=dict)   # ... records derived again per database
+    metadata_in_use: str = "live"         # or the backup generation Store.open fell back to (meta.backup)
+    metadata_backups: int = 0             # backup generations kept in meta-backup/
+    metadata_backup_newest: str | None = None
     seconds: float = 0.0
 
     @property

@@ -113,6 +113,7 @@ class TreeChecks:
         has_content = self.content_refcounts.keys() | self.bad_contents
         lost_contents = {c for users in self.lost_users.values() for c in users}
         self.recorded_contents: set[tuple[int, int, bytes]] = set()    # (ws, ino, content) of path entries
+        self.entry_contents: dict[tuple[int, int, int], bytes] = {}     # (ws, ino, seq) -> content of path entries
         for key, value in self.items("paths"):
             n += 1
             self.progress.update(n)
@@ -138,6 +139,7 @@ class TreeChecks:
             if not entry.flags & P_CONTENT:
                 continue
             self.recorded_contents.add((ws, entry.ino, entry.content))
+            self.entry_contents[(ws, entry.ino, seq)] = entry.content
             if entry.content not in has_content:
                 self.missing_content_paths[entry.content].append((ws, path, seq))
             if entry.content in lost_contents:
@@ -153,7 +155,7 @@ class TreeChecks:
         version lost from the history (:meth:`_check_head_recorded`)."""
         self.progress.start("tree-walk", len(self.workspaces))
         for n, (ws, rec) in enumerate(self.workspaces.items(), 1):
-            view = TreeView(self.dbs, self.chains[ws], rec.root)
+            view = TreeView(self.dbs, self.chains[ws], rec.root, env=self.store.env)
             seen = {rec.root: b""}
             stack = [(rec.root, b"")]
             loops = []
@@ -162,7 +164,7 @@ class TreeChecks:
                 dir_ino, dir_path = stack.pop()
                 try:
                     children = view.entries(self.txn, dir_ino)
-                except (struct.error, lmdb.Error):
+                except (Corrupt, struct.error, lmdb.Error):
                     continue            # damaged entries are reported by the table scan
                 for name, child, kind in children:
                     path = dir_path + b"/" + name if dir_path else name
@@ -247,6 +249,7 @@ class TreeChecks:
                 return
 
     def _report_missing_contents(self) -> None:
+        has_content = self.content_refcounts.keys()
         for content_id in self.missing_contents.keys() | self.missing_content_paths.keys():
             if content_id == EMPTY_CONTENT_ID and self.empty_missing:
                 continue            # reported (and repairable) on its own
@@ -255,10 +258,36 @@ class TreeChecks:
             files = self._file_versions(paths)
             where = _name_files(files) or ", ".join(
                 f"{self.ws_name(ws)}: inode {ino} at seq {seq}" for ws, ino, seq in inodes[:_NAMED_IN_MESSAGE])
-            self.problem("content-missing", f"content {_short(content_id)} is missing, so this data is lost: "
-                         f"{where}", content=to_hex(content_id), files=files[:_NAMED_IN_DETAILS],
-                         inodes=[{"workspace": self.ws_name(ws), "ino": ino, "seq": seq}
-                                 for ws, ino, seq in inodes[:_NAMED_IN_DETAILS]])
+            p = self.problem("content-missing", f"content {_short(content_id)} is missing, so this data is lost: "
+                             f"{where}", content=to_hex(content_id), files=files[:_NAMED_IN_DETAILS],
+                             inodes=[{"workspace": self.ws_name(ws), "ino": ino, "seq": seq}
+                                     for ws, ino, seq in inodes[:_NAMED_IN_DETAILS]])
+            for ws, ino, seq in inodes:
+                recorded = self.entry_contents.get((ws, ino, seq))
+                if recorded and recorded != content_id and recorded in has_content:
+                    # a damaged content id in an inode record: the path entry of the same event holds the true one
+                    self.other_fixes.append((p, self._fix_inode_content(ws, ino, seq, content_id, recorded)))
+
+    def _fix_inode_content(self, ws: int, ino: int, seq: int, wrong: bytes, right: bytes):
+        """A repair: inode ``ino``'s record at ``seq`` names content ``right``
+        (its path entry's) instead of ``wrong`` (missing), with one more
+        reference on ``right`` — if the record still names ``wrong``."""
+        def fix(txn) -> bool:
+            key = schema.inode_key(ws, ino, seq)
+            raw = txn.get(key, db=self.dbs["inodes"])
+            content = txn.get(right, db=self.dbs["contents"])
+            if raw is None or content is None:
+                return False
+            attrs = Attrs.decode(raw)
+            if attrs.content != wrong:
+                return False
+            size = schema.content_header(bytes(content))[0]
+            txn.put(key, attrs.replace(content=right, size=size).encode(), db=self.dbs["inodes"])
+            if right != EMPTY_CONTENT_ID:
+                refcount = schema.content_header(bytes(content))[1]
+                txn.put(right, schema.content_with_refcount(bytes(content), refcount + 1), db=self.dbs["contents"])
+            return True
+        return fix
 
     def _file_versions(self, paths: list[tuple[int, bytes, int]]) -> list[dict]:
         """``[{"workspace", "path", "version", "seq"}]`` of path entries

@@ -111,7 +111,8 @@ class Workspace:
         with store.env.begin() as txn:
             self.head_seq = store.head_seq(txn, self.id)
         self.turn: dict | None = None        # the open turn label; chronicle.store.history.turns sets it
-        self._head_view = TreeView(self.dbs, self.chain, self.root, None)
+        self._head_view = TreeView(self.dbs, self.chain, self.root, None, env=store.env,   # tolerant reads
+                                   damaged=store.damaged)
         self.ignore_rules = IgnoreRules(store, self.id, self._head_view, self.root)     # chronicle.store.gc.ignore
         self._attrs: dict[int, Attrs] = {}          # head attributes of the inodes in use
         self.links = PathLinks(self.root)
@@ -126,7 +127,7 @@ class Workspace:
             return self._head_view
         if seq > self.head_seq:
             raise NotFound(f"seq {seq} is in the future (head is {self.head_seq})")
-        return TreeView(self.dbs, self.chain, self.root, seq)
+        return TreeView(self.dbs, self.chain, self.root, seq, env=self.store.env, damaged=self.store.damaged)
 
     def read_txn(self) -> lmdb.Transaction:
         """A new LMDB read transaction of the store (use it in ``with``)."""
