@@ -104,6 +104,7 @@ class Store:
         self.config = config
         self.modes = StoreModes.of(config)
         self.meta_dir = path / "meta"
+        self._meta_sound = False                # set by open: the metadata was found sound (salvage)
         self.staging_dir = path / "staging"
         self.run_dir = path / "run"
         self.packs_dir = path / "packs"
@@ -223,8 +224,10 @@ class Store:
                 raise StoreError(f"cannot open the store's metadata at {path / 'meta'}: {problem}, and there is "
                                  f"no sound metadata backup in {path / backup.BACKUP_DIR}")
             salvage.verify_or_salvage(path / "meta", modes, MAP_SIZE)     # LMDB must not read a damaged page
+            sound = salvage.is_verified(path / "meta") or salvage.is_new(path / "meta")
         except BlockingIOError:
             alone = False
+            sound = True                            # the process that has it open checked it (or inherited that)
         try:
             try:
                 env, dbs = cls._open_env(path, modes)
@@ -240,6 +243,7 @@ class Store:
         store = cls(path, env, dbs, config)
         store.tighten_modes(warn=True)
         store._open_lock = open_lock
+        store._meta_sound = sound
         with env.begin() as txn:
             if txn.get(schema.META_FORMAT, db=dbs["meta"]) is None and txn.get(
                     schema.META_NEXT_INO, db=dbs["meta"]) is None:
@@ -295,6 +299,14 @@ class Store:
             os.close(fd)
         self._locks.clear()
         self.env.close()
+        try:                                    # the last user of the store: its file is what LMDB wrote
+            fcntl.flock(self._open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self._meta_sound:
+                salvage.trust_after_close(self.meta_dir, self.modes)
+        except BlockingIOError:
+            pass                                # another process still has it open: its close records it
+        except OSError as exc:
+            log.warning("could not record the store's metadata as sound: %s", exc)
         os.close(self._open_lock)
 
     def __enter__(self) -> Store:
