@@ -33,10 +33,12 @@ others run while the store is being opened.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +96,7 @@ def take(env: lmdb.Environment, dbs: dict, store_path: Path, modes) -> Generatio
     named databases) into ``store_path/meta-backup`` with the store's
     ``modes`` (``chronicle.store.modes.StoreModes``), and drop all but the
     :data:`KEEP` newest. Returns it, or None if the newest one already holds
-    this transaction. Raises ``OSError``/``lmdb.Error`` from the disk, and
+    this transaction (or another process took it at the same moment). Raises ``OSError``/``lmdb.Error`` from the disk, and
     ``ValueError`` if the copy is not sound (the metadata is damaged: run fsck)."""
     root = store_path / BACKUP_DIR
     modes.mkdir(root)
@@ -104,9 +106,7 @@ def take(env: lmdb.Environment, dbs: dict, store_path: Path, modes) -> Generatio
         if newest and newest[0].txnid == txnid:
             return None
         heads = _heads(txn, dbs)
-        work = root / f".tmp-{os.getpid()}-{txnid}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{txnid}-", dir=root))   # one per taker
         try:
             env.copy(str(work), compact=True, txn=txn)
         except BaseException:
@@ -130,8 +130,17 @@ def take(env: lmdb.Environment, dbs: dict, store_path: Path, modes) -> Generatio
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        shutil.rmtree(gen.path, ignore_errors=True)
-        os.rename(work, gen.path)
+        if (gen.path / "backup.json").exists():     # another process took this generation meanwhile
+            shutil.rmtree(work, ignore_errors=True)
+            return None
+        shutil.rmtree(gen.path, ignore_errors=True)   # what a crashed drop of old generations left
+        try:
+            os.rename(work, gen.path)
+        except OSError as exc:                  # another process took this generation at the same moment
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+            return None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -102,3 +102,32 @@ def test_the_cli_shows_the_backups(store, ws):
     proc = subprocess.run(CLI + ["fsck", "--json", "--store", str(store.path)], capture_output=True, text=True)
     doc = json.loads(proc.stdout)
     assert doc["metadata_in_use"] == "live" and doc["metadata_backups"] == 1 and doc["metadata_backup_newest"]
+
+
+def test_two_backups_of_the_same_transaction_at_once_both_succeed(tmp_path):
+    """The daemon's backup at unmount and another process's may race for one
+    generation (seen: ENOTEMPTY from the rename); one wins, the other returns None."""
+    import threading
+
+    store = Store.init(tmp_path / "s")
+    ws = store.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"f", b"data\n")
+    errors, results = [], []
+    barrier = threading.Barrier(4)
+
+    def one():
+        barrier.wait()
+        try:
+            results.append(backup.take(store.env, store.dbs, store.path, store.modes))
+        except Exception as exc:   # noqa: BLE001 - what the test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    assert errors == []
+    assert len(backup.generations(tmp_path / "s")) == 1
+    assert sum(r is not None for r in results) >= 1
