@@ -41,6 +41,7 @@ ERRNO = {
     errors.Busy: errno.EBUSY,
     errors.NoAttribute: pyfuse3.ENOATTR,
     errors.OutOfRange: errno.ERANGE,
+    errors.Pruned: errno.ENODATA,
     errors.CrossDevice: errno.EXDEV,
     errors.NotSupported: errno.EOPNOTSUPP,
     errors.Corrupt: errno.EIO,

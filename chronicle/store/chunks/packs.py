@@ -156,6 +156,19 @@ class PackWriter:
         self._writing = False
         self._lost: dict[int, tuple[int, BaseException]] = {}   # retired pack -> (first lost offset, error)
         self._flusher: threading.Thread | None = None
+        # called with a pack number before that pack is created (GC's lease, ``gc.leases``)
+        self.on_new_pack: Callable[[int], None] | None = None
+        self.created: list[int] = []      # every pack this writer created, oldest first
+
+    def open_packs(self) -> set[int]:
+        """The packs this writer may still append to or has not closed yet
+        (the current one and those sealed since the last :meth:`sync`).
+        Lock-free (read under the GIL): it may be called while the writer
+        holds its lock (``on_new_pack``)."""
+        out = {pack_no for _sink, pack_no in list(self._sealed)}
+        if self._sink is not None and self._pack_no >= 0:
+            out.add(self._pack_no)
+        return out
 
     def append(self, chunk_id: bytes, codec: int, raw_len: int, payload) -> ChunkLocation:
         """Add one record; returns where its payload will be. ``payload`` is any
@@ -236,6 +249,14 @@ class PackWriter:
         if flusher is not None:
             flusher.join()
 
+    def rotate(self) -> None:
+        """Seal the current pack (the next record starts a new one); it is
+        closed at the next :meth:`sync`. GC calls it to compact a pack this
+        process is still writing."""
+        with self._lock:
+            if self._sink is not None:
+                self._seal()
+
     @property
     def current_pack(self) -> int:
         return self._pack_no
@@ -252,8 +273,11 @@ class PackWriter:
             self._seal()
         for _attempt in range(16):
             pack_no = self._allocate()
+            if self.on_new_pack is not None:
+                self.on_new_pack(pack_no)
             try:
                 self._sink = self.backend.create(pack_name(pack_no))
+                self.created.append(pack_no)
                 break
             except Exists:
                 continue
