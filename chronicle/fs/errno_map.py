@@ -72,6 +72,26 @@ def lmdb_no_space(exc: lmdb.Error) -> int:
     return 0
 
 
+# ``async () -> bool``: free what the retention policy allows (the daemon's
+# GC, ``chronicle.fs.daemon``); True if it gave disk space back. None: no reclaim.
+_reclaim: list = [None]
+
+
+def set_reclaim(reclaim) -> None:
+    """Register the coroutine function :func:`fuse_errors` awaits before it
+    answers ENOSPC (None: answer at once)."""
+    _reclaim[0] = reclaim
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    """True for a full disk or quota (the errors :func:`fuse_errors` answers ENOSPC/EDQUOT)."""
+    if isinstance(exc, errors.NoSpace):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, lmdb.Error) and bool(lmdb_no_space(exc))
+
+
 def fuse_errors(handler):
     """Wrap an async FUSE handler: Chronicle errors become ``FUSEError(errno)``
     (:func:`errno_of`); ``Corrupt`` is logged (damage the user must hear of)
@@ -80,32 +100,54 @@ def fuse_errors(handler):
     ``lmdb.Error`` of a full disk (its text names ENOSPC or EDQUOT: py-lmdb
     gives no errno attribute); any other
     exception is logged with its traceback and becomes EIO. A
-    ``FUSEError`` passes through as it is."""
+    ``FUSEError`` passes through as it is.
+
+    A full disk (NoSpace, ENOSPC, EDQUOT) is answered only after the
+    registered reclaim (:func:`set_reclaim`, the daemon's GC) freed what the
+    retention policy allows: if it gave space back, the request is tried
+    once more, and what that gives is the answer."""
 
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
         try:
             return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except errors.Corrupt as exc:
-            log.error("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except errors.ChronicleError as exc:
-            raise pyfuse3.FUSEError(errno_of(exc)) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise pyfuse3.FUSEError(exc.errno) from None
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except lmdb.Error as exc:
-            code = lmdb_no_space(exc)
-            if code:
-                raise pyfuse3.FUSEError(code) from None
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:              # noqa: BLE001 - every error gets its errno (_answer)
+            reclaim = _reclaim[0]
+            if reclaim is None or not _is_no_space(exc):
+                _answer(handler.__name__, exc)
+        log.warning("%s: the disk is full: freeing what the retention policy allows first", handler.__name__)
+        try:
+            freed = await reclaim()
+        except Exception:                     # noqa: BLE001 - the request still gets its ENOSPC
+            log.exception("reclaiming space for %s failed", handler.__name__)
+            freed = False
+        if not freed:
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        try:
+            return await handler(*args, **kwargs)
+        except Exception as exc:              # noqa: BLE001
+            _answer(handler.__name__, exc)
 
     return wrapper
+
+
+def _answer(name: str, exc: Exception):
+    """Raise the ``FUSEError`` that answers ``exc`` (see :func:`fuse_errors`)."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        raise exc
+    if isinstance(exc, errors.Corrupt):
+        log.error("%s: %s", name, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    if isinstance(exc, errors.ChronicleError):
+        raise pyfuse3.FUSEError(errno_of(exc)) from None
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise pyfuse3.FUSEError(exc.errno) from None
+        log.error("internal error in %s", name, exc_info=exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    if isinstance(exc, lmdb.Error):
+        code = lmdb_no_space(exc)
+        if code:
+            raise pyfuse3.FUSEError(code) from None
+    log.error("internal error in %s", name, exc_info=exc)
+    raise pyfuse3.FUSEError(errno.EIO) from None

@@ -254,6 +254,38 @@ class ChunkStore:
             add_totals(txn, self._meta_db, unique_bytes=-gone_raw, stored_bytes=-gone_stored, chunks=-len(freed))
         return freed
 
+    def recover_lost(self) -> int:
+        """Write again the pending chunks a failed pack write lost (a full
+        disk), from the copies the pack writer kept (``PackWriter.lost_payload``,
+        verified against their BLAKE3), once space was freed; returns how many.
+        Raises ``NoSpace`` if the disk is still full."""
+        packs = self.writer.lost_packs()
+        if not packs:
+            return 0
+        with self._pending_lock:
+            items = list(self._pending.items())
+        recovered = 0
+        for chunk_id, record in items:
+            location = ChunkLocation(record.pack_no, record.offset, record.stored_len)
+            if record.pack_no not in packs or not self._lost(record):
+                continue
+            payload = self.writer.lost_payload(location)
+            if payload is None:
+                continue
+            try:
+                codec.decode(record.codec, payload, record.raw_len, chunk_id, verify=True)
+            except Corrupt:
+                continue              # the caller's buffer changed since: that chunk stays lost
+            new = self.writer.append(chunk_id, record.codec, record.raw_len, payload)
+            with self._pending_lock:
+                if self._pending.get(chunk_id) is record:
+                    self._pending[chunk_id] = ChunkRecord(new.pack_no, new.offset, new.stored_len, record.raw_len,
+                                                          record.codec, 0)
+                    recovered += 1
+        self.writer.flush()
+        self.writer.forget_lost(packs)
+        return recovered
+
     def relocate(self, txn: lmdb.Transaction, chunk_id: bytes, location: ChunkLocation) -> None:
         """Point chunk ``chunk_id``'s index record at ``location`` (a copy GC
         wrote), keeping its refcount. Raises :class:`Corrupt` if it has no record."""

@@ -69,9 +69,10 @@ PACK_VERSION = 1
 PACK_HEADER = struct.Struct("<8sII")
 RECORD_MAGIC = b"CK"
 RECORD_HEADER = struct.Struct("<2sBBII32s")
-MAX_PACK_SIZE = 64 * 1024 * 1024
+MAX_PACK_SIZE = 16 * 1024 * 1024       # restic's default pack size: GC rewrites and deletes whole packs
 PACKS_PREFIX = "packs/"
 _WRITE_BUFFER = 4 * 1024 * 1024
+_LOST_KEEP = 64 * 1024 * 1024     # bytes of lost writes kept for PackWriter.lost_payload
 _MAX_QUEUED = 32 * 1024 * 1024
 _PACK_NAME = re.compile(r"packs/([0-9a-f]{6,})/([0-9a-f]{10,})\.pack")
 
@@ -155,6 +156,8 @@ class PackWriter:
         self._queued = 0
         self._writing = False
         self._lost: dict[int, tuple[int, BaseException]] = {}   # retired pack -> (first lost offset, error)
+        self._lost_writes: dict[int, list[tuple[int, bytes]]] = {}   # pack -> [(start offset, bytes)] lost
+        self._lost_bytes = 0
         self._flusher: threading.Thread | None = None
         # called with a pack number before that pack is created (GC's lease, ``gc.leases``)
         self.on_new_pack: Callable[[int], None] | None = None
@@ -315,14 +318,46 @@ class PackWriter:
         for a lost location gets the error)."""
         with self._cond:
             if pack_no in self._lost:
+                self._keep_lost(pack_no, start, bufs)
                 return                    # records after a failed write of their pack are lost too
         try:
             sink.append(bufs)
         except BaseException as exc:     # noqa: BLE001 - handed to the callers whose records it lost
             with self._cond:
                 self._lost.setdefault(pack_no, (start, exc))
+                self._keep_lost(pack_no, start, bufs)
             if not isinstance(exc, Exception):
                 raise
+
+    def _keep_lost(self, pack_no: int, start: int, bufs: list) -> None:     # _cond held
+        """Keep a copy of a lost write (up to ``_LOST_KEEP`` bytes), so its
+        records can be written again once space is freed (:meth:`lost_payload`)."""
+        size = sum(len(b) for b in bufs)
+        if self._lost_bytes + size <= _LOST_KEEP:
+            self._lost_writes.setdefault(pack_no, []).append((start, b"".join(bytes(b) for b in bufs)))
+            self._lost_bytes += size
+
+    def lost_payload(self, location: ChunkLocation) -> bytes | None:
+        """The payload a failed write lost at ``location``, if a copy was kept
+        (the caller verifies it: a caller's buffer may have changed since)."""
+        with self._cond:
+            writes = list(self._lost_writes.get(location.pack_no, ()))
+        for start, data in writes:
+            if start <= location.offset and location.offset + location.stored_len <= start + len(data):
+                return data[location.offset - start:location.offset - start + location.stored_len]
+        return None
+
+    def forget_lost(self, packs: set[int]) -> None:
+        """Drop the kept copies of lost writes of ``packs``."""
+        with self._cond:
+            for pack_no in packs:
+                for _start, data in self._lost_writes.pop(pack_no, ()):
+                    self._lost_bytes -= len(data)
+
+    def lost_packs(self) -> set[int]:
+        """Packs with kept copies of lost writes."""
+        with self._cond:
+            return set(self._lost_writes)
 
     def _flush_loop(self) -> None:
         while True:
