@@ -155,6 +155,7 @@ class _Collector:
         async with self._lock:
             if self.runs != before:
                 return True
+        log.info("the disk is full: freeing what the retention policy allows before answering ENOSPC")
         result = await self.run("disk full", threshold=1.0)
         freed = bool(result and (result["reclaimed_bytes"] > 0 or result["packs_deleted"] > 0))
         if freed:

@@ -115,7 +115,6 @@ def fuse_errors(handler):
             reclaim = _reclaim[0]
             if reclaim is None or not _is_no_space(exc):
                 _answer(handler.__name__, exc)
-        log.warning("%s: the disk is full: freeing what the retention policy allows first", handler.__name__)
         try:
             freed = await reclaim()
         except Exception:                     # noqa: BLE001 - the request still gets its ENOSPC

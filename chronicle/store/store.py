@@ -111,7 +111,7 @@ class Store:
         backend = LocalBackend(path, file_mode=self.modes.file_mode, dir_mode=self.modes.dir_mode)
         self.chunks = ChunkStore(env, dbs["chunks"], backend, meta_db=dbs["meta"])
         # what this process uses, for GC in other processes (gc.leases)
-        self.lease = Lease(self.run_dir, self.chunks.lease_state, self.modes.write_file)
+        self.lease = Lease(self.run_dir, self.chunks.lease_state, self.modes)
         self.chunks.announce = self.lease.announce
         self.chunks.writer.on_new_pack = self.lease.announce_pack
         self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()

@@ -50,9 +50,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chronicle.errors import Busy
 from chronicle.procs import alive
+
+if TYPE_CHECKING:
+    from chronicle.store.modes import StoreModes
 
 LEASE_INTERVAL = 2.0        # seconds between two refreshes of a live lease
 LEASES_DIR = "leases"
@@ -73,16 +77,15 @@ class Lease:
     """This process's lease in ``run_dir`` (module docstring).
 
     ``state`` returns ``(packs, busy_since)`` of the process's chunk store
-    (``ChunkStore.lease_state``); ``write`` writes a small file atomically
-    with the store's modes (``StoreModes.write_file``).
+    (``ChunkStore.lease_state``); ``modes`` writes the file atomically and
+    makes the directory with the store's modes (``StoreModes.write_file``, ``mkdir``).
     """
 
-    def __init__(self, run_dir: Path, state: Callable[[], tuple[set[int], int | None]],
-                 write: Callable[[Path, bytes], None]):
+    def __init__(self, run_dir: Path, state: Callable[[], tuple[set[int], int | None]], modes: StoreModes):
         self.dir = Path(run_dir) / LEASES_DIR
         self.path = self.dir / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         self._state = state
-        self._write_file = write
+        self._modes = modes
         self._lock = threading.Lock()
         self._pins: Counter[tuple[int, int]] = Counter()
         self._announced: int | None = None    # the pack being created (not yet the writer's current pack)
@@ -141,8 +144,9 @@ class Lease:
             doc = {"pid": os.getpid(), "heartbeat": time.time_ns(),
                    "pins": sorted([ws, seq] for (ws, seq) in self._pins),
                    "packs": sorted(packs), "busy_since": busy}
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._write_file(self.path, json.dumps(doc).encode())
+            if not self.dir.is_dir():
+                self._modes.mkdir(self.dir)
+            self._modes.write_file(self.path, json.dumps(doc).encode())
             self._written = time.monotonic()
 
 
