@@ -21,6 +21,7 @@ Threads: synchronous; each function opens its own LMDB transactions.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -134,11 +135,9 @@ def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[Pa
                 if current is not None:
                     yield current
                 current, current_ident = PathVersions(path), ident
-            fields = json.loads(b"{" + entry.fragment)
-            turn = fields.get("turn")
-            label = (turn.get("agent"), turn.get("turn")) if isinstance(turn, dict) else None
-            info = VersionInfo(schema.path_key_seq(key), parse_iso_time(fields["time"]), label)
-            current.versions.append((info.seq, fields.get("size") or 0, entry.content, info))
+            time_ns, size, label = _fields(entry.fragment)
+            info = VersionInfo(schema.path_key_seq(key), time_ns, label)
+            current.versions.append((info.seq, size, entry.content, info))
             current.inos[info.seq] = entry.ino
     if current is not None:
         yield current
@@ -207,6 +206,30 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
                                            "kept": len(pv.versions) - len(dropped), "dropped": dropped})
         report["workspaces"].append(ws_report)
     return Plan(report, candidates, pins_by_ws)
+
+
+_TIME = re.compile(rb'"time": "([^"]+)"')
+_SIZE = re.compile(rb'"size": ([0-9]+)')
+_times: dict[bytes, int] = {}
+
+
+def _fields(fragment: bytes) -> tuple[int, int, tuple[str, int] | None]:
+    """``(time ns, size, turn label)`` of a path entry's fragment; the JSON is
+    parsed only when the entry has a turn label (a million entries are read)."""
+    if b'"turn": null' not in fragment:
+        fields = json.loads(b"{" + fragment)
+        turn = fields.get("turn")
+        label = (turn.get("agent"), turn.get("turn")) if isinstance(turn, dict) else None
+        return parse_iso_time(fields["time"]), fields.get("size") or 0, label
+    stamp = _TIME.search(fragment).group(1)
+    second, _, micros = stamp.partition(b".")
+    base = _times.get(second)
+    if base is None:
+        if len(_times) > 4096:
+            _times.clear()
+        base = _times[second] = parse_iso_time(second.decode() + "Z")
+    size = _SIZE.search(fragment)
+    return base + int(micros.rstrip(b"Z") or 0) * 1000, int(size.group(1)) if size else 0, None
 
 
 def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = None,

@@ -38,6 +38,7 @@ Threads: synchronous; each function takes the caller's transaction or opens its 
 from __future__ import annotations
 
 import json
+import re
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
@@ -164,20 +165,29 @@ def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, records: list[tupl
                 db=dbs["contents"])
     key = schema.path_key(cand.ws, cand.path, cand.seq)
     entry = PathEntry.decode(txn.get(key, db=dbs["paths"]))
-    fields = json.loads(b"{" + entry.fragment)
-    fields.pop("hash", None)
-    fields["pruned"] = True
     marked = PathEntry((entry.flags & ~P_CONTENT) | P_PRUNED, entry.ino, b"", entry.origin,
-                       json.dumps(fields)[1:].encode(), entry.path)
+                       mark_pruned(entry.fragment), entry.path)
     txn.put(key, marked.encode(), db=dbs["paths"])
     event_key = schema.event_key(cand.ws, cand.seq)
     line = txn.get(event_key, db=dbs["events"])
-    if line is not None:
-        event = json.loads(line)
-        if event.get("path") == path_text(cand.path) and not event.get("pruned"):
-            event.pop("hash", None)
-            event["pruned"] = True
-            txn.put(event_key, json.dumps(event).encode(), db=dbs["events"])
+    if line is not None and _PRUNED not in line and _path_field(cand.path) in line:
+        txn.put(event_key, mark_pruned(bytes(line)), db=dbs["events"])
+
+
+_HASH_FIELD = re.compile(rb', "hash": (?:"[0-9a-f]*"|null)')
+_PRUNED = b', "pruned": true}'
+
+
+def _path_field(path: bytes) -> bytes:
+    return b'"path": ' + json.dumps(path_text(path)).encode() + b","
+
+
+def mark_pruned(text: bytes) -> bytes:
+    """A log line or path-entry fragment (a JSON object's text, as
+    ``journal`` writes it) without its ``"hash"`` and with ``"pruned": true``
+    at the end — text edits, no JSON parse (GC rewrites millions of them)."""
+    text = _HASH_FIELD.sub(b"", text, count=1)
+    return text[:text.rindex(b"}")] + _PRUNED
 
 
 def is_pruned(entry: PathEntry) -> bool:

@@ -82,6 +82,7 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
     while i < len(garbage):
         with store.env.begin(write=True) as txn:
             start = time.monotonic()
+            batch_bytes = batch_contents = 0
             while i < len(garbage) and time.monotonic() - start < BATCH_SECONDS:
                 content_id = garbage[i]
                 i += 1
@@ -95,9 +96,11 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
                     out["bytes"] += chunk.stored_len
                     out["raw_bytes"] += chunk.raw_len
                 txn.delete(content_id, db=dbs["contents"])
-                add_totals(txn, dbs["meta"], logical_bytes=-record.size, contents=-1)
-                out["contents"] += 1
-                out["logical_bytes"] += record.size
+                batch_bytes += record.size
+                batch_contents += 1
+            add_totals(txn, dbs["meta"], logical_bytes=-batch_bytes, contents=-batch_contents)
+            out["contents"] += batch_contents
+            out["logical_bytes"] += batch_bytes
             store.before_commit()
         store.note_commit()
         progress("sweep", i, len(garbage))
