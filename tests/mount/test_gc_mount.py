@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -146,5 +147,26 @@ def test_background_gc_applies_the_policy(mount_factory, monkeypatch):
     else:
         pytest.fail(f"background gc did not prune: {m.log_tail()}")
     assert "gc (policy)" in m.log_text()
+    m.stop()
+    fsck_clean(m.store)
+
+
+def test_open_at_handle_pins_its_version_across_processes(mount_factory):
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY)
+    old = os.urandom(200_000)
+    (m.path / "f").write_bytes(old)
+    seq = json.loads((m.path / ".chronicle" / "query" / "f").read_text())["versions"][-1]["seq"]
+    for _ in range(3):
+        (m.path / "f").write_bytes(os.urandom(200_000))
+    with open(m.path / ".chronicle" / "at" / str(seq) / "f", "rb") as handle:
+        out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+        assert out["pruned_versions"] == 2                # the version the handle reads stays
+        assert handle.read() == old
+    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    assert out["pruned_versions"] == 1                    # closed: now it goes
+    with pytest.raises(OSError) as exc:
+        (m.path / ".chronicle" / "at" / str(seq) / "f").read_bytes()
+    assert exc.value.errno == errno.ENODATA
     m.stop()
     fsck_clean(m.store)
