@@ -46,6 +46,7 @@ from chronicle.errors import Busy, NoSpace
 from chronicle.fs.errno_map import set_reclaim
 from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.gc.collect import collect
+from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.store import SYNC_INTERVAL, Store
 
@@ -123,10 +124,11 @@ class _Collector:
         self.runs = 0
         self._fruitless_until = 0.0
 
-    async def run(self, why: str, threshold: float | None = None) -> dict | None:
-        """One GC run (None if another process's GC holds the store, or it failed)."""
+    async def run(self, why: str, threshold: float = THRESHOLD, wait: float = SETTLE_WAIT) -> dict | None:
+        """One GC run (None if another process's GC holds the store, or it
+        failed). ``threshold``, ``wait``: ``gc.sweep.compact``'s."""
         async with self._lock:
-            kwargs = {"wait": 1.0} if threshold is None else {"wait": 1.0, "threshold": threshold}
+            kwargs = {"wait": wait, "threshold": threshold}
             try:
                 result = await trio.to_thread.run_sync(partial(collect, self.store, [self.workspace], **kwargs))
             except Busy:
@@ -156,7 +158,7 @@ class _Collector:
             if self.runs != before:
                 return True
         log.info("the disk is full: freeing what the retention policy allows before answering ENOSPC")
-        result = await self.run("disk full", threshold=1.0)
+        result = await self.run("disk full", threshold=1.0, wait=1.0)   # a request is waiting
         freed = bool(result and (result["reclaimed_bytes"] > 0 or result["packs_deleted"] > 0))
         if freed:
             try:                          # chunks a failed write lost, from the pack writer's copies
