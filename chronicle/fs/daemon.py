@@ -175,7 +175,10 @@ class _Collector:
         last = time.monotonic()
         while True:
             await trio.sleep(1.0)
-            self.store.lease.refresh()
+            try:
+                self.store.lease.refresh()
+            except OSError as exc:            # a full disk: the lease stays as it was (gc waits, then defers)
+                log.debug("could not refresh the gc lease: %s", exc)
             self.store.chunks.release_deleted()
             if GC_INTERVAL > 0 and time.monotonic() - last >= GC_INTERVAL:
                 await self.run("policy")

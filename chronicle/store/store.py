@@ -583,7 +583,10 @@ class Store:
     def maintain(self) -> None:
         """Sync if :meth:`needs_sync`; long-running writers call this
         periodically. Also refreshes this process's lease (``gc.leases``)."""
-        self.lease.refresh()
+        try:
+            self.lease.refresh()
+        except OSError:
+            pass                  # a full disk: the lease stays as it was (GC waits for it, then defers)
         if self.needs_sync():
             self.sync()
 
