@@ -113,7 +113,7 @@ class Lease:
         """An open handle reads workspace ``ws_id``'s tree at ``seq``: GC keeps it until :meth:`unpin`."""
         with self._lock:
             self._pins[(ws_id, seq)] += 1
-        self._write()
+        self._write_soft()
 
     def unpin(self, ws_id: int, seq: int) -> None:
         """Undo one :meth:`pin`."""
@@ -121,7 +121,15 @@ class Lease:
             self._pins[(ws_id, seq)] -= 1
             if self._pins[(ws_id, seq)] <= 0:
                 del self._pins[(ws_id, seq)]
-        self._write()
+        self._write_soft()
+
+    def _write_soft(self) -> None:
+        """Write the lease; on a full disk keep the change for the next write
+        (a reader is not refused for it; GC then sees the pin a little later)."""
+        try:
+            self._write()
+        except OSError:
+            pass
 
     def refresh(self, force: bool = False) -> None:
         """Rewrite the lease if it exists and :data:`LEASE_INTERVAL` passed (or ``force``)."""
