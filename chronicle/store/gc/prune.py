@@ -150,6 +150,7 @@ def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], d
                 result.released += len(records)
             store.before_commit()
         store.note_commit()
+        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
         if progress is not None:
             progress(i, len(candidates))
     return result

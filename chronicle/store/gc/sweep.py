@@ -103,6 +103,7 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
             out["logical_bytes"] += batch_bytes
             store.before_commit()
         store.note_commit()
+        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
         progress("sweep", i, len(garbage))
     return out
 
@@ -249,4 +250,5 @@ def _repoint(store: Store, moved: list[tuple[bytes, ChunkRecord, ChunkLocation]]
                     store.chunks.relocate(txn, chunk_id, location)
             store.before_commit()
         store.note_commit()
+        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
     return ok
