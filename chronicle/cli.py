@@ -39,7 +39,7 @@ from chronicle.agent_cli import agent
 from chronicle.errors import ChronicleError, InvalidArgument, NotFound, StoreError, UsageError
 from chronicle.locate import Target, locate, select
 from chronicle.store.fsck.checks import fsck as check_store
-from chronicle.store.gc import dryrun
+from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import parse_duration
 from chronicle.store.history import points, search
 from chronicle.store.history.blame import blame as blame_of
@@ -187,7 +187,7 @@ def _event_line(ev: dict, seq_width: int) -> str:
     label = f"{turn.get('agent')}:{turn.get('turn')}" if isinstance(turn, dict) else "-"
     version = f"v{ev['version']}" if ev.get("version") is not None else "-"
     size = str(ev["size"]) if ev.get("size") is not None else "-"
-    digest = ev["hash"][:12] if ev.get("hash") else "-"
+    digest = ev["hash"][:12] if ev.get("hash") else ("pruned" if ev.get("pruned") else "-")
     path = ev.get("path")
     text = "?" if path is None else (path or ".")
     if ev.get("from") is not None:
@@ -715,14 +715,24 @@ def policy_set(keep_last, keep_within, keep_hourly, keep_daily, keep_weekly, kee
 @workspace_options
 @json_option
 def gc(dry_run: bool, all_workspaces: bool, store_opt, ws_opt, as_json) -> None:
-    """Prune versions the policy no longer keeps and free their chunks (only --dry-run so far)."""
+    """Prune versions the policy no longer keeps, free their chunks, compact packs.
+
+    Prunes the workspace (or --all); frees and compacts the whole store.
+    """
     if all_workspaces and ws_opt is not None:
         raise UsageError("give --workspace or --all, not both")
-    if not dry_run:
-        raise ChronicleError("gc is not implemented yet: --dry-run shows what it would free")
     target = _target(store_opt, ws_opt)
+    names = None if all_workspaces else [target.workspace]
+    if not dry_run:
+        with _open_store(target) as store, _progress("Collecting") as progress:
+            result = collect.collect(store, names, progress=progress)
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        _print_gc(result)
+        return
     with _open_store(target) as store:
-        report = dryrun.dry_run(store, None if all_workspaces else [target.workspace])
+        report = dryrun.dry_run(store, names)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -735,6 +745,18 @@ def gc(dry_run: bool, all_workspaces: bool, store_opt, ws_opt, as_json) -> None:
             out.write(_line(f"  {p['path']}: drop {len(p['dropped'])} of {p['versions']} (seqs {seqs})"))
     out.write(_line(f"would free {report['freed_chunks']} chunks, {_human(report['freed_bytes'])} stored "
                     f"({_human(report['freed_raw_bytes'])} before compression); dry run, nothing changed"))
+
+
+def _print_gc(result: dict) -> None:
+    click.echo(f"pruned {result['pruned_versions']} versions of {', '.join(result['workspaces']) or 'no workspace'} "
+               f"({result['pruned_records']} inode records)")
+    click.echo(f"freed {result['freed_contents']} contents ({_human(result['freed_logical_bytes'])} logical), "
+               f"{result['freed_chunks']} chunks, {_human(result['freed_bytes'])} stored "
+               f"({_human(result['freed_raw_bytes'])} before compression)")
+    click.echo(f"compacted: {result['packs_deleted']} packs deleted, {result['packs_written']} written; "
+               f"{_human(max(0, result['reclaimed_bytes']))} of disk space back")
+    if result.get("deferred"):
+        click.echo(f"deferred: dead chunks kept for the next gc ({result['deferred']})")
 
 
 @cli.command()
@@ -786,7 +808,7 @@ def _retention_figures(store: Store, ws: Workspace) -> dict:
     return {"head_logical_bytes": _tree_size(ws)[1], "history_logical_bytes": mine["kept_bytes"],
             "policy_would_drop_versions": mine["dropped_versions"],
             "policy_would_drop_logical_bytes": mine["dropped_bytes"],
-            "policy_would_free_bytes": report["freed_bytes"], "last_gc": None}
+            "policy_would_free_bytes": report["freed_bytes"], "last_gc": collect.last_result(store)}
 
 
 @cli.command()
@@ -814,6 +836,10 @@ def stats(where, store_opt, ws_opt, as_json) -> None:
     for key, value in figures.items():
         if key.endswith("_bytes"):
             value = f"{_human(value)} ({value})"
+        elif key == "last_gc" and isinstance(value, dict):
+            value = (f"{value['time']}: pruned {value['pruned_versions']} versions, freed "
+                     f"{_human(value.get('freed_bytes'))}, {_human(max(0, value.get('reclaimed_bytes') or 0))} "
+                     "of disk space back")
         elif value is None:
             value = "-"
         rows.append([key.replace("_", " ") + ":", str(value)])

@@ -92,6 +92,10 @@ class NoAttribute(ChronicleError):
     """No such extended attribute."""
 
 
+class Pruned(ChronicleError):
+    """This version was pruned by gc: the retention policy no longer keeps its content."""
+
+
 class OutOfRange(ChronicleError):
     """The value is too large for the buffer or the limit."""
 

@@ -9,7 +9,15 @@ Lifecycle (S3QL's and borg's rules):
   :meth:`Store.sync` whenever it is due (every few seconds or few hundred
   commits while dirty, like ext4's 5 s commit interval; see
   ``Store.needs_sync``), the metadata backup when due
-  (``Store.backup_due``, ``chronicle.store.meta.backup``) and the signal handler;
+  (``Store.backup_due``, ``chronicle.store.meta.backup``), GC (below) and the signal handler;
+- **GC** (``chronicle.store.gc.collect``) runs in a worker thread, never on
+  the trio loop, in bounded batches (``gc.prune.BATCH_SECONDS`` per LMDB
+  write transaction): every :data:`GC_INTERVAL` seconds (default an hour,
+  ``CHRONICLE_GC_INTERVAL``; 0 turns it off) with the workspace's policy,
+  and before a full disk is answered ENOSPC (``errno_map.set_reclaim``:
+  then packs with any dead chunk are rewritten, and the request is tried
+  again). Every second the task also refreshes this process's GC lease
+  (``gc.leases``) and closes descriptors of packs another GC deleted;
 - SIGTERM/SIGINT/SIGHUP end the loop cleanly; an unmount (``fusermount3 -u``)
   ends it too. Only after a clean return are open files committed, the
   metadata backed up (if anything was committed), the store synced and the
@@ -28,19 +36,27 @@ import logging
 import os
 import signal
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from chronicle import procs
+from chronicle.errors import Busy, NoSpace
+from chronicle.fs.errno_map import set_reclaim
 from chronicle.fs.operations import ChronicleOperations
+from chronicle.store.gc.collect import collect
+from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.store import SYNC_INTERVAL, Store
 
 log = logging.getLogger("chronicle.daemon")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+GC_INTERVAL = float(os.environ.get("CHRONICLE_GC_INTERVAL", "3600"))   # seconds between background GC runs
+RECLAIM_PAUSE = 5.0         # seconds without another ENOSPC reclaim after one that freed nothing
 
 
 class _InterruptedReplies(logging.Filter):
@@ -123,6 +139,77 @@ def _backup_at_unmount(store: Store) -> None:
         log.warning("metadata backup at unmount failed (%s: %s)", type(exc).__name__, exc)
 
 
+class _Collector:
+    """The daemon's GC: one run at a time, in a worker thread (module docstring)."""
+
+    def __init__(self, store: Store, workspace: str):
+        self.store = store
+        self.workspace = workspace
+        self._lock = trio.Lock()
+        self.runs = 0
+        self._fruitless_until = 0.0
+
+    async def run(self, why: str, threshold: float = THRESHOLD, wait: float = SETTLE_WAIT) -> dict | None:
+        """One GC run (None if another process's GC holds the store, or it
+        failed). ``threshold``, ``wait``: ``gc.sweep.compact``'s."""
+        async with self._lock:
+            kwargs = {"wait": wait, "threshold": threshold}
+            try:
+                result = await trio.to_thread.run_sync(partial(collect, self.store, [self.workspace], **kwargs))
+            except Busy:
+                log.info("gc (%s): another gc is running on this store", why)
+                return None
+            except NoSpace as exc:
+                log.warning("gc (%s) stopped: %s; the next run finishes the job", why, exc)
+                return None
+            except Exception:
+                log.exception("gc (%s) failed; the next run finishes the job", why)
+                return None
+            finally:
+                self.runs += 1
+        log.info("gc (%s): pruned %d versions, freed %d bytes, %d bytes of disk space back%s", why,
+                 result["pruned_versions"], result["freed_bytes"], result["reclaimed_bytes"],
+                 f" (deferred: {result['deferred']})" if result.get("deferred") else "")
+        return result
+
+    async def reclaim(self) -> bool:
+        """Before ENOSPC: free what the policy allows; True if space came back
+        (or another reclaim finished while this one waited). After a reclaim
+        that freed nothing, the next :data:`RECLAIM_PAUSE` seconds answer False at once."""
+        before = self.runs
+        if time.monotonic() < self._fruitless_until:
+            return False
+        async with self._lock:
+            if self.runs != before:
+                return True
+        log.info("the disk is full: freeing what the retention policy allows before answering ENOSPC")
+        result = await self.run("disk full", threshold=1.0, wait=1.0)   # a request is waiting
+        freed = bool(result and (result["reclaimed_bytes"] > 0 or result["packs_deleted"] > 0))
+        if freed:
+            try:                          # chunks a failed write lost, from the pack writer's copies
+                recovered = await trio.to_thread.run_sync(self.store.chunks.recover_lost)
+                if recovered:
+                    log.info("wrote %d chunks again that the full disk had lost", recovered)
+            except NoSpace:
+                freed = False
+        if not freed:
+            self._fruitless_until = time.monotonic() + RECLAIM_PAUSE
+        return freed
+
+    async def background(self) -> None:
+        last = time.monotonic()
+        while True:
+            await trio.sleep(1.0)
+            try:
+                self.store.lease.refresh()
+            except OSError as exc:            # a full disk: the lease stays as it was (gc waits, then defers)
+                log.debug("could not refresh the gc lease: %s", exc)
+            self.store.chunks.release_deleted()
+            if GC_INTERVAL > 0 and time.monotonic() - last >= GC_INTERVAL:
+                await self.run("policy")
+                last = time.monotonic()
+
+
 async def _signals(ops: ChronicleOperations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -132,9 +219,12 @@ async def _signals(ops: ChronicleOperations) -> None:
 
 
 async def _main(ops: ChronicleOperations) -> None:
+    collector = _Collector(ops.store, ops.ws.name)
+    set_reclaim(collector.reclaim)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_periodic_sync, ops.store, ops.sync_limiter)
         nursery.start_soon(_periodic_backup, ops.store, trio.CapacityLimiter(1))
+        nursery.start_soon(collector.background)
         nursery.start_soon(_signals, ops)
         nursery.start_soon(_tune_readahead, ops.mountpoint)
         await pyfuse3.main()

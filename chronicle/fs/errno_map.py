@@ -41,6 +41,7 @@ ERRNO = {
     errors.Busy: errno.EBUSY,
     errors.NoAttribute: pyfuse3.ENOATTR,
     errors.OutOfRange: errno.ERANGE,
+    errors.Pruned: errno.ENODATA,
     errors.CrossDevice: errno.EXDEV,
     errors.NotSupported: errno.EOPNOTSUPP,
     errors.Corrupt: errno.EIO,
@@ -75,6 +76,26 @@ def lmdb_no_space(exc: lmdb.Error) -> int:
 _LMDB_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.InvalidError)
 
 
+# ``async () -> bool``: free what the retention policy allows (the daemon's
+# GC, ``chronicle.fs.daemon``); True if it gave disk space back. None: no reclaim.
+_reclaim: list = [None]
+
+
+def set_reclaim(reclaim) -> None:
+    """Register the coroutine function :func:`fuse_errors` awaits before it
+    answers ENOSPC (None: answer at once)."""
+    _reclaim[0] = reclaim
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    """True for a full disk or quota (the errors :func:`fuse_errors` answers ENOSPC/EDQUOT)."""
+    if isinstance(exc, errors.NoSpace):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, lmdb.Error) and bool(lmdb_no_space(exc))
+
+
 def fuse_errors(handler):
     """Wrap an async FUSE handler: Chronicle errors become ``FUSEError(errno)``
     (:func:`errno_of`); ``Corrupt`` is logged (damage the user must hear of)
@@ -84,36 +105,57 @@ def fuse_errors(handler):
     gives no errno attribute); LMDB's report of a damaged page is logged in
     one line and answered EIO, as ``Corrupt``; any other
     exception is logged with its traceback and becomes EIO. A
-    ``FUSEError`` passes through as it is."""
+    ``FUSEError`` passes through as it is.
+
+    A full disk (NoSpace, ENOSPC, EDQUOT) is answered only after the
+    registered reclaim (:func:`set_reclaim`, the daemon's GC) freed what the
+    retention policy allows: if it gave space back, the request is tried
+    once more, and what that gives is the answer."""
 
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
         try:
             return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except errors.Corrupt as exc:
-            log.error("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except errors.ChronicleError as exc:
-            raise pyfuse3.FUSEError(errno_of(exc)) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise pyfuse3.FUSEError(exc.errno) from None
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except lmdb.Error as exc:
-            code = lmdb_no_space(exc)
-            if code:
-                raise pyfuse3.FUSEError(code) from None
-            if isinstance(exc, _LMDB_DAMAGE):       # a damaged metadata page: damage, like Corrupt
-                log.error("%s: the store's metadata is damaged (%s: %s); run chronicle fsck",
-                          handler.__name__, type(exc).__name__, exc)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:              # noqa: BLE001 - every error gets its errno (_answer)
+            reclaim = _reclaim[0]
+            if reclaim is None or not _is_no_space(exc):
+                _answer(handler.__name__, exc)
+        try:
+            freed = await reclaim()
+        except Exception:                     # noqa: BLE001 - the request still gets its ENOSPC
+            log.exception("reclaiming space for %s failed", handler.__name__)
+            freed = False
+        if not freed:
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        try:
+            return await handler(*args, **kwargs)
+        except Exception as exc:              # noqa: BLE001
+            _answer(handler.__name__, exc)
 
     return wrapper
+
+
+def _answer(name: str, exc: Exception):
+    """Raise the ``FUSEError`` that answers ``exc`` (see :func:`fuse_errors`)."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        raise exc
+    if isinstance(exc, errors.Corrupt):
+        log.error("%s: %s", name, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    if isinstance(exc, errors.ChronicleError):
+        raise pyfuse3.FUSEError(errno_of(exc)) from None
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise pyfuse3.FUSEError(exc.errno) from None
+        log.error("internal error in %s", name, exc_info=exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    if isinstance(exc, lmdb.Error):
+        code = lmdb_no_space(exc)
+        if code:
+            raise pyfuse3.FUSEError(code) from None
+        if isinstance(exc, _LMDB_DAMAGE):           # a damaged metadata page: damage, like Corrupt
+            log.error("%s: the store's metadata is damaged (%s: %s); run chronicle fsck",
+                      name, type(exc).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    log.error("internal error in %s", name, exc_info=exc)
+    raise pyfuse3.FUSEError(errno.EIO) from None

@@ -40,12 +40,13 @@ from pathlib import Path
 
 import lmdb
 
-from chronicle.errors import (Busy, Corrupt, Exists, NoSpace, NotFound, StoreError, StoreLocked,
+from chronicle.errors import (Busy, Corrupt, Exists, NoSpace, NotFound, Pruned, StoreError, StoreLocked,
                               StoreNotFound, UsageError)
 from chronicle.procs import alive as process_alive
 from chronicle.store.chunks.backends.local import LocalBackend
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
+from chronicle.store.gc.leases import Lease
 from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import backup, salvage, schema
@@ -110,6 +111,10 @@ class Store:
         self.packs_dir = path / "packs"
         backend = LocalBackend(path, file_mode=self.modes.file_mode, dir_mode=self.modes.dir_mode)
         self.chunks = ChunkStore(env, dbs["chunks"], backend, meta_db=dbs["meta"])
+        # what this process uses, for GC in other processes (gc.leases)
+        self.lease = Lease(self.run_dir, self.chunks.lease_state, self.modes)
+        self.chunks.announce = self.lease.announce
+        self.chunks.writer.on_new_pack = self.lease.announce_pack
         self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -294,6 +299,7 @@ class Store:
             self.sync()
         self._closed = True
         self.chunks.close()
+        self.lease.close()
         self._pin.abort()
         for fd in self._locks.values():
             os.close(fd)
@@ -567,6 +573,8 @@ class Store:
             if cm is not None:
                 self._content_cache.move_to_end(content_id)
                 return cm
+        if content_id == PRUNED_ID:
+            raise Pruned("this version was pruned by gc: the retention policy no longer keeps its content")
         if content_id == EMPTY_CONTENT_ID:
             cm = ContentMap.empty(self.chunks)
         else:
@@ -621,7 +629,12 @@ class Store:
         return elapsed >= interval and self.env.info()["last_txnid"] > self._pin.id()
 
     def maintain(self) -> None:
-        """Sync if :meth:`needs_sync`; long-running writers call this periodically."""
+        """Sync if :meth:`needs_sync`; long-running writers call this
+        periodically. Also refreshes this process's lease (``gc.leases``)."""
+        try:
+            self.lease.refresh()
+        except OSError:
+            pass                  # a full disk: the lease stays as it was (GC waits for it, then defers)
         if self.needs_sync():
             self.sync()
 

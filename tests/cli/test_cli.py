@@ -331,7 +331,7 @@ def test_bad_inputs(runner, store, tmp_path):
     fails(runner, "log", "--store", store, "../outside", code=2, match="outside the workspace")
     fails(runner, "stats", "--store", store, "--workspace", "nope", code=1)
     fails(runner, "snapshots", "--store", store, "-w", "nope", code=1)
-    fails(runner, "gc", "--store", store, code=1, match="not implemented yet: --dry-run shows what it would free")
+    fails(runner, "gc", "--store", store, "-w", "nope", code=1, match="no workspace named 'nope'")
     fails(runner, "frobnicate", code=2)
 
 

@@ -24,6 +24,11 @@ def store(tmp_path):
     return path
 
 
+def _du(path) -> int:
+    """Bytes of the files below ``path`` (``du -b --files0``-like: directories left out)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def test_show_the_default_then_set(runner, store):
     doc = json.loads(run(runner, "policy", "show", "-s", store, "--json").stdout)
     assert doc["default"] is True and doc["workspace"] == "default"
@@ -66,8 +71,17 @@ def test_gc_dry_run_and_plain_gc(runner, store):
     assert "would drop 3" in text and "f.txt: drop 3 of 5" in text and "nothing changed" in text
     again = json.loads(run(runner, "gc", "--dry-run", "-s", store, "--json").stdout)
     assert again == doc                                  # the dry run changed nothing
-    result = run(runner, "gc", "-s", store, code=1)
-    assert "not implemented yet: --dry-run shows what it would free" in result.stderr
+    before = _du(store / "packs")
+    done = json.loads(run(runner, "gc", "-s", store, "--json").stdout)
+    assert done["pruned_versions"] == 3 and done["freed_bytes"] == doc["freed_bytes"]   # what the dry run promised
+    assert done["freed_raw_bytes"] == 3 * 50_000 and done["packs_deleted"] >= 1
+    assert _du(store / "packs") < before
+    text = run(runner, "gc", "-s", store).stdout                     # nothing left to do
+    assert "pruned 0 versions of default" in text and "freed 0 contents" in text
+    assert "versions" not in run(runner, "gc", "--dry-run", "-s", store).stdout.split("would free")[1]
+    versions = json.loads(run(runner, "log", "-s", store, "f.txt", "--json").stdout)["versions"]
+    assert [bool(v.get("pruned")) for v in versions] == [True] * 3 + [False] * 2
+    assert run(runner, "log", "-s", store, "f.txt").stdout.count(" pruned ") == 3     # a visible mark
     assert "not both" in run(runner, "gc", "--dry-run", "-s", store, "--all", "-w", "default", code=2).stderr
 
 
@@ -80,3 +94,8 @@ def test_stats_shows_retention_figures(runner, store):
     assert figures["policy_would_drop_versions"] == 4
     assert figures["policy_would_drop_logical_bytes"] == 4 * 50_000
     assert figures["policy_would_free_bytes"] > 0 and figures["last_gc"] is None
+    run(runner, "gc", "-s", store)
+    figures = json.loads(run(runner, "stats", "-s", store, "--json").stdout)
+    assert figures["last_gc"]["pruned_versions"] == 4 and figures["policy_would_drop_versions"] == 0
+    assert figures["last_gc"]["freed_bytes"] > 0 and figures["policy_would_free_bytes"] == 0
+    assert "pruned 4 versions" in run(runner, "stats", "-s", store).stdout

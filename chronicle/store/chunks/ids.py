@@ -6,6 +6,9 @@
   magic files and the CLI show, as lowercase hex.
 - **HOLE_ID** — 32 zero bytes; in an extent list it marks a hole (a run of
   zeros with no data stored). No real chunk has this id.
+- **PRUNED_ID** — 32 ``0xff`` bytes; as an inode record's content it marks a
+  version GC pruned (``chronicle.store.gc.prune``): reading it raises
+  :class:`~chronicle.errors.Pruned`. No real content has this id.
 
 BLAKE3: https://github.com/BLAKE3-team/BLAKE3-specs (``blake3`` package).
 """
@@ -18,6 +21,7 @@ from chronicle.errors import InvalidArgument
 
 ID_SIZE = 32
 HOLE_ID = bytes(ID_SIZE)
+PRUNED_ID = b"\xff" * ID_SIZE
 EMPTY_CONTENT_ID = blake3.blake3(b"").digest()
 
 # blake3 uses its own threads above this size; below it that costs more than it saves.

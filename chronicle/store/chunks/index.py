@@ -24,14 +24,26 @@ sequential reader will want next (``ChunkBackend.advise``; locally
 The chunk store knows packs only by number and location; their names, format
 and bytes belong to ``packs`` and the backend.
 
+**GC** (``chronicle.store.gc``) makes chunks **dead** (refcount 0, still in
+the index and in their pack) and later drops dead records while it rewrites
+packs. So: :meth:`ChunkStore.put` counts only a chunk with refcount > 0 as
+stored (a dead one is written again, a fresh pending copy, which
+:meth:`~ChunkStore.add_refs` prefers); a dedup hit is remembered with its
+time until the commit that uses it (:meth:`~ChunkStore.lease_state`, which
+the process's lease publishes: GC does not drop chunks that died after a hit
+still waiting for its commit); a reader whose pack was compacted away while
+it read re-reads the chunk's location from a fresh transaction
+(:meth:`~ChunkStore.get`).
+
 Threads: every method is safe to call from any thread.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import lmdb
 
@@ -43,6 +55,7 @@ from chronicle.store.chunks.packs import ChunkLocation, PackReader, PackWriter
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
 
 DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
+HIT_TTL_NS = 3600 * 1_000_000_000     # a dedup hit older than this no longer holds GC back (README)
 
 
 class ChunkCache:
@@ -103,6 +116,9 @@ class ChunkStore:
         self._level = level
         self._pending: dict[bytes, ChunkRecord] = {}
         self._pending_lock = threading.Lock()
+        self._hits: dict[bytes, int] = {}      # dedup hits not yet committed: chunk id -> time (ns)
+        self.announce: Callable[[], None] | None = None   # called before the first write (the lease)
+        self._announced = False
 
     # -- writing ---------------------------------------------------------------
 
@@ -114,13 +130,20 @@ class ChunkStore:
         without trying zstd. Returns the codec of the newly written record,
         or None if the store had the chunk already. Raises ``NoSpace`` on a full disk.
         """
+        if not self._announced and self.announce is not None:
+            self.announce()
+            self._announced = True
         with self._pending_lock:
             lost = self._pending.get(chunk_id)
         if lost is not None and not self._lost(lost):
             return None               # written (or being written) by another put
+        seen_ns = time.time_ns()      # before the read: a GC sweep committed after it is seen as later
         with self._env.begin(db=self._db, buffers=True) as txn:
-            if txn.get(chunk_id) is not None:
-                return None
+            raw = txn.get(chunk_id)
+            if raw is not None and ChunkRecord.decode(raw).refcount > 0:
+                with self._pending_lock:
+                    self._hits.setdefault(chunk_id, seen_ns)
+                return None           # a dead chunk (refcount 0) is written again (module docstring)
         if compress:
             codec_id, payload = codec.encode(data, self._level)
         else:
@@ -152,14 +175,23 @@ class ChunkStore:
         is neither indexed nor pending.
         """
         inserted = []
-        new_raw = new_stored = 0
+        new_raw = new_stored = counted = 0
+        revived = False
         for chunk_id in _distinct_ids(content):
             raw = txn.get(chunk_id, db=self._db)
-            if raw is not None:
-                record = ChunkRecord.decode(raw)
-            else:
-                with self._pending_lock:
-                    pending = self._pending.get(chunk_id)
+            with self._pending_lock:
+                pending = self._pending.get(chunk_id)
+                self._hits.pop(chunk_id, None)
+            record = ChunkRecord.decode(raw) if raw is not None else None
+            if record is not None and record.refcount == 0:
+                # a dead chunk comes back: its fresh copy if there is one, else its old record
+                if pending is not None and not self._lost(pending):
+                    record = None
+                else:
+                    new_raw += record.raw_len
+                    new_stored += record.stored_len
+                    revived = True
+            if record is None:
                 if pending is None:
                     raise Corrupt(f"chunk {to_hex(chunk_id)} is referenced but was never stored")
                 self._check_pending(chunk_id, pending)
@@ -168,10 +200,14 @@ class ChunkStore:
                 inserted.append(chunk_id)
                 new_raw += record.raw_len
                 new_stored += record.stored_len
+                revived = True
             record.refcount += 1
             txn.put(chunk_id, record.encode(), db=self._db)
-        if inserted and self._meta_db is not None:
-            add_totals(txn, self._meta_db, unique_bytes=new_raw, stored_bytes=new_stored, chunks=len(inserted))
+            if revived:
+                counted += 1
+            revived = False
+        if counted and self._meta_db is not None:
+            add_totals(txn, self._meta_db, unique_bytes=new_raw, stored_bytes=new_stored, chunks=counted)
         return inserted
 
     def _check_pending(self, chunk_id: bytes, pending: ChunkRecord) -> None:
@@ -197,8 +233,10 @@ class ChunkStore:
                 self._pending.pop(chunk_id, None)
 
     def drop_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
-        """Undo :meth:`add_refs` for ``content``; returns the ids whose refcount reached 0."""
+        """Undo :meth:`add_refs` for ``content`` (GC's sweep); returns the ids
+        whose refcount reached 0 (dead: the running totals count them no more)."""
         freed = []
+        gone_raw = gone_stored = 0
         for chunk_id in _distinct_ids(content):
             raw = txn.get(chunk_id, db=self._db)
             if raw is None:
@@ -210,7 +248,85 @@ class ChunkStore:
             txn.put(chunk_id, record.encode(), db=self._db)
             if record.refcount == 0:
                 freed.append(chunk_id)
+                gone_raw += record.raw_len
+                gone_stored += record.stored_len
+        if freed and self._meta_db is not None:
+            add_totals(txn, self._meta_db, unique_bytes=-gone_raw, stored_bytes=-gone_stored, chunks=-len(freed))
         return freed
+
+    def recover_lost(self) -> int:
+        """Write again the pending chunks a failed pack write lost (a full
+        disk), from the copies the pack writer kept (``PackWriter.lost_payload``,
+        verified against their BLAKE3), once space was freed; returns how many.
+        Raises ``NoSpace`` if the disk is still full."""
+        packs = self.writer.lost_packs()
+        if not packs:
+            return 0
+        with self._pending_lock:
+            items = list(self._pending.items())
+        recovered = 0
+        for chunk_id, record in items:
+            location = ChunkLocation(record.pack_no, record.offset, record.stored_len)
+            if record.pack_no not in packs or not self._lost(record):
+                continue
+            payload = self.writer.lost_payload(location)
+            if payload is None:
+                continue
+            try:
+                codec.decode(record.codec, payload, record.raw_len, chunk_id, verify=True)
+            except Corrupt:
+                continue              # the caller's buffer changed since: that chunk stays lost
+            new = self.writer.append(chunk_id, record.codec, record.raw_len, payload)
+            with self._pending_lock:
+                if self._pending.get(chunk_id) is record:
+                    self._pending[chunk_id] = ChunkRecord(new.pack_no, new.offset, new.stored_len, record.raw_len,
+                                                          record.codec, 0)
+                    recovered += 1
+        self.writer.flush()
+        self.writer.forget_lost(packs)
+        return recovered
+
+    def relocate(self, txn: lmdb.Transaction, chunk_id: bytes, location: ChunkLocation) -> None:
+        """Point chunk ``chunk_id``'s index record at ``location`` (a copy GC
+        wrote), keeping its refcount. Raises :class:`Corrupt` if it has no record."""
+        raw = txn.get(chunk_id, db=self._db)
+        if raw is None:
+            raise Corrupt(f"chunk {to_hex(chunk_id)} is missing from the index")
+        record = ChunkRecord.decode(raw)
+        record.pack_no, record.offset, record.stored_len = location.pack_no, location.offset, location.stored_len
+        txn.put(chunk_id, record.encode(), db=self._db)
+
+    def forget(self, txn: lmdb.Transaction, chunk_id: bytes) -> None:
+        """Delete the index record of a dead chunk (GC, before it deletes the
+        chunk's pack). Raises :class:`Corrupt` if the chunk is not dead."""
+        raw = txn.get(chunk_id, db=self._db)
+        if raw is None:
+            return
+        if ChunkRecord.decode(raw).refcount:
+            raise Corrupt(f"chunk {to_hex(chunk_id)} is in use: it cannot be forgotten")
+        txn.delete(chunk_id, db=self._db)
+
+    def lease_state(self) -> tuple[set[int], int | None]:
+        """``(packs, busy_since)`` for this process's lease (``gc.leases``):
+        the packs that may hold chunks not yet in the index (pending ones,
+        the pack being written, packs sealed but not yet closed) and the
+        time (ns) of the oldest dedup hit not yet committed (younger than
+        :data:`HIT_TTL_NS`), or None."""
+        now = time.time_ns()
+        with self._pending_lock:
+            packs = {record.pack_no for record in self._pending.values()}
+            stale = [cid for cid, t in self._hits.items() if now - t > HIT_TTL_NS]
+            for cid in stale:
+                del self._hits[cid]
+            busy = min(self._hits.values()) if self._hits else None
+        packs.update(self.writer.open_packs())
+        return packs, busy
+
+    def release_deleted(self) -> None:
+        """Close read descriptors of packs GC deleted, so their space comes back (``ChunkBackend``)."""
+        release = getattr(self.backend, "release_deleted", None)
+        if release is not None:
+            release()
 
     # -- reading ---------------------------------------------------------------
 
@@ -258,7 +374,15 @@ class ChunkStore:
         if record.refcount == 0:
             self.writer.flush()          # a pending chunk may still be in the writer's buffer
             self._check_pending(chunk_id, record)
-        data = self.read_record(chunk_id, record)
+        try:
+            data = self.read_record(chunk_id, record)
+        except Corrupt:
+            # GC may have moved the chunk to another pack and deleted this one
+            # (module docstring): read its location again, in a fresh transaction.
+            fresh = self.record(chunk_id)
+            if fresh is None or (fresh.pack_no, fresh.offset) == (record.pack_no, record.offset):
+                raise
+            data = self.read_record(chunk_id, fresh)
         self.cache.put(chunk_id, data)
         return data
 

@@ -69,9 +69,10 @@ PACK_VERSION = 1
 PACK_HEADER = struct.Struct("<8sII")
 RECORD_MAGIC = b"CK"
 RECORD_HEADER = struct.Struct("<2sBBII32s")
-MAX_PACK_SIZE = 64 * 1024 * 1024
+MAX_PACK_SIZE = 16 * 1024 * 1024       # restic's default pack size: GC rewrites and deletes whole packs
 PACKS_PREFIX = "packs/"
 _WRITE_BUFFER = 4 * 1024 * 1024
+_LOST_KEEP = 64 * 1024 * 1024     # bytes of lost writes kept for PackWriter.lost_payload
 _MAX_QUEUED = 32 * 1024 * 1024
 _PACK_NAME = re.compile(r"packs/([0-9a-f]{6,})/([0-9a-f]{10,})\.pack")
 
@@ -155,7 +156,22 @@ class PackWriter:
         self._queued = 0
         self._writing = False
         self._lost: dict[int, tuple[int, BaseException]] = {}   # retired pack -> (first lost offset, error)
+        self._lost_writes: dict[int, list[tuple[int, bytes]]] = {}   # pack -> [(start offset, bytes)] lost
+        self._lost_bytes = 0
         self._flusher: threading.Thread | None = None
+        # called with a pack number before that pack is created (GC's lease, ``gc.leases``)
+        self.on_new_pack: Callable[[int], None] | None = None
+        self.created: list[int] = []      # every pack this writer created, oldest first
+
+    def open_packs(self) -> set[int]:
+        """The packs this writer may still append to or has not closed yet
+        (the current one and those sealed since the last :meth:`sync`).
+        Lock-free (read under the GIL): it may be called while the writer
+        holds its lock (``on_new_pack``)."""
+        out = {pack_no for _sink, pack_no in list(self._sealed)}
+        if self._sink is not None and self._pack_no >= 0:
+            out.add(self._pack_no)
+        return out
 
     def append(self, chunk_id: bytes, codec: int, raw_len: int, payload) -> ChunkLocation:
         """Add one record; returns where its payload will be. ``payload`` is any
@@ -236,6 +252,14 @@ class PackWriter:
         if flusher is not None:
             flusher.join()
 
+    def rotate(self) -> None:
+        """Seal the current pack (the next record starts a new one); it is
+        closed at the next :meth:`sync`. GC calls it to compact a pack this
+        process is still writing."""
+        with self._lock:
+            if self._sink is not None:
+                self._seal()
+
     @property
     def current_pack(self) -> int:
         return self._pack_no
@@ -252,8 +276,11 @@ class PackWriter:
             self._seal()
         for _attempt in range(16):
             pack_no = self._allocate()
+            if self.on_new_pack is not None:
+                self.on_new_pack(pack_no)
             try:
                 self._sink = self.backend.create(pack_name(pack_no))
+                self.created.append(pack_no)
                 break
             except Exists:
                 continue
@@ -291,14 +318,46 @@ class PackWriter:
         for a lost location gets the error)."""
         with self._cond:
             if pack_no in self._lost:
+                self._keep_lost(pack_no, start, bufs)
                 return                    # records after a failed write of their pack are lost too
         try:
             sink.append(bufs)
         except BaseException as exc:     # noqa: BLE001 - handed to the callers whose records it lost
             with self._cond:
                 self._lost.setdefault(pack_no, (start, exc))
+                self._keep_lost(pack_no, start, bufs)
             if not isinstance(exc, Exception):
                 raise
+
+    def _keep_lost(self, pack_no: int, start: int, bufs: list) -> None:     # _cond held
+        """Keep a copy of a lost write (up to ``_LOST_KEEP`` bytes), so its
+        records can be written again once space is freed (:meth:`lost_payload`)."""
+        size = sum(len(b) for b in bufs)
+        if self._lost_bytes + size <= _LOST_KEEP:
+            self._lost_writes.setdefault(pack_no, []).append((start, b"".join(bytes(b) for b in bufs)))
+            self._lost_bytes += size
+
+    def lost_payload(self, location: ChunkLocation) -> bytes | None:
+        """The payload a failed write lost at ``location``, if a copy was kept
+        (the caller verifies it: a caller's buffer may have changed since)."""
+        with self._cond:
+            writes = list(self._lost_writes.get(location.pack_no, ()))
+        for start, data in writes:
+            if start <= location.offset and location.offset + location.stored_len <= start + len(data):
+                return data[location.offset - start:location.offset - start + location.stored_len]
+        return None
+
+    def forget_lost(self, packs: set[int]) -> None:
+        """Drop the kept copies of lost writes of ``packs``."""
+        with self._cond:
+            for pack_no in packs:
+                for _start, data in self._lost_writes.pop(pack_no, ()):
+                    self._lost_bytes -= len(data)
+
+    def lost_packs(self) -> set[int]:
+        """Packs with kept copies of lost writes."""
+        with self._cond:
+            return set(self._lost_writes)
 
     def _flush_loop(self) -> None:
         while True:

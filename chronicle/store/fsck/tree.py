@@ -16,7 +16,7 @@ import lmdb
 
 from chronicle.errors import Corrupt
 from chronicle.store import model
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID, to_hex
 from chronicle.store.fsck.report import _NAMED_IN_DETAILS, _NAMED_IN_MESSAGE, INFO, WARNING, _name_files, _short
 from chronicle.store.history.paths import History
 from chronicle.store.meta import schema
@@ -50,6 +50,8 @@ class TreeChecks:
                 self.problem("inode-corrupt", f"workspace {self.ws_name(ws)!r}: the record of inode {ino} "
                              f"at seq {seq} is damaged", workspace=self.ws_name(ws), ino=ino, seq=seq)
                 continue
+            if attrs.content == PRUNED_ID:
+                continue                 # a version gc pruned: no reference (gc.prune)
             if attrs.content:
                 self.content_uses[attrs.content] += 1
                 if attrs.content not in has_content:

@@ -1,12 +1,21 @@
-"""Garbage collection: retention policies, the selection of kept versions, the dry run.
+"""Garbage collection: retention policies, leases, prune, sweep, compaction.
 
 Vocabulary: a **policy** (``policy.Policy``) is per workspace, stored in
 ``policies`` (``schema``); **pins** are the seqs whose trees always stay (the
 head, snapshots, fork points of the workspace's forks, the ends of its last
-``keep_turns`` turns); :func:`policy.select` picks, per path, the versions a
+``keep_turns`` turns, and the seqs open ``at/`` handles read, announced in
+**leases**, ``leases``); :func:`policy.select` picks, per path, the versions a
 policy keeps; ``dryrun`` says what GC would drop and free without changing
-anything. Pruning, freeing chunks and compacting packs come later: they will
-use the same selection.
+anything; a **candidate** is a dropped version; **pruning** it
+(``prune``) rewrites its inode records to the content ``PRUNED_ID`` and marks
+its path entry and log line ``"pruned": true``; the **sweep** deletes
+contents at refcount 0 and makes chunks **dead** (refcount 0);
+**compaction** rewrites packs whose live fraction is low and deletes the old
+ones — restic's ``prune`` repack, made online with leases rather than an
+exclusive lock (``sweep`` explains the order that makes it crash-safe);
+``collect`` runs the whole and stores its result.
 
-Threads: plain synchronous functions; each opens its own LMDB transactions.
+Threads: plain synchronous functions; each opens its own LMDB transactions,
+none longer than ``prune.BATCH_SECONDS`` (the daemon runs them in a worker
+thread). A :class:`leases.Lease` may be called from any thread.
 """

@@ -7,11 +7,13 @@ fork layer: a fork's inherited versions belong to its parent, where the fork
 seq is a pin), selects per path with :func:`~chronicle.store.gc.policy.select`,
 and counts what the dropped versions alone hold.
 
-**What GC would free** is counted conservatively, never more than it could:
-a content is freed when no kept version names it and its refcount (inode
-records) is at most the number of dropped versions that name it; a chunk is
-freed when every content record that counts it is freed. Other inode
-records of the same content (a chmod, a hard link, another workspace) keep it.
+**What GC would free** is what its prune and sweep would free now: the
+inode records pruning would rewrite (``prune.records_to_prune``, the same
+code) give back their references; a content is freed when its refcount
+reaches 0 (with those already at 0: deleted workspaces, replaced history of
+ignored paths); a chunk is freed when every content record that counts it is
+freed. Other inode records of the same content (a pinned tree, a hard link,
+another workspace) keep it.
 
 Threads: synchronous; each function opens its own LMDB transactions.
 """
@@ -19,6 +21,7 @@ Threads: synchronous; each function opens its own LMDB transactions.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,7 +31,9 @@ import lmdb
 
 from chronicle.errors import NotFound
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, ID_SIZE
+from chronicle.store.gc.leases import LeaseInfo
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
+from chronicle.store.gc.prune import Candidate, records_to_prune
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, ChunkRecord, ContentRecord, PathEntry, WorkspaceRecord
@@ -63,6 +68,11 @@ def set_policy(store: Store, ws_id: int, policy: Policy) -> None:
 def _records(txn: lmdb.Transaction, store: Store) -> list[WorkspaceRecord]:
     with txn.cursor(db=store.dbs["workspaces"]) as cur:
         return [WorkspaceRecord.decode(value) for _key, value in cur]
+
+
+def workspace_records(store: Store, txn: lmdb.Transaction) -> list[WorkspaceRecord]:
+    """Every workspace record of the store."""
+    return _records(txn, store)
 
 
 def pins(store: Store, record: WorkspaceRecord, policy: Policy, txn: lmdb.Transaction) -> set[int]:
@@ -101,6 +111,7 @@ class PathVersions:
 
     path: bytes
     versions: list[tuple[int, int, bytes, VersionInfo]] = field(default_factory=list)
+    inos: dict[int, int] = field(default_factory=dict)      # seq -> inode of the entry
 
 
 def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[PathVersions]:
@@ -124,16 +135,105 @@ def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[Pa
                 if current is not None:
                     yield current
                 current, current_ident = PathVersions(path), ident
-            fields = json.loads(b"{" + entry.fragment)
-            turn = fields.get("turn")
-            label = (turn.get("agent"), turn.get("turn")) if isinstance(turn, dict) else None
-            info = VersionInfo(schema.path_key_seq(key), parse_iso_time(fields["time"]), label)
-            current.versions.append((info.seq, fields.get("size") or 0, entry.content, info))
+            time_ns, size, label = _fields(entry.fragment)
+            info = VersionInfo(schema.path_key_seq(key), time_ns, label)
+            current.versions.append((info.seq, size, entry.content, info))
+            current.inos[info.seq] = entry.ino
     if current is not None:
         yield current
 
 
-def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = None) -> dict:
+def lease_pins(records: Iterable[WorkspaceRecord], leases: Iterable[LeaseInfo]) -> dict[int, set[int]]:
+    """The seqs open ``at/`` handles pin (``leases``), per workspace id: a pin
+    of a fork at seq S also pins its parent at ``min(S, fork seq)``, and so on up."""
+    by_id = {r.id: r for r in records}
+    out: dict[int, set[int]] = {}
+    for lease in leases:
+        for ws, seq in lease.pins:
+            while ws in by_id:
+                out.setdefault(ws, set()).add(seq)
+                rec = by_id[ws]
+                if rec.parent_id is None or rec.fork_seq is None:
+                    break
+                ws, seq = rec.parent_id, min(seq, rec.fork_seq)
+    return out
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a GC run would prune: the dry-run report (without the freed
+    figures), the candidates, and each workspace's pins (sorted)."""
+
+    report: dict
+    candidates: list[Candidate]
+    pins: dict[int, list[int]]
+
+
+def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transaction,
+         leases: Iterable[LeaseInfo] = ()) -> Plan:
+    """The versions the policies drop (module docstring of ``dry_run``), read
+    in ``txn``. Raises :class:`NotFound` for an unknown workspace."""
+    report: dict = {"workspaces": []}
+    candidates: list[Candidate] = []
+    pins_by_ws: dict[int, list[int]] = {}
+    records = {r.name: r for r in _records(txn, store)}
+    leased = lease_pins(records.values(), leases)
+    for name in (sorted(records) if names is None else names):
+        record = records.get(name)
+        if record is None:
+            raise NotFound(f"no workspace named {name!r} in {store.path}")
+        policy = get_policy(store, record.id, txn)
+        pinned = pins(store, record, policy, txn) | leased.get(record.id, set())
+        pins_by_ws[record.id] = sorted(pinned)
+        ws_report = {"workspace": name, "policy": policy.as_dict(), "pins": sorted(pinned), "paths": [],
+                     "versions": 0, "kept_versions": 0, "dropped_versions": 0, "kept_bytes": 0,
+                     "dropped_bytes": 0}
+        for pv in own_versions(store, record.id, txn):
+            kept = select([v[3] for v in pv.versions], policy, pinned, now_ns)
+            dropped = []
+            for seq, size, content, _info in pv.versions:
+                if seq in kept:
+                    ws_report["kept_bytes"] += size
+                else:
+                    dropped.append(seq)
+                    candidates.append(Candidate(record.id, pv.path, seq, pv.inos[seq], content))
+                    ws_report["dropped_bytes"] += size
+            ws_report["versions"] += len(pv.versions)
+            ws_report["kept_versions"] += len(pv.versions) - len(dropped)
+            ws_report["dropped_versions"] += len(dropped)
+            if dropped:
+                ws_report["paths"].append({"path": path_text(pv.path), "versions": len(pv.versions),
+                                           "kept": len(pv.versions) - len(dropped), "dropped": dropped})
+        report["workspaces"].append(ws_report)
+    return Plan(report, candidates, pins_by_ws)
+
+
+_TIME = re.compile(rb'"time": "([^"]+)"')
+_SIZE = re.compile(rb'"size": ([0-9]+)')
+_times: dict[bytes, int] = {}
+
+
+def _fields(fragment: bytes) -> tuple[int, int, tuple[str, int] | None]:
+    """``(time ns, size, turn label)`` of a path entry's fragment; the JSON is
+    parsed only when the entry has a turn label (a million entries are read)."""
+    if b'"turn": null' not in fragment:
+        fields = json.loads(b"{" + fragment)
+        turn = fields.get("turn")
+        label = (turn.get("agent"), turn.get("turn")) if isinstance(turn, dict) else None
+        return parse_iso_time(fields["time"]), fields.get("size") or 0, label
+    stamp = _TIME.search(fragment).group(1)
+    second, _, micros = stamp.partition(b".")
+    base = _times.get(second)
+    if base is None:
+        if len(_times) > 4096:
+            _times.clear()
+        base = _times[second] = parse_iso_time(second.decode() + "Z")
+    size = _SIZE.search(fragment)
+    return base + int(micros.rstrip(b"Z") or 0) * 1000, int(size.group(1)) if size else 0, None
+
+
+def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = None,
+            leases: Iterable[LeaseInfo] = ()) -> dict:
     """What GC would drop and free, changing nothing.
 
     ``names``: the workspaces (None: all). Returns ``{"workspaces": [{"workspace",
@@ -141,67 +241,47 @@ def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = N
     "versions", "kept_versions", "dropped_versions", "kept_bytes", "dropped_bytes"}],
     "freed_contents", "freed_chunks", "freed_bytes" (stored, compressed),
     "freed_raw_bytes"}``; ``*_bytes`` of versions are logical (file sizes).
-    Raises :class:`NotFound` for an unknown workspace."""
+    The freed figures are what GC's prune and sweep would free now
+    (``prune.records_to_prune``; contents no inode uses any more already
+    count). Raises :class:`NotFound` for an unknown workspace."""
     now_ns = time.time_ns() if now_ns is None else now_ns
-    report: dict = {"workspaces": []}
-    dropped_refs: dict[bytes, int] = {}
-    kept_contents: set[bytes] = set()
     with store.env.begin() as txn:
-        records = {r.name: r for r in _records(txn, store)}
-        for name in (sorted(records) if names is None else names):
-            record = records.get(name)
-            if record is None:
-                raise NotFound(f"no workspace named {name!r} in {store.path}")
-            policy = get_policy(store, record.id, txn)
-            pinned = pins(store, record, policy, txn)
-            ws_report = {"workspace": name, "policy": policy.as_dict(), "pins": sorted(pinned), "paths": [],
-                         "versions": 0, "kept_versions": 0, "dropped_versions": 0, "kept_bytes": 0,
-                         "dropped_bytes": 0}
-            for pv in own_versions(store, record.id, txn):
-                kept = select([v[3] for v in pv.versions], policy, pinned, now_ns)
-                dropped = []
-                for seq, size, content, _info in pv.versions:
-                    if seq in kept:
-                        kept_contents.add(content)
-                        ws_report["kept_bytes"] += size
-                    else:
-                        dropped.append(seq)
-                        dropped_refs[content] = dropped_refs.get(content, 0) + 1
-                        ws_report["dropped_bytes"] += size
-                ws_report["versions"] += len(pv.versions)
-                ws_report["kept_versions"] += len(pv.versions) - len(dropped)
-                ws_report["dropped_versions"] += len(dropped)
-                if dropped:
-                    ws_report["paths"].append({"path": path_text(pv.path), "versions": len(pv.versions),
-                                               "kept": len(pv.versions) - len(dropped), "dropped": dropped})
-            report["workspaces"].append(ws_report)
-        report.update(_freed(store, txn, dropped_refs, kept_contents))
-    return report
+        found = plan(store, names, now_ns, txn, leases)
+        released: dict[bytes, int] = {}
+        for cand in found.candidates:
+            records = records_to_prune(txn, store.dbs, cand, found.pins.get(cand.ws, ()))
+            if records and records[0][0] == schema.inode_key(cand.ws, cand.ino, cand.seq):
+                released[cand.content] = released.get(cand.content, 0) + len(records)
+        found.report.update(freed(store, txn, released))
+    return found.report
 
 
-def _freed(store: Store, txn: lmdb.Transaction, dropped_refs: dict[bytes, int], kept: set[bytes]) -> dict:
-    """Contents and chunks only the dropped versions hold (module docstring)."""
+def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int]) -> dict:
+    """Contents whose refcount is 0 after giving back ``released``
+    (content id -> references) — with those already at 0 — and the chunks
+    that only they use: what the sweep frees (``sweep``)."""
     chunk_drops: dict[bytes, int] = {}
     contents = 0
-    for content_id, count in dropped_refs.items():
-        if content_id in kept or content_id == EMPTY_CONTENT_ID:
-            continue
-        raw = txn.get(content_id, db=store.dbs["contents"])
-        if raw is None or schema.content_header(raw)[1] > count:
-            continue
-        contents += 1
-        record = ContentRecord.decode(raw)
-        ids = {record.ids[i:i + ID_SIZE] for i in range(0, len(record.ids), ID_SIZE)}
-        ids.discard(HOLE_ID)
-        for chunk_id in ids:
-            chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+    with txn.cursor(db=store.dbs["contents"]) as cur:
+        for key, raw in cur:
+            content_id = bytes(key)
+            if content_id == EMPTY_CONTENT_ID:
+                continue
+            if schema.content_header(raw)[1] > released.get(content_id, 0):
+                continue
+            contents += 1
+            record = ContentRecord.decode(raw)
+            ids = {record.ids[i:i + ID_SIZE] for i in range(0, len(record.ids), ID_SIZE)}
+            ids.discard(HOLE_ID)
+            for chunk_id in ids:
+                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
     chunks = stored = raw_bytes = 0
     for chunk_id, count in chunk_drops.items():
         raw = txn.get(chunk_id, db=store.dbs["chunks"])
         if raw is None:
             continue
         chunk = ChunkRecord.decode(raw)
-        if chunk.refcount <= count:
+        if 0 < chunk.refcount <= count:
             chunks += 1
             stored += chunk.stored_len
             raw_bytes += chunk.raw_len

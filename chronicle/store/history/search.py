@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chronicle.errors import InvalidArgument, NotADirectory, NotFound
+from chronicle.store.chunks.ids import PRUNED_ID
 from chronicle.store.history.access import R_OK, X_OK, permits
 from chronicle.store.history.blame import is_binary
 from chronicle.store.history.reads import ReadLog
@@ -227,7 +228,8 @@ class Grep:
                 return
             for name, child, child_kind in view.entries(txn, ino):
                 self._walk(txn, view, path + b"/" + name if path else name, child, child_kind, out)
-        elif kind == KIND_FILE and attrs.is_file and (everything or permits(attrs, self.views.caller, R_OK)):
+        elif kind == KIND_FILE and attrs.is_file and attrs.content != PRUNED_ID and (
+                everything or permits(attrs, self.views.caller, R_OK)):
             out.append((path, attrs.content))
 
     def history(self, roots: list[bytes], lo: int = 0, hi: int | None = None) -> Iterator[Match]:

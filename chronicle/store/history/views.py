@@ -56,13 +56,13 @@ import json
 import os
 import stat
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import lmdb
 
 from chronicle.errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
-                              PermissionDenied, ReadOnly)
+                              PermissionDenied, Pruned, ReadOnly)
 from chronicle.store.history import points, queries
 from chronicle.store.history.access import R_OK, ROOT, X_OK, Access, Caller, permits
 from chronicle.store.history.nodes import (ROOT_CHILDREN, AtDir, CtlFile, LogFile, Node, QueryDir, QueryFile,
@@ -70,7 +70,7 @@ from chronicle.store.history.nodes import (ROOT_CHILDREN, AtDir, CtlFile, LogFil
 from chronicle.store.history.paths import History, Version
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import path_text
-from chronicle.store.meta.schema import P_DIR
+from chronicle.store.meta.schema import P_BUMPS, P_DIR, P_PRUNED
 from chronicle.store.model import KIND_DIR, Attrs
 
 if TYPE_CHECKING:       # types only: namespace imports history (paths), so history imports no namespace
@@ -110,16 +110,21 @@ class Rendered:
 
 
 class StoredFile:
-    """The stored content of a version or of a file in a past tree."""
+    """The stored content of a version or of a file in a past tree;
+    ``on_close`` (if given) runs once at :meth:`close` (it lifts the GC pin
+    the handle held, ``gc.leases``)."""
 
-    def __init__(self, content: ContentMap):
+    def __init__(self, content: ContentMap, on_close: Callable[[], None] | None = None):
         self.content = content
+        self._on_close = on_close
 
     def read(self, offset: int, size: int) -> bytes:
         return self.content.read(offset, size)
 
     def close(self) -> None:
-        return None
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 class LogReader:
@@ -442,6 +447,9 @@ class HistoryViews:
                 numbers = {}
             if number in numbers:
                 return VersionFile(path, number)
+            if numbers and self._pruned(txn, path, number):
+                raise Pruned(f"version {number} of {_show(path)!r} was pruned by gc (the retention policy "
+                             "no longer keeps it)")
         child = self._join(path, name)
         if self._head(txn, child) is not None or self.ws.history.has_history(txn, child):
             return VersionsDir(child)
@@ -478,10 +486,30 @@ class HistoryViews:
                                else permits(attrs, self.caller, R_OK))
                 if not allowed:
                     raise PermissionDenied("permission denied")
-            return StoredFile(self.store.content_map(attrs.content))
+            return self._pinned_file(node, attrs)
         if node.is_dir:
             raise IsADirectory()
         raise InvalidArgument(f"{type(node).__name__} has no content of its own")
+
+    def _pinned_file(self, node: VersionFile | TreeNode, attrs: Attrs) -> StoredFile:
+        """A handle of a past file that pins its seq against GC while open
+        (``gc.leases``: the store's lease) — a pruned one raises :class:`Pruned`."""
+        if isinstance(node, TreeNode):
+            seq = node.seq
+        else:
+            with self.ws.read_txn() as txn:
+                found = self._content_versions(txn, node.path).get(node.number)
+            seq = found.seq if found is not None else None
+        if seq is None:
+            return StoredFile(self.store.content_map(attrs.content))
+        lease, ws_id = self.store.lease, self.ws.id
+        lease.pin(ws_id, seq)
+        try:
+            content = self.store.content_map(attrs.content)
+        except BaseException:
+            lease.unpin(ws_id, seq)
+            raise
+        return StoredFile(content, lambda: lease.unpin(ws_id, seq))
 
     def query(self, path: bytes) -> bytes:
         """The JSON of ``query/<path>`` (SPEC §4), with only the versions the
@@ -536,9 +564,21 @@ class HistoryViews:
             found = self._content_versions(txn, path).get(number)
             if found is not None and not self.access.everything and not self.access.version(txn, path, found):
                 raise PermissionDenied(f"{_show(path)!r} version {number}: permission denied")
+            pruned = found is None and self._pruned(txn, path, number)
+        if pruned:
+            raise Pruned(f"version {number} of {_show(path)!r} was pruned by gc (the retention policy no longer "
+                         "keeps it)")
         if found is None:
             raise NotFound(f"{_show(path)!r} has no version {number}")
         return found
+
+    def _pruned(self, txn: lmdb.Transaction, path: bytes, number: int) -> bool:
+        """True if version ``number`` of ``path`` is a pruned mark (``gc.prune``)."""
+        try:
+            return any(v.version == number and v.entry.flags & P_PRUNED and v.entry.flags & P_BUMPS
+                       for v in self.ws.history.versions(txn, path))
+        except NotFound:
+            return False
 
     def file_versions(self, path: bytes) -> dict[int, Version]:
         """Version number → entry, for the versions of ``path`` that have

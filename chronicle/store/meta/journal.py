@@ -59,8 +59,8 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
-from chronicle.errors import Corrupt
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, to_hex
+from chronicle.errors import Corrupt, Pruned
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID, to_hex
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, P_UNVERSIONED, PathEntry,
                                          PathHead)
@@ -149,6 +149,8 @@ class EventWriter:
     def addref_content(self, content_id: bytes) -> None:
         """Count one more reference on content ``content_id``. Raises
         ``Corrupt`` if its record is missing (the empty content's may be)."""
+        if content_id == PRUNED_ID:
+            raise Pruned("that version was pruned by gc: the retention policy no longer keeps its content")
         db = self.dbs["contents"]
         raw = self.txn.get(content_id, db=db)
         if raw is None:
@@ -296,7 +298,7 @@ class EventWriter:
 
     def _release_content(self, content_id: bytes) -> None:
         """Give back one reference on ``content_id`` (not on the empty content)."""
-        if not content_id or content_id == EMPTY_CONTENT_ID:
+        if not content_id or content_id in (EMPTY_CONTENT_ID, PRUNED_ID):
             return
         db = self.dbs["contents"]
         raw = self.txn.get(content_id, db=db)

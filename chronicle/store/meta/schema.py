@@ -429,6 +429,7 @@ P_DIR = 4        # the path is a directory after (or, for removals, before) the 
 P_GONE = 8       # after the event nothing is at the path (delete, rename away)
 P_ARRIVED = 16   # something arrived at a path that was free (create, mkdir, link, symlink, rename)
 P_UNVERSIONED = 32   # an ignored path's version: it replaced the path's earlier ones (``gc.ignore``)
+P_PRUNED = 64    # a version GC pruned: no content any more (``gc.prune``); it keeps its number
 
 
 @dataclass(frozen=True, slots=True)

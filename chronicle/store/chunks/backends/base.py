@@ -177,6 +177,13 @@ class ChunkBackend(Protocol):
         cache). Never raises, never blocks for long."""
         ...
 
+    def release_deleted(self) -> None:
+        """Let go of cached handles of objects another process deleted (GC
+        deleting compacted packs), so their space comes back; a later read
+        of such an object raises :class:`~chronicle.errors.NotFound`.
+        Optional: callers use it if the backend has it. Never raises."""
+        ...
+
     def close(self) -> None:
         """Close every open writer (each durable, as :meth:`ObjectWriter.close`)
         and release descriptors and connections. Idempotent."""

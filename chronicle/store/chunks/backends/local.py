@@ -202,6 +202,19 @@ class LocalBackend:
         except (OSError, NotFound, InvalidArgument):
             pass
 
+    def release_deleted(self) -> None:
+        """Close the cached read descriptors of objects that were deleted
+        (by another process: GC), so their disk space comes back."""
+        with self._lock:
+            for name, fd in list(self._fds.items()):
+                try:
+                    gone = os.fstat(fd).st_nlink == 0
+                except OSError:
+                    gone = True
+                if gone:
+                    del self._fds[name]
+                    os.close(fd)
+
     def close(self) -> None:
         with self._lock:
             writers = list(self._writers.values())

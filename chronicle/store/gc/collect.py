@@ -1,0 +1,117 @@
+"""One GC run: plan, prune, sweep, compact; its result is kept in the store.
+
+:func:`collect` is what ``chronicle gc`` and the daemon's background GC
+call. Under :class:`~chronicle.store.gc.leases.GcLock` (one GC at a time per
+store) it
+
+1. plans: the versions each workspace's policy drops (``dryrun.plan``,
+   the same selection the dry run shows), with the pins of open ``at/``
+   handles from the leases;
+2. prunes them (``prune``), re-reading the leases' pins before each batch;
+3. sweeps contents and chunks nothing uses any more (``sweep.sweep``);
+4. compacts packs (``sweep.compact``): disk space comes back.
+
+Every step is a sequence of short, idempotent transactions, so ``kill -9``
+at any point leaves a consistent store and the next run finishes the job.
+The result (figures and timings) is stored in ``meta`` under
+:data:`LAST_GC_KEY` as JSON and shown by ``chronicle stats``.
+
+``freed_bytes`` (stored bytes of the chunks the run made dead) is what the
+dry run promised (``dryrun.dry_run``'s ``freed_bytes``) when nothing else
+changed the store in between; ``reclaimed_bytes`` is what compaction gave
+back on disk (pack bytes deleted minus written).
+
+Threads: synchronous; runs in the caller's thread (the daemon: a worker).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from chronicle.store.gc import dryrun
+from chronicle.store.gc.leases import GcLock, read_leases
+from chronicle.store.gc.prune import prune
+from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD, compact, sweep
+from chronicle.store.meta.journal import iso_time
+
+if TYPE_CHECKING:
+    from chronicle.store.store import Store
+
+LAST_GC_KEY = b"gc:last"
+SETTLE_MARGIN_NS = 1_000_000_000      # dead chunks died before the end of the sweep + this (clock margin)
+
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(_phase: str, _done: int, _total: int) -> None:
+    pass
+
+
+def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None = None,
+            progress: Progress = _no_progress, threshold: float = THRESHOLD, wait: float = SETTLE_WAIT,
+            prune_only: bool = False) -> dict:
+    """Run GC over the workspaces ``names`` (None: all); see the module
+    docstring. Prunes only those workspaces; sweeps and compacts the whole
+    store (chunks are shared). ``prune_only`` stops after pruning (the
+    daemon's ENOSPC path prunes, then sweeps and compacts separately).
+    Returns ``{"time", "workspaces", "pruned_versions", "pruned_records",
+    "freed_contents", "freed_logical_bytes", "freed_chunks", "freed_bytes",
+    "freed_raw_bytes", "packs_deleted", "packs_written", "reclaimed_bytes",
+    "deferred", "seconds": {phase: s}}``. Raises :class:`~chronicle.errors.Busy`
+    if another GC runs, :class:`~chronicle.errors.NotFound` for an unknown workspace."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    seconds: dict[str, float] = {}
+    with GcLock(store.run_dir):
+        t = time.monotonic()
+        with store.env.begin() as txn:
+            plan = dryrun.plan(store, names, now_ns, txn, read_leases(store.run_dir))
+        base_pins = plan.pins
+        seconds["plan"] = time.monotonic() - t
+
+        def pins_of() -> dict[int, list[int]]:
+            leased = dryrun.lease_pins(_workspace_records(store), read_leases(store.run_dir))
+            return {ws: sorted(set(seqs) | leased.get(ws, set())) for ws, seqs in base_pins.items()}
+
+        t = time.monotonic()
+        pruned = prune(store, plan.candidates, pins_of, lambda done, total: progress("prune", done, total))
+        seconds["prune"] = time.monotonic() - t
+        result = {"time": iso_time(time.time_ns()), "workspaces": [w["workspace"] for w in plan.report["workspaces"]],
+                  "pruned_versions": pruned.versions, "pruned_records": pruned.records}
+        if prune_only:
+            return result
+        t = time.monotonic()
+        swept = sweep(store, progress)
+        swept_ns = time.time_ns() + SETTLE_MARGIN_NS
+        seconds["sweep"] = time.monotonic() - t
+        result.update({"freed_contents": swept["contents"], "freed_logical_bytes": swept["logical_bytes"],
+                       "freed_chunks": swept["chunks"], "freed_bytes": swept["bytes"],
+                       "freed_raw_bytes": swept["raw_bytes"]})
+        t = time.monotonic()
+        compacted = compact(store, swept_ns, threshold=threshold, wait=wait, progress=progress)
+        seconds["compact"] = time.monotonic() - t
+        result.update({k: compacted[k] for k in ("packs_deleted", "packs_written", "reclaimed_bytes", "deferred")})
+        result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        _store_result(store, result)
+    return result
+
+
+def _workspace_records(store: Store) -> list:
+    with store.env.begin() as txn:
+        return dryrun.workspace_records(store, txn)
+
+
+def _store_result(store: Store, result: dict) -> None:
+    with store.env.begin(write=True) as txn:
+        txn.put(LAST_GC_KEY, json.dumps(result).encode(), db=store.dbs["meta"])
+        store.before_commit()
+    store.note_commit()
+
+
+def last_result(store: Store) -> dict | None:
+    """The stored result of the last GC run that finished, or None."""
+    with store.env.begin() as txn:
+        raw = txn.get(LAST_GC_KEY, db=store.dbs["meta"])
+    return json.loads(raw) if raw is not None else None

@@ -1,0 +1,196 @@
+"""Prune: drop the versions a policy no longer keeps, in short write transactions.
+
+A **candidate** is a version :func:`~chronicle.store.gc.policy.select`
+dropped: a path entry ``(path, seq)`` flagged ``P_BUMPS | P_CONTENT`` with its
+inode and content. Pruning it changes records, never removes a seq:
+
+- the inode records that carry the dropped content — the record written at
+  the version's seq and the newer records of the same inode with the same
+  content (a chmod, a rename) — get the content :data:`PRUNED_ID`, and each
+  gives back its reference on the content (``contents`` refcount), unless
+  a **pin** falls in the seq range where that record is the inode's state
+  (``[its seq, the next record's seq)``; the inode's newest record is the
+  head's and is never touched). So no tree at any seq shows content that
+  was not there: a pruned record reads as :class:`~chronicle.errors.Pruned`
+  (``ENODATA`` in the mount), a pinned tree reads as before;
+- the path entry keeps its seq and version number (later numbers do not
+  move) and becomes a **pruned mark**: flag ``P_PRUNED``, no content, its
+  JSON without ``hash`` and with ``"pruned": true`` — what
+  ``.chronicle/query``, ``chronicle log <path>`` and ``versions`` show;
+- the event's ``.chronicle/log`` line loses its ``hash`` and gains
+  ``"pruned": true`` (the log keeps one line per seq: times still bisect).
+
+Files with more than one link are left alone (another name may keep them).
+
+**Transactions.** Candidates are pruned in batches; a batch is one write
+transaction that ends after :data:`BATCH_SECONDS` (the daemon's FUSE loop
+shares LMDB's single writer: a gc transaction never holds it long). Each
+batch re-reads the pins (leases of open ``at/`` handles come and go) and
+re-checks every record, so a killed GC leaves whole batches, and the next
+run skips what is done: pruning is idempotent.
+
+:func:`records_to_prune` is pure reading, shared with the dry run
+(``dryrun``), so the dry run promises what GC frees.
+
+Threads: synchronous; each function takes the caller's transaction or opens its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import lmdb
+
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID
+from chronicle.store.meta import schema
+from chronicle.store.meta.journal import path_text
+from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
+from chronicle.store.model import Attrs
+
+if TYPE_CHECKING:
+    from chronicle.store.store import Store
+
+BATCH_SECONDS = 0.010     # at most this long in one write transaction (then commit and go on)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A dropped version: workspace, path, seq, inode and content of its entry."""
+
+    ws: int
+    path: bytes
+    seq: int
+    ino: int
+    content: bytes
+
+
+@dataclass(slots=True)
+class PruneResult:
+    """What a prune did: versions marked pruned, inode records rewritten,
+    content references given back, candidates left as they were."""
+
+    versions: int = 0
+    records: int = 0
+    released: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict:
+        return {"versions": self.versions, "records": self.records, "released": self.released,
+                "skipped": self.skipped}
+
+
+def records_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate,
+                     pins: Sequence[int]) -> list[tuple[bytes, Attrs]]:
+    """The inode records pruning ``cand`` rewrites (module docstring), oldest
+    first; empty if the candidate is already pruned, changed, has more than
+    one link, or its own record is pinned. ``pins``: the workspace's pinned
+    seqs, sorted."""
+    raw = txn.get(schema.path_key(cand.ws, cand.path, cand.seq), db=dbs["paths"])
+    if raw is None:
+        return []
+    entry = PathEntry.decode(raw)
+    if entry.flags & P_PRUNED or not entry.flags & P_CONTENT or entry.content != cand.content:
+        return []
+    if cand.content == EMPTY_CONTENT_ID:
+        return []                 # the empty content holds nothing
+    key = schema.inode_key(cand.ws, cand.ino, cand.seq)
+    prefix = schema.inode_prefix(cand.ws, cand.ino)
+    out: list[tuple[bytes, Attrs]] = []
+    with txn.cursor(db=dbs["inodes"]) as cur:
+        if not cur.set_key(key):
+            return []
+        attrs = Attrs.decode(cur.value())
+        if attrs.content != cand.content or attrs.nlink > 1:
+            return []
+        seq, current = cand.seq, (bytes(key), attrs)
+        while True:
+            if not cur.prev() or cur.key()[:len(prefix)] != prefix:
+                break                 # ``current`` is the inode's newest record: the head's
+            next_key = bytes(cur.key())
+            next_seq = schema.inode_key_seq(next_key)
+            i = bisect_left(pins, seq)
+            if i < len(pins) and pins[i] < next_seq:
+                break                 # a pinned tree shows this record
+            out.append(current)
+            following = Attrs.decode(cur.value())
+            if following.content != cand.content or following.nlink > 1:
+                break
+            seq, current = next_seq, (next_key, following)
+    return out
+
+
+def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], dict[int, list[int]]],
+          progress: Callable[[int, int], None] | None = None) -> PruneResult:
+    """Prune ``candidates`` in batches (module docstring). ``pins_of()``
+    gives each workspace's pinned seqs, sorted; it is called before every
+    batch. ``progress(done, total)`` after every batch."""
+    result = PruneResult()
+    dbs = store.dbs
+    i = 0
+    while i < len(candidates):
+        pins = pins_of()
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            while i < len(candidates) and time.monotonic() - start < BATCH_SECONDS:
+                cand = candidates[i]
+                i += 1
+                records = records_to_prune(txn, dbs, cand, pins.get(cand.ws, ()))
+                if not records or records[0][0] != schema.inode_key(cand.ws, cand.ino, cand.seq):
+                    result.skipped += 1
+                    continue
+                _apply(txn, dbs, cand, records)
+                result.versions += 1
+                result.records += len(records)
+                result.released += len(records)
+            store.before_commit()
+        store.note_commit()
+        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+        if progress is not None:
+            progress(i, len(candidates))
+    return result
+
+
+def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, records: list[tuple[bytes, Attrs]]) -> None:
+    for key, attrs in records:
+        txn.put(key, attrs.replace(content=PRUNED_ID).encode(), db=dbs["inodes"])
+    raw = txn.get(cand.content, db=dbs["contents"])
+    if raw is not None:
+        refcount = schema.content_header(raw)[1]
+        txn.put(cand.content, schema.content_with_refcount(raw, max(0, refcount - len(records))),
+                db=dbs["contents"])
+    key = schema.path_key(cand.ws, cand.path, cand.seq)
+    entry = PathEntry.decode(txn.get(key, db=dbs["paths"]))
+    marked = PathEntry((entry.flags & ~P_CONTENT) | P_PRUNED, entry.ino, b"", entry.origin,
+                       mark_pruned(entry.fragment), entry.path)
+    txn.put(key, marked.encode(), db=dbs["paths"])
+    event_key = schema.event_key(cand.ws, cand.seq)
+    line = txn.get(event_key, db=dbs["events"])
+    if line is not None and _PRUNED not in line and _path_field(cand.path) in line:
+        txn.put(event_key, mark_pruned(bytes(line)), db=dbs["events"])
+
+
+_HASH_FIELD = re.compile(rb', "hash": (?:"[0-9a-f]*"|null)')
+_PRUNED = b', "pruned": true}'
+
+
+def _path_field(path: bytes) -> bytes:
+    return b'"path": ' + json.dumps(path_text(path)).encode() + b","
+
+
+def mark_pruned(text: bytes) -> bytes:
+    """A log line or path-entry fragment (a JSON object's text, as
+    ``journal`` writes it) without its ``"hash"`` and with ``"pruned": true``
+    at the end — text edits, no JSON parse (GC rewrites millions of them)."""
+    text = _HASH_FIELD.sub(b"", text, count=1)
+    return text[:text.rindex(b"}")] + _PRUNED
+
+
+def is_pruned(entry: PathEntry) -> bool:
+    """True for a pruned mark (a version whose content GC dropped)."""
+    return bool(entry.flags & P_PRUNED and entry.flags & P_BUMPS)

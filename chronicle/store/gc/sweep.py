@@ -1,0 +1,254 @@
+"""Sweep and compaction: free what no version uses, and give the disk space back.
+
+**Sweep.** A content record whose refcount (inode records) is 0 is deleted
+and gives back one reference on each distinct chunk it uses
+(``ChunkStore.drop_refs``); a chunk at refcount 0 is **dead**: still in the
+index and in its pack, no longer in the running totals. Batches of
+:data:`~chronicle.store.gc.prune.BATCH_SECONDS`, each record re-read in the
+batch's write transaction (a commit may have used the content again).
+
+**Compaction** is restic's ``prune`` repack (``internal/repository/prune.go``:
+"repack the packs with unused blobs, copying the used blobs to new packs,
+write the new index, then delete the old packs"), made online with leases
+(``gc.leases``) instead of restic's exclusive lock:
+
+1. list the packs, *then* read the leases; packs a live process may still
+   put pending chunks in (its lease's ``packs``) are left alone;
+2. a pack no index record points at (a crashed writer's, a killed GC's
+   copy) is deleted;
+3. a pack whose live fraction (bytes of chunks with refcount > 0, with
+   their record headers, over its size) is below ``threshold`` is
+   rewritten: its live chunks are read, verified (BLAKE3) and appended to a
+   new pack, which is made durable; then, in short write transactions,
+   each live chunk's record is pointed at its copy and each dead chunk's
+   record deleted — re-reading each record: a dead chunk a commit revived
+   meanwhile keeps the old pack for the next run;
+4. the metadata is synced (``Store.sync``), and only then are the old
+   packs deleted: a crash at any point leaves either the old records and
+   the old pack, or the new records and both packs (the old one, with no
+   index record left, goes at step 2 of the next run).
+
+Dead records are only dropped (step 3) when the leases say no process may
+still count on them (:func:`~chronicle.store.gc.leases.writers_settled`
+since the end of the sweep); otherwise compaction of packs with dead chunks
+is deferred to a later run and the result says why. Readers in other
+processes whose pack went away re-read the chunk's location
+(``ChunkStore.get``); their cached descriptors of deleted packs are closed
+by ``ChunkStore.release_deleted`` (the daemon calls it every few seconds).
+
+Threads: synchronous; the caller runs it off any event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from chronicle.errors import Busy, NoSpace, NotFound
+from chronicle.store.chunks import codec
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
+from chronicle.store.gc.leases import leased_packs, read_leases, writers_settled
+from chronicle.store.gc.prune import BATCH_SECONDS
+from chronicle.store.meta import schema
+from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
+
+if TYPE_CHECKING:
+    from chronicle.store.store import Store
+
+THRESHOLD = 0.5             # rewrite a pack when less than half of it is live
+SETTLE_WAIT = 5.0           # seconds compaction waits for other processes' leases to show they are settled
+
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(_phase: str, _done: int, _total: int) -> None:
+    pass
+
+
+def sweep(store: Store, progress: Progress = _no_progress) -> dict:
+    """Delete contents at refcount 0 and give back their chunk references
+    (module docstring). Returns ``{"contents", "logical_bytes", "chunks",
+    "bytes" (stored), "raw_bytes"}``: what it freed."""
+    dbs = store.dbs
+    with store.env.begin() as txn:
+        with txn.cursor(db=dbs["contents"]) as cur:
+            garbage = [bytes(k) for k, v in cur if k != EMPTY_CONTENT_ID and schema.content_header(v)[1] == 0]
+    out = {"contents": 0, "logical_bytes": 0, "chunks": 0, "bytes": 0, "raw_bytes": 0}
+    i = 0
+    while i < len(garbage):
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            batch_bytes = batch_contents = 0
+            while i < len(garbage) and time.monotonic() - start < BATCH_SECONDS:
+                content_id = garbage[i]
+                i += 1
+                raw = txn.get(content_id, db=dbs["contents"])
+                if raw is None or schema.content_header(raw)[1] != 0:
+                    continue              # used again since the scan
+                record = ContentRecord.decode(raw)
+                for chunk_id in store.chunks.drop_refs(txn, record):
+                    chunk = ChunkRecord.decode(txn.get(chunk_id, db=dbs["chunks"]))
+                    out["chunks"] += 1
+                    out["bytes"] += chunk.stored_len
+                    out["raw_bytes"] += chunk.raw_len
+                txn.delete(content_id, db=dbs["contents"])
+                batch_bytes += record.size
+                batch_contents += 1
+            add_totals(txn, dbs["meta"], logical_bytes=-batch_bytes, contents=-batch_contents)
+            out["contents"] += batch_contents
+            out["logical_bytes"] += batch_bytes
+            store.before_commit()
+        store.note_commit()
+        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+        progress("sweep", i, len(garbage))
+    return out
+
+
+@dataclass(slots=True)
+class _PackUse:
+    live: list[tuple[bytes, ChunkRecord]] = field(default_factory=list)
+    dead: list[bytes] = field(default_factory=list)
+    live_bytes: int = PACK_HEADER.size
+
+
+def settle(store: Store, since_ns: int, wait: float) -> str | None:
+    """Wait up to ``wait`` seconds until no process may count on a chunk
+    that died before ``since_ns`` (``leases.writers_settled``, and this
+    process's own uncommitted dedup hits). None when settled, else why not."""
+    deadline = time.monotonic() + wait
+    while True:
+        _packs, busy = store.chunks.lease_state()
+        reason = None
+        if busy is not None and busy <= since_ns:
+            reason = "this process has uncommitted writes from before gc's sweep"
+        reason = reason or writers_settled(read_leases(store.run_dir, exclude_pid=os.getpid()), since_ns)
+        if reason is None or time.monotonic() >= deadline:
+            return reason
+        time.sleep(0.1)
+
+
+def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: float = SETTLE_WAIT,
+            progress: Progress = _no_progress) -> dict:
+    """Rewrite packs whose live fraction is below ``threshold`` and delete
+    packs nothing uses (module docstring). ``swept_ns``: when the sweep
+    ended (dead chunks died before it). Returns ``{"packs_deleted",
+    "packs_written", "bytes_deleted", "bytes_written", "reclaimed_bytes",
+    "deferred": why dead chunks were kept, or None}``."""
+    out = {"packs_deleted": 0, "packs_written": 0, "bytes_deleted": 0, "bytes_written": 0, "deferred": None}
+    sizes = store.chunks.reader.list_packs()          # first the packs, then the leases (module docstring)
+    deferred = settle(store, swept_ns, wait)
+    use: dict[int, _PackUse] = {}
+    with store.env.begin() as txn:
+        for chunk_id, record in store.chunks.iter_index(txn):
+            pack = use.setdefault(record.pack_no, _PackUse())
+            if record.refcount:
+                pack.live.append((chunk_id, record))
+                pack.live_bytes += RECORD_HEADER.size + record.stored_len
+            else:
+                pack.dead.append(chunk_id)
+    if any(use.get(p) is not None and use[p].dead for p in store.chunks.writer.open_packs()):
+        store.chunks.writer.rotate()                  # our own pack being written holds dead chunks
+        store.chunks.sync()
+    own_packs, _busy = store.chunks.lease_state()
+    protected = leased_packs(read_leases(store.run_dir, exclude_pid=os.getpid())) | own_packs
+    doomed, rewrite = [], []
+    for pack_no, size in sizes.items():
+        if pack_no in protected:
+            continue
+        pack = use.get(pack_no)
+        if pack is None:
+            doomed.append(pack_no)                    # nothing in the index points into it
+        elif pack.dead and deferred is None and (not pack.live or pack.live_bytes < threshold * size):
+            rewrite.append(pack_no)
+    if any(use[p].dead for p in use if p in sizes and p not in protected) and deferred is not None:
+        out["deferred"] = deferred
+    for pack_no in doomed:
+        _delete(store, pack_no, sizes[pack_no], out)
+    rewrite.sort(key=lambda p: use[p].live_bytes)     # fully dead packs first: no space needed to free them
+    keep: set[int] = set()
+    writer = PackWriter(store.chunks.backend)
+    try:
+        for n, pack_no in enumerate(rewrite):
+            try:
+                moved = _copy_live(store, writer, use[pack_no].live)
+            except NoSpace:
+                keep.update(rewrite[n:])              # no room for the copies: the fully dead ones went first
+                break
+            if not _repoint(store, moved, use[pack_no].dead):
+                keep.add(pack_no)
+            progress("compact", n + 1, len(rewrite))
+    finally:
+        writer.close()
+    for pack_no in writer.created:
+        try:
+            out["bytes_written"] += store.chunks.backend.size(pack_name(pack_no))
+            out["packs_written"] += 1
+        except NotFound:
+            pass
+    gone = [p for p in rewrite if p not in keep]
+    if gone:
+        store.sync()                                  # the new records are durable before the old packs go
+        for pack_no in gone:
+            _delete(store, pack_no, sizes[pack_no], out)
+    store.chunks.backend.sync()
+    store.chunks.release_deleted()
+    out["reclaimed_bytes"] = out["bytes_deleted"] - out["bytes_written"]
+    return out
+
+
+def _delete(store: Store, pack_no: int, size: int, out: dict) -> None:
+    try:
+        store.chunks.backend.delete(pack_name(pack_no))
+    except Busy:
+        return                                        # being written after all (our own writer)
+    out["packs_deleted"] += 1
+    out["bytes_deleted"] += size
+
+
+def _copy_live(store: Store, writer: PackWriter, live: list[tuple[bytes, ChunkRecord]]) -> list[tuple[bytes, ChunkRecord, ChunkLocation]]:
+    """Copy each live chunk, verified, into ``writer``'s packs; flushed on return."""
+    moved = []
+    for chunk_id, record in live:
+        payload = store.chunks.reader.read(ChunkLocation(record.pack_no, record.offset, record.stored_len))
+        codec.decode(record.codec, payload, record.raw_len, chunk_id, verify=True)
+        location = writer.append(chunk_id, record.codec, record.raw_len, payload)
+        moved.append((chunk_id, record, location))
+    writer.sync()                                     # the copies are durable before any record points at them
+    for _chunk_id, _record, location in moved:
+        writer.check(location)
+    return moved
+
+
+def _repoint(store: Store, moved: list[tuple[bytes, ChunkRecord, ChunkLocation]], dead: list[bytes]) -> bool:
+    """Point moved chunks at their copies and drop the dead records, in short
+    write transactions; False if a dead chunk was revived (keep the pack)."""
+    items: list[tuple[bytes, ChunkRecord | None, ChunkLocation | None]] = [(c, r, loc) for c, r, loc in moved]
+    items += [(c, None, None) for c in dead]
+    ok = True
+    db = store.dbs["chunks"]
+    i = 0
+    while i < len(items):
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            while i < len(items) and time.monotonic() - start < BATCH_SECONDS:
+                chunk_id, old, location = items[i]
+                i += 1
+                raw = txn.get(chunk_id, db=db)
+                if raw is None:
+                    continue
+                now = ChunkRecord.decode(raw)
+                if old is None:
+                    if now.refcount:
+                        ok = False            # revived since the scan: its bytes stay where they are
+                    else:
+                        store.chunks.forget(txn, chunk_id)
+                elif (now.pack_no, now.offset) == (old.pack_no, old.offset):
+                    store.chunks.relocate(txn, chunk_id, location)
+            store.before_commit()
+        store.note_commit()
+        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+    return ok

@@ -1,0 +1,171 @@
+"""GC on a live mount: a full disk reclaimed before ENOSPC, gc during concurrent writes, background gc."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mount.test_full_disk import fsck_clean, make_ballast, try_write
+
+CLI = [sys.executable, "-m", "chronicle"]
+REPO = Path(__file__).resolve().parents[2]
+NO_HISTORY = ["--keep-last", "1", "--keep-within", "0s", "--keep-hourly", "0", "--keep-daily", "0",
+              "--keep-weekly", "0", "--keep-turns", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _chronicle_only(mount_target):
+    if mount_target != "chronicle":
+        pytest.skip("Chronicle's gc")
+
+
+def cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert proc.returncode == 0, f"{args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture
+def small_ext4(tmp_path):
+    """A 64 MiB ext4 file system on a loop device at ``tmp_path/disk``; unmounted and detached afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop device needs root")
+    image, disk = tmp_path / "disk.img", tmp_path / "disk"
+    disk.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True)   # mount -o loop detaches at umount
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_full_disk_is_reclaimed_then_the_write_succeeds(small_ext4, mount_factory, daemon_log):
+    daemon_log.expect(r"No space|no space|ENOSPC|disk is full")
+    store = small_ext4 / "store"
+    cli("init", store)
+    m = mount_factory(store=store)
+    cli("policy", "set", "-s", store, "-w", m.workspace, *NO_HISTORY)
+    root = m.path
+    for _ in range(4):                                    # 4 versions of 8 MiB: 3 the policy lets go
+        (root / "big").write_bytes(os.urandom(8 << 20))
+    ballast = make_ballast(small_ext4, leave=3 << 20)
+    data = os.urandom(8 << 20)
+    try:
+        assert try_write(root / "new.bin", data) == 0     # ENOSPC only after freeing what the policy allows
+        assert (root / "new.bin").read_bytes() == data
+        assert "gc (disk full)" in m.log_text()
+        query = json.loads((root / ".chronicle" / "query" / "big").read_text())
+        assert sum(1 for v in query["versions"] if v.get("pruned")) == 3
+    finally:
+        ballast.unlink()
+    m.stop()
+    fsck_clean(store)
+
+
+def test_gc_during_concurrent_writes_loses_nothing(mount_factory):
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY)
+    root = m.path
+    rng = random.Random(int(os.environ.get("GC_MOUNT_SEED", "11")))
+    latest: dict[str, bytes] = {}
+    shared = os.urandom(300_000)                          # rewritten often: dedup hits on chunks gc frees
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    gaps: list[float] = []
+
+    def writer() -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                name = f"f{rng.randrange(12)}"
+                data = shared if rng.random() < 0.3 else os.urandom(rng.randrange(1, 400_000))
+                (root / name).write_bytes(data)
+                latest[name] = data
+                i += 1
+        except BaseException as exc:                      # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    def prober() -> None:                                 # how long a lookup waits while gc runs
+        while not stop.is_set():
+            t = time.monotonic()
+            os.stat(root)
+            os.listdir(root)
+            gaps.append(time.monotonic() - t)
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=prober)]
+    for t in threads:
+        t.start()
+    try:
+        freed = 0
+        for _ in range(5):
+            time.sleep(rng.uniform(0.2, 0.8))
+            out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+            freed += out["freed_bytes"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    for name, data in latest.items():
+        assert (root / name).read_bytes() == data, name
+    assert freed > 0
+    m.stop()
+    fsck_clean(m.store)
+    gaps.sort()
+    print(f"lookup latency during gc: median {gaps[len(gaps) // 2] * 1000:.1f} ms, "
+          f"p99 {gaps[int(len(gaps) * 0.99)] * 1000:.1f} ms, max {gaps[-1] * 1000:.1f} ms over {len(gaps)} probes")
+    assert gaps[int(len(gaps) * 0.99)] < 1.0
+
+
+def test_background_gc_applies_the_policy(mount_factory, monkeypatch):
+    monkeypatch.setenv("CHRONICLE_GC_INTERVAL", "1")
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY)
+    for i in range(4):
+        (m.path / "f").write_bytes(os.urandom(100_000))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:              # pruned marks first; the run's log line once it ends
+        query = json.loads((m.path / ".chronicle" / "query" / "f").read_text())
+        if sum(1 for v in query["versions"] if v.get("pruned")) == 3 and "gc (policy)" in m.log_text():
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"background gc did not prune: {m.log_tail()}")
+    m.stop()
+    fsck_clean(m.store)
+
+
+def test_open_at_handle_pins_its_version_across_processes(mount_factory):
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY)
+    old = os.urandom(200_000)
+    (m.path / "f").write_bytes(old)
+    seq = json.loads((m.path / ".chronicle" / "query" / "f").read_text())["versions"][-1]["seq"]
+    for _ in range(3):
+        (m.path / "f").write_bytes(os.urandom(200_000))
+    with open(m.path / ".chronicle" / "at" / str(seq) / "f", "rb") as handle:
+        out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+        assert out["pruned_versions"] == 2                # the version the handle reads stays
+        assert handle.read() == old
+    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    assert out["pruned_versions"] == 1                    # closed: now it goes
+    with pytest.raises(OSError) as exc:
+        (m.path / ".chronicle" / "at" / str(seq) / "f").read_bytes()
+    assert exc.value.errno == errno.ENODATA
+    m.stop()
+    fsck_clean(m.store)

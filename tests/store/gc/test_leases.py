@@ -1,0 +1,50 @@
+"""Leases across processes: liveness, pins, packs, settledness; the pruned mark's text edit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from chronicle.store.gc.leases import read_leases, writers_settled
+from chronicle.store.gc.prune import mark_pruned
+from tests.storeutil import write
+
+
+def test_a_lease_of_a_process_that_is_gone_is_removed(store, ws):
+    write(ws, ws.root, b"f", b"x" * 100_000)            # the first chunk write announces the lease
+    mine = read_leases(store.run_dir)
+    assert len(mine) == 1 and mine[0].packs and mine[0].busy_since is None
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = store.run_dir / "leases" / f"{dead.stdout.strip()}-0000.json"
+    stale.write_text(json.dumps({"pid": int(dead.stdout), "heartbeat": 1, "pins": [[1, 2]], "packs": [7],
+                                 "busy_since": 1}))
+    assert [lease.pid for lease in read_leases(store.run_dir)] == [mine[0].pid]
+    assert not stale.exists()
+    store.close()
+    assert read_leases(store.run_dir) == []             # closing the store removes its lease
+
+
+def test_writers_settled_needs_a_fresh_heartbeat_and_no_old_dedup_hit(store, ws):
+    write(ws, ws.root, b"f", b"y" * 50_000)
+    since = time.time_ns()
+    lease = read_leases(store.run_dir)[0]
+    assert "not refreshed" in writers_settled([lease], since)
+    store.lease.refresh(force=True)
+    assert writers_settled(read_leases(store.run_dir), since) is None
+    store.chunks.put(b"\x07" * 32, b"z")                 # a new chunk: written, pending (not a dedup hit)
+    store.lease.refresh(force=True)
+    assert writers_settled(read_leases(store.run_dir), since) is None
+    assert read_leases(store.run_dir)[0].packs
+
+
+def test_mark_pruned_is_a_text_edit_of_the_json():
+    line = b'{"seq": 5, "time": "2026-01-01T00:00:00.000001Z", "event": "write", "path": "a \\"hash\\": x", ' \
+           b'"size": 3, "hash": "abc123", "turn": null, "pid": 9}'
+    marked = json.loads(mark_pruned(line))
+    assert marked == {"seq": 5, "time": "2026-01-01T00:00:00.000001Z", "event": "write", "path": 'a "hash": x',
+                      "size": 3, "turn": None, "pid": 9, "pruned": True}
+    fragment = line[1:]                                  # a path entry's fragment has no leading brace
+    assert json.loads(b"{" + mark_pruned(fragment))["pruned"] is True

@@ -1,0 +1,151 @@
+"""Bounded storage budgets of issue 9 (run by hand, not in CI).
+
+    .venv/bin/python tools/bench/storage_bench.py [--quick] [--events N] [--workdir DIR] [--json PATH]
+
+1. **gc-events**: a store with N events (default 1,000,000; ``--quick``
+   100,000), written through the store API (no mount): 1,000 files rewritten
+   in turn, policy ``--keep-last 1``. Times ``chronicle gc``'s work
+   (``gc.collect``) and checks it freed what the dry run promised (budget:
+   < 60 s for 1,000,000 events).
+2. **sqlite-wal**: 20,000 autocommit inserts (``--quick`` 2,000) into a
+   SQLite database in WAL mode through a real mount, with the default policy
+   (``*.db-wal``/``*.db-shm`` ignored); then gc. Budget: store (packs +
+   metadata) <= 10x the database's size; the database file's history still
+   lists versions.
+
+The npm budget (20 rounds of ``npm install`` and ``rm -rf node_modules``)
+needs the npm registry, which this machine cannot reach; it is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from chronicle import procs  # noqa: E402
+from chronicle.store.gc import collect, dryrun  # noqa: E402
+from chronicle.store.gc.policy import Policy  # noqa: E402
+from chronicle.store.model import Actor  # noqa: E402
+from chronicle.store.store import Store  # noqa: E402
+
+CHRONICLE = [sys.executable, "-m", "chronicle"]
+ACTOR = Actor(0, 0, os.getpid())
+
+
+def _rewrite(ws, ino: int, data: bytes) -> None:
+    ws.files.open(ino, truncate=True)
+    ws.files.write(ino, 0, data, ACTOR.pid)
+    ws.files.commit(ino)
+    ws.files.release(ino)
+
+
+def gc_events(work: Path, events: int) -> dict:
+    store = Store.init(work / "events-store")
+    ws = store.open_workspace("w", writable=True, create=True)
+    inos = []
+    for i in range(1000):
+        ino, _ = ws.create(ws.root, b"f%04d" % i, 0o100644, ACTOR)
+        inos.append(ino)
+    t = time.monotonic()
+    n = 0
+    while ws.head_seq < events:
+        _rewrite(ws, inos[n % len(inos)], b"%d " % n * 8)
+        n += 1
+        if n % 20000 == 0:
+            store.maintain()
+            print(f"  {ws.head_seq} events ({ws.head_seq / (time.monotonic() - t):.0f}/s)", file=sys.stderr)
+    written = time.monotonic() - t
+    dryrun.set_policy(store, ws.id, Policy(keep_last=1))
+    store.sync()
+    t = time.monotonic()
+    promised = dryrun.dry_run(store, ["w"])
+    dry_seconds = time.monotonic() - t
+    t = time.monotonic()
+    result = collect.collect(store, ["w"])
+    gc_seconds = time.monotonic() - t
+    figures = {"events": ws.head_seq, "write_seconds": round(written, 1), "dry_run_seconds": round(dry_seconds, 1),
+               "gc_seconds": round(gc_seconds, 1), "gc_phases": result["seconds"],
+               "pruned_versions": result["pruned_versions"], "freed_bytes": result["freed_bytes"],
+               "promised_bytes": promised["freed_bytes"], "promise_kept": promised["freed_bytes"] == result["freed_bytes"],
+               "budget_ok": gc_seconds < 60}
+    store.close()
+    return figures
+
+
+def _du(path: Path) -> int:
+    """Bytes allocated on disk below ``path`` (``du``: the metadata file is preallocated past its end)."""
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def sqlite_wal(work: Path, inserts: int) -> dict:
+    store, mnt = work / "sqlite-store", work / "sqlite-mnt"
+    mnt.mkdir()
+    log = work / "sqlite-daemon.log"
+    proc, _ = procs.spawn(procs.mount_command(store, "bench", mnt, []), log, env=dict(os.environ), cwd=REPO)
+    try:
+        procs.wait_for_mount(mnt, proc.pid, timeout=60, log_path=log)
+        db = sqlite3.connect(mnt / "bench.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+        t = time.monotonic()
+        for i in range(inserts):
+            db.execute("INSERT INTO t (body) VALUES (?)", (f"row {i} " + "x" * 60,))
+        db.close()
+        insert_seconds = time.monotonic() - t
+        db_size = (mnt / "bench.db").stat().st_size
+        before = _du(store / "packs") + _du(store / "meta")
+        gc = subprocess.run(CHRONICLE + ["gc", "-s", str(store), "-w", "bench", "--json"], capture_output=True,
+                            text=True, check=True)
+        after_packs, after_meta = _du(store / "packs"), _du(store / "meta")
+        query = json.loads((mnt / ".chronicle" / "query" / "bench.db").read_text())
+    finally:
+        procs.unmount(mnt)
+        proc.wait(timeout=60)
+    kept = [v for v in query["versions"] if not v.get("pruned")]
+    return {"inserts": inserts, "insert_seconds": round(insert_seconds, 1), "db_bytes": db_size,
+            "store_bytes_before_gc": before, "packs_bytes": after_packs, "metadata_bytes": after_meta,
+            "ratio": round((after_packs + after_meta) / db_size, 2), "db_versions": len(query["versions"]),
+            "db_versions_kept": len(kept), "gc": json.loads(gc.stdout),
+            "budget_ok": (after_packs + after_meta) <= 10 * db_size and len(kept) > 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--events", type=int)
+    parser.add_argument("--inserts", type=int)
+    parser.add_argument("--workloads", default="gc-events,sqlite-wal")
+    parser.add_argument("--workdir", default="/var/tmp")
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    events = args.events or (100_000 if args.quick else 1_000_000)
+    inserts = args.inserts or (2_000 if args.quick else 20_000)
+    work = Path(tempfile.mkdtemp(prefix="storage-bench-", dir=args.workdir))
+    out = {}
+    try:
+        if "gc-events" in args.workloads:
+            out["gc-events"] = gc_events(work, events)
+            print(json.dumps({"gc-events": out["gc-events"]}, indent=2))
+        if "sqlite-wal" in args.workloads:
+            out["sqlite-wal"] = sqlite_wal(work, inserts)
+            print(json.dumps({"sqlite-wal": out["sqlite-wal"]}, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
