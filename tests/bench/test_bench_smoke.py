@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.bench.profile_commit import summarise
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -95,3 +97,23 @@ def test_perfbench_tiny_on_ext4_and_chronicle(tmp_path):
     assert growth["chunks_mib"] > 0 and growth["metadata_mib"] > 0, growth
     assert results["rounds"]["checkout"]["chronicle"][0]["details"]["commits"] == 5
     assert list(workdir.iterdir()) == [], "the run's temp dir was not removed"
+
+
+def test_profile_commit_summary_counts_inclusive_and_self(tmp_path):
+    """tools/bench/profile_commit.py's summary of py-spy's collapsed stacks: inclusive counts a
+    function once per stack (Chronicle's frames below the daemon loop only), self counts the leaf,
+    paths lose this machine's prefix and line numbers."""
+    raw = tmp_path / "x.raw"
+    raw.write_text(
+        "serve (/x/chronicle/fs/daemon.py:10);flush (/x/chronicle/fs/operations.py:5);"
+        "feed (/x/chronicle/store/namespace/content.py:250) 30\n"
+        "serve (/x/chronicle/fs/daemon.py:10);flush (/x/chronicle/fs/operations.py:5);"
+        "read (/v/lib/python3.11/site-packages/foo.py:3) 10\n"
+        "serve (/x/chronicle/fs/daemon.py:10);get_events (/v/lib/python3.11/site-packages/trio/io.py:9) 10\n")
+    text = summarise(raw, 0.5, "title")
+    assert "wall time of the recorded part: 500 ms; samples (non-idle): 50" in text
+    inclusive, self_ = text.split("by self samples")
+    assert "80.0%      40  flush (chronicle/fs/operations.py)" in inclusive
+    assert "daemon.py" not in inclusive
+    assert "60.0%      30  feed (chronicle/store/namespace/content.py)" in self_
+    assert "20.0%      10  read (site-packages/foo.py)" in self_
