@@ -19,7 +19,7 @@ are latencies (ms, µs) -- lower is better; ``perfbench.METRICS`` says which.
 Written data is incompressible and distinct (``workloads.BlockSource``,
 ``os.urandom``), as in fsbench. ``store_usage`` measures the private store of
 a Chronicle target (pack bytes + LMDB pages in use) or a JuiceFS target
-(bucket + SQLite files); ext4 and the pass-through have none (``None``).
+(bucket bytes + SQLite pages in use); ext4 and the pass-through have none (``None``).
 """
 
 from __future__ import annotations
@@ -102,6 +102,19 @@ def _lmdb_used_bytes(meta_dir: Path) -> int:
         env.close()
 
 
+def _sqlite_used_bytes(path: Path) -> int:
+    """Bytes of the SQLite database ``path``'s pages in use (page_count less
+    the free list, times the page size), as a read-only second connection sees
+    it -- WAL frames not yet checkpointed included. The files' own sizes would
+    not do: a WAL file is reused in place after a checkpoint."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * db.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        db.close()
+
+
 def store_usage(target: Target) -> dict | None:
     """{"chunks": bytes, "metadata": bytes} of the target's private store, or
     None for a target without one (ext4, the pass-through)."""
@@ -109,8 +122,7 @@ def store_usage(target: Target) -> dict | None:
         return {"chunks": _file_bytes([target.store / "packs"]),
                 "metadata": _lmdb_used_bytes(target.store / "meta")}
     if isinstance(target, JuiceFSTarget):
-        return {"chunks": _file_bytes([target.bucket]),
-                "metadata": _file_bytes(sorted(target.base.glob("meta.db*")))}
+        return {"chunks": _file_bytes([target.bucket]), "metadata": _sqlite_used_bytes(target.meta)}
     return None
 
 

@@ -246,8 +246,8 @@ def report(table: dict, status: dict, workloads: list[str], cfg: wl.Config, perf
     for name, cell in growth.items():
         if isinstance(cell, list) and cell:
             d = cell[-1]["details"]
-            console.print(f"note: edits store growth on {name} (last round): chunks {d['chunks_mib']:.3f} MiB"
-                          f" + metadata {d['metadata_mib']:.3f} MiB", markup=False, highlight=False)
+            console.print(f"note: edits store growth on {name} (last round): chunks {d['chunks_mib'] * 1024:,.1f} KiB"
+                          f" + metadata {d['metadata_mib'] * 1024:,.1f} KiB", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
