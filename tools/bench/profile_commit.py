@@ -8,9 +8,9 @@ daemon's PID), then for each of two workloads attaches ``py-spy record
 --format raw --pid PID`` to the daemon for just the timed part:
 
 - ``append64``: a 64 MiB file written and closed first (not recorded), then
-  10 x open(O_APPEND) + write 100 bytes + close;
-- ``edits32``:  a 32 MiB file written and closed first, then 16 pwrites of
-  10 bytes at random offsets, each followed by fsync.
+  30 x open(O_APPEND) + write 100 bytes + close;
+- ``edits32``:  a 32 MiB file written and closed first, then 3 x (open, 16
+  pwrites of 10 bytes at random offsets each followed by fsync, close).
 
 py-spy samples every thread that is not idle. The collapsed stacks are
 summarised as ``<name>.txt`` in ``--out``: the wall time, then the top
@@ -123,7 +123,7 @@ def append64(d: Path) -> tuple[Path, Callable[[], None]]:
     os.sync()
 
     def timed() -> None:
-        for _ in range(10):
+        for _ in range(30):
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
             os.write(fd, os.urandom(100))
             os.close(fd)
@@ -137,20 +137,21 @@ def edits32(d: Path) -> tuple[Path, Callable[[], None]]:
     rng = random.Random(7)
 
     def timed() -> None:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            for _ in range(16):
-                os.pwrite(fd, os.urandom(10), rng.randrange(32 * MiB - 10))
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        for _ in range(3):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for _ in range(16):
+                    os.pwrite(fd, os.urandom(10), rng.randrange(32 * MiB - 10))
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
     return path, timed
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="profile_commit.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "tools" / "bench" / "profiles")
-    p.add_argument("--rate", type=int, default=200, help="py-spy samples per second (default 200)")
+    p.add_argument("--rate", type=int, default=500, help="py-spy samples per second (default 500)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     args = p.parse_args(argv)
     pyspy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
