@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark harnesses (tools/bench/fsbench.py, tools/bench/agent_bench.py).
+"""Smoke tests of the benchmark harnesses (tools/bench/fsbench.py, perfbench.py, agent_bench.py,
+and profile_commit.py's summary).
 
 fsbench runs its fastest workload on ext4 only, agent_bench its quick mode on
 a few turns, so neither harness rots unnoticed. No timing assertions: the
@@ -65,6 +66,7 @@ PERF_TINY = ["--quick", "--rounds", "2", "--size", "8M", "--rand-file-size", "8M
 
 
 @pytest.mark.mount
+@pytest.mark.slow
 def test_perfbench_tiny_on_ext4_and_chronicle(tmp_path):
     """tools/bench/perfbench.py with its smallest settings on ext4 + a real Chronicle mount (no
     JuiceFS download here): every row has a median per target and the Chronicle/ext4 ratio, the
