@@ -119,3 +119,16 @@ def test_profile_commit_summary_counts_inclusive_and_self(tmp_path):
     assert "daemon.py" not in inclusive
     assert "60.0%      30  feed (chronicle/store/namespace/content.py)" in self_
     assert "20.0%      10  read (site-packages/foo.py)" in self_
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "must be positive"),
+    (["--append-sizes", "5"], "--append-sizes: size must be a positive multiple of 1 MiB"),
+    (["--targets", "ext5"], "unknown: ext5"),
+    (["--git-repo", "/nonexistent"], "not a git repository"),
+])
+def test_perfbench_bad_arguments_get_one_line_and_exit_2(args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench" / "perfbench.py"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -141,8 +141,10 @@ class JuiceFSTarget(Target):
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 for pid in pids:
-                    if procs.alive(pid):
+                    try:
                         os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
                 deadline = time.monotonic() + 5.0
             if proc is not None:
                 try:

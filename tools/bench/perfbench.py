@@ -168,6 +168,8 @@ def run(targets: dict[str, Target], workloads: list[str], rounds: int, cfg: wl.C
     table: dict[str, dict] = {}
     failed = False
     names = list(targets)
+    if not names:
+        return table, False
     for workload in workloads:
         step = steps(cfg, perf)[workload]
         for r in range(rounds):
