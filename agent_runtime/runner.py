@@ -435,8 +435,8 @@ class AgentRunner:
                         self.host.quota_hit(self.id, event["key"], float(event["until"]))
                 elif ev == "idle":
                     cur.idle = True
-                    if not self.queue.empty():
-                        self._wake_up_idle(None)
+                    if self._pending:           # queued before the worker said idle: that job wakes it
+                        self._wake_up_idle(self._pending[0])
                 elif ev == "done":
                     return event
                 elif ev in ("eof", "error"):

@@ -55,6 +55,8 @@ class Talker(BaseAgent):
 class Idler(BaseAgent):
     async def on_message(self, ctx, message):
         if message.get("idle"):
+            if message.get("late"):
+                await asyncio.sleep(message["late"])      # a message is queued meanwhile
             ctx.signal_idle()
             trace("idle")
             woke = await ctx.wait_for_wakeup(message.get("timeout"))
@@ -182,6 +184,19 @@ def test_signal_idle_and_wait_for_wakeup(agents):
         later = asyncio.ensure_future(rt.wait_for_wakeup("i", 30))
         await rt.ask("i", {"text": "y"})
         assert (await later)["kind"] == "message"
+    agents.run(program)
+
+
+def test_a_message_queued_before_signal_idle_wakes_it_as_a_message(agents):
+    """The runner hears "idle" after a message was queued: the handler's
+    wait_for_wakeup still names that message (it said "job" before)."""
+    async def program(rt):
+        await rt.create("i", "surfaceagents:Idler", cwd=agents.src)
+        waiting = await rt.send("i", {"idle": True, "late": 1.0, "timeout": 30})
+        await asyncio.sleep(0.2)
+        second = await rt.send("i", {"text": "x"})                # queued before the handler says idle
+        assert (await waiting.result(30))["reply"] == "woke message"
+        assert (await second.result(30))["reply"] == "got x"
     agents.run(program)
 
 
