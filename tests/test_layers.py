@@ -170,12 +170,14 @@ def test_layer_rule(importer, forbidden):
 
 
 def test_rules_would_catch_a_violation():
-    """The checker itself: a store module importing the FUSE adapter is caught,
+    """The checker itself: a store module importing the FUSE adapter (or a module of the CLI package) is caught,
     and a two-module loop is a cycle."""
-    GRAPH["chronicle.store.fake"] = {"chronicle.fs.operations"}
+    GRAPH["chronicle.store.fake"] = {"chronicle.fs.operations", "chronicle.cli.app"}
     try:
-        assert _violations("chronicle.store", ("chronicle.fs",)) == [
-            "chronicle.store.fake imports chronicle.fs.operations"]
+        assert _violations("chronicle.store", ("chronicle.fs", "chronicle.cli")) == [
+            "chronicle.store.fake imports chronicle.cli.app", "chronicle.store.fake imports chronicle.fs.operations"]
     finally:
         del GRAPH["chronicle.store.fake"]
+    # the CLI is a package: its modules are read, and a rule on ``chronicle.cli`` covers them
+    assert {"chronicle.cli", "chronicle.cli.app", "chronicle.cli.history"} <= set(GRAPH)
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]

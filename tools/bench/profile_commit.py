@@ -47,7 +47,7 @@ from tools.bench import workloads as wl  # noqa: E402
 MiB = wl.MiB
 # Inclusive counts list Chronicle's own frames below the daemon's outer loop.
 _OWN = ("chronicle/", "agent_runtime/")
-_OUTER = ("chronicle/cli.py", "chronicle/mounting.py", "chronicle/fs/daemon.py", "chronicle/__main__.py")
+_OUTER = ("chronicle/cli/", "chronicle/mounting.py", "chronicle/fs/daemon.py", "chronicle/__main__.py")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
