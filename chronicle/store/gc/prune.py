@@ -92,16 +92,19 @@ def records_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate,
     first; empty if the candidate is already pruned, changed, has more than
     one link, or its own record is pinned. ``pins``: the workspace's pinned
     seqs, sorted."""
-    found = _check(txn, dbs, cand, pins)
-    return [] if found is None else [(key, Attrs.decode(raw)) for key, raw in found[1]]
+    with txn.cursor(db=dbs["inodes"]) as cur:
+        found = _check(txn, dbs, cur, cand, pins)
+    return [] if found is None else [(key, Attrs.decode(raw)) for key, raw in found[2]]
 
 
-def _check(txn: lmdb.Transaction, dbs: dict, cand: Candidate,
-           pins: Sequence[int]) -> tuple[PathEntry, list[tuple[bytes, bytes]]] | None:
-    """``(path entry, [(inode key, raw inode record)...])`` of what pruning
-    ``cand`` rewrites (:func:`records_to_prune`, undecoded), or None if nothing:
-    the records start with ``cand``'s own."""
-    raw = txn.get(schema.path_key(cand.ws, cand.path, cand.seq), db=dbs["paths"])
+def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate,
+           pins: Sequence[int]) -> tuple[bytes, PathEntry, list[tuple[bytes, bytes]]] | None:
+    """``(path key, path entry, [(inode key, raw inode record)...])`` of what
+    pruning ``cand`` rewrites (:func:`records_to_prune`, undecoded), or None
+    if nothing: the records start with ``cand``'s own. ``cur``: a cursor of
+    ``txn`` on ``inodes`` (any position)."""
+    path_key = schema.path_key(cand.ws, cand.path, cand.seq)
+    raw = txn.get(path_key, db=dbs["paths"])
     if raw is None:
         return None
     entry = PathEntry.decode(raw)
@@ -112,27 +115,26 @@ def _check(txn: lmdb.Transaction, dbs: dict, cand: Candidate,
     key = schema.inode_key(cand.ws, cand.ino, cand.seq)
     prefix = schema.inode_prefix(cand.ws, cand.ino)
     out: list[tuple[bytes, bytes]] = []
-    with txn.cursor(db=dbs["inodes"]) as cur:
-        if not cur.set_key(key):
-            return None
-        value = bytes(cur.value())
-        if not _holds(value, cand.content):
-            return None
-        seq, current = cand.seq, (key, value)
-        while True:
-            if not cur.prev() or cur.key()[:len(prefix)] != prefix:
-                break                 # ``current`` is the inode's newest record: the head's
-            next_key = bytes(cur.key())
-            next_seq = schema.inode_key_seq(next_key)
-            i = bisect_left(pins, seq)
-            if i < len(pins) and pins[i] < next_seq:
-                break                 # a pinned tree shows this record
-            out.append(current)
-            following = bytes(cur.value())
-            if not _holds(following, cand.content):
-                break
-            seq, current = next_seq, (next_key, following)
-    return (entry, out) if out else None
+    if not cur.set_key(key):
+        return None
+    value = bytes(cur.value())
+    if not _holds(value, cand.content):
+        return None
+    seq, current = cand.seq, (key, value)
+    while True:
+        if not cur.prev() or cur.key()[:len(prefix)] != prefix:
+            break                 # ``current`` is the inode's newest record: the head's
+        next_key = bytes(cur.key())
+        next_seq = schema.inode_key_seq(next_key)
+        i = bisect_left(pins, seq)
+        if i < len(pins) and pins[i] < next_seq:
+            break                 # a pinned tree shows this record
+        out.append(current)
+        following = bytes(cur.value())
+        if not _holds(following, cand.content):
+            break
+        seq, current = next_seq, (next_key, following)
+    return (path_key, entry, out) if out else None
 
 
 # An inode record (``Attrs.encode``) is a fixed head (nlink the u32 at byte 12)
@@ -169,20 +171,21 @@ def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], d
     while i < len(candidates):
         pins = pins_of()
         released: dict[bytes, int] = {}
-        with store.env.begin(write=True) as txn:
+        with store.env.begin(write=True) as txn, txn.cursor(db=dbs["inodes"]) as cur:
             start = time.monotonic()
             while i < len(candidates) and time.monotonic() - start < BATCH_SECONDS:
                 cand = candidates[i]
                 i += 1
-                found = _check(txn, dbs, cand, pins.get(cand.ws, ()))
+                found = _check(txn, dbs, cur, cand, pins.get(cand.ws, ()))
                 if found is None:
                     result.skipped += 1
                     continue
-                _apply(txn, dbs, cand, found[0], found[1], fields(cand.path))
-                released[cand.content] = released.get(cand.content, 0) + len(found[1])
+                path_key, entry, records = found
+                _apply(txn, dbs, cand, path_key, entry, records, fields(cand.path))
+                released[cand.content] = released.get(cand.content, 0) + len(records)
                 result.versions += 1
-                result.records += len(found[1])
-                result.released += len(found[1])
+                result.records += len(records)
+                result.released += len(records)
             _release(txn, dbs, released)
             store.before_commit()
         store.note_commit()
@@ -192,11 +195,10 @@ def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], d
     return result
 
 
-def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, entry: PathEntry,
+def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, key: bytes, entry: PathEntry,
            records: list[tuple[bytes, bytes]], path_field: bytes) -> None:
-    for key, raw in records:
-        txn.put(key, _pruned_record(raw), db=dbs["inodes"])
-    key = schema.path_key(cand.ws, cand.path, cand.seq)
+    for inode_key, raw in records:
+        txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
     marked = PathEntry((entry.flags & ~P_CONTENT) | P_PRUNED, entry.ino, b"", entry.origin,
                        mark_pruned(entry.fragment), entry.path)
     txn.put(key, marked.encode(), db=dbs["paths"])
