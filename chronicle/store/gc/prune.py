@@ -232,6 +232,8 @@ class _PathFields:
 
 _HASH_FIELD = re.compile(rb', "hash": (?:"[0-9a-f]*"|null)')
 _PRUNED = b', "pruned": true}'
+_HASH_KEY = b', "hash": '
+_HEX = re.compile(rb"[0-9a-f]*")
 
 
 def _path_field(path: bytes) -> bytes:
@@ -242,7 +244,20 @@ def mark_pruned(text: bytes) -> bytes:
     """A log line or path-entry fragment (a JSON object's text, as
     ``journal`` writes it) without its ``"hash"`` and with ``"pruned": true``
     at the end — text edits, no JSON parse (GC rewrites millions of them)."""
-    text = _HASH_FIELD.sub(b"", text, count=1)
+    # The first ``, "hash": `` is the field (inside a JSON string its quotes
+    # would be escaped); find and slice instead of the regex where its value
+    # is what journal writes (hex or null), which is what nearly all are.
+    start = text.find(_HASH_KEY)
+    if start >= 0:
+        value = start + len(_HASH_KEY)
+        if text.startswith(b"null", value):
+            text = text[:start] + text[value + 4:]
+        else:
+            end = text.find(b'"', value + 1) if text.startswith(b'"', value) else -1
+            if end >= 0 and _HEX.fullmatch(text, value + 1, end):
+                text = text[:start] + text[end + 1:]
+            else:
+                text = _HASH_FIELD.sub(b"", text, count=1)
     return text[:text.rindex(b"}")] + _PRUNED
 
 

@@ -8,7 +8,10 @@ import sys
 import time
 
 from chronicle.store.gc.leases import read_leases, writers_settled
-from chronicle.store.gc.prune import mark_pruned
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chronicle.store.gc.prune import _HASH_FIELD, mark_pruned
 from tests.storeutil import write
 
 
@@ -48,3 +51,21 @@ def test_mark_pruned_is_a_text_edit_of_the_json():
                       "size": 3, "turn": None, "pid": 9, "pruned": True}
     fragment = line[1:]                                  # a path entry's fragment has no leading brace
     assert json.loads(b"{" + mark_pruned(fragment))["pruned"] is True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["seq", "path", "size", "mode", "x"]),
+                       st.one_of(st.integers(), st.text(max_size=12), st.none())),
+       st.one_of(st.none(), st.text(alphabet="0123456789abcdef", max_size=64), st.text(max_size=8)),
+       st.booleans())
+def test_mark_pruned_equals_the_regex_edit(fields, hash_value, with_hash):
+    """The sliced edit is the regex edit it replaced, for every line shape."""
+    fields = dict(fields)
+    if with_hash:
+        fields["hash"] = hash_value
+    text = json.dumps(fields).encode()
+    if not text.endswith(b"}") or text == b"{}":
+        return
+    expected = _HASH_FIELD.sub(b"", text, count=1)
+    expected = expected[:expected.rindex(b"}")] + b', "pruned": true}'
+    assert mark_pruned(text) == expected
