@@ -98,8 +98,8 @@ def records_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate,
 
 
 def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate,
-           pins: Sequence[int]) -> tuple[bytes, PathEntry, list[tuple[bytes, bytes]]] | None:
-    """``(path key, path entry, [(inode key, raw inode record)...])`` of what
+           pins: Sequence[int]) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
+    """``(path key, raw path entry, [(inode key, raw inode record)...])`` of what
     pruning ``cand`` rewrites (:func:`records_to_prune`, undecoded), or None
     if nothing: the records start with ``cand``'s own. ``cur``: a cursor of
     ``txn`` on ``inodes`` (any position)."""
@@ -107,9 +107,10 @@ def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate,
     raw = txn.get(path_key, db=dbs["paths"])
     if raw is None:
         return None
-    entry = PathEntry.decode(raw)
-    if entry.flags & P_PRUNED or not entry.flags & P_CONTENT or entry.content != cand.content:
+    flags = raw[0]
+    if flags & P_PRUNED or not flags & P_CONTENT or raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE] != cand.content:
         return None
+    entry = bytes(raw)
     if cand.content == EMPTY_CONTENT_ID:
         return None               # the empty content holds nothing
     key = schema.inode_key(cand.ws, cand.ino, cand.seq)
@@ -150,6 +151,23 @@ def _holds(raw: bytes, content: bytes) -> bool:
     ``Attrs.decode(raw)`` would say."""
     return (len(raw) >= _ATTRS_HEAD + ID_SIZE and raw[_ATTRS_HEAD - 1] & _HAS_CONTENT
             and raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE] == content and _NLINK.unpack_from(raw, 12)[0] <= 1)
+
+
+# A path entry (``PathEntry.encode``) is a fixed head (flags the first byte,
+# then ino, origin and path lengths), the content id (with ``P_CONTENT``),
+# origin, path, fragment: the pruned mark is cut from those bytes.
+_ENTRY_HEAD = len(PathEntry(0, 0, b"", b"", b"").encode())
+_ENTRY_LENGTHS = struct.Struct("<II")          # origin, path lengths: the head's last 8 bytes
+
+
+def _marked_entry(raw: bytes) -> bytes:
+    """The pruned mark of the path entry ``raw`` (which has content): what
+    ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
+    mark_pruned(fragment), path).encode()`` gives."""
+    origin_len, path_len = _ENTRY_LENGTHS.unpack_from(raw, _ENTRY_HEAD - _ENTRY_LENGTHS.size)
+    fragment = _ENTRY_HEAD + ID_SIZE + origin_len + path_len
+    return b"".join((bytes(((raw[0] & ~P_CONTENT) | P_PRUNED,)), raw[1:_ENTRY_HEAD],
+                     raw[_ENTRY_HEAD + ID_SIZE:fragment], mark_pruned(raw[fragment:])))
 
 
 def _pruned_record(raw: bytes) -> bytes:
@@ -195,13 +213,11 @@ def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], d
     return result
 
 
-def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, key: bytes, entry: PathEntry,
+def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, key: bytes, entry: bytes,
            records: list[tuple[bytes, bytes]], path_field: bytes) -> None:
     for inode_key, raw in records:
         txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
-    marked = PathEntry((entry.flags & ~P_CONTENT) | P_PRUNED, entry.ino, b"", entry.origin,
-                       mark_pruned(entry.fragment), entry.path)
-    txn.put(key, marked.encode(), db=dbs["paths"])
+    txn.put(key, _marked_entry(entry), db=dbs["paths"])
     event_key = schema.event_key(cand.ws, cand.seq)
     line = txn.get(event_key, db=dbs["events"])
     if line is not None and _PRUNED not in line and path_field in line:

@@ -11,7 +11,8 @@ from chronicle.store.gc.leases import read_leases, writers_settled
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chronicle.store.gc.prune import _HASH_FIELD, mark_pruned
+from chronicle.store.gc.prune import _HASH_FIELD, _marked_entry, mark_pruned
+from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
 from tests.storeutil import write
 
 
@@ -69,3 +70,13 @@ def test_mark_pruned_equals_the_regex_edit(fields, hash_value, with_hash):
     expected = _HASH_FIELD.sub(b"", text, count=1)
     expected = expected[:expected.rindex(b"}")] + b', "pruned": true}'
     assert mark_pruned(text) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.binary(min_size=32, max_size=32), st.binary(max_size=40),
+       st.binary(max_size=40), st.sampled_from([b'"version": 2, "hash": "ab12", "size": 3}', b'"version": 1}']))
+def test_the_pruned_mark_cut_from_bytes_is_the_encoded_mark(ino, content, origin, path, fragment):
+    """Pruning cuts the mark from the entry's bytes; it is what encoding the marked entry gives."""
+    entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
+    marked = PathEntry(P_BUMPS | P_PRUNED, ino, b"", origin, mark_pruned(fragment), path)
+    assert _marked_entry(entry.encode()) == marked.encode()
