@@ -158,6 +158,18 @@ def _holds(raw: bytes, content: bytes) -> bool:
 # origin, path, fragment: the pruned mark is cut from those bytes.
 _ENTRY_HEAD = len(PathEntry(0, 0, b"", b"", b"").encode())
 _ENTRY_LENGTHS = struct.Struct("<II")          # origin, path lengths: the head's last 8 bytes
+_ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, after the flags
+
+
+def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
+    """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
+    (``PathEntry.decode``'s fields, without building one: plan reads millions)."""
+    ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
+    start = _ENTRY_HEAD + ID_SIZE + origin_len
+    if start + path_len > len(raw):
+        raise ValueError("damaged path entry")
+    return (ino, bytes(raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE]), bytes(raw[start:start + path_len]),
+            bytes(raw[start + path_len:]))
 
 
 def _marked_entry(raw: bytes) -> bytes:

@@ -11,7 +11,7 @@ from chronicle.store.gc.leases import read_leases, writers_settled
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chronicle.store.gc.prune import _HASH_FIELD, _marked_entry, mark_pruned
+from chronicle.store.gc.prune import _HASH_FIELD, _marked_entry, content_entry_fields, mark_pruned
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
 from tests.storeutil import write
 
@@ -80,3 +80,11 @@ def test_the_pruned_mark_cut_from_bytes_is_the_encoded_mark(ino, content, origin
     entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
     marked = PathEntry(P_BUMPS | P_PRUNED, ino, b"", origin, mark_pruned(fragment), path)
     assert _marked_entry(entry.encode()) == marked.encode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.binary(min_size=32, max_size=32), st.binary(max_size=40),
+       st.binary(max_size=40), st.binary(max_size=60))
+def test_content_entry_fields_are_the_decoded_fields(ino, content, origin, path, fragment):
+    entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
+    assert content_entry_fields(entry.encode()) == (ino, content, path, fragment)
