@@ -232,9 +232,13 @@ class ChunkStore:
             for chunk_id in inserted:
                 self._pending.pop(chunk_id, None)
 
-    def drop_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
+    def drop_refs(self, txn: lmdb.Transaction, content: ContentRecord,
+                  totals: dict[str, int] | None = None) -> list[bytes]:
         """Undo :meth:`add_refs` for ``content`` (GC's sweep); returns the ids
-        whose refcount reached 0 (dead: the running totals count them no more)."""
+        whose refcount reached 0 (dead: the running totals count them no more).
+        With ``totals`` the running-total deltas are added to that dict
+        (name -> delta) for the caller to write once per transaction
+        (``add_totals``) instead of being written here."""
         freed = []
         gone_raw = gone_stored = 0
         for chunk_id in _distinct_ids(content):
@@ -250,7 +254,10 @@ class ChunkStore:
                 freed.append(chunk_id)
                 gone_raw += record.raw_len
                 gone_stored += record.stored_len
-        if freed and self._meta_db is not None:
+        if freed and totals is not None:
+            for name, delta in (("unique_bytes", -gone_raw), ("stored_bytes", -gone_stored), ("chunks", -len(freed))):
+                totals[name] = totals.get(name, 0) + delta
+        elif freed and self._meta_db is not None:
             add_totals(txn, self._meta_db, unique_bytes=-gone_raw, stored_bytes=-gone_stored, chunks=-len(freed))
         return freed
 

@@ -33,10 +33,10 @@ from chronicle.errors import NotFound
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, ID_SIZE
 from chronicle.store.gc.leases import LeaseInfo
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
-from chronicle.store.gc.prune import Candidate, records_to_prune
+from chronicle.store.gc.prune import Candidate, content_entry_fields, records_to_prune
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
-from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, ChunkRecord, ContentRecord, PathEntry, WorkspaceRecord
+from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, ChunkRecord, ContentRecord, WorkspaceRecord
 
 if TYPE_CHECKING:
     from chronicle.store.store import Store
@@ -126,19 +126,19 @@ def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[Pa
         for key, value in cur:
             if key[:4] != prefix:
                 break
-            entry = PathEntry.decode(value)
-            if not (entry.flags & P_BUMPS and entry.flags & P_CONTENT):
+            if not (value[0] & P_BUMPS and value[0] & P_CONTENT):
                 continue
+            ino, content, entry_path, fragment = content_entry_fields(value)
             ident = schema.path_key_ident(key)
-            path = entry.path if schema.ident_is_long(ident) else ident
+            path = entry_path if schema.ident_is_long(ident) else ident
             if current is None or ident != current_ident or path != current.path:
                 if current is not None:
                     yield current
                 current, current_ident = PathVersions(path), ident
-            time_ns, size, label = _fields(entry.fragment)
+            time_ns, size, label = _fields(fragment)
             info = VersionInfo(schema.path_key_seq(key), time_ns, label)
-            current.versions.append((info.seq, size, entry.content, info))
-            current.inos[info.seq] = entry.ino
+            current.versions.append((info.seq, size, content, info))
+            current.inos[info.seq] = ino
     if current is not None:
         yield current
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, PRUNED_ID
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
@@ -91,63 +92,131 @@ def records_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate,
     first; empty if the candidate is already pruned, changed, has more than
     one link, or its own record is pinned. ``pins``: the workspace's pinned
     seqs, sorted."""
-    raw = txn.get(schema.path_key(cand.ws, cand.path, cand.seq), db=dbs["paths"])
+    with txn.cursor(db=dbs["inodes"]) as cur:
+        found = _check(txn, dbs, cur, cand, pins)
+    return [] if found is None else [(key, Attrs.decode(raw)) for key, raw in found[2]]
+
+
+def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate,
+           pins: Sequence[int]) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
+    """``(path key, raw path entry, [(inode key, raw inode record)...])`` of what
+    pruning ``cand`` rewrites (:func:`records_to_prune`, undecoded), or None
+    if nothing: the records start with ``cand``'s own. ``cur``: a cursor of
+    ``txn`` on ``inodes`` (any position)."""
+    path_key = schema.path_key(cand.ws, cand.path, cand.seq)
+    raw = txn.get(path_key, db=dbs["paths"])
     if raw is None:
-        return []
-    entry = PathEntry.decode(raw)
-    if entry.flags & P_PRUNED or not entry.flags & P_CONTENT or entry.content != cand.content:
-        return []
+        return None
+    flags = raw[0]
+    if flags & P_PRUNED or not flags & P_CONTENT or raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE] != cand.content:
+        return None
+    entry = bytes(raw)
     if cand.content == EMPTY_CONTENT_ID:
-        return []                 # the empty content holds nothing
+        return None               # the empty content holds nothing
     key = schema.inode_key(cand.ws, cand.ino, cand.seq)
     prefix = schema.inode_prefix(cand.ws, cand.ino)
-    out: list[tuple[bytes, Attrs]] = []
-    with txn.cursor(db=dbs["inodes"]) as cur:
-        if not cur.set_key(key):
-            return []
-        attrs = Attrs.decode(cur.value())
-        if attrs.content != cand.content or attrs.nlink > 1:
-            return []
-        seq, current = cand.seq, (bytes(key), attrs)
-        while True:
-            if not cur.prev() or cur.key()[:len(prefix)] != prefix:
-                break                 # ``current`` is the inode's newest record: the head's
-            next_key = bytes(cur.key())
-            next_seq = schema.inode_key_seq(next_key)
-            i = bisect_left(pins, seq)
-            if i < len(pins) and pins[i] < next_seq:
-                break                 # a pinned tree shows this record
-            out.append(current)
-            following = Attrs.decode(cur.value())
-            if following.content != cand.content or following.nlink > 1:
-                break
-            seq, current = next_seq, (next_key, following)
-    return out
+    out: list[tuple[bytes, bytes]] = []
+    if not cur.set_key(key):
+        return None
+    value = bytes(cur.value())
+    if not _holds(value, cand.content):
+        return None
+    seq, current = cand.seq, (key, value)
+    while True:
+        if not cur.prev() or cur.key()[:len(prefix)] != prefix:
+            break                 # ``current`` is the inode's newest record: the head's
+        next_key = bytes(cur.key())
+        next_seq = schema.inode_key_seq(next_key)
+        i = bisect_left(pins, seq)
+        if i < len(pins) and pins[i] < next_seq:
+            break                 # a pinned tree shows this record
+        out.append(current)
+        following = bytes(cur.value())
+        if not _holds(following, cand.content):
+            break
+        seq, current = next_seq, (next_key, following)
+    return (path_key, entry, out) if out else None
+
+
+# An inode record (``Attrs.encode``) is a fixed head (nlink the u32 at byte 12)
+# then, when the file has content, its 32-byte id: pruning compares and swaps
+# those bytes instead of decoding and re-encoding the record.
+_ATTRS_HEAD = len(Attrs(0, 0, 0, 0, 0, 0, 0, 0).encode())
+_HAS_CONTENT = Attrs(0, 0, 0, 0, 0, 0, 0, 0, content=PRUNED_ID).encode()[_ATTRS_HEAD - 1]   # its flag bit
+_NLINK = struct.Struct("<I")
+
+
+def _holds(raw: bytes, content: bytes) -> bool:
+    """True if the inode record ``raw`` has ``content`` and one link, as
+    ``Attrs.decode(raw)`` would say."""
+    return (len(raw) >= _ATTRS_HEAD + ID_SIZE and raw[_ATTRS_HEAD - 1] & _HAS_CONTENT
+            and raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE] == content and _NLINK.unpack_from(raw, 12)[0] <= 1)
+
+
+# A path entry (``PathEntry.encode``) is a fixed head (flags the first byte,
+# then ino, origin and path lengths), the content id (with ``P_CONTENT``),
+# origin, path, fragment: the pruned mark is cut from those bytes.
+_ENTRY_HEAD = len(PathEntry(0, 0, b"", b"", b"").encode())
+_ENTRY_LENGTHS = struct.Struct("<II")          # origin, path lengths: the head's last 8 bytes
+_ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, after the flags
+
+
+def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
+    """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
+    (``PathEntry.decode``'s fields, without building one: plan reads millions)."""
+    ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
+    start = _ENTRY_HEAD + ID_SIZE + origin_len
+    if start + path_len > len(raw):
+        raise ValueError("damaged path entry")
+    return (ino, bytes(raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE]), bytes(raw[start:start + path_len]),
+            bytes(raw[start + path_len:]))
+
+
+def _marked_entry(raw: bytes) -> bytes:
+    """The pruned mark of the path entry ``raw`` (which has content): what
+    ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
+    mark_pruned(fragment), path).encode()`` gives."""
+    origin_len, path_len = _ENTRY_LENGTHS.unpack_from(raw, _ENTRY_HEAD - _ENTRY_LENGTHS.size)
+    fragment = _ENTRY_HEAD + ID_SIZE + origin_len + path_len
+    return b"".join((bytes(((raw[0] & ~P_CONTENT) | P_PRUNED,)), raw[1:_ENTRY_HEAD],
+                     raw[_ENTRY_HEAD + ID_SIZE:fragment], mark_pruned(raw[fragment:])))
+
+
+def _pruned_record(raw: bytes) -> bytes:
+    """The inode record ``raw`` (which has content) with content :data:`PRUNED_ID`."""
+    return b"".join((raw[:_ATTRS_HEAD], PRUNED_ID, raw[_ATTRS_HEAD + ID_SIZE:]))
 
 
 def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], dict[int, list[int]]],
           progress: Callable[[int, int], None] | None = None) -> PruneResult:
     """Prune ``candidates`` in batches (module docstring). ``pins_of()``
     gives each workspace's pinned seqs, sorted; it is called before every
-    batch. ``progress(done, total)`` after every batch."""
+    batch. ``progress(done, total)`` after every batch. Content refcounts
+    are given back once per content per batch (a content record holds the
+    extent list: it is rewritten once, not once per inode record)."""
     result = PruneResult()
     dbs = store.dbs
+    fields = _PathFields()
     i = 0
     while i < len(candidates):
         pins = pins_of()
-        with store.env.begin(write=True) as txn:
+        released: dict[bytes, int] = {}
+        with store.env.begin(write=True) as txn, txn.cursor(db=dbs["inodes"]) as cur:
             start = time.monotonic()
             while i < len(candidates) and time.monotonic() - start < BATCH_SECONDS:
                 cand = candidates[i]
                 i += 1
-                records = records_to_prune(txn, dbs, cand, pins.get(cand.ws, ()))
-                if not records or records[0][0] != schema.inode_key(cand.ws, cand.ino, cand.seq):
+                found = _check(txn, dbs, cur, cand, pins.get(cand.ws, ()))
+                if found is None:
                     result.skipped += 1
                     continue
-                _apply(txn, dbs, cand, records)
+                path_key, entry, records = found
+                _apply(txn, dbs, cand, path_key, entry, records, fields(cand.path))
+                released[cand.content] = released.get(cand.content, 0) + len(records)
                 result.versions += 1
                 result.records += len(records)
                 result.released += len(records)
+            _release(txn, dbs, released)
             store.before_commit()
         store.note_commit()
         store.maintain()          # syncs when due: the pin moves on, freed pages are reused
@@ -156,27 +225,43 @@ def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], d
     return result
 
 
-def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, records: list[tuple[bytes, Attrs]]) -> None:
-    for key, attrs in records:
-        txn.put(key, attrs.replace(content=PRUNED_ID).encode(), db=dbs["inodes"])
-    raw = txn.get(cand.content, db=dbs["contents"])
-    if raw is not None:
-        refcount = schema.content_header(raw)[1]
-        txn.put(cand.content, schema.content_with_refcount(raw, max(0, refcount - len(records))),
-                db=dbs["contents"])
-    key = schema.path_key(cand.ws, cand.path, cand.seq)
-    entry = PathEntry.decode(txn.get(key, db=dbs["paths"]))
-    marked = PathEntry((entry.flags & ~P_CONTENT) | P_PRUNED, entry.ino, b"", entry.origin,
-                       mark_pruned(entry.fragment), entry.path)
-    txn.put(key, marked.encode(), db=dbs["paths"])
+def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, key: bytes, entry: bytes,
+           records: list[tuple[bytes, bytes]], path_field: bytes) -> None:
+    for inode_key, raw in records:
+        txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
+    txn.put(key, _marked_entry(entry), db=dbs["paths"])
     event_key = schema.event_key(cand.ws, cand.seq)
     line = txn.get(event_key, db=dbs["events"])
-    if line is not None and _PRUNED not in line and _path_field(cand.path) in line:
+    if line is not None and _PRUNED not in line and path_field in line:
         txn.put(event_key, mark_pruned(bytes(line)), db=dbs["events"])
+
+
+def _release(txn: lmdb.Transaction, dbs: dict, released: dict[bytes, int]) -> None:
+    """Give back ``released`` references (content id -> count), one rewrite per content."""
+    for content, count in released.items():
+        raw = txn.get(content, db=dbs["contents"])
+        if raw is not None:
+            refcount = schema.content_header(raw)[1]
+            txn.put(content, schema.content_with_refcount(raw, max(0, refcount - count)), db=dbs["contents"])
+
+
+class _PathFields:
+    """``_path_field`` of the last path asked (candidates come path by path)."""
+
+    def __init__(self) -> None:
+        self.path: bytes | None = None
+        self.field = b""
+
+    def __call__(self, path: bytes) -> bytes:
+        if path != self.path:
+            self.path, self.field = path, _path_field(path)
+        return self.field
 
 
 _HASH_FIELD = re.compile(rb', "hash": (?:"[0-9a-f]*"|null)')
 _PRUNED = b', "pruned": true}'
+_HASH_KEY = b', "hash": '
+_HEX = re.compile(rb"[0-9a-f]*")
 
 
 def _path_field(path: bytes) -> bytes:
@@ -187,7 +272,20 @@ def mark_pruned(text: bytes) -> bytes:
     """A log line or path-entry fragment (a JSON object's text, as
     ``journal`` writes it) without its ``"hash"`` and with ``"pruned": true``
     at the end — text edits, no JSON parse (GC rewrites millions of them)."""
-    text = _HASH_FIELD.sub(b"", text, count=1)
+    # The first ``, "hash": `` is the field (inside a JSON string its quotes
+    # would be escaped); find and slice instead of the regex where its value
+    # is what journal writes (hex or null), which is what nearly all are.
+    start = text.find(_HASH_KEY)
+    if start >= 0:
+        value = start + len(_HASH_KEY)
+        if text.startswith(b"null", value):
+            text = text[:start] + text[value + 4:]
+        else:
+            end = text.find(b'"', value + 1) if text.startswith(b'"', value) else -1
+            if end >= 0 and _HEX.fullmatch(text, value + 1, end):
+                text = text[:start] + text[end + 1:]
+            else:
+                text = _HASH_FIELD.sub(b"", text, count=1)
     return text[:text.rindex(b"}")] + _PRUNED
 
 

@@ -83,6 +83,7 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
         with store.env.begin(write=True) as txn:
             start = time.monotonic()
             batch_bytes = batch_contents = 0
+            totals: dict[str, int] = {}
             while i < len(garbage) and time.monotonic() - start < BATCH_SECONDS:
                 content_id = garbage[i]
                 i += 1
@@ -90,7 +91,7 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
                 if raw is None or schema.content_header(raw)[1] != 0:
                     continue              # used again since the scan
                 record = ContentRecord.decode(raw)
-                for chunk_id in store.chunks.drop_refs(txn, record):
+                for chunk_id in store.chunks.drop_refs(txn, record, totals):
                     chunk = ChunkRecord.decode(txn.get(chunk_id, db=dbs["chunks"]))
                     out["chunks"] += 1
                     out["bytes"] += chunk.stored_len
@@ -98,7 +99,7 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
                 txn.delete(content_id, db=dbs["contents"])
                 batch_bytes += record.size
                 batch_contents += 1
-            add_totals(txn, dbs["meta"], logical_bytes=-batch_bytes, contents=-batch_contents)
+            add_totals(txn, dbs["meta"], logical_bytes=-batch_bytes, contents=-batch_contents, **totals)
             out["contents"] += batch_contents
             out["logical_bytes"] += batch_bytes
             store.before_commit()

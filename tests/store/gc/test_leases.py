@@ -8,7 +8,11 @@ import sys
 import time
 
 from chronicle.store.gc.leases import read_leases, writers_settled
-from chronicle.store.gc.prune import mark_pruned
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chronicle.store.gc.prune import _HASH_FIELD, _marked_entry, content_entry_fields, mark_pruned
+from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
 from tests.storeutil import write
 
 
@@ -48,3 +52,39 @@ def test_mark_pruned_is_a_text_edit_of_the_json():
                       "size": 3, "turn": None, "pid": 9, "pruned": True}
     fragment = line[1:]                                  # a path entry's fragment has no leading brace
     assert json.loads(b"{" + mark_pruned(fragment))["pruned"] is True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["seq", "path", "size", "mode", "x"]),
+                       st.one_of(st.integers(), st.text(max_size=12), st.none())),
+       st.one_of(st.none(), st.text(alphabet="0123456789abcdef", max_size=64), st.text(max_size=8)),
+       st.booleans())
+def test_mark_pruned_equals_the_regex_edit(fields, hash_value, with_hash):
+    """The sliced edit is the regex edit it replaced, for every line shape."""
+    fields = dict(fields)
+    if with_hash:
+        fields["hash"] = hash_value
+    text = json.dumps(fields).encode()
+    if not text.endswith(b"}") or text == b"{}":
+        return
+    expected = _HASH_FIELD.sub(b"", text, count=1)
+    expected = expected[:expected.rindex(b"}")] + b', "pruned": true}'
+    assert mark_pruned(text) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.binary(min_size=32, max_size=32), st.binary(max_size=40),
+       st.binary(max_size=40), st.sampled_from([b'"version": 2, "hash": "ab12", "size": 3}', b'"version": 1}']))
+def test_the_pruned_mark_cut_from_bytes_is_the_encoded_mark(ino, content, origin, path, fragment):
+    """Pruning cuts the mark from the entry's bytes; it is what encoding the marked entry gives."""
+    entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
+    marked = PathEntry(P_BUMPS | P_PRUNED, ino, b"", origin, mark_pruned(fragment), path)
+    assert _marked_entry(entry.encode()) == marked.encode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.binary(min_size=32, max_size=32), st.binary(max_size=40),
+       st.binary(max_size=40), st.binary(max_size=60))
+def test_content_entry_fields_are_the_decoded_fields(ino, content, origin, path, fragment):
+    entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
+    assert content_entry_fields(entry.encode()) == (ino, content, path, fragment)
