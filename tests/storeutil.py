@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import json
 
-from chronicle.errors import Exists
 from chronicle.store.model import Actor
 from chronicle.store.namespace.workspace import Workspace
+from tools.storeapi import write_file
 
 A = Actor(uid=0, gid=0, pid=4242)
 
 
 def write(ws: Workspace, parent: int, name: bytes, data: bytes, *, exists_ok: bool = True) -> int:
     """create (or open with O_TRUNC) + write + close, as ``open(..., "wb")`` does. Returns the inode."""
-    try:
-        ino, _ = ws.create(parent, name, 0o100644, A)
-        ws.files.open(ino, created=True)
-    except Exists:
-        if not exists_ok:
-            raise
-        ino, _ = ws.lookup(parent, name)
-        ws.files.open(ino, truncate=True)
-    ws.files.write(ino, 0, data, A.pid)
-    ws.files.commit(ino)
-    ws.files.release(ino)
-    return ino
+    return write_file(ws, parent, name, data, A, exists_ok=exists_ok)
 
 
 def history(ws: Workspace, path: bytes) -> list[dict]:

@@ -47,11 +47,12 @@ from pathlib import Path
 import lmdb
 
 from chronicle import procs
-from chronicle.errors import ChronicleError, Exists
+from chronicle.errors import ChronicleError
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.model import Actor
 from chronicle.store.namespace.workspace import Workspace
 from chronicle.store.store import Store
+from tools.storeapi import write_file
 
 CLI = [sys.executable, "-m", "chronicle"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -60,17 +61,8 @@ ACTOR = Actor(uid=0, gid=0, pid=4242)
 
 
 def _write(ws: Workspace, parent: int, name: bytes, data: bytes) -> int:
-    """create (or truncate) + write + close, as ``open(..., "wb")`` does."""
-    try:
-        ino, _ = ws.create(parent, name, 0o100644, ACTOR)
-        ws.files.open(ino, created=True)
-    except Exists:
-        ino, _ = ws.lookup(parent, name)
-        ws.files.open(ino, truncate=True)
-    ws.files.write(ino, 0, data, ACTOR.pid)
-    ws.files.commit(ino)
-    ws.files.release(ino)
-    return ino
+    """create (or truncate) + write + close, as ``open(..., "wb")`` does (``tools.storeapi``)."""
+    return write_file(ws, parent, name, data, ACTOR)
 
 
 def build(base: Path, *, tops: int = 4, subs: int = 3, files: int = 25, seed: int = 0) -> tuple[Path, dict[str, bytes], int]:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import jsonpatch
 
-from chronicle.errors import Exists
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.model import Actor
 from chronicle.store.store import Store
+from tools.storeapi import write_file
 
 REPO = Path(__file__).resolve().parents[2]
 A = Actor(uid=os.getuid(), gid=os.getgid(), pid=4242)
@@ -37,15 +37,7 @@ def write(ws, path: bytes, data: bytes) -> None:
     *dirs, name = path.split(b"/")
     for d in dirs:
         parent = ws.lookup(parent, d)[0]
-    try:
-        ino, _ = ws.create(parent, name, 0o100644, A)
-        ws.files.open(ino, created=True)
-    except Exists:
-        ino, _ = ws.lookup(parent, name)
-        ws.files.open(ino, truncate=True)
-    ws.files.write(ino, 0, data, A.pid)
-    ws.files.commit(ino)
-    ws.files.release(ino)
+    write_file(ws, parent, name, data, A)
 
 
 def agent_record(name: str, parent: dict | None = None) -> dict:

@@ -23,24 +23,16 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from chronicle.errors import Exists  # noqa: E402
 from chronicle.store.history.blame import blame  # noqa: E402
 from chronicle.store.history.views import HistoryViews  # noqa: E402
 from chronicle.store.model import SYSTEM  # noqa: E402
 from chronicle.store.store import Store  # noqa: E402
+from tools.storeapi import write_file  # noqa: E402
 
 
 def _write(ws, name: bytes, data: bytes) -> None:
-    """create-or-truncate, write, commit, release (as ``open(name, "wb")`` does)."""
-    try:
-        ino, _ = ws.create(ws.root, name, 0o100644, SYSTEM)
-        ws.files.open(ino, created=True)
-    except Exists:
-        ino, _ = ws.lookup(ws.root, name)
-        ws.files.open(ino, truncate=True)
-    ws.files.write(ino, 0, data, SYSTEM.pid)
-    ws.files.commit(ino)
-    ws.files.release(ino)
+    """create-or-truncate, write, close of ``name`` at the root (``tools.storeapi``)."""
+    write_file(ws, ws.root, name, data, SYSTEM)
 
 
 def bench_blame(lines: int, versions: int, rounds: int) -> list[float]:

@@ -26,25 +26,17 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from chronicle import control  # noqa: E402
-from chronicle.errors import Exists  # noqa: E402
 from chronicle.store.history.receipts import Receipts  # noqa: E402
 from chronicle.store.model import Actor  # noqa: E402
 from chronicle.store.store import Store  # noqa: E402
+from tools.storeapi import write_file  # noqa: E402
 
 A = Actor(0, 0, 1)
 
 
 def _write(ws, parent: int, name: bytes, data: bytes) -> None:
-    """create (or open with O_TRUNC) + write + close, as ``open(..., "wb")``."""
-    try:
-        ino, _ = ws.create(parent, name, 0o100644, A)
-        ws.files.open(ino, created=True)
-    except Exists:
-        ino, _ = ws.lookup(parent, name)
-        ws.files.open(ino, truncate=True)
-    ws.files.write(ino, 0, data, A.pid)
-    ws.files.commit(ino)
-    ws.files.release(ino)
+    """create (or truncate) + write + close, as ``open(..., "wb")`` does (``tools.storeapi``)."""
+    write_file(ws, parent, name, data, A)
 
 
 def store_figures(files: int, dirs: int, tmp: Path) -> dict:
