@@ -21,7 +21,6 @@ import pytest
 
 from chronicle.control import ControlChannel
 from chronicle.store.history.reads import ReadLog
-from chronicle.store.history.turns import TurnLog
 from chronicle.store.store import Store
 
 try:
@@ -34,26 +33,6 @@ pytestmark = pytest.mark.mount
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def agent_mount(mount_factory, tmp_path):
-    """A mount of workspace ``bot`` whose agent exists (turn 0), and the store, opened here to read."""
-    path = tmp_path / "store"
-    with Store.init(path) as st:
-        st.create_workspace("bot")
-        ws = st.open_workspace("bot", writable=True)
-        record = {"id": "bot", "target": "m:C", "cwd": "/", "created": "t", "entity_type": None,
-                  "state_version": 1, "parent": None, "last_turn": 0, "message_turns": 0, "history_from": 0,
-                  "total_usage": {}, "last_turn_usage": {}, "status": "created"}
-        TurnLog(st).create_agent(ws, record, {"version": 1, "entity_type": None, "state": {}}, {"kind": "create"})
-        st.release_workspace(ws)
-    mount = mount_factory(store=path, workspace="bot")
-    store = Store.open(path)
-    try:
-        yield mount, store
-    finally:
-        store.close()
-
-
 def _turn(ctl: ControlChannel, n: int, **fields) -> None:
     ctl.request({"cmd": "turn-begin", "agent": "bot", "turn": n, "record": {"kind": "message"}, **fields})
 
@@ -63,7 +42,7 @@ def _end(ctl: ControlChannel) -> dict:
 
 
 def test_ctl_turn_records_reads_of_this_process_and_a_child(agent_mount):
-    mount, store = agent_mount
+    mount, store, _log = agent_mount
     big = os.urandom(3 << 20)
     (mount.path / "a.txt").write_text("alpha\n")
     (mount.path / "b.bin").write_bytes(big)
@@ -90,7 +69,7 @@ def test_ctl_turn_records_reads_of_this_process_and_a_child(agent_mount):
 
 
 def test_untracked_turn_and_reads_outside_turns_record_nothing(agent_mount):
-    mount, store = agent_mount
+    mount, store, _log = agent_mount
     (mount.path / "a.txt").write_text("alpha\n")
     (mount.path / "a.txt").read_text()
     with ControlChannel(mount.path) as ctl:
