@@ -28,11 +28,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from chronicle import procs
-from tools.bench.targets import Target, TargetUnavailable, _fusermount_unmount, _remove_tree
+from tools.bench.targets import MountedTarget, TargetUnavailable, _fusermount_unmount
 from tools.passthrough import cache_dir
 
 JUICEFS_VERSION = "1.4.2"
@@ -81,7 +80,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-class JuiceFSTarget(Target):
+class JuiceFSTarget(MountedTarget):
     """JuiceFS with SQLite metadata and local file storage, all in ``base``."""
 
     name = "juicefs"
@@ -127,11 +126,11 @@ class JuiceFSTarget(Target):
             procs.wait_for_mount(self.mountpoint, self._proc.pid, timeout=MOUNT_TIMEOUT,
                                  log_path=self.log, log_start=start)
         except procs.StoreError as exc:
-            self._stop()
+            self._unmount()
             raise TargetUnavailable(f"`juicefs mount` failed: {exc}") from None
         self._pids += _children(self._proc.pid)
 
-    def _stop(self) -> None:
+    def _unmount(self) -> None:
         """Unmount, then wait for our PIDs; signal by PID any that outlive it."""
         if procs.mount_entries(self.mountpoint):
             _fusermount_unmount(self.mountpoint)
@@ -166,19 +165,3 @@ class JuiceFSTarget(Target):
             raise
         self.root = self.mountpoint
 
-    def remount(self, between: Callable[[], object]) -> None:
-        self._stop()
-        if procs.mount_entries(self.mountpoint):
-            raise RuntimeError(f"could not unmount {self.mountpoint}")
-        between()
-        try:
-            self._mount()
-        except TargetUnavailable as exc:
-            raise RuntimeError(f"remount failed: {exc}") from None
-
-    def close(self) -> None:
-        try:
-            self._stop()
-        finally:
-            _fusermount_unmount(self.mountpoint)
-            _remove_tree(self.base, [self.mountpoint])

@@ -83,6 +83,39 @@ class Target:
         raise NotImplementedError
 
 
+class MountedTarget(Target):
+    """A target served by a FUSE daemon the bench starts at ``mountpoint``:
+    subclasses give ``_mount()`` (raises :class:`TargetUnavailable`) and
+    ``_unmount()`` (unmounts and stops the daemon by PID); remount and close
+    are the same for all of them."""
+
+    is_fuse = True
+    mountpoint: Path
+
+    def _mount(self) -> None:
+        raise NotImplementedError
+
+    def _unmount(self) -> None:
+        raise NotImplementedError
+
+    def remount(self, between: Callable[[], object]) -> None:
+        self._unmount()
+        if procs.mount_entries(self.mountpoint):
+            raise RuntimeError(f"could not unmount {self.mountpoint}")
+        between()
+        try:
+            self._mount()
+        except TargetUnavailable as exc:
+            raise RuntimeError(f"remount failed: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self._unmount()
+        finally:
+            _fusermount_unmount(self.mountpoint)
+            _remove_tree(self.base, [self.mountpoint])
+
+
 class Ext4Target(Target):
     """A plain directory on the local disk (``base`` must be on ext4)."""
 
@@ -142,7 +175,7 @@ class PassthroughTarget(Target):
             _remove_tree(self.base, [self.mountpoint])
 
 
-class ChronicleTarget(Target):
+class ChronicleTarget(MountedTarget):
     """Chronicle's mount of workspace ``bench`` from a private store in ``base``.
 
     The CLI's ``mount`` forks a daemon we do not get the PID of. We stop it
@@ -199,7 +232,7 @@ class ChronicleTarget(Target):
             raise TargetUnavailable("`chronicle mount` returned 0 but the mountpoint is not mounted")
         self._mounted_once = True
 
-    def _umount(self) -> None:
+    def _unmount(self) -> None:
         """Unmount through the CLI; fall back to fusermount3 and PID signals."""
         if os.path.ismount(self.mountpoint):
             rc, last = self._cli("umount", str(self.mountpoint), timeout=UMOUNT_TIMEOUT)
@@ -256,21 +289,6 @@ class ChronicleTarget(Target):
             raise
         self.root = self.mountpoint
 
-    def remount(self, between: Callable[[], object]) -> None:
-        self._umount()
-        if os.path.ismount(self.mountpoint):
-            raise RuntimeError(f"could not unmount {self.mountpoint}")
-        between()
-        try:
-            self._mount()
-        except TargetUnavailable as exc:
-            raise RuntimeError(f"remount failed: {exc}") from None
-
-    def close(self) -> None:
-        try:
-            self._umount()
-        finally:
-            _remove_tree(self.base, [self.mountpoint])
 
 
 TARGETS: dict[str, type[Target]] = {
