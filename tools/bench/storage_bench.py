@@ -13,6 +13,13 @@
    metadata) <= 10x the database's size; the database file's history still
    lists versions.
 
+3. **click-replay** (``--metadata``): 300 commits (``--quick`` 30) of a git
+   repository (``--git-repo BARE``, e.g. a mirror of pallets/click; default
+   the synthetic ``gitrepo`` history) replayed with ``git checkout -f`` into
+   a mount; the per-database metadata table, metadata / chunks, git's pack
+   of the same commits and the daemon's peak RSS (``replay_meta``). Budget:
+   metadata <= 0.5x chunks, RSS < 300 MB.
+
 The npm budget (20 rounds of ``npm install`` and ``rm -rf node_modules``)
 needs the npm registry, which this machine cannot reach; it is not run here.
 """
@@ -39,6 +46,7 @@ from chronicle.store.gc import collect, dryrun  # noqa: E402
 from chronicle.store.gc.policy import Policy  # noqa: E402
 from chronicle.store.model import Actor  # noqa: E402
 from chronicle.store.store import Store  # noqa: E402
+from tools.bench import gitrepo, replay_meta  # noqa: E402
 
 CHRONICLE = [sys.executable, "-m", "chronicle"]
 ACTOR = Actor(0, 0, os.getpid())
@@ -121,6 +129,18 @@ def sqlite_wal(work: Path, inserts: int) -> dict:
             "budget_ok": (after_packs + after_meta) <= 10 * db_size and len(kept) > 0}
 
 
+def click_replay(work: Path, bare: str | None, commits: int) -> dict:
+    """The click-replay job (module docstring): ``replay_meta.click_replay``'s
+    figures, with the budgets; the per-database table is printed to stderr."""
+    repo = Path(bare) if bare else gitrepo.build_repo(Path(os.environ.get("CHRONICLE_CACHE", Path.home() / ".cache"
+                                                                          / "chronicle")) / "bench", 300, commits)
+    figures = replay_meta.click_replay(work, repo, commits)
+    print(replay_meta.format_table(figures["databases"]), file=sys.stderr)
+    figures["budget_ok"] = (figures["meta_used_bytes"] <= 0.5 * figures["chunks_bytes"]
+                            and figures["daemon_peak_rss_bytes"] < 300_000_000)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -128,6 +148,9 @@ def main() -> None:
     parser.add_argument("--inserts", type=int)
     parser.add_argument("--workloads", default="gc-events,sqlite-wal")
     parser.add_argument("--workdir", default="/var/tmp")
+    parser.add_argument("--metadata", action="store_true", help="also run click-replay")
+    parser.add_argument("--git-repo", help="bare repository for click-replay")
+    parser.add_argument("--commits", type=int)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     events = args.events or (100_000 if args.quick else 1_000_000)
@@ -141,6 +164,9 @@ def main() -> None:
         if "sqlite-wal" in args.workloads:
             out["sqlite-wal"] = sqlite_wal(work, inserts)
             print(json.dumps({"sqlite-wal": out["sqlite-wal"]}, indent=2))
+        if args.metadata or "click-replay" in args.workloads:
+            out["click-replay"] = click_replay(work, args.git_repo, args.commits or (30 if args.quick else 300))
+            print(json.dumps({"click-replay": out["click-replay"]}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json_path:
