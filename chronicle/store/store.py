@@ -49,7 +49,7 @@ from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.gc.leases import Lease
 from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
-from chronicle.store.meta import backup, salvage, schema
+from chronicle.store.meta import backup, compact, salvage, schema
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.recovery import (SYNCED_FILE, MetaReserve, is_no_space, record_synced,
                                            recover_after_crash, repair_meta_pages)
@@ -119,6 +119,7 @@ class Store:
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._dirty = False
+        self._committed = False                 # this process committed since it opened the store
         self._commits_since_sync = 0
         self._last_sync = time.monotonic()
         self._commits_since_backup = 0
@@ -233,6 +234,9 @@ class Store:
         except BlockingIOError:
             alone = False
             sound = True                            # the process that has it open checked it (or inherited that)
+            # Wait out a process that holds the lock exclusively (checking the file at open, or swapping in a
+            # compacted copy at close, meta.compact) before LMDB opens the file it may replace.
+            fcntl.flock(open_lock, fcntl.LOCK_SH)
         try:
             try:
                 env, dbs = cls._open_env(path, modes)
@@ -308,12 +312,24 @@ class Store:
         try:                                    # the last user of the store: its file is what LMDB wrote
             fcntl.flock(self._open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if self._meta_sound:
+                self._compact_after_close()
                 salvage.trust_after_close(self.meta_dir, self.modes)
         except BlockingIOError:
             pass                                # another process still has it open: its close records it
         except OSError as exc:
             log.warning("could not record the store's metadata as sound: %s", exc)
         os.close(self._open_lock)
+
+    def _compact_after_close(self) -> None:
+        """With the environment closed and the open lock held exclusively: if
+        this process committed, give a mostly free metadata file's space back
+        (``meta.compact``). A failure is logged; the live file stays as it was."""
+        if not self._committed:
+            return
+        try:
+            compact.compact_if_mostly_free(self.meta_dir, MAP_SIZE, len(schema.DATABASES) + 2, self.modes.file_mode)
+        except (OSError, lmdb.Error) as exc:
+            log.warning("could not compact the metadata file: %s", exc)
 
     def __enter__(self) -> Store:
         return self
@@ -601,6 +617,7 @@ class Store:
 
     def note_commit(self) -> None:
         self._dirty = True
+        self._committed = True
         self._commits_since_sync += 1
         self._commits_since_backup += 1
         if self._commits_since_sync >= 4 * SYNC_COMMITS:

@@ -1,0 +1,127 @@
+"""LMDB page reuse (issue 9 §6): the metadata file does not grow under steady
+churn, and a mostly free file is compacted when the last process closes the
+store (meta.compact)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import lmdb
+
+from chronicle.store.fsck.checks import fsck
+from chronicle.store.gc import collect, dryrun
+from chronicle.store.gc.policy import Policy
+from chronicle.store.meta import compact, salvage
+from chronicle.store.store import Store
+from tests.storeutil import history, read, write
+
+LATER = 2 ** 62
+
+
+def _file_pages(store: Store) -> int:
+    """Pages of data.mdb LMDB has written (the last page number + 1): the
+    preallocated tail (recovery.MetaReserve) not counted."""
+    return store.env.info()["last_pgno"] + 1
+
+
+def _churn(store: Store, ws, rounds: int, start: int) -> None:
+    for i in range(start, start + rounds):
+        write(ws, ws.root, b"f", b"version %d\n" % i)
+        store.maintain()
+
+
+def test_a_file_rewritten_10000_times_with_keep_last_and_gc_stops_growing_the_metadata(tmp_path):
+    store = Store.init(tmp_path / "s")
+    ws = store.open_workspace("w", writable=True, create=True)
+    for i in range(20):                                  # some other files: a tree of several levels
+        write(ws, ws.root, b"other%02d" % i, b"x" * 100)
+    dryrun.set_policy(store, ws.id, Policy(keep_last=2))
+    sizes, used = [], []
+    done = 0
+    for _round in range(5):
+        _churn(store, ws, 2000, done)
+        done += 2000
+        collect.collect(store, ["w"], now_ns=LATER)
+        store.sync()
+        sizes.append(_file_pages(store))
+        used.append(compact.used_pages(store.env))
+    # After the first rounds the file has its working size: the records in use and one sync window's churn
+    # (meta.compact). 4,000 more rewrites (and 2 gcs) grow it by the records they add (events, path entries,
+    # pruned marks: the history keeps them), not by pages left unused.
+    free = [s - u for s, u in zip(sizes, used)]
+    assert free[-1] <= free[2] * 1.05 + 64, (sizes, used)
+    assert sizes[-1] - sizes[2] <= (used[-1] - used[2]) + 0.05 * sizes[2] + 64, (sizes, used)
+    assert read(ws, b"f") == b"version %d\n" % (done - 1)
+    versions = history(ws, b"f")
+    assert [v["version"] for v in versions if not v.get("pruned")][-2:] == [done - 1, done]
+    report = fsck(store)
+    assert report.clean, [p.message for p in report.problems]
+    store.close()
+
+
+def _grow(path, n: int = 600) -> Store:
+    """A store whose metadata file is mostly free pages: ``n`` commits within one sync window."""
+    store = Store.init(path)
+    ws = store.open_workspace("w", writable=True, create=True)
+    for i in range(n):
+        write(ws, ws.root, b"f%d" % (i % 40), b"content %d\n" % i)
+    return store
+
+
+def test_the_last_close_compacts_a_mostly_free_metadata_file_and_everything_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(compact, "MIN_BYTES", 1 << 20)
+    store = _grow(tmp_path / "s")
+    data = tmp_path / "s" / "meta" / "data.mdb"
+    before = data.stat().st_size
+    expected = {b"f%d" % (i % 40): b"content %d\n" % i for i in range(600)}
+    store.close()
+    after = data.stat().st_size
+    assert after < before / 2, (before, after)
+    assert salvage.is_verified(tmp_path / "s" / "meta")          # the swapped-in file is the one recorded sound
+    assert not (tmp_path / "s" / "meta" / ".compact").exists()
+    store = Store.open(tmp_path / "s")
+    ws = store.open_workspace("w", writable=True)
+    assert {name: read(ws, name) for name in expected} == expected
+    assert len(history(ws, b"f7")) == 15
+    write(ws, ws.root, b"f1", b"after the compaction\n")            # and it takes new commits
+    assert fsck(store).clean
+    store.close()
+    store = Store.open(tmp_path / "s")
+    assert read(store.open_workspace("w"), b"f1") == b"after the compaction\n"
+    store.close()
+
+
+def test_a_store_open_elsewhere_or_a_mostly_used_file_is_not_compacted(tmp_path, monkeypatch):
+    monkeypatch.setattr(compact, "MIN_BYTES", 1 << 20)
+    store = _grow(tmp_path / "s")
+    data = tmp_path / "s" / "meta" / "data.mdb"
+    fd = os.open(tmp_path / "s" / "run" / "open.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)                     # as another process holding the store open
+    try:
+        store.close()
+        size = data.stat().st_size
+        assert size > 2 << 20
+    finally:
+        os.close(fd)
+    # a file without many free pages is left as it is, even by the last close
+    assert compact.compact_if_mostly_free(tmp_path / "s" / "meta", 1 << 40, 64, 0o600, min_bytes=0,
+                                          free_fraction=0.999) is None
+    assert data.stat().st_size == size
+    env = lmdb.open(str(tmp_path / "s" / "meta"), max_dbs=64, readonly=True)
+    try:
+        assert compact.used_pages(env) > 10
+    finally:
+        env.close()
+
+
+def test_a_read_only_open_does_not_compact(tmp_path, monkeypatch):
+    monkeypatch.setattr(compact, "MIN_BYTES", 1 << 20)
+    _grow(tmp_path / "s").close()
+    data = tmp_path / "s" / "meta" / "data.mdb"
+    calls = []
+    monkeypatch.setattr(compact, "compact_if_mostly_free", lambda *a, **k: calls.append(a))
+    store = Store.open(tmp_path / "s")
+    store.open_workspace("w")
+    store.close()
+    assert calls == [] and data.exists()
