@@ -127,6 +127,7 @@ class Store:
         self._page_size = env.stat()["psize"]
         self._reserve = MetaReserve(self.meta_dir / "data.mdb", self._page_size)
         self._pin = env.begin()
+        self._pin_time = time.monotonic()
         # key ranges whose records a salvage at open lost (meta.salvage): their lookups answer Corrupt
         self.damaged = salvage.damaged_ranges(salvage.salvage_note(self.meta_dir))
         self._locks: dict[int, int] = {}
@@ -304,7 +305,8 @@ class Store:
         self._closed = True
         self.chunks.close()
         self.lease.close()
-        self._pin.abort()
+        with self._sync_lock:                   # not while _renew_idle_pin replaces it
+            self._pin.abort()
         for fd in self._locks.values():
             os.close(fd)
         self._locks.clear()
@@ -645,6 +647,35 @@ class Store:
             return elapsed >= interval or self._commits_since_sync >= max_commits
         return elapsed >= interval and self.env.info()["last_txnid"] > self._pin.id()
 
+    def read_txn(self) -> lmdb.Transaction:
+        """A new LMDB read transaction (the caller ends it, ``with``). In a
+        process with nothing to sync (a reader such as ``chronicle ui``, or an
+        idle writer) whose recovery pin is older than ``SYNC_INTERVAL``,
+        first moves the pin forward (:meth:`_renew_idle_pin`): a pin held from
+        open on would keep every other process of the store from reusing any
+        page freed since, and their metadata file would grow without bound."""
+        if not self._dirty and time.monotonic() - self._pin_time >= SYNC_INTERVAL:
+            self._renew_idle_pin()
+        return self.env.begin()
+
+    def _renew_idle_pin(self) -> None:
+        """Replace the recovery pin by a read transaction of now, unless this
+        process has commits not yet synced (``recovery``: they need the pin
+        opened before their sync; the synced trees of other processes are
+        kept by the pins of the processes that committed after them). Never
+        waits: a sync under way moves the pin itself."""
+        if not self._sync_lock.acquire(blocking=False):
+            return
+        try:
+            if self._dirty or self._closed:
+                return
+            new_pin = self.env.begin()
+            old, self._pin = self._pin, new_pin
+            self._pin_time = time.monotonic()
+            old.abort()
+        finally:
+            self._sync_lock.release()
+
     def maintain(self) -> None:
         """Sync if :meth:`needs_sync`; long-running writers call this
         periodically. Also refreshes this process's lease (``gc.leases``)."""
@@ -686,6 +717,7 @@ class Store:
             finally:
                 txn.abort()
             old, self._pin = self._pin, new_pin
+            self._pin_time = time.monotonic()
             old.abort()
 
     def backup_due(self, interval: float | None = None) -> bool:

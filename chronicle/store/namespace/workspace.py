@@ -130,8 +130,8 @@ class Workspace:
         return TreeView(self.dbs, self.chain, self.root, seq, env=self.store.env, damaged=self.store.damaged)
 
     def read_txn(self) -> lmdb.Transaction:
-        """A new LMDB read transaction of the store (use it in ``with``)."""
-        return self.store.env.begin()
+        """A new LMDB read transaction of the store (use it in ``with``; ``Store.read_txn``)."""
+        return self.store.read_txn()
 
     # -- reads at the head -----------------------------------------------------------
 

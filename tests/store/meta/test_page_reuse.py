@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
+import time
 
 import lmdb
 
@@ -125,3 +128,51 @@ def test_a_read_only_open_does_not_compact(tmp_path, monkeypatch):
     store.open_workspace("w")
     store.close()
     assert calls == [] and data.exists()
+
+
+_READER = """
+import sys, time
+from chronicle.store.store import Store
+store = Store.open(sys.argv[1])
+ws = store.open_workspace("w")
+print("open", flush=True)
+while not sys.stdin.readline().startswith("stop"):
+    with ws.read_txn() as txn:                  # as `chronicle ui` reads, now and then
+        pass
+    print("read", flush=True)
+store.close()
+"""
+
+
+def test_a_reading_process_does_not_keep_the_writer_from_reusing_pages(tmp_path, monkeypatch):
+    monkeypatch.setattr("chronicle.store.store.SYNC_INTERVAL", 0.2)
+    store = Store.init(tmp_path / "s")
+    ws = store.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"f", b"first\n")
+    store.sync()
+    env = dict(os.environ, CHRONICLE_SYNC_INTERVAL="0.2", PYTHONPATH=os.pathsep.join(sys.path))
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(tmp_path / "s")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert reader.stdout.readline() == "open\n"
+        free = []
+        done = 0
+        for _round in range(4):
+            for i in range(300):
+                write(ws, ws.root, b"f", b"version %d\n" % (done + i))
+                if i % 100 == 99:
+                    time.sleep(0.25)
+                    reader.stdin.write("read\n")          # the reader opens a read transaction meanwhile
+                    reader.stdin.flush()
+                    assert reader.stdout.readline() == "read\n"
+                    store.maintain()
+            done += 300
+            store.sync()
+            free.append(_file_pages(store) - compact.used_pages(store.env))
+        # a reader whose pin stayed where it opened would make every round's ~6,000 pages new ones
+        assert free[-1] <= free[1] * 1.2 + 256, free
+    finally:
+        reader.stdin.write("stop\n")
+        reader.stdin.close()
+        reader.wait(timeout=30)
+    store.close()
