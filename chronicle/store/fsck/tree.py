@@ -19,7 +19,7 @@ from chronicle.store import model
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID, to_hex
 from chronicle.store.fsck.report import _NAMED_IN_DETAILS, _NAMED_IN_MESSAGE, INFO, WARNING, _name_files, _short
 from chronicle.store.history.paths import History
-from chronicle.store.meta import schema
+from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_CONTENT, SEQ_MAX, PathEntry
 from chronicle.store.meta.tree import TreeView
@@ -340,7 +340,7 @@ class TreeChecks:
                 gaps[ws].append((expected[ws], seq - 1))
             expected[ws] = seq + 1
             try:
-                line = json.loads(value)
+                line = events.decode(seq, value)      # a packed record or an old JSON line (meta.events)
                 ok = isinstance(line, dict) and line.get("seq") == seq
             except ValueError:
                 ok = False

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, PRUNED_ID
-from chronicle.store.meta import schema
+from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
 from chronicle.store.model import Attrs
@@ -232,7 +232,10 @@ def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, key: bytes, entry:
     txn.put(key, _marked_entry(entry), db=dbs["paths"])
     event_key = schema.event_key(cand.ws, cand.seq)
     line = txn.get(event_key, db=dbs["events"])
-    if line is not None and _PRUNED not in line and path_field in line:
+    if line is not None and line[:1] == bytes((events.PACKED,)):      # a compact record (meta.events)
+        if not events.is_pruned(cand.seq, line) and path_field in events.render(cand.seq, line):
+            txn.put(event_key, events.mark_pruned(cand.seq, line, mark_pruned), db=dbs["events"])
+    elif line is not None and _PRUNED not in line and path_field in line:
         txn.put(event_key, mark_pruned(bytes(line)), db=dbs["events"])
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import lmdb
 
 from chronicle.errors import NotFound
-from chronicle.store.meta import schema
+from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import iso_time, path_text
 from chronicle.store.meta.schema import P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, P_UNVERSIONED, PathEntry, PathHead
 from chronicle.store.meta.tree import Layer, TreeView
@@ -266,7 +266,7 @@ class History:
                     seq = schema.event_key_seq(key)
                     if seq > layer.bound or (until is not None and seq > until):
                         break
-                    yield seq, bytes(value)
+                    yield seq, events.render(seq, value)
 
     def event(self, txn: lmdb.Transaction, seq: int) -> dict | None:
         """The log record of one seq, or None."""
@@ -274,7 +274,7 @@ class History:
             if seq <= layer.bound:
                 raw = txn.get(schema.event_key(layer.ws, seq), db=self.dbs["events"])
                 if raw is not None:
-                    return json.loads(raw)
+                    return events.decode(seq, raw)
         return None
 
     def seq_at_time(self, txn: lmdb.Transaction, time_ns: int) -> int:
@@ -322,4 +322,4 @@ class History:
         raw = txn.get(schema.event_key(ws, seq), db=self.dbs["events"])
         if raw is None:
             return None
-        return json.loads(raw)["time"]
+        return events.time_of(seq, raw)

@@ -6,7 +6,8 @@ by one :class:`EventWriter` inside one write transaction:
 - inode records (``inodes``, keyed by seq) — each counts one reference on the
   content it names;
 - directory entries (``dirents`` head table and ``dirent_hist``);
-- the event's ``.chronicle/log`` line (``events``);
+- the event's ``.chronicle/log`` line (``events``), stored compact
+  (``meta.events``: rendered back to the same JSON);
 - one path entry per path the event concerns (``paths``), with that path's
   version number (``path_heads``); both keyed by path key
   (``schema.path_ident``: a digest past ``schema.PATH_KEY_MAX`` bytes), so
@@ -61,7 +62,8 @@ import lmdb
 
 from chronicle.errors import Corrupt, Pruned
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID, to_hex
-from chronicle.store.meta import schema
+from chronicle.store.meta import events, schema
+from chronicle.store.meta.events import iso_time
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, P_UNVERSIONED, PathEntry,
                                          PathHead)
 from chronicle.store.model import Attrs
@@ -69,17 +71,7 @@ from chronicle.store.model import Attrs
 if TYPE_CHECKING:               # history.paths reads what this module writes (and imports it): a cycle at runtime
     from chronicle.store.history.paths import History
 
-_last_second: list = [None, ""]
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def iso_time(ns: int) -> str:
-    """``2026-11-21T05:11:00.123456Z`` for a time in ns since the epoch."""
-    sec, rem = divmod(ns, 1_000_000_000)
-    if _last_second[0] != sec:       # formatted once per second, not once per event
-        d = datetime.fromtimestamp(sec, timezone.utc)      # (not strftime: its %Y does not pad years before 1000)
-        _last_second[:] = [sec, f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}."]
-    return _last_second[1] + f"{rem // 1000:06d}Z"
 
 
 def parse_iso_time(text: str) -> int:
@@ -191,7 +183,8 @@ class EventWriter:
                 line[key.rstrip("_")] = value
         line["turn"] = self.turn
         line["pid"] = self.pid
-        self.txn.put(schema.event_key(self.ws, self.seq), json.dumps(line).encode(), db=self.dbs["events"])
+        self.txn.put(schema.event_key(self.ws, self.seq), events.encode(self.now_ns // 1000 * 1000, line),
+                     db=self.dbs["events"])
         self.logged = True
 
     # -- path history --------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""The ``events`` record: one event's log line, stored compact, rendered as SPEC §4's JSON.
+
+A ``.chronicle/log`` line (``journal``'s module docstring) is a JSON object
+``{"seq", "time", "event", "path", <the event's fields>, "turn", "pid"}``,
+plus ``"pruned": true`` after ``pid`` once GC pruned its version
+(``gc.prune``). Storing it as text cost about 170 bytes an event, most of it
+derivable or repeated: the seq is the key, the time a number, the field
+names and event kinds a few dozen words, a content hash 64 hex digits.
+
+**Record** (:func:`encode`): the tag byte :data:`PACKED` (``0x01``), then
+one MessagePack array (the ``msgpack`` library; https://msgpack.org/ spec)::
+
+    [time µs since the epoch, event, path, turn, pid, fields, tail]
+
+- ``event``: an index into :data:`EVENTS`, or the name itself;
+- ``path``: the path text (``os.fsdecode``: undecodable bytes are lone
+  surrogates, stored with ``surrogatepass``), or nil;
+- ``turn``: nil, ``[agent, turn, message_id]`` for a label of exactly
+  those keys in that order (what ``Workspace.turn`` holds), else the map;
+- ``fields`` / ``tail``: flat ``[key, value, ...]`` of the fields between
+  ``path`` and ``turn`` / after ``pid``; a key is an index into
+  :data:`FIELDS` or the name itself; a value that is 64 lowercase hex
+  digits (a content hash) is an ext value of type 1 holding its 32 bytes.
+
+The seq is the record's key (``schema.event_key``). :func:`render` gives
+back exactly the bytes ``json.dumps`` gave the line (the same dict, the same
+order, ``ensure_ascii``), so ``.chronicle/log``, ``query/``, ``chronicle log
+--json`` and the UI show what they showed before. A record not starting
+with :data:`PACKED` is the line itself as JSON text (a line starts with
+``{``): records written before this encoding stay readable, and a line
+that does not fit the shape above (never written by ``journal``) is
+stored as text.
+
+Threads: pure functions; any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+
+import msgpack
+
+PACKED = 0x01
+_HASH_EXT = 1
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+# Appending keeps old records readable; never reorder or remove.
+EVENTS = ("create", "write", "truncate", "mkdir", "rmdir", "delete", "rename", "link", "symlink", "mknod",
+          "chmod", "chown", "utimens", "setxattr", "removexattr", "restore")
+FIELDS = ("version", "size", "hash", "from", "to", "target", "exchange", "restored", "at", "paths", "name",
+          "mode", "uid", "gid", "pruned")
+_EVENT_NO = {name: i for i, name in enumerate(EVENTS)}
+_FIELD_NO = {name: i for i, name in enumerate(FIELDS)}
+_LABEL_KEYS = ("agent", "turn", "message_id")
+_HEAD_KEYS = ("seq", "time", "event", "path")
+
+_last_second: list = [None, ""]
+
+
+def iso_time(ns: int) -> str:
+    """``2026-11-21T05:11:00.123456Z`` for a time in ns since the epoch."""
+    sec, rem = divmod(ns, 1_000_000_000)
+    if _last_second[0] != sec:       # formatted once per second, not once per event
+        d = datetime.fromtimestamp(sec, timezone.utc)      # (not strftime: its %Y does not pad years before 1000)
+        _last_second[:] = [sec, f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}."]
+    return _last_second[1] + f"{rem // 1000:06d}Z"
+
+
+def _pack_value(value):
+    if isinstance(value, str) and len(value) == 64 and _HEX64.fullmatch(value):
+        return msgpack.ExtType(_HASH_EXT, bytes.fromhex(value))
+    return value
+
+
+def _flat(items) -> list:
+    out = []
+    for key, value in items:
+        out.append(_FIELD_NO.get(key, key))
+        out.append(_pack_value(value))
+    return out
+
+
+def _ext(code: int, data: bytes):
+    if code != _HASH_EXT:
+        raise ValueError(f"unknown ext type {code} in an event record")
+    return data.hex()
+
+
+def _packable(value) -> bool:
+    """True if ``value`` comes back from MessagePack as the same JSON value
+    (no tuples, floats that are not finite, ints past 64 bits, or non-str keys)."""
+    if value is None or isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, int):
+        return -(1 << 63) <= value < (1 << 64)
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, list):
+        return all(_packable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _packable(v) for k, v in value.items())
+    return False
+
+
+def encode(time_ns: int, line: dict) -> bytes:
+    """The ``events`` value of log line ``line`` (the dict ``json.dumps``
+    renders; its ``time`` is ``iso_time(time_ns)``): the packed record, or
+    the JSON text when ``line`` does not have the shape the module docstring
+    gives."""
+    keys = list(line)
+    try:
+        turn_at = keys.index("turn")
+    except ValueError:
+        turn_at = -1
+    if (keys[:4] != list(_HEAD_KEYS) or turn_at < 4 or keys[turn_at + 1:turn_at + 2] != ["pid"]
+            or line["time"] != iso_time(time_ns) or time_ns % 1000 or not _packable(line)):
+        return json.dumps(line).encode()
+    turn = line["turn"]
+    if isinstance(turn, dict) and tuple(turn) == _LABEL_KEYS:
+        turn = [turn["agent"], turn["turn"], turn["message_id"]]
+    elif turn is not None and not isinstance(turn, dict):
+        return json.dumps(line).encode()
+    event = line["event"]
+    record = [time_ns // 1000, _EVENT_NO.get(event, event), line["path"], turn, line["pid"],
+              _flat((k, line[k]) for k in keys[4:turn_at]), _flat((k, line[k]) for k in keys[turn_at + 2:])]
+    return bytes((PACKED,)) + msgpack.packb(record, unicode_errors="surrogatepass")
+
+
+def _unflat(flat: list, out: dict) -> None:
+    for i in range(0, len(flat), 2):
+        key = flat[i]
+        out[FIELDS[key] if isinstance(key, int) else key] = flat[i + 1]
+
+
+def decode(seq: int, raw: bytes) -> dict:
+    """The log line of event ``seq`` as the dict it was written from.
+    Raises ``ValueError`` if the record is damaged."""
+    if not raw or raw[0] != PACKED:
+        return json.loads(raw)
+    try:
+        time_us, event, path, turn, pid, fields, tail = msgpack.unpackb(
+            memoryview(raw)[1:], unicode_errors="surrogatepass", ext_hook=_ext, strict_map_key=True)
+        line = {"seq": seq, "time": iso_time(time_us * 1000), "event": EVENTS[event] if isinstance(event, int)
+                else event, "path": path}
+        _unflat(fields, line)
+        line["turn"] = dict(zip(_LABEL_KEYS, turn)) if isinstance(turn, list) else turn
+        line["pid"] = pid
+        _unflat(tail, line)
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged event record ({type(exc).__name__}: {exc})") from None
+    return line
+
+
+def render(seq: int, raw: bytes) -> bytes:
+    """The ``.chronicle/log`` line (JSON text, no newline) of event ``seq``
+    stored as ``raw``: the text of an old record as it is, a packed one
+    rendered. Raises ``ValueError`` if the record is damaged."""
+    if raw and raw[0] != PACKED:
+        return bytes(raw)
+    return json.dumps(decode(seq, raw)).encode()
+
+
+def time_of(seq: int, raw: bytes) -> str:
+    """The ``time`` of the event stored as ``raw`` (without rendering the line)."""
+    if raw and raw[0] == PACKED:
+        return iso_time(_time_us(raw) * 1000)
+    return json.loads(raw)["time"]
+
+
+def mark_pruned(seq: int, raw: bytes, text_mark) -> bytes:
+    """The record ``raw`` of a pruned version's event: its ``hash`` field
+    dropped and ``"pruned": true`` after ``pid`` (``gc.prune``). A text
+    record is marked by ``text_mark`` (``gc.prune.mark_pruned``), a packed
+    one in its own form."""
+    if not raw or raw[0] != PACKED:
+        return text_mark(bytes(raw))
+    line = decode(seq, raw)
+    line.pop("hash", None)
+    line.pop("pruned", None)
+    line["pruned"] = True
+    return encode(_time_us(raw) * 1000, line)
+
+
+def _time_us(raw: bytes) -> int:
+    unpacker = msgpack.Unpacker(unicode_errors="surrogatepass", ext_hook=_ext)
+    unpacker.feed(memoryview(raw)[1:])
+    unpacker.read_array_header()
+    return unpacker.unpack()
+
+
+def is_pruned(seq: int, raw: bytes) -> bool:
+    """True if the event record ``raw`` already carries the pruned mark."""
+    if not raw or raw[0] != PACKED:
+        return b', "pruned": true}' in raw
+    return decode(seq, raw).get("pruned") is True

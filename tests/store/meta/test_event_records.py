@@ -1,0 +1,153 @@
+"""Compact event records (meta.events): the log rendered from them is, byte
+for byte, the JSON text the journal wrote before; old text records still read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chronicle.store.fsck.checks import fsck
+from chronicle.store.gc import collect, dryrun
+from chronicle.store.gc.policy import Policy
+from chronicle.store.gc.prune import mark_pruned
+from chronicle.store.meta import events, schema
+from chronicle.store.namespace import restore
+from chronicle.store.store import Store
+from tests.storeutil import A, write
+
+LATER = 2 ** 62
+
+
+def _rich_history(tmp_path, monkeypatch):
+    """A store whose log has every kind of line; and the JSON text the journal
+    would have stored for each (ws, seq) before records were packed."""
+    texts: dict[tuple[int, int], bytes] = {}
+    real_encode = events.encode
+
+    def recording(time_ns, line):
+        texts[(line_ws[0], line["seq"])] = json.dumps(line).encode()
+        return real_encode(time_ns, line)
+
+    line_ws = [0]
+    monkeypatch.setattr(events, "encode", recording)
+    store = Store.init(tmp_path / "s")
+    ws = store.open_workspace("w", writable=True, create=True)
+    line_ws[0] = ws.id
+    write(ws, ws.root, b"a.txt", b"one\n")
+    write(ws, ws.root, b"a.txt", b"two\n")
+    ws.turn = {"agent": "bot", "turn": 3, "message_id": None}
+    write(ws, ws.root, b"caf\xc3\xa9-\xff\xfe.bin", b"\x00\x01")           # non-UTF-8 name: lone surrogates
+    ws.turn = {"agent": "b\u00f6t \"q\"", "turn": 4, "message_id": "m-1", "extra": [1, 2]}   # another shape
+    d, _ = ws.mkdir(ws.root, b"dir", 0o755, A)
+    ws.rename(ws.root, b"a.txt", d, b"b.txt", 0, A)                       # rename to a free path
+    write(ws, ws.root, b"c", b"c\n")
+    ws.rename(ws.root, b"c", d, b"b.txt", 0, A)                           # rename over a file
+    ws.turn = None
+    ws.symlink(ws.root, b"ln", b"dir/b.txt", A)
+    ino, _ = ws.resolve(b"dir/b.txt")
+    ws.link(ino, ws.root, b"hard", A)
+    ws.setattr(ino, A, mode=0o600)
+    ws.setattr(ino, A, uid=7, gid=8)
+    ws.setattr(ino, A, mtime_ns=1_000_000_123)
+    ws.setxattr(ino, b"user.k", b"v", A)
+    ws.removexattr(ino, b"user.k", A)
+    long_dir = b"/".join([b"d" * 200] * 3)
+    parent = ws.root
+    for part in long_dir.split(b"/"):
+        parent, _ = ws.mkdir(parent, part, 0o755, A)
+    write(ws, parent, b"long-file", b"deep\n")                          # a path longer than PATH_KEY_MAX
+    ws.unlink(ws.root, b"hard", A)
+    restore.restore_file(ws, b"dir/b.txt", 1, A)
+    for i in range(4):
+        write(ws, ws.root, b"p", b"p %d\n" % i)
+    return store, ws, texts
+
+
+def _log(ws) -> list[bytes]:
+    with ws.read_txn() as txn:
+        return [line for _seq, line in ws.history.log_entries(txn)]
+
+
+def test_the_log_rendered_from_packed_records_is_the_text_the_journal_wrote(tmp_path, monkeypatch):
+    store, ws, texts = _rich_history(tmp_path, monkeypatch)
+    with ws.read_txn() as txn:
+        raws = {schema.event_key_seq(k): bytes(v) for k, v in txn.cursor(db=store.dbs["events"])}
+    assert all(raw[0] == events.PACKED for raw in raws.values())           # every line of this history packs
+    lines = _log(ws)
+    assert lines == [texts[(ws.id, seq)] for seq in sorted(raws)]
+    assert sum(map(len, raws.values())) < 0.6 * sum(map(len, lines))      # (its 600-byte paths are kept whole)
+    kinds = {json.loads(line)["event"] for line in lines}
+    assert {"write", "rename", "mkdir", "symlink", "link", "chmod", "chown", "utimens", "setxattr",
+            "removexattr", "delete", "restore"} <= kinds
+    with ws.read_txn() as txn:
+        assert ws.history.event(txn, 3) == json.loads(texts[(ws.id, 3)])
+    store.close()
+
+
+def test_gc_marks_packed_records_as_it_marked_text(tmp_path, monkeypatch):
+    store, ws, texts = _rich_history(tmp_path, monkeypatch)
+    texts = dict(texts)                         # as written (the marks gc packs are recorded too)
+    dryrun.set_policy(store, ws.id, Policy(keep_last=1))
+    collect.collect(store, ["w"], now_ns=LATER)
+    lines = {json.loads(line)["seq"]: line for line in _log(ws)}
+    pruned = [seq for seq, line in lines.items() if json.loads(line).get("pruned")]
+    assert pruned
+    for seq in pruned:
+        assert lines[seq] == mark_pruned(texts[(ws.id, seq)])              # as the text mark would read
+    store.close()
+
+
+def test_old_text_records_read_as_before_beside_packed_ones(tmp_path, monkeypatch):
+    store, ws, texts = _rich_history(tmp_path, monkeypatch)
+    packed = _log(ws)
+    with store.env.begin(write=True) as txn:                               # every other record as a format-3 line
+        for (ws_id, seq), text in texts.items():
+            if seq % 2:
+                txn.put(schema.event_key(ws_id, seq), text, db=store.dbs["events"])
+    assert _log(ws) == packed
+    assert fsck(store).clean
+    with ws.read_txn() as txn:
+        assert ws.history.seq_at_time(txn, LATER) == ws.head_seq
+    store.close()
+
+
+_text = st.text(alphabet=st.characters(blacklist_categories=["Cs"]) | st.sampled_from("\udcff\udc80\"\\\n"),
+                max_size=30)
+_scalar = st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | _text | \
+    st.text("0123456789abcdef", min_size=64, max_size=64) | st.floats(allow_nan=False, allow_infinity=False)
+_value = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=3) |
+                      st.dictionaries(_text, inner, max_size=3), max_leaves=6)
+_names = st.sampled_from(events.FIELDS + ("other", "x-y")) | _text.filter(lambda t: t not in ("seq", "time", "event",
+                                                                                                "path", "turn", "pid"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(1, (1 << 64) - 1), time_ns=st.integers(0, 253402300799 * 10 ** 9).map(lambda n: n // 1000 * 1000),
+       event=st.sampled_from(events.EVENTS) | _text, path=st.none() | _text,
+       fields=st.lists(st.tuples(_names, _value), max_size=5, unique_by=lambda kv: kv[0]),
+       turn=st.none() | st.fixed_dictionaries({"agent": _text, "turn": st.integers(0, 99),
+                                               "message_id": st.none() | _text}) | st.dictionaries(_text, _scalar),
+       pid=st.integers(0, 1 << 31), pruned=st.booleans())
+def test_any_line_renders_back_to_the_same_text(seq, time_ns, event, path, fields, turn, pid, pruned):
+    line = {"seq": seq, "time": events.iso_time(time_ns), "event": event, "path": path}
+    for k, v in fields:
+        line[k] = v
+    line["turn"], line["pid"] = turn, pid
+    if pruned:
+        line["pruned"] = True
+    raw = events.encode(time_ns, line)
+    assert events.render(seq, raw) == json.dumps(line).encode()
+    assert events.decode(seq, raw) == json.loads(json.dumps(line))
+    assert events.time_of(seq, raw) == line["time"]
+
+
+def test_a_damaged_packed_record_is_a_value_error():
+    raw = events.encode(10 ** 15, {"seq": 1, "time": events.iso_time(10 ** 15), "event": "write", "path": "a",
+                                   "turn": None, "pid": 1})
+    with pytest.raises(ValueError):
+        events.render(1, raw[:-3])
+    with pytest.raises(ValueError):
+        events.decode(1, bytes((events.PACKED,)) + b"\xc1")
