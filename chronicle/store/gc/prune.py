@@ -51,7 +51,7 @@ import lmdb
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, PRUNED_ID
 from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
-from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
+from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_HASH_CUT, P_PRUNED, PathEntry
 from chronicle.store.model import Attrs
 
 if TYPE_CHECKING:
@@ -164,6 +164,9 @@ _ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, a
 def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
     """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
     (``PathEntry.decode``'s fields, without building one: plan reads millions)."""
+    if raw[0] & P_HASH_CUT:                     # the hash cut out of the fragment (schema.PathEntry.encode)
+        entry = PathEntry.decode(raw)
+        return entry.ino, entry.content, entry.path, entry.fragment
     ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
     start = _ENTRY_HEAD + ID_SIZE + origin_len
     if start + path_len > len(raw):
@@ -176,6 +179,10 @@ def _marked_entry(raw: bytes) -> bytes:
     """The pruned mark of the path entry ``raw`` (which has content): what
     ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
     mark_pruned(fragment), path).encode()`` gives."""
+    if raw[0] & P_HASH_CUT:
+        e = PathEntry.decode(raw)
+        return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, mark_pruned(e.fragment),
+                         e.path).encode()
     origin_len, path_len = _ENTRY_LENGTHS.unpack_from(raw, _ENTRY_HEAD - _ENTRY_LENGTHS.size)
     fragment = _ENTRY_HEAD + ID_SIZE + origin_len + path_len
     return b"".join((bytes(((raw[0] & ~P_CONTENT) | P_PRUNED,)), raw[1:_ENTRY_HEAD],

@@ -430,6 +430,9 @@ P_GONE = 8       # after the event nothing is at the path (delete, rename away)
 P_ARRIVED = 16   # something arrived at a path that was free (create, mkdir, link, symlink, rename)
 P_UNVERSIONED = 32   # an ignored path's version: it replaced the path's earlier ones (``gc.ignore``)
 P_PRUNED = 64    # a version GC pruned: no content any more (``gc.prune``); it keeps its number
+P_HASH_CUT = 128  # stored only (never in ``PathEntry.flags``): the fragment's ``"hash"`` is the content id's hex,
+                  # cut out of the stored fragment at the u16 offset after the content id (``PathEntry.encode``)
+_HASH_AT = struct.Struct("<H")
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,26 +456,43 @@ class PathEntry:
 
     def encode(self) -> bytes:
         """The ``paths`` value: flags u8, ino u64, origin length u32, path length u32; content
-        id (with ``P_CONTENT``); origin; path; fragment (little-endian)."""
-        return b"".join((_PATH_ENTRY_HEAD.pack(self.flags, self.ino, len(self.origin), len(self.path)),
-                         self.content if self.flags & P_CONTENT else b"", self.origin, self.path, self.fragment))
+        id (with ``P_CONTENT``); origin; path; fragment (little-endian). When the
+        fragment's ``"hash"`` is the content id's hex (derivable), it is cut out:
+        flag ``P_HASH_CUT`` and its offset (u16) after the content id."""
+        fragment, flags, cut = self.fragment, self.flags & ~P_HASH_CUT, b""
+        if flags & P_CONTENT and len(self.content) == ID_SIZE:
+            needle = b', "hash": "' + self.content.hex().encode() + b'"'
+            at = fragment.find(needle)
+            if 0 <= at <= 0xFFFF:
+                fragment = fragment[:at] + fragment[at + len(needle):]
+                flags |= P_HASH_CUT
+                cut = _HASH_AT.pack(at)
+        return b"".join((_PATH_ENTRY_HEAD.pack(flags, self.ino, len(self.origin), len(self.path)),
+                         self.content if flags & P_CONTENT else b"", cut, self.origin, self.path, fragment))
 
     @classmethod
     def decode(cls, raw: bytes) -> PathEntry:
-        """From :meth:`encode`'s bytes. Raises ``struct.error``/``ValueError`` if damaged."""
+        """From :meth:`encode`'s bytes (either form). Raises ``struct.error``/``ValueError`` if damaged."""
         flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
         pos = _PATH_ENTRY_HEAD.size
         content = b""
         if flags & P_CONTENT:
             content = bytes(raw[pos:pos + ID_SIZE])
             pos += ID_SIZE
+        at = None
+        if flags & P_HASH_CUT:
+            at = _HASH_AT.unpack_from(raw, pos)[0]
+            pos += _HASH_AT.size
         origin = bytes(raw[pos:pos + origin_len])
         pos += origin_len
         path = bytes(raw[pos:pos + path_len])
         pos += path_len
-        if pos > len(raw):
+        if pos > len(raw) or (at is not None and (len(content) != ID_SIZE or pos + at > len(raw))):
             raise ValueError("damaged path entry")
-        return cls(flags, ino, content, origin, bytes(raw[pos:]), path)
+        fragment = bytes(raw[pos:])
+        if at is not None:
+            fragment = b"".join((fragment[:at], b', "hash": "', content.hex().encode(), b'"', fragment[at:]))
+        return cls(flags & ~P_HASH_CUT, ino, content, origin, fragment, path)
 
 
 _PATH_HEAD = struct.Struct("<IQQ")

@@ -4,6 +4,7 @@ for byte, the JSON text the journal wrote before; old text records still read.""
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,7 @@ from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import Policy
 from chronicle.store.gc.prune import mark_pruned
 from chronicle.store.meta import events, schema
+from chronicle.store.meta.schema import P_CONTENT, P_HASH_CUT, PathEntry
 from chronicle.store.namespace import restore
 from chronicle.store.store import Store
 from tests.storeutil import A, write
@@ -151,3 +153,26 @@ def test_a_damaged_packed_record_is_a_value_error():
         events.render(1, raw[:-3])
     with pytest.raises(ValueError):
         events.decode(1, bytes((events.PACKED,)) + b"\xc1")
+
+
+def test_path_entries_cut_a_derivable_hash_and_read_back_the_same_fragment(tmp_path, monkeypatch):
+    store, ws, _texts = _rich_history(tmp_path, monkeypatch)
+    cut = whole = 0
+    with ws.read_txn() as txn:
+        for _key, raw in txn.cursor(db=store.dbs["paths"]):
+            entry = PathEntry.decode(raw)
+            assert not entry.flags & P_HASH_CUT
+            # the entry as format 3 wrote it (no cut) reads as the same entry
+            old = b"".join((struct.pack("<BQII", entry.flags, entry.ino, len(entry.origin), len(entry.path)),
+                            entry.content if entry.flags & P_CONTENT else b"", entry.origin, entry.path,
+                            entry.fragment))
+            if raw[0] & P_HASH_CUT:
+                cut += 1
+                assert b'"hash": "' + entry.content.hex().encode() + b'"' in entry.fragment
+                assert len(raw) == len(old) - 74                  # ', "hash": "<64 hex>"' less a u16 offset
+            else:
+                whole += 1
+            assert PathEntry.decode(old) == entry
+            assert PathEntry.decode(entry.encode()) == entry
+    assert cut >= 8 and whole
+    store.close()
