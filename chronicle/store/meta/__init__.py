@@ -3,6 +3,8 @@
 - ``schema`` — the named databases, key encodings and record formats;
 - ``journal`` — :class:`~chronicle.store.meta.journal.EventWriter`: one
   event (one seq) is one write transaction with its log line and path entries;
+- ``events`` — the packed ``events`` record and the SPEC §4 JSON line
+  rendered from it (the same bytes the text record held);
 - ``tree`` — :class:`~chronicle.store.meta.tree.TreeView`: the tree of a
   workspace (and its fork layers) at any seq, one seek per lookup;
 - ``recovery`` — the synced-state protocol that survives a machine crash,
@@ -17,7 +19,9 @@
   records said derived again from their twins; ``Store.open`` salvages a
   damaged file before LMDB sees it, fsck reports it;
 - ``backup`` — the metadata backup generations (``meta-backup/``) and the
-  fall back to them when the live file cannot be opened at all.
+  fall back to them when the live file cannot be opened at all;
+- ``compact`` — a mostly free metadata file replaced by a compacted copy
+  at the last close of the store.
 
 Threads: LMDB read transactions may be used from any thread; a write
 transaction is begun and committed inside one synchronous call.

@@ -17,7 +17,7 @@ database                key                                        value
 ``inodes``              ws u32, ino u64, ~seq u64                  :class:`Attrs` (the inode from seq on)
 ``dirents``             ws u32, parent u64, name                   ino u64 + kind u8; ``b""`` = whiteout
 ``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed
-``events``              ws u32, seq u64                            one ``.chronicle/log`` JSON line
+``events``              ws u32, seq u64                            one ``.chronicle/log`` line, packed (``meta.events``)
 ``paths``               ws u32, path key, 0x00, seq u64            :class:`PathEntry`
 ``path_heads``          ws u32, path key                           :class:`PathHead`
 ``snapshots``           ws u32, name                               JSON ``{"seq", "time"}``
@@ -62,6 +62,10 @@ prefix and compare the whole paths (``history.paths``, ``journal``).
 Format 2 introduced path keys (format 1 stores failed on paths of 499 bytes
 or more; none were deployed, so there is no migration). Format 3 added
 ``policies`` (a workspace without a record has the default policy).
+Within format 3, ``events`` records are packed (tag byte ``0x01`` and
+MessagePack, ``meta.events``; a record starting with ``{`` is the old JSON
+line, still read) and a ``paths`` entry whose fragment's hash is its content
+id's hex stores it cut out (flag ``P_HASH_CUT``; entries without it still read).
 """
 
 from __future__ import annotations
