@@ -8,8 +8,9 @@ mount with ``git checkout -f`` -- the git directory lives *outside* the mount
 the issue measured -- unmounts, and reports:
 
 - ``chunks_bytes``: bytes of the pack files; ``data_mdb_bytes``: the size of
-  ``data.mdb`` (``du``: LMDB preallocates past its end, so the allocated
-  blocks); ``meta_used_bytes``: pages in use by every database;
+  ``data.mdb`` after the unmount (``du``: the allocated blocks; the store
+  preallocates past its end), ``data_mdb_peak_bytes`` its largest while the
+  replay ran; ``meta_used_bytes``: pages in use by every database;
 - ``databases``: per named database, ``entries``, ``key_bytes``,
   ``value_bytes`` and ``pages_bytes`` (page size x (branch + leaf +
   overflow pages), ``txn.stat``), largest first;
@@ -118,7 +119,7 @@ def click_replay(work: Path, bare: Path, commits: int, extra_mount_args: tuple[s
     proc, _ = procs.spawn(procs.mount_command(store, "bench", mnt, list(extra_mount_args)), log,
                           env=dict(os.environ), cwd=Path(__file__).resolve().parents[2])
     tree = mnt / "repo"
-    rss = 0
+    rss = peak_file = 0
     try:
         procs.wait_for_mount(mnt, proc.pid, timeout=60, log_path=log)
         tree.mkdir()
@@ -128,9 +129,12 @@ def click_replay(work: Path, bare: Path, commits: int, extra_mount_args: tuple[s
             gitrepo.git(work, *git, "checkout", "-f", "-q", sha)
             if i % 50 == 0:
                 print(f"  {i}/{len(shas)} commits, rss {_peak_rss(proc.pid) >> 20} MiB", file=sys.stderr)
+            if i % 10 == 0:
+                peak_file = max(peak_file, _allocated(store / "meta" / "data.mdb"))
         seconds = time.monotonic() - t0
         subprocess.run(["sync", "-f", str(tree)], check=False)
         rss = _peak_rss(proc.pid)
+        peak_file = max(peak_file, _allocated(store / "meta" / "data.mdb"))
     finally:
         procs.unmount(mnt)
         proc.wait(timeout=120)
@@ -140,7 +144,7 @@ def click_replay(work: Path, bare: Path, commits: int, extra_mount_args: tuple[s
     used = sum(r["pages_bytes"] for r in rows)
     pack = git_pack_bytes(work, gitdir, len(shas))
     return {"commits": len(shas) - 1, "replay_seconds": round(seconds, 1), "chunks_bytes": chunks,
-            "data_mdb_bytes": _allocated(meta / "data.mdb"), "meta_used_bytes": used,
+            "data_mdb_bytes": _allocated(meta / "data.mdb"), "data_mdb_peak_bytes": peak_file, "meta_used_bytes": used,
             "meta_to_chunks": round(used / chunks, 2) if chunks else None,
             "git_pack_bytes": pack, "store_to_git_pack": round((chunks + used) / pack, 2) if pack else None,
             "daemon_peak_rss_bytes": rss, "databases": rows}

@@ -3,7 +3,8 @@
 - :func:`hash_lookup` — ``.chronicle/hash/<hex>``: every path, version and
   turn whose content had a BLAKE3 hash. It scans the workspace's path entries
   (through its fork layers) once, testing each entry's stored JSON for
-  ``"hash": "<prefix>`` before decoding it: no index is kept, so the cost is
+  ``"hash": "<prefix>`` (or, for an entry stored with its hash cut out, its
+  content id) before decoding it: no index is kept, so the cost is
   O(path entries) — about 2 µs an entry (20,000 versions: 35 ms measured),
   and the store format is unchanged.
 - :func:`grep` — the lines matching a Python :mod:`re` pattern (bytes
@@ -38,14 +39,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chronicle.errors import InvalidArgument, NotADirectory, NotFound
-from chronicle.store.chunks.ids import PRUNED_ID
+from chronicle.store.chunks.ids import ID_SIZE, PRUNED_ID
 from chronicle.store.history.access import R_OK, X_OK, permits
 from chronicle.store.history.blame import is_binary
 from chronicle.store.history.reads import ReadLog
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import path_text
-from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, PathEntry
+from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_HASH_CUT, PathEntry
 from chronicle.store.model import KIND_DIR, KIND_FILE
 
 if TYPE_CHECKING:
@@ -78,6 +79,11 @@ def _entries(views: HistoryViews, txn: lmdb.Transaction) -> Iterator[tuple[bytes
                     continue
                 ident = schema.path_key_ident(key)
                 yield ident, seq, value        # decoded by the caller, if it wants it
+
+
+def _cut_hash(value: bytes) -> str:
+    """The hex hash of an entry stored with its hash cut out (``schema.P_HASH_CUT``): its content id."""
+    return bytes(value[schema.PATH_ENTRY_CONTENT_AT:schema.PATH_ENTRY_CONTENT_AT + ID_SIZE]).hex()
 
 
 def _decode(ident: bytes, value: bytes) -> tuple[bytes, PathEntry]:
@@ -120,7 +126,7 @@ def hash_lookup(views: HistoryViews, text: str) -> dict:
     hits: dict[str, list[tuple[bytes, int]]] = {}
     with views.ws.read_txn() as txn:
         for ident, seq, value in _entries(views, txn):
-            if needle not in value:
+            if needle not in value and not (value[0] & P_HASH_CUT and _cut_hash(value).startswith(prefix)):
                 continue
             path, entry = _decode(ident, value)
             if not (entry.flags & P_CONTENT and entry.flags & P_BUMPS):

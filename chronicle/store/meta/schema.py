@@ -437,6 +437,7 @@ P_PRUNED = 64    # a version GC pruned: no content any more (``gc.prune``); it k
 P_HASH_CUT = 128  # stored only (never in ``PathEntry.flags``): the fragment's ``"hash"`` is the content id's hex,
                   # cut out of the stored fragment at the u16 offset after the content id (``PathEntry.encode``)
 _HASH_AT = struct.Struct("<H")
+PATH_ENTRY_CONTENT_AT = _PATH_ENTRY_HEAD.size     # where a stored entry's content id starts (with P_CONTENT)
 
 
 @dataclass(frozen=True, slots=True)
