@@ -16,12 +16,18 @@ What this does (:func:`compact_if_mostly_free`): when the last process
 using the store closes it (``Store.close``; it holds the store's open lock
 exclusively, so no other process opens the environment meanwhile) and at
 least :data:`FREE_FRACTION` of a file of at least :data:`MIN_BYTES` is free,
-LMDB copies the databases into a fresh file without the free pages
-(``mdb_env_copy2`` with ``MDB_CP_COMPACT``, as the metadata backup does,
-``meta.backup``), the copy is fsynced and put in place with ``os.replace``
-(atomic: the old file or the new one), and ``synced.json`` — a meta page of
-the old file — is removed: the copy is durable as a whole, there is nothing
-to roll back to. It costs one read and one write of the pages in use.
+every database is written again into a fresh file, record by record in key
+order in LMDB's append mode (:func:`rebuild`; as ``mdb_load -a`` loads a
+dump), so its pages are full: B-tree pages split by inserts in the middle
+of a database (a path's next entry, an inode's next record) are about half
+full, and ``mdb_env_copy2``'s compacting copy keeps them as they are (the
+click replay: 3.0 MB copied, 2.0 MB rebuilt). The new file is fsynced and
+put in place with ``os.replace`` (atomic: the old file or the new one), and
+``synced.json`` — a meta page of the old file — is removed: the new file is
+durable as a whole, there is nothing to roll back to. Its transaction ids
+continue from the old file's (``recovery.carry_txnid``: the metadata backup
+orders its generations by them). It costs one read and
+one write of the records (a store of 18,000 records: 25 ms).
 
 Threads: call from the closing thread, with the environment closed.
 """
@@ -36,7 +42,7 @@ from pathlib import Path
 
 import lmdb
 
-from chronicle.store.meta.recovery import SYNCED_FILE
+from chronicle.store.meta.recovery import SYNCED_FILE, carry_txnid
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,46 @@ def used_pages(env: lmdb.Environment) -> int:
     return used
 
 
+def rebuild(env: lmdb.Environment, work: Path, map_size: int, max_dbs: int, file_mode: int) -> None:
+    """Write every record of ``env`` (its named databases, and any plain key
+    of its main database) into a new environment in the empty directory
+    ``work``, in one write transaction, in key order with ``append``: full
+    pages. A database opened with duplicate keys is copied with
+    ``mdb_env_copy2`` instead (its flags make append mode a different
+    call; the store has none). Raises ``lmdb.Error``/``OSError``."""
+    with env.begin() as txn:
+        named = []
+        for key, value in txn.cursor():
+            try:
+                db = env.open_db(bytes(key), txn=txn, create=False)
+            except lmdb.Error:
+                named.append((bytes(key), None, bytes(value)))
+                continue
+            flags = db.flags(txn)
+            if flags.get("dupsort"):
+                env.copy(str(work), compact=True)
+                return
+            named.append((bytes(key), db, flags))
+        out = lmdb.open(str(work), map_size=map_size, max_dbs=max_dbs, sync=False, metasync=False,
+                        readahead=False, mode=file_mode)
+        try:
+            with out.begin(write=True) as wtxn:
+                for name, db, flags in named:
+                    if db is None:
+                        continue
+                    odb = out.open_db(name, txn=wtxn, reverse_key=flags.get("reverse_key", False),
+                                      integerkey=flags.get("integerkey", False))
+                    with txn.cursor(db=db) as cur, wtxn.cursor(db=odb) as wcur:
+                        wcur.putmulti(cur.iternext(), append=True)
+                for name, db, value in named:
+                    if db is None:
+                        wtxn.put(name, value)          # a plain key of the main database (none today)
+            out.sync(True)
+        finally:
+            out.close()
+    (work / "lock.mdb").unlink(missing_ok=True)
+
+
 def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mode: int,
                            min_bytes: int = MIN_BYTES, free_fraction: float = FREE_FRACTION) -> Compacted | None:
     """Swap a compacted copy in for ``meta_dir/data.mdb`` if at least
@@ -94,8 +140,9 @@ def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mod
         page = env.stat()["psize"]
         if used_pages(env) + 2 > (1 - free_fraction) * (size // page):
             return None
+        txnid = env.info()["last_txnid"]
         work.mkdir(mode=0o700)
-        env.copy(str(work), compact=True)
+        rebuild(env, work, map_size, max_dbs, file_mode)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -103,6 +150,7 @@ def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mod
         env.close()
     try:
         copy = work / "data.mdb"
+        carry_txnid(copy, page, txnid + 1)          # txnids go on rising (the backup orders by them)
         os.chmod(copy, file_mode)
         fd = os.open(copy, os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -97,6 +97,35 @@ def read_meta_pages(data_file: Path, page_size: int) -> list[MetaPage]:
     return metas
 
 
+def carry_txnid(data_file: Path, page_size: int, txnid: int) -> int:
+    """Make the LMDB data file ``data_file`` (not open anywhere) continue
+    from transaction ``txnid``: its current meta page is rewritten with the
+    first txnid >= ``txnid`` of that page's parity (LMDB writes transaction
+    T's meta page into slot ``T & 1``, ``mdb.c``) and the other slot with a
+    copy numbered one less. A file built afresh (``meta.compact``) starts
+    at transaction 1, and the metadata backup orders its generations by
+    txnid (``meta.backup``). Returns the txnid now current; raises
+    ``OSError``, ``RuntimeError`` if the file has no valid meta page."""
+    metas = read_meta_pages(data_file, page_size)
+    if not metas:
+        raise RuntimeError(f"{data_file} has no valid meta page")
+    current = max(metas, key=lambda m: m.txnid)
+    if current.txnid >= txnid:
+        return current.txnid
+    carried = txnid + (txnid - current.slot) % 2
+    fd = os.open(data_file, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for slot, value in ((1 - current.slot, carried - 1), (current.slot, carried)):
+            page = bytearray(current.raw)
+            _PAGE_HEADER.pack_into(page, 0, slot, 0, P_META)
+            struct.pack_into("<Q", page, _META_TXNID_AT, value)
+            os.pwrite(fd, bytes(page), slot * page_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return carried
+
+
 def record_synced(meta_dir: Path, txnid: int, page_size: int) -> None:
     """Write ``synced.json`` for ``txnid`` in ``meta_dir`` (its meta page
     must be on disk now), atomically (write, fsync, rename, fsync the

@@ -15,7 +15,7 @@ import lmdb
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import Policy
-from chronicle.store.meta import compact, salvage
+from chronicle.store.meta import backup, compact, salvage
 from chronicle.store.store import Store
 from tests.storeutil import history, read, write
 
@@ -175,4 +175,21 @@ def test_a_reading_process_does_not_keep_the_writer_from_reusing_pages(tmp_path,
         reader.stdin.write("stop\n")
         reader.stdin.close()
         reader.wait(timeout=30)
+    store.close()
+
+
+def test_a_compacted_file_goes_on_from_the_old_transaction_ids_and_backups_stay_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(compact, "MIN_BYTES", 1 << 20)
+    store = _grow(tmp_path / "s")
+    first = store.backup_metadata()
+    last = store.env.info()["last_txnid"]
+    store.close()
+    store = Store.open(tmp_path / "s")
+    assert store.env.info()["last_txnid"] > last                       # compacted, and numbered on
+    ws = store.open_workspace("w", writable=True)
+    write(ws, ws.root, b"f1", b"after\n")
+    second = store.backup_metadata()
+    assert second.txnid > first.txnid
+    assert backup.generations(tmp_path / "s")[0].path == second.path      # the newest is the newest
+    assert fsck(store).clean
     store.close()
