@@ -153,13 +153,69 @@ def decode(seq: int, raw: bytes) -> dict:
     return line
 
 
+_dumps = json.dumps
+_EVENT_TEXT = [_dumps(name) for name in EVENTS]
+_FIELD_TEXT = [", " + _dumps(name) + ": " for name in FIELDS]
+_turn_texts: dict = {}
+
+
+def _value_text(value) -> str:
+    """``json.dumps(value)``, the common cases without its machinery."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    return _dumps(value)
+
+
+def _fields_text(flat: list, parts: list) -> None:
+    for i in range(0, len(flat), 2):
+        key = flat[i]
+        parts.append(_FIELD_TEXT[key] if type(key) is int else ", " + _dumps(key) + ": ")
+        parts.append(_value_text(flat[i + 1]))
+
+
+def _turn_text(turn) -> str:
+    if turn is None:
+        return "null"
+    if isinstance(turn, list):
+        key = tuple(turn)
+        text = _turn_texts.get(key)
+        if text is None:
+            if len(_turn_texts) > 4096:
+                _turn_texts.clear()
+            text = _turn_texts[key] = _dumps(dict(zip(_LABEL_KEYS, turn)))
+        return text
+    return _dumps(turn)
+
+
 def render(seq: int, raw: bytes) -> bytes:
     """The ``.chronicle/log`` line (JSON text, no newline) of event ``seq``
     stored as ``raw``: the text of an old record as it is, a packed one
-    rendered. Raises ``ValueError`` if the record is damaged."""
+    rendered — the bytes ``json.dumps`` gives :func:`decode`'s dict, put
+    together piece by piece (a log of a million lines is read at once).
+    Raises ``ValueError`` if the record is damaged."""
     if raw and raw[0] != PACKED:
         return bytes(raw)
-    return json.dumps(decode(seq, raw)).encode()
+    try:
+        time_us, event, path, turn, pid, fields, tail = msgpack.unpackb(
+            memoryview(raw)[1:], unicode_errors="surrogatepass", ext_hook=_ext, strict_map_key=True)
+        parts = ['{"seq": ', int.__repr__(seq), ', "time": "', iso_time(time_us * 1000), '", "event": ',
+                 _EVENT_TEXT[event] if type(event) is int else _dumps(event), ', "path": ', _value_text(path)]
+        _fields_text(fields, parts)
+        parts.append(', "turn": ')
+        parts.append(_turn_text(turn))
+        parts.append(', "pid": ')
+        parts.append(_value_text(pid))
+        _fields_text(tail, parts)
+        parts.append("}")
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged event record ({type(exc).__name__}: {exc})") from None
+    return "".join(parts).encode()
 
 
 def time_of(seq: int, raw: bytes) -> str:
