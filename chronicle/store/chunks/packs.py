@@ -455,3 +455,5 @@ class PackReader:
             raise Corrupt(f"pack {pack_no} is missing") from None
         except Corrupt:
             raise Corrupt(f"pack {pack_no} is truncated at offset {offset if at is None else at}") from None
+        except OverflowError:                    # an offset past what a file can hold: a damaged index record
+            raise Corrupt(f"pack {pack_no} has no chunk record at offset {offset if at is None else at}") from None

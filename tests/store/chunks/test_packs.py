@@ -105,6 +105,8 @@ def test_missing_and_short_packs_are_corrupt(backend):
     reader = PackReader(backend)
     with pytest.raises(Corrupt, match="truncated"):
         reader.read(ChunkLocation(loc.pack_no, loc.offset, 4))
+    with pytest.raises(Corrupt, match="no chunk record"):            # a damaged index record's offset
+        reader.read(ChunkLocation(loc.pack_no, 1 << 63, 4))
     backend.delete(pack_name(loc.pack_no))
     with pytest.raises(Corrupt, match="missing"):
         reader.read(loc)
