@@ -117,6 +117,14 @@ def rebuild(env: lmdb.Environment, work: Path, map_size: int, max_dbs: int, file
     (work / "lock.mdb").unlink(missing_ok=True)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mode: int,
                            min_bytes: int = MIN_BYTES, free_fraction: float = FREE_FRACTION) -> Compacted | None:
     """Swap a compacted copy in for ``meta_dir/data.mdb`` if at least
@@ -158,13 +166,12 @@ def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mod
         finally:
             os.close(fd)
         after = copy.stat().st_size
-        os.replace(copy, data)                          # atomic: the old file or the new one
+        # First the synced state goes (the old file was synced at close: without it nothing is rolled back),
+        # so that a crash can never leave synced.json beside the new file (whose txnids are past it).
         (meta_dir / SYNCED_FILE).unlink(missing_ok=True)
-        fd = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(meta_dir)
+        os.replace(copy, data)                          # atomic: the old file or the new one
+        _fsync_dir(meta_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("compacted the metadata file: %d -> %d bytes", size, after)
