@@ -176,3 +176,17 @@ def test_path_entries_cut_a_derivable_hash_and_read_back_the_same_fragment(tmp_p
             assert PathEntry.decode(entry.encode()) == entry
     assert cut >= 8 and whole
     store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(flags=st.integers(0, 127), ino=st.integers(0, (1 << 64) - 1), content=st.binary(min_size=32, max_size=32),
+       origin=st.binary(max_size=40), path=st.binary(max_size=40), before=st.binary(max_size=300),
+       after=st.binary(max_size=80), with_hash=st.booleans())
+def test_any_path_entry_reads_back_as_written(flags, ino, content, origin, path, before, after, with_hash):
+    content = content if flags & P_CONTENT else b""
+    needle = b', "hash": "' + content.hex().encode() + b'"' if with_hash and content else b""
+    entry = PathEntry(flags, ino, content, origin, before + needle + after, path)
+    raw = entry.encode()
+    assert PathEntry.decode(raw) == entry
+    assert bool(raw[0] & P_HASH_CUT) == bool(needle or content and b', "hash": "' + content.hex().encode() + b'"'
+                                              in before + after)
