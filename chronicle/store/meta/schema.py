@@ -73,6 +73,7 @@ from __future__ import annotations
 import json
 import struct
 from array import array
+from binascii import hexlify
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -494,9 +495,10 @@ class PathEntry:
         pos += path_len
         if pos > len(raw) or (at is not None and (len(content) != ID_SIZE or pos + at > len(raw))):
             raise ValueError("damaged path entry")
-        fragment = bytes(raw[pos:])
-        if at is not None:
-            fragment = b"".join((fragment[:at], b', "hash": "', content.hex().encode(), b'"', fragment[at:]))
+        if at is None:
+            fragment = bytes(raw[pos:])
+        else:
+            fragment = bytes(raw[pos:pos + at]) + b', "hash": "' + hexlify(content) + b'"' + bytes(raw[pos + at:])
         return cls(flags & ~P_HASH_CUT, ino, content, origin, fragment, path)
 
 
