@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from chronicle.store.gc import dryrun
 from chronicle.store.gc.leases import GcLock, read_leases
-from chronicle.store.gc.prune import prune
+from chronicle.store.gc.prune import Keep, prune, prune_dead
 from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD, compact, sweep
 from chronicle.store.meta.journal import iso_time
 
@@ -71,15 +71,19 @@ def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None 
         base_pins = plan.pins
         seconds["plan"] = time.monotonic() - t
 
-        def pins_of() -> dict[int, list[int]]:
-            leased = dryrun.lease_pins(_workspace_records(store), read_leases(store.run_dir))
-            return {ws: sorted(set(seqs) | leased.get(ws, set())) for ws, seqs in base_pins.items()}
+        def keep_of() -> Keep:
+            leases = read_leases(store.run_dir)
+            leased = dryrun.lease_pins(_workspace_records(store), leases)
+            pins = {ws: sorted(set(seqs) | leased.get(ws, set())) for ws, seqs in base_pins.items()}
+            return Keep(pins, plan.held, dryrun.deleted_files(store, leases).may_drop)
 
         t = time.monotonic()
-        pruned = prune(store, plan.candidates, pins_of, lambda done, total: progress("prune", done, total))
+        pruned = prune(store, plan.candidates, keep_of, lambda done, total: progress("prune", done, total))
+        dead = prune_dead(store, plan.dead, keep_of)
         seconds["prune"] = time.monotonic() - t
         result = {"time": iso_time(time.time_ns()), "workspaces": [w["workspace"] for w in plan.report["workspaces"]],
-                  "pruned_versions": pruned.versions, "pruned_records": pruned.records}
+                  "pruned_versions": pruned.versions, "pruned_records": pruned.records + dead,
+                  "deleted_records": dead}
         if prune_only:
             return result
         t = time.monotonic()
