@@ -32,15 +32,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from chronicle.store.gc import dryrun
+from chronicle.store.gc.stats import LAST_GC_KEY, after_gc, head_bytes
 from chronicle.store.gc.leases import GcLock, read_leases
-from chronicle.store.gc.prune import Keep, prune, prune_dead
+from chronicle.errors import NotFound
+from chronicle.store.gc.prune import Keep, PruneResult, prune, prune_dead
 from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD, compact, sweep
 from chronicle.store.meta.journal import iso_time
 
 if TYPE_CHECKING:
     from chronicle.store.store import Store
 
-LAST_GC_KEY = b"gc:last"
+HEAD_WALK_SECONDS = 2.0               # at most this long walking the head trees for the stats cache
 SETTLE_MARGIN_NS = 1_000_000_000      # dead chunks died before the end of the sweep + this (clock margin)
 
 Progress = Callable[[str, int, int], None]
@@ -66,6 +68,7 @@ def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None 
     seconds: dict[str, float] = {}
     with GcLock(store.run_dir):
         t = time.monotonic()
+        planned_ns = time.time_ns()
         with store.env.begin() as txn:
             plan = dryrun.plan(store, names, now_ns, txn, read_leases(store.run_dir))
         base_pins = plan.pins
@@ -98,7 +101,7 @@ def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None 
         seconds["compact"] = time.monotonic() - t
         result.update({k: compacted[k] for k in ("packs_deleted", "packs_written", "reclaimed_bytes", "deferred")})
         result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-        _store_result(store, result)
+        _store_result(store, result, plan, pruned, planned_ns)
     return result
 
 
@@ -107,9 +110,21 @@ def _workspace_records(store: Store) -> list:
         return dryrun.workspace_records(store, txn)
 
 
-def _store_result(store: Store, result: dict) -> None:
+def _store_result(store: Store, result: dict, plan: dryrun.Plan, pruned: PruneResult, planned_ns: int) -> None:
+    """Store the run's result and each pruned workspace's figures (``gc.stats``)."""
+    heads: dict[int, int | None] = {}
+    deadline = time.monotonic() + HEAD_WALK_SECONDS
+    for ws_report, ws_id in zip(plan.report["workspaces"], plan.pins):
+        try:
+            heads[ws_id] = head_bytes(store.open_workspace(ws_report["workspace"]), plan.heads[ws_id], deadline)
+        except (TimeoutError, NotFound):
+            heads[ws_id] = None
     with store.env.begin(write=True) as txn:
         txn.put(LAST_GC_KEY, json.dumps(result).encode(), db=store.dbs["meta"])
+        for ws_report, ws_id in zip(plan.report["workspaces"], plan.pins):
+            back = pruned.kept_back.get(ws_id, [0, 0])
+            after_gc(store, txn, ws_id, planned_ns, plan.heads[ws_id], ws_report["kept_bytes"] + back[1],
+                     ws_report["kept_versions"] + back[0], heads[ws_id])
         store.before_commit()
     store.note_commit()
 

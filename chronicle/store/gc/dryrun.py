@@ -189,17 +189,20 @@ class Plan:
     pins: dict[int, list[int]]
     held: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     dead: list[DeadRecord] = field(default_factory=list)
+    heads: dict[int, int] = field(default_factory=dict)      # ws id -> head seq when planned
 
 
 def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transaction,
-         leases: Iterable[LeaseInfo] = ()) -> Plan:
+         leases: Iterable[LeaseInfo] = (), deadline: float | None = None) -> Plan:
     """The versions the policies drop (module docstring of ``dry_run``), read
-    in ``txn``. Raises :class:`NotFound` for an unknown workspace."""
+    in ``txn``. Raises :class:`NotFound` for an unknown workspace, and
+    ``TimeoutError`` once ``time.monotonic()`` passes ``deadline``."""
     report: dict = {"workspaces": []}
     candidates: list[Candidate] = []
     pins_by_ws: dict[int, list[int]] = {}
     held: dict[tuple[int, int], list[int]] = {}
     dead: list[DeadRecord] = []
+    heads: dict[int, int] = {}
     records = {r.name: r for r in _records(txn, store)}
     leased = lease_pins(records.values(), leases)
     for name in (sorted(records) if names is None else names):
@@ -207,6 +210,7 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
         if record is None:
             raise NotFound(f"no workspace named {name!r} in {store.path}")
         policy = get_policy(store, record.id, txn)
+        heads[record.id] = store.head_seq(txn, record.id)
         pinned = pins(store, record, policy, txn) | leased.get(record.id, set())
         pins_by_ws[record.id] = sorted(pinned)
         ws_report = {"workspace": name, "policy": policy.as_dict(), "pins": sorted(pinned), "paths": [],
@@ -214,6 +218,8 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
                      "dropped_bytes": 0}
         inos: set[int] = set()
         for pv in own_versions(store, record.id, txn):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the dry run passed its deadline")
             inos.update(pv.inos.values())
             inos.update(pv.gone_inos)
             if not pv.versions:
@@ -238,7 +244,7 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
         dead.extend(d for d in (dead_record(txn, store.dbs, record.id, ino) for ino in sorted(inos)) if d)
     for seqs in held.values():
         seqs.sort()
-    return Plan(report, candidates, pins_by_ws, held, dead)
+    return Plan(report, candidates, pins_by_ws, held, dead, heads)
 
 
 _ENTRY_INO = struct.Struct("<Q")      # a path entry's inode: the u64 after its flags byte
@@ -267,7 +273,7 @@ def _fields(fragment: bytes) -> tuple[int, int, tuple[str, int] | None]:
 
 
 def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = None,
-            leases: Iterable[LeaseInfo] | None = None) -> dict:
+            leases: Iterable[LeaseInfo] | None = None, deadline: float | None = None) -> dict:
     """What GC would drop and free, changing nothing.
 
     ``names``: the workspaces (None: all); ``leases``: the live leases (None:
@@ -281,12 +287,14 @@ def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = N
     another name, the file has another link, it is the head's) counts as
     kept, so ``dropped_versions`` is GC's ``pruned_versions``
     (``prune.records_to_prune``; contents no inode uses any more already
-    count as freed). Raises :class:`NotFound` for an unknown workspace."""
+    count as freed). Raises :class:`NotFound` for an unknown workspace, and
+    ``TimeoutError`` once ``time.monotonic()`` passes ``deadline`` (a bounded
+    look: ``gc.stats``)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     leases = read_leases(store.run_dir) if leases is None else list(leases)
     may_drop = deleted_files(store, leases).may_drop
     with store.env.begin() as txn:
-        found = plan(store, names, now_ns, txn, leases)
+        found = plan(store, names, now_ns, txn, leases, deadline)
         keep = Keep(found.pins, found.held, may_drop)
         released: dict[bytes, int] = {}
         kept: set[tuple[int, bytes, int]] = set()
@@ -302,7 +310,7 @@ def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = N
                 released[item.content] = released.get(item.content, 0) + 1
         if kept:
             _keep_in_report(found, kept, txn, store)
-        found.report.update(freed(store, txn, released))
+        found.report.update(freed(store, txn, released, deadline))
     return found.report
 
 
@@ -336,14 +344,16 @@ def _keep_in_report(found: Plan, kept: set[tuple[int, bytes, int]], txn: lmdb.Tr
         ws_report["paths"] = paths
 
 
-def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int]) -> dict:
+def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadline: float | None = None) -> dict:
     """Contents whose refcount is 0 after giving back ``released``
     (content id -> references) — with those already at 0 — and the chunks
     that only they use: what the sweep frees (``sweep``)."""
     chunk_drops: dict[bytes, int] = {}
     contents = 0
     with txn.cursor(db=store.dbs["contents"]) as cur:
-        for key, raw in cur:
+        for n, (key, raw) in enumerate(cur):
+            if deadline is not None and n % 4096 == 0 and time.monotonic() > deadline:
+                raise TimeoutError("the dry run passed its deadline")
             content_id = bytes(key)
             if content_id == EMPTY_CONTENT_ID:
                 continue

@@ -84,6 +84,7 @@ class PruneResult:
     records: int = 0
     released: int = 0
     skipped: int = 0
+    kept_back: dict[int, list[int]] = field(default_factory=dict)    # ws -> [versions, bytes] skipped
 
     def as_dict(self) -> dict:
         return {"versions": self.versions, "records": self.records, "released": self.released,
@@ -333,6 +334,9 @@ def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], K
                 found = _check(txn, dbs, cur, cand, keep)
                 if found is None:
                     result.skipped += 1
+                    back = result.kept_back.setdefault(cand.ws, [0, 0])
+                    back[0] += 1
+                    back[1] += cand.size
                     continue
                 records = found.records
                 _apply(txn, dbs, cand, found, fields(cand.path))

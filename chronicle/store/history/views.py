@@ -63,6 +63,7 @@ import lmdb
 
 from chronicle.errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
                               PermissionDenied, Pruned, ReadOnly)
+from chronicle.store.gc import stats as gc_stats
 from chronicle.store.history import points, queries
 from chronicle.store.history.access import R_OK, ROOT, X_OK, Access, Caller, permits
 from chronicle.store.history.nodes import (ROOT_CHILDREN, AtDir, CtlFile, LogFile, Node, QueryDir, QueryFile,
@@ -549,9 +550,11 @@ class HistoryViews:
 
     def stats(self) -> dict:
         """The figures of ``stats``: the store's (``Store.stats``), the
-        workspace's (``Store.workspace_stats``), and where it is served."""
-        figures = self.store.stats()
-        figures.update(self.store.workspace_stats(self.ws))
+        workspace's (``Store.workspace_stats``), its retention figures from
+        their cache (``gc.stats``: never a dry run here; a stale cache starts
+        a refresh in a worker thread), and where it is served."""
+        figures = gc_stats.workspace_figures(self.store, self.ws, gc_stats.figures(self.store, self.ws))
+        figures["retention_refreshing"] = gc_stats.refresh_in_background(self.store, self.ws)
         figures.update(store=str(self.store.path.resolve()), mountpoint=self.mountpoint, pid=os.getpid(),
                        open_files=len(self.ws.files))
         return figures
