@@ -116,6 +116,7 @@ class Store:
         self.lease = Lease(self.run_dir, self.chunks.lease_state, self.modes)
         self.chunks.announce = self.lease.announce
         self.chunks.writer.on_new_pack = self.lease.announce_pack
+        self.lease.on_rotate = self.chunks.writer.rotate      # a GC in another process asks (gc.leases)
         self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()

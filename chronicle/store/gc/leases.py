@@ -30,6 +30,11 @@ How GC uses leases (``gc.compact``, ``gc.prune``):
   prune batch; a pin of a fork also pins its parent at ``min(seq, fork_seq)``;
 - **packs** are never compacted or deleted (chunks another process wrote
   and will put in the index when its commit lands: "pending");
+- a pack a live process is still appending to holds dead chunks: GC
+  writes their numbers to ``run/gc-rotate`` (:func:`request_rotation`);
+  each process checks that file when it refreshes its lease and, if it
+  writes one of them, seals it (``on_rotate``: ``PackWriter.rotate``), so
+  after its next sync the lease no longer names it and GC compacts it;
 - **dead chunks** (refcount 0) are dropped only when every live lease has a
   heartbeat newer than the end of GC's sweep and no dedup hit older than it
   (a process that found a chunk in the index, then still live, skips writing
@@ -68,6 +73,7 @@ if TYPE_CHECKING:
     from chronicle.store.modes import StoreModes
 
 LEASE_INTERVAL = 2.0        # seconds between two refreshes of a live lease
+ROTATE_FILE = "gc-rotate"   # in the run directory: packs a GC asks their writers to seal (JSON list)
 DELETION_MARGIN_NS = 2_000_000_000   # a lease shows a deletion's open files once refreshed this long after it
 LEASES_DIR = "leases"
 
@@ -102,6 +108,8 @@ class Lease:
         self._pins: Counter[tuple[int, int]] = Counter()
         self._announced: int | None = None    # the pack being created (not yet the writer's current pack)
         self._tracked: dict[int, Callable[[], Iterable[int]]] = {}   # ws id -> its open inodes
+        self.on_rotate: Callable[[], None] | None = None     # seal the pack being written (Store sets it)
+        self._rotation_seen = _mtime(Path(run_dir) / ROTATE_FILE)
         self._written = 0.0           # monotonic time of the last write, 0 = never
         self._closed = False
 
@@ -167,9 +175,25 @@ class Lease:
             pass
 
     def refresh(self, force: bool = False) -> None:
-        """Rewrite the lease if it exists and :data:`LEASE_INTERVAL` passed (or ``force``)."""
+        """Rewrite the lease if it exists and :data:`LEASE_INTERVAL` passed
+        (or ``force``); first answer a GC's request to seal a pack this
+        process writes (module docstring)."""
+        self._check_rotation()
         if self._written and (force or time.monotonic() - self._written >= LEASE_INTERVAL):
             self._write()
+
+    def _check_rotation(self) -> None:
+        path = Path(self.dir.parent) / ROTATE_FILE
+        seen = _mtime(path)
+        if seen <= self._rotation_seen or self.on_rotate is None:
+            return
+        self._rotation_seen = seen
+        try:
+            wanted = {int(p) for p in json.loads(path.read_text())}
+        except (OSError, ValueError, TypeError):
+            return
+        if wanted & self._state()[0]:
+            self.on_rotate()
 
     def close(self) -> None:
         """Remove the lease file (the process uses nothing any more). Idempotent."""
@@ -182,6 +206,8 @@ class Lease:
         with self._lock:
             if self._closed:
                 return
+            if self._announced in packs:
+                self._announced = None    # the writer reports it itself now (and stops once it is closed)
             if self._announced is not None:
                 packs = packs | {self._announced}
             tracked = dict(self._tracked)
@@ -194,6 +220,22 @@ class Lease:
                 self._modes.mkdir(self.dir)
             self._modes.write_file(self.path, json.dumps(doc).encode())
             self._written = time.monotonic()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def request_rotation(run_dir: Path, packs: Iterable[int]) -> None:
+    """Ask the processes writing ``packs`` to seal them (module docstring):
+    ``run/gc-rotate`` holds their numbers, its mtime says when."""
+    path = Path(run_dir) / ROTATE_FILE
+    tmp = path.with_name(f".{ROTATE_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(sorted(packs)))
+    os.replace(tmp, path)
 
 
 def _inodes(provider: Callable[[], Iterable[int]]) -> set[int]:
