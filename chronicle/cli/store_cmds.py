@@ -15,8 +15,6 @@ from chronicle.store.fsck.checks import fsck as check_store
 from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc import stats as gc_stats
 from chronicle.store.gc.policy import parse_duration
-from chronicle.store.namespace.workspace import Workspace
-from chronicle.store.store import Store
 
 
 def _duration(_ctx, _param, value: str | None) -> int | None:

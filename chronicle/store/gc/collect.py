@@ -7,14 +7,17 @@ store) it
 1. plans: the versions each workspace's policy drops (``dryrun.plan``,
    the same selection the dry run shows), with the pins of open ``at/``
    handles from the leases;
-2. prunes them (``prune``), re-reading the leases' pins before each batch;
+2. prunes them (``prune``), re-reading the leases' pins before each batch,
+   then rewrites the deleted files' last records no process reads
+   (``prune.prune_dead``);
 3. sweeps contents and chunks nothing uses any more (``sweep.sweep``);
 4. compacts packs (``sweep.compact``): disk space comes back.
 
 Every step is a sequence of short, idempotent transactions, so ``kill -9``
 at any point leaves a consistent store and the next run finishes the job.
 The result (figures and timings) is stored in ``meta`` under
-:data:`LAST_GC_KEY` as JSON and shown by ``chronicle stats``.
+:data:`LAST_GC_KEY` as JSON, with each pruned workspace's figures
+(``stats.after_gc``), and shown by ``chronicle stats``.
 
 ``freed_bytes`` (stored bytes of the chunks the run made dead) is what the
 dry run promised (``dryrun.dry_run``'s ``freed_bytes``) when nothing else
@@ -59,7 +62,9 @@ def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None 
     docstring. Prunes only those workspaces; sweeps and compacts the whole
     store (chunks are shared). ``prune_only`` stops after pruning (the
     daemon's ENOSPC path prunes, then sweeps and compacts separately).
-    Returns ``{"time", "workspaces", "pruned_versions", "pruned_records",
+    Returns ``{"time", "workspaces", "pruned_versions", "pruned_records"
+    (inode records rewritten, dead records included), "deleted_records"
+    (deleted files' last records, ``prune.DeadRecord``),
     "freed_contents", "freed_logical_bytes", "freed_chunks", "freed_bytes",
     "freed_raw_bytes", "packs_deleted", "packs_written", "reclaimed_bytes",
     "deferred", "seconds": {phase: s}}``. Raises :class:`~chronicle.errors.Busy`

@@ -9,11 +9,14 @@ and counts what the dropped versions alone hold.
 
 **What GC would free** is what its prune and sweep would free now: the
 inode records pruning would rewrite (``prune.records_to_prune``, the same
-code) give back their references; a content is freed when its refcount
-reaches 0 (with those already at 0: deleted workspaces, replaced history of
-ignored paths); a chunk is freed when every content record that counts it is
-freed. Other inode records of the same content (a pinned tree, a hard link,
-another workspace) keep it.
+code, replayed over the candidates in GC's order) and the deleted files'
+last records it would rewrite (``prune.dead_record_goes``) give back their
+references; a content is freed when its refcount reaches 0 (with those
+already at 0: deleted workspaces, replaced history of ignored paths); a
+chunk is freed when every content record that counts it is freed. Other
+inode records of the same content (a pinned tree, a hard link, another
+workspace) keep it. A candidate GC would leave alone counts as kept, so the
+report's ``dropped_versions`` is GC's ``pruned_versions``.
 
 Threads: synchronous; each function opens its own LMDB transactions.
 """

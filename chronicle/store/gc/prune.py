@@ -6,13 +6,17 @@ inode and content. Pruning it changes records, never removes a seq:
 
 - the inode records that carry the dropped content — the record written at
   the version's seq and the newer records of the same inode with the same
-  content (a chmod, a rename) — get the content :data:`PRUNED_ID`, and each
+  content while it stays at that path (a chmod, a utimens: their path
+  entries are marked too) — get the content :data:`PRUNED_ID`, and each
   gives back its reference on the content (``contents`` refcount), unless
-  a **pin** falls in the seq range where that record is the inode's state
-  (``[its seq, the next record's seq)``; the inode's newest record is the
-  head's and is never touched). So no tree at any seq shows content that
-  was not there: a pruned record reads as :class:`~chronicle.errors.Pruned`
-  (``ENODATA`` in the mount), a pinned tree reads as before;
+  a **pin** or a version the policy keeps (:class:`Keep`) falls in the seq
+  range where that record is the inode's state (``[its seq, the next
+  record's seq)``; the inode's newest record is the head's and is never
+  touched, unless the file was deleted: :class:`DeadRecord`). So no tree
+  at any seq shows content that was not there: a pruned record reads as
+  :class:`~chronicle.errors.Pruned` (``ENODATA`` in the mount), a pinned
+  tree reads as before. Empty versions are pruned like others (the empty
+  content has no refcount);
 - the path entry keeps its seq and version number (later numbers do not
   move) and becomes a **pruned mark**: flag ``P_PRUNED``, no content, its
   JSON without ``hash`` and with ``"pruned": true`` — what
@@ -29,8 +33,9 @@ batch re-reads the pins (leases of open ``at/`` handles come and go) and
 re-checks every record, so a killed GC leaves whole batches, and the next
 run skips what is done: pruning is idempotent.
 
-:func:`records_to_prune` is pure reading, shared with the dry run
-(``dryrun``), so the dry run promises what GC frees.
+:func:`records_to_prune` and :func:`dead_record_goes` are pure reading,
+shared with the dry run (``dryrun``, which replays the candidates in GC's
+order), so the dry run promises what GC prunes and frees.
 
 Threads: synchronous; each function takes the caller's transaction or opens its own.
 """

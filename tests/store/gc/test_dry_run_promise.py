@@ -142,7 +142,6 @@ def test_a_deleted_files_last_content_goes_when_the_policy_drops_it(store, ws):
     assert result["pruned_versions"] == promised["workspaces"][0]["dropped_versions"] == 2
     assert result["freed_contents"] == promised["freed_contents"] == 2
     assert result["freed_bytes"] == promised["freed_bytes"] >= 0.9 * stored_before - 2000
-    print(history(ws, b"f"))
     assert [bool(v.get("pruned")) for v in history(ws, b"f")] == [True, True, False]     # the last: the deletion
     with pytest.raises(Pruned):
         _read_at(ws, seq, b"f")
