@@ -15,7 +15,9 @@ and ``retention_behind`` (events committed since). The cache is written
   ``chronicle stats`` costs at most :data:`CLI_DEADLINE` seconds on a big store;
 - by :func:`refresh_in_background`: the same in a worker thread (one at a
   time per store), started by ``.chronicle/stats`` when the cache is behind
-  and older than :data:`REFRESH_INTERVAL` — the FUSE loop only reads the
+  the head (or a minute old), at most every :data:`REFRESH_INTERVAL`
+  seconds and :data:`REFRESH_COST` times as long as the last one took (a
+  6 s dry run: every 2 minutes at most) — the FUSE loop only reads the
   record; the next read shows the new figures.
 
 Threads: :func:`figures` and :func:`refresh` run in the caller's thread;
@@ -42,11 +44,12 @@ if TYPE_CHECKING:
 
 CLI_DEADLINE = 10.0         # seconds ``chronicle stats`` spends on a dry run before showing the cached figures
 BACKGROUND_DEADLINE = 120.0  # seconds a background refresh may take
-REFRESH_INTERVAL = 30.0     # seconds between two background refreshes of one workspace
+REFRESH_INTERVAL = 30.0     # seconds between two background refreshes of one workspace, at least
+REFRESH_COST = 20           # ... and at least this many times as long as the last one took
 LAST_GC_KEY = b"gc:last"
 
 _running: set[tuple[str, int]] = set()      # (store path, ws id) being refreshed in the background
-_started: dict[tuple[str, int], float] = {}
+_started: dict[tuple[str, int], float] = {}   # monotonic time the next refresh may start
 _lock = threading.Lock()
 
 
@@ -163,19 +166,19 @@ def head_bytes(ws: Workspace, seq: int | None = None, deadline: float | None = N
 
 def refresh_in_background(store: Store, ws: Workspace) -> bool:
     """Start a :func:`refresh` of ``ws`` in a worker thread if its cache is
-    behind the head, none runs, and the last started :data:`REFRESH_INTERVAL`
-    seconds ago or more. True if one is running after the call."""
+    behind the head (or aged), none runs, and the pacing allows (module
+    docstring). True if one is running after the call."""
     key = (str(store.path), ws.id)
     with _lock:
         if key in _running:
             return True
-        if time.monotonic() - _started.get(key, -REFRESH_INTERVAL) < REFRESH_INTERVAL:
+        if time.monotonic() < _started.get(key, 0.0):
             return False
         current = figures(store, ws)
         if current["retention_behind"] == 0 and not _aged(current["retention_as_of"]):
             return False
         _running.add(key)
-        _started[key] = time.monotonic()
+        _started[key] = time.monotonic() + REFRESH_INTERVAL
     threading.Thread(target=_background, args=(store, ws.name, key), name="chronicle-stats", daemon=True).start()
     return True
 
@@ -187,13 +190,16 @@ def _aged(as_of: str | None) -> bool:
 
 
 def _background(store: Store, name: str, key: tuple[str, int]) -> None:
+    started = time.monotonic()
     try:                          # its own read-only Workspace: the caller's caches belong to its thread
-        refresh(store, store.open_workspace(name), deadline=time.monotonic() + BACKGROUND_DEADLINE)
+        refresh(store, store.open_workspace(name), deadline=started + BACKGROUND_DEADLINE)
     except Exception:             # noqa: BLE001 - a closed store, a full disk: the cache stays as it was
         pass
     finally:
+        took = time.monotonic() - started
         with _lock:
             _running.discard(key)
+            _started[key] = max(_started.get(key, 0.0), started + REFRESH_COST * took)
 
 
 def refreshing(store: Store, ws: Workspace) -> bool:
