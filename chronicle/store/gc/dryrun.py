@@ -8,7 +8,7 @@ seq is a pin), selects per path with :func:`~chronicle.store.gc.policy.select`,
 and counts what the dropped versions alone hold.
 
 **What GC would free** is what its prune and sweep would free now: the
-inode records pruning would rewrite (``prune.records_to_prune``, the same
+inode records pruning would rewrite (``prune.keys_to_prune``, the same
 code, replayed over the candidates in GC's order) and the deleted files'
 last records it would rewrite (``prune.dead_record_goes``) give back their
 references; a content is freed when its refcount reaches 0 (with those
@@ -39,7 +39,7 @@ from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, ID_SIZE
 from chronicle.store.gc.leases import DeletedFiles, LeaseInfo, read_leases
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
 from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry_fields, dead_record,
-                                      dead_record_goes, records_to_prune)
+                                      dead_record_goes, keys_to_prune)
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, ChunkRecord, ContentRecord, PathEntry,
@@ -289,7 +289,7 @@ def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = N
     policy drops but GC must keep (a pin shows its inode record under
     another name, the file has another link, it is the head's) counts as
     kept, so ``dropped_versions`` is GC's ``pruned_versions``
-    (``prune.records_to_prune``; contents no inode uses any more already
+    (``prune.keys_to_prune``; contents no inode uses any more already
     count as freed). Raises :class:`NotFound` for an unknown workspace, and
     ``TimeoutError`` once ``time.monotonic()`` passes ``deadline`` (a bounded
     look: ``gc.stats``)."""
@@ -303,7 +303,7 @@ def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = N
         kept: set[tuple[int, bytes, int]] = set()
         rewritten: set[bytes] = set()         # replayed in GC's order: what earlier candidates rewrote
         for cand in found.candidates:
-            records = records_to_prune(txn, store.dbs, cand, keep, rewritten)
+            records = keys_to_prune(txn, store.dbs, cand, keep, rewritten)
             if records is None:
                 kept.add((cand.ws, cand.path, cand.seq))
             elif records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)

@@ -117,13 +117,24 @@ def records_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate, keep: Ke
     changed, more than one link, its own record pinned, held or the head's.
     ``rewritten``: inode keys to take as already rewritten (the dry run
     replays the candidates in order; it adds what this one rewrites)."""
+    keys = keys_to_prune(txn, dbs, cand, keep, rewritten)
+    if keys is None:
+        return None
+    return [(key, Attrs.decode(txn.get(key, db=dbs["inodes"]))) for key in keys]
+
+
+def keys_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate, keep: Keep,
+                  rewritten: set[bytes] | None = None) -> list[bytes] | None:
+    """The keys of :func:`records_to_prune`'s records, undecoded (what the dry
+    run counts; it reads a million of them)."""
     with txn.cursor(db=dbs["inodes"]) as cur:
         found = _check(txn, dbs, cur, cand, keep, rewritten)
     if found is None:
         return None
+    keys = [key for key, _raw in found.records]
     if rewritten is not None:
-        rewritten.update(key for key, _raw in found.records)
-    return [(key, Attrs.decode(raw)) for key, raw in found.records]
+        rewritten.update(keys)
+    return keys
 
 
 def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate, keep: Keep,
