@@ -180,3 +180,28 @@ def test_a_deleted_file_of_another_writer_waits_for_its_lease(store, ws):
     assert not DeletedFiles(None, [holding]).may_drop(ws.id, 7, deleted)
     assert DeletedFiles(None, [holding]).may_drop(ws.id, 8, deleted)
     assert DeletedFiles(None, [stale]).may_drop(ws.id + 1, 7, deleted)      # it does not have that workspace
+
+
+def test_a_chmod_between_versions_is_pruned_with_the_version_it_shows(store, ws):
+    """write, chmod, write: the chmod's record and path entry show the first
+    version's content, so they go with it (fsck finds no entry pointing at a freed content)."""
+    ino = write(ws, ws.root, b"f", os.urandom(60_000))
+    ws.setattr(ino, A, mode=0o100600)
+    write(ws, ws.root, b"f", os.urandom(60_000))
+    dryrun.set_policy(store, ws.id, Policy(keep_last=1))
+    promised = dryrun.dry_run(store, ["w"], now_ns=LATER)
+    result = collect.collect(store, ["w"], now_ns=LATER)
+    _check_promise(store, ws, promised, result)
+    assert result["pruned_versions"] == 1 and result["pruned_records"] == 2 and result["freed_contents"] == 1
+    _clean(store)
+
+
+def test_a_hard_linked_file_keeps_its_versions(store, ws):
+    ino = write(ws, ws.root, b"f", os.urandom(60_000))
+    ws.link(ino, ws.root, b"g", A)
+    write(ws, ws.root, b"f", os.urandom(60_000))
+    dryrun.set_policy(store, ws.id, Policy(keep_last=1))
+    promised = dryrun.dry_run(store, ["w"], now_ns=LATER)
+    result = collect.collect(store, ["w"], now_ns=LATER)
+    _check_promise(store, ws, promised, result)
+    _clean(store)
