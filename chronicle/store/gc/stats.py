@@ -14,7 +14,8 @@ and ``retention_behind`` (events committed since). The cache is written
   (``TimeoutError``, the cache left as it was) past a deadline, so
   ``chronicle stats`` costs at most :data:`CLI_DEADLINE` seconds on a big store;
 - by :func:`refresh_in_background`: the same in a worker thread (one at a
-  time per store), started by ``.chronicle/stats`` when the cache is behind
+  time per store), started when a ``.chronicle/stats`` handle is closed
+  (so the figures a read shows do not change under the next one) and the cache is behind
   the head (or a minute old), at most every :data:`REFRESH_INTERVAL`
   seconds and :data:`REFRESH_COST` times as long as the last one took (a
   6 s dry run: every 2 minutes at most) — the FUSE loop only reads the
