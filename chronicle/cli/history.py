@@ -13,7 +13,7 @@ import click
 
 from chronicle.cli.app import (choose_target, cli, event_line, json_option, line_bytes, open_store, show_path,
                                stdout_bytes, workspace_options)
-from chronicle.errors import InvalidArgument, UsageError
+from chronicle.errors import InvalidArgument, NotFound, UsageError
 from chronicle.store.history import points, search
 from chronicle.store.history.access import invoking_user
 from chronicle.store.history.blame import blame as blame_of
@@ -103,7 +103,7 @@ def show(spec: str, store_opt, ws_opt) -> None:
     out = stdout_bytes()
     with open_store(target) as store:
         views = HistoryViews(store.open_workspace(target.workspace), caller=invoking_user())
-        _number, version = views.pick_version(views.file_versions(target.path), target.path, number)
+        _number, version = _pick(views, views.file_versions(target.path), target.path, number)
         cm = store.content_map(version.entry.content)
         for offset in range(0, cm.size, READ_PIECE):
             out.write(cm.read(offset, READ_PIECE))
@@ -111,6 +111,18 @@ def show(spec: str, store_opt, ws_opt) -> None:
 
 
 cli.add_command(show, "cat")
+
+
+def _pick(views: HistoryViews, versions: dict, path: bytes, number: int | None):
+    """``views.pick_version``, but a version gc pruned raises
+    :class:`~chronicle.errors.Pruned` (exit 1: "version N ... was pruned by
+    gc") rather than "no version N"."""
+    if number is not None and number not in versions:
+        try:
+            views.version(path, number)
+        except NotFound:
+            pass                  # not a pruned mark: pick_version names the versions there are
+    return views.pick_version(versions, path, number)
 
 
 @cli.command()
@@ -129,11 +141,11 @@ def diff(path: str, a: int | None, b: int | None, store_opt, ws_opt) -> None:
         views = HistoryViews(store.open_workspace(target.workspace), caller=invoking_user())
         versions = views.file_versions(target.path)
         numbers = sorted(versions)
-        b_no, b_ver = views.pick_version(versions, target.path, b)
+        b_no, b_ver = _pick(views, versions, target.path, b)
         if a is None and b is None:
             a_no, a_ver = (numbers[-2], versions[numbers[-2]]) if len(numbers) > 1 else (None, None)
         else:
-            a_no, a_ver = views.pick_version(versions, target.path, a)
+            a_no, a_ver = _pick(views, versions, target.path, a)
         if a_ver is not None and a_ver.entry.content == b_ver.entry.content:
             return
         a_size = store.content_map(a_ver.entry.content).size if a_ver else 0

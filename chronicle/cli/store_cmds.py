@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
 from chronicle.cli.app import (choose_target, cli, human_size, in_mount, json_option, line_bytes, open_store,
-                               print_table, progress_bar, stdout_bytes, store_options, tree_size,
+                               print_table, progress_bar, stdout_bytes, store_options,
                                workspace_options)
 from chronicle.errors import InvalidArgument, NotFound, UsageError
 from chronicle.store.fsck.checks import fsck as check_store
 from chronicle.store.gc import collect, dryrun
+from chronicle.store.gc import stats as gc_stats
 from chronicle.store.gc.policy import parse_duration
-from chronicle.store.namespace.workspace import Workspace
-from chronicle.store.store import Store
 
 
 def _duration(_ctx, _param, value: str | None) -> int | None:
@@ -176,16 +176,6 @@ def fsck(ctx: click.Context, repair: bool, verify_contents: bool, store_opt, as_
     ctx.exit(0 if reports[-1].clean else 1)
 
 
-def _retention_figures(store: Store, ws: Workspace) -> dict:
-    """The workspace's head bytes, kept history, what its policy would free (dry run)."""
-    report = dryrun.dry_run(store, [ws.name])
-    mine = report["workspaces"][0]
-    return {"head_logical_bytes": tree_size(ws)[1], "history_logical_bytes": mine["kept_bytes"],
-            "policy_would_drop_versions": mine["dropped_versions"],
-            "policy_would_drop_logical_bytes": mine["dropped_bytes"],
-            "policy_would_free_bytes": report["freed_bytes"], "last_gc": collect.last_result(store)}
-
-
 @cli.command()
 @click.argument("where", metavar="[PATH]", required=False)
 @workspace_options
@@ -201,20 +191,22 @@ def stats(where, store_opt, ws_opt, as_json) -> None:
             if target.workspace_chosen:
                 raise
             ws = None
-        if ws is not None:
-            figures.update(store.workspace_stats(ws))
-            figures.update(_retention_figures(store, ws))
+        if ws is not None:     # as .chronicle/stats shows them (without where a mount serves them)
+            retention = gc_stats.current(store, ws, deadline=time.monotonic() + gc_stats.CLI_DEADLINE)
+            figures = gc_stats.workspace_figures(store, ws, retention)
+            figures["retention_refreshing"] = False
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
     rows = []
     for key, value in figures.items():
-        if key.endswith("_bytes"):
+        if key.endswith("_bytes") and value is not None:
             value = f"{human_size(value)} ({value})"
         elif key == "last_gc" and isinstance(value, dict):
             value = (f"{value['time']}: pruned {value['pruned_versions']} versions, freed "
-                     f"{human_size(value.get('freed_bytes'))}, {human_size(max(0, value.get('reclaimed_bytes') or 0))} "
-                     "of disk space back")
+                     f"{value.get('freed_chunks', 0)} chunks, {human_size(value.get('freed_bytes'))}, "
+                     f"{human_size(max(0, value.get('reclaimed_bytes') or 0))} of disk space back "
+                     f"in {value.get('duration_seconds', 0):.1f} s")
         elif value is None:
             value = "-"
         rows.append([key.replace("_", " ") + ":", str(value)])

@@ -34,6 +34,7 @@ import re
 import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ class Store:
         self.lease = Lease(self.run_dir, self.chunks.lease_state, self.modes)
         self.chunks.announce = self.lease.announce
         self.chunks.writer.on_new_pack = self.lease.announce_pack
+        self.lease.on_rotate = self.chunks.writer.rotate      # a GC in another process asks (gc.leases)
         self._content_cache: OrderedDict[bytes, ContentMap] = OrderedDict()
         self._content_lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -453,7 +455,10 @@ class Store:
             record = self.create_workspace(name)
         if writable:
             self._lock_workspace(record)
-        return Workspace(self, record, writable=writable)
+        ws = Workspace(self, record, writable=writable)
+        if writable:              # GC keeps a deleted file's content while it is open (gc.leases)
+            self.lease.track(record.id, _open_files_of(ws))
+        return ws
 
     def _lock_workspace(self, record: WorkspaceRecord) -> None:
         if record.id in self._locks:
@@ -475,6 +480,7 @@ class Store:
         fd = self._locks.pop(ws.id, None)
         if fd is not None:
             os.close(fd)
+        self.lease.untrack(ws.id)
 
     # Databases whose keys start with the workspace id (u32): a workspace's own records.
     _WS_DATABASES = ("inodes", "dirents", "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
@@ -788,3 +794,13 @@ class Store:
             "chunks": totals["chunks"],
             "packs": len(packs),
         }
+
+
+def _open_files_of(ws: Workspace):
+    """The open inodes of ``ws`` (none once it is gone), for ``Lease.track``."""
+    ref = weakref.ref(ws)
+
+    def open_inodes() -> tuple[int, ...]:
+        found = ref()
+        return () if found is None else tuple(found.files)
+    return open_inodes

@@ -169,3 +169,110 @@ def test_open_at_handle_pins_its_version_across_processes(mount_factory):
     assert exc.value.errno == errno.ENODATA
     m.stop()
     fsck_clean(m.store)
+
+
+def test_a_pruned_version_says_so_in_show_and_versions(mount_factory):
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY)
+    for i in range(3):
+        (m.path / "f").write_text(f"version {i + 1}\n" * 5000)
+    cli("gc", "-s", m.store, "-w", m.workspace)
+    shown = cli("show", "-s", m.store, "-w", m.workspace, "f@1", check=False)
+    assert shown.returncode == 1 and "pruned by gc" in shown.stderr and "Traceback" not in shown.stderr
+    assert shown.stderr.strip().count("\n") == 0                       # one line
+    missing = cli("show", "-s", m.store, "-w", m.workspace, "f@9", check=False)
+    assert missing.returncode != 0 and "no version 9" in missing.stderr
+    assert cli("show", "-s", m.store, "-w", m.workspace, "f@3").stdout == "version 3\n" * 5000
+    with pytest.raises(OSError) as exc:
+        (m.path / ".chronicle" / "versions" / "f" / "1").read_bytes()
+    assert exc.value.errno == errno.ENODATA
+    m.stop()
+
+
+def test_a_deleted_files_content_is_freed_when_the_policy_drops_it(mount_factory):
+    """rm of a file whose versions the policy no longer keeps: gc (from the CLI,
+    the workspace still mounted) gives its bytes back and the history shows the mark."""
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY, "--keep-last", "0")
+    (m.path / "big").write_bytes(os.urandom(3 << 20))
+    (m.path / "small").write_bytes(b"stays")
+    held = open(m.path / "held", "wb")                    # deleted while open: kept until closed
+    held.write(os.urandom(1 << 20))
+    held.flush()
+    os.fsync(held.fileno())
+    (m.path / "big").unlink()
+    (m.path / "held").unlink()
+    time.sleep(2.5)                                       # the daemon's lease is refreshed after the deletions
+    stats = json.loads((m.path / ".chronicle" / "stats").read_text())
+    promised = json.loads(cli("gc", "--dry-run", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    assert out["freed_bytes"] == promised["freed_bytes"] and out["freed_raw_bytes"] >= 3 << 20
+    assert out["freed_raw_bytes"] < (3 << 20) + (1 << 20)          # not the open one
+    query = json.loads((m.path / ".chronicle" / "query" / "big").read_text())
+    assert [bool(v.get("pruned")) for v in query["versions"] if "size" in v] == [True]
+    assert (m.path / "small").read_bytes() == b"stays"
+    held.close()
+    time.sleep(2.5)
+    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    assert out["freed_raw_bytes"] >= 1 << 20
+    assert stats["stored_bytes"] > 0
+    m.stop()
+    fsck_clean(m.store)
+
+
+def test_stats_file_shows_what_the_cli_shows_without_a_dry_run_on_the_loop(mount_factory):
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY)
+    for i in range(4):
+        (m.path / "f").write_bytes(bytes([i]) * 40_000)
+    stats_file = m.path / ".chronicle" / "stats"
+    t = time.monotonic()
+    first = json.loads(stats_file.read_text())
+    assert time.monotonic() - t < 2.0
+    assert first["retention_as_of"] is None               # not computed on the loop: closing the file starts it
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        served = json.loads(stats_file.read_text())
+        if served["retention_behind"] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the stats cache was not refreshed: {served}")
+    assert served["policy_would_drop_versions"] == 3 and served["policy_would_drop_logical_bytes"] == 3 * 40_000
+    assert served["head_logical_bytes"] == 40_000 and served["history_logical_bytes"] == 40_000
+    shown = json.loads(cli("stats", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    extras = {"pid", "open_files", "store"}
+    assert set(served) - extras == set(shown) - extras
+    for key in ("policy_would_drop_versions", "policy_would_free_bytes", "policy_would_free_chunks",
+                "head_logical_bytes", "history_logical_bytes", "history_versions", "retention_as_of_seq"):
+        assert served[key] == shown[key], key
+    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    after = json.loads(stats_file.read_text())
+    assert after["last_gc"]["pruned_versions"] == 3 == out["pruned_versions"]
+    assert after["last_gc"]["freed_bytes"] == out["freed_bytes"] and after["last_gc"]["duration_seconds"] >= 0
+    assert after["policy_would_drop_versions"] == 0 and after["history_logical_bytes"] == 40_000
+    text = cli("stats", "-s", m.store, "-w", m.workspace).stdout
+    assert "pruned 3 versions" in text and "retention as of:" in text
+    m.stop()
+
+
+def test_cli_gc_compacts_the_pack_the_daemon_is_writing(mount_factory):
+    """The dead chunks sit in the pack the mount daemon still appends to: the
+    CLI's gc asks the daemon to seal it, then rewrites it (disk space comes back while mounted)."""
+    m = mount_factory()
+    cli("policy", "set", "-s", m.store, "-w", m.workspace, *NO_HISTORY)
+    for _ in range(4):                                    # 4 MiB: one pack, the daemon's current one
+        data = os.urandom(1 << 20)
+        (m.path / "f").write_bytes(data)
+    packs = Path(m.store) / "packs"
+    before = sum(f.stat().st_size for f in packs.rglob("*") if f.is_file())
+    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    assert out["freed_raw_bytes"] >= 3 << 20 and not out["deferred"], out
+    assert out["packs_deleted"] >= 1 and out["reclaimed_bytes"] >= 2 << 20, out
+    after = sum(f.stat().st_size for f in packs.rglob("*") if f.is_file())
+    assert after <= before - (2 << 20)
+    assert (m.path / "f").read_bytes() == data
+    (m.path / "g").write_bytes(b"written after the rotation")          # the daemon starts a new pack
+    assert (m.path / "g").read_bytes() == b"written after the rotation"
+    m.stop()
+    fsck_clean(m.store)

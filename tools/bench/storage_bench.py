@@ -19,9 +19,15 @@
    a mount; the per-database metadata table, metadata / chunks, git's pack
    of the same commits and the daemon's peak RSS (``replay_meta``). Budget:
    metadata <= 0.5x chunks, RSS < 300 MB.
-
-The npm budget (20 rounds of ``npm install`` and ``rm -rf node_modules``)
-needs the npm registry, which this machine cannot reach; it is not run here.
+4. **npm**: a small project (``package.json`` with a handful of real
+   dependencies: about 2,000 files in ``node_modules``) in a real mount, 20
+   rounds (``--quick`` 5) of ``npm install --no-audit --no-fund`` (its cache
+   a private directory in the bench's workdir, outside the mount: the first
+   round fetches from the registry, the others from the cache) followed by
+   ``rm -rf node_modules``, with the default policy (``node_modules/``
+   ignored); then ``chronicle gc`` while mounted, and again after unmounting.
+   Budget: store (packs + metadata) after gc <= 2x one round's install
+   (``du`` of ``node_modules``). Needs ``npm`` and the npm registry.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from chronicle import procs  # noqa: E402
 from chronicle.store.gc import collect, dryrun  # noqa: E402
 from chronicle.store.gc.policy import Policy  # noqa: E402
+from chronicle.store.meta import schema  # noqa: E402
 from chronicle.store.model import Actor  # noqa: E402
 from chronicle.store.store import Store  # noqa: E402
 from tools.bench import gitrepo, replay_meta  # noqa: E402
@@ -122,7 +129,8 @@ def sqlite_wal(work: Path, inserts: int) -> dict:
         procs.unmount(mnt)
         proc.wait(timeout=60)
     kept = [v for v in query["versions"] if not v.get("pruned")]
-    return {"inserts": inserts, "insert_seconds": round(insert_seconds, 1), "db_bytes": db_size,
+    breakdown = meta_breakdown(store)
+    return {"metadata_breakdown": breakdown, "inserts": inserts, "insert_seconds": round(insert_seconds, 1), "db_bytes": db_size,
             "store_bytes_before_gc": before, "packs_bytes": after_packs, "metadata_bytes": after_meta,
             "ratio": round((after_packs + after_meta) / db_size, 2), "db_versions": len(query["versions"]),
             "db_versions_kept": len(kept), "gc": json.loads(gc.stdout),
@@ -142,12 +150,109 @@ def click_replay(work: Path, bare: str | None, commits: int) -> dict:
     return figures
 
 
+NPM_PACKAGE = {"name": "bench-app", "version": "1.0.0", "private": True,
+               "dependencies": {"express": "4.21.2", "lodash": "4.17.21", "commander": "12.1.0",
+                                "debug": "4.4.0", "uuid": "11.0.5", "chalk": "4.1.2", "dayjs": "1.11.13",
+                                "yargs": "17.7.2"}}
+
+
+def _store_bytes(store: Path) -> tuple[int, int]:
+    """(packs, metadata) bytes allocated on disk."""
+    return _du(store / "packs"), _du(store / "meta")
+
+
+def _tree_bytes(path: Path) -> tuple[int, int]:
+    """(files, apparent bytes) below ``path`` (``du -b``'s figure, files only)."""
+    files = size = 0
+    for f in path.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            files += 1
+            size += f.stat().st_size
+    return files, size
+
+
+def meta_breakdown(store_path: Path) -> dict:
+    """Bytes of LMDB pages in use per named database (branch + leaf +
+    overflow pages x page size), the free-list's pages, and the file's size:
+    where the metadata goes. Opens the store (it must not be mounted)."""
+    store = Store.open(store_path)
+    try:
+        with store.env.begin() as txn:
+            out = {}
+            for name in schema.DATABASES:
+                st = txn.stat(store.dbs[name])
+                used = (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+                if used:
+                    out[name] = {"bytes": used, "entries": st["entries"]}
+        info = store.env.info()
+        page = store.env.stat()["psize"]
+        out["_in_use_bytes"] = sum(v["bytes"] for v in out.values())
+        out["_file_bytes"] = (info["last_pgno"] + 1) * page
+        return out
+    finally:
+        store.close()
+
+
+def npm_rounds(work: Path, rounds: int) -> dict:
+    npm = shutil.which("npm")
+    if npm is None:
+        return {"skipped": "npm is not installed (tools/setup.sh installs it)"}
+    store, mnt, cache = work / "npm-store", work / "npm-mnt", work / "npm-cache"
+    mnt.mkdir()
+    log = work / "npm-daemon.log"
+    proc, _ = procs.spawn(procs.mount_command(store, "bench", mnt, []), log, env=dict(os.environ), cwd=REPO)
+    figures: dict = {"rounds": rounds}
+    try:
+        procs.wait_for_mount(mnt, proc.pid, timeout=60, log_path=log)
+        project = mnt / "app"
+        project.mkdir()
+        (project / "package.json").write_text(json.dumps(NPM_PACKAGE, indent=2) + "\n")
+        times = []
+        for n in range(rounds):
+            t = time.monotonic()
+            subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefer-offline", "--cache", str(cache),
+                            "--loglevel", "error"], cwd=project, check=True, capture_output=True, text=True,
+                           timeout=900)
+            times.append(time.monotonic() - t)
+            if n == 0:
+                figures["install_files"], figures["install_bytes"] = _tree_bytes(project / "node_modules")
+                figures["install_du_bytes"] = _du(project / "node_modules")
+            shutil.rmtree(project / "node_modules")
+            print(f"  npm round {n + 1}/{rounds}: {times[-1]:.1f} s", file=sys.stderr)
+        figures["install_seconds"] = [round(x, 1) for x in times]
+        figures["before_gc"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
+        dry = json.loads(subprocess.run(CHRONICLE + ["gc", "--dry-run", "-s", str(store), "-w", "bench", "--json"],
+                                        capture_output=True, text=True, check=True).stdout)
+        gc = json.loads(subprocess.run(CHRONICLE + ["gc", "-s", str(store), "-w", "bench", "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+        figures["dry_run"] = {"dropped_versions": dry["workspaces"][0]["dropped_versions"],
+                              "freed_bytes": dry["freed_bytes"]}
+        figures["gc"] = gc
+        figures["after_gc"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
+        figures["stats"] = json.loads((mnt / ".chronicle" / "stats").read_text())
+    finally:
+        procs.unmount(mnt)
+        proc.wait(timeout=60)
+    gc2 = json.loads(subprocess.run(CHRONICLE + ["gc", "-s", str(store), "-w", "bench", "--json"],
+                                    capture_output=True, text=True, check=True).stdout)
+    figures["gc_unmounted"] = gc2
+    figures["after_gc_unmounted"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
+    figures["metadata_breakdown"] = meta_breakdown(store)
+    install = figures["install_bytes"]
+    for key in ("after_gc", "after_gc_unmounted"):
+        total = figures[key]["packs_bytes"] + figures[key]["metadata_bytes"]
+        figures[key]["ratio"] = round(total / install, 2)
+    figures["budget_ok"] = figures["after_gc"]["ratio"] <= 2.0
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--events", type=int)
     parser.add_argument("--inserts", type=int)
-    parser.add_argument("--workloads", default="gc-events,sqlite-wal")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--workloads", default="gc-events,sqlite-wal,npm")
     parser.add_argument("--workdir", default="/var/tmp")
     parser.add_argument("--metadata", action="store_true", help="also run click-replay")
     parser.add_argument("--git-repo", help="bare repository for click-replay")
@@ -168,6 +273,9 @@ def main() -> None:
         if args.metadata or "click-replay" in args.workloads:
             out["click-replay"] = click_replay(work, args.git_repo, args.commits or (30 if args.quick else 300))
             print(json.dumps({"click-replay": out["click-replay"]}, indent=2))
+        if "npm" in args.workloads:
+            out["npm"] = npm_rounds(work, args.rounds or (5 if args.quick else 20))
+            print(json.dumps({"npm": out["npm"]}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json_path:

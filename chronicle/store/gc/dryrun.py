@@ -8,12 +8,15 @@ seq is a pin), selects per path with :func:`~chronicle.store.gc.policy.select`,
 and counts what the dropped versions alone hold.
 
 **What GC would free** is what its prune and sweep would free now: the
-inode records pruning would rewrite (``prune.records_to_prune``, the same
-code) give back their references; a content is freed when its refcount
-reaches 0 (with those already at 0: deleted workspaces, replaced history of
-ignored paths); a chunk is freed when every content record that counts it is
-freed. Other inode records of the same content (a pinned tree, a hard link,
-another workspace) keep it.
+inode records pruning would rewrite (``prune.keys_to_prune``, the same
+code, replayed over the candidates in GC's order) and the deleted files'
+last records it would rewrite (``prune.dead_record_goes``) give back their
+references; a content is freed when its refcount reaches 0 (with those
+already at 0: deleted workspaces, replaced history of ignored paths); a
+chunk is freed when every content record that counts it is freed. Other
+inode records of the same content (a pinned tree, a hard link, another
+workspace) keep it. A candidate GC would leave alone counts as kept, so the
+report's ``dropped_versions`` is GC's ``pruned_versions``.
 
 Threads: synchronous; each function opens its own LMDB transactions.
 """
@@ -21,7 +24,9 @@ Threads: synchronous; each function opens its own LMDB transactions.
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,12 +36,14 @@ import lmdb
 
 from chronicle.errors import NotFound
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, ID_SIZE
-from chronicle.store.gc.leases import LeaseInfo
+from chronicle.store.gc.leases import DeletedFiles, LeaseInfo, read_leases
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
-from chronicle.store.gc.prune import Candidate, content_entry_fields, records_to_prune
+from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry_fields, dead_record,
+                                      dead_record_goes, keys_to_prune)
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
-from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, ChunkRecord, ContentRecord, WorkspaceRecord
+from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, ChunkRecord, ContentRecord, PathEntry,
+                                        WorkspaceRecord)
 
 if TYPE_CHECKING:
     from chronicle.store.store import Store
@@ -107,16 +114,20 @@ def pins(store: Store, record: WorkspaceRecord, policy: Policy, txn: lmdb.Transa
 @dataclass(slots=True)
 class PathVersions:
     """One path's content versions in one workspace layer: ``(seq, size,
-    content id, info)`` oldest first."""
+    content id, info)`` oldest first, and the seqs at which the path went
+    away (deleted, renamed away), oldest first."""
 
     path: bytes
     versions: list[tuple[int, int, bytes, VersionInfo]] = field(default_factory=list)
     inos: dict[int, int] = field(default_factory=dict)      # seq -> inode of the entry
+    gone: list[int] = field(default_factory=list)
+    gone_inos: set[int] = field(default_factory=set)
 
 
 def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[PathVersions]:
-    """The content versions (entries flagged ``P_BUMPS`` and ``P_CONTENT``)
-    recorded in workspace ``ws_id``'s own layer, path by path."""
+    """The content versions (entries flagged ``P_CONTENT`` and ``P_BUMPS``
+    or ``P_ARRIVED``) and the removals (``P_GONE``) recorded in workspace ``ws_id``'s own
+    layer, path by path."""
     prefix = schema.ws_key(ws_id)
     current: PathVersions | None = None
     current_ident = None
@@ -126,8 +137,19 @@ def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[Pa
         for key, value in cur:
             if key[:4] != prefix:
                 break
-            if not (value[0] & P_BUMPS and value[0] & P_CONTENT):
+            flags = value[0]
+            if flags & P_GONE:
+                ident = schema.path_key_ident(key)
+                path = PathEntry.decode(value).path if schema.ident_is_long(ident) else ident
+                if current is None or ident != current_ident or path != current.path:
+                    if current is not None:
+                        yield current
+                    current, current_ident = PathVersions(path), ident
+                current.gone.append(schema.path_key_seq(key))
+                current.gone_inos.add(_ENTRY_INO.unpack_from(value, 1)[0])
                 continue
+            if not (flags & P_CONTENT and flags & (P_BUMPS | P_ARRIVED)):
+                continue          # (a rename to a free path starts the history there: a version for GC)
             ino, content, entry_path, fragment = content_entry_fields(value)
             ident = schema.path_key_ident(key)
             path = entry_path if schema.ident_is_long(ident) else ident
@@ -162,20 +184,28 @@ def lease_pins(records: Iterable[WorkspaceRecord], leases: Iterable[LeaseInfo]) 
 @dataclass(slots=True)
 class Plan:
     """What a GC run would prune: the dry-run report (without the freed
-    figures), the candidates, and each workspace's pins (sorted)."""
+    figures), the candidates, each workspace's pins (sorted) and the seqs of
+    kept versions per (workspace, inode) (``prune.Keep.held``)."""
 
     report: dict
     candidates: list[Candidate]
     pins: dict[int, list[int]]
+    held: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    dead: list[DeadRecord] = field(default_factory=list)
+    heads: dict[int, int] = field(default_factory=dict)      # ws id -> head seq when planned
 
 
 def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transaction,
-         leases: Iterable[LeaseInfo] = ()) -> Plan:
+         leases: Iterable[LeaseInfo] = (), deadline: float | None = None) -> Plan:
     """The versions the policies drop (module docstring of ``dry_run``), read
-    in ``txn``. Raises :class:`NotFound` for an unknown workspace."""
+    in ``txn``. Raises :class:`NotFound` for an unknown workspace, and
+    ``TimeoutError`` once ``time.monotonic()`` passes ``deadline``."""
     report: dict = {"workspaces": []}
     candidates: list[Candidate] = []
     pins_by_ws: dict[int, list[int]] = {}
+    held: dict[tuple[int, int], list[int]] = {}
+    dead: list[DeadRecord] = []
+    heads: dict[int, int] = {}
     records = {r.name: r for r in _records(txn, store)}
     leased = lease_pins(records.values(), leases)
     for name in (sorted(records) if names is None else names):
@@ -183,20 +213,29 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
         if record is None:
             raise NotFound(f"no workspace named {name!r} in {store.path}")
         policy = get_policy(store, record.id, txn)
+        heads[record.id] = store.head_seq(txn, record.id)
         pinned = pins(store, record, policy, txn) | leased.get(record.id, set())
         pins_by_ws[record.id] = sorted(pinned)
         ws_report = {"workspace": name, "policy": policy.as_dict(), "pins": sorted(pinned), "paths": [],
                      "versions": 0, "kept_versions": 0, "dropped_versions": 0, "kept_bytes": 0,
                      "dropped_bytes": 0}
+        inos: set[int] = set()
         for pv in own_versions(store, record.id, txn):
-            kept = select([v[3] for v in pv.versions], policy, pinned, now_ns)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the dry run passed its deadline")
+            inos.update(pv.inos.values())
+            inos.update(pv.gone_inos)
+            if not pv.versions:
+                continue
+            kept = select([v[3] for v in pv.versions], policy, pinned, now_ns, pv.gone)
             dropped = []
             for seq, size, content, _info in pv.versions:
                 if seq in kept:
                     ws_report["kept_bytes"] += size
+                    held.setdefault((record.id, pv.inos[seq]), []).append(seq)
                 else:
                     dropped.append(seq)
-                    candidates.append(Candidate(record.id, pv.path, seq, pv.inos[seq], content))
+                    candidates.append(Candidate(record.id, pv.path, seq, pv.inos[seq], content, size))
                     ws_report["dropped_bytes"] += size
             ws_report["versions"] += len(pv.versions)
             ws_report["kept_versions"] += len(pv.versions) - len(dropped)
@@ -205,9 +244,13 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
                 ws_report["paths"].append({"path": path_text(pv.path), "versions": len(pv.versions),
                                            "kept": len(pv.versions) - len(dropped), "dropped": dropped})
         report["workspaces"].append(ws_report)
-    return Plan(report, candidates, pins_by_ws)
+        dead.extend(d for d in (dead_record(txn, store.dbs, record.id, ino) for ino in sorted(inos)) if d)
+    for seqs in held.values():
+        seqs.sort()
+    return Plan(report, candidates, pins_by_ws, held, dead, heads)
 
 
+_ENTRY_INO = struct.Struct("<Q")      # a path entry's inode: the u64 after its flags byte
 _TIME = re.compile(rb'"time": "([^"]+)"')
 _SIZE = re.compile(rb'"size": ([0-9]+)')
 _times: dict[bytes, int] = {}
@@ -233,37 +276,87 @@ def _fields(fragment: bytes) -> tuple[int, int, tuple[str, int] | None]:
 
 
 def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = None,
-            leases: Iterable[LeaseInfo] = ()) -> dict:
+            leases: Iterable[LeaseInfo] | None = None, deadline: float | None = None) -> dict:
     """What GC would drop and free, changing nothing.
 
-    ``names``: the workspaces (None: all). Returns ``{"workspaces": [{"workspace",
-    "policy", "pins", "paths": [{"path", "versions", "kept", "dropped": [seq...]}],
-    "versions", "kept_versions", "dropped_versions", "kept_bytes", "dropped_bytes"}],
+    ``names``: the workspaces (None: all); ``leases``: the live leases (None:
+    read them now). Returns ``{"workspaces": [{"workspace", "policy", "pins",
+    "paths": [{"path", "versions", "kept", "dropped": [seq...]}], "versions",
+    "kept_versions", "dropped_versions", "kept_bytes", "dropped_bytes"}],
     "freed_contents", "freed_chunks", "freed_bytes" (stored, compressed),
     "freed_raw_bytes"}``; ``*_bytes`` of versions are logical (file sizes).
-    The freed figures are what GC's prune and sweep would free now
-    (``prune.records_to_prune``; contents no inode uses any more already
-    count). Raises :class:`NotFound` for an unknown workspace."""
+    The figures are what GC's prune and sweep would do now: a version the
+    policy drops but GC must keep (a pin shows its inode record under
+    another name, the file has another link, it is the head's) counts as
+    kept, so ``dropped_versions`` is GC's ``pruned_versions``
+    (``prune.keys_to_prune``; contents no inode uses any more already
+    count as freed). Raises :class:`NotFound` for an unknown workspace, and
+    ``TimeoutError`` once ``time.monotonic()`` passes ``deadline`` (a bounded
+    look: ``gc.stats``)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
+    leases = read_leases(store.run_dir) if leases is None else list(leases)
+    may_drop = deleted_files(store, leases).may_drop
     with store.env.begin() as txn:
-        found = plan(store, names, now_ns, txn, leases)
+        found = plan(store, names, now_ns, txn, leases, deadline)
+        keep = Keep(found.pins, found.held, may_drop)
         released: dict[bytes, int] = {}
+        kept: set[tuple[int, bytes, int]] = set()
+        rewritten: set[bytes] = set()         # replayed in GC's order: what earlier candidates rewrote
         for cand in found.candidates:
-            records = records_to_prune(txn, store.dbs, cand, found.pins.get(cand.ws, ()))
-            if records and records[0][0] == schema.inode_key(cand.ws, cand.ino, cand.seq):
+            records = keys_to_prune(txn, store.dbs, cand, keep, rewritten)
+            if records is None:
+                kept.add((cand.ws, cand.path, cand.seq))
+            elif records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 released[cand.content] = released.get(cand.content, 0) + len(records)
-        found.report.update(freed(store, txn, released))
+        for item in found.dead:
+            if dead_record_goes(txn, store.dbs, item, keep) is not None:
+                released[item.content] = released.get(item.content, 0) + 1
+        if kept:
+            _keep_in_report(found, kept, txn, store)
+        found.report.update(freed(store, txn, released, deadline))
     return found.report
 
 
-def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int]) -> dict:
+def deleted_files(store: Store, leases: Iterable[LeaseInfo]) -> DeletedFiles:
+    """The check of deleted files' last records (``leases.DeletedFiles``)
+    for this process (its own lease) and ``leases`` (other processes' are used)."""
+    return DeletedFiles(store.lease, [lease for lease in leases if lease.pid != os.getpid()])
+
+
+def _keep_in_report(found: Plan, kept: set[tuple[int, bytes, int]], txn: lmdb.Transaction, store: Store) -> None:
+    """Move the candidates GC would leave alone (``kept``: (ws, path, seq))
+    from dropped to kept in ``found.report``."""
+    ids = {r.name: r.id for r in _records(txn, store)}
+    sizes = {(c.ws, c.path, c.seq): c.size for c in found.candidates}
+    for ws_report in found.report["workspaces"]:
+        ws_id = ids[ws_report["workspace"]]
+        paths = []
+        for p in ws_report["paths"]:
+            raw_path = os.fsencode(p["path"])
+            stay = [seq for seq in p["dropped"] if (ws_id, raw_path, seq) in kept]
+            for seq in stay:
+                size = sizes[(ws_id, raw_path, seq)]
+                ws_report["kept_bytes"] += size
+                ws_report["dropped_bytes"] -= size
+            ws_report["kept_versions"] += len(stay)
+            ws_report["dropped_versions"] -= len(stay)
+            p["dropped"] = [seq for seq in p["dropped"] if (ws_id, raw_path, seq) not in kept]
+            p["kept"] += len(stay)
+            if p["dropped"]:
+                paths.append(p)
+        ws_report["paths"] = paths
+
+
+def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadline: float | None = None) -> dict:
     """Contents whose refcount is 0 after giving back ``released``
     (content id -> references) — with those already at 0 — and the chunks
     that only they use: what the sweep frees (``sweep``)."""
     chunk_drops: dict[bytes, int] = {}
     contents = 0
     with txn.cursor(db=store.dbs["contents"]) as cur:
-        for key, raw in cur:
+        for n, (key, raw) in enumerate(cur):
+            if deadline is not None and n % 4096 == 0 and time.monotonic() > deadline:
+                raise TimeoutError("the dry run passed its deadline")
             content_id = bytes(key)
             if content_id == EMPTY_CONTENT_ID:
                 continue

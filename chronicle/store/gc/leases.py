@@ -10,12 +10,15 @@ temporary file, ``rename``), holding::
     {"pid": 123, "heartbeat": <ns since the epoch>,
      "pins": [[ws_id, seq], ...],        # trees an open handle reads
      "packs": [pack_no, ...],            # packs that may hold chunks not yet in the index
-     "busy_since": <ns> | null}          # oldest dedup hit not yet committed
+     "busy_since": <ns> | null,          # oldest dedup hit not yet committed
+     "tracks": [ws_id, ...],             # workspaces it has open for writing
+     "open": [[ws_id, ino], ...]}        # their open files (computed after "heartbeat")
 
 A lease is written **before** the event it announces: before the process
 creates a pack (:class:`~chronicle.store.chunks.packs.PackWriter` calls
 :meth:`Lease.announce_pack` first), before its first chunk write, and when
-an ``at/`` handle is opened (:meth:`Lease.pin`). It is refreshed
+an ``at/`` handle is opened (:meth:`Lease.pin`), and when a workspace is
+opened for writing (:meth:`Lease.track`, called by ``Store.open_workspace``). It is refreshed
 (``heartbeat``, ``packs``, ``busy_since`` recomputed) at most every
 :data:`LEASE_INTERVAL` seconds by whoever runs the process's periodic work
 (the daemon's sync loop); a lease of a process that is gone is ignored and
@@ -27,10 +30,21 @@ How GC uses leases (``gc.compact``, ``gc.prune``):
   prune batch; a pin of a fork also pins its parent at ``min(seq, fork_seq)``;
 - **packs** are never compacted or deleted (chunks another process wrote
   and will put in the index when its commit lands: "pending");
+- a pack a live process is still appending to holds dead chunks: GC
+  writes their numbers to ``run/gc-rotate`` (:func:`request_rotation`);
+  each process checks that file when it refreshes its lease and, if it
+  writes one of them, seals it (``on_rotate``: ``PackWriter.rotate``), so
+  after its next sync the lease no longer names it and GC compacts it;
 - **dead chunks** (refcount 0) are dropped only when every live lease has a
   heartbeat newer than the end of GC's sweep and no dedup hit older than it
   (a process that found a chunk in the index, then still live, skips writing
-  it and counts on it at its commit); :func:`writers_settled` checks it.
+  it and counts on it at its commit); :func:`writers_settled` checks it;
+- **open files**: a deleted file's last inode record (nlink 0, the
+  workspace's newest record of that inode) is what a process that still
+  holds the file open reads; GC rewrites it only when :class:`DeletedFiles`
+  says no process can: not open in this process, and every other lease
+  that tracks the workspace was refreshed after the deletion (an unlinked
+  file cannot be opened again) and does not list it open.
 
 :class:`GcLock` (``run/gc.lock``, ``flock``) lets one GC run at a time.
 
@@ -59,6 +73,8 @@ if TYPE_CHECKING:
     from chronicle.store.modes import StoreModes
 
 LEASE_INTERVAL = 2.0        # seconds between two refreshes of a live lease
+ROTATE_FILE = "gc-rotate"   # in the run directory: packs a GC asks their writers to seal (JSON list)
+DELETION_MARGIN_NS = 2_000_000_000   # a lease shows a deletion's open files once refreshed this long after it
 LEASES_DIR = "leases"
 
 
@@ -71,6 +87,8 @@ class LeaseInfo:
     pins: tuple[tuple[int, int], ...]
     packs: frozenset[int]
     busy_since: int | None
+    tracks: frozenset[int] = frozenset()
+    open: frozenset[tuple[int, int]] = frozenset()
 
 
 class Lease:
@@ -89,6 +107,9 @@ class Lease:
         self._lock = threading.Lock()
         self._pins: Counter[tuple[int, int]] = Counter()
         self._announced: int | None = None    # the pack being created (not yet the writer's current pack)
+        self._tracked: dict[int, Callable[[], Iterable[int]]] = {}   # ws id -> its open inodes
+        self.on_rotate: Callable[[], None] | None = None     # seal the pack being written (Store sets it)
+        self._rotation_seen = _mtime(Path(run_dir) / ROTATE_FILE)
         self._written = 0.0           # monotonic time of the last write, 0 = never
         self._closed = False
 
@@ -123,6 +144,28 @@ class Lease:
                 del self._pins[(ws_id, seq)]
         self._write_soft()
 
+    def track(self, ws_id: int, open_inodes: Callable[[], Iterable[int]]) -> None:
+        """This process has workspace ``ws_id`` open for writing; ``open_inodes()``
+        gives the inode numbers of its open files (called from any thread).
+        Written into the lease now (softly: on a full disk, at the next write)."""
+        with self._lock:
+            self._tracked[ws_id] = open_inodes
+        self._write_soft()
+
+    def untrack(self, ws_id: int) -> None:
+        """Undo :meth:`track` (the workspace was released)."""
+        with self._lock:
+            found = self._tracked.pop(ws_id, None)
+        if found is not None:
+            self._write_soft()
+
+    def open_inodes(self, ws_id: int) -> set[int] | None:
+        """The open files of workspace ``ws_id`` in this process now, or None
+        if this process does not track it."""
+        with self._lock:
+            provider = self._tracked.get(ws_id)
+        return None if provider is None else _inodes(provider)
+
     def _write_soft(self) -> None:
         """Write the lease; on a full disk keep the change for the next write
         (a reader is not refused for it; GC then sees the pin a little later)."""
@@ -132,9 +175,25 @@ class Lease:
             pass
 
     def refresh(self, force: bool = False) -> None:
-        """Rewrite the lease if it exists and :data:`LEASE_INTERVAL` passed (or ``force``)."""
+        """Rewrite the lease if it exists and :data:`LEASE_INTERVAL` passed
+        (or ``force``); first answer a GC's request to seal a pack this
+        process writes (module docstring)."""
+        self._check_rotation()
         if self._written and (force or time.monotonic() - self._written >= LEASE_INTERVAL):
             self._write()
+
+    def _check_rotation(self) -> None:
+        path = Path(self.dir.parent) / ROTATE_FILE
+        seen = _mtime(path)
+        if seen <= self._rotation_seen or self.on_rotate is None:
+            return
+        self._rotation_seen = seen
+        try:
+            wanted = {int(p) for p in json.loads(path.read_text())}
+        except (OSError, ValueError, TypeError):
+            return
+        if wanted & self._state()[0]:
+            self.on_rotate()
 
     def close(self) -> None:
         """Remove the lease file (the process uses nothing any more). Idempotent."""
@@ -147,15 +206,45 @@ class Lease:
         with self._lock:
             if self._closed:
                 return
+            if self._announced in packs:
+                self._announced = None    # the writer reports it itself now (and stops once it is closed)
             if self._announced is not None:
                 packs = packs | {self._announced}
-            doc = {"pid": os.getpid(), "heartbeat": time.time_ns(),
+            tracked = dict(self._tracked)
+            heartbeat = time.time_ns()        # before the open files are listed (DeletedFiles relies on it)
+            doc = {"pid": os.getpid(), "heartbeat": heartbeat,
                    "pins": sorted([ws, seq] for (ws, seq) in self._pins),
-                   "packs": sorted(packs), "busy_since": busy}
+                   "packs": sorted(packs), "busy_since": busy, "tracks": sorted(tracked),
+                   "open": sorted([ws, ino] for ws, provider in tracked.items() for ino in _inodes(provider))}
             if not self.dir.is_dir():
                 self._modes.mkdir(self.dir)
             self._modes.write_file(self.path, json.dumps(doc).encode())
             self._written = time.monotonic()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def request_rotation(run_dir: Path, packs: Iterable[int]) -> None:
+    """Ask the processes writing ``packs`` to seal them (module docstring):
+    ``run/gc-rotate`` holds their numbers, its mtime says when."""
+    path = Path(run_dir) / ROTATE_FILE
+    tmp = path.with_name(f".{ROTATE_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(sorted(packs)))
+    os.replace(tmp, path)
+
+
+def _inodes(provider: Callable[[], Iterable[int]]) -> set[int]:
+    for _attempt in range(10):
+        try:
+            return {int(ino) for ino in provider()}
+        except RuntimeError:          # the dict changed size while another thread iterated it
+            continue
+    return {int(ino) for ino in provider()}
 
 
 def read_leases(run_dir: Path, *, exclude_pid: int | None = None) -> list[LeaseInfo]:
@@ -190,7 +279,9 @@ def read_leases(run_dir: Path, *, exclude_pid: int | None = None) -> list[LeaseI
             continue
         out.append(LeaseInfo(pid, int(doc.get("heartbeat") or 0),
                              tuple((int(w), int(s)) for w, s in doc.get("pins") or ()),
-                             frozenset(int(p) for p in doc.get("packs") or ()), doc.get("busy_since")))
+                             frozenset(int(p) for p in doc.get("packs") or ()), doc.get("busy_since"),
+                             frozenset(int(w) for w in doc.get("tracks") or ()),
+                             frozenset((int(w), int(i)) for w, i in doc.get("open") or ())))
     return out
 
 
@@ -215,6 +306,37 @@ def writers_settled(leases: Iterable[LeaseInfo], since_ns: int) -> str | None:
         if lease.busy_since is not None and lease.busy_since <= since_ns:
             return f"process {lease.pid} has uncommitted writes from before gc's sweep"
     return None
+
+
+class DeletedFiles:
+    """Whether GC may rewrite a deleted file's last inode record (module
+    docstring, "open files"): ``own`` is this process's :class:`Lease`,
+    ``leases`` the others' (:func:`read_leases` with ``exclude_pid`` this pid)."""
+
+    def __init__(self, own: Lease | None, leases: Iterable[LeaseInfo]):
+        self._own = own
+        self._leases = list(leases)
+        self._own_open: dict[int, set[int] | None] = {}
+
+    def may_drop(self, ws_id: int, ino: int, deleted_ns: int) -> bool:
+        """True if no process can still read inode ``ino`` of workspace
+        ``ws_id``, deleted at ``deleted_ns`` (its record's ctime, ns since the epoch)."""
+        if self._own is not None:
+            if ws_id not in self._own_open:
+                self._own_open[ws_id] = self._own.open_inodes(ws_id)
+            mine = self._own_open[ws_id]
+            if mine is not None and ino in mine:
+                return False
+        for lease in self._leases:
+            if ws_id in lease.tracks and (lease.heartbeat <= deleted_ns + DELETION_MARGIN_NS
+                                          or (ws_id, ino) in lease.open):
+                return False
+        return True
+
+
+def never_drop(_ws_id: int, _ino: int, _deleted_ns: int) -> bool:
+    """The :meth:`DeletedFiles.may_drop` of a caller that knows nothing of open files."""
+    return False
 
 
 class GcLock:

@@ -19,8 +19,11 @@ whole snapshots:
 
 **Pins** are seqs whose whole tree must stay readable: the head, every
 snapshot, the fork seq of every fork of the workspace, the end of each of
-the last ``keep_turns`` turns (and, later, open views). A pin at seq S keeps,
-of each path, the version that was current at S: the newest one with seq <= S.
+the last ``keep_turns`` turns (and open views). A pin at seq S keeps,
+of each path, the version that was current at S: the newest one with seq <= S,
+if the path was not deleted (or renamed away) between it and S. So a deleted
+path's versions are kept by the rules alone, as git and restic keep a
+deleted file only in the commits and snapshots that still hold it.
 
 :func:`select` is pure (no store, no FUSE): given one path's versions and
 the pins it returns the seqs kept, the union of every rule. It is
@@ -165,16 +168,20 @@ def _bucket(kind: str, time_ns: int) -> tuple:
     return (iso[0], iso[1])
 
 
-def select(versions: Sequence[VersionInfo], policy: Policy, pins: Iterable[int], now_ns: int) -> set[int]:
+def select(versions: Sequence[VersionInfo], policy: Policy, pins: Iterable[int], now_ns: int,
+           gone: Sequence[int] = ()) -> set[int]:
     """The seqs of ``versions`` (one path's, any order) that ``policy`` keeps
     (module docstring): pinned versions, ``keep_last``, ``keep_within``
-    (against ``now_ns``, ns since the epoch) and the bucket rules. Pure."""
+    (against ``now_ns``, ns since the epoch) and the bucket rules. ``gone``:
+    the seqs at which the path went away (deleted, renamed away); a pin
+    after a removal keeps nothing of what came before it. Pure."""
     ordered = sorted(versions, key=lambda v: v.seq)
     seqs = [v.seq for v in ordered]
+    removals = sorted(gone)
     kept: set[int] = set()
     for pin in pins:
         i = bisect_right(seqs, pin)
-        if i:
+        if i and not _gone_between(removals, seqs[i - 1], pin):
             kept.add(seqs[i - 1])
     newest_first = ordered[::-1]
     if policy.keep_last:
@@ -195,3 +202,9 @@ def select(versions: Sequence[VersionInfo], policy: Policy, pins: Iterable[int],
                 seen.add(b)
                 kept.add(v.seq)
     return kept
+
+
+def _gone_between(removals: Sequence[int], after: int, upto: int) -> bool:
+    """True if a removal seq lies in ``(after, upto]``."""
+    i = bisect_right(removals, after)
+    return i < len(removals) and removals[i] <= upto

@@ -6,13 +6,17 @@ inode and content. Pruning it changes records, never removes a seq:
 
 - the inode records that carry the dropped content — the record written at
   the version's seq and the newer records of the same inode with the same
-  content (a chmod, a rename) — get the content :data:`PRUNED_ID`, and each
+  content while it stays at that path (a chmod, a utimens: their path
+  entries are marked too) — get the content :data:`PRUNED_ID`, and each
   gives back its reference on the content (``contents`` refcount), unless
-  a **pin** falls in the seq range where that record is the inode's state
-  (``[its seq, the next record's seq)``; the inode's newest record is the
-  head's and is never touched). So no tree at any seq shows content that
-  was not there: a pruned record reads as :class:`~chronicle.errors.Pruned`
-  (``ENODATA`` in the mount), a pinned tree reads as before;
+  a **pin** or a version the policy keeps (:class:`Keep`) falls in the seq
+  range where that record is the inode's state (``[its seq, the next
+  record's seq)``; the inode's newest record is the head's and is never
+  touched, unless the file was deleted: :class:`DeadRecord`). So no tree
+  at any seq shows content that was not there: a pruned record reads as
+  :class:`~chronicle.errors.Pruned` (``ENODATA`` in the mount), a pinned
+  tree reads as before. Empty versions are pruned like others (the empty
+  content has no refcount);
 - the path entry keeps its seq and version number (later numbers do not
   move) and becomes a **pruned mark**: flag ``P_PRUNED``, no content, its
   JSON without ``hash`` and with ``"pruned": true`` — what
@@ -29,8 +33,9 @@ batch re-reads the pins (leases of open ``at/`` handles come and go) and
 re-checks every record, so a killed GC leaves whole batches, and the next
 run skips what is done: pruning is idempotent.
 
-:func:`records_to_prune` is pure reading, shared with the dry run
-(``dryrun``), so the dry run promises what GC frees.
+:func:`records_to_prune` and :func:`dead_record_goes` are pure reading,
+shared with the dry run (``dryrun``, which replays the candidates in GC's
+order), so the dry run promises what GC prunes and frees.
 
 Threads: synchronous; each function takes the caller's transaction or opens its own.
 """
@@ -43,12 +48,13 @@ import struct
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import lmdb
 
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, PRUNED_ID
+from chronicle.store.gc.leases import never_drop
 from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_HASH_CUT, P_PRUNED, PathEntry
@@ -59,16 +65,19 @@ if TYPE_CHECKING:
 
 BATCH_SECONDS = 0.010     # at most this long in one write transaction (then commit and go on)
 
+DropDeleted = Callable[[int, int, int], bool]     # (ws, ino, deleted ns) -> may its last record go
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A dropped version: workspace, path, seq, inode and content of its entry."""
+    """A dropped version: workspace, path, seq, inode, content and size (bytes) of its entry."""
 
     ws: int
     path: bytes
     seq: int
     ino: int
     content: bytes
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -80,29 +89,66 @@ class PruneResult:
     records: int = 0
     released: int = 0
     skipped: int = 0
+    kept_back: dict[int, list[int]] = field(default_factory=dict)    # ws -> [versions, bytes] skipped
 
     def as_dict(self) -> dict:
         return {"versions": self.versions, "records": self.records, "released": self.released,
                 "skipped": self.skipped}
 
 
-def records_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate,
-                     pins: Sequence[int]) -> list[tuple[bytes, Attrs]]:
+@dataclass(slots=True)
+class Keep:
+    """What pruning leaves alone: ``pins``, each workspace's pinned seqs
+    (sorted); ``held``, per (workspace, inode), the seqs of the versions the
+    policy keeps (sorted: the inode record current at each stays, whichever
+    path it had); ``may_drop(ws, ino, deleted ns)``, whether a deleted file's
+    last record may go (``leases.DeletedFiles.may_drop``; default: never)."""
+
+    pins: dict[int, list[int]]
+    held: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    may_drop: DropDeleted = never_drop
+
+
+def records_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate, keep: Keep,
+                     rewritten: set[bytes] | None = None) -> list[tuple[bytes, Attrs]] | None:
     """The inode records pruning ``cand`` rewrites (module docstring), oldest
-    first; empty if the candidate is already pruned, changed, has more than
-    one link, or its own record is pinned. ``pins``: the workspace's pinned
-    seqs, sorted."""
+    first; ``[]`` if only its path entry is marked (an earlier candidate's
+    records reached its own); None if GC leaves it alone: already pruned,
+    changed, more than one link, its own record pinned, held or the head's.
+    ``rewritten``: inode keys to take as already rewritten (the dry run
+    replays the candidates in order; it adds what this one rewrites)."""
+    keys = keys_to_prune(txn, dbs, cand, keep, rewritten)
+    if keys is None:
+        return None
+    return [(key, Attrs.decode(txn.get(key, db=dbs["inodes"]))) for key in keys]
+
+
+def keys_to_prune(txn: lmdb.Transaction, dbs: dict, cand: Candidate, keep: Keep,
+                  rewritten: set[bytes] | None = None) -> list[bytes] | None:
+    """The keys of :func:`records_to_prune`'s records, undecoded (what the dry
+    run counts; it reads a million of them)."""
     with txn.cursor(db=dbs["inodes"]) as cur:
-        found = _check(txn, dbs, cur, cand, pins)
-    return [] if found is None else [(key, Attrs.decode(raw)) for key, raw in found[2]]
+        found = _check(txn, dbs, cur, cand, keep, rewritten)
+    if found is None:
+        return None
+    keys = [key for key, _raw in found.records]
+    if rewritten is not None:
+        rewritten.update(keys)
+    return keys
 
 
-def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate,
-           pins: Sequence[int]) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
-    """``(path key, raw path entry, [(inode key, raw inode record)...])`` of what
-    pruning ``cand`` rewrites (:func:`records_to_prune`, undecoded), or None
-    if nothing: the records start with ``cand``'s own. ``cur``: a cursor of
-    ``txn`` on ``inodes`` (any position)."""
+def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate, keep: Keep,
+           rewritten: set[bytes] | None = None) -> _Found | None:
+    """What pruning ``cand`` rewrites (:func:`records_to_prune`, undecoded),
+    or None if nothing: the records start with ``cand``'s own. ``cur``: a
+    cursor of ``txn`` on ``inodes`` (any position).
+
+    The records followed are those of the same inode holding the same
+    content, while its path stays: at each, the path's entry at that seq is
+    a new version (the same bytes written again) or a continuation (chmod,
+    utimens, xattr: a ``P_CONTENT`` entry without ``P_BUMPS``, marked with
+    the version); where the path has no entry of this inode (a rename away)
+    or the file was deleted (nlink 0: :class:`DeadRecord`) the walk stops."""
     path_key = schema.path_key(cand.ws, cand.path, cand.seq)
     raw = txn.get(path_key, db=dbs["paths"])
     if raw is None:
@@ -111,31 +157,59 @@ def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate,
     if flags & P_PRUNED or not flags & P_CONTENT or raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE] != cand.content:
         return None
     entry = bytes(raw)
-    if cand.content == EMPTY_CONTENT_ID:
-        return None               # the empty content holds nothing
     key = schema.inode_key(cand.ws, cand.ino, cand.seq)
     prefix = schema.inode_prefix(cand.ws, cand.ino)
     out: list[tuple[bytes, bytes]] = []
+    marks: list[tuple[int, bytes, bytes]] = []
     if not cur.set_key(key):
         return None
     value = bytes(cur.value())
+    if (rewritten is not None and key in rewritten) or _holds(value, PRUNED_ID):
+        return _Found(path_key, entry, [], [])    # an earlier candidate rewrote its record: mark the entry
     if not _holds(value, cand.content):
         return None
+    pins = keep.pins.get(cand.ws, ())
+    held = keep.held.get((cand.ws, cand.ino), ())
     seq, current = cand.seq, (key, value)
     while True:
         if not cur.prev() or cur.key()[:len(prefix)] != prefix:
             break                 # ``current`` is the inode's newest record: the head's
         next_key = bytes(cur.key())
         next_seq = schema.inode_key_seq(next_key)
-        i = bisect_left(pins, seq)
-        if i < len(pins) and pins[i] < next_seq:
-            break                 # a pinned tree shows this record
+        if _any_in(pins, seq, next_seq) or _any_in(held, seq, next_seq):
+            break                 # a pinned tree, or a version the policy keeps, shows this record
         out.append(current)
         following = bytes(cur.value())
-        if not _holds(following, cand.content):
+        if not _holds(following, cand.content) or (rewritten is not None and next_key in rewritten):
             break
+        if _NLINK.unpack_from(following, 12)[0] == 0:
+            break                 # deleted here: a :class:`DeadRecord` (``prune_dead``)
+        at = schema.path_key(cand.ws, cand.path, next_seq)
+        there = txn.get(at, db=dbs["paths"])
+        if there is None or not there[0] & P_CONTENT or _ENTRY_FIELDS.unpack_from(there, 1)[0] != cand.ino:
+            break                 # the file is at another path from here (renamed): that path's history
+        if not there[0] & P_BUMPS:
+            marks.append((next_seq, at, bytes(there)))
         seq, current = next_seq, (next_key, following)
-    return (path_key, entry, out) if out else None
+    return _Found(path_key, entry, out, marks) if out else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """What pruning a candidate rewrites: its path entry (key, raw), the
+    inode records (key, raw) oldest first, and the continuation entries
+    marked with it (seq, key, raw)."""
+
+    path_key: bytes
+    entry: bytes
+    records: list[tuple[bytes, bytes]]
+    marks: list[tuple[int, bytes, bytes]]
+
+
+def _any_in(seqs: Sequence[int], lo: int, hi: int) -> bool:
+    """True if the sorted ``seqs`` have one in ``[lo, hi)``."""
+    i = bisect_left(seqs, lo)
+    return i < len(seqs) and seqs[i] < hi
 
 
 # An inode record (``Attrs.encode``) is a fixed head (nlink the u32 at byte 12)
@@ -144,6 +218,73 @@ def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate,
 _ATTRS_HEAD = len(Attrs(0, 0, 0, 0, 0, 0, 0, 0).encode())
 _HAS_CONTENT = Attrs(0, 0, 0, 0, 0, 0, 0, 0, content=PRUNED_ID).encode()[_ATTRS_HEAD - 1]   # its flag bit
 _NLINK = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRecord:
+    """A deleted file's last inode record (nlink 0, the inode's newest) that
+    still holds its content: workspace, inode, seq, content. No tree from
+    its seq on reaches it, so it holds the content only for a process that
+    still has the file open; once none can (``Keep.may_drop``) it is
+    rewritten to :data:`PRUNED_ID` and gives its reference back, so a
+    deleted file keeps its content only in the versions the policy keeps."""
+
+    ws: int
+    ino: int
+    seq: int
+    content: bytes
+
+
+def dead_record(txn: lmdb.Transaction, dbs: dict, ws: int, ino: int) -> DeadRecord | None:
+    """The :class:`DeadRecord` of inode ``ino`` of workspace ``ws``, if its
+    newest record is one."""
+    prefix = schema.inode_prefix(ws, ino)
+    with txn.cursor(db=dbs["inodes"]) as cur:
+        if not cur.set_range(prefix) or cur.key()[:len(prefix)] != prefix:
+            return None
+        key, raw = bytes(cur.key()), cur.value()
+    if len(raw) < _ATTRS_HEAD + ID_SIZE or not raw[_ATTRS_HEAD - 1] & _HAS_CONTENT or _NLINK.unpack_from(raw, 12)[0]:
+        return None
+    content = bytes(raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE])
+    if content in (PRUNED_ID, EMPTY_CONTENT_ID):
+        return None
+    return DeadRecord(ws, ino, schema.inode_key_seq(key), content)
+
+
+def dead_record_goes(txn: lmdb.Transaction, dbs: dict, dead: DeadRecord, keep: Keep) -> bytes | None:
+    """The raw record of ``dead`` if GC rewrites it now (still the inode's
+    newest, nlink 0, with that content; no process may read it), else None."""
+    found = dead_record(txn, dbs, dead.ws, dead.ino)
+    if found != dead:
+        return None
+    raw = bytes(txn.get(schema.inode_key(dead.ws, dead.ino, dead.seq), db=dbs["inodes"]))
+    return raw if keep.may_drop(dead.ws, dead.ino, Attrs.decode(raw).ctime_ns) else None
+
+
+def prune_dead(store: Store, dead: Sequence[DeadRecord], keep_of: Callable[[], Keep]) -> int:
+    """Rewrite the :class:`DeadRecord` s no process may read any more, in
+    batches of :data:`BATCH_SECONDS`; returns how many were rewritten."""
+    dbs = store.dbs
+    done = i = 0
+    while i < len(dead):
+        keep = keep_of()
+        released: dict[bytes, int] = {}
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            while i < len(dead) and time.monotonic() - start < BATCH_SECONDS:
+                item = dead[i]
+                i += 1
+                raw = dead_record_goes(txn, dbs, item, keep)
+                if raw is None:
+                    continue
+                txn.put(schema.inode_key(item.ws, item.ino, item.seq), _pruned_record(raw), db=dbs["inodes"])
+                released[item.content] = released.get(item.content, 0) + 1
+                done += 1
+            _release(txn, dbs, released)
+            store.before_commit()
+        store.note_commit()
+        store.maintain()
+    return done
 
 
 def _holds(raw: bytes, content: bytes) -> bool:
@@ -194,11 +335,11 @@ def _pruned_record(raw: bytes) -> bytes:
     return b"".join((raw[:_ATTRS_HEAD], PRUNED_ID, raw[_ATTRS_HEAD + ID_SIZE:]))
 
 
-def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], dict[int, list[int]]],
+def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], Keep],
           progress: Callable[[int, int], None] | None = None) -> PruneResult:
-    """Prune ``candidates`` in batches (module docstring). ``pins_of()``
-    gives each workspace's pinned seqs, sorted; it is called before every
-    batch. ``progress(done, total)`` after every batch. Content refcounts
+    """Prune ``candidates`` in batches (module docstring). ``keep_of()``
+    gives what must stay (:class:`Keep`); it is called before every batch.
+    ``progress(done, total)`` after every batch. Content refcounts
     are given back once per content per batch (a content record holds the
     extent list: it is rewritten once, not once per inode record)."""
     result = PruneResult()
@@ -206,20 +347,24 @@ def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], d
     fields = _PathFields()
     i = 0
     while i < len(candidates):
-        pins = pins_of()
+        keep = keep_of()
         released: dict[bytes, int] = {}
         with store.env.begin(write=True) as txn, txn.cursor(db=dbs["inodes"]) as cur:
             start = time.monotonic()
             while i < len(candidates) and time.monotonic() - start < BATCH_SECONDS:
                 cand = candidates[i]
                 i += 1
-                found = _check(txn, dbs, cur, cand, pins.get(cand.ws, ()))
+                found = _check(txn, dbs, cur, cand, keep)
                 if found is None:
                     result.skipped += 1
+                    back = result.kept_back.setdefault(cand.ws, [0, 0])
+                    back[0] += 1
+                    back[1] += cand.size
                     continue
-                path_key, entry, records = found
-                _apply(txn, dbs, cand, path_key, entry, records, fields(cand.path))
-                released[cand.content] = released.get(cand.content, 0) + len(records)
+                records = found.records
+                _apply(txn, dbs, cand, found, fields(cand.path))
+                if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
+                    released[cand.content] = released.get(cand.content, 0) + len(records)
                 result.versions += 1
                 result.records += len(records)
                 result.released += len(records)
@@ -232,16 +377,22 @@ def prune(store: Store, candidates: Sequence[Candidate], pins_of: Callable[[], d
     return result
 
 
-def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, key: bytes, entry: bytes,
-           records: list[tuple[bytes, bytes]], path_field: bytes) -> None:
-    for inode_key, raw in records:
+def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, found: _Found, path_field: bytes) -> None:
+    for inode_key, raw in found.records:
         txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
-    txn.put(key, _marked_entry(entry), db=dbs["paths"])
-    event_key = schema.event_key(cand.ws, cand.seq)
+    txn.put(found.path_key, _marked_entry(found.entry), db=dbs["paths"])
+    _mark_line(txn, dbs, cand.ws, cand.seq, path_field)
+    for seq, key, raw in found.marks:
+        txn.put(key, _marked_entry(raw), db=dbs["paths"])
+        _mark_line(txn, dbs, cand.ws, seq, path_field)
+
+
+def _mark_line(txn: lmdb.Transaction, dbs: dict, ws: int, seq: int, path_field: bytes) -> None:
+    event_key = schema.event_key(ws, seq)
     line = txn.get(event_key, db=dbs["events"])
     if line is not None and line[:1] == bytes((events.PACKED,)):      # a compact record (meta.events)
-        if not events.is_pruned(cand.seq, line) and path_field in events.render(cand.seq, line):
-            txn.put(event_key, events.mark_pruned(cand.seq, line, mark_pruned), db=dbs["events"])
+        if not events.is_pruned(seq, line) and path_field in events.render(seq, line):
+            txn.put(event_key, events.mark_pruned(seq, line, mark_pruned), db=dbs["events"])
     elif line is not None and _PRUNED not in line and path_field in line:
         txn.put(event_key, mark_pruned(bytes(line)), db=dbs["events"])
 

@@ -13,7 +13,10 @@ write the new index, then delete the old packs"), made online with leases
 (``gc.leases``) instead of restic's exclusive lock:
 
 1. list the packs, *then* read the leases; packs a live process may still
-   put pending chunks in (its lease's ``packs``) are left alone;
+   put pending chunks in (its lease's ``packs``) are left alone — if one
+   holds dead chunks, that process is first asked to seal it
+   (``leases.request_rotation``) and, once its lease no longer names it,
+   the packs, leases and index are read again;
 2. a pack no index record points at (a crashed writer's, a killed GC's
    copy) is deleted;
 3. a pack whose live fraction (bytes of chunks with refcount > 0, with
@@ -51,7 +54,7 @@ from chronicle.errors import Busy, NoSpace, NotFound
 from chronicle.store.chunks import codec
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
-from chronicle.store.gc.leases import leased_packs, read_leases, writers_settled
+from chronicle.store.gc.leases import leased_packs, read_leases, request_rotation, writers_settled
 from chronicle.store.gc.prune import BATCH_SECONDS
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
 
 THRESHOLD = 0.5             # rewrite a pack when less than half of it is live
 SETTLE_WAIT = 5.0           # seconds compaction waits for other processes' leases to show they are settled
+ROTATE_WAIT = 12.0          # seconds it waits for another process to seal a pack with dead chunks (sync + lease)
 
 Progress = Callable[[str, int, int], None]
 
@@ -132,15 +136,10 @@ def settle(store: Store, since_ns: int, wait: float) -> str | None:
         time.sleep(0.1)
 
 
-def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: float = SETTLE_WAIT,
-            progress: Progress = _no_progress) -> dict:
-    """Rewrite packs whose live fraction is below ``threshold`` and delete
-    packs nothing uses (module docstring). ``swept_ns``: when the sweep
-    ended (dead chunks died before it). Returns ``{"packs_deleted",
-    "packs_written", "bytes_deleted", "bytes_written", "reclaimed_bytes",
-    "deferred": why dead chunks were kept, or None}``."""
-    out = {"packs_deleted": 0, "packs_written": 0, "bytes_deleted": 0, "bytes_written": 0, "deferred": None}
-    sizes = store.chunks.reader.list_packs()          # first the packs, then the leases (module docstring)
+def _survey(store: Store, swept_ns: int, wait: float) -> tuple[dict[int, int], str | None, dict[int, _PackUse]]:
+    """``(pack sizes, why dead chunks must stay or None, use per pack)``:
+    first the packs, then the leases (module docstring), then the index."""
+    sizes = store.chunks.reader.list_packs()
     deferred = settle(store, swept_ns, wait)
     use: dict[int, _PackUse] = {}
     with store.env.begin() as txn:
@@ -151,6 +150,37 @@ def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: 
                 pack.live_bytes += RECORD_HEADER.size + record.stored_len
             else:
                 pack.dead.append(chunk_id)
+    return sizes, deferred, use
+
+
+def _rotate(store: Store, packs: set[int], wait: float) -> bool:
+    """Ask the processes writing ``packs`` to seal them (``leases.request_rotation``)
+    and wait up to ``wait`` s until no lease names them. True if none does."""
+    request_rotation(store.run_dir, packs)
+    deadline = time.monotonic() + wait
+    while True:
+        left = packs & leased_packs(read_leases(store.run_dir, exclude_pid=os.getpid()))
+        if not left or time.monotonic() >= deadline:
+            return not left
+        time.sleep(0.2)
+
+
+def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: float = SETTLE_WAIT,
+            progress: Progress = _no_progress, rotate_wait: float = ROTATE_WAIT) -> dict:
+    """Rewrite packs whose live fraction is below ``threshold`` and delete
+    packs nothing uses (module docstring). ``swept_ns``: when the sweep
+    ended (dead chunks died before it). A pack another process is still
+    writing that holds dead chunks is first sealed by that process
+    (``leases.request_rotation``; up to ``rotate_wait`` s: its next sync and
+    lease refresh), else left for a later run. Returns ``{"packs_deleted",
+    "packs_written", "bytes_deleted", "bytes_written", "reclaimed_bytes",
+    "deferred": why dead chunks were kept, or None}``."""
+    out = {"packs_deleted": 0, "packs_written": 0, "bytes_deleted": 0, "bytes_written": 0, "deferred": None}
+    sizes, deferred, use = _survey(store, swept_ns, wait)
+    others = leased_packs(read_leases(store.run_dir, exclude_pid=os.getpid()))
+    wanted = {p for p in others if p in use and use[p].dead}
+    if wanted and deferred is None and _rotate(store, wanted, rotate_wait):
+        sizes, deferred, use = _survey(store, swept_ns, wait)   # sealed and indexed now: look again
     if any(use.get(p) is not None and use[p].dead for p in store.chunks.writer.open_packs()):
         store.chunks.writer.rotate()                  # our own pack being written holds dead chunks
         store.chunks.sync()

@@ -63,6 +63,7 @@ import lmdb
 
 from chronicle.errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
                               PermissionDenied, Pruned, ReadOnly)
+from chronicle.store.gc import stats as gc_stats
 from chronicle.store.history import points, queries
 from chronicle.store.history.access import R_OK, ROOT, X_OK, Access, Caller, permits
 from chronicle.store.history.nodes import (ROOT_CHILDREN, AtDir, CtlFile, LogFile, Node, QueryDir, QueryFile,
@@ -97,16 +98,21 @@ class FileContent(Protocol):
 
 
 class Rendered:
-    """Content rendered whole at open (query and stats files)."""
+    """Content rendered whole at open (query and stats files); ``on_close``
+    (if given) runs at :meth:`close` (the stats file's cache refresh)."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, on_close: Callable[[], object] | None = None):
         self.data = data
+        self._on_close = on_close
 
     def read(self, offset: int, size: int) -> bytes:
         return self.data[offset:offset + size]
 
     def close(self) -> None:
         self.data = b""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 class StoredFile:
@@ -473,7 +479,8 @@ class HistoryViews:
         if isinstance(node, LogFile):
             return LogReader(self.ws, self.ws.head_seq, self.access)
         if isinstance(node, StatsFile):
-            return Rendered((json.dumps(self.stats(), indent=2) + "\n").encode())
+            return Rendered((json.dumps(self.stats(), indent=2) + "\n").encode(),
+                            on_close=lambda: gc_stats.refresh_in_background(self.store, self.ws))
         if isinstance(node, (VersionFile, TreeNode)):
             attrs = self.attrs(node)
             if attrs.is_dir:
@@ -549,9 +556,12 @@ class HistoryViews:
 
     def stats(self) -> dict:
         """The figures of ``stats``: the store's (``Store.stats``), the
-        workspace's (``Store.workspace_stats``), and where it is served."""
-        figures = self.store.stats()
-        figures.update(self.store.workspace_stats(self.ws))
+        workspace's (``Store.workspace_stats``), its retention figures from
+        their cache (``gc.stats``: never a dry run here; closing the file
+        starts a refresh in a worker thread if the cache is stale, so two
+        renders in a row show the same figures), and where it is served."""
+        figures = gc_stats.workspace_figures(self.store, self.ws, gc_stats.figures(self.store, self.ws))
+        figures["retention_refreshing"] = gc_stats.refreshing(self.store, self.ws)
         figures.update(store=str(self.store.path.resolve()), mountpoint=self.mountpoint, pid=os.getpid(),
                        open_files=len(self.ws.files))
         return figures
