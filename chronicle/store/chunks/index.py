@@ -82,6 +82,11 @@ DELTA_RATIO = 0.5
 MAX_DELTA_DEPTH = 4
 
 
+class DeltaBaseLost(Corrupt):
+    """A delta chunk cannot be read because its base cannot be (fsck names it
+    ``chunk-base-lost``)."""
+
+
 class ChunkCache:
     """LRU of decoded chunks, bounded in bytes."""
 
@@ -556,8 +561,8 @@ class ChunkStore:
             try:
                 base_data = self._get(record.base, txn, depth + 1)
             except Corrupt as exc:
-                raise Corrupt(f"chunk {to_hex(chunk_id)} is a delta of chunk {to_hex(record.base)[:16]}, "
-                              f"which cannot be read ({exc})") from None
+                raise DeltaBaseLost(f"chunk {to_hex(chunk_id)} is stored as a delta of chunk "
+                                    f"{to_hex(record.base)[:16]}, which cannot be read ({exc})") from None
         return codec.decode(record.codec, payload, record.raw_len, chunk_id, verify=verify, base=base_data)
 
     def iter_index(self, txn: lmdb.Transaction) -> Iterable[tuple[bytes, ChunkRecord]]:

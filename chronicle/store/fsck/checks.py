@@ -99,7 +99,7 @@ import lmdb
 from chronicle.errors import Corrupt, NotFound
 from chronicle.store.chunks.codec import CODEC_DELTA
 from chronicle.store.chunks.ids import HOLE_ID, ID_SIZE, hash_bytes, new_hasher, to_hex
-from chronicle.store.chunks.index import _distinct_ids
+from chronicle.store.chunks.index import DeltaBaseLost, _distinct_ids
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackRecord
 from chronicle.store.fsck.report import (
     _NAMED_IN_DETAILS,
@@ -517,6 +517,9 @@ class _Checker(TreeChecks):
     def _verify_payload(self, chunk_id: bytes, rec: ChunkRecord) -> None:
         try:
             self.chunks.read_record(chunk_id, rec, verify=True)
+        except DeltaBaseLost as exc:
+            self.lost[chunk_id] = _Lost("chunk-base-lost", _reason(exc, chunk_id))
+            return
         except Corrupt as exc:
             kind = "chunk-missing" if "truncated" in str(exc) or "missing" in str(exc) else "chunk-corrupt"
             self.lost[chunk_id] = _Lost(kind, _reason(exc, chunk_id))

@@ -206,3 +206,31 @@ def test_random_edit_sequences_read_back_every_version_and_gc_stays_exact(tmp_pa
         clean(store)
     finally:
         store.close()
+
+
+def test_fsck_names_the_files_a_damaged_base_takes_with_it(tmp_path):
+    path = tmp_path / "store"
+    store = Store.init(path)
+    ws = store.open_workspace("w", writable=True, create=True)
+    rng = random.Random(2)
+    data = bytearray(rng.randbytes(200_000))
+    ino = write(ws, ws.root, b"f", bytes(data))
+    with ws.read_txn() as txn:
+        base_id = ws.view(ws.head_seq).attrs(txn, ino).content
+    base_chunk = store.content_map(base_id).record.chunk_id(0)
+    edit(ws, ino, 10, b"0123456789")
+    base = store.chunks.record(base_chunk)
+    store.close()
+    with open(next(p for p in (path / "packs").rglob("*.pack") if p.name == f"{base.pack_no:010x}.pack"),
+              "r+b") as f:
+        f.seek(base.offset + 1000)
+        f.write(b"\xff" * 32)
+    store = Store.open(path)
+    try:
+        report = fsck(store)
+        lost = [p for p in report.problems if p.kind == "chunk-base-lost"]
+        assert len(lost) == 1 and lost[0].severity == "error"
+        assert f"stored as a delta of chunk {base_chunk.hex()[:16]}" in lost[0].message and "w:f v2" in lost[0].message
+        assert any(p.kind == "chunk-corrupt" and "w:f v1" in p.message for p in report.problems)
+    finally:
+        store.close()
