@@ -20,7 +20,8 @@ still the BLAKE3 of the uncompressed bytes.
 
 Threads: all functions are safe to call from any thread; zstd contexts are
 kept per thread because ``zstandard`` contexts are not thread-safe. zstd and
-blake3 release the GIL while they work.
+blake3 release the GIL while they work; :func:`encode_many` compresses half
+of a batch on a shared one-thread pool while the caller does the other.
 
 zstd format: RFC 8878. BLAKE3: see ``chronicle.store.chunks.ids``.
 """
@@ -28,6 +29,7 @@ zstd format: RFC 8878. BLAKE3: see ``chronicle.store.chunks.ids``.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
@@ -40,8 +42,13 @@ CODEC_DELTA = 2
 CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_DELTA)
 
 DEFAULT_LEVEL = 3
+SAMPLE = 4096               # bytes tried first at each end: if they do not compress, neither does the chunk
+SAMPLE_MIN = 16 * 1024      # smaller chunks are compressed whole at once
+PARALLEL_MIN = 4            # fewer chunks (~40 KiB: ~100 us of zstd each) are compressed in the caller's thread
 
 _local = threading.local()
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -61,13 +68,58 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def encode(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> tuple[int, bytes | memoryview]:
+def encode(data: bytes | memoryview, level: int = DEFAULT_LEVEL, *,
+           sample: bool = True) -> tuple[int, bytes | memoryview]:
     """Compress one chunk. Returns ``(codec, payload)``; an incompressible
-    chunk's payload is ``data`` itself (not copied)."""
+    chunk's payload is ``data`` itself (not copied).
+
+    ``sample``: a chunk of at least :data:`SAMPLE_MIN` bytes whose first
+    and last :data:`SAMPLE` bytes zstd cannot shrink by 1/32 is taken as
+    incompressible without compressing the rest: 10 us instead of 100 us
+    for 40 KiB of random bytes, for ~10 % more zstd time on a compressible
+    one (so a caller that just saw its previous chunk compress passes
+    False). On 340 MiB of real files (a Python venv's libraries,
+    ``/usr/lib``, ``/usr/share/doc``: 8,000 files) it stored 0.01 % more
+    bytes than compressing every chunk whole (5 chunks of 9,000 kept raw)."""
+    if sample and len(data) >= SAMPLE_MIN and not _sample_shrinks(memoryview(data), level):
+        return CODEC_RAW, data
     packed = _compressor(level).compress(data)
-    if len(packed) + (len(data) >> 5) < len(data):
+    if _shrinks(packed, len(data)):
         return CODEC_ZSTD, packed
     return CODEC_RAW, data
+
+
+def _sample_shrinks(view: memoryview, level: int) -> bool:
+    """True if zstd shrinks the first or the last :data:`SAMPLE` bytes by 1/32."""
+    comp = _compressor(level)
+    return _shrinks(comp.compress(view[:SAMPLE]), SAMPLE) or _shrinks(comp.compress(view[-SAMPLE:]), SAMPLE)
+
+
+def _shrinks(packed: bytes, raw_len: int) -> bool:
+    """True if ``packed`` is at least 1/32 smaller than ``raw_len`` bytes."""
+    return len(packed) + (raw_len >> 5) < raw_len
+
+
+def encode_many(datas: list[bytes | memoryview], level: int = DEFAULT_LEVEL, *,
+                sample: bool = True) -> list[tuple[int, bytes | memoryview]]:
+    """:func:`encode` of each of ``datas``, in order. From :data:`PARALLEL_MIN`
+    chunks on, the first half is compressed by a thread of a shared pool
+    while the caller compresses the second (zstd releases the GIL: two
+    cores compress); fewer, all in the caller's thread."""
+    if len(datas) < PARALLEL_MIN:
+        return [encode(d, level, sample=sample) for d in datas]
+    half = len(datas) // 2
+    first = _pool().submit(lambda: [encode(d, level, sample=sample) for d in datas[:half]])
+    second = [encode(d, level, sample=sample) for d in datas[half:]]
+    return first.result() + second
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chronicle-zstd")
+        return _executor
 
 
 def encode_delta(data: bytes | memoryview, base_id: bytes, base: bytes,

@@ -190,6 +190,49 @@ class ChunkStore:
             codec_id, payload = codec.encode(data, self._level)
         else:
             codec_id, payload = codec.CODEC_RAW, data
+        return self._append(chunk_id, data, codec_id, payload, lost, base, seen_ns)
+
+    def put_many(self, chunks: list[tuple[bytes, bytes | memoryview]], compress: list[bool], *,
+                 sample: bool = True) -> list[int | None]:
+        """:meth:`put` of each ``(chunk_id, data)`` of ``chunks`` (no base), in
+        order, as a stream's batch does: one index read for all their dedup
+        checks, and zstd of those with ``compress[i]`` on two cores
+        (``codec.encode_many``; ``sample`` as there). Returns each one's
+        :meth:`put` result (a chunk twice in ``chunks``: None the second
+        time). Raises ``NoSpace`` on a full disk."""
+        if not self._announced and self.announce is not None:
+            self.announce()
+            self._announced = True
+        with self._pending_lock:
+            losts = [self._pending.get(chunk_id) for chunk_id, _data in chunks]
+        results: list[int | None] = [None] * len(chunks)
+        todo: list[int] = []
+        taken: set[bytes] = set()
+        seen_ns = time.time_ns()
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            for i, (chunk_id, _data) in enumerate(chunks):
+                if chunk_id in taken or (losts[i] is not None and not self._lost(losts[i])):
+                    continue
+                raw = txn.get(chunk_id)
+                if raw is not None and ChunkRecord.decode(raw).refcount > 0:
+                    with self._pending_lock:
+                        self._hits.setdefault(chunk_id, seen_ns)
+                    continue
+                taken.add(chunk_id)
+                todo.append(i)
+        squeeze = [i for i in todo if compress[i]]
+        encoded = dict(zip(squeeze, codec.encode_many([chunks[i][1] for i in squeeze], self._level,
+                                                                  sample=sample)))
+        for i in todo:
+            chunk_id, data = chunks[i]
+            codec_id, payload = encoded.get(i, (codec.CODEC_RAW, data))
+            results[i] = self._append(chunk_id, data, codec_id, payload, losts[i], None, seen_ns)
+        return results
+
+    def _append(self, chunk_id: bytes, data: bytes | memoryview, codec_id: int, payload: bytes | memoryview,
+                lost: ChunkRecord | None, base: bytes | None, seen_ns: int) -> int | None:
+        """Write one new chunk record and make it pending (unless another
+        thread's copy won meanwhile); returns ``codec_id`` or None."""
         location = self.writer.append(chunk_id, codec_id, len(data), payload)
         record = ChunkRecord(location.pack_no, location.offset, location.stored_len, len(data), codec_id, 0, base)
         with self._pending_lock:
