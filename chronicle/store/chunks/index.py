@@ -6,8 +6,10 @@ maps a chunk id to its pack location and **refcount** (how many content
 records use it). A chunk written to a pack but not yet in the index is
 **pending**: the transaction that records the version using it inserts it.
 
-Writing (:meth:`ChunkStore.put`) happens outside any LMDB write transaction,
-usually in a worker thread: hash, dedup check, compress, append to a pack.
+Writing (:meth:`ChunkStore.put`, or :meth:`~ChunkStore.put_many` for a
+stream's batch: one dedup read for all, zstd on two threads) happens outside
+any LMDB write transaction, usually in a worker thread: hash, dedup check,
+compress, append to a pack.
 The metadata transaction then calls :meth:`ChunkStore.add_refs` with the new
 content record, which turns pending chunks into index entries. Before that
 transaction commits, :meth:`ChunkStore.flush` hands pack data to the kernel, so
