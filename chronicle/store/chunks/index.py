@@ -181,13 +181,15 @@ class ChunkStore:
                 return None           # a dead chunk (refcount 0) is written again (module docstring)
             if base is not None and (not compress or base == chunk_id or not self._can_base(txn, base)):
                 base = None
-        payload = None
+        plain = None
         if base is not None:
-            payload = self._delta(data, base)
+            payload, plain = self._delta(data, base)
             if payload is None:
                 base = None
         if base is not None:
             codec_id = codec.CODEC_DELTA
+        elif plain is not None:
+            codec_id, payload = plain
         elif compress:
             codec_id, payload = codec.encode(data, self._level)
         else:
@@ -265,21 +267,22 @@ class ChunkStore:
             record = ChunkRecord.decode(raw)
         return True
 
-    def _delta(self, data: bytes | memoryview, base: bytes) -> bytes | None:
-        """The ``CODEC_DELTA`` payload of ``data`` against ``base`` if it is at
-        most :data:`DELTA_RATIO` of the raw and of the plain zstd size, else None."""
+    def _delta(self, data: bytes | memoryview, base: bytes) -> tuple[bytes | None, tuple | None]:
+        """``(delta, plain)``: the ``CODEC_DELTA`` payload of ``data`` against
+        ``base`` if it is at most :data:`DELTA_RATIO` of the raw and of the
+        plain zstd size, else None; and ``codec.encode(data)`` if it was
+        computed to decide, else None."""
         try:
             base_data = self.get(base)
         except Corrupt:
-            return None               # a damaged base: the chunk is stored plain
+            return None, None         # a damaged base: the chunk is stored plain
         payload = codec.encode_delta(data, base, base_data, self._level)
-        limit = DELTA_RATIO * len(data)
-        if len(payload) > limit:
-            return None
-        plain_codec, plain = codec.encode(data, self._level)
-        if plain_codec != codec.CODEC_RAW and len(payload) > DELTA_RATIO * len(plain):
-            return None
-        return payload
+        if len(payload) > DELTA_RATIO * len(data):
+            return None, None
+        plain = codec.encode(data, self._level)
+        if plain[0] != codec.CODEC_RAW and len(payload) > DELTA_RATIO * len(plain[1]):
+            return None, plain
+        return payload, None
 
     def flush(self) -> None:
         """Hand written chunk data to the kernel (call before committing metadata)."""
