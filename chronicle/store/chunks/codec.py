@@ -28,6 +28,7 @@ zstd format: RFC 8878. BLAKE3: see ``chronicle.store.chunks.ids``.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +49,7 @@ PARALLEL_MIN = 4            # fewer chunks (~40 KiB: ~100 us of zstd each) are c
 
 _local = threading.local()
 _executor: ThreadPoolExecutor | None = None
+_executor_pid = 0
 _executor_lock = threading.Lock()
 
 
@@ -115,10 +117,13 @@ def encode_many(datas: list[bytes | memoryview], level: int = DEFAULT_LEVEL, *,
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _executor
+    """The compression pool of this process (a forked child makes its own:
+    the parent's thread is not there)."""
+    global _executor, _executor_pid
     with _executor_lock:
-        if _executor is None:
+        if _executor is None or _executor_pid != os.getpid():
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chronicle-zstd")
+            _executor_pid = os.getpid()
         return _executor
 
 

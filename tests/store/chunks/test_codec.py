@@ -98,3 +98,14 @@ def test_encode_many_gives_what_encode_gives_in_order():
         assert codec.encode_many(datas, sample=sample) == [codec.encode(d, sample=sample) for d in datas]
     assert codec.encode_many(datas[:2]) == [codec.encode(d) for d in datas[:2]]
     assert codec.encode_many([]) == []
+
+
+def test_encode_many_works_in_a_forked_child_after_the_parent_used_its_pool():
+    datas = [(b"chunk %d " % i) * 4000 for i in range(8)]
+    assert codec.encode_many(datas)[0][0] == codec.CODEC_ZSTD         # the parent's pool thread exists
+    pid = os.fork()
+    if pid == 0:
+        ok = codec.encode_many(datas) == [codec.encode(d) for d in datas]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
