@@ -199,7 +199,7 @@ def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: 
             progress("compact", n + 1, len(rewrite))
     finally:
         writer.close()
-    keep.update(_forget_late(store, late, dead_deltas, dead_at, keep))
+    keep.update(_forget_late(store, late, dead_at, keep))
     for pack_no in writer.created:
         try:
             out["bytes_written"] += store.chunks.backend.size(pack_name(pack_no))
@@ -249,8 +249,8 @@ def _hold_dead_bases(store: Store, use: dict[int, _PackUse], dead_deltas: dict[b
     return late
 
 
-def _forget_late(store: Store, late: dict[bytes, list[bytes]], dead_deltas: dict[bytes, tuple[bytes, int]],
-                 dead_at: dict[bytes, int], keep: set[int]) -> set[int]:
+def _forget_late(store: Store, late: dict[bytes, list[bytes]], dead_at: dict[bytes, int],
+                 keep: set[int]) -> set[int]:
     """Drop the dead bases held back by :func:`_hold_dead_bases`, each after
     every delta of it (deepest chains' ends first), if those are gone from
     the index and it is still dead; returns the packs of those that stay."""
