@@ -10,7 +10,9 @@ daemon's PID), then for each of two workloads attaches ``py-spy record
 - ``append64``: a 64 MiB file written and closed first (not recorded), then
   30 x open(O_APPEND) + write 100 bytes + close;
 - ``edits32``:  a 32 MiB file written and closed first, then 3 x (open, 16
-  pwrites of 10 bytes at random offsets each followed by fsync, close).
+  pwrites of 10 bytes at random offsets each followed by fsync, close);
+- ``seqwrite512`` (only with ``--workloads``): perfbench's sequential write,
+  512 MiB of incompressible 1 MiB blocks + close, and its MiB/s.
 
 py-spy samples every thread that is not idle. The collapsed stacks are
 summarised as ``<name>.txt`` in ``--out``: the wall time, then the top
@@ -148,12 +150,33 @@ def edits32(d: Path) -> tuple[Path, Callable[[], None]]:
     return path, timed
 
 
+def seqwrite512(d: Path) -> tuple[Path, Callable[[], None]]:
+    path = d / "seq512.bin"
+    source = wl.BlockSource(seed=23)
+    for i in range(512):
+        source.block(i)           # the block tables made before the timed part
+
+    def timed() -> None:
+        seconds, _close = wl.write_file(path, 512 * MiB, source)
+        print(f"seqwrite512: {512 / seconds:.0f} MiB/s", file=sys.stderr)
+    return path, timed
+
+
+WORKLOADS = {"append64": append64, "edits32": edits32, "seqwrite512": seqwrite512}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="profile_commit.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "tools" / "bench" / "profiles")
     p.add_argument("--rate", type=int, default=500, help="py-spy samples per second (default 500)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    p.add_argument("--workloads", default="append64,edits32",
+                   help=f"comma-separated, of {', '.join(WORKLOADS)} (default append64,edits32)")
     args = p.parse_args(argv)
+    names = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s): {', '.join(unknown)}")
     pyspy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                          os.environ.get("PATH", "")]))
     if pyspy is None:
@@ -168,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     daemon, start = procs.spawn(procs.mount_command(run / "store", "bench", mnt), log, env=env)
     try:
         procs.wait_for_mount(mnt, daemon.pid, timeout=60, log_path=log, log_start=start)
-        for name, setup in (("append64", append64), ("edits32", edits32)):
+        for name in names:
+            setup = WORKLOADS[name]
             _path, timed = setup(mnt)
             raw = run / f"{name}.raw"
             with Recording(pyspy, daemon.pid, raw, args.rate):

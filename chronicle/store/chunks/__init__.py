@@ -5,7 +5,9 @@ Vocabulary:
 - **chunk** — a piece of content cut by content-defined chunking (``chunker``,
   FastCDC), named by the BLAKE3 of its bytes, its **chunk id** (``ids``).
 - **codec** — how a chunk is stored: zstd when that saves at least 1/32, raw
-  otherwise; decoding verifies the BLAKE3 (``codec``).
+  otherwise, or a **delta**: zstd with the chunk it replaces (its **base**)
+  as a raw-content dictionary, zstd's ``--patch-from``; decoding verifies
+  the BLAKE3 (``codec``).
 - **pack** — an object holding many encoded chunks as self-describing
   **records**, named ``packs/<group>/<pack_no>.pack``; a chunk's
   **location** is (pack number, payload offset, stored length). ``packs``
@@ -16,8 +18,9 @@ Vocabulary:
   prefix, deleted, made durable (``backends``: the protocol in
   ``backends.base``, the local directory in ``backends.local``).
 - **chunk index** — LMDB ``chunks``: chunk id -> (pack, offset, length,
-  codec, **refcount**); ``index.ChunkStore`` puts and gets chunks through it
-  and a cache of decoded chunks.
+  codec, **refcount**, base of a delta); ``index.ChunkStore`` puts and gets
+  chunks through it and a cache of decoded chunks. A live delta holds one
+  reference on its base (``index``, "Delta chunks").
 
 Layers, each importing only those before it (restic's DAG)::
 

@@ -27,11 +27,15 @@ Checks, in order (each is a ``progress`` phase):
    (``ChunkStore.read_record(verify=True)``). Index entries the scan did not
    reach (missing pack, bad offset, damaged pack) are then read one by one.
    Records the index does not point at are counted (``unreferenced_bytes``)
-   and kept as spare copies for repair.
+   and kept as spare copies for repair. A delta chunk (``chunks.index``) is
+   decoded against its base and its BLAKE3 checked; a delta whose base is
+   lost, damaged or not in the index is lost too (``chunk-base-lost``,
+   naming the files it holds).
 3. ``contents`` — every content record decodes, ``sum(lengths) == size``,
    its id is its hash, each extent names a chunk in the index whose length
    it agrees with. Each content counts one use of each distinct chunk it
-   names; those counts must equal the chunks' refcounts.
+   names, and each delta chunk so used (directly, or as the base of one)
+   one use of its base; those counts must equal the chunks' refcounts.
 4. ``inodes`` — every inode record decodes and names an existing content;
    each names one use of its content; those must equal the contents'
    refcounts (the empty content included).
@@ -93,8 +97,9 @@ from dataclasses import dataclass, field
 import lmdb
 
 from chronicle.errors import Corrupt, NotFound
+from chronicle.store.chunks.codec import CODEC_DELTA
 from chronicle.store.chunks.ids import HOLE_ID, ID_SIZE, hash_bytes, new_hasher, to_hex
-from chronicle.store.chunks.index import _distinct_ids
+from chronicle.store.chunks.index import DeltaBaseLost, _distinct_ids
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackRecord
 from chronicle.store.fsck.report import (
     _NAMED_IN_DETAILS,
@@ -443,6 +448,21 @@ class _Checker(TreeChecks):
                 self.lost[chunk_id] = _Lost("chunk-missing", f"cannot be read from pack {pack_no}: {exc}")
                 continue
             self._check_record(chunk_id, rec, header_id, codec_id, raw_len, rec.stored_len)
+        self._lose_deltas_of_lost_bases()
+
+    def _lose_deltas_of_lost_bases(self) -> None:
+        """A delta chunk whose base is lost or not in the index cannot be read either."""
+        changed = True
+        while changed:
+            changed = False
+            for chunk_id, rec in self.index.items():
+                if rec.base is None or chunk_id in self.lost:
+                    continue
+                if rec.base in self.lost or rec.base not in self.index:
+                    why = "is lost" if rec.base in self.lost else "is not in the chunk index"
+                    self.lost[chunk_id] = _Lost("chunk-base-lost", f"is stored as a delta of chunk "
+                                                f"{_short(rec.base)}, which {why}")
+                    changed = True
 
     def _scan_pack(self, pack_no: int, size: int, seen: set[bytes], done: int) -> None:
         expected = self.by_pack.get(pack_no, {})
@@ -497,6 +517,9 @@ class _Checker(TreeChecks):
     def _verify_payload(self, chunk_id: bytes, rec: ChunkRecord) -> None:
         try:
             self.chunks.read_record(chunk_id, rec, verify=True)
+        except DeltaBaseLost as exc:
+            self.lost[chunk_id] = _Lost("chunk-base-lost", _reason(exc, chunk_id))
+            return
         except Corrupt as exc:
             kind = "chunk-missing" if "truncated" in str(exc) or "missing" in str(exc) else "chunk-corrupt"
             self.lost[chunk_id] = _Lost(kind, _reason(exc, chunk_id))
@@ -554,13 +577,31 @@ class _Checker(TreeChecks):
             elif chunk_id in self.lost:
                 self.lost_users[chunk_id].append(content_id)
 
+    def _count_delta_uses(self) -> Counter[bytes]:
+        """Uses of delta bases: one per delta chunk in use (by a content, or
+        as the base of a delta in use), cascading down each chain; added to
+        :attr:`chunk_uses`."""
+        held: Counter[bytes] = Counter()
+        live = [c for c, rec in self.index.items() if rec.base is not None and self.chunk_uses.get(c, 0) > 0]
+        while live:
+            base = self.index[live.pop()].base
+            held[base] += 1
+            rec = self.index.get(base)
+            if held[base] == 1 and not self.chunk_uses.get(base) and rec is not None and rec.base is not None:
+                live.append(base)             # a base used only by deltas is in use: its own base is too
+        self.chunk_uses.update(held)
+        return held
+
     def _check_chunk_refcounts(self) -> None:
+        held = self._count_delta_uses()
         unused = unused_bytes = 0
         for chunk_id, rec in self.index.items():
             uses = self.chunk_uses.get(chunk_id, 0)
             if rec.refcount != uses:
+                by = f"{uses - held[chunk_id]} content(s) and {held[chunk_id]} delta chunk(s)" if held[chunk_id] \
+                    else f"{uses} content(s)"
                 p = self.problem("chunk-refcount", f"chunk {_short(chunk_id)} has refcount {rec.refcount} but "
-                                 f"{uses} content(s) use it", chunk=to_hex(chunk_id), stored=rec.refcount,
+                                 f"{by} use it", chunk=to_hex(chunk_id), stored=rec.refcount,
                                  counted=uses)
                 self._chunk_fix(chunk_id).problems.append(p)
             if uses == 0:
@@ -698,6 +739,8 @@ class _Checker(TreeChecks):
 
     def _good_spare(self, chunk_id: bytes) -> PackRecord | None:
         for spare in self.spares.get(chunk_id, []):
+            if spare.codec == CODEC_DELTA:
+                continue                # a delta copy would need its base checked too: only plain copies serve
             loc = spare.location
             rec = ChunkRecord(loc.pack_no, loc.offset, loc.stored_len, spare.raw_len, spare.codec, 0)
             try:
@@ -724,7 +767,7 @@ class _Checker(TreeChecks):
         old = self.index.get(chunk_id)
         if old is None or old.refcount == fix.refcount:
             return []                   # nothing good to point at, nothing to count
-        new = ChunkRecord(old.pack_no, old.offset, old.stored_len, old.raw_len, old.codec, fix.refcount)
+        new = ChunkRecord(old.pack_no, old.offset, old.stored_len, old.raw_len, old.codec, fix.refcount, old.base)
         txn.put(chunk_id, new.encode(), db=db)
         return [(p, f"refcount set to {fix.refcount}") for p in fix.problems if p.kind == "chunk-refcount"]
 

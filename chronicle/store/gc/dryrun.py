@@ -42,7 +42,7 @@ from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry
                                       dead_record_goes, keys_to_prune)
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
-from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, ChunkRecord, ContentRecord, PathEntry,
+from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, ContentRecord, PathEntry,
                                         WorkspaceRecord)
 
 if TYPE_CHECKING:
@@ -369,13 +369,8 @@ def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadl
             for chunk_id in ids:
                 chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
     chunks = stored = raw_bytes = 0
-    for chunk_id, count in chunk_drops.items():
-        raw = txn.get(chunk_id, db=store.dbs["chunks"])
-        if raw is None:
-            continue
-        chunk = ChunkRecord.decode(raw)
-        if 0 < chunk.refcount <= count:
-            chunks += 1
-            stored += chunk.stored_len
-            raw_bytes += chunk.raw_len
+    for chunk in store.chunks.freed_by(txn, chunk_drops):     # delta bases freed with their deltas included
+        chunks += 1
+        stored += chunk.stored_len
+        raw_bytes += chunk.raw_len
     return {"freed_contents": contents, "freed_chunks": chunks, "freed_bytes": stored, "freed_raw_bytes": raw_bytes}

@@ -31,6 +31,16 @@ write the new index, then delete the old packs"), made online with leases
    the old pack, or the new records and both packs (the old one, with no
    index record left, goes at step 2 of the next run).
 
+**Delta chunks** (``chunks.index``) are copied as they are stored (their
+base is named by id, so either may move). A live delta holds its base live
+(the sweep frees a base only when its last delta dies, ``drop_refs``
+cascading). A dead delta record still needs its base's record while it
+exists (a commit may revive it, and fsck decodes it), so: a dead base of a
+dead delta that stays in the index is copied like a live chunk, and a dead
+base whose dead deltas go in the same run is dropped only after them, once
+every pack is rewritten (a crash in between leaves a dead base without
+deltas, which the next run drops).
+
 Dead records are only dropped (step 3) when the leases say no process may
 still count on them (:func:`~chronicle.store.gc.leases.writers_settled`
 since the end of the sweep); otherwise compaction of packs with dead chunks
@@ -51,7 +61,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chronicle.errors import Busy, NoSpace, NotFound
-from chronicle.store.chunks import codec
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
 from chronicle.store.gc.leases import leased_packs, read_leases, request_rotation, writers_settled
@@ -136,12 +145,15 @@ def settle(store: Store, since_ns: int, wait: float) -> str | None:
         time.sleep(0.1)
 
 
-def _survey(store: Store, swept_ns: int, wait: float) -> tuple[dict[int, int], str | None, dict[int, _PackUse]]:
-    """``(pack sizes, why dead chunks must stay or None, use per pack)``:
+def _survey(store: Store, swept_ns: int, wait: float) -> tuple[dict[int, int], str | None, dict[int, _PackUse],
+                                                              dict[bytes, tuple[bytes, int]], dict[bytes, int]]:
+    """``(pack sizes, why dead chunks must stay or None, use per pack, dead delta -> (base, pack), dead chunk -> pack)``:
     first the packs, then the leases (module docstring), then the index."""
     sizes = store.chunks.reader.list_packs()
     deferred = settle(store, swept_ns, wait)
     use: dict[int, _PackUse] = {}
+    dead_deltas: dict[bytes, tuple[bytes, int]] = {}      # dead delta id -> (base id, its pack)
+    dead_at: dict[bytes, int] = {}                        # dead chunk id -> its pack
     with store.env.begin() as txn:
         for chunk_id, record in store.chunks.iter_index(txn):
             pack = use.setdefault(record.pack_no, _PackUse())
@@ -150,7 +162,10 @@ def _survey(store: Store, swept_ns: int, wait: float) -> tuple[dict[int, int], s
                 pack.live_bytes += RECORD_HEADER.size + record.stored_len
             else:
                 pack.dead.append(chunk_id)
-    return sizes, deferred, use
+                dead_at[chunk_id] = record.pack_no
+                if record.base is not None:
+                    dead_deltas[chunk_id] = (record.base, record.pack_no)
+    return sizes, deferred, use, dead_deltas, dead_at
 
 
 def _rotate(store: Store, packs: set[int], wait: float) -> bool:
@@ -176,11 +191,11 @@ def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: 
     "packs_written", "bytes_deleted", "bytes_written", "reclaimed_bytes",
     "deferred": why dead chunks were kept, or None}``."""
     out = {"packs_deleted": 0, "packs_written": 0, "bytes_deleted": 0, "bytes_written": 0, "deferred": None}
-    sizes, deferred, use = _survey(store, swept_ns, wait)
+    sizes, deferred, use, dead_deltas, dead_at = _survey(store, swept_ns, wait)
     others = leased_packs(read_leases(store.run_dir, exclude_pid=os.getpid()))
     wanted = {p for p in others if p in use and use[p].dead}
     if wanted and deferred is None and _rotate(store, wanted, rotate_wait):
-        sizes, deferred, use = _survey(store, swept_ns, wait)   # sealed and indexed now: look again
+        sizes, deferred, use, dead_deltas, dead_at = _survey(store, swept_ns, wait)   # sealed and indexed now
     if any(use.get(p) is not None and use[p].dead for p in store.chunks.writer.open_packs()):
         store.chunks.writer.rotate()                  # our own pack being written holds dead chunks
         store.chunks.sync()
@@ -197,6 +212,7 @@ def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: 
             rewrite.append(pack_no)
     if any(use[p].dead for p in use if p in sizes and p not in protected) and deferred is not None:
         out["deferred"] = deferred
+    late = _hold_dead_bases(store, use, dead_deltas, dead_at, set(rewrite))
     for pack_no in doomed:
         _delete(store, pack_no, sizes[pack_no], out)
     rewrite.sort(key=lambda p: use[p].live_bytes)     # fully dead packs first: no space needed to free them
@@ -209,11 +225,12 @@ def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: 
             except NoSpace:
                 keep.update(rewrite[n:])              # no room for the copies: the fully dead ones went first
                 break
-            if not _repoint(store, moved, use[pack_no].dead):
+            if not _repoint(store, moved, [c for c in use[pack_no].dead if c not in late]):
                 keep.add(pack_no)
             progress("compact", n + 1, len(rewrite))
     finally:
         writer.close()
+    keep.update(_forget_late(store, late, dead_at, keep))
     for pack_no in writer.created:
         try:
             out["bytes_written"] += store.chunks.backend.size(pack_name(pack_no))
@@ -231,6 +248,69 @@ def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: 
     return out
 
 
+def _hold_dead_bases(store: Store, use: dict[int, _PackUse], dead_deltas: dict[bytes, tuple[bytes, int]],
+                     dead_at: dict[bytes, int], rewrite: set[int]) -> dict[bytes, list[bytes]]:
+    """Delta bases among the dead chunks of the packs to ``rewrite`` (module
+    docstring): a base of a dead delta that stays in the index (its pack is
+    not rewritten) is moved to its pack's live list, to be copied, and so
+    on down its chain; returns the others — ``{base: its dead deltas}``,
+    dropped after them (:func:`_forget_late`)."""
+    held: set[bytes] = set()
+    staying = [d for d, (_b, pack_no) in dead_deltas.items() if pack_no not in rewrite]
+    while staying:
+        delta = staying.pop()
+        base = dead_deltas[delta][0]
+        if base in held or base not in dead_at:
+            continue                                  # live (not dead), or held already
+        held.add(base)
+        if dead_at[base] in rewrite:
+            pack = use[dead_at[base]]
+            record = store.chunks.record(base)
+            if record is not None and record.refcount == 0:
+                pack.dead.remove(base)
+                pack.live.append((base, record))
+                pack.live_bytes += RECORD_HEADER.size + record.stored_len
+        if base in dead_deltas:
+            staying.append(base)                      # a held base that is a delta holds its own base
+    late: dict[bytes, list[bytes]] = {}
+    for delta, (base, pack_no) in dead_deltas.items():
+        if pack_no in rewrite and delta not in held and base in dead_at and base not in held \
+                and dead_at[base] in rewrite:
+            late.setdefault(base, []).append(delta)
+    return late
+
+
+def _forget_late(store: Store, late: dict[bytes, list[bytes]], dead_at: dict[bytes, int],
+                 keep: set[int]) -> set[int]:
+    """Drop the dead bases held back by :func:`_hold_dead_bases`, each after
+    every delta of it (deepest chains' ends first), if those are gone from
+    the index and it is still dead; returns the packs of those that stay."""
+    def height(base: bytes) -> int:
+        return 1 + max((height(d) for d in late.get(base, ()) if d in late), default=0)
+
+    stay: set[int] = set()
+    db = store.dbs["chunks"]
+    order = [b for b in sorted(late, key=height) if dead_at[b] not in keep]
+    i = 0
+    while i < len(order):
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            while i < len(order) and time.monotonic() - start < BATCH_SECONDS:
+                base = order[i]
+                i += 1
+                raw = txn.get(base, db=db)
+                if raw is None:
+                    continue
+                if ChunkRecord.decode(raw).refcount or any(txn.get(d, db=db) is not None for d in late[base]):
+                    stay.add(dead_at[base])           # revived, or a delta of it stayed: the pack stays
+                else:
+                    store.chunks.forget(txn, base)
+            store.before_commit()
+        store.note_commit()
+        store.maintain()
+    return stay
+
+
 def _delete(store: Store, pack_no: int, size: int, out: dict) -> None:
     try:
         store.chunks.backend.delete(pack_name(pack_no))
@@ -245,7 +325,7 @@ def _copy_live(store: Store, writer: PackWriter, live: list[tuple[bytes, ChunkRe
     moved = []
     for chunk_id, record in live:
         payload = store.chunks.reader.read(ChunkLocation(record.pack_no, record.offset, record.stored_len))
-        codec.decode(record.codec, payload, record.raw_len, chunk_id, verify=True)
+        store.chunks.decode_payload(chunk_id, record, payload)    # verified; a delta decodes against its base
         location = writer.append(chunk_id, record.codec, record.raw_len, payload)
         moved.append((chunk_id, record, location))
     writer.sync()                                     # the copies are durable before any record points at them

@@ -66,6 +66,9 @@ Within format 3, ``events`` records are packed (tag byte ``0x01`` and
 MessagePack, ``meta.events``; a record starting with ``{`` is the old JSON
 line, still read) and a ``paths`` entry whose fragment's hash is its content
 id's hex stores it cut out (flag ``P_HASH_CUT``; entries without it still read).
+A ``chunks`` record of a delta chunk (``CODEC_DELTA``) is 61 bytes instead of
+29: the base chunk id follows (:class:`ChunkRecord`); 29-byte records, all
+that older stores hold, read as before.
 """
 
 from __future__ import annotations
@@ -309,7 +312,10 @@ _CHUNK = struct.Struct("<QQIIBI")
 
 @dataclass(slots=True)
 class ChunkRecord:
-    """Where a chunk is stored and how many content records refer to it."""
+    """Where a chunk is stored and how many references it has: from content
+    records, and (``refcount`` includes them) from live delta chunks whose
+    base it is (``chunks.index``). ``base`` is the base chunk id of a
+    ``CODEC_DELTA`` chunk, else None."""
 
     pack_no: int
     offset: int
@@ -317,18 +323,24 @@ class ChunkRecord:
     raw_len: int
     codec: int
     refcount: int
+    base: bytes | None = None
 
     def encode(self) -> bytes:
-        """The ``chunks`` value: pack number, offset, stored and raw length, codec, refcount (little-endian)."""
-        return _CHUNK.pack(self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount)
+        """The ``chunks`` value: pack number, offset, stored and raw length, codec, refcount
+        (little-endian, 29 bytes), then the base chunk id (32 bytes) for a delta chunk."""
+        head = _CHUNK.pack(self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount)
+        return head if self.base is None else head + self.base
 
     @classmethod
     def decode(cls, raw: bytes) -> ChunkRecord:
-        """From :meth:`encode`'s bytes. Raises ``Corrupt`` if damaged."""
-        try:
-            return cls(*_CHUNK.unpack(raw))
-        except struct.error:
-            raise Corrupt("damaged chunk index record") from None
+        """From :meth:`encode`'s bytes (a 29-byte record has no base). Raises ``Corrupt`` if damaged."""
+        size = len(raw)
+        if size != _CHUNK.size and size != _CHUNK.size + ID_SIZE:
+            raise Corrupt("damaged chunk index record")
+        record = cls(*_CHUNK.unpack_from(raw))
+        if size > _CHUNK.size:
+            record.base = bytes(raw[_CHUNK.size:])
+        return record
 
 
 _CONTENT_HEAD = struct.Struct("<QIBI")

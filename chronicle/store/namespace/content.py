@@ -13,7 +13,8 @@ the record's ``hash`` is None.
 and its overlay (``chronicle.store.namespace.staging``): base extents untouched by a
 write are kept as they are; only the dirty spans, widened to the enclosing
 base extents, are cut again with CDC, so a 4 KiB change to a large file stores
-one or two new chunks.
+one or two new chunks — each stored, when that pays, as a zstd delta against
+the chunk it replaces (:func:`replaced_chunk`, ``ChunkStore.put``'s ``base``).
 
 Threads: ``build_content`` runs in a worker thread (hashing, chunking and
 compression release the GIL); ``ContentMap`` is safe to read from any thread.
@@ -350,7 +351,7 @@ def build_content(overlay: Overlay, chunks: ChunkStore, hash_prefix: HashPrefix 
                 if hashing:
                     feed(pos, piece)
                 probe = raw_streak < RAW_STREAK or raw_streak % RAW_STREAK == 0
-                stored_as = chunks.put(chunk_id, piece, compress=probe)
+                stored_as = chunks.put(chunk_id, piece, compress=probe, base=replaced_chunk(base, pos))
                 if stored_as is not None:
                     stats.new_chunks += 1
                     stats.new_bytes += len(piece)
@@ -369,6 +370,17 @@ def build_content(overlay: Overlay, chunks: ChunkStore, hash_prefix: HashPrefix 
     stats.record = ContentRecord(size, digest, ids, out.lengths)
     stats.hasher = hasher if hashing else None
     return stats
+
+
+def replaced_chunk(base: ContentMap, pos: int) -> bytes | None:
+    """The chunk of the previous version ``base`` that a new chunk starting
+    at byte ``pos`` replaces — the one holding ``pos`` — or None past its end
+    or in a hole: the delta base ``ChunkStore.put`` may store the new chunk
+    against (``chunks.index``, delta chunks)."""
+    if pos >= base.size:
+        return None
+    chunk_id = base.record.chunk_id(base.extent_index(pos))
+    return None if chunk_id == HOLE_ID else chunk_id
 
 
 def _hash_zeros(hasher: blake3.blake3, n: int) -> None:

@@ -165,16 +165,20 @@ class Stream:
             self.carry = b""
         # One update for the whole emitted part: large, so BLAKE3 spreads it over the cores.
         self.hasher.update(memoryview(data)[:len(data) - len(self.carry)])
-        for piece in pieces:
-            chunk_id = hash_bytes(piece)
-            # Incompressible streams (media, archives, random data): after a
-            # run of chunks zstd could not shrink, probe only every 16th.
-            probe = self._raw_streak < RAW_STREAK or self._raw_streak % RAW_STREAK == 0
-            stored_as = self._chunks.put(chunk_id, piece, compress=probe)
-            if stored_as is not None:
-                self.new_chunks += 1
-                self.new_bytes += len(piece)
-                self._raw_streak = self._raw_streak + 1 if stored_as == CODEC_RAW else 0
-            self.ids.append(chunk_id)
-            self.lengths.append(len(piece))
-            self.emitted += len(piece)
+        # Stored RAW_STREAK chunks at a time (ChunkStore.put_many: zstd on the
+        # second core). Incompressible streams (media, archives, random data):
+        # after a run of chunks zstd could not shrink, probe only every 16th.
+        for start in range(0, len(pieces), RAW_STREAK):
+            part = [(hash_bytes(piece), piece) for piece in pieces[start:start + RAW_STREAK]]
+            streak = self._raw_streak
+            probes = [streak + k < RAW_STREAK or (streak + k) % RAW_STREAK == 0 for k in range(len(part))]
+            # a stream whose last new chunk compressed skips the 4 KiB sample (codec.encode)
+            sample = self._raw_streak > 0 or not self.new_chunks
+            for (chunk_id, piece), stored_as in zip(part, self._chunks.put_many(part, probes, sample=sample)):
+                if stored_as is not None:
+                    self.new_chunks += 1
+                    self.new_bytes += len(piece)
+                    self._raw_streak = self._raw_streak + 1 if stored_as == CODEC_RAW else 0
+                self.ids.append(chunk_id)
+                self.lengths.append(len(piece))
+                self.emitted += len(piece)

@@ -64,3 +64,48 @@ def test_damaged_payloads_are_corrupt_naming_the_chunk():
     assert codec.decode(codec.CODEC_RAW, bytes(raw), len(data), cid, verify=False) == bytes(raw)
     with pytest.raises(Corrupt, match="unknown codec 7"):
         codec.decode(7, payload, len(data), cid)
+
+
+def test_a_chunk_whose_two_ends_do_not_compress_is_stored_raw_without_compressing_it(monkeypatch):
+    random_chunk = os.urandom(40_000)
+    middle_text = os.urandom(4096) + b"words and more words " * 1500 + os.urandom(4096)
+    assert codec.encode(random_chunk) == (codec.CODEC_RAW, random_chunk)
+    assert codec.encode(middle_text)[0] == codec.CODEC_RAW              # the sample's one blind spot
+    assert codec.encode(middle_text, sample=False)[0] == codec.CODEC_ZSTD
+    assert codec.encode(os.urandom(20_000) + bytes(20_000))[0] == codec.CODEC_ZSTD   # one end compresses
+    sizes = []
+    real = codec._compressor
+
+    class Spy:
+        def __init__(self, comp):
+            self.comp = comp
+
+        def compress(self, data):
+            sizes.append(len(data))
+            return self.comp.compress(data)
+
+    monkeypatch.setattr(codec, "_compressor", lambda level: Spy(real(level)))
+    codec.encode(random_chunk)
+    assert sizes == [codec.SAMPLE, codec.SAMPLE]                       # the 40 KB were never compressed
+    sizes.clear()
+    codec.encode(os.urandom(codec.SAMPLE_MIN - 1))
+    assert sizes == [codec.SAMPLE_MIN - 1]                              # a small chunk: compressed whole
+
+
+def test_encode_many_gives_what_encode_gives_in_order():
+    datas = [os.urandom(30_000) if i % 3 else (b"chunk %d " % i) * 4000 for i in range(40)]
+    for sample in (True, False):
+        assert codec.encode_many(datas, sample=sample) == [codec.encode(d, sample=sample) for d in datas]
+    assert codec.encode_many(datas[:2]) == [codec.encode(d) for d in datas[:2]]
+    assert codec.encode_many([]) == []
+
+
+def test_encode_many_works_in_a_forked_child_after_the_parent_used_its_pool():
+    datas = [(b"chunk %d " % i) * 4000 for i in range(8)]
+    assert codec.encode_many(datas)[0][0] == codec.CODEC_ZSTD         # the parent's pool thread exists
+    pid = os.fork()
+    if pid == 0:
+        ok = codec.encode_many(datas) == [codec.encode(d) for d in datas]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

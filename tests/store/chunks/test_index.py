@@ -214,3 +214,25 @@ def test_a_chunk_lost_to_a_full_disk_fails_its_commit_and_is_written_again(env, 
     assert commit(cs, env, content((cid, len(data)))) == [cid]
     cs.cache = type(cs.cache)()
     assert cs.get(cid) == data
+
+
+def test_put_many_stores_dedups_and_reads_back_like_put(env):
+    cs = env.store()
+    chunks = [chunk(i, compressible=i % 2 == 0) for i in range(20)]
+    old_id, old = chunks[3]
+    assert cs.put(old_id, old) == codec.CODEC_RAW
+    commit(cs, env, content((old_id, len(old))))                 # in the index already
+    pending_id, pending = chunks[5]
+    cs.put(pending_id, pending)                                  # pending already
+    batch = chunks + [chunks[0]]                                 # and one twice in the batch
+    compress = [i != 2 for i in range(len(batch))]
+    results = cs.put_many(batch, compress)
+    assert results[3] is None and results[5] is None and results[20] is None
+    assert results[0] == codec.CODEC_ZSTD and results[1] == codec.CODEC_RAW
+    assert results[2] == codec.CODEC_RAW                         # compress=False: stored raw
+    assert all(r is not None for i, r in enumerate(results[:20]) if i not in (3, 5))
+    assert cs.lease_state()[1] is not None                       # the dedup hit waits for its commit
+    commit(cs, env, content(*[(cid, len(data)) for cid, data in chunks]))
+    cs.cache = type(cs.cache)(cs.cache.max_bytes)
+    for cid, data in chunks:
+        assert cs.get(cid) == data and cs.record(cid).refcount == (2 if cid == old_id else 1)
