@@ -72,6 +72,7 @@ import trio
 from chronicle.errors import Corrupt, NameTooLong, NotADirectory, NotFound, ReadOnly
 from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.gate import MutationGate
+from chronicle.fs.groupsync import GroupSync
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
 from chronicle.store.model import Actor, Attrs
 from chronicle.store.namespace.files import ReadTracker
@@ -136,6 +137,7 @@ class ChronicleOperations(pyfuse3.Operations):
         self.sync_limiter = trio.CapacityLimiter(SYNC_THREADS)
         self.stream_limiter = trio.CapacityLimiter(STREAM_WAIT_THREADS)
         self.job_limiter = trio.CapacityLimiter(1)
+        self.group_sync = GroupSync(store, self.sync_limiter)   # fsyncs arriving together share one sync
         self.gate = MutationGate()
         self.reads = ReadTracker(ws)           # the open turn's read-set (ctl turn-begin/turn-end)
 
@@ -228,8 +230,10 @@ class ChronicleOperations(pyfuse3.Operations):
                 sys.setswitchinterval(previous)
 
     async def sync(self) -> None:
-        """``Store.sync`` in a worker thread under ``sync_limiter``."""
-        await trio.to_thread.run_sync(self.store.sync, limiter=self.sync_limiter)
+        """Make everything committed so far durable: ``Store.sync`` in a worker
+        thread under ``sync_limiter``, shared with the other requests that
+        arrive while one runs (:class:`~chronicle.fs.groupsync.GroupSync`)."""
+        await self.group_sync.sync()
 
     def _lock(self, ino: int) -> trio.Lock:
         lock = self._locks.get(ino)

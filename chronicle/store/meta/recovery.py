@@ -97,17 +97,21 @@ def read_meta_pages(data_file: Path, page_size: int) -> list[MetaPage]:
     return metas
 
 
-def record_synced(meta_dir: Path, txnid: int, page_size: int) -> None:
-    """Write ``synced.json`` for ``txnid`` in ``meta_dir`` (its meta page
+def record_synced(meta_dir: Path, txnid: int, page_size: int, raw: bytes | None = None) -> None:
+    """Write ``synced.json`` for ``txnid`` in ``meta_dir`` (its tree pages
     must be on disk now), atomically (write, fsync, rename, fsync the
-    directory). Raises ``RuntimeError`` if no meta page holds ``txnid``,
-    ``OSError`` from the disk."""
-    data_file = meta_dir / "data.mdb"
-    page = next((m for m in read_meta_pages(data_file, page_size) if m.txnid == txnid), None)
-    if page is None:
+    directory). ``raw``: ``txnid``'s meta page as read when it was the last
+    commit (``Store.sync`` lets commits go on while it flushes, so the page
+    may have been overwritten since); None: read it from ``data.mdb`` now.
+    Raises ``RuntimeError`` if no meta page holds ``txnid``, ``OSError``
+    from the disk."""
+    if raw is None:
+        page = next((m for m in read_meta_pages(meta_dir / "data.mdb", page_size) if m.txnid == txnid), None)
+        raw = page.raw if page is not None else None
+    if raw is None:
         raise RuntimeError(f"no meta page for synced txn {txnid}")
     record = {"txnid": txnid, "boot_id": boot_id(), "page_size": page_size,
-              "meta_page": base64.b64encode(page.raw).decode()}
+              "meta_page": base64.b64encode(raw).decode()}
     tmp = meta_dir / (SYNCED_FILE + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
