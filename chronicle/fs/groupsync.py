@@ -1,7 +1,7 @@
 """Group commit of the mount's durability requests: fsyncs arriving together share one ``Store.sync``.
 
 Vocabulary: a **sync** is one :meth:`chronicle.store.store.Store.sync` (the
-packs and ``data.mdb`` flushed, ``synced.json`` written); a **request** is an
+packs and ``data.mdb`` flushed, ``synced.rec`` written); a **request** is an
 ``fsync``/``fdatasync``/``fsyncdir``, a ctl ``sync`` or the daemon's periodic
 sync, each after committing what it must make durable.
 
@@ -9,7 +9,7 @@ A request is answered once a sync that *started after it arrived* has
 finished: a sync already running when it arrives may have read its txnid
 before the request's commit, so it does not count. Requests arriving while
 a sync runs all wait for it and then share the next one — one sync (one
-fdatasync per pack file, one of ``data.mdb``, one of ``synced.json``) for
+fdatasync per pack file, one of ``data.mdb``, one of ``synced.rec``) for
 the whole group, instead of one per request (PostgreSQL's and ext4's jbd2
 group commit, with the "started after" rule of a ticket lock). Durability
 is unchanged: when a request returns, everything committed before it is as

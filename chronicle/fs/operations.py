@@ -43,8 +43,11 @@ goes to worker threads (``trio.to_thread.run_sync``), each kind under its own
 - ``build_limiter`` (:data:`BUILD_THREADS`) — commit builds: CPU-bound CDC,
   BLAKE3 and zstd, one thread per core;
 - ``sync_limiter`` (:data:`SYNC_THREADS`) — ``Store.sync`` for fsync,
-  fsyncdir, ctl ``sync`` and the daemon's periodic sync: it holds the LMDB
-  writer lock and the store's sync lock, so a second thread would only queue;
+  fsyncdir, ctl ``sync`` and the daemon's periodic sync, through
+  ``group_sync`` (:class:`~chronicle.fs.groupsync.GroupSync`: the requests
+  arriving while a sync runs share the next one); syncs take the store's
+  sync lock, so a second thread would only queue. A sync does not hold the
+  LMDB writer lock while the disk flushes: the loop goes on committing;
 - ``stream_limiter`` (:data:`STREAM_WAIT_THREADS`) — writers waiting for a
   streaming file's backlog to drain (threads that block, not compute);
 - ``job_limiter`` (1) — long ctl commands (``restore --at``) run under the
@@ -120,6 +123,11 @@ class ChronicleOperations(pyfuse3.Operations):
     """
 
     supports_dot_lookup = True
+    # Measured and dropped (README, "Performance of the metadata paths"): with the kernel's
+    # writeback cache, untar and sqlite NORMAL run ~2.3x faster, but the kernel then owns
+    # mtime and sends it as SETATTR(mtime, ctime) when it writes pages back -- the same
+    # request as `touch -m` -- so every written file gains a `utimens` event, and pages the
+    # kernel holds dirty would overwrite what a ctl restore put in place.
     enable_writeback_cache = False
 
     def __init__(self, ws: Workspace, store: Store, *, mountpoint: str = ""):

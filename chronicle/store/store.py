@@ -3,7 +3,7 @@
 Layout of a store directory::
 
     store.json      format version, backend, creation time, shared group (if any)
-    meta/           the LMDB environment (chronicle.store.meta.schema), synced.json
+    meta/           the LMDB environment (chronicle.store.meta.schema), synced.rec
     packs/          pack files (chronicle.store.chunks.packs, kept by backends.local)
     staging/        anonymous staging files of open files (O_TMPFILE)
     run/            locks, mount registrations, open-pack registrations (backends.local)
@@ -18,7 +18,10 @@ with a warning if others could read it.
 
 Durability: metadata commits do not flush the disk; :meth:`Store.sync` does
 (see ``chronicle.store.meta.recovery`` for why that is crash-safe), on fsync, on
-the ``sync`` ctl command, at unmount and every few seconds while dirty.
+the ``sync`` ctl command, at unmount and every few seconds while dirty. A sync
+holds the LMDB writer lock only to read the txnid it makes durable, so commits
+go on while the disk flushes (the mount shares one sync among the fsyncs that
+arrive meanwhile: ``chronicle.fs.groupsync``).
 
 Threads: a Store may be shared by threads; ``sync`` may run in a worker
 while the FUSE loop commits.
@@ -52,7 +55,7 @@ from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import backup, salvage, schema
 from chronicle.store.meta.journal import iso_time
-from chronicle.store.meta.recovery import (SYNCED_FILE, MetaReserve, is_no_space, read_meta_pages, record_synced,
+from chronicle.store.meta.recovery import (SYNCED_RECORD, MetaReserve, is_no_space, read_meta_pages, record_synced,
                                            recover_after_crash, repair_meta_pages)
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
@@ -673,8 +676,8 @@ class Store:
                 finally:
                     txn.abort()
                 _flush_both(self.chunks.sync, lambda: self.env.sync(True))
-                record_synced(self.meta_dir, synced, self._page_size, page)
-                self.modes.fix_path(self.meta_dir / SYNCED_FILE, False)
+                if record_synced(self.meta_dir, synced, self._page_size, page):
+                    self.modes.fix_path(self.meta_dir / SYNCED_RECORD, False)
             except BaseException as exc:
                 new_pin.abort()
                 self._dirty = self._dirty or dirty

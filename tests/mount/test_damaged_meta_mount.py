@@ -46,7 +46,7 @@ def build(path: Path) -> tuple[int, int, dict[bytes, int]]:
     st.close()
     os.replace(path / "compact" / "data.mdb", path / "meta" / "data.mdb")
     (path / "compact").rmdir()
-    (path / "meta" / "synced.json").unlink()
+    (path / "meta" / "synced.rec").unlink()
     return ws_id, d, inos
 
 

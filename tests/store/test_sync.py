@@ -7,6 +7,7 @@ boot (``CHRONICLE_BOOT_ID``) and meta pages on disk newer than the synced one.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 
@@ -14,7 +15,7 @@ import pytest
 
 from chronicle.errors import NotFound
 from chronicle.store.fsck.checks import fsck
-from chronicle.store.meta.recovery import read_meta_pages
+from chronicle.store.meta.recovery import SYNCED_FILE, SYNCED_RECORD, _decode_slot, read_meta_pages, read_synced
 from chronicle.store.store import Store
 from storeutil import read, write
 
@@ -49,8 +50,7 @@ def test_commits_go_on_while_a_sync_flushes_and_a_crash_rolls_back_to_the_sync(t
     st.close()
 
     live = path / "meta" / "data.mdb"
-    assert max(m.txnid for m in read_meta_pages(live, st._page_size)) > \
-        json.loads((path / "meta" / "synced.json").read_text())["txnid"]
+    assert max(m.txnid for m in read_meta_pages(live, st._page_size)) > read_synced(path / "meta").txnid
     monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
     with Store.open(path) as st2:
         ws2 = st2.open_workspace("w")
@@ -76,3 +76,81 @@ def test_syncs_from_several_threads_all_record_what_came_before_them(tmp_path):
     with Store.open(path) as st2:
         assert read(st2.open_workspace("w"), b"f2") == b"x" * 100
         assert fsck(st2).clean
+
+
+# -- the sync record: two slots rewritten in place ---------------------------------------------
+
+
+def _store_synced_twice(path):
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"one", b"first sync")
+    st.sync()
+    first = read_synced(path / "meta")
+    write(ws, ws.root, b"two", b"second sync")
+    st.sync()
+    st.close()
+    return first
+
+
+def test_each_sync_overwrites_the_older_slot(tmp_path):
+    path = tmp_path / "store"
+    first = _store_synced_twice(path)
+    raw = (path / "meta" / SYNCED_RECORD).read_bytes()
+    half = len(raw) // 2
+    txnids = sorted(r.txnid for r in (_decode_slot(raw[:half]), _decode_slot(raw[half:])) if r is not None)
+    newest = read_synced(path / "meta")
+    assert len(txnids) == 2 and txnids[-1] == newest.txnid and txnids[0] >= first.txnid
+    assert not (path / "meta" / SYNCED_FILE).exists()
+
+
+def test_a_slot_torn_by_a_crash_falls_back_to_the_other_sync(tmp_path, monkeypatch):
+    """A crash while the newest record was written: its slot fails its CRC,
+    and recovery rolls back to the sync before it, which is intact."""
+    path = tmp_path / "store"
+    _store_synced_twice(path)
+    meta = path / "meta"
+    newest = read_synced(meta)
+    raw = bytearray((meta / SYNCED_RECORD).read_bytes())
+    half = len(raw) // 2
+    torn = 0 if _decode_slot(bytes(raw[:half])).txnid == newest.txnid else 1
+    raw[torn * half + 100:torn * half + 200] = b"\xff" * 100
+    (meta / SYNCED_RECORD).write_bytes(bytes(raw))
+    assert read_synced(meta).txnid < newest.txnid
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st:
+        ws = st.open_workspace("w")
+        assert read(ws, b"one") == b"first sync"
+        with pytest.raises(NotFound):
+            ws.resolve(b"two")                     # its record was torn: that sync never finished
+        assert fsck(st).clean
+
+
+def test_a_store_synced_by_an_older_version_is_still_recovered(tmp_path, monkeypatch):
+    """Stores written before the slotted record have ``synced.json``; recovery reads it,
+    and the next sync replaces it."""
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"kept", b"synced by an older version")
+    st.sync()
+    record = read_synced(path / "meta")
+    st.close()
+    (path / "meta" / SYNCED_RECORD).unlink()
+    (path / "meta" / SYNCED_FILE).write_text(json.dumps({    # what the older version wrote
+        "txnid": record.txnid, "boot_id": record.boot_id, "page_size": record.page_size,
+        "meta_page": base64.b64encode(record.meta_page).decode()}))
+    st = Store.open(path)
+    ws = st.open_workspace("w", writable=True)
+    write(ws, ws.root, b"lost", b"never synced")
+    st.chunks.flush()
+    st._dirty = False
+    st.close()
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st:
+        ws = st.open_workspace("w", writable=True)
+        assert read(ws, b"kept") == b"synced by an older version"
+        with pytest.raises(NotFound):
+            ws.resolve(b"lost")
+        st.sync()
+    assert (path / "meta" / SYNCED_RECORD).exists() and not (path / "meta" / SYNCED_FILE).exists()
