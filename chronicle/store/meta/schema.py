@@ -62,6 +62,9 @@ prefix and compare the whole paths (``history.paths``, ``journal``).
 Format 2 introduced path keys (format 1 stores failed on paths of 499 bytes
 or more; none were deployed, so there is no migration). Format 3 added
 ``policies`` (a workspace without a record has the default policy).
+Beside the LMDB file, the record of the last sync moved from ``synced.json``
+(rewritten through a rename) to ``synced.rec`` (two CRC'd slots rewritten in
+place, ``meta.recovery.record_synced``); a ``synced.json`` is still read.
 """
 
 from __future__ import annotations
