@@ -62,10 +62,10 @@ def _run(argv: list[str], cwd: Path | None = None) -> None:
     subprocess.run(argv, cwd=cwd, env=GIT_ENV, check=True, capture_output=True, stdin=subprocess.DEVNULL)
 
 
-def _steps(name: str, mnt: Path, cache: Path) -> tuple[Callable[[], None], Callable[[], None]]:
+def _steps(name: str, mnt: Path, cache: Path, sqlite_inserts: int) -> tuple[Callable[[], None], Callable[[], None]]:
     """``(setup, timed)`` of workload ``name`` in a fresh directory under ``mnt``."""
     d = mnt / name
-    cfg = pw.PerfConfig(cache_dir=cache)
+    cfg = pw.PerfConfig(cache_dir=cache, sqlite_inserts=sqlite_inserts)
     if name == "createstat":
         names = [str(d / f"f{i:06d}") for i in range(3000)]
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write <workload>.txt summaries here")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second (default 200)")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--sqlite-inserts", type=int, default=20_000, help="inserts per sqlite mode (default 20000)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     args = p.parse_args(argv)
     names = [w for w in args.workloads.split(",") if w]
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.wait_for_mount(mnt, daemon.pid, timeout=60, log_path=log, log_start=start)
         for name in names:
-            setup, timed = _steps(name, mnt, cache)
+            setup, timed = _steps(name, mnt, cache, args.sqlite_inserts)
             setup()
             raw = run / f"{name}.raw"
             with Recording(pyspy, daemon.pid, raw, args.rate):
