@@ -10,7 +10,6 @@ metadata back to the last recorded sync (``chronicle.store.meta.recovery``).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap

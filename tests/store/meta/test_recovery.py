@@ -11,7 +11,6 @@ The fsck after a crash of a real writer process is
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,8 +20,7 @@ import pytest
 
 from chronicle.errors import NotFound
 from chronicle.store.fsck.checks import fsck
-from chronicle.store.meta.recovery import (SYNCED_FILE, SYNCED_RECORD, boot_id, read_meta_pages, read_synced,
-                                           record_synced, recover_after_crash)
+from chronicle.store.meta.recovery import SYNCED_RECORD, boot_id, read_meta_pages, read_synced, recover_after_crash
 from chronicle.store.store import Store
 from storeutil import read, write
 
