@@ -651,7 +651,7 @@ class Store:
         the disk works (the FUSE loop never waits for a flush): the packs
         (``ChunkStore.sync``: every chunk a commit up to ``T`` refers to was
         written before that commit) and ``data.mdb`` (``mdb_env_sync``) are
-        flushed at the same time, in two threads, then ``synced.json``
+        flushed at the same time, in two threads, then ``synced.rec``
         records ``T`` with its meta page. Commits after ``T`` may reach the
         disk too; after a machine crash recovery rolls back to ``T`` (their
         pages and chunks were not promised), and the pin taken before ``T``
