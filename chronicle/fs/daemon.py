@@ -46,6 +46,7 @@ import trio
 from chronicle import procs
 from chronicle.errors import Busy, NoSpace
 from chronicle.fs.errno_map import set_reclaim
+from chronicle.fs.groupsync import GroupSync
 from chronicle.fs.operations import ChronicleOperations
 from chronicle.store.gc.collect import collect
 from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD
@@ -102,15 +103,16 @@ def mount_options(workspace: str) -> set[str]:
     return options
 
 
-async def _periodic_sync(store: Store, limiter: trio.CapacityLimiter) -> None:
+async def _periodic_sync(store: Store, group: GroupSync) -> None:
     """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin),
-    in a worker thread under ``limiter`` (the adapter's ``sync_limiter``, which
-    fsync and ctl ``sync`` share: one ``Store.sync`` at a time)."""
+    through the adapter's :class:`~chronicle.fs.groupsync.GroupSync`, which
+    fsync and ctl ``sync`` share: one ``Store.sync`` at a time, in a worker
+    thread, and an fsync arriving meanwhile shares the next one."""
     while True:
         await trio.sleep(0.1)
         if store.needs_sync():
             try:
-                await trio.to_thread.run_sync(store.sync, limiter=limiter)
+                await group.sync()
             except Exception:
                 log.exception("periodic sync failed; will retry")
                 await trio.sleep(SYNC_INTERVAL)
@@ -222,7 +224,7 @@ async def _main(ops: ChronicleOperations) -> None:
     collector = _Collector(ops.store, ops.ws.name)
     set_reclaim(collector.reclaim)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_periodic_sync, ops.store, ops.sync_limiter)
+        nursery.start_soon(_periodic_sync, ops.store, ops.group_sync)
         nursery.start_soon(_periodic_backup, ops.store, trio.CapacityLimiter(1))
         nursery.start_soon(collector.background)
         nursery.start_soon(_signals, ops)

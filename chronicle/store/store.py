@@ -3,7 +3,7 @@
 Layout of a store directory::
 
     store.json      format version, backend, creation time, shared group (if any)
-    meta/           the LMDB environment (chronicle.store.meta.schema), synced.json
+    meta/           the LMDB environment (chronicle.store.meta.schema), synced.rec
     packs/          pack files (chronicle.store.chunks.packs, kept by backends.local)
     staging/        anonymous staging files of open files (O_TMPFILE)
     run/            locks, mount registrations, open-pack registrations (backends.local)
@@ -18,7 +18,10 @@ with a warning if others could read it.
 
 Durability: metadata commits do not flush the disk; :meth:`Store.sync` does
 (see ``chronicle.store.meta.recovery`` for why that is crash-safe), on fsync, on
-the ``sync`` ctl command, at unmount and every few seconds while dirty.
+the ``sync`` ctl command, at unmount and every few seconds while dirty. A sync
+holds the LMDB writer lock only to read the txnid it makes durable, so commits
+go on while the disk flushes (the mount shares one sync among the fsyncs that
+arrive meanwhile: ``chronicle.fs.groupsync``).
 
 Threads: a Store may be shared by threads; ``sync`` may run in a worker
 while the FUSE loop commits.
@@ -36,6 +39,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +56,7 @@ from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import backup, compact, salvage, schema
 from chronicle.store.meta.journal import iso_time
-from chronicle.store.meta.recovery import (SYNCED_FILE, MetaReserve, is_no_space, record_synced,
+from chronicle.store.meta.recovery import (SYNCED_RECORD, MetaReserve, is_no_space, read_meta_pages, record_synced,
                                            recover_after_crash, repair_meta_pages)
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
@@ -695,8 +699,19 @@ class Store:
     def sync(self) -> None:
         """Make everything committed so far durable (see ``recovery``).
 
-        Holds the LMDB writer lock while it syncs, so no process commits
-        metadata that refers to pack data not yet synced. Raises
+        Holds the LMDB writer lock only for a moment: to read the last
+        committed txnid ``T`` and its meta page (no commit can come between
+        the two). The disk flushes run without it, so commits go on while
+        the disk works (the FUSE loop never waits for a flush): the packs
+        (``ChunkStore.sync``: every chunk a commit up to ``T`` refers to was
+        written before that commit) and ``data.mdb`` (``mdb_env_sync``) are
+        flushed at the same time, in two threads, then ``synced.rec``
+        records ``T`` with its meta page. Commits after ``T`` may reach the
+        disk too; after a machine crash recovery rolls back to ``T`` (their
+        pages and chunks were not promised), and the pin taken before ``T``
+        keeps ``T``'s pages from being reused until the next sync. Syncs
+        run one at a time (``_sync_lock``); a caller arriving while one
+        runs waits for it and then syncs what came since. Raises
         :class:`NoSpace` on a full disk (the store stays dirty: the next
         sync tries again).
         """
@@ -706,13 +721,17 @@ class Store:
             self._commits_since_sync = 0
             self._last_sync = time.monotonic()
             new_pin = self.env.begin()
-            txn = self.env.begin(write=True)
             try:
-                self.chunks.sync()          # every process's pack data (the backend's business)
-                self.env.sync(True)
-                synced = self.env.info()["last_txnid"]
-                record_synced(self.meta_dir, synced, self._page_size)
-                self.modes.fix_path(self.meta_dir / SYNCED_FILE, False)
+                txn = self.env.begin(write=True)     # no commit between the txnid and its meta page
+                try:
+                    synced = self.env.info()["last_txnid"]
+                    page = next((m.raw for m in read_meta_pages(self.meta_dir / "data.mdb", self._page_size)
+                                 if m.txnid == synced), None)
+                finally:
+                    txn.abort()
+                _flush_both(self.chunks.sync, lambda: self.env.sync(True))
+                if record_synced(self.meta_dir, synced, self._page_size, page):
+                    self.modes.fix_path(self.meta_dir / SYNCED_RECORD, False)
             except BaseException as exc:
                 new_pin.abort()
                 self._dirty = self._dirty or dirty
@@ -720,8 +739,6 @@ class Store:
                 if isinstance(exc, (OSError, lmdb.Error)) and self.no_space(exc):
                     raise NoSpace(f"no space left on the device that holds the store (syncing: {exc})") from exc
                 raise
-            finally:
-                txn.abort()
             old, self._pin = self._pin, new_pin
             self._pin_time = time.monotonic()
             old.abort()
@@ -804,3 +821,25 @@ def _open_files_of(ws: Workspace):
         found = ref()
         return () if found is None else tuple(found.files)
     return open_inodes
+
+
+def _flush_both(first: Callable[[], object], second: Callable[[], object]) -> None:
+    """Run ``first()`` in a helper thread and ``second()`` in this one, at the
+    same time (two fdatasyncs on one disk: the journal commits them
+    together); raises the first exception either raised, after both ended."""
+    errors: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            first()
+        except BaseException as exc:      # handed to the caller below
+            errors.append(exc)
+
+    helper = threading.Thread(target=run_first, name="chronicle-sync-packs", daemon=True)
+    helper.start()
+    try:
+        second()
+    finally:
+        helper.join()
+    if errors:
+        raise errors[0]

@@ -46,7 +46,8 @@ def build(path: Path) -> tuple[int, int, dict[bytes, int]]:
     st.close()
     os.replace(path / "compact" / "data.mdb", path / "meta" / "data.mdb")
     (path / "compact").rmdir()
-    (path / "meta" / "synced.json").unlink(missing_ok=True)      # (the close may have compacted it away)
+    for name in ("synced.rec", "synced.json"):      # (the close may have compacted them away)
+        (path / "meta" / name).unlink(missing_ok=True)
     return ws_id, d, inos
 
 

@@ -48,6 +48,7 @@ import lmdb
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.pages import PageWalk
+from chronicle.store.meta.recovery import forget_synced
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def restore(store_path: Path, reason: str, modes) -> Generation | None:
             kept = meta / "backup" / f"data.mdb.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
             os.replace(meta / "data.mdb", kept)
         os.replace(tmp, meta / "data.mdb")
-        (meta / "synced.json").unlink(missing_ok=True)
+        forget_synced(meta)
         note = {"generation": str(gen.path), "txnid": gen.txnid, "time": gen.time, "heads": gen.heads,
                 "reason": reason, "restored": iso_time(time.time_ns()), "damaged_file": str(kept) if kept else None}
         modes.write_file(meta / RESTORED_FILE, json.dumps(note).encode())

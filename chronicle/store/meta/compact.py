@@ -23,7 +23,7 @@ of a database (a path's next entry, an inode's next record) are about half
 full, and ``mdb_env_copy2``'s compacting copy keeps them as they are (the
 click replay: 3.0 MB copied, 2.0 MB rebuilt). The new file is fsynced and
 put in place with ``os.replace`` (atomic: the old file or the new one), and
-``synced.json`` — a meta page of the old file — is removed: the new file is
+the record of the last sync (``synced.rec``; a meta page of the old file) is removed: the new file is
 durable as a whole, there is nothing to roll back to. Its transaction ids
 continue from the old file's (``recovery.carry_txnid``: the metadata backup
 orders its generations by them). It costs one read and
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import lmdb
 
-from chronicle.store.meta.recovery import SYNCED_FILE, carry_txnid
+from chronicle.store.meta.recovery import carry_txnid, forget_synced
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mod
             os.close(fd)
         after = copy.stat().st_size
         # First the synced state goes (the old file was synced at close: without it nothing is rolled back),
-        # so that a crash can never leave synced.json beside the new file (whose txnids are past it).
-        (meta_dir / SYNCED_FILE).unlink(missing_ok=True)
+        # so that a crash can never leave a sync record beside the new file (whose txnids are past it).
+        forget_synced(meta_dir)
         _fsync_dir(meta_dir)
         os.replace(copy, data)                          # atomic: the old file or the new one
         _fsync_dir(meta_dir)

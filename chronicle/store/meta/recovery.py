@@ -10,9 +10,14 @@ points to: LMDB's docs warn a crash "can corrupt the database".
 The protocol (ours; the LMDB file format is from ``mdb.c``, LMDB 0.9):
 
 1. **Sync** (``Store.sync``: on fsync, the ``sync`` ctl command, unmount, and
-   every few seconds while dirty): fdatasync the packs, then
-   ``mdb_env_sync``, then record in ``meta/synced.json`` the synced txnid,
-   the boot id, and a copy of that txnid's meta page; fsync it.
+   every few seconds while dirty): take the last committed txnid and a copy
+   of its meta page (under the LMDB writer lock, for a moment), fdatasync the
+   packs and ``mdb_env_sync`` (at the same time, without the lock: commits
+   after that txnid may reach the disk too, and step 3 rolls them back),
+   then record in ``meta/synced.rec`` the synced txnid, the boot id, and
+   that meta page (``record_synced``: one of two slots overwritten in place
+   and fdatasync'd; stores written by older versions have ``synced.json``,
+   still read).
 2. **Pin**: each writing process holds a read transaction opened *before*
    its last sync, so its snapshot is at most the synced txnid. LMDB never
    reuses a page freed after the oldest reader's snapshot, so no page of the
@@ -36,10 +41,12 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import json
 import logging
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +54,10 @@ from chronicle.errors import NoSpace
 
 log = logging.getLogger(__name__)
 
-SYNCED_FILE = "synced.json"
+SYNCED_FILE = "synced.json"              # the record as stores before the slotted one kept it (still read)
+SYNCED_RECORD = "synced.rec"             # the record: two slots, rewritten in place (record_synced)
+_SLOT = struct.Struct("<8sQI64s")         # magic, txnid, page size, boot id (NUL-padded); then the page, then a CRC-32
+_SLOT_MAGIC = b"CHRSYNC1"
 LMDB_MAGIC = 0xBEEFC0DE
 _PAGE_HEADER = struct.Struct("<QHH")      # mp_pgno, mp_pad, mp_flags
 _META_MAGIC_AT = 16                       # after the 16-byte page header
@@ -126,30 +136,134 @@ def carry_txnid(data_file: Path, page_size: int, txnid: int) -> int:
     return carried
 
 
-def record_synced(meta_dir: Path, txnid: int, page_size: int) -> None:
-    """Write ``synced.json`` for ``txnid`` in ``meta_dir`` (its meta page
-    must be on disk now), atomically (write, fsync, rename, fsync the
-    directory). Raises ``RuntimeError`` if no meta page holds ``txnid``,
-    ``OSError`` from the disk."""
-    data_file = meta_dir / "data.mdb"
-    page = next((m for m in read_meta_pages(data_file, page_size) if m.txnid == txnid), None)
-    if page is None:
+@dataclass
+class SyncedRecord:
+    """What a sync recorded: the synced ``txnid``, the ``boot_id`` it was
+    taken in, the data file's ``page_size`` and ``meta_page`` (the raw
+    meta page of ``txnid``)."""
+
+    txnid: int
+    boot_id: str
+    page_size: int
+    meta_page: bytes
+
+
+def _slot_size(page_size: int) -> int:
+    return -(-(_SLOT.size + page_size + 4) // 4096) * 4096
+
+
+def _encode_slot(record: SyncedRecord) -> bytes:
+    body = _SLOT.pack(_SLOT_MAGIC, record.txnid, record.page_size, record.boot_id.encode()[:64]) + \
+        record.meta_page
+    body += struct.pack("<I", zlib.crc32(body))
+    return body.ljust(_slot_size(record.page_size), b"\0")
+
+
+def _decode_slot(raw: bytes) -> SyncedRecord | None:
+    """The record in one slot, or None (empty, torn by a crash mid-write, or not a record)."""
+    if len(raw) < _SLOT.size:
+        return None
+    magic, txnid, page_size, boot = _SLOT.unpack_from(raw)
+    end = _SLOT.size + page_size
+    if magic != _SLOT_MAGIC or len(raw) < end + 4 or \
+            struct.unpack_from("<I", raw, end)[0] != zlib.crc32(raw[:end]):
+        return None
+    return SyncedRecord(txnid, boot.rstrip(b"\0").decode(errors="replace"), page_size, raw[_SLOT.size:end])
+
+
+def _read_slots(fd: int) -> list[SyncedRecord | None]:
+    size = os.fstat(fd).st_size // 2
+    if size < _SLOT.size:
+        return [None, None]
+    return [_decode_slot(os.pread(fd, size, k * size)) for k in (0, 1)]
+
+
+def read_synced(meta_dir: Path) -> SyncedRecord | None:
+    """The newest valid record of the last sync in ``meta_dir`` (the slot
+    with the highest txnid of ``synced.rec``, or a ``synced.json`` an older
+    version wrote), or None if there is none. Raises ``OSError``."""
+    found: list[SyncedRecord] = []
+    try:
+        fd = os.open(meta_dir / SYNCED_RECORD, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            found += [r for r in _read_slots(fd) if r is not None]
+        finally:
+            os.close(fd)
+    try:
+        legacy = json.loads((meta_dir / SYNCED_FILE).read_text())
+        found.append(SyncedRecord(int(legacy["txnid"]), str(legacy.get("boot_id")), int(legacy["page_size"]),
+                                  base64.b64decode(legacy["meta_page"])))
+    except FileNotFoundError:
+        pass
+    return max(found, key=lambda r: r.txnid, default=None)
+
+
+def forget_synced(meta_dir: Path) -> None:
+    """Remove the records of past syncs (the data file was replaced: they
+    describe another file). Raises ``OSError``."""
+    for name in (SYNCED_RECORD, SYNCED_FILE):
+        (meta_dir / name).unlink(missing_ok=True)
+
+
+def record_synced(meta_dir: Path, txnid: int, page_size: int, raw: bytes | None = None) -> bool:
+    """Record in ``meta_dir/synced.rec`` that ``txnid`` is synced (its tree
+    pages must be on disk now). ``raw``: ``txnid``'s meta page as read when
+    it was the last commit (``Store.sync`` lets commits go on while it
+    flushes, so the page may have been overwritten since); None: read it
+    from ``data.mdb`` now.
+
+    The file has two slots, each a whole record with a CRC-32; the one with
+    the lower txnid (or none) is overwritten in place and fdatasync'd — one
+    disk flush, where a new file + rename + directory fsync cost three. A
+    crash in the middle tears at most that slot, and the other one (an
+    earlier sync, whose pages the writer's pin still protects) is used. The
+    first time the file is written whole aside, fsync'd and renamed in place
+    (directory fsync'd); an older ``synced.json`` is removed once it is.
+    Writers of several processes take turns (``flock`` of ``meta_dir``). Returns True
+    if the file was created (give it the store's modes). Raises
+    ``RuntimeError`` if no meta page holds ``txnid``, ``OSError`` from the disk."""
+    if raw is None:
+        page = next((m for m in read_meta_pages(meta_dir / "data.mdb", page_size) if m.txnid == txnid), None)
+        raw = page.raw if page is not None else None
+    if raw is None:
         raise RuntimeError(f"no meta page for synced txn {txnid}")
-    record = {"txnid": txnid, "boot_id": boot_id(), "page_size": page_size,
-              "meta_page": base64.b64encode(page.raw).decode()}
-    tmp = meta_dir / (SYNCED_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    path = meta_dir / SYNCED_RECORD
+    size = _slot_size(page_size)
+    slot = _encode_slot(SyncedRecord(txnid, boot_id(), page_size, raw))
+    lock = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
+        fcntl.flock(lock, fcntl.LOCK_EX)                 # writers of several processes take turns
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            try:
+                if os.fstat(fd).st_size == 2 * size:
+                    slots = _read_slots(fd)
+                    target = min((0, 1), key=lambda k: -1 if slots[k] is None else slots[k].txnid)
+                    os.pwrite(fd, slot, target * size)
+                    os.fdatasync(fd)
+                    return False
+            finally:
+                os.close(fd)
+        # First record (or a file of another size): the whole file, written aside and renamed in place.
+        tmp = meta_dir / f"{SYNCED_RECORD}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, slot + b"\0" * size)           # allocated blocks: later writes change no metadata
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        os.fsync(lock)
+        (meta_dir / SYNCED_FILE).unlink(missing_ok=True)
+        return True
     finally:
-        os.close(fd)
-    os.replace(tmp, meta_dir / SYNCED_FILE)
-    dfd = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        os.close(lock)
 
 
 def recover_after_crash(meta_dir: Path) -> int | None:
@@ -158,20 +272,19 @@ def recover_after_crash(meta_dir: Path) -> int | None:
     using it. Returns the number of transactions dropped, or None if nothing
     was done (never synced, the same boot, or nothing newer than the sync).
     Logs a WARNING when it rolls back. Raises ``OSError`` from the disk."""
-    synced_path = meta_dir / SYNCED_FILE
     data_file = meta_dir / "data.mdb"
-    if not synced_path.exists() or not data_file.exists():
+    if not data_file.exists():
         return None
-    record = json.loads(synced_path.read_text())
-    if record.get("boot_id") == boot_id():
+    record = read_synced(meta_dir)
+    if record is None or record.boot_id == boot_id():
         return None
-    page_size = int(record["page_size"])
-    synced = int(record["txnid"])
+    page_size = record.page_size
+    synced = record.txnid
     metas = read_meta_pages(data_file, page_size)
     newest = max((m.txnid for m in metas), default=-1)
     if newest <= synced and len(metas) == 2:
         return None
-    saved = base64.b64decode(record["meta_page"])
+    saved = record.meta_page
     fd = os.open(data_file, os.O_WRONLY | os.O_CLOEXEC)
     try:
         for slot in (0, 1):

@@ -40,7 +40,7 @@ the last process to close the store cleanly, :func:`trust_after_close`:
 what LMDB itself wrote since a sound open is trusted, so only a crash or a
 change from outside LMDB costs a scan) and, if a page is damaged,
 swaps in the salvaged copy (:func:`swap_in`, atomic: the damaged file is
-kept as ``meta/backup/data.mdb.damaged-<time>``, and ``synced.json``, a
+kept as ``meta/backup/data.mdb.damaged-<time>``, and the sync records (``synced.rec``), a
 meta page of the old file, is removed), recording the damaged ranges and
 what was lost in ``meta/salvaged.json``: lookups of names in those ranges
 answer EIO (``meta.tree``), and ``chronicle fsck`` reports it, until
@@ -77,6 +77,7 @@ from chronicle.store.meta import schema
 from chronicle.store.meta.damaged import DamagedRange
 from chronicle.store.meta.journal import iso_time, parse_iso_time, path_text
 from chronicle.store.meta.pages import PageWalk
+from chronicle.store.meta.recovery import forget_synced
 from chronicle.store.meta.schema import (P_ARRIVED, P_CONTENT, P_GONE, ChunkRecord, ContentRecord, PathEntry,
                                          WorkspaceRecord)
 from chronicle.store.meta.tree import TreeView
@@ -159,7 +160,7 @@ def build(walk: PageWalk, work: Path, map_size: int, mode: int = 0o600,
 def swap_in(meta_dir: Path, work: Path) -> Path:
     """Put the data file built in ``work`` in place of ``meta_dir/data.mdb``
     atomically (``os.replace``); the old one is kept as
-    ``meta_dir/backup/data.mdb.damaged-<time>`` and returned; ``synced.json``
+    ``meta_dir/backup/data.mdb.damaged-<time>`` and returned; the sync records
     (a meta page of the old file) and ``work`` are removed. No process may
     have the store open. Raises ``OSError``."""
     backup_dir = meta_dir / "backup"
@@ -167,7 +168,7 @@ def swap_in(meta_dir: Path, work: Path) -> Path:
     backup = backup_dir / f"data.mdb.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
     os.link(meta_dir / "data.mdb", backup)
     os.replace(work / "data.mdb", meta_dir / "data.mdb")     # atomic: the old file or the new one
-    (meta_dir / "synced.json").unlink(missing_ok=True)
+    forget_synced(meta_dir)
     shutil.rmtree(work, ignore_errors=True)
     fd = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:

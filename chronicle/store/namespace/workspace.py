@@ -588,6 +588,9 @@ class Workspace:
         the change (``chmod``, ``chown``, ``utimens``), or none if nothing
         changes (tar re-applies owners). Returns the attributes as
         :meth:`getattr`. Raises :class:`NotFound`."""
+        if self.writable and self._unchanged(ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
+                                             mtime_ns=mtime_ns):
+            return self.getattr(ino)              # no write transaction for a no-op (tar re-applies owners)
         with self.event(actor) as w:
             attrs = self.head_attrs(ino, w.txn)
             changes: dict = {"ctime_ns": w.now_ns}
@@ -622,6 +625,17 @@ class Workspace:
             w.log(event, path, **fields)
         self.files.times_set(ino, mtime=mtime_ns is not None)
         return self.getattr(ino)
+
+    def _unchanged(self, ino: int, *, mode: int | None, uid: int | None, gid: int | None,
+                   atime_ns: int | None, mtime_ns: int | None) -> bool:
+        """True if :meth:`setattr` with these arguments would change nothing
+        (``chown`` to the current owner, as tar does for every file it
+        extracts as root). Raises :class:`NotFound`."""
+        attrs = self.head_attrs(ino)
+        return ((mode is None or stat.S_IFMT(attrs.mode) | (mode & 0o7777) == attrs.mode)
+                and (uid is None or uid == attrs.uid) and (gid is None or gid == attrs.gid)
+                and (atime_ns is None or atime_ns == attrs.atime_ns)
+                and (mtime_ns is None or mtime_ns == attrs.mtime_ns))
 
     def setxattr(self, ino: int, name: bytes, value: bytes, actor: Actor) -> None:
         """Set extended attribute ``name`` (``user.``, ``trusted.``,

@@ -11,7 +11,6 @@ The fsck after a crash of a real writer process is
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 
 from chronicle.errors import NotFound
 from chronicle.store.fsck.checks import fsck
-from chronicle.store.meta.recovery import SYNCED_FILE, boot_id, read_meta_pages, recover_after_crash
+from chronicle.store.meta.recovery import SYNCED_RECORD, boot_id, read_meta_pages, read_synced, recover_after_crash
 from chronicle.store.store import Store
 from storeutil import read, write
 
@@ -61,7 +60,7 @@ def test_after_a_machine_crash_the_metadata_rolls_back_to_the_last_sync(tmp_path
     st.sync()
     st.close()
     disk = (path / "meta" / "data.mdb").read_bytes()      # what the disk holds after the sync
-    synced_record = (path / "meta" / "synced.json").read_bytes()
+    synced_record = (path / "meta" / SYNCED_RECORD).read_bytes()
     st = Store.open(path)
     ws = st.open_workspace("w", writable=True)
     for i in range(50):
@@ -75,7 +74,7 @@ def test_after_a_machine_crash_the_metadata_rolls_back_to_the_last_sync(tmp_path
     crashed = bytearray(disk)   # the disk: the synced pages, plus the newest meta page flushed early
     crashed[newest.slot * page_size:(newest.slot + 1) * page_size] = newest.raw
     live.write_bytes(bytes(crashed))
-    (path / "meta" / "synced.json").write_bytes(synced_record)
+    (path / "meta" / SYNCED_RECORD).write_bytes(synced_record)
     monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
     with Store.open(path) as st:
         ws = st.open_workspace("w")
@@ -91,7 +90,7 @@ def test_the_same_boot_never_rolls_back(tmp_path):
     ws = st.open_workspace("w", writable=True, create=True)
     st.sync()
     write(ws, ws.root, b"unsynced", b"still here")
-    shutil.copy(path / "meta" / "synced.json", tmp_path / "synced.json")
+    shutil.copy(path / "meta" / SYNCED_RECORD, tmp_path / SYNCED_RECORD)
     st.chunks.flush()
     st._dirty = False           # leave without syncing, as a killed process would
     st.close()
@@ -115,10 +114,11 @@ def _synced_store(path):
 
 def test_a_sync_records_the_synced_txnid_boot_and_meta_page(tmp_path):
     meta = _synced_store(tmp_path / "store")
-    record = json.loads((meta / SYNCED_FILE).read_text())
-    assert record["boot_id"] == boot_id()
-    pages = read_meta_pages(meta / "data.mdb", record["page_size"])
-    assert len(pages) == 2 and record["txnid"] == max(p.txnid for p in pages)
+    record = read_synced(meta)
+    assert record.boot_id == boot_id()
+    pages = read_meta_pages(meta / "data.mdb", record.page_size)
+    assert len(pages) == 2 and record.txnid == max(p.txnid for p in pages)
+    assert record.meta_page == max(pages, key=lambda p: p.txnid).raw
 
 
 def test_recovery_does_nothing_without_a_record_or_on_the_same_boot(tmp_path, monkeypatch):

@@ -1,0 +1,156 @@
+"""``Store.sync`` lets commits go on while the disk flushes, and what it
+records is still a state a machine crash can roll back to.
+
+The crash is simulated as in ``tests/store/meta/test_recovery.py``: a later
+boot (``CHRONICLE_BOOT_ID``) and meta pages on disk newer than the synced one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+
+import pytest
+
+from chronicle.errors import NotFound
+from chronicle.store.fsck.checks import fsck
+from chronicle.store.meta.recovery import SYNCED_FILE, SYNCED_RECORD, _decode_slot, read_meta_pages, read_synced
+from chronicle.store.store import Store
+from storeutil import read, write
+
+
+def test_commits_go_on_while_a_sync_flushes_and_a_crash_rolls_back_to_the_sync(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"before", b"committed before the sync began")
+    flushing, go_on = threading.Event(), threading.Event()
+    packs_sync = st.chunks.sync
+
+    def slow_packs_sync() -> None:
+        flushing.set()
+        assert go_on.wait(30), "the commits during the sync did not finish"
+        packs_sync()
+
+    monkeypatch.setattr(st.chunks, "sync", slow_packs_sync)
+    syncer = threading.Thread(target=st.sync)
+    syncer.start()
+    assert flushing.wait(30)
+    # The sync is flushing: commits must not wait for it (it does not hold the LMDB writer lock).
+    # Several of them, so the synced txnid's meta page slot is overwritten meanwhile.
+    for i in range(5):
+        write(ws, ws.root, b"during-%d" % i, b"committed while the disk flushed")
+    go_on.set()
+    syncer.join(30)
+    assert not syncer.is_alive()
+    monkeypatch.setattr(st.chunks, "sync", packs_sync)
+    st.chunks.flush()
+    st._dirty = False               # leave as a crash would: nothing after that sync is synced
+    st.close()
+
+    live = path / "meta" / "data.mdb"
+    assert max(m.txnid for m in read_meta_pages(live, st._page_size)) > read_synced(path / "meta").txnid
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st2:
+        ws2 = st2.open_workspace("w")
+        assert read(ws2, b"before") == b"committed before the sync began"
+        with pytest.raises(NotFound):
+            ws2.resolve(b"during-4")       # not promised by that sync: rolled back
+        assert fsck(st2).clean
+
+
+def test_syncs_from_several_threads_all_record_what_came_before_them(tmp_path):
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    for i in range(3):
+        write(ws, ws.root, b"f%d" % i, b"x" * 100)
+    threads = [threading.Thread(target=st.sync) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not st.dirty
+    st.close()
+    with Store.open(path) as st2:
+        assert read(st2.open_workspace("w"), b"f2") == b"x" * 100
+        assert fsck(st2).clean
+
+
+# -- the sync record: two slots rewritten in place ---------------------------------------------
+
+
+def _store_synced_twice(path):
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"one", b"first sync")
+    st.sync()
+    first = read_synced(path / "meta")
+    write(ws, ws.root, b"two", b"second sync")
+    st.sync()
+    st.close()
+    return first
+
+
+def test_each_sync_overwrites_the_older_slot(tmp_path):
+    path = tmp_path / "store"
+    first = _store_synced_twice(path)
+    raw = (path / "meta" / SYNCED_RECORD).read_bytes()
+    half = len(raw) // 2
+    txnids = sorted(r.txnid for r in (_decode_slot(raw[:half]), _decode_slot(raw[half:])) if r is not None)
+    newest = read_synced(path / "meta")
+    assert len(txnids) == 2 and txnids[-1] == newest.txnid and txnids[0] >= first.txnid
+    assert not (path / "meta" / SYNCED_FILE).exists()
+
+
+def test_a_slot_torn_by_a_crash_falls_back_to_the_other_sync(tmp_path, monkeypatch):
+    """A crash while the newest record was written: its slot fails its CRC,
+    and recovery rolls back to the sync before it, which is intact."""
+    path = tmp_path / "store"
+    _store_synced_twice(path)
+    meta = path / "meta"
+    newest = read_synced(meta)
+    raw = bytearray((meta / SYNCED_RECORD).read_bytes())
+    half = len(raw) // 2
+    torn = 0 if _decode_slot(bytes(raw[:half])).txnid == newest.txnid else 1
+    raw[torn * half + 100:torn * half + 200] = b"\xff" * 100
+    (meta / SYNCED_RECORD).write_bytes(bytes(raw))
+    assert read_synced(meta).txnid < newest.txnid
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st:
+        ws = st.open_workspace("w")
+        assert read(ws, b"one") == b"first sync"
+        with pytest.raises(NotFound):
+            ws.resolve(b"two")                     # its record was torn: that sync never finished
+        assert fsck(st).clean
+
+
+def test_a_store_synced_by_an_older_version_is_still_recovered(tmp_path, monkeypatch):
+    """Stores written before the slotted record have ``synced.json``; recovery reads it,
+    and the next sync replaces it."""
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"kept", b"synced by an older version")
+    st.sync()
+    record = read_synced(path / "meta")
+    st.close()
+    (path / "meta" / SYNCED_RECORD).unlink()
+    (path / "meta" / SYNCED_FILE).write_text(json.dumps({    # what the older version wrote
+        "txnid": record.txnid, "boot_id": record.boot_id, "page_size": record.page_size,
+        "meta_page": base64.b64encode(record.meta_page).decode()}))
+    st = Store.open(path)
+    ws = st.open_workspace("w", writable=True)
+    write(ws, ws.root, b"lost", b"never synced")
+    st.chunks.flush()
+    st._dirty = False
+    st.close()
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st:
+        ws = st.open_workspace("w", writable=True)
+        assert read(ws, b"kept") == b"synced by an older version"
+        with pytest.raises(NotFound):
+            ws.resolve(b"lost")
+        st.sync()
+    assert (path / "meta" / SYNCED_RECORD).exists() and not (path / "meta" / SYNCED_FILE).exists()
