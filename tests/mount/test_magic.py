@@ -13,6 +13,8 @@ change the whole workspace.
 
 from __future__ import annotations
 
+from chronicle.store.chunks.tree import hash_data
+
 import errno
 import json
 import os
@@ -51,7 +53,7 @@ def magic(mount) -> Path:
 
 
 def b3(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
+    return hash_data(data).hex()
 
 
 def query(mount, path: str) -> dict:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import lmdb
 
@@ -167,7 +167,13 @@ class ChunkStore:
         self.writer.sync()
 
     def add_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
-        """Count one more reference from ``content`` to each distinct chunk it uses.
+        """Count one more reference from a flat ``content`` to each distinct chunk it uses
+        (see :meth:`add_chunk_refs`)."""
+        return self.add_chunk_refs(txn, dict.fromkeys(_distinct_ids(content), 1))
+
+    def add_chunk_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int]) -> list[bytes]:
+        """Add ``counts[id]`` references to each chunk (a content's new holders:
+        ``meta.nodes.reference``).
 
         Runs inside the caller's write transaction; pending chunks become index
         entries, and their ids are returned: pass them to :meth:`committed` once
@@ -177,7 +183,7 @@ class ChunkStore:
         inserted = []
         new_raw = new_stored = counted = 0
         revived = False
-        for chunk_id in _distinct_ids(content):
+        for chunk_id in sorted(counts):
             raw = txn.get(chunk_id, db=self._db)
             with self._pending_lock:
                 pending = self._pending.get(chunk_id)
@@ -201,7 +207,7 @@ class ChunkStore:
                 new_raw += record.raw_len
                 new_stored += record.stored_len
                 revived = True
-            record.refcount += 1
+            record.refcount += counts[chunk_id]
             txn.put(chunk_id, record.encode(), db=self._db)
             if revived:
                 counted += 1
@@ -234,19 +240,25 @@ class ChunkStore:
 
     def drop_refs(self, txn: lmdb.Transaction, content: ContentRecord,
                   totals: dict[str, int] | None = None) -> list[bytes]:
-        """Undo :meth:`add_refs` for ``content`` (GC's sweep); returns the ids
+        """Undo :meth:`add_refs` for a flat ``content`` (see :meth:`drop_chunk_refs`)."""
+        return self.drop_chunk_refs(txn, dict.fromkeys(_distinct_ids(content), 1), totals)
+
+    def drop_chunk_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int],
+                        totals: dict[str, int] | None = None) -> list[bytes]:
+        """Drop ``counts[id]`` references from each chunk (GC's sweep, via
+        ``meta.nodes.release``); returns the ids
         whose refcount reached 0 (dead: the running totals count them no more).
         With ``totals`` the running-total deltas are added to that dict
         (name -> delta) for the caller to write once per transaction
         (``add_totals``) instead of being written here."""
         freed = []
         gone_raw = gone_stored = 0
-        for chunk_id in _distinct_ids(content):
+        for chunk_id in sorted(counts):
             raw = txn.get(chunk_id, db=self._db)
             if raw is None:
                 raise Corrupt(f"chunk {to_hex(chunk_id)} is referenced but missing from the index")
             record = ChunkRecord.decode(raw)
-            record.refcount -= 1
+            record.refcount -= counts[chunk_id]
             if record.refcount < 0:
                 raise Corrupt(f"chunk {to_hex(chunk_id)} has a negative refcount")
             txn.put(chunk_id, record.encode(), db=self._db)
