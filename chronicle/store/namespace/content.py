@@ -190,11 +190,17 @@ class ContentMap:
 
     def iter_range(self, start: int, end: int) -> Iterator[bytes | memoryview]:
         """The bytes of ``[start, end)`` as consecutive pieces."""
+        k = min(bisect_right(self._leaf_off, start) - 1, len(self._leaf_refs) - 1)
+        entries, offs = self._leaf(k)
+        j = bisect_right(offs, start) - 1
         pos = start
-        for ext_start, (chunk_id, length, _n) in self.iter_extents(self.extent_index(start)):
-            if pos >= end:
-                break
-            ext_end = ext_start + length
+        while pos < end:
+            if j >= len(entries):
+                k += 1
+                entries, offs = self._leaf(k)
+                j = 0
+            chunk_id = entries[j][0]
+            ext_start, ext_end = offs[j], offs[j + 1]
             take_end = min(end, ext_end)
             if chunk_id == HOLE_ID:
                 n = take_end - pos
@@ -209,6 +215,7 @@ class ContentMap:
                 else:
                     yield memoryview(data)[pos - ext_start:take_end - ext_start]
             pos = take_end
+            j += 1
 
     def allocated_bytes_cached(self) -> int:
         """Bytes not in holes (for ``st_blocks``), computed once."""
@@ -343,6 +350,7 @@ class _Build:
         self.n = self.base.extent_count
         self.force = not self.base.canonical        # a format-3 base: cut its data again, once
         self.spans = overlay.dirty_spans()
+        self.span_ends = [e for _s, e in self.spans]
         self.stats = BuiltContent(b"", None)  # type: ignore[arg-type]
         self.raw_streak = 0          # as in stream.py: stop trying zstd on data it cannot shrink
 
@@ -356,10 +364,10 @@ class _Build:
             return n if self.size > self.kept_limit else None
         pos = base.extent_span(i)[0]
         found = n
-        for s, e in self.spans:
-            if e > pos:
-                found = base.extent_index(max(s, pos)) if max(s, pos) < base.size else n
-                break
+        k = bisect_right(self.span_ends, pos)          # the first span that ends after pos
+        if k < len(self.spans):
+            s = max(self.spans[k][0], pos)
+            found = base.extent_index(s) if s < base.size else n
         if self.kept_limit < base.size:
             found = min(found, base.extent_index(self.kept_limit))
         if found == n and self.size <= self.kept_limit and self.kept_limit >= base.size:
@@ -369,12 +377,11 @@ class _Build:
     def layout(self, first: int) -> Iterator[_Item]:
         """The new file from old extent ``first`` on (items: see ``_Item``)."""
         base, spans, kept_limit = self.base, self.spans, self.kept_limit
-        si = 0
-        for s, (cid, length, _n) in base.iter_extents(first):
+        si = bisect_right(self.span_ends, base.extent_span(first)[0]) if first < self.n else len(spans)
+        for i, (s, (cid, length, _n)) in enumerate(base.iter_extents(first), first):
             e = s + length
             if s >= kept_limit:
                 break
-            i = base.extent_index(s)
             while si < len(spans) and spans[si][1] <= s:
                 si += 1
             touched = e > kept_limit or (si < len(spans) and spans[si][0] < e) or (self.force and cid != HOLE_ID)

@@ -73,6 +73,7 @@ class OverlayModel(RuleBasedStateMachine):
         self.overlay.write(len(self.model), data)
         self.model += data
         self.unwritten += bytes(n)
+        self._written(len(self.model) - n, n)
 
     @rule(off=st.integers(0, MAX), n=st.integers(1, 70_000))
     def write_anywhere(self, off, n):
@@ -83,7 +84,8 @@ class OverlayModel(RuleBasedStateMachine):
             self.unwritten += b"\x01" * (off - len(self.model))
             self.model += bytes(off - len(self.model))
         self.model[off:off + n] = data
-        self.unwritten[off:off + n] = bytes(n)
+        self.unwritten += bytes(len(self.model) - len(self.unwritten))
+        self._written(off, n)
 
     @rule(size=st.integers(0, MAX))
     def truncate(self, size):
@@ -102,7 +104,12 @@ class OverlayModel(RuleBasedStateMachine):
         self.overlay.punch_hole(off, n)
         end = min(off + n, len(self.model))
         self.model[off:end] = bytes(end - off)
-        self.unwritten[off:end] = bytes(end - off)
+        self._written(off, end - off)
+
+    def _written(self, off: int, n: int) -> None:
+        """A write marks the whole pages it touches as data (materialized pages, staging blocks)."""
+        lo, hi = off // 4096 * 4096, min(len(self.unwritten), -(-(off + n) // 4096) * 4096)
+        self.unwritten[lo:hi] = bytes(hi - lo)
 
     def holes(self) -> list[tuple[int, int]]:
         """Never-written runs, page-aligned inward, of at least MIN_HOLE bytes (``chunks.tree``)."""
