@@ -532,11 +532,11 @@ class _Checker(TreeChecks, NodeChecks):
             return
         self.content_refcounts[content_id] = rec.refcount
         if rec.is_tree:
+            for key in {e[0] for e in rec.root}:
+                self.node_uses[key] += 1          # held even when the tree below is damaged
             extents = self._tree_extents(content_id, rec)
             if extents is None:
                 return
-            for key in {e[0] for e in rec.root}:
-                self.node_uses[key] += 1
         else:
             extents = [(rec.ids[i * ID_SIZE:(i + 1) * ID_SIZE], n) for i, n in enumerate(rec.lengths)]
             for chunk_id in _distinct_ids(rec):
