@@ -49,6 +49,7 @@ if TYPE_CHECKING:               # staging.py builds contents with this module: a
 # RAW_STREAK-th is tried (incompressible data: media, archives, random bytes).
 RAW_STREAK = 16
 _ZEROS = bytes(1 << 20)
+_FLAT_LEAF = 1024               # extents of a flat record decoded at a time
 READAHEAD = 8 * 1024 * 1024
 
 __all__ = ["MIN_HOLE", "BuiltContent", "ContentMap", "build_content", "finish_content"]
@@ -83,12 +84,17 @@ class ContentMap:
             self._leaf_off = list(accumulate((r[1] for r in self._leaf_refs), initial=0))
             self._leaf_first = [0] + self.ends[0]
         else:
-            entries = [(record.ids[i * ID_SIZE:(i + 1) * ID_SIZE], n, 1) for i, n in enumerate(record.lengths)]
-            self.levels, self.ends = [entries], []
-            self._leaf_refs = [(b"", record.size, len(entries))]
-            self._leaf_off = [0, record.size]
-            self._leaf_first = [0, len(entries)]
-            self._leaves[0] = (entries, list(accumulate((e[1] for e in entries), initial=0)))
+            # A flat record (small, or format 3, or a stream's provisional base) is read in
+            # pseudo-leaves of _FLAT_LEAF extents, made when first needed.
+            n = len(record.lengths)
+            self.levels, self.ends = [], []
+            self._leaf_first = list(range(0, n, _FLAT_LEAF)) + [n]
+            offsets = record.offsets()
+            self._leaf_off = [offsets[i] for i in self._leaf_first] if n else [0, 0]
+            if not n:
+                self._leaf_first = [0, 0]
+            self._leaf_refs = [(b"", self._leaf_off[k + 1] - self._leaf_off[k], 0)
+                               for k in range(len(self._leaf_first) - 1)]
         self._allocated: int | None = None
         self._next_read = -1          # where a sequential reader would read next
         self._prefetched = 0          # extents up to this index have been prefetched
@@ -122,6 +128,15 @@ class ContentMap:
         """Leaf ``k``'s extents and their absolute start offsets (plus the end)."""
         hit = self._leaves.get(k)
         if hit is not None:
+            return hit
+        if not self.record.height:
+            ids, lengths = self.record.ids, self.record.lengths
+            first, last = self._leaf_first[k], self._leaf_first[k + 1]
+            entries = [(ids[i * ID_SIZE:(i + 1) * ID_SIZE], lengths[i], 1) for i in range(first, last)]
+            hit = (entries, list(accumulate((e[1] for e in entries), initial=self._leaf_off[k])))
+            self._leaves[k] = hit
+            if len(self._leaves) > 64:
+                self._leaves.popitem(last=False)
             return hit
         height, entries = self._nodes.get(self._leaf_refs[k][0])
         if height != 1:

@@ -156,3 +156,16 @@ def test_an_append_to_a_big_file_rebuilds_one_leaf_and_is_the_hash_of_the_bytes(
     assert built.new_chunks <= 2 and len(set(built.nodes) - set(first.nodes)) <= 2
     assert ContentMap(built.id, built.record, store.chunks).read(0, 4 << 20) == data + b"appended"
     overlay.close()
+
+
+def test_a_long_flat_extent_list_reads_in_pieces_as_a_tree_does(store):
+    """A format-3 record of thousands of extents is decoded 1,024 extents at a time, not all at open."""
+    rng = random.Random(5)
+    pieces = [5000 if i % 97 == 5 else rng.randbytes(rng.randint(1, 3000)) for i in range(3000)]
+    cm, model = content_of(store, pieces)
+    assert cm.extent_count == 3000 and len(cm._leaves) == 0          # nothing decoded yet
+    for _ in range(500):
+        offset, size = rng.randrange(len(model)), rng.randint(1, 20000)
+        assert cm.read(offset, size) == model[offset:offset + size]
+    assert cm.read(0, len(model)) == model
+    assert cm.allocated_bytes_cached() == len(model) - 5000 * sum(1 for p in pieces if isinstance(p, int))
