@@ -8,7 +8,7 @@ out (they never run). Then:
 - there is no import cycle among the project's modules;
 - ``chronicle.store`` never imports pyfuse3, trio, aiohttp, ``chronicle.fs``,
   the CLI or ``agent_runtime`` (it is plain synchronous code);
-- the bottom of the chunk room (ids, codec, chunker, backends) never imports
+- the bottom of the chunk room (ids, codec, chunker, tree, backends) never imports
   the metadata, namespace, history or fsck rooms;
 - ``chronicle.fs`` never imports ``agent_runtime``; ``agent_runtime`` never
   imports ``chronicle.fs``;
@@ -157,6 +157,9 @@ def _violations(importer_prefix: str, forbidden: tuple[str, ...]) -> list[str]:
                                       "chronicle.store.history", "chronicle.store.fsck", "lmdb")),
     ("chronicle.store.chunks.chunker", ("chronicle.store.meta", "chronicle.store.namespace",
                                         "chronicle.store.history", "chronicle.store.fsck", "lmdb")),
+    # tools/receipt.py and ``chronicle hash`` import the tree hash alone: no metadata, no LMDB.
+    ("chronicle.store.chunks.tree", ("chronicle.store.meta", "chronicle.store.namespace",
+                                     "chronicle.store.history", "chronicle.store.fsck", "lmdb")),
     ("chronicle.store.chunks.backends", ("chronicle.store.meta", "chronicle.store.namespace",
                                          "chronicle.store.history", "chronicle.store.fsck", "lmdb")),
     ("chronicle.store.model", ("lmdb", "chronicle.store.meta", "chronicle.store.namespace")),

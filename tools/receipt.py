@@ -10,15 +10,18 @@ error for a DIR that cannot be read.
 The construction (README "Receipts", ``chronicle/store/history/receipts.py``):
 a directory's hash is ``BLAKE3(b"chronicle-receipt-v1 dir\\n" || entries)``,
 its entries sorted by name bytes, each ``u32be(len(name)) || name || kind ||
-u32be(mode) || digest``: ``f``, ``st_mode & 0o7777``, BLAKE3(content) for a
-regular file; ``d``, ``st_mode & 0o7777``, its directory hash for a
+u32be(mode) || digest``: ``f``, ``st_mode & 0o7777``, the file's dense content
+hash for a regular file (Chronicle's tree hash over BLAKE3 chunk ids, holes
+read as zeros: what ``chronicle hash --dense FILE`` prints,
+``chronicle.store.chunks.tree.hash_file``); ``d``, ``st_mode & 0o7777``, its directory hash for a
 directory; ``l``, 0, BLAKE3(target) for a symlink; ``o``, ``st_mode``,
 BLAKE3(u64be(st_rdev)) for anything else. The root is DIR's own directory
 hash (DIR's mode is not in it). Symlinks are never followed; ``.chronicle``
 at the top (a mount's magic directory, which ``readdir`` never lists) is
 skipped if present.
 
-Needs only the standard library and the ``blake3`` package (PyPI).
+Needs the ``blake3`` and ``pyfastcdc`` packages (PyPI) and this repository's
+``chronicle`` package (found next to this file if it is not installed).
 """
 
 from __future__ import annotations
@@ -31,8 +34,13 @@ import sys
 
 import blake3
 
+try:
+    from chronicle.store.chunks.tree import hash_file
+except ImportError:                 # run from a checkout of the repository: use its package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from chronicle.store.chunks.tree import hash_file
+
 DIR_DOMAIN = b"chronicle-receipt-v1 dir\n"
-PIECE = 1 << 20
 
 
 def entry(name: bytes, kind: bytes, mode: int, digest: bytes) -> bytes:
@@ -40,13 +48,8 @@ def entry(name: bytes, kind: bytes, mode: int, digest: bytes) -> bytes:
 
 
 def file_digest(path: bytes) -> bytes:
-    hasher = blake3.blake3()
-    with open(path, "rb") as f:
-        while True:
-            piece = f.read(PIECE)
-            if not piece:
-                return hasher.digest()
-            hasher.update(piece)
+    """The content hash Chronicle gives the file's bytes, read densely (``chronicle hash --dense``)."""
+    return hash_file(path, dense=True)
 
 
 def tree(root: bytes) -> dict:

@@ -18,7 +18,7 @@ one line ``chronicle: internal error: ...`` and exit 1 (a traceback only with
 Layout: :mod:`~chronicle.cli.app` holds the group, its error handling and the
 shared options and printing helpers; the commands are in
 :mod:`~chronicle.cli.mounts` (init, mount, umount, workspaces, ui),
-:mod:`~chronicle.cli.history` (log, show/cat, diff, blame, grep),
+:mod:`~chronicle.cli.history` (log, show/cat, diff, blame, grep, hash),
 :mod:`~chronicle.cli.points` (receipt, restore, snapshot, snapshots, fork) and
 :mod:`~chronicle.cli.store_cmds` (policy, gc, fsck, stats), each registering
 on :data:`cli` when imported; ``chronicle agent ...`` is

@@ -1,4 +1,5 @@
-"""Reading history: ``log``, ``show`` (alias ``cat``), ``diff``, ``blame``, ``grep``.
+"""Reading history: ``log``, ``show`` (alias ``cat``), ``diff``, ``blame``, ``grep``;
+and ``hash`` (the content hash Chronicle gives a file's bytes, like ``b3sum``).
 
 All answer from ``store/history/views.py`` and ``points.py`` (as the
 ``.chronicle/`` tree does), opening the store without a writer lock.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import stat
+import sys
 
 import click
 
@@ -18,6 +22,7 @@ from chronicle.store.history import points, search
 from chronicle.store.history.access import invoking_user
 from chronicle.store.history.blame import blame as blame_of
 from chronicle.store.history.points import TurnLabel
+from chronicle.store.chunks.tree import hash_data, hash_file
 from chronicle.store.history.views import HistoryViews, split_version
 from chronicle.store.store import Store
 from chronicle.ui.data import as_text         # the web timeline's test of text vs binary, shared
@@ -231,3 +236,26 @@ def grep(ctx, pattern, paths, history, since, until, turn, store_opt, ws_opt, as
                        + "\n").encode() if as_json else line_bytes(f"{shown}:{m.line}:{text}"))
     if not found:
         ctx.exit(1)
+
+
+@cli.command("hash")
+@click.argument("files", metavar="FILE...", nargs=-1, required=True)
+@click.option("--dense", is_flag=True, help="Count no holes (the file digest of receipts).")
+def hash_cmd(files: tuple[str, ...], dense: bool) -> None:
+    """Print the hash each FILE would have in Chronicle (``-``: standard input).
+
+    One line per file, ``HASH  FILE`` as ``b3sum`` prints: Chronicle's content
+    hash is a tree hash over the BLAKE3 ids of the file's chunks, not the
+    BLAKE3 of the whole file (README "Differences from SPEC.md"). A sparse
+    file's holes of 64 KiB or more count as holes, as Chronicle stores them
+    (``--dense``: they do not). Needs no store.
+    """
+    for name in files:
+        if name == "-":
+            digest = hash_data(sys.stdin.buffer.read())
+        else:
+            st = os.stat(name)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(f"{name!r} is not a regular file")
+            digest = hash_file(name, dense=dense)
+        click.echo(f"{digest.hex()}  {name}")

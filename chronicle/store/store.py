@@ -58,6 +58,7 @@ from chronicle.store.meta import backup, compact, salvage, schema
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.recovery import (SYNCED_RECORD, MetaReserve, is_no_space, read_meta_pages, record_synced,
                                            recover_after_crash, repair_meta_pages)
+from chronicle.store.meta.nodes import NodeStore
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
 from chronicle.store.modes import PRIVATE, SUBDIRS, StoreModes, tighten
@@ -116,6 +117,8 @@ class Store:
         self.packs_dir = path / "packs"
         backend = LocalBackend(path, file_mode=self.modes.file_mode, dir_mode=self.modes.dir_mode)
         self.chunks = ChunkStore(env, dbs["chunks"], backend, meta_db=dbs["meta"])
+        self.nodes = NodeStore(env, dbs["content_nodes"])     # extent-tree nodes (format 4)
+        self.chunks.nodes = self.nodes                        # ContentMap and build_content read trees through it
         # what this process uses, for GC in other processes (gc.leases)
         self.lease = Lease(self.run_dir, self.chunks.lease_state, self.modes)
         self.chunks.announce = self.lease.announce
@@ -219,7 +222,8 @@ class Store:
             config = json.loads((path / STORE_FILE).read_text())
         except (OSError, ValueError) as exc:
             raise StoreError(f"cannot read {path / STORE_FILE}: {exc}") from None
-        if config.get("format") != schema.FORMAT_VERSION:
+        old_format = config.get("format") if config.get("format") in schema.OLD_FORMATS else None
+        if config.get("format") != schema.FORMAT_VERSION and old_format is None:
             raise StoreError(f"store format {config.get('format')} is not supported (expected {schema.FORMAT_VERSION})")
         modes = StoreModes.of(config)
         for sub in SUBDIRS:
@@ -257,6 +261,8 @@ class Store:
                              f"backup in {path / backup.BACKUP_DIR} could be used)") from None
         fcntl.flock(open_lock, fcntl.LOCK_SH)
         store = cls(path, env, dbs, config)
+        if old_format is not None:
+            store._upgrade_format()
         store.tighten_modes(warn=True)
         store._open_lock = open_lock
         store._meta_sound = sound
@@ -278,6 +284,25 @@ class Store:
         except lmdb.Error:
             env.close()
             raise
+
+    def _upgrade_format(self) -> None:
+        """Upgrade a format-3 store to :data:`schema.FORMAT_VERSION` in place
+        (README "Differences from SPEC.md"): format 4 adds the
+        ``content_nodes`` database (made when the environment opened) and new
+        content-record flags; format-3 content records stay readable and keep
+        their ids. The receipts and their sums made in format 3 are dropped
+        (their file digests were whole-file BLAKE3s: ``history.receipts``).
+        The LMDB side commits and syncs before ``store.json`` says 4, so a
+        crash in between upgrades again on the next open."""
+        old = self.config.get("format")
+        with self.env.begin(write=True) as txn:
+            for name in ("receipts", "receipt_dirs", "receipt_entries", "receipt_hashes"):
+                txn.drop(self.dbs[name], delete=False)
+            txn.put(schema.META_FORMAT, str(schema.FORMAT_VERSION).encode(), db=self.dbs["meta"])
+        self.env.sync(True)
+        self.config = dict(self.config, format=schema.FORMAT_VERSION)
+        self.modes.write_file(self.path / STORE_FILE, (json.dumps(self.config, indent=2) + "\n").encode())
+        log.info("upgraded the store at %s from format %s to %s", self.path, old, schema.FORMAT_VERSION)
 
     def tighten_modes(self, *, warn: bool = False) -> int:
         """Put every directory and file of the store to its modes

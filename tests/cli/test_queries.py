@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import blake3
 import pytest
 
+from chronicle.store.chunks.tree import hash_data
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.store import Store
 from test_cli import ACTOR, fails, run, write
@@ -64,3 +66,16 @@ def test_log_changed_in(runner, store):
     fails(runner, "log", "--store", store, "--changed-in", "planner:2", code=1, match="no turn 2")
     fails(runner, "log", "--store", store, "--changed-in", "planner", code=2)
     fails(runner, "log", "--store", store, "--changed-in", "planner:1", "doc.txt", code=2)
+
+
+def test_hash_prints_the_hash_a_file_has_in_chronicle(runner, store, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\nTWO\nthree\n")
+    big = bytes(range(256)) * 20_000                               # several chunks
+    (tmp_path / "big").write_bytes(big)
+    out = run(runner, "hash", "a.txt", "big").stdout.splitlines()
+    versions = json.loads(run(runner, "log", "--store", store, "--json", "doc.txt").stdout)["versions"]
+    doc = [v for v in versions if v.get("hash")][-1]
+    assert out[0] == f"{doc['hash']}  a.txt"                      # what log shows for the same bytes
+    assert out[1] == f"{hash_data(big).hex()}  big" and hash_data(big) != blake3.blake3(big).digest()
+    fails(runner, "hash", "missing", code=1, match="No such file")
+    fails(runner, "hash", ".", match="not a regular file")

@@ -19,6 +19,8 @@ Also the CLI's own lifecycle: ``chronicle mount`` returns once mounted,
 
 from __future__ import annotations
 
+from chronicle.store.chunks.tree import hash_data
+
 import errno
 import json
 import os
@@ -29,7 +31,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import blake3
 import pytest
 from fsutil import payload
 
@@ -103,7 +104,7 @@ def test_data_survives_kill_9_and_the_workspace_mounts_again(mount_factory, dura
     assert (root / "dir" / "early.txt").read_bytes() == b"v2\n"
     assert query(root, "dir/early.txt") == history
     versions = [e for e in query(root, "dir/data.bin")["versions"] if e["event"] == "write"]
-    assert [(e["version"], e["size"], e["hash"]) for e in versions] == [(1, len(data), blake3.blake3(data).hexdigest())]
+    assert [(e["version"], e["size"], e["hash"]) for e in versions] == [(1, len(data), hash_data(data).hex())]
     # The remounted workspace takes new writes as usual.
     (root / "dir" / "early.txt").write_bytes(b"v3\n")
     assert [e["version"] for e in query(root, "dir/early.txt")["versions"] if e["event"] == "write"] == [1, 2, 3]

@@ -13,6 +13,8 @@ change the whole workspace.
 
 from __future__ import annotations
 
+from chronicle.store.chunks.tree import hash_data
+
 import errno
 import json
 import os
@@ -25,7 +27,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import blake3
 import pytest
 from fsutil import errname, payload, snapshot, tree_diff
 
@@ -51,7 +52,7 @@ def magic(mount) -> Path:
 
 
 def b3(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
+    return hash_data(data).hex()
 
 
 def query(mount, path: str) -> dict:

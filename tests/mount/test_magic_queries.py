@@ -4,11 +4,12 @@ prefix; an unknown hash ENOENT, a bad one EINVAL), what a turn wrote."""
 
 from __future__ import annotations
 
+from chronicle.store.chunks.tree import hash_data
+
 import errno
 import json
 import os
 
-import blake3
 import pytest
 
 from test_magic import Ctl, magic
@@ -46,7 +47,7 @@ def test_blame_hash_and_turns_through_the_mount(mount):
         (1, 1, "d/old.txt", "one"), (2, 2, "d/new.txt", "TWO"), (3, 2, "d/new.txt", "three")]
     assert records[1]["turn"]["agent"] == "alice" and records[0]["turn"] is None
 
-    full = blake3.blake3(b"one\nTWO\nthree\n").hexdigest()
+    full = hash_data(b"one\nTWO\nthree\n").hex()
     doc = json.loads((m / "hash" / full[:8]).read_bytes())
     assert doc["hash"] == full
     assert [(v["path"], v["version"]) for v in doc["versions"]] == [("d/new.txt", 2)]

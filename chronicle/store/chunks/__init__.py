@@ -17,6 +17,11 @@ Vocabulary:
   written once (created, appended, closed), read by byte range, listed by
   prefix, deleted, made durable (``backends``: the protocol in
   ``backends.base``, the local directory in ``backends.local``).
+- **extent tree** and **content hash** — a file's extent list as a
+  persistent Merkle tree of nodes with content-defined boundaries, and the
+  file's hash as its root (``tree``: pure functions, no LMDB; the nodes live
+  in ``meta.nodes``), with the canonical chunking that makes the hash a
+  function of the bytes (``tree.hash_file``, ``chronicle hash``).
 - **chunk index** — LMDB ``chunks``: chunk id -> (pack, offset, length,
   codec, **refcount**, base of a delta); ``index.ChunkStore`` puts and gets
   chunks through it and a cache of decoded chunks. A live delta holds one
@@ -24,7 +29,7 @@ Vocabulary:
 
 Layers, each importing only those before it (restic's DAG)::
 
-    ids -> codec -> chunker -> backends (base, local) -> packs -> index
+    ids -> codec -> chunker -> tree -> backends (base, local) -> packs -> index
 
 The format is kept apart from the place so that a second backend (S3,
 issue 10) stores the same packs without knowing their records, and GC

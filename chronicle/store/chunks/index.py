@@ -59,7 +59,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import lmdb
 
@@ -295,7 +295,13 @@ class ChunkStore:
         self.writer.sync()
 
     def add_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
-        """Count one more reference from ``content`` to each distinct chunk it uses.
+        """Count one more reference from a flat ``content`` to each distinct chunk it uses
+        (see :meth:`add_chunk_refs`)."""
+        return self.add_chunk_refs(txn, dict.fromkeys(_distinct_ids(content), 1))
+
+    def add_chunk_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int]) -> list[bytes]:
+        """Add ``counts[id]`` references to each chunk (a content's new holders:
+        ``meta.nodes.reference``).
 
         Runs inside the caller's write transaction; pending chunks become index
         entries, and their ids are returned: pass them to :meth:`committed` once
@@ -306,7 +312,7 @@ class ChunkStore:
         """
         inserted = []
         came_back = [0, 0, 0]         # raw bytes, stored bytes, chunks counted again in the totals
-        for chunk_id in _distinct_ids(content):
+        for chunk_id in sorted(counts):
             raw = txn.get(chunk_id, db=self._db)
             with self._pending_lock:
                 pending = self._pending.get(chunk_id)
@@ -330,7 +336,7 @@ class ChunkStore:
                 if record.base is not None:
                     with self._pending_lock:
                         self._hits.pop(record.base, None)
-            record.refcount += 1
+            record.refcount += counts[chunk_id]
             txn.put(chunk_id, record.encode(), db=self._db)
             if revived:
                 _count(came_back, record)
@@ -382,16 +388,22 @@ class ChunkStore:
 
     def drop_refs(self, txn: lmdb.Transaction, content: ContentRecord,
                   totals: dict[str, int] | None = None) -> list[bytes]:
-        """Undo :meth:`add_refs` for ``content`` (GC's sweep); returns the ids
-        whose refcount reached 0 (dead: the running totals count them no more),
-        the bases of delta chunks that died with them included (module
-        docstring). With ``totals`` the running-total deltas are added to that
-        dict (name -> delta) for the caller to write once per transaction
-        (``add_totals``) instead of being written here."""
+        """Undo :meth:`add_refs` for a flat ``content`` (see :meth:`drop_chunk_refs`)."""
+        return self.drop_chunk_refs(txn, dict.fromkeys(_distinct_ids(content), 1), totals)
+
+    def drop_chunk_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int],
+                        totals: dict[str, int] | None = None) -> list[bytes]:
+        """Drop ``counts[id]`` references from each chunk (GC's sweep, via
+        ``meta.nodes.release``); returns the ids whose refcount reached 0
+        (dead: the running totals count them no more), the bases of delta
+        chunks that died with them included (module docstring). With
+        ``totals`` the running-total deltas are added to that dict (name ->
+        delta) for the caller to write once per transaction (``add_totals``)
+        instead of being written here."""
         freed: list[bytes] = []
         gone = [0, 0, 0]
-        for chunk_id in _distinct_ids(content):
-            self._release(txn, chunk_id, freed, gone)
+        for chunk_id in sorted(counts):
+            self._release(txn, chunk_id, freed, gone, counts[chunk_id])
         if freed and totals is not None:
             for name, delta in (("unique_bytes", -gone[0]), ("stored_bytes", -gone[1]), ("chunks", -gone[2])):
                 totals[name] = totals.get(name, 0) + delta
@@ -399,14 +411,16 @@ class ChunkStore:
             add_totals(txn, self._meta_db, unique_bytes=-gone[0], stored_bytes=-gone[1], chunks=-gone[2])
         return freed
 
-    def _release(self, txn: lmdb.Transaction, chunk_id: bytes, freed: list[bytes], gone: list[int]) -> None:
-        """One reference less on ``chunk_id``; a delta that dies releases its base (cascading)."""
+    def _release(self, txn: lmdb.Transaction, chunk_id: bytes, freed: list[bytes], gone: list[int],
+                 n: int = 1) -> None:
+        """``n`` references less on ``chunk_id``; a delta that dies releases its base (one reference, cascading)."""
         for _depth in range(MAX_DELTA_DEPTH + 2):
             raw = txn.get(chunk_id, db=self._db)
             if raw is None:
                 raise Corrupt(f"chunk {to_hex(chunk_id)} is referenced but missing from the index")
             record = ChunkRecord.decode(raw)
-            record.refcount -= 1
+            record.refcount -= n
+            n = 1                                     # a dead delta gives back one reference on its base
             if record.refcount < 0:
                 raise Corrupt(f"chunk {to_hex(chunk_id)} has a negative refcount")
             txn.put(chunk_id, record.encode(), db=self._db)

@@ -114,6 +114,7 @@ class TreeChecks:
                              "has no record", workspace=rec.name, ino=rec.root)
         has_content = self.content_refcounts.keys() | self.bad_contents
         lost_contents = {c for users in self.lost_users.values() for c in users}
+        lost_contents |= {c for users in self.lost_node_users.values() for c in users}
         self.recorded_contents: set[tuple[int, int, bytes]] = set()    # (ws, ino, content) of path entries
         self.entry_contents: dict[tuple[int, int, int], bytes] = {}     # (ws, ino, seq) -> content of path entries
         for key, value in self.items("paths"):

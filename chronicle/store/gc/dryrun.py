@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from chronicle.errors import NotFound
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, ID_SIZE
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID
 from chronicle.store.gc.leases import DeletedFiles, LeaseInfo, read_leases
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
 from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry_fields, dead_record,
                                       dead_record_goes, keys_to_prune)
-from chronicle.store.meta import schema
+from chronicle.store.meta import nodes, schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, ContentRecord, PathEntry,
                                         WorkspaceRecord)
@@ -352,6 +352,8 @@ def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadl
     (content id -> references) — with those already at 0 — and the chunks
     that only they use: what the sweep frees (``sweep``)."""
     chunk_drops: dict[bytes, int] = {}
+    node_drops: dict[bytes, int] = {}
+    work: list[bytes] = []
     contents = 0
     with txn.cursor(db=store.dbs["contents"]) as cur:
         for n, (key, raw) in enumerate(cur):
@@ -364,10 +366,25 @@ def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadl
                 continue
             contents += 1
             record = ContentRecord.decode(raw)
-            ids = {record.ids[i:i + ID_SIZE] for i in range(0, len(record.ids), ID_SIZE)}
-            ids.discard(HOLE_ID)
-            for chunk_id in ids:
-                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+            level, held = nodes.root_entries(record)
+            if level == 0:
+                for chunk_id in held:
+                    chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+            else:
+                work.extend(held)
+    while work:                   # as the sweep's cascade: a node whose last holder goes is freed too
+        key = work.pop()
+        node_drops[key] = node_drops.get(key, 0) + 1
+        raw = txn.get(key, db=store.dbs["content_nodes"])
+        if raw is None or node_drops[key] != schema.node_refcount(raw):
+            continue
+        _rc, height, entries = schema.decode_node(bytes(raw))
+        children = {e[0] for e in entries} - {HOLE_ID}
+        if height > 1:
+            work.extend(children)
+            continue
+        for chunk_id in children:
+            chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
     chunks = stored = raw_bytes = 0
     for chunk in store.chunks.freed_by(txn, chunk_drops):     # delta bases freed with their deltas included
         chunks += 1

@@ -1,8 +1,11 @@
 """Sweep and compaction: free what no version uses, and give the disk space back.
 
 **Sweep.** A content record whose refcount (inode records) is 0 is deleted
-and gives back one reference on each distinct chunk it uses
-(``ChunkStore.drop_refs``); a chunk at refcount 0 is **dead**: still in the
+and gives back what it holds (``meta.nodes.release``): a flat record one
+reference on each distinct chunk it lists, a tree root one on each node it
+lists — a node whose refcount reaches 0 is deleted too and gives back its
+children, down to the chunks of the leaves freed
+(``ChunkStore.drop_chunk_refs``); a chunk at refcount 0 is **dead**: still in the
 index and in its pack, no longer in the running totals. Batches of
 :data:`~chronicle.store.gc.prune.BATCH_SECONDS`, each record re-read in the
 batch's write transaction (a commit may have used the content again).
@@ -65,7 +68,7 @@ from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
 from chronicle.store.gc.leases import leased_packs, read_leases, request_rotation, writers_settled
 from chronicle.store.gc.prune import BATCH_SECONDS
-from chronicle.store.meta import schema
+from chronicle.store.meta import nodes, schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
 
 if TYPE_CHECKING:
@@ -104,7 +107,8 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
                 if raw is None or schema.content_header(raw)[1] != 0:
                     continue              # used again since the scan
                 record = ContentRecord.decode(raw)
-                for chunk_id in store.chunks.drop_refs(txn, record, totals):
+                held, _freed_nodes = nodes.release(txn, dbs["content_nodes"], record)    # root -> nodes -> chunks
+                for chunk_id in store.chunks.drop_chunk_refs(txn, held, totals):
                     chunk = ChunkRecord.decode(txn.get(chunk_id, db=dbs["chunks"]))
                     out["chunks"] += 1
                     out["bytes"] += chunk.stored_len

@@ -20,7 +20,7 @@ Vocabulary:
   ========================  =====  =============================  =========================================
   what                      kind   mode                           digest
   ========================  =====  =============================  =========================================
-  regular file              ``f``  ``st_mode & 0o7777``           BLAKE3 of its content
+  regular file              ``f``  ``st_mode & 0o7777``           its dense content hash (``chronicle hash --dense``)
   directory                 ``d``  ``st_mode & 0o7777``           its directory hash (recursively)
   symbolic link             ``l``  0                              BLAKE3 of its target bytes
   FIFO, socket, device      ``o``  ``st_mode`` (type and perms)   BLAKE3 of ``u64be(st_rdev)``
@@ -64,11 +64,16 @@ makes no events), and a change to the content or mode of a
 file with more than one link (no index leads from an inode to its other
 names).
 
-**Content hashes** are the content records' whole-file BLAKE3. A file too
-sparse to hash at commit (``ContentRecord.hash`` None) is hashed here once,
-reading its chunks and hashing its holes as zeros, and kept in
-``receipt_hashes`` (content id → BLAKE3; store-wide): unchanged files are
-never read again.
+**Content hashes** are Chronicle's content hash of the file's bytes read
+densely (the tree hash over BLAKE3 chunk ids, ``chronicle.store.chunks.tree``,
+with no holes: what ``chronicle hash --dense FILE`` prints for any copy): a
+format-4 content's id when it has no holes (``ContentRecord.holes``). A sparse
+content, or one written by format 3 (keyed by its whole-file BLAKE3, chunked
+differently), is read here once and hashed from scratch, and the result kept
+in ``receipt_hashes`` (content id → content hash; store-wide): unchanged
+files are never read again. Upgrading a store to format 4 drops the receipts
+and sums made in format 3 (their file digests were whole-file BLAKE3s), so
+every receipt after it is made with this construction.
 
 **Ignored paths** keep their latest content only (``chronicle.store.gc.ignore``),
 and a past tree shows that content: a past receipt covering one stops
@@ -103,7 +108,8 @@ import blake3
 import lmdb
 
 from chronicle.errors import Corrupt, NotADirectory, NotFound
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID
+from chronicle.store.chunks import tree as chunk_tree
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import iso_time
 from chronicle.store.meta.tree import TreeView
@@ -127,7 +133,6 @@ _RDEV = struct.Struct(">Q")
 _SUM = struct.Struct("<QQQQ")
 _KEY = struct.Struct(">IQQ")
 _WS_INO = struct.Struct(">IQ")
-_ZEROS = bytes(1 << 20)
 # Directories with fewer entries are read again whole when they change (cheaper than keeping a listing).
 LISTING_MIN_ENTRIES = 256
 
@@ -594,28 +599,19 @@ class Receipts:
         raw = txn.get(content, db=self.dbs["contents"])
         if raw is None:
             raise Corrupt(f"content {content.hex()} is referenced but missing")
-        digest = schema.content_header(raw)[2]
-        if digest is not None:
-            return digest
+        if schema.content_is_dense_v4(raw):
+            return schema.content_header(raw)[2]
         digest = self._new_hashes.get(content) or txn.get(content, db=self.dbs["receipt_hashes"])
         if digest is None:
             digest = self._new_hashes[content] = self._hash_by_reading(content)
         return bytes(digest)
 
     def _hash_by_reading(self, content: bytes) -> bytes:
-        """BLAKE3 of a content read chunk by chunk, its holes hashed as zeros."""
-        record = self.store.content_map(content).record
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        for i, length in enumerate(record.lengths):
-            chunk = record.chunk_id(i)
-            if chunk == HOLE_ID:
-                while length > 0:
-                    step = min(length, len(_ZEROS))
-                    hasher.update(_ZEROS if step == len(_ZEROS) else _ZEROS[:step])
-                    length -= step
-            else:
-                hasher.update(self.store.chunks.get(chunk))
-        return hasher.digest()
+        """The content hash of a content's bytes read densely (its holes as
+        zeros, ``chunks.tree.extents_of`` with no holes): a format-3 content, or
+        a sparse one."""
+        cm = self.store.content_map(content)
+        return chunk_tree.hash_extents(cm.size, chunk_tree.extents_of(cm.read, cm.size))
 
 
 def _add(total: DirSum, child: DirSum, *, dirs: int) -> None:

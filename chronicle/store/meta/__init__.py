@@ -1,6 +1,10 @@
 """Metadata: the LMDB layout, the journal, the versioned tree, crash recovery.
 
 - ``schema`` — the named databases, key encodings and record formats;
+- ``nodes`` — :class:`~chronicle.store.meta.nodes.NodeStore`: the extent-tree
+  nodes of format-4 contents (``content_nodes``), read through a cache, walked
+  in order (the one iterator over a content's extents), and their reference
+  counts when a content is written or freed;
 - ``journal`` — :class:`~chronicle.store.meta.journal.EventWriter`: one
   event (one seq) is one write transaction with its log line and path entries;
 - ``events`` — the packed ``events`` record and the SPEC §4 JSON line

@@ -73,6 +73,7 @@ import lmdb
 from chronicle.errors import ChronicleError
 from chronicle.store import model
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.store.chunks.tree import content_hash
 from chronicle.store.meta import schema
 from chronicle.store.meta.damaged import DamagedRange
 from chronicle.store.meta.journal import iso_time, parse_iso_time, path_text
@@ -462,9 +463,10 @@ class _Deriver:
     # -- contents of one chunk ---------------------------------------------------------
 
     def single_chunk_contents(self) -> None:
-        """A lost content record whose id is a chunk's id is a file of that
-        one chunk (both ids are the BLAKE3 of the same bytes): write it
-        again (refcount 0; the next fsck pass counts it)."""
+        """A lost content record of a file of one chunk is written again
+        (refcount 0; the next fsck pass counts it): in format 3 its id is the
+        chunk's id (both the BLAKE3 of the same bytes), in format 4 the tree
+        hash of that one extent (every chunk is tried)."""
         wanted: set[bytes] = set()
         with self.txn.cursor(db=self.dbs["inodes"]) as cur:
             for _key, value in cur:
@@ -482,9 +484,9 @@ class _Deriver:
                     continue
                 if entry.flags & P_CONTENT and entry.content:
                     wanted.add(entry.content)
-        for content_id in sorted(wanted):
-            if content_id == EMPTY_CONTENT_ID or self.txn.get(content_id, db=self.dbs["contents"]) is not None:
-                continue
+        missing = {c for c in wanted
+                   if c != EMPTY_CONTENT_ID and self.txn.get(c, db=self.dbs["contents"]) is None}
+        for content_id in sorted(missing):
             raw = self.txn.get(content_id, db=self.dbs["chunks"])
             if raw is None:
                 continue
@@ -492,9 +494,28 @@ class _Deriver:
                 chunk = ChunkRecord.decode(raw)
             except ChronicleError:
                 continue
+            # format 3: a one-chunk file's id was the BLAKE3 of its bytes, its chunk's id
             record = ContentRecord(chunk.raw_len, content_id, content_id, array("Q", [chunk.raw_len]))
             self.txn.put(content_id, record.encode(), db=self.dbs["contents"])
+            missing.discard(content_id)
             self.count("contents")
+        if not missing:
+            return
+        # format 4: a one-chunk file's id is the tree hash of that one extent (``chunks.tree``)
+        with self.txn.cursor(db=self.dbs["chunks"]) as cur:
+            for key, raw in cur:
+                try:
+                    chunk = ChunkRecord.decode(raw)
+                except ChronicleError:
+                    continue
+                extent = [(bytes(key), chunk.raw_len, 1)]
+                content_id = content_hash(chunk.raw_len, 0, extent)
+                if content_id in missing:
+                    record = schema.flat_record(chunk.raw_len, content_id, extent)
+                    record.v4 = True
+                    self.txn.put(content_id, record.encode(), db=self.dbs["contents"])
+                    missing.discard(content_id)
+                    self.count("contents")
 
     def _last_entry(self, ws: int, path: bytes, ino: int) -> tuple[int, PathEntry] | None:
         """The newest entry of ``path`` naming ``ino`` with a content."""

@@ -14,6 +14,7 @@ database                key                                        value
 ``heads``               ws u32                                     head seq u64
 ``chunks``              chunk id (32)                              :class:`ChunkRecord`
 ``contents``            content id (32)                            :class:`ContentRecord`
+``content_nodes``       node hash (32)                             refcount, height, entries (:func:`encode_node`)
 ``inodes``              ws u32, ino u64, ~seq u64                  :class:`Attrs` (the inode from seq on)
 ``dirents``             ws u32, parent u64, name                   ino u64 + kind u8; ``b""`` = whiteout
 ``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed
@@ -30,7 +31,7 @@ database                key                                        value
 ``receipts``            ws u32, seq u64                            receipt JSON (``history.receipts``)
 ``receipt_dirs``        ws u32, dir ino u64, ~seq u64              a directory's receipt hash and counts
 ``receipt_entries``     ws u32, dir ino u64                        a large directory's latest receipt entries
-``receipt_hashes``      content id (32)                            BLAKE3 of a content too sparse to hash at commit
+``receipt_hashes``      content id (32)                            dense content hash of a sparse or format-3 content (receipts)
 ``turn_reads``          ws u32, agent, 0x00, turn u32, index u32   JSON: one file read of the turn (``history.reads``)
 ======================  =========================================  ==========================================
 
@@ -59,7 +60,13 @@ of a path below directory ``d`` still starts with ``d/`` when ``d/`` is at
 most :data:`PATH_KEY_MAX` bytes, so prefix scans over a directory stay
 scans; below a longer directory they scan the digest keys sharing its
 prefix and compare the whole paths (``history.paths``, ``journal``).
-Format 2 introduced path keys (format 1 stores failed on paths of 499 bytes
+Format 4 stores a content's extent list as a persistent tree
+(``chronicle.store.chunks.tree``): a content record holds its extents inline
+(flag clear: the format-3 layout, still read as is) or, with ``_C_TREE``, the
+root level of references to ``content_nodes``; new content ids are the tree
+hash, a format-3 content keeps its whole-file BLAKE3 as its id. Opening a
+format-3 store upgrades it in place (``Store.open``: only the format number
+changes). Format 2 introduced path keys (format 1 stores failed on paths of 499 bytes
 or more; none were deployed, so there is no migration). Format 3 added
 ``policies`` (a workspace without a record has the default policy).
 Within format 3, ``events`` records are packed (tag byte ``0x01`` and
@@ -87,11 +94,13 @@ import lmdb
 
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, hash_bytes
+from chronicle.store.chunks.tree import decode_entries, encode_entries
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+OLD_FORMATS = (3,)        # opened and upgraded in place to FORMAT_VERSION
 SEQ_MAX = (1 << 64) - 1
 
-DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "inodes", "dirents",
+DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "content_nodes", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
              "agents", "agent_turns", "agent_states", "agent_steps", "policies", "receipts", "receipt_dirs",
              "receipt_entries", "receipt_hashes", "turn_reads")
@@ -348,17 +357,23 @@ class ChunkRecord:
 
 _CONTENT_HEAD = struct.Struct("<QIBI")
 _C_HASH = 1
+_C_TREE = 2          # format 4: the record holds the root level of an extent tree (``chunks.tree``)
+_C_V4 = 4            # format 4: the extents are the canonical chunking and the id is the tree hash
+_C_HOLES = 8         # format 4: the content may have hole extents (its dense hash differs from its id)
 
 
 @dataclass(slots=True)
 class ContentRecord:
-    """One file content: its extent list, size, whole-file BLAKE3 and refcount.
+    """One file content: size, content hash, refcount, and its extents.
 
-    ``ids`` is the concatenation of the extents' chunk ids (32 bytes each,
-    :data:`~chronicle.store.chunks.ids.HOLE_ID` for a hole) and ``lengths`` their
-    byte lengths; ``hash`` is None only while a very sparse file's hash is
-    still being computed. ``refcount`` counts the inode records that refer
-    to it.
+    Flat (``height == 0``): ``ids`` is the concatenation of the extents'
+    chunk ids (32 bytes each, :data:`~chronicle.store.chunks.ids.HOLE_ID` for
+    a hole) and ``lengths`` their byte lengths. A tree root (``height > 0``):
+    ``root`` holds references ``(node hash, bytes, extents)`` to nodes of
+    that height in ``content_nodes`` (``chunks.tree``), and ``ids``/``lengths``
+    are empty; read its extents with ``meta.nodes.NodeStore``. ``hash`` is
+    None only for a format-3 content too sparse to hash at commit.
+    ``refcount`` counts the inode records that refer to it.
     """
 
     size: int
@@ -366,33 +381,54 @@ class ContentRecord:
     ids: bytes
     lengths: array
     refcount: int = 0
+    height: int = 0
+    root: list | None = None
+    v4: bool = False
+    holes: bool = False
 
     def __post_init__(self):
         if len(self.ids) != ID_SIZE * len(self.lengths):
             raise Corrupt("content record extent lists disagree")
 
     @property
+    def is_tree(self) -> bool:
+        """True if the extents are in ``content_nodes`` (``root``), not inline."""
+        return self.height > 0
+
+    @property
     def extent_count(self) -> int:
         """Number of extents."""
+        if self.height:
+            return sum(e[2] for e in self.root)
         return len(self.lengths)
 
     def chunk_id(self, i: int) -> bytes:
-        """The chunk id of extent ``i`` (:data:`HOLE_ID` for a hole)."""
+        """The chunk id of extent ``i`` (:data:`HOLE_ID` for a hole); flat records only."""
+        if self.height:
+            raise AssertionError("chunk_id of a tree content record: read it through meta.nodes")
         return self.ids[i * ID_SIZE:(i + 1) * ID_SIZE]
 
     def offsets(self) -> array:
-        """Start offset of every extent (array of u64)."""
+        """Start offset of every extent (array of u64); flat records only."""
         out = array("Q", [0])
         out.extend(accumulate(self.lengths))
         return out
 
     def encode(self) -> bytes:
-        """The ``contents`` value: size, refcount, flags, count; the hash if any; ids; lengths (u64 each)."""
-        head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_HASH if self.hash else 0, len(self.lengths))
+        """The ``contents`` value: size, refcount, flags, count; the hash if any; then either
+        ids and lengths (u64 each), or (``_C_TREE``) the height u8 and the root's entries."""
+        if self.height:
+            head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_TREE | self._flags(), len(self.root))
+            return b"".join((head, self.hash or b"", bytes([self.height]),
+                             encode_entries(self.height, self.root)))
+        head = _CONTENT_HEAD.pack(self.size, self.refcount, self._flags(), len(self.lengths))
         lengths = self.lengths if self.lengths.typecode == "Q" else array("Q", self.lengths)
         if lengths.itemsize != 8:
             raise AssertionError("array('Q') must be 64-bit")
         return b"".join((head, self.hash or b"", self.ids, lengths.tobytes()))
+
+    def _flags(self) -> int:
+        return (_C_HASH if self.hash else 0) | (_C_V4 if self.v4 else 0) | (_C_HOLES if self.holes else 0)
 
     @classmethod
     def decode(cls, raw: bytes) -> ContentRecord:
@@ -406,13 +442,64 @@ class ContentRecord:
         if flags & _C_HASH:
             digest = bytes(raw[pos:pos + ID_SIZE])
             pos += ID_SIZE
+        if flags & _C_TREE:
+            if pos >= len(raw):
+                raise Corrupt("damaged content record")
+            height = raw[pos]
+            try:
+                root = decode_entries(height, raw[pos + 1:])
+            except ValueError:
+                raise Corrupt("damaged content record") from None
+            if height == 0 or len(root) != count:
+                raise Corrupt("damaged content record")
+            return cls(size, digest, b"", array("Q"), refcount, height, root, True, bool(flags & _C_HOLES))
         ids = bytes(raw[pos:pos + count * ID_SIZE])
         pos += count * ID_SIZE
         lengths = array("Q")
         lengths.frombytes(raw[pos:pos + 8 * count])
         if len(ids) != count * ID_SIZE or len(lengths) != count:
             raise Corrupt("damaged content record")
-        return cls(size, digest, ids, lengths, refcount)
+        return cls(size, digest, ids, lengths, refcount, v4=bool(flags & _C_V4), holes=bool(flags & _C_HOLES))
+
+
+def flat_record(size: int, digest: bytes | None, extents: list) -> ContentRecord:
+    """A flat content record over ``extents`` (``(id, length, ...)`` tuples)."""
+    return ContentRecord(size, digest, b"".join(e[0] for e in extents), array("Q", [e[1] for e in extents]))
+
+
+_NODE_HEAD = struct.Struct("<IB")
+
+
+def encode_node(refcount: int, height: int, entries: list) -> bytes:
+    """A ``content_nodes`` value: refcount u32, height u8 (1: a leaf of extents), entries
+    (``chunks.tree.encode_entries`` of level ``height - 1``)."""
+    return _NODE_HEAD.pack(refcount, height) + encode_entries(height - 1, entries)
+
+
+def decode_node(raw: bytes) -> tuple[int, int, list]:
+    """``(refcount, height, entries)`` of a ``content_nodes`` value. Raises ``Corrupt``."""
+    try:
+        refcount, height = _NODE_HEAD.unpack_from(raw)
+        if height == 0:
+            raise ValueError
+        return refcount, height, decode_entries(height - 1, raw[_NODE_HEAD.size:])
+    except (struct.error, ValueError):
+        raise Corrupt("damaged content node") from None
+
+
+def node_refcount(raw: bytes) -> int:
+    """The refcount of a ``content_nodes`` value."""
+    try:
+        return _NODE_HEAD.unpack_from(raw)[0]
+    except struct.error:
+        raise Corrupt("damaged content node") from None
+
+
+def node_with_refcount(raw: bytes, refcount: int) -> bytes:
+    """A ``content_nodes`` value with its refcount replaced."""
+    if refcount < 0:
+        raise Corrupt("content node refcount would go negative")
+    return struct.pack("<I", refcount) + bytes(raw[4:])
 
 
 def empty_record() -> ContentRecord:
@@ -429,6 +516,17 @@ def content_header(raw: bytes) -> tuple[int, int, bytes | None]:
         raise Corrupt("damaged content record") from None
     digest = bytes(raw[_CONTENT_HEAD.size:_CONTENT_HEAD.size + ID_SIZE]) if flags & _C_HASH else None
     return size, refcount, digest
+
+
+def content_is_dense_v4(raw: bytes) -> bool:
+    """True if an encoded content record was written by format 4 (its id is
+    the tree hash of canonical chunks, ``chunks.tree``) and has no holes (so
+    its id is also the hash of its bytes read densely)."""
+    try:
+        flags = _CONTENT_HEAD.unpack_from(raw)[2]
+    except struct.error:
+        raise Corrupt("damaged content record") from None
+    return bool(flags & (_C_V4 | _C_TREE)) and not flags & _C_HOLES
 
 
 def content_with_refcount(raw: bytes, refcount: int) -> bytes:

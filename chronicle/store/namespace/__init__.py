@@ -20,7 +20,8 @@ Modules, from the top down (each imports only those below it):
 - ``staging``, ``stream`` — a file's writes before commit: the sparse overlay
   of an in-place edit, the chunk-while-you-write stream of a new file;
 - ``content`` — :class:`~chronicle.store.namespace.content.ContentMap`: a
-  content record (extent list of chunks) read as bytes; ``build_content``.
+  content record (extent list of chunks, inline or a tree) read as bytes;
+  ``build_content``, which re-cuts only what changed and updates the tree.
 
 Vocabulary: **head** (the workspace's current state, seq ``head_seq``),
 **event** (one mutation: one seq, one LMDB write transaction, one log
@@ -28,8 +29,9 @@ line), **actor** (uid, gid, pid of who asked), **link** (a ``(parent ino,
 name)`` entry reaching an inode), **read-set** (the file versions and byte
 ranges a turn read), **overlay** (uncommitted writes of one
 open file), **version** (a numbered entry of a path's history with new
-content), **content** (an extent list of chunks and holes, keyed by the
-BLAKE3 of the bytes).
+content), **content** (an extent list of chunks and holes, inline or a tree
+of extent nodes, keyed by its content hash: the tree hash over the chunk
+ids, ``chunks.tree``).
 
 Threads — who may call what:
 

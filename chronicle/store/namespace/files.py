@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING
 from chronicle.errors import Busy, InvalidArgument, IsADirectory, NotFound
 from chronicle.store.chunks.ids import to_hex
 from chronicle.store.history.reads import FileRead
+from chronicle.store.meta import nodes
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, add_totals
 from chronicle.store.model import Actor, Attrs
 from chronicle.store.namespace.content import BuiltContent, ContentMap
@@ -289,7 +290,7 @@ class OpenFiles(Mapping[int, FileState]):
         overlay = state.overlay
         if built.id == attrs.content:
             base = store.content_map(built.id)
-            overlay.rebase(base, built.hasher)
+            overlay.rebase(base)
             state.base = base
             state.mtime_ns = state.ctime_ns = None
             return None
@@ -302,7 +303,8 @@ class OpenFiles(Mapping[int, FileState]):
             if w.txn.get(built.id, db=db) is None:
                 built.record.refcount = 0
                 w.txn.put(built.id, built.record.encode(), db=db)
-                inserted = store.chunks.add_refs(w.txn, built.record)
+                held = nodes.reference(w.txn, ws.dbs["content_nodes"], built.record, built.nodes)
+                inserted = store.chunks.add_chunk_refs(w.txn, held)
                 add_totals(w.txn, ws.dbs["meta"], logical_bytes=built.record.size, contents=1)
             new_attrs = attrs.replace(size=built.record.size, content=built.id,
                                       mtime_ns=state.mtime_ns or attrs.mtime_ns, ctime_ns=state.ctime_ns or w.now_ns)
@@ -317,7 +319,7 @@ class OpenFiles(Mapping[int, FileState]):
         store.chunks.committed(inserted)
         base = ContentMap(built.id, built.record, store.chunks)
         store.remember_content(base)
-        overlay.rebase(base, built.hasher)
+        overlay.rebase(base)
         state.base = base
         state.created_seq = None
         state.mtime_ns = state.ctime_ns = None

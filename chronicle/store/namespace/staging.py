@@ -24,9 +24,6 @@ and the overlay restarts with that content as its base.
   truncate or a read ends streaming: the chunks emitted so far become a
   provisional base (their content record is written only at commit) and the
   rest goes to the staging file.
-- **hash prefix** — ``(offset, hasher)``: a BLAKE3 state over bytes
-  ``[0, offset)`` that no change has touched since, so a commit after
-  appends hashes only what follows instead of re-reading the whole file.
 
 Threads: an overlay is used by one thread at a time; the FUSE adapter holds a
 per-inode lock while a commit reads it from a worker thread.
@@ -38,14 +35,11 @@ import errno
 import os
 from dataclasses import dataclass
 
-from array import array
-
-import blake3
-
 from chronicle.errors import FileTooLarge, NoSpace
 from chronicle.store.chunks.index import ChunkStore
-from chronicle.store.meta.schema import ContentRecord
-from chronicle.store.namespace.content import BuiltContent, ContentMap, HashPrefix, build_content
+from chronicle.store.chunks import tree
+from chronicle.store.meta import schema
+from chronicle.store.namespace.content import BuiltContent, ContentMap, build_content, finish_content
 from chronicle.store.namespace.stream import Stream
 
 PAGE = 4096
@@ -76,12 +70,10 @@ class Overlay:
 
     ``staging_dir``: where the anonymous staging file is made; ``base``: the
     committed content it starts from; ``chunks``: the chunk store to stream
-    into (None: never stream); ``hash_prefix``: a BLAKE3 state over the
-    unchanged head of ``base``, if known.
+    into (None: never stream).
     """
 
-    def __init__(self, staging_dir: str, base: ContentMap, chunks: ChunkStore | None = None,
-                 hash_prefix: HashPrefix | None = None):
+    def __init__(self, staging_dir: str, base: ContentMap, chunks: ChunkStore | None = None):
         self._staging_dir = staging_dir
         self._chunks = chunks             # ChunkStore, for streaming
         self.base = base
@@ -92,7 +84,6 @@ class Overlay:
         self.dirty = False
         self.wrote = False                # data was written (not only truncated)
         self.stream: Stream | None = None
-        self.hash_prefix = hash_prefix    # (offset, blake3 hasher) or None
 
     # -- reading and writing -----------------------------------------------------
 
@@ -130,8 +121,6 @@ class Overlay:
             self.size = end
             self.dirty = self.wrote = True
             return len(data)
-        if self.hash_prefix is not None and offset < self.hash_prefix[0]:
-            self.hash_prefix = None
         fd = self._staging_fd()
         if offset < self.base_valid:
             self._materialize_edges(fd, offset, min(end, self.base_valid))
@@ -163,13 +152,10 @@ class Overlay:
                 self._fd = None
             self._pages.clear()
             self.base_valid = self.size = 0
-            self.hash_prefix = None
             self.dirty = True
             return
         if self.stream is not None:
             self.leave_stream()
-        if self.hash_prefix is not None and size < self.hash_prefix[0]:
-            self.hash_prefix = None
         fd = self._staging_fd()
         if size < self.size:
             try:
@@ -288,9 +274,8 @@ class Overlay:
             pos = hole
         return out
 
-    def rebase(self, base: ContentMap, hasher: blake3.blake3 | None = None) -> None:
-        """After a commit: ``base`` holds everything; start a clean overlay on it.
-        ``hasher``: the BLAKE3 state after the whole base, if known."""
+    def rebase(self, base: ContentMap) -> None:
+        """After a commit: ``base`` holds everything; start a clean overlay on it."""
         self.base = base
         self.base_valid = self.size = base.size
         self._pages.clear()
@@ -298,7 +283,6 @@ class Overlay:
             os.close(self._fd)
             self._fd = None
         self.stream = None
-        self.hash_prefix = (base.size, hasher) if hasher is not None else None
         self.dirty = self.wrote = False
 
     # -- streaming -------------------------------------------------------------------
@@ -308,10 +292,9 @@ class Overlay:
         is staged. Raises what the worker raised (e.g. ``NoSpace``)."""
         stream, self.stream = self.stream, None
         rest = stream.drain()
-        record = ContentRecord(stream.emitted, None, b"".join(stream.ids), stream.lengths)
+        record = schema.ContentRecord(stream.emitted, None, b"".join(stream.ids), stream.lengths, v4=True)
         self.base = ContentMap(b"", record, self._chunks)
         self.base_valid = stream.emitted
-        self.hash_prefix = (stream.emitted, stream.hasher)
         if rest:
             fd = self._staging_fd()
             try:
@@ -339,10 +322,13 @@ class Overlay:
         dirty spans (``content.build_content``)."""
         if self.stream is not None:
             stream = self.stream
-            ids, lengths, digest = stream.finish()
-            record = ContentRecord(self.size, digest, b"".join(ids), array("Q", lengths))
-            return BuiltContent(digest, record, stream.new_chunks, stream.new_bytes, 0, hasher=stream.hasher)
-        return build_content(self, chunks, hash_prefix=self.hash_prefix)
+            ids, lengths = stream.finish()
+            built = tree.Built()
+            height, root = tree.build([(i, n, 1) for i, n in zip(ids, lengths)], built)
+            out = finish_content(self.size, height, root, built, getattr(chunks, "nodes", None))
+            out.new_chunks, out.new_bytes = stream.new_chunks, stream.new_bytes
+            return out
+        return build_content(self, chunks)
 
     def close(self) -> None:
         """Drop the staging file (uncommitted changes are discarded)."""

@@ -3,8 +3,8 @@
 Most files are written once, sequentially, from an empty start (created or
 truncated, then ``write, write, ..., close``). For them the overlay keeps no
 staging file: written bytes queue in memory and a worker cuts them into CDC
-chunks in batches, hashing each chunk, storing it in a pack and feeding the
-whole-file BLAKE3 as it goes. Closing then only has the tail to finish, and
+chunks in batches, hashing each chunk and storing it in a pack as it goes
+(the content hash is the tree hash over those chunk ids, made at finish). Closing then only has the tail to finish, and
 the data is written to disk once (into a pack) instead of twice.
 
 Vocabulary:
@@ -13,7 +13,7 @@ Vocabulary:
 - **carry** — the last CDC chunk of the previous batch: its end was the end
   of the data seen so far, not a content-defined cut, so it is cut again
   with the next batch;
-- **emitted** — chunks that are final: stored, in the extent list, hashed.
+- **emitted** — chunks that are final: stored, in the extent list.
 
 Only one batch per file is in flight, so chunks are emitted in order. A
 writer that gets more than :data:`MAX_PENDING` bytes ahead of the worker
@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from chronicle.store.chunks.chunker import Chunker
 from chronicle.store.chunks.codec import CODEC_RAW
-from chronicle.store.chunks.ids import hash_bytes, new_hasher
+from chronicle.store.chunks.ids import hash_bytes
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.namespace.content import RAW_STREAK
 
@@ -68,7 +68,6 @@ class Stream:
         self.ids: list[bytes] = []
         self.lengths = array("Q")
         self.emitted = 0                  # bytes in emitted chunks
-        self.hasher = new_hasher(parallel=True)   # BLAKE3 of the emitted bytes
         self.new_chunks = 0
         self.new_bytes = 0
         self._busy = False                # a batch is in flight
@@ -105,8 +104,9 @@ class Stream:
                 self._cond.wait()
             self._raise()
 
-    def finish(self) -> tuple[list[bytes], array, bytes]:
-        """Cut everything, the tail included. Returns ``(ids, lengths, file hash)``."""
+    def finish(self) -> tuple[list[bytes], array]:
+        """Cut everything, the tail included. Returns ``(ids, lengths)``: the
+        canonical chunking of the file (one run from offset 0)."""
         self.wait()
         batch = self.pending
         self.pending, self.pending_bytes = [], 0
@@ -116,7 +116,7 @@ class Stream:
             with self._cond:
                 self._error = exc         # the tail is gone: every later finish fails the same way
             raise
-        return self.ids, self.lengths, self.hasher.digest()
+        return self.ids, self.lengths
 
     def drain(self) -> bytes:
         """Stop streaming: wait for the worker, return the bytes not yet
@@ -163,8 +163,6 @@ class Stream:
             self.carry = bytes(last)
         else:
             self.carry = b""
-        # One update for the whole emitted part: large, so BLAKE3 spreads it over the cores.
-        self.hasher.update(memoryview(data)[:len(data) - len(self.carry)])
         # Stored RAW_STREAK chunks at a time (ChunkStore.put_many: zstd on the
         # second core). Incompressible streams (media, archives, random data):
         # after a run of chunks zstd could not shrink, probe only every 16th.

@@ -28,7 +28,7 @@ def test_policy_records(store, ws):
     mine = Policy(keep_last=3)
     dryrun.set_policy(store, ws.id, mine)
     assert dryrun.get_policy(store, ws.id) == mine and dryrun.has_own_policy(store, ws.id)
-    assert schema.FORMAT_VERSION == 3
+    assert schema.FORMAT_VERSION == 4
 
 
 def test_dry_run_drops_old_versions_and_counts_what_only_they_hold(store, ws):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import time
 
-import blake3
 import pytest
 
+from chronicle.store.chunks.tree import hash_data
 from chronicle.errors import InvalidArgument, NotFound, PermissionDenied
 from chronicle.store.history import queries, search
 from chronicle.store.history.access import Caller
@@ -103,7 +103,7 @@ def test_hash_lookup_whole_prefix_unknown_and_bad(ws):
     write(ws, root, b"a", b"same")
     write(ws, root, b"b", b"same")
     write(ws, root, b"a", b"other")
-    full = blake3.blake3(b"same").hexdigest()
+    full = hash_data(b"same").hex()
     views = HistoryViews(ws)
     doc = search.hash_lookup(views, full)
     assert doc["hash"] == full
@@ -123,7 +123,7 @@ def test_hash_prefix_ambiguous(ws, monkeypatch):
     n = 0
     while True:
         data = b"%d" % n
-        key = blake3.blake3(data).hexdigest()[:4]
+        key = hash_data(data).hex()[:4]
         if key in seen:
             break
         seen[key] = data
@@ -136,7 +136,7 @@ def test_hash_prefix_ambiguous(ws, monkeypatch):
     monkeypatch.setattr(search, "HASH_MIN", 4)
     with pytest.raises(InvalidArgument, match="ambiguous: 2 hashes"):
         search.hash_lookup(views, key)
-    assert search.hash_lookup(views, blake3.blake3(data).hexdigest()[:12])["versions"][0]["path"] == "f1"
+    assert search.hash_lookup(views, hash_data(data).hex()[:12])["versions"][0]["path"] == "f1"
 
 
 def test_hash_permissions(ws):
@@ -144,12 +144,12 @@ def test_hash_permissions(ws):
     ino = write(ws, root, b"secret", b"hidden words")
     ws.setattr(ino, A, mode=0o600)
     write(ws, root, b"open", b"open words")
-    full = blake3.blake3(b"hidden words").hexdigest()
+    full = hash_data(b"hidden words").hex()
     assert search.hash_lookup(HistoryViews(ws), full)["versions"]
     alice = HistoryViews(ws, caller=ALICE)
     with pytest.raises(NotFound):
         search.hash_lookup(alice, full)          # she cannot tell it from a hash no one had
-    assert search.hash_lookup(alice, blake3.blake3(b"open words").hexdigest())["versions"][0]["path"] == "open"
+    assert search.hash_lookup(alice, hash_data(b"open words").hex())["versions"][0]["path"] == "open"
     assert [m.path for m in search.grep(alice, "words")] == [b"open"]
     assert [m.path for m in search.grep(alice, "words", history=True)] == [b"open"]
     with pytest.raises(PermissionDenied):
@@ -221,7 +221,7 @@ def test_blame_and_hash_nodes(ws):
     assert rec[0]["text"] == "one" and rec[0]["version"] == 1
     hashes = views.lookup(Root(), b"hash")
     assert views.listing(hashes) == []
-    h = blake3.blake3(b"one\n").hexdigest()
+    h = hash_data(b"one\n").hex()
     doc = json.loads(views.open(views.lookup(hashes, h[:10].encode())).read(0, 1 << 20))
     assert doc["versions"][0]["path"] == "d/f"
     with pytest.raises(NotFound):

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from chronicle.store.chunks.tree import hash_data
 from chronicle.errors import ChronicleError
-from chronicle.store.chunks.ids import hash_bytes, to_hex
+from chronicle.store.chunks.ids import to_hex
 from chronicle.store.history.nodes import VersionFile, VersionsDir
 from chronicle.store.history.views import HistoryViews
 from chronicle.store.namespace.restore import restore_file
@@ -107,7 +108,7 @@ class NeverVanishes(RuleBasedStateMachine):
             return                                   # same content: no version (SPEC §1)
         with self.ws.read_txn() as txn:
             seq, entry = self.ws.history.own_entries(txn, path)[-1]
-        assert seq == self.ws.head_seq and entry.content == hash_bytes(data)
+        assert seq == self.ws.head_seq and entry.content == hash_data(data)
         self.closed.append((path, seq, data))
 
     @rule(path=st.sampled_from(PATHS), data=st.binary(max_size=64))
@@ -185,7 +186,7 @@ class NeverVanishes(RuleBasedStateMachine):
             assert names == [str(n).encode() for n in sorted(versions)]
             by_seq = {v.seq: n for n, v in versions.items()}
             for seq, data in recorded:
-                number = listed.get((seq, to_hex(hash_bytes(data))))
+                number = listed.get((seq, to_hex(hash_data(data))))
                 assert number is not None, (path, seq, data, doc)
                 assert by_seq.get(seq) == number
                 assert self.views.open(VersionFile(path, number)).read(0, 1 << 20) == data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import stat
 import struct
 import subprocess
@@ -20,17 +21,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chronicle.store.chunks.tree import hash_data
 from chronicle.errors import ChronicleError, NotFound
 from chronicle.store.history import receipts as receipts_mod
 from chronicle.store.history.receipts import DIR_DOMAIN, EMPTY_DIR, Receipts
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import schema
 from chronicle.store.model import KIND_DIR
-from chronicle.store.namespace import content as content_mod
 from chronicle.store.namespace.restore import restore_tree
 from chronicle.store.namespace.workspace import Workspace
 from chronicle.store.store import Store
-from storeutil import A, write
+from storeutil import A, write, write_format3
 from tools.receipt import tree as checkout_tree
 
 REPO = Path(__file__).resolve().parents[3]
@@ -84,9 +85,9 @@ def test_the_documented_construction(ws, tmp_path):
     ws.create(ws.root, b"fifo", stat.S_IFIFO | 0o600, A)
     ws.link(f, sub, b"hard", A)
     h = lambda data: blake3.blake3(data).digest()        # noqa: E731
-    sub_hash = _dir(_entry(b"hard", b"f", 0o640, h(b"hello\n")), _entry(b"x", b"f", 0o644, h(b"")))
+    sub_hash = _dir(_entry(b"hard", b"f", 0o640, hash_data(b"hello\n")), _entry(b"x", b"f", 0o644, h(b"")))
     expected = _dir(_entry(b"empty", b"d", 0o700, EMPTY_DIR),
-                    _entry(b"f.txt", b"f", 0o640, h(b"hello\n")),
+                    _entry(b"f.txt", b"f", 0o640, hash_data(b"hello\n")),
                     _entry(b"fifo", b"o", stat.S_IFIFO | 0o600, h(struct.pack(">Q", 0))),
                     _entry(b"ln", b"l", 0, h(b"f.txt")),
                     _entry(b"sub", b"d", 0o750, sub_hash))
@@ -223,13 +224,9 @@ def test_a_fork_covers_its_own_tree_from_its_parents_receipt(store, ws):
     assert Receipts(fork).make() == mine
 
 
-def test_a_file_too_sparse_to_hash_is_read_once(ws, tmp_path, monkeypatch):
-    monkeypatch.setattr(content_mod, "HASH_HOLE_LIMIT", 1 << 20)
-    ino, _ = ws.create(ws.root, b"sparse", 0o100644, A)
-    ws.files.open(ino, created=True)
-    ws.files.write(ino, 4 << 20, b"tail", A.pid)
-    ws.files.commit(ino)
-    ws.files.release(ino)
+def test_a_format3_content_is_hashed_once_by_reading(ws, tmp_path, monkeypatch):
+    ino = write_format3(ws, ws.root, b"sparse", b"tail", hole=4 << 20)    # format 3's "too sparse to hash"
+    write_format3(ws, ws.root, b"dense", random.Random(3).randbytes(250_000))                  # keyed by its whole-file BLAKE3
     with ws.read_txn() as txn:
         attrs = ws.view().attrs(txn, ino)
         assert schema.content_header(txn.get(attrs.content, db=ws.dbs["contents"]))[2] is None

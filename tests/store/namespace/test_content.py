@@ -9,9 +9,9 @@ from array import array
 
 import blake3
 
+from chronicle.store.chunks.tree import hash_data
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, hash_bytes
 from chronicle.store.meta.schema import ContentRecord
-from chronicle.store.namespace import content as content_module
 from chronicle.store.namespace.content import MIN_HOLE, ContentMap, build_content
 from chronicle.store.namespace.staging import Overlay
 
@@ -85,23 +85,33 @@ def test_a_built_content_reads_back_and_is_keyed_by_its_blake3(store):
     overlay.write(0, data)
     built = build_content(overlay, store.chunks)
     store.chunks.flush()
-    assert built.id == built.record.hash == blake3.blake3(data).digest()
+    assert built.id == built.record.hash == hash_data(data)
     assert built.record.size == len(data) and built.new_bytes == len(data)
     assert ContentMap(built.id, built.record, store.chunks).read(0, 1 << 20) == data
     overlay.close()
 
 
+def built_map(store, data: bytes) -> ContentMap:
+    """A committed-like ContentMap of ``data`` (canonical chunks, format 4)."""
+    overlay = overlay_on(store, ContentMap.empty(store.chunks))
+    overlay.write(0, data)
+    built = build_content(overlay, store.chunks)
+    overlay.close()
+    store.chunks.flush()
+    return ContentMap(built.id, built.record, store.chunks)
+
+
 def test_a_small_edit_of_a_large_file_reuses_the_untouched_extents(store):
     data = noise(2_000_000, 8)
-    base, _ = content_of(store, [data[i:i + 250_000] for i in range(0, len(data), 250_000)])
+    base = built_map(store, data)
     overlay = overlay_on(store, base)
     overlay.write(1_000_000, b"EDIT" * 1024)
     built = build_content(overlay, store.chunks)
     store.chunks.flush()
     expected = data[:1_000_000] + b"EDIT" * 1024 + data[1_004_096:]
     assert ContentMap(built.id, built.record, store.chunks).read(0, 1 << 22) == expected
-    assert built.id == blake3.blake3(expected).digest()
-    assert built.reused_extents >= 6 and built.new_bytes <= 2 * 250_000   # only the touched extents are cut again
+    assert built.id == hash_data(expected)
+    assert built.reused_extents >= base.extent_count - 4 and built.new_bytes <= 4 * 128 * 1024   # only the touched ones
     overlay.close()
 
 
@@ -112,6 +122,7 @@ def test_holes_of_a_sparse_file_become_hole_extents(store):
     built = build_content(overlay, store.chunks)
     store.chunks.flush()
     ids = [built.record.chunk_id(i) for i in range(built.record.extent_count)]
+    assert built.id == hash_data(b"head" + bytes((5 << 20) - 4) + b"tail", holes=[(4096, 5 << 20)])
     assert HOLE_ID in ids
     holes = sum(built.record.lengths[i] for i, cid in enumerate(ids) if cid == HOLE_ID)
     assert holes >= MIN_HOLE
@@ -122,22 +133,39 @@ def test_holes_of_a_sparse_file_become_hole_extents(store):
     overlay.close()
 
 
-def test_a_file_too_sparse_to_hash_is_keyed_by_its_extent_list(store, monkeypatch):
-    monkeypatch.setattr(content_module, "HASH_HOLE_LIMIT", 1 << 20)
+def test_a_sparse_file_is_hashed_by_its_holes_not_their_zeros(store):
     overlay = overlay_on(store, ContentMap.empty(store.chunks))
     overlay.write(8 << 20, b"far out")
     built = build_content(overlay, store.chunks)
-    assert built.record.hash is None and built.hasher is None
-    assert built.id != blake3.blake3(bytes(8 << 20) + b"far out").digest()
+    assert built.id == built.record.hash == hash_data(bytes(8 << 20) + b"far out", holes=[(0, 8 << 20)])
+    assert built.id != hash_data(bytes(8 << 20) + b"far out")        # the hole is part of what is hashed
     overlay.close()
 
 
-def test_a_hash_prefix_resumes_hashing_where_it_stopped(store):
-    data = noise(400_000, 9)
-    base, _ = content_of(store, [data])
-    hasher = blake3.blake3(data)
+def test_an_append_to_a_big_file_rebuilds_one_leaf_and_is_the_hash_of_the_bytes(store):
+    data = noise(3 << 20, 9)
+    overlay = overlay_on(store, ContentMap.empty(store.chunks))
+    overlay.write(0, data)
+    first = build_content(overlay, store.chunks)
+    assert first.record.is_tree and first.nodes                    # ~80 extents: more than a root holds
+    base = ContentMap(first.id, first.record, store.chunks)
     overlay = overlay_on(store, base)
     overlay.write(len(data), b"appended")
-    built = build_content(overlay, store.chunks, hash_prefix=(len(data), hasher))
-    assert built.id == blake3.blake3(data + b"appended").digest()
+    built = build_content(overlay, store.chunks)
+    assert built.id == hash_data(data + b"appended")
+    assert built.new_chunks <= 2 and len(set(built.nodes) - set(first.nodes)) <= 2
+    assert ContentMap(built.id, built.record, store.chunks).read(0, 4 << 20) == data + b"appended"
     overlay.close()
+
+
+def test_a_long_flat_extent_list_reads_in_pieces_as_a_tree_does(store):
+    """A format-3 record of thousands of extents is decoded 1,024 extents at a time, not all at open."""
+    rng = random.Random(5)
+    pieces = [5000 if i % 97 == 5 else rng.randbytes(rng.randint(1, 3000)) for i in range(3000)]
+    cm, model = content_of(store, pieces)
+    assert cm.extent_count == 3000 and len(cm._leaves) == 0          # nothing decoded yet
+    for _ in range(500):
+        offset, size = rng.randrange(len(model)), rng.randint(1, 20000)
+        assert cm.read(offset, size) == model[offset:offset + size]
+    assert cm.read(0, len(model)) == model
+    assert cm.allocated_bytes_cached() == len(model) - 5000 * sum(1 for p in pieces if isinstance(p, int))

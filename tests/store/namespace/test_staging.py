@@ -15,7 +15,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from chronicle.store.chunks.tree import hash_data
 from chronicle.store.namespace import stream as stream_module
+from chronicle.store.chunks import tree
+from chronicle.store.chunks.tree import MIN_HOLE
+from chronicle.store.meta import nodes
 from chronicle.store.namespace.content import ContentMap
 from chronicle.store.namespace.staging import Overlay
 from chronicle.store.store import Store
@@ -27,10 +31,11 @@ def commit(store, overlay):
     built = overlay.build(store.chunks)
     store.chunks.flush()
     with store.env.begin(write=True) as txn:
-        inserted = store.chunks.add_refs(txn, built.record)
+        held = nodes.reference(txn, store.dbs["content_nodes"], built.record, built.nodes)
+        inserted = store.chunks.add_chunk_refs(txn, held)
     store.chunks.committed(inserted)
     base = ContentMap(built.id, built.record, store.chunks)
-    overlay.rebase(base, built.hasher)
+    overlay.rebase(base)
     return built
 
 
@@ -45,6 +50,7 @@ class OverlayModel(RuleBasedStateMachine):
         self.store = Store.init(self.dir + "/store")
         self.overlay = Overlay(str(self.store.staging_dir), ContentMap.empty(self.store.chunks), self.store.chunks)
         self.model = bytearray()
+        self.unwritten = bytearray()     # 1 where a byte was never written (a sparse file's holes)
         self.seed = 0
 
     def teardown(self):
@@ -66,6 +72,8 @@ class OverlayModel(RuleBasedStateMachine):
             return
         self.overlay.write(len(self.model), data)
         self.model += data
+        self.unwritten += bytes(n)
+        self._written(len(self.model) - n, n)
 
     @rule(off=st.integers(0, MAX), n=st.integers(1, 70_000))
     def write_anywhere(self, off, n):
@@ -73,15 +81,20 @@ class OverlayModel(RuleBasedStateMachine):
         data = self._data(n)
         self.overlay.write(off, data)
         if off > len(self.model):
+            self.unwritten += b"\x01" * (off - len(self.model))
             self.model += bytes(off - len(self.model))
         self.model[off:off + n] = data
+        self.unwritten += bytes(len(self.model) - len(self.unwritten))
+        self._written(off, n)
 
     @rule(size=st.integers(0, MAX))
     def truncate(self, size):
         self.overlay.truncate(size)
         if size < len(self.model):
             del self.model[size:]
+            del self.unwritten[size:]
         else:
+            self.unwritten += b"\x01" * (size - len(self.model))
             self.model += bytes(size - len(self.model))
 
     @precondition(lambda self: len(self.model) > 0)
@@ -91,12 +104,44 @@ class OverlayModel(RuleBasedStateMachine):
         self.overlay.punch_hole(off, n)
         end = min(off + n, len(self.model))
         self.model[off:end] = bytes(end - off)
+        self._written(off, end - off)
+
+    def _written(self, off: int, n: int) -> None:
+        """A write marks the whole pages it touches as data (materialized pages, staging blocks)."""
+        lo, hi = off // 4096 * 4096, min(len(self.unwritten), -(-(off + n) // 4096) * 4096)
+        self.unwritten[lo:hi] = bytes(hi - lo)
+
+    def holes(self) -> list[tuple[int, int]]:
+        """Never-written runs, page-aligned inward, of at least MIN_HOLE bytes (``chunks.tree``)."""
+        out, pos, n = [], 0, len(self.unwritten)
+        while pos < n:
+            s = self.unwritten.find(1, pos)
+            if s < 0:
+                break
+            e = self.unwritten.find(0, s)
+            e = n if e < 0 else e
+            a, b = -(-s // 4096) * 4096, e // 4096 * 4096
+            if b - a >= MIN_HOLE:
+                out.append((a, b))
+            pos = e
+        return out
 
     @rule()
     def commit(self):
         built = commit(self.store, self.overlay)
         assert built.record.size == len(self.model)
-        assert built.record.hash == blake3.blake3(self.model).digest()
+        holes = self.holes()
+        assert built.id == built.record.hash == hash_data(self.model, holes)
+        data_ranges, pos = [], 0
+        for a, b in holes + [(len(self.model), len(self.model))]:
+            if a > pos:
+                data_ranges.append((pos, a))
+            pos = b
+        expected = tree.extents_of(lambda o, n: bytes(self.model[o:o + n]), len(self.model), data_ranges)
+        assert list(self.store.nodes.iter_extents(built.record)) == expected     # the extents, not only the hash
+        self.unwritten = bytearray(len(self.model))
+        for a, b in holes:
+            self.unwritten[a:b] = b"\x01" * (b - a)
         assert self.overlay.read(0, MAX + 1) == bytes(self.model)
 
     @rule(off=st.integers(0, MAX), n=st.integers(0, 300_000))
@@ -125,7 +170,7 @@ def test_streaming_write_is_chunked_before_close(tmp_path, monkeypatch):
     overlay.stream.wait()
     assert overlay.stream.emitted > 4 * 1024 * 1024                 # chunked before close
     built = commit(store, overlay)
-    assert built.record.hash == blake3.blake3(data).digest()
+    assert built.record.hash == hash_data(data)
     assert overlay.read(0, len(data)) == data
     store.close()
 
@@ -144,6 +189,6 @@ def test_append_after_commit_hashes_only_the_new_bytes(tmp_path, monkeypatch):
     more = b"appended line\n" * 100
     overlay.write(len(first), more)
     built = commit(store, overlay)
-    assert built.record.hash == blake3.blake3(first + more).digest()
+    assert built.record.hash == hash_data(first + more)
     assert len(reads) <= 1          # at most the last extent, which is cut again with the new bytes
     store.close()

@@ -9,9 +9,9 @@ Restores are in ``test_restore.py``; crash recovery in
 
 from __future__ import annotations
 
-import blake3
 import pytest
 
+from chronicle.store.chunks.tree import hash_data
 from chronicle.errors import Exists, InvalidArgument, NotFound, ReadOnly
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.namespace.workspace import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -28,7 +28,7 @@ def test_a_created_and_written_file_has_one_version(ws):
     write(ws, ws.root, b"notes.txt", b"hello\n")
     versions = history(ws, b"notes.txt")
     assert [(v["version"], v["event"], v["size"]) for v in versions] == [(1, "write", 6)]
-    assert versions[0]["hash"] == blake3.blake3(b"hello\n").hexdigest()
+    assert versions[0]["hash"] == hash_data(b"hello\n").hex()
     assert versions[0]["pid"] == A.pid and versions[0]["turn"] is None
     assert versions[0]["time"].endswith("Z")
 
