@@ -202,9 +202,15 @@ def test_a_deleted_files_content_is_freed_when_the_policy_drops_it(mount_factory
     os.fsync(held.fileno())
     (m.path / "big").unlink()
     (m.path / "held").unlink()
-    time.sleep(2.5)                                       # the daemon's lease is refreshed after the deletions
+    # the deleted file is freed once the daemon's lease was refreshed after the deletion
+    # (gc.leases: every LEASE_INTERVAL, plus DELETION_MARGIN_NS; later on a loaded machine)
+    deadline = time.monotonic() + 30
+    while True:
+        promised = json.loads(cli("gc", "--dry-run", "-s", m.store, "-w", m.workspace, "--json").stdout)
+        if promised["freed_raw_bytes"] >= 3 << 20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     stats = json.loads((m.path / ".chronicle" / "stats").read_text())
-    promised = json.loads(cli("gc", "--dry-run", "-s", m.store, "-w", m.workspace, "--json").stdout)
     out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
     assert out["freed_bytes"] == promised["freed_bytes"] and out["freed_raw_bytes"] >= 3 << 20
     assert out["freed_raw_bytes"] < (3 << 20) + (1 << 20)          # not the open one
@@ -212,9 +218,11 @@ def test_a_deleted_files_content_is_freed_when_the_policy_drops_it(mount_factory
     assert [bool(v.get("pruned")) for v in query["versions"] if "size" in v] == [True]
     assert (m.path / "small").read_bytes() == b"stays"
     held.close()
-    time.sleep(2.5)
-    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
-    assert out["freed_raw_bytes"] >= 1 << 20
+    freed, deadline = 0, time.monotonic() + 30            # once a lease refresh shows it closed
+    while freed < 1 << 20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        freed += json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)["freed_raw_bytes"]
+    assert freed >= 1 << 20
     assert stats["stored_bytes"] > 0
     m.stop()
     fsck_clean(m.store)
