@@ -12,8 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # fuse3: fusermount3 and the kernel helper; libfuse3-dev + pkg-config + gcc +
 # python3-dev: pyfuse3 ships as an sdist and compiles against libfuse3.
 # chromium: the headless browser of the web timeline's tests (tests/ui, driven by Playwright).
-# npm: the npm job of tools/bench/storage_bench.py (run by hand, not in CI).
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git sqlite3 tar bc curl chromium npm)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git sqlite3 tar bc curl chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -196,7 +196,7 @@ def meta_breakdown(store_path: Path) -> dict:
 def npm_rounds(work: Path, rounds: int) -> dict:
     npm = shutil.which("npm")
     if npm is None:
-        return {"skipped": "npm is not installed (tools/setup.sh installs it)"}
+        return {"skipped": "npm is not installed (apt-get install npm, or the npm of a Node.js install)"}
     store, mnt, cache = work / "npm-store", work / "npm-mnt", work / "npm-cache"
     mnt.mkdir()
     log = work / "npm-daemon.log"
