@@ -226,6 +226,8 @@ def npm_rounds(work: Path, rounds: int) -> dict:
         gc = json.loads(subprocess.run(CHRONICLE + ["gc", "-s", str(store), "-w", "bench", "--json"],
                                        capture_output=True, text=True, check=True).stdout)
         figures["dry_run"] = {"dropped_versions": dry["workspaces"][0]["dropped_versions"],
+                              "dropped_inodes": dry["workspaces"][0].get("dropped_inodes"),
+                              "dropped_lines": dry["workspaces"][0].get("dropped_lines"),
                               "freed_bytes": dry["freed_bytes"]}
         figures["gc"] = gc
         figures["after_gc"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
