@@ -231,6 +231,9 @@ def npm_rounds(work: Path, rounds: int) -> dict:
                               "freed_bytes": dry["freed_bytes"]}
         figures["gc"] = gc
         figures["after_gc"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
+        mounted = meta_breakdown(store)          # (a second opener: the daemon's close is the last, not this one)
+        figures["after_gc"]["metadata_in_use_bytes"] = mounted["_in_use_bytes"]
+        figures["after_gc"]["metadata_file_bytes"] = mounted["_file_bytes"]
         figures["stats"] = json.loads((mnt / ".chronicle" / "stats").read_text())
     finally:
         procs.unmount(mnt)
@@ -240,6 +243,8 @@ def npm_rounds(work: Path, rounds: int) -> dict:
     figures["gc_unmounted"] = gc2
     figures["after_gc_unmounted"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
     figures["metadata_breakdown"] = meta_breakdown(store)
+    figures["after_gc_unmounted"]["metadata_in_use_bytes"] = figures["metadata_breakdown"]["_in_use_bytes"]
+    figures["after_gc_unmounted"]["metadata_file_bytes"] = figures["metadata_breakdown"]["_file_bytes"]
     install = figures["install_bytes"]
     for key in ("after_gc", "after_gc_unmounted"):
         total = figures[key]["packs_bytes"] + figures[key]["metadata_bytes"]
