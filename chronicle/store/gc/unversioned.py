@@ -91,20 +91,19 @@ class Dropped:
 @dataclass(slots=True)
 class UnversionedPlan:
     """What GC drops in one workspace: inodes (children before their
-    directories) and runs of log lines ``(first seq, last seq, count, path)``
-    (path None: lines a killed GC left inside its summary's range: deleted, no new summary)."""
+    directories) and runs of log lines (:class:`Run`)."""
 
     ws: int
     parent: bool                                  # the workspace is a fork (reads through to a parent)
     inodes: list[Dropped] = field(default_factory=list)
-    runs: list[tuple[int, int, int, bytes | None]] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
     links: dict[int, list[bytes]] = field(default_factory=dict)       # ino -> its dirent_hist keys
     path_keys: dict[int, list[bytes]] = field(default_factory=dict)   # ino -> its paths keys
 
     @property
     def lines(self) -> int:
         """Log lines the runs replace (each run keeps its summary line)."""
-        return sum(n for _a, _b, n, _p in self.runs)
+        return sum(run.new for run in self.runs)
 
 
 def ignore_spec(store: Store, record: WorkspaceRecord, txn: lmdb.Transaction) -> pathspec.GitIgnoreSpec | None:
@@ -232,7 +231,7 @@ def plan_workspace(store: Store, record: WorkspaceRecord, txn: lmdb.Transaction,
 
 
 def _line_runs(store: Store, record: WorkspaceRecord, txn: lmdb.Transaction, spec: pathspec.GitIgnoreSpec,
-               pins: set[int], plan: UnversionedPlan, head_seq: int) -> list[tuple[int, int, int, bytes | None]]:
+               pins: set[int], plan: UnversionedPlan, head_seq: int) -> list[Run]:
     """The runs of log lines that go (module docstring): ``(first, last, count, common path)``."""
     dbs = store.dbs
     ws = record.id
@@ -249,8 +248,8 @@ def _line_runs(store: Store, record: WorkspaceRecord, txn: lmdb.Transaction, spe
                     plan.path_keys.setdefault(ino, []).append(bytes(key))
                 else:
                     entry_seqs.add(schema.path_key_seq(key))
-    runs: list[tuple[int, int, int, bytes | None]] = []
-    run: list = []
+    runs: list[Run] = []
+    run: Run | None = None
     covered = 0
     matched: dict[str, bool] = {}
 
@@ -261,9 +260,10 @@ def _line_runs(store: Store, record: WorkspaceRecord, txn: lmdb.Transaction, spe
         return matched[k]
 
     def close() -> None:
-        if run and run[2]:
-            runs.append((run[0], run[1], run[2], run[3]))
-        run.clear()
+        nonlocal run
+        if run is not None and (run.new or run.merged):
+            runs.append(run)
+        run = None
 
     with txn.cursor(db=dbs["events"]) as cur:
         if not cur.set_range(schema.event_key(ws, (record.fork_seq or 0) + 1)):
@@ -277,31 +277,58 @@ def _line_runs(store: Store, record: WorkspaceRecord, txn: lmdb.Transaction, spe
             line = events.decode(seq, bytes(value))
             event = line.get("event")
             if event == DROPPED_EVENT and isinstance(line.get("through"), int):
-                close()
-                covered = line["through"]         # an earlier run's summary (a killed GC left lines in it)
+                path = line["path"].encode("utf-8", "surrogateescape")
+                if run is not None and run.path is not None and run.last == seq - 1:
+                    run.last, run.events = line["through"], run.events + int(line.get("events") or 0)
+                    run.path, run.merged = _common(run.path, path), True     # two summaries meet: one
+                else:
+                    close()
+                    run = Run(seq, line["through"], int(line.get("events") or 0), path, line["through"] + 1)
+                covered = max(covered, line["through"])     # (a killed GC may have left lines inside it)
                 continue
             goes = False
             if event in NAMESPACE_EVENTS and seq not in pins and seq not in entry_seqs:
                 is_dir = event in ("mkdir", "rmdir", "rename")
                 names = [line[f] for f in _PATH_FIELDS if isinstance(line.get(f), str)]
                 goes = bool(names) and all(ignored(n, is_dir) or ignored(n, False) for n in names)
-            if goes and seq <= covered:
-                if run and run[3] is None and run[1] == seq - 1:
-                    run[1], run[2] = seq, run[2] + 1
-                else:
-                    close()
-                    run.extend([seq, seq, 1, None])
-            elif goes and run and run[3] is not None and run[1] == seq - 1:
-                run[1] = seq
-                run[2] += 1
-                run[3] = _common(run[3], line["path"].encode("utf-8", "surrogateescape"))
-            elif goes:
+            if not goes:
                 close()
-                run.extend([seq, seq, 1, line["path"].encode("utf-8", "surrogateescape")])
+                continue
+            path = line["path"].encode("utf-8", "surrogateescape")
+            if seq <= covered:                        # inside a summary already: only deleted
+                if run is not None and run.first < seq <= run.last:
+                    run.delete_from = min(run.delete_from, seq)
+                else:
+                    if run is None or run.path is not None or run.last != seq - 1:
+                        close()
+                        run = Run(seq, seq, 0, None, seq)
+                    run.last = seq
+                run.new += 1
+            elif run is not None and run.path is not None and run.last == seq - 1:
+                run.last, run.events, run.new = seq, run.events + 1, run.new + 1
+                run.path = _common(run.path, path)
             else:
                 close()
+                run = Run(seq, seq, 1, path, seq + 1)
+                run.new = 1
         close()
     return runs
+
+
+@dataclass(slots=True)
+class Run:
+    """A run of log lines that become (or extend) one summary line: its
+    first and last seq, the events it sums up, their common path (None: lines
+    left inside an earlier summary, deleted without one), the first seq whose
+    line is deleted, lines newly dropped, and whether two summaries merged."""
+
+    first: int
+    last: int
+    events: int
+    path: bytes | None
+    delete_from: int
+    new: int = 0
+    merged: bool = False
 
 
 def _common(a: bytes, b: bytes) -> bytes:
@@ -508,29 +535,40 @@ def _record_of(store: Store, txn: lmdb.Transaction, ws: int) -> WorkspaceRecord 
 
 
 def _summarise(store: Store, plan: UnversionedPlan) -> int:
-    """Replace each run of dropped lines by its summary line; returns the lines replaced."""
+    """Write each run's summary line (first, so a killed GC leaves no gap),
+    then delete the lines it covers; returns the lines newly dropped."""
     dbs = store.dbs
     done = 0
-    for first, last, count, path in plan.runs:
-        seq = first
-        while seq <= last:
+    for run in plan.runs:
+        seq = run.delete_from
+        with store.env.begin(write=True) as txn:
+            raw = txn.get(schema.event_key(plan.ws, run.first), db=dbs["events"])
+            if raw is None:
+                continue
+            if run.path is not None:
+                line = events.decode(run.first, bytes(raw))
+                summary = {"seq": run.first, "time": line["time"], "event": DROPPED_EVENT,
+                           "path": path_text(run.path), "through": run.last, "events": run.events,
+                           "turn": None, "pid": None}
+                txn.put(schema.event_key(plan.ws, run.first), json.dumps(summary).encode(), db=dbs["events"])
+            store.before_commit()
+        store.note_commit()
+        while seq <= run.last:
             with store.env.begin(write=True) as txn:
                 start = time.monotonic()
-                if seq == first and path is not None:
-                    raw = txn.get(schema.event_key(plan.ws, first), db=dbs["events"])
-                    if raw is None:
-                        break             # summarised by an earlier run
-                    line = events.decode(first, bytes(raw))
-                    summary = {"seq": first, "time": line["time"], "event": DROPPED_EVENT,
-                               "path": path_text(path), "through": last, "events": count,
-                               "turn": None, "pid": None}
-                    txn.put(schema.event_key(plan.ws, first), json.dumps(summary).encode(), db=dbs["events"])
-                    seq += 1
-                while seq <= last and time.monotonic() - start < BATCH_SECONDS:
-                    txn.delete(schema.event_key(plan.ws, seq), db=dbs["events"])
-                    seq += 1
+                with txn.cursor(db=dbs["events"]) as cur:
+                    while seq <= run.last and time.monotonic() - start < BATCH_SECONDS:
+                        if not cur.set_range(schema.event_key(plan.ws, seq)):
+                            seq = run.last + 1
+                            break
+                        seq = schema.event_key_seq(cur.key())
+                        if cur.key()[:4] != schema.ws_key(plan.ws) or seq > run.last:
+                            seq = run.last + 1
+                            break
+                        cur.delete()
+                        seq += 1
                 store.before_commit()
             store.note_commit()
             store.maintain()
-        done += count
+        done += run.new
     return done

@@ -159,3 +159,19 @@ def test_a_deleted_ignored_file_still_open_keeps_its_records(store, ws):
     result = collect.collect(store, ["w"], now_ns=LATER)
     assert result["dropped_inodes"] == 1
     _clean(store)
+
+
+def test_runs_of_later_gcs_extend_the_earlier_summaries(store, ws):
+    write(ws, ws.root, b"package.json", b"{}")
+    _install(ws, files=6, tag=b"a")
+    _remove(ws)
+    first = collect.collect(store, ["w"], now_ns=LATER)
+    _install(ws, files=6, tag=b"b")
+    _remove(ws)
+    second = collect.collect(store, ["w"], now_ns=LATER)
+    assert first["dropped_lines"] > 0 and second["dropped_lines"] > 0
+    summaries = [line for line in log_lines(ws) if line["event"] == "dropped"]
+    assert len(summaries) == 1                                  # one run: nothing else happened in between
+    assert summaries[0]["events"] == first["dropped_lines"] + second["dropped_lines"]
+    assert summaries[0]["through"] == ws.head_seq - 1                # the head keeps its line (a pin)
+    _clean(store)
