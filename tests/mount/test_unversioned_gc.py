@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from chronicle.store.meta import schema
 from chronicle.store.store import Store
 from tests.mount.test_full_disk import fsck_clean
 
