@@ -27,7 +27,11 @@
    ``rm -rf node_modules``, with the default policy (``node_modules/``
    ignored); then ``chronicle gc`` while mounted, and again after unmounting.
    Budget: store (packs + metadata) after gc <= 2x one round's install
-   (``du`` of ``node_modules``). Needs ``npm`` and the npm registry.
+   (``du`` of ``node_modules``). Needs ``npm`` and the npm registry. The
+   figures after gc say both the LMDB pages in use and the file's size: a
+   mounted store's file keeps the pages gc freed (reused by later commits)
+   until the last close compacts it (``meta.compact``), which the figures
+   after unmounting show (``budget_ok_in_use``, ``budget_ok_unmounted``).
 """
 
 from __future__ import annotations
@@ -226,9 +230,14 @@ def npm_rounds(work: Path, rounds: int) -> dict:
         gc = json.loads(subprocess.run(CHRONICLE + ["gc", "-s", str(store), "-w", "bench", "--json"],
                                        capture_output=True, text=True, check=True).stdout)
         figures["dry_run"] = {"dropped_versions": dry["workspaces"][0]["dropped_versions"],
+                              "dropped_inodes": dry["workspaces"][0].get("dropped_inodes"),
+                              "dropped_lines": dry["workspaces"][0].get("dropped_lines"),
                               "freed_bytes": dry["freed_bytes"]}
         figures["gc"] = gc
         figures["after_gc"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
+        mounted = meta_breakdown(store)          # (a second opener: the daemon's close is the last, not this one)
+        figures["after_gc"]["metadata_in_use_bytes"] = mounted["_in_use_bytes"]
+        figures["after_gc"]["metadata_file_bytes"] = mounted["_file_bytes"]
         figures["stats"] = json.loads((mnt / ".chronicle" / "stats").read_text())
     finally:
         procs.unmount(mnt)
@@ -238,11 +247,17 @@ def npm_rounds(work: Path, rounds: int) -> dict:
     figures["gc_unmounted"] = gc2
     figures["after_gc_unmounted"] = dict(zip(("packs_bytes", "metadata_bytes"), _store_bytes(store)))
     figures["metadata_breakdown"] = meta_breakdown(store)
+    figures["after_gc_unmounted"]["metadata_in_use_bytes"] = figures["metadata_breakdown"]["_in_use_bytes"]
+    figures["after_gc_unmounted"]["metadata_file_bytes"] = figures["metadata_breakdown"]["_file_bytes"]
     install = figures["install_bytes"]
     for key in ("after_gc", "after_gc_unmounted"):
         total = figures[key]["packs_bytes"] + figures[key]["metadata_bytes"]
         figures[key]["ratio"] = round(total / install, 2)
+    in_use = figures["after_gc"]["packs_bytes"] + figures["after_gc"]["metadata_in_use_bytes"]
+    figures["after_gc"]["ratio_in_use"] = round(in_use / install, 2)      # LMDB pages in use, not the file
     figures["budget_ok"] = figures["after_gc"]["ratio"] <= 2.0
+    figures["budget_ok_in_use"] = figures["after_gc"]["ratio_in_use"] <= 2.0
+    figures["budget_ok_unmounted"] = figures["after_gc_unmounted"]["ratio"] <= 2.0
     return figures
 
 

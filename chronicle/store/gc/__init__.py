@@ -15,7 +15,9 @@ contents at refcount 0 and makes chunks **dead** (refcount 0);
 **compaction** rewrites packs whose live fraction is low and deletes the old
 ones — restic's ``prune`` repack, made online with leases rather than an
 exclusive lock (``sweep`` explains the order that makes it crash-safe);
-``collect`` runs the whole and stores its result; ``stats`` caches what a
+**unversioned** records (``unversioned``) are those of deleted ignored
+paths nothing pins, which GC removes whole, their log lines folded into one
+``"dropped"`` summary line per run; ``collect`` runs the whole and stores its result; ``stats`` caches what a
 policy would free (``chronicle stats``, ``.chronicle/stats``).
 
 Threads: plain synchronous functions; each opens its own LMDB transactions,

@@ -8,8 +8,9 @@ store) it
    the same selection the dry run shows), with the pins of open ``at/``
    handles from the leases;
 2. prunes them (``prune``), re-reading the leases' pins before each batch,
-   then rewrites the deleted files' last records no process reads
-   (``prune.prune_dead``);
+   drops the records of deleted ignored paths and their superseded log
+   lines (``unversioned.drop``), then rewrites the deleted files' last
+   records no process reads (``prune.prune_dead``);
 3. sweeps contents and chunks nothing uses any more (``sweep.sweep``);
 4. compacts packs (``sweep.compact``): disk space comes back.
 
@@ -40,6 +41,7 @@ from chronicle.store.gc.leases import GcLock, read_leases
 from chronicle.errors import NotFound
 from chronicle.store.gc.prune import Keep, PruneResult, prune, prune_dead
 from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD, compact, sweep
+from chronicle.store.gc.unversioned import drop
 from chronicle.store.meta.journal import iso_time
 
 if TYPE_CHECKING:
@@ -64,7 +66,8 @@ def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None 
     daemon's ENOSPC path prunes, then sweeps and compacts separately).
     Returns ``{"time", "workspaces", "pruned_versions", "pruned_records"
     (inode records rewritten, dead records included), "deleted_records"
-    (deleted files' last records, ``prune.DeadRecord``),
+    (deleted files' last records, ``prune.DeadRecord``), "dropped_inodes",
+    "dropped_inode_records", "dropped_lines" (``unversioned``),
     "freed_contents", "freed_logical_bytes", "freed_chunks", "freed_bytes",
     "freed_raw_bytes", "packs_deleted", "packs_written", "reclaimed_bytes",
     "deferred", "seconds": {phase: s}}``. Raises :class:`~chronicle.errors.Busy`
@@ -87,11 +90,13 @@ def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None 
 
         t = time.monotonic()
         pruned = prune(store, plan.candidates, keep_of, lambda done, total: progress("prune", done, total))
+        dropped = drop(store, plan.unversioned, keep_of)
         dead = prune_dead(store, plan.dead, keep_of)
         seconds["prune"] = time.monotonic() - t
         result = {"time": iso_time(time.time_ns()), "workspaces": [w["workspace"] for w in plan.report["workspaces"]],
                   "pruned_versions": pruned.versions, "pruned_records": pruned.records + dead,
-                  "deleted_records": dead}
+                  "deleted_records": dead, "dropped_inodes": dropped["inodes"],
+                  "dropped_inode_records": dropped["records"], "dropped_lines": dropped["lines"]}
         if prune_only:
             return result
         t = time.monotonic()

@@ -40,6 +40,7 @@ from chronicle.store.gc.leases import DeletedFiles, LeaseInfo, read_leases
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
 from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry_fields, dead_record,
                                       dead_record_goes, keys_to_prune)
+from chronicle.store.gc.unversioned import UnversionedPlan, plan_workspace, released as unversioned_released
 from chronicle.store.meta import nodes, schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, ContentRecord, PathEntry,
@@ -193,12 +194,17 @@ class Plan:
     held: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     dead: list[DeadRecord] = field(default_factory=list)
     heads: dict[int, int] = field(default_factory=dict)      # ws id -> head seq when planned
+    unversioned: list[UnversionedPlan] = field(default_factory=list)   # ``gc.unversioned``
+
+
+def _uplan_report(uplan: UnversionedPlan) -> dict:
+    return {"dropped_inodes": len(uplan.inodes), "dropped_lines": uplan.lines}
 
 
 def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transaction,
          leases: Iterable[LeaseInfo] = (), deadline: float | None = None) -> Plan:
-    """The versions the policies drop (module docstring of ``dry_run``), read
-    in ``txn``. Raises :class:`NotFound` for an unknown workspace, and
+    """The versions the policies drop (module docstring of ``dry_run``), and
+    the records of ignored paths GC drops (``gc.unversioned``), read in ``txn``. Raises :class:`NotFound` for an unknown workspace, and
     ``TimeoutError`` once ``time.monotonic()`` passes ``deadline``."""
     report: dict = {"workspaces": []}
     candidates: list[Candidate] = []
@@ -206,6 +212,9 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
     held: dict[tuple[int, int], list[int]] = {}
     dead: list[DeadRecord] = []
     heads: dict[int, int] = {}
+    uplans: list[UnversionedPlan] = []
+    leases = list(leases)
+    may_drop = deleted_files(store, leases).may_drop
     records = {r.name: r for r in _records(txn, store)}
     leased = lease_pins(records.values(), leases)
     for name in (sorted(records) if names is None else names):
@@ -243,11 +252,15 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
             if dropped:
                 ws_report["paths"].append({"path": path_text(pv.path), "versions": len(pv.versions),
                                            "kept": len(pv.versions) - len(dropped), "dropped": dropped})
+        uplan = plan_workspace(store, record, txn, Keep(pins_by_ws, {}, may_drop), heads[record.id])
+        uplans.append(uplan)
+        ws_report.update(_uplan_report(uplan))
         report["workspaces"].append(ws_report)
-        dead.extend(d for d in (dead_record(txn, store.dbs, record.id, ino) for ino in sorted(inos)) if d)
+        gone = set(uplan.links)
+        dead.extend(d for d in (dead_record(txn, store.dbs, record.id, ino) for ino in sorted(inos - gone)) if d)
     for seqs in held.values():
         seqs.sort()
-    return Plan(report, candidates, pins_by_ws, held, dead, heads)
+    return Plan(report, candidates, pins_by_ws, held, dead, heads, uplans)
 
 
 _ENTRY_INO = struct.Struct("<Q")      # a path entry's inode: the u64 after its flags byte
@@ -308,6 +321,8 @@ def dry_run(store: Store, names: list[str] | None = None, now_ns: int | None = N
                 kept.add((cand.ws, cand.path, cand.seq))
             elif records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 released[cand.content] = released.get(cand.content, 0) + len(records)
+        for uplan in found.unversioned:
+            unversioned_released(txn, store.dbs, uplan, rewritten, released)
         for item in found.dead:
             if dead_record_goes(txn, store.dbs, item, keep) is not None:
                 released[item.content] = released.get(item.content, 0) + 1

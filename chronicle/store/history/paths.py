@@ -321,5 +321,10 @@ class History:
     def _time_of(self, txn: lmdb.Transaction, ws: int, seq: int) -> str | None:
         raw = txn.get(schema.event_key(ws, seq), db=self.dbs["events"])
         if raw is None:
-            return None
+            # a seq inside a run GC summarised (``gc.unversioned``): the time of the line before it
+            with txn.cursor(db=self.dbs["events"]) as cur:
+                moved = cur.prev() if cur.set_range(schema.event_key(ws, seq)) else cur.last()
+                if not moved or cur.key()[:4] != schema.ws_key(ws):
+                    return None
+                seq, raw = schema.event_key_seq(cur.key()), cur.value()
         return events.time_of(seq, raw)

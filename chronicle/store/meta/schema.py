@@ -76,6 +76,9 @@ id's hex stores it cut out (flag ``P_HASH_CUT``; entries without it still read).
 A ``chunks`` record of a delta chunk (``CODEC_DELTA``) is 61 bytes instead of
 29: the base chunk id follows (:class:`ChunkRecord`); 29-byte records, all
 that older stores hold, read as before.
+GC may fold a run of ``events`` lines of ignored paths into one JSON summary
+line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
+the seqs it covers have no record of their own.
 Beside the LMDB file, the record of the last sync moved from ``synced.json``
 (rewritten through a rename) to ``synced.rec`` (two CRC'd slots rewritten in
 place, ``meta.recovery.record_synced``); a ``synced.json`` is still read.

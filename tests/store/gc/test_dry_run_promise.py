@@ -205,3 +205,71 @@ def test_a_hard_linked_file_keeps_its_versions(store, ws):
     result = collect.collect(store, ["w"], now_ns=LATER)
     _check_promise(store, ws, promised, result)
     _clean(store)
+
+
+_NM_OP = st.one_of(st.tuples(st.just("write"), st.sampled_from([b"a", b"b"]), st.integers(0, 3)),
+                   st.tuples(st.just("delete"), st.sampled_from([b"a", b"b"]), st.just(0)),
+                   st.tuples(st.just("rmtree"), st.just(b""), st.just(0)),
+                   st.tuples(st.just("app"), st.just(b"app.py"), st.integers(0, 3)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_NM_OP, min_size=1, max_size=16), snap=st.one_of(st.none(), st.integers(0, 15)))
+def test_dry_run_promises_what_gc_drops_of_ignored_paths(tmp_path_factory, ops, snap):
+    """Random writes and deletes in ``node_modules/`` (ignored by the default
+    policy), removals of the whole directory and versioned writes beside it:
+    the dry run's freed figures, dropped inodes and dropped log lines are
+    gc's; every past tree lists only names whose inodes read; fsck is clean."""
+    store = Store.init(tmp_path_factory.mktemp("promise-nm") / "s")
+    try:
+        ws = store.open_workspace("w", writable=True, create=True)
+        for kind, name, n in ops:
+            nm = _lookup(ws, b"node_modules")
+            if kind == "app":
+                write(ws, ws.root, name, bytes([n]) * 5000)
+                continue
+            if nm is None:
+                nm = ws.mkdir(ws.root, b"node_modules", 0o755, A)[0]
+            try:
+                if kind == "write":
+                    write(ws, nm, name, bytes([n + 1]) * (10_000 + n) + os.urandom(32))
+                elif kind == "delete":
+                    ws.unlink(nm, name, A)
+                else:
+                    for child in (b"a", b"b"):
+                        try:
+                            ws.unlink(nm, child, A)
+                        except NotFound:
+                            pass
+                    ws.rmdir(ws.root, b"node_modules", A)
+            except NotFound:
+                continue
+        if snap is not None:
+            points.put_snapshot(ws, "s", 1 + snap % ws.head_seq)
+        promised = dryrun.dry_run(store, ["w"], now_ns=LATER)
+        result = collect.collect(store, ["w"], now_ns=LATER)
+        _check_promise(store, ws, promised, result)
+        mine = promised["workspaces"][0]
+        assert (mine["dropped_inodes"], mine["dropped_lines"]) == (result["dropped_inodes"], result["dropped_lines"])
+        for seq in range(1, ws.head_seq + 1):
+            view = ws.view(seq)
+            with ws.read_txn() as txn:
+                stack = [ws.root]
+                while stack:
+                    parent = stack.pop()
+                    for entry_name, ino, _kind in view.entries(txn, parent):
+                        attrs = view.attrs(txn, ino)
+                        assert attrs is not None and attrs.nlink >= 1, (seq, entry_name)
+                        if attrs.is_dir:
+                            stack.append(ino)
+        _clean(store)
+        again = dryrun.dry_run(store, ["w"], now_ns=LATER)
+        assert again["workspaces"][0]["dropped_inodes"] == 0 and again["freed_bytes"] == 0
+    finally:
+        store.close()
+
+
+def _lookup(ws, name: bytes) -> int | None:
+    with ws.read_txn() as txn:
+        found = ws.view().lookup(txn, ws.root, name)
+    return found[0] if found is not None else None
