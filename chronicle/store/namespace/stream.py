@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 from array import array
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from chronicle.store.chunks.chunker import Chunker
@@ -57,10 +58,14 @@ def _executor() -> ThreadPoolExecutor:
 
 
 class Stream:
-    """The streaming state of one overlay (see the module docstring)."""
+    """The streaming state of one overlay (see the module docstring).
+    ``base_at(pos)``: the id of the old chunk a new chunk starting at byte
+    ``pos`` replaces (``Overlay.delta_base``), or None; new chunks are stored
+    as deltas against it when that pays (``ChunkStore.put_many``'s ``bases``)."""
 
-    def __init__(self, chunks: ChunkStore):
+    def __init__(self, chunks: ChunkStore, base_at: Callable[[int], bytes | None] | None = None):
         self._chunks = chunks
+        self._base_at = base_at
         self._cond = threading.Condition()
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -166,13 +171,21 @@ class Stream:
         # Stored RAW_STREAK chunks at a time (ChunkStore.put_many: zstd on the
         # second core). Incompressible streams (media, archives, random data):
         # after a run of chunks zstd could not shrink, probe only every 16th.
+        pos = self.emitted
         for start in range(0, len(pieces), RAW_STREAK):
             part = [(hash_bytes(piece), piece) for piece in pieces[start:start + RAW_STREAK]]
+            bases = None
+            if self._base_at is not None:
+                bases = []
+                for _chunk_id, piece in part:
+                    bases.append(self._base_at(pos))
+                    pos += len(piece)
             streak = self._raw_streak
             probes = [streak + k < RAW_STREAK or (streak + k) % RAW_STREAK == 0 for k in range(len(part))]
             # a stream whose last new chunk compressed skips the 4 KiB sample (codec.encode)
             sample = self._raw_streak > 0 or not self.new_chunks
-            for (chunk_id, piece), stored_as in zip(part, self._chunks.put_many(part, probes, sample=sample)):
+            stored = self._chunks.put_many(part, probes, sample=sample, bases=bases)
+            for (chunk_id, piece), stored_as in zip(part, stored):
                 if stored_as is not None:
                     self.new_chunks += 1
                     self.new_bytes += len(piece)
