@@ -36,13 +36,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from chronicle.store.chunks.chunker import Chunker
-from chronicle.store.chunks.codec import CODEC_RAW
+from chronicle.store.chunks.codec import CODEC_DELTA, CODEC_RAW
 from chronicle.store.chunks.ids import hash_bytes
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.namespace.content import RAW_STREAK
 
 BATCH = 8 * 1024 * 1024
 MAX_PENDING = 32 * 1024 * 1024
+# New chunks in a row that had a base but were not worth a delta (a file
+# rewritten with unrelated data), after which bases are tried only now and then.
+DELTA_MISSES = 8
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -77,6 +80,7 @@ class Stream:
         self.new_bytes = 0
         self._busy = False                # a batch is in flight
         self._raw_streak = 0              # consecutive new chunks zstd could not shrink
+        self._delta_misses = 0            # consecutive new chunks with a base not stored as a delta
         self._error: BaseException | None = None
 
     def append(self, data: bytes) -> None:
@@ -176,16 +180,21 @@ class Stream:
             part = [(hash_bytes(piece), piece) for piece in pieces[start:start + RAW_STREAK]]
             bases = None
             if self._base_at is not None:
+                # data unlike what it replaces: after DELTA_MISSES misses in a row,
+                # only the first RAW_STREAK chunks of each batch try their base
+                tries = self._delta_misses < DELTA_MISSES or start == 0
                 bases = []
                 for _chunk_id, piece in part:
-                    bases.append(self._base_at(pos))
+                    bases.append(self._base_at(pos) if tries else None)
                     pos += len(piece)
             streak = self._raw_streak
             probes = [streak + k < RAW_STREAK or (streak + k) % RAW_STREAK == 0 for k in range(len(part))]
             # a stream whose last new chunk compressed skips the 4 KiB sample (codec.encode)
             sample = self._raw_streak > 0 or not self.new_chunks
             stored = self._chunks.put_many(part, probes, sample=sample, bases=bases)
-            for (chunk_id, piece), stored_as in zip(part, stored):
+            for k, ((chunk_id, piece), stored_as) in enumerate(zip(part, stored)):
+                if stored_as is not None and bases is not None and bases[k] is not None:
+                    self._delta_misses = 0 if stored_as == CODEC_DELTA else self._delta_misses + 1
                 if stored_as is not None:
                     self.new_chunks += 1
                     self.new_bytes += len(piece)

@@ -17,6 +17,7 @@ from chronicle.store.chunks.index import MAX_DELTA_DEPTH
 from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import Policy
 from chronicle.store.namespace.files import temp_targets
+from chronicle.store.namespace.stream import DELTA_MISSES
 from tests.store.gc.test_collect import LATER, read_at
 from tests.store.gc.test_delta_gc import clean, stored_chunks
 from tests.storeutil import A
@@ -123,3 +124,24 @@ def test_temp_targets_names_what_a_temporary_file_replaces():
     assert b"f.txt" in temp_targets(b"f.txt.tmp")
     assert temp_targets(b"f.txt~") == [b"f.txt", b"f"]
     assert temp_targets(b"plain") == []
+
+
+def test_a_stream_unlike_what_it_replaces_stops_trying_its_bases(store, ws, monkeypatch):
+    rng = random.Random(4)
+    ino, _ = ws.create(ws.root, b"big", 0o100644, A)
+    ws.files.open(ino, created=True)
+    ws.files.write(ino, 0, b"".join(source(rng, 60_000)), A.pid)     # ~2.6 MB of text
+    ws.files.commit(ino)
+    ws.files.release(ino)
+    tried = []
+    real = store.chunks._delta
+    monkeypatch.setattr(store.chunks, "_delta", lambda data, base: tried.append(base) or real(data, base))
+    data = b"".join(source(random.Random(5), 60_000))                # as much text, none of it shared
+    ws.files.open(ino, truncate=True)
+    ws.files.write(ino, 0, data, A.pid)
+    ws.files.commit(ino)
+    ws.files.release(ino)
+    extents = store.content_map(ws.head_attrs(ino).content).extent_count
+    assert extents > 20
+    assert len(tried) <= DELTA_MISSES + 16 < extents
+    assert read_at(ws, ws.head_seq, b"big") == data
