@@ -52,3 +52,47 @@ def test_sixteen_fsyncd_ten_byte_edits_of_32_mib_store_a_few_kib(mount):
     proc = subprocess.run([sys.executable, "-m", "chronicle", "fsck", "-s", str(mount.store)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _source(rng: random.Random, lines: int) -> list[bytes]:
+    words = [b"def", b"return", b"self", b"value", b"click", b"option", b"if", b"None", b"ctx"]
+    return [b" ".join(rng.choice(words) for _ in range(rng.randrange(3, 9))) + b"  # %d\n" % rng.randrange(10**6)
+            for _ in range(lines)]
+
+
+@pytest.mark.parametrize("how", ["trunc", "unlink", "replace"])
+def test_a_source_file_rewritten_whole_twenty_times_stores_deltas(mount, how):
+    rng = random.Random(7)
+    lines = _source(rng, 220)
+    path = mount.path / "core.py"
+    path.write_bytes(b"".join(lines))
+    first = pack_bytes(mount.store)
+    versions = [b"".join(lines)]
+    for _ in range(20):
+        lines[rng.randrange(len(lines))] = _source(rng, 1)[0]
+        data = b"".join(lines)
+        if how == "unlink":                               # as git checkout writes a changed file
+            path.unlink()
+            path.write_bytes(data)
+        elif how == "replace":                            # as an atomic save: a temp file renamed over
+            tmp = mount.path / ".core.py.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        else:
+            path.write_bytes(data)                        # O_TRUNC + write
+        versions.append(data)
+    grown = pack_bytes(mount.store) - first
+    assert grown < 20 * first / 3, (grown, first)         # 20 whole chunks without a base
+    assert path.read_bytes() == versions[-1]
+    query = json.loads((mount.path / ".chronicle" / "query" / "core.py").read_text())
+    seen = set()
+    for v in query["versions"]:                          # unlink + create also lists the deletions
+        at = mount.path / ".chronicle" / "at" / str(v["seq"]) / "core.py"
+        if at.exists():
+            seen.add(at.read_bytes())
+    assert all(expected in seen for expected in versions)
+    mount.stop()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "chronicle", "fsck", "-s", str(mount.store)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

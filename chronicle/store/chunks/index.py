@@ -197,13 +197,14 @@ class ChunkStore:
         return self._append(chunk_id, data, codec_id, payload, lost, base, seen_ns)
 
     def put_many(self, chunks: list[tuple[bytes, bytes | memoryview]], compress: list[bool], *,
-                 sample: bool = True) -> list[int | None]:
-        """:meth:`put` of each ``(chunk_id, data)`` of ``chunks`` (no base), in
-        order, as a stream's batch does: one index read for all their dedup
-        checks, and zstd of those with ``compress[i]`` on two cores
-        (``codec.encode_many``; ``sample`` as there). Returns each one's
-        :meth:`put` result (a chunk twice in ``chunks``: None the second
-        time). Raises ``NoSpace`` on a full disk."""
+                 sample: bool = True, bases: list[bytes | None] | None = None) -> list[int | None]:
+        """:meth:`put` of each ``(chunk_id, data)`` of ``chunks``, in order, as
+        a stream's batch does: one index read for all their dedup checks, and
+        zstd of those with ``compress[i]`` on two cores
+        (``codec.encode_many``; ``sample`` as there). ``bases``: each chunk's
+        :meth:`put` ``base`` (None: none), tried first (delta rules as in
+        :meth:`put`). Returns each one's :meth:`put` result (a chunk twice in
+        ``chunks``: None the second time). Raises ``NoSpace`` on a full disk."""
         if not self._announced and self.announce is not None:
             self.announce()
             self._announced = True
@@ -224,13 +225,27 @@ class ChunkStore:
                     continue
                 taken.add(chunk_id)
                 todo.append(i)
-        squeeze = [i for i in todo if compress[i]]
-        encoded = dict(zip(squeeze, codec.encode_many([chunks[i][1] for i in squeeze], self._level,
-                                                                  sample=sample)))
+            usable = {}
+            for i in todo:
+                base = bases[i] if bases is not None else None
+                if base is not None and compress[i] and base != chunks[i][0] and self._can_base(txn, base):
+                    usable[i] = base
+        encoded: dict[int, tuple[int, bytes | memoryview]] = {}
+        deltas: dict[int, bytes] = {}
+        for i, base in usable.items():
+            payload, plain = self._delta(chunks[i][1], base)
+            if payload is not None:
+                deltas[i] = base
+                encoded[i] = (codec.CODEC_DELTA, payload)
+            elif plain is not None:
+                encoded[i] = plain
+        squeeze = [i for i in todo if compress[i] and i not in encoded]
+        encoded.update(zip(squeeze, codec.encode_many([chunks[i][1] for i in squeeze], self._level,
+                                                      sample=sample)))
         for i in todo:
             chunk_id, data = chunks[i]
             codec_id, payload = encoded.get(i, (codec.CODEC_RAW, data))
-            results[i] = self._append(chunk_id, data, codec_id, payload, losts[i], None, seen_ns)
+            results[i] = self._append(chunk_id, data, codec_id, payload, losts[i], deltas.get(i), seen_ns)
         return results
 
     def _append(self, chunk_id: bytes, data: bytes | memoryview, codec_id: int, payload: bytes | memoryview,

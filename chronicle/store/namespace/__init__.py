@@ -18,7 +18,9 @@ Modules, from the top down (each imports only those below it):
   and :class:`~chronicle.store.namespace.head.WorkspaceEvent` (an event that
   updates the workspace's caches once it commits);
 - ``staging``, ``stream`` — a file's writes before commit: the sparse overlay
-  of an in-place edit, the chunk-while-you-write stream of a new file;
+  of an in-place edit, the chunk-while-you-write stream of a new file; a
+  file rewritten whole keeps the content it replaces (its **prior**) as the
+  delta bases of its new chunks;
 - ``content`` — :class:`~chronicle.store.namespace.content.ContentMap`: a
   content record (extent list of chunks, inline or a tree) read as bytes;
   ``build_content``, which re-cuts only what changed and updates the tree.

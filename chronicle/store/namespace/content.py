@@ -476,7 +476,8 @@ class _Build:
             pos = item[1]
             for view in _chunker().cut_stream(reader):
                 piece = bytes(view)       # the chunker reuses its buffer; the pack writer keeps this
-                self._put(piece, reader.base_at(pos), out)
+                replaced = reader.base_at(pos)
+                self._put(piece, replaced if replaced is not None else self.ov.delta_base(pos), out)
                 pos += len(piece)
                 if reader.touched_end >= 0 and pos >= reader.touched_end and pos in reader.keep_at:
                     return reader.keep_at[pos], out

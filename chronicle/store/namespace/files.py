@@ -67,12 +67,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from chronicle.errors import Busy, InvalidArgument, IsADirectory, NotFound
-from chronicle.store.chunks.ids import to_hex
+import lmdb
+
+from chronicle.errors import Busy, ChronicleError, InvalidArgument, IsADirectory, NotFound
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID, to_hex
 from chronicle.store.history.reads import FileRead
-from chronicle.store.meta import nodes
-from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, add_totals
-from chronicle.store.model import Actor, Attrs
+from chronicle.store.meta import nodes, schema
+from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, PathEntry, add_totals
+from chronicle.store.model import KIND_FILE, Actor, Attrs
 from chronicle.store.namespace.content import BuiltContent, ContentMap
 from chronicle.store.namespace.staging import Overlay
 
@@ -248,7 +250,35 @@ class OpenFiles(Mapping[int, FileState]):
         if state.overlay is None:
             store = self._ws.store
             state.overlay = Overlay(str(store.staging_dir), state.base, store.chunks)
+            if not state.base.size:
+                state.overlay.prior = self._prior(state.ino)
         return state.overlay
+
+    def _prior(self, ino: int) -> ContentMap | None:
+        """The content an empty file's first writes replace, as delta hints
+        (``Overlay.prior``): its path's last non-empty content (unlink +
+        create, as ``git checkout`` does), else that of the file its name is a
+        temporary of (:func:`temp_targets`: written, then renamed over it).
+        A few LMDB reads, once per overlay; None if nothing is found."""
+        ws = self._ws
+        path = ws.links.path_of(ino)
+        if not path:
+            return None
+        content = None
+        try:
+            with ws.read_txn() as txn:
+                content = _last_content(txn, ws.dbs["paths"], ws.id, path)
+                parent = ws.links.parent(ino)
+                for name in temp_targets(path.rsplit(b"/", 1)[-1]) if content is None and parent else ():
+                    found = ws.view().lookup(txn, parent, name)
+                    if found is not None and found[1] == KIND_FILE and found[0] != ino:
+                        attrs = ws.head_attrs(found[0], txn)
+                        if attrs.size:
+                            content = attrs.content
+                            break
+            return None if content is None else ws.store.content_map(content)
+        except (ChronicleError, lmdb.Error):
+            return None               # only a hint
 
     def stream_backlogged(self, ino: int) -> bool:
         """True if the writer of ``ino`` should wait for its stream worker
@@ -346,6 +376,49 @@ class OpenFiles(Mapping[int, FileState]):
         state.base = base
         if state.overlay is not None:
             state.overlay.rebase(base)
+
+
+_PRIOR_WALK = 8                 # path entries looked at, newest first, for the last content
+
+
+def _last_content(txn: lmdb.Transaction, db: lmdb._Database, ws_id: int, path: bytes) -> bytes | None:
+    """The newest non-empty content id among ``path``'s last :data:`_PRIOR_WALK`
+    entries in workspace ``ws_id``'s own ``paths`` layer, or None."""
+    prefix = schema.path_key(ws_id, path, 0)[:-8]
+    with txn.cursor(db=db) as cur:
+        if not cur.set_range(prefix + b"\xff" * 8):
+            if not cur.last():
+                return None
+        elif not cur.prev():
+            return None
+        for _ in range(_PRIOR_WALK):
+            key = cur.key()
+            if not bytes(key).startswith(prefix):
+                return None
+            entry = PathEntry.decode(cur.value())
+            if (entry.flags & P_CONTENT and entry.content not in (EMPTY_CONTENT_ID, PRUNED_ID)
+                    and (not entry.path or entry.path == path)):
+                return entry.content
+            if not cur.prev():
+                return None
+    return None
+
+
+def temp_targets(name: bytes) -> list[bytes]:
+    """The names a temporary file ``name`` is likely written to replace (by
+    a rename over it): without a leading ``.`` and a trailing ``~``, then with
+    each trailing ``.suffix`` dropped in turn (``.f.txt.swp``, ``f.txt.tmp``,
+    ``f.txt~`` -> ``f.txt`` among them). At most 4 names, never ``name``."""
+    out: list[bytes] = []
+    stem = name.lstrip(b".").rstrip(b"~")
+    while stem and len(out) < 4:
+        if stem != name and stem not in out:
+            out.append(stem)
+        cut = stem.rfind(b".")
+        if cut <= 0:
+            break
+        stem = stem[:cut]
+    return out
 
 
 class ReadTracker:

@@ -13,6 +13,12 @@ Vocabulary:
   the staging file (a partial write first copies the page's base bytes in).
   Bytes at or past ``base_valid`` always come from the staging file; there,
   unwritten ranges are holes and read as zeros.
+- **prior** — the content a file rewritten whole replaces: the base when it
+  is truncated to empty (``O_TRUNC``), or, for a new file at a path that had
+  one (unlink + create, rename over a temp file), that content (set by
+  ``OpenFiles``). Only a hint: each new chunk at offset ``pos`` is stored, when
+  that pays, as a delta against the prior's chunk holding ``pos``
+  (:meth:`Overlay.delta_base`; ``ChunkStore.put``'s ``base``).
 
 On flush/fsync the store turns the overlay into a new content record
 (``chronicle.store.namespace.content.build_content``), re-chunking only the dirty spans,
@@ -38,6 +44,7 @@ from dataclasses import dataclass
 from chronicle.errors import FileTooLarge, NoSpace
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.chunks import tree
+from chronicle.store.chunks.ids import HOLE_ID
 from chronicle.store.meta import schema
 from chronicle.store.namespace.content import BuiltContent, ContentMap, build_content, finish_content
 from chronicle.store.namespace.stream import Stream
@@ -84,6 +91,7 @@ class Overlay:
         self.dirty = False
         self.wrote = False                # data was written (not only truncated)
         self.stream: Stream | None = None
+        self.prior: ContentMap | None = None   # delta hints (module docstring)
 
     # -- reading and writing -----------------------------------------------------
 
@@ -116,7 +124,7 @@ class Overlay:
             self.leave_stream()
         elif (offset == 0 and self.size == 0 and self._fd is None and self._chunks is not None
               and not self._pages):
-            self.stream = Stream(self._chunks)
+            self.stream = Stream(self._chunks, self.delta_base)
             self.stream.append(data)
             self.size = end
             self.dirty = self.wrote = True
@@ -143,7 +151,9 @@ class Overlay:
             return
         if size == 0:
             # Emptied (O_TRUNC, truncate -s 0): nothing to keep; the next
-            # writes may stream again.
+            # writes may stream again; the old bytes stay the delta hint.
+            if self.prior is None and self.base.size:
+                self.prior = self.base
             if self.stream is not None:
                 self.stream.drain()
                 self.stream = None
@@ -284,6 +294,16 @@ class Overlay:
             self._fd = None
         self.stream = None
         self.dirty = self.wrote = False
+
+    def delta_base(self, pos: int) -> bytes | None:
+        """The chunk id of the bytes this file's offset ``pos`` replaces (the
+        prior's chunk holding it, else the base's past ``base_valid``), or
+        None. Safe from the stream worker (``ContentMap`` reads are)."""
+        for old in (self.prior, self.base):
+            if old is not None and pos < old.size and (old is self.prior or pos >= self.base_valid):
+                chunk_id = old.extent(old.extent_index(pos))[0]
+                return None if chunk_id == HOLE_ID else chunk_id
+        return None
 
     # -- streaming -------------------------------------------------------------------
 

@@ -32,16 +32,20 @@ from __future__ import annotations
 
 import threading
 from array import array
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from chronicle.store.chunks.chunker import Chunker
-from chronicle.store.chunks.codec import CODEC_RAW
+from chronicle.store.chunks.codec import CODEC_DELTA, CODEC_RAW
 from chronicle.store.chunks.ids import hash_bytes
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.namespace.content import RAW_STREAK
 
 BATCH = 8 * 1024 * 1024
 MAX_PENDING = 32 * 1024 * 1024
+# New chunks in a row that had a base but were not worth a delta (a file
+# rewritten with unrelated data), after which bases are tried only now and then.
+DELTA_MISSES = 8
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -57,10 +61,14 @@ def _executor() -> ThreadPoolExecutor:
 
 
 class Stream:
-    """The streaming state of one overlay (see the module docstring)."""
+    """The streaming state of one overlay (see the module docstring).
+    ``base_at(pos)``: the id of the old chunk a new chunk starting at byte
+    ``pos`` replaces (``Overlay.delta_base``), or None; new chunks are stored
+    as deltas against it when that pays (``ChunkStore.put_many``'s ``bases``)."""
 
-    def __init__(self, chunks: ChunkStore):
+    def __init__(self, chunks: ChunkStore, base_at: Callable[[int], bytes | None] | None = None):
         self._chunks = chunks
+        self._base_at = base_at
         self._cond = threading.Condition()
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -72,6 +80,7 @@ class Stream:
         self.new_bytes = 0
         self._busy = False                # a batch is in flight
         self._raw_streak = 0              # consecutive new chunks zstd could not shrink
+        self._delta_misses = 0            # consecutive new chunks with a base not stored as a delta
         self._error: BaseException | None = None
 
     def append(self, data: bytes) -> None:
@@ -166,13 +175,26 @@ class Stream:
         # Stored RAW_STREAK chunks at a time (ChunkStore.put_many: zstd on the
         # second core). Incompressible streams (media, archives, random data):
         # after a run of chunks zstd could not shrink, probe only every 16th.
+        pos = self.emitted
         for start in range(0, len(pieces), RAW_STREAK):
             part = [(hash_bytes(piece), piece) for piece in pieces[start:start + RAW_STREAK]]
+            bases = None
+            if self._base_at is not None:
+                # data unlike what it replaces: after DELTA_MISSES misses in a row,
+                # only the first RAW_STREAK chunks of each batch try their base
+                tries = self._delta_misses < DELTA_MISSES or start == 0
+                bases = []
+                for _chunk_id, piece in part:
+                    bases.append(self._base_at(pos) if tries else None)
+                    pos += len(piece)
             streak = self._raw_streak
             probes = [streak + k < RAW_STREAK or (streak + k) % RAW_STREAK == 0 for k in range(len(part))]
             # a stream whose last new chunk compressed skips the 4 KiB sample (codec.encode)
             sample = self._raw_streak > 0 or not self.new_chunks
-            for (chunk_id, piece), stored_as in zip(part, self._chunks.put_many(part, probes, sample=sample)):
+            stored = self._chunks.put_many(part, probes, sample=sample, bases=bases)
+            for k, ((chunk_id, piece), stored_as) in enumerate(zip(part, stored)):
+                if stored_as is not None and bases is not None and bases[k] is not None:
+                    self._delta_misses = 0 if stored_as == CODEC_DELTA else self._delta_misses + 1
                 if stored_as is not None:
                     self.new_chunks += 1
                     self.new_bytes += len(piece)

@@ -142,7 +142,7 @@ class OverlayModel(RuleBasedStateMachine):
         self.unwritten = bytearray(len(self.model))
         for a, b in holes:
             self.unwritten[a:b] = b"\x01" * (b - a)
-        assert self.overlay.read(0, MAX + 1) == bytes(self.model)
+        assert self.overlay.read(0, len(self.model) + 1) == bytes(self.model)
 
     @rule(off=st.integers(0, MAX), n=st.integers(0, 300_000))
     def read(self, off, n):
