@@ -391,8 +391,9 @@ def _mark_line(txn: lmdb.Transaction, dbs: dict, ws: int, seq: int, path_field: 
     event_key = schema.event_key(ws, seq)
     line = txn.get(event_key, db=dbs["events"])
     if line is not None and line[:1] == bytes((events.PACKED,)):      # a compact record (meta.events)
-        if not events.is_pruned(seq, line) and path_field in events.render(seq, line):
-            txn.put(event_key, events.mark_pruned(seq, line, mark_pruned), db=dbs["events"])
+        marked = events.mark_pruned_if_at(line, json.loads(path_field[len(b'"path": '):-1]))
+        if marked is not None:
+            txn.put(event_key, marked, db=dbs["events"])
     elif line is not None and _PRUNED not in line and path_field in line:
         txn.put(event_key, mark_pruned(bytes(line)), db=dbs["events"])
 

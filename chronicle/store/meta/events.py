@@ -239,6 +239,42 @@ def mark_pruned(seq: int, raw: bytes, text_mark) -> bytes:
     return encode(_time_us(raw) * 1000, line)
 
 
+def mark_pruned_if_at(raw: bytes, path: str) -> bytes | None:
+    """:func:`mark_pruned` of a packed record ``raw`` whose ``path`` is
+    ``path`` (``os.fsdecode`` text) and which is not marked yet; None if it
+    names another path or is marked already. One unpack and one pack, no
+    rendering (GC marks millions): the hash extension values stay as they
+    are. Raises ``ValueError`` if the record is damaged."""
+    try:
+        time_us, event, at, turn, pid, fields, tail = msgpack.unpackb(
+            memoryview(raw)[1:], unicode_errors="surrogatepass", strict_map_key=True)
+        if at != path:
+            return None
+        keys = tail[0::2]
+        for i, key in enumerate(keys):
+            if key in (_PRUNED_NO, "pruned") and tail[2 * i + 1] is True:
+                return None
+        fields = _without(fields, (_HASH_NO, "hash"))
+        tail = _without(tail, (_HASH_NO, "hash", _PRUNED_NO, "pruned")) + [_PRUNED_NO, True]
+        return bytes((PACKED,)) + msgpack.packb([time_us, event, at, turn, pid, fields, tail],
+                                                unicode_errors="surrogatepass")
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged event record ({type(exc).__name__}: {exc})") from None
+
+
+def _without(flat: list, keys: tuple) -> list:
+    """A flat ``[key, value, ...]`` list without the pairs whose key is in ``keys``."""
+    out = []
+    for i in range(0, len(flat), 2):
+        if flat[i] not in keys:
+            out += flat[i:i + 2]
+    return out
+
+
+_HASH_NO = _FIELD_NO["hash"]
+_PRUNED_NO = _FIELD_NO["pruned"]
+
+
 def _time_us(raw: bytes) -> int:
     unpacker = msgpack.Unpacker(unicode_errors="surrogatepass", ext_hook=_ext)
     unpacker.feed(memoryview(raw)[1:])

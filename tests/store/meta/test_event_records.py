@@ -146,6 +146,35 @@ def test_any_line_renders_back_to_the_same_text(seq, time_ns, event, path, field
     assert events.time_of(seq, raw) == line["time"]
 
 
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(1, (1 << 64) - 1), path=_text, other=_text,
+       fields=st.lists(st.tuples(_names, _value), max_size=5, unique_by=lambda kv: kv[0]),
+       digest=st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex), pruned=st.booleans())
+def test_gc_marks_a_packed_line_in_place_as_mark_pruned_does(seq, path, other, fields, digest, pruned):
+    """``mark_pruned_if_at`` (one unpack, no rendering: gc's fast path) gives
+    the record ``mark_pruned`` gives, for the line's own path only, once."""
+    line = {"seq": seq, "time": events.iso_time(10 ** 15), "event": "write", "path": path}
+    if digest is not None:
+        line["hash"] = digest
+    for k, v in fields:
+        if k not in ("hash", "pruned"):
+            line[k] = v
+    line["turn"], line["pid"] = None, 7
+    if pruned:
+        line["pruned"] = True
+    raw = events.encode(10 ** 15, line)
+    if raw[0] != events.PACKED:
+        return
+    if other != path:
+        assert events.mark_pruned_if_at(raw, other) is None
+    marked = events.mark_pruned_if_at(raw, path)
+    if pruned:
+        assert marked is None
+        return
+    assert events.render(seq, marked) == events.render(seq, events.mark_pruned(seq, raw, mark_pruned))
+    assert events.is_pruned(seq, marked) and events.mark_pruned_if_at(marked, path) is None
+
+
 def test_a_damaged_packed_record_is_a_value_error():
     raw = events.encode(10 ** 15, {"seq": 1, "time": events.iso_time(10 ** 15), "event": "write", "path": "a",
                                    "turn": None, "pid": 1})
