@@ -14,12 +14,13 @@ import subprocess
 import sys
 import time
 from array import array
+from pathlib import Path
 
 import pytest
 
 from chronicle.store import model
-from chronicle.store.chunks.packs import RECORD_HEADER, ChunkLocation, PackWriter, pack_path
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, hash_bytes
+from chronicle.store.chunks.packs import RECORD_HEADER, ChunkLocation, PackWriter, pack_path
 from chronicle.store.fsck.checks import ERROR, INFO, WARNING, FsckReport, fsck
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord
@@ -533,9 +534,16 @@ def test_store_is_clean_after_a_crash(store_path, monkeypatch, caplog, reboot):
     leaving pack data no index entry refers to."""
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(store_path)], stdout=subprocess.PIPE,
                             text=True)
+    packs = Path(store_path) / "packs"
+
+    def pack_bytes() -> int:
+        return sum(f.stat().st_size for f in packs.rglob("*") if f.is_file())
     try:
         assert proc.stdout.readline().strip() == "synced"
+        at_sync, deadline = pack_bytes(), time.monotonic() + 30
         time.sleep(0.5)
+        while pack_bytes() < at_sync + (256 << 10) and time.monotonic() < deadline:
+            time.sleep(0.1)                       # a loaded machine: wait until it wrote past the sync
     finally:
         proc.kill()
         proc.wait()
