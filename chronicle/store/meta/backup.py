@@ -84,7 +84,8 @@ def _heads(txn: lmdb.Transaction, dbs: dict) -> dict[str, int]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync the directory ``path`` (a rename or unlink in it is durable). Raises ``OSError``."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -147,7 +148,7 @@ def take(env: lmdb.Environment, dbs: dict, store_path: Path, modes) -> Generatio
         raise
     for old in generations(store_path)[KEEP:]:
         shutil.rmtree(old.path, ignore_errors=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     return gen
 
 
@@ -223,7 +224,7 @@ def restore(store_path: Path, reason: str, modes) -> Generation | None:
         note = {"generation": str(gen.path), "txnid": gen.txnid, "time": gen.time, "heads": gen.heads,
                 "reason": reason, "restored": iso_time(time.time_ns()), "damaged_file": str(kept) if kept else None}
         modes.write_file(meta / RESTORED_FILE, json.dumps(note).encode())
-        _fsync_dir(meta)
+        fsync_dir(meta)
         log.warning("the store's metadata could not be opened (%s): it was restored from the backup of %s "
                     "(transaction %d); %s", reason, gen.time, gen.txnid, gen.lost_text())
         return gen

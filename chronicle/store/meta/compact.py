@@ -42,6 +42,7 @@ from pathlib import Path
 
 import lmdb
 
+from chronicle.store.meta.backup import fsync_dir
 from chronicle.store.meta.recovery import carry_txnid, forget_synced
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,6 @@ def rebuild(env: lmdb.Environment, work: Path, map_size: int, max_dbs: int, file
     (work / "lock.mdb").unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mode: int,
                            min_bytes: int = MIN_BYTES, free_fraction: float = FREE_FRACTION) -> Compacted | None:
@@ -169,9 +163,9 @@ def compact_if_mostly_free(meta_dir: Path, map_size: int, max_dbs: int, file_mod
         # First the synced state goes (the old file was synced at close: without it nothing is rolled back),
         # so that a crash can never leave a sync record beside the new file (whose txnids are past it).
         forget_synced(meta_dir)
-        _fsync_dir(meta_dir)
+        fsync_dir(meta_dir)
         os.replace(copy, data)                          # atomic: the old file or the new one
-        _fsync_dir(meta_dir)
+        fsync_dir(meta_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("compacted the metadata file: %d -> %d bytes", size, after)
