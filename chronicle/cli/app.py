@@ -170,7 +170,8 @@ def event_line(ev: dict, seq_width: int) -> str:
         text += f" -> {ev['to']}"
     if ev.get("target") is not None:
         text += f" -> {ev['target']}"
-    details = [f"{k} {ev[k]}" for k in ("restored", "at", "paths", "mode", "uid", "gid", "name") if k in ev]
+    details = [f"{k} {ev[k]}" for k in ("restored", "at", "paths", "mode", "uid", "gid", "name", "through", "events")
+               if k in ev]
     if ev.get("exchange"):
         details.append("exchange")
     if details:

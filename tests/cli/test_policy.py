@@ -99,3 +99,30 @@ def test_stats_shows_retention_figures(runner, store):
     assert figures["last_gc"]["pruned_versions"] == 4 and figures["policy_would_drop_versions"] == 0
     assert figures["last_gc"]["freed_bytes"] > 0 and figures["policy_would_free_bytes"] == 0
     assert "pruned 4 versions" in run(runner, "stats", "-s", store).stdout
+
+
+def test_log_text_names_what_a_dropped_line_summarises(runner, tmp_path):
+    """A gc-dropped run of an ignored path is one ``dropped`` line; the text log says through which seq and
+    how many events it stands for, as the JSON line does."""
+    import time
+
+    from chronicle.store.gc import collect
+    from tests.storeutil import A
+
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("default", writable=True, create=True)
+    nm = ws.mkdir(ws.root, b"node_modules", 0o755, A)[0]
+    for i in range(4):
+        write(ws, nm, b"f%d.js" % i, b"x" * 100 + bytes([i]))
+    for i in range(4):
+        ws.unlink(nm, b"f%d.js" % i, A)
+    ws.rmdir(ws.root, b"node_modules", A)
+    collect.collect(st, ["default"], now_ns=time.time_ns() + 400 * 86400 * 10**9)
+    st.close()
+    lines = [json.loads(x) for x in run(runner, "log", "-s", path, "--json").stdout.splitlines()]
+    summary = [x for x in lines if x["event"] == "dropped"]
+    assert len(summary) == 1 and summary[0]["events"] > 4
+    text = [x for x in run(runner, "log", "-s", path).stdout.splitlines() if " dropped " in x]
+    assert len(text) == 1
+    assert f"through {summary[0]['through']}" in text[0] and f"events {summary[0]['events']}" in text[0]
