@@ -9,7 +9,8 @@ Temporary files of :meth:`LocalBackend.put` start with ``.`` and are never
 listed.
 
 **Direct appends.** An append of at least :data:`DIRECT_MIN` bytes (the pack
-writer hands over 4 MiB at a time) is copied into a reused, page-aligned
+writer's flusher hands over 4 MiB at a time; a commit's smaller flush keeps
+the page cache, whose copy returns sooner than a disk write) is copied into a reused, page-aligned
 buffer and written with ``O_DIRECT`` (open(2): the bytes go from that buffer
 to the device, not through the page cache), its last partial
 :data:`DIO_ALIGN` block with a plain ``pwrite``; the block a direct write
@@ -60,7 +61,7 @@ NAMESPACES = ("packs",)
 _COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _IOV_MAX = 1024
 _MAX_OPEN = 64
-DIRECT_MIN = 256 * 1024           # appends from this size on are written with O_DIRECT
+DIRECT_MIN = 1024 * 1024          # appends from this size on are written with O_DIRECT
 DIO_ALIGN = 4096                  # offset and length alignment of O_DIRECT writes (any device's block)
 _STAGE_SIZE = 4 * 1024 * 1024 + 2 * DIO_ALIGN    # the aligned copy buffer, one per thread
 _stage = threading.local()
