@@ -91,3 +91,27 @@ def test_perfbench_bad_arguments_get_one_line_and_exit_2(args, message):
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sequential_rounds_write_fresh_bytes(tmp_path, monkeypatch):
+    """Each round of the seq workload writes bytes no earlier round wrote (else
+    Chronicle's later rounds would measure deduplication, not writing)."""
+    from tools.bench import workloads as wl
+    from tools.bench.targets import Target
+
+    target = Target(tmp_path)
+    target.root = tmp_path
+    written = []
+    real = wl.write_file
+
+    def spy(path, size, source):
+        out = real(path, size, source)
+        written.append(path.read_bytes())
+        return out
+
+    monkeypatch.setattr(wl, "write_file", spy)
+    for _ in range(2):
+        wl.sequential(target, wl.Config(seq_size=2 * wl.MiB), write=True, read=False)
+    assert [len(w) for w in written] == [2 * wl.MiB] * 2
+    first = {written[0][i:i + wl.MiB] for i in range(0, 2 * wl.MiB, wl.MiB)}
+    assert not any(written[1][i:i + wl.MiB] in first for i in range(0, 2 * wl.MiB, wl.MiB))

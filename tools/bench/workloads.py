@@ -13,12 +13,16 @@ repeat -- not even shifted, which content-defined chunking would still find.
 ``BlockSource`` makes 1 MiB blocks from one 64 MiB ``os.urandom`` pool: block
 ``i`` is slice ``i mod 64`` of the pool mapped through a byte permutation that
 is drawn anew for every pass over the pool (and per seed), so no two blocks of
-a run are equal and every block is uniformly random bytes.
+a run are equal and every block is uniformly random bytes. A workload that
+runs once per round makes its source with ``BlockSource.fresh()`` (a seed no
+other source of this process has), so a later round does not write what an
+earlier one stored: Chronicle keeps versions, and would deduplicate them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import hashlib
 import json
 import os
@@ -66,6 +70,12 @@ class BlockSource:
     """Incompressible, never-repeating 1 MiB blocks (see the module docstring)."""
 
     _pool: bytes | None = None
+    _fresh_seeds = itertools.count(1_000)
+
+    @classmethod
+    def fresh(cls) -> BlockSource:
+        """A source whose seed no other ``fresh()`` source of this process had."""
+        return cls(seed=next(cls._fresh_seeds))
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -150,11 +160,13 @@ def sequential(target: Target, cfg: Config, write: bool, read: bool) -> list[Mea
 
     The read starts from a fresh mount (FUSE targets are unmounted and mounted
     again) with the page cache dropped. If only the read is asked for, the
-    file is written untimed first.
+    file is written untimed first. Every call writes fresh bytes
+    (``BlockSource.fresh``): a round must not measure deduplication of the
+    previous round's file.
     """
     results = []
     size = cfg.seq_size
-    source = BlockSource(seed=1)
+    source = BlockSource.fresh()
     with fresh_dir(target, "seq") as d:
         path = d / "seq.bin"
         os.sync()

@@ -220,6 +220,12 @@ class PackWriter:
         if lost is not None and location.offset - RECORD_HEADER.size >= lost[0]:
             raise _again(lost[1])
 
+    def retired_packs(self) -> set[int]:
+        """The packs a write error retired so far (:meth:`check` passes every
+        location in any other pack)."""
+        with self._cond:
+            return set(self._lost)
+
     def sync(self) -> None:
         """Flush, close the packs sealed since the last sync, then make
         everything durable (``backend.sync()``, which also covers other

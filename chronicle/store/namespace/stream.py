@@ -36,8 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from chronicle.store.chunks.chunker import Chunker
-from chronicle.store.chunks.codec import CODEC_DELTA, CODEC_RAW
-from chronicle.store.chunks.ids import hash_bytes
+from chronicle.store.chunks.codec import CODEC_DELTA, CODEC_RAW, hash_many
 from chronicle.store.chunks.index import ChunkStore
 from chronicle.store.namespace.content import RAW_STREAK
 
@@ -176,8 +175,9 @@ class Stream:
         # second core). Incompressible streams (media, archives, random data):
         # after a run of chunks zstd could not shrink, probe only every 16th.
         pos = self.emitted
+        hashed = list(zip(hash_many(pieces), pieces))     # on two cores (codec.hash_many)
         for start in range(0, len(pieces), RAW_STREAK):
-            part = [(hash_bytes(piece), piece) for piece in pieces[start:start + RAW_STREAK]]
+            part = hashed[start:start + RAW_STREAK]
             bases = None
             if self._base_at is not None:
                 # data unlike what it replaces: after DELTA_MISSES misses in a row,

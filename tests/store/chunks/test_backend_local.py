@@ -10,6 +10,7 @@ a full disk.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -251,6 +252,83 @@ class TestLocal:
         writer.close()
         backend.close()
         other.close()
+
+    def test_large_appends_go_direct_and_read_back_exactly(self, tmp_path, monkeypatch):
+        """Appends from DIRECT_MIN bytes on are written with O_DIRECT (from
+        an aligned copy, the last partial block with pwrite), mixed with
+        small ones at every alignment: the file is exactly what was
+        appended, readable through the backend at once."""
+        import random
+
+        import chronicle.store.chunks.backends.local as local
+
+        opened = []
+        real_open = os.open
+        monkeypatch.setattr(local.os, "open", lambda path, flags, *a: (opened.append(flags), real_open(path, flags, *a))[1])
+        rng = random.Random(5)
+        backend = LocalBackend(tmp_path / "store")
+        writer = backend.create(name(1, 1))
+        expect = bytearray()
+        sizes = [16, local.DIRECT_MIN, 3, local.DIRECT_MIN + 4095, 1, 5 * 1024 * 1024 + 17, 4096 - 21,
+                 local.DIRECT_MIN - 1, 6 * 1024 * 1024]
+        for size in sizes:
+            data = rng.randbytes(size)
+            pieces = [data[:size // 3], memoryview(data)[size // 3:]]   # several buffers, bytes and views
+            writer.append(pieces)
+            expect += data
+            assert backend.size(name(1, 1)) == len(expect)
+            assert backend.read(name(1, 1), 0, len(expect)) == bytes(expect)
+        writer.close()
+        assert (tmp_path / "store" / name(1, 1)).read_bytes() == bytes(expect)
+        assert any(flags & os.O_DIRECT for flags in opened)
+        backend.close()
+
+    def test_a_failed_direct_append_is_rolled_back(self, tmp_path, monkeypatch):
+        """ENOSPC in the middle of a direct append: the file is truncated back
+        to its end before it, and the next append continues from there."""
+        import chronicle.store.chunks.backends.local as local
+
+        backend = LocalBackend(tmp_path / "store")
+        writer = backend.create(name(1, 1))
+        writer.append([b"head" * 5])
+        real_pwrite, calls = os.pwrite, []
+
+        def filling(fd, data, offset):
+            calls.append(offset)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(local.os, "pwrite", filling)
+        with pytest.raises(NoSpace):
+            writer.append([b"\x01" * (9 * 1024 * 1024)])     # two stage-fulls: the second write fails
+        monkeypatch.undo()
+        assert backend.size(name(1, 1)) == 20
+        writer.append([b"\x02" * local.DIRECT_MIN])
+        writer.close()
+        assert (tmp_path / "store" / name(1, 1)).read_bytes() == b"head" * 5 + b"\x02" * local.DIRECT_MIN
+        backend.close()
+
+    def test_a_file_system_without_o_direct_gets_writev(self, tmp_path, monkeypatch):
+        import chronicle.store.chunks.backends.local as local
+
+        real_open = os.open
+
+        def no_direct(path, flags, *a):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *a)
+
+        monkeypatch.setattr(local.os, "open", no_direct)
+        backend = LocalBackend(tmp_path / "store")
+        writer = backend.create(name(1, 1))
+        writer.append([b"x" * 10, b"y" * local.DIRECT_MIN])
+        writer.append([b"z" * local.DIRECT_MIN])
+        writer.close()
+        assert not backend.direct_writes
+        assert (tmp_path / "store" / name(1, 1)).read_bytes() == b"x" * 10 + b"y" * local.DIRECT_MIN + \
+            b"z" * local.DIRECT_MIN
+        backend.close()
 
     def test_a_full_disk_is_no_space(self, tmp_path):
         mnt = tmp_path / "small"

@@ -109,3 +109,12 @@ def test_encode_many_works_in_a_forked_child_after_the_parent_used_its_pool():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("count", [0, 1, codec.PARALLEL_MIN - 1, codec.PARALLEL_MIN, 17])
+def test_hash_many_is_each_chunks_id_in_order(count):
+    """hash_many (half of the batch on the pool thread) gives every chunk's
+    BLAKE3 in input order, bytes and memoryviews alike."""
+    datas = [os.urandom(1000 + 3000 * i) for i in range(count)]
+    datas = [memoryview(d) if i % 2 else d for i, d in enumerate(datas)]
+    assert codec.hash_many(datas) == [hash_bytes(d) for d in datas]
