@@ -17,7 +17,10 @@ Lifecycle (S3QL's and borg's rules):
   and before a full disk is answered ENOSPC (``errno_map.set_reclaim``:
   then packs with any dead chunk are rewritten, and the request is tried
   again). Every second the task also refreshes this process's GC lease
-  (``gc.leases``) and closes descriptors of packs another GC deleted;
+  (``gc.leases``) and closes descriptors of packs another GC deleted; when
+  that GC asked it to seal the pack it writes (``Lease.take_rotation``), it
+  closes that pack at once in a worker (``PackWriter.close_sealed``) and
+  rewrites its lease, so the GC need not wait for the next sync;
 - SIGTERM/SIGINT/SIGHUP end the loop cleanly; an unmount (``fusermount3 -u``)
   ends it too. Only after a clean return are open files committed, the
   metadata backed up (if anything was committed), the store synced and the
@@ -206,6 +209,12 @@ class _Collector:
                 self.store.lease.refresh()
             except OSError as exc:            # a full disk: the lease stays as it was (gc waits, then defers)
                 log.debug("could not refresh the gc lease: %s", exc)
+            if self.store.lease.take_rotation():          # another process's gc waits for the pack sealed
+                try:
+                    await trio.to_thread.run_sync(self.store.chunks.writer.close_sealed)
+                    self.store.lease.refresh(force=True)
+                except Exception as exc:      # noqa: BLE001 - the next sync closes it as before
+                    log.debug("could not close the sealed pack early: %s", exc)
             self.store.chunks.release_deleted()
             if GC_INTERVAL > 0 and time.monotonic() - last >= GC_INTERVAL:
                 await self.run("policy")

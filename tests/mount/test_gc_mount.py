@@ -284,3 +284,40 @@ def test_cli_gc_compacts_the_pack_the_daemon_is_writing(mount_factory):
     assert (m.path / "g").read_bytes() == b"written after the rotation"
     m.stop()
     fsck_clean(m.store)
+
+
+def test_mounted_gc_compacts_after_sqlite_wal_churn(mount_factory):
+    """SQLite in WAL mode rewrites its ``-wal`` and ``-shm`` files with bytes
+    they had before (commits that reference no new chunk): a gc while the
+    mount is up, with the default policy, still rewrites the daemon's pack —
+    the packs' disk bytes go down — and every kept version of the database
+    reads back byte-identical afterwards (the newest is the database now)."""
+    import sqlite3
+
+    m = mount_factory()
+    db = sqlite3.connect(m.path / "t.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+    for i in range(1500):
+        db.execute("INSERT INTO t (body) VALUES (?)", (f"row {i} " + "x" * 60,))
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    versions_dir = m.path / ".chronicle" / "versions" / "t.db"
+    before = {n: (versions_dir / n).read_bytes() for n in os.listdir(versions_dir)}
+    packs = Path(m.store) / "packs"
+    packed = sum(f.stat().st_size for f in packs.rglob("*") if f.is_file())
+    out = json.loads(cli("gc", "-s", m.store, "-w", m.workspace, "--json").stdout)
+    assert out["freed_bytes"] > 0 and not out["deferred"], out
+    assert out["packs_deleted"] >= 1 and out["reclaimed_bytes"] > 0, out
+    assert sum(f.stat().st_size for f in packs.rglob("*") if f.is_file()) < packed - out["freed_bytes"] // 2
+    query = json.loads((m.path / ".chronicle" / "query" / "t.db").read_text())
+    kept = [str(v["version"]) for v in query["versions"] if "hash" in v and not v.get("pruned")]
+    assert kept and set(kept) <= set(before)
+    for n in kept:
+        assert (versions_dir / n).read_bytes() == before[n], n
+    assert (versions_dir / kept[-1]).read_bytes() == (m.path / "t.db").read_bytes()
+    check = sqlite3.connect(m.path / "t.db")
+    assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 1500
+    check.close()
+    m.stop()
+    fsck_clean(m.store)

@@ -420,6 +420,18 @@ class ChunkStore:
             for chunk_id in inserted:
                 self._pending.pop(chunk_id, None)
 
+    def release_hits(self, chunk_ids: Iterable[bytes]) -> None:
+        """A commit that used ``chunk_ids`` (the chunks a build passed to
+        :meth:`put` / :meth:`put_many`, and their delta bases) has landed,
+        or found its content unchanged or stored already: the dedup hits on
+        them no longer hold GC back (:meth:`lease_state`'s ``busy_since``).
+        Without this, a commit that references no new chunk (the same bytes
+        written again, a content another version has) left its hits for
+        :data:`HIT_TTL_NS`, and GC could drop no dead chunk for an hour."""
+        with self._pending_lock:
+            for chunk_id in chunk_ids:
+                self._hits.pop(chunk_id, None)
+
     def drop_refs(self, txn: lmdb.Transaction, content: ContentRecord,
                   totals: dict[str, int] | None = None) -> list[bytes]:
         """Undo :meth:`add_refs` for a flat ``content`` (see :meth:`drop_chunk_refs`)."""

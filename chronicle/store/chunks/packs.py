@@ -235,13 +235,29 @@ class PackWriter:
             if not self.backend.durable_while_open and self._sink is not None:
                 self._seal()
             sealed, self._sealed = self._sealed, []
+        self._close_sealed(sealed)
+        self.backend.sync()
+
+    def close_sealed(self) -> None:
+        """Close the packs sealed since the last :meth:`sync` (:meth:`rotate`)
+        once their queued records are written; closing makes each durable
+        (``ObjectWriter.close``). GC asked for one (``gc.leases``): after this,
+        :meth:`open_packs` no longer names it, without waiting for the next
+        sync. Blocks on the disk: call it off any event loop."""
+        with self._lock:                  # no record is queued meanwhile: the queue only drains
+            sealed, self._sealed = self._sealed, []
+            with self._cond:
+                while self._queue or self._writing:
+                    self._cond.wait()
+        self._close_sealed(sealed)
+
+    def _close_sealed(self, sealed: list) -> None:
         for sink, pack_no in sealed:
             sink.close()
             with self._cond:
                 lost = self._lost.get(pack_no)
             if lost is not None and lost[0] <= PACK_HEADER.size:
                 self.backend.delete(sink.name)     # a retired pack with no record in it
-        self.backend.sync()
 
     def close(self) -> None:
         """Sync and close the current pack; stop the flusher. Idempotent."""

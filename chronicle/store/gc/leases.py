@@ -34,7 +34,9 @@ How GC uses leases (``gc.compact``, ``gc.prune``):
   writes their numbers to ``run/gc-rotate`` (:func:`request_rotation`);
   each process checks that file when it refreshes its lease and, if it
   writes one of them, seals it (``on_rotate``: ``PackWriter.rotate``), so
-  after its next sync the lease no longer names it and GC compacts it;
+  after its next sync (the mount daemon: at once, ``Lease.take_rotation``
+  then ``PackWriter.close_sealed``) the lease no longer names it and GC
+  compacts it;
 - **dead chunks** (refcount 0) are dropped only when every live lease has a
   heartbeat newer than the end of GC's sweep and no dedup hit older than it
   (a process that found a chunk in the index, then still live, skips writing
@@ -110,6 +112,7 @@ class Lease:
         self._tracked: dict[int, Callable[[], Iterable[int]]] = {}   # ws id -> its open inodes
         self.on_rotate: Callable[[], None] | None = None     # seal the pack being written (Store sets it)
         self._rotation_seen = _mtime(Path(run_dir) / ROTATE_FILE)
+        self._rotated = False
         self._written = 0.0           # monotonic time of the last write, 0 = never
         self._closed = False
 
@@ -194,6 +197,17 @@ class Lease:
             return
         if wanted & self._state()[0]:
             self.on_rotate()
+            with self._lock:
+                self._rotated = True
+
+    def take_rotation(self) -> bool:
+        """True (once) if a GC's request made this process seal a pack since
+        the last call: its owner may close that pack now (the daemon:
+        ``PackWriter.close_sealed`` in a worker, then ``refresh(force=True)``)
+        rather than at its next sync, so the GC's wait ends sooner."""
+        with self._lock:
+            rotated, self._rotated = self._rotated, False
+        return rotated
 
     def close(self) -> None:
         """Remove the lease file (the process uses nothing any more). Idempotent."""

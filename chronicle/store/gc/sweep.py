@@ -198,6 +198,8 @@ def compact(store: Store, swept_ns: int, *, threshold: float = THRESHOLD, wait: 
     sizes, deferred, use, dead_deltas, dead_at = _survey(store, swept_ns, wait)
     others = leased_packs(read_leases(store.run_dir, exclude_pid=os.getpid()))
     wanted = {p for p in others if p in use and use[p].dead}
+    if wanted and deferred is not None:
+        out["deferred"] = deferred                    # another process's pack holds dead chunks it may count on
     if wanted and deferred is None and _rotate(store, wanted, rotate_wait):
         sizes, deferred, use, dead_deltas, dead_at = _survey(store, swept_ns, wait)   # sealed and indexed now
     if any(use.get(p) is not None and use[p].dead for p in store.chunks.writer.open_packs()):

@@ -244,8 +244,10 @@ class ContentMap:
 class BuiltContent:
     """The result of :func:`build_content`: the new record and its id, the
     tree nodes it made (``nodes``: hash -> ``(height, entries)``, some may
-    be stored already: ``meta.nodes.reference`` puts the others), and what
-    was written (for stats)."""
+    be stored already: ``meta.nodes.reference`` puts the others), what
+    was written (for stats), and ``used``: the chunk ids the build passed to
+    ``ChunkStore.put`` / ``put_many`` and their delta bases (the commit
+    releases their dedup hits, ``ChunkStore.release_hits``)."""
 
     id: bytes
     record: ContentRecord
@@ -253,6 +255,7 @@ class BuiltContent:
     new_bytes: int = 0
     reused_extents: int = 0
     nodes: dict = field(default_factory=dict)
+    used: set = field(default_factory=set)
 
 
 def finish_content(size: int, height: int, root: list[Entry], built: tree.Built,
@@ -491,6 +494,9 @@ class _Build:
         # ``replaced``: the old chunk this one replaces (the one holding its start offset): stored,
         # when that pays, as a zstd delta against it (``ChunkStore.put``'s ``base``, delta chunks).
         stored_as = self.chunks.put(chunk_id, piece, compress=probe, base=replaced)
+        self.stats.used.add(chunk_id)
+        if replaced is not None:
+            self.stats.used.add(replaced)
         if stored_as is not None:
             self.stats.new_chunks += 1
             self.stats.new_bytes += len(piece)
@@ -551,4 +557,5 @@ def build_content(overlay: Overlay, chunks: ChunkStore) -> BuiltContent:
     result = finish_content(run.size, height, root, built, getattr(chunks, "nodes", None), holes)
     result.new_chunks, result.new_bytes = run.stats.new_chunks, run.stats.new_bytes
     result.reused_extents = run.n - sum(b - a for a, b, _new in changes)
+    result.used = run.stats.used
     return result

@@ -319,6 +319,7 @@ class OpenFiles(Mapping[int, FileState]):
         attrs = ws.head_attrs(ino)
         overlay = state.overlay
         if built.id == attrs.content:
+            store.chunks.release_hits(built.used)     # the head content holds them: no hit is needed
             base = store.content_map(built.id)
             overlay.rebase(base)
             state.base = base
@@ -347,6 +348,7 @@ class OpenFiles(Mapping[int, FileState]):
                                        size=built.record.size, fold_seq=state.created_seq)
             w.log(event, path, version=version, size=built.record.size, hash=digest)
         store.chunks.committed(inserted)
+        store.chunks.release_hits(built.used)         # the committed content holds them now
         base = ContentMap(built.id, built.record, store.chunks)
         store.remember_content(base)
         overlay.rebase(base)

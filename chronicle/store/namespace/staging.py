@@ -347,6 +347,7 @@ class Overlay:
             height, root = tree.build([(i, n, 1) for i, n in zip(ids, lengths)], built)
             out = finish_content(self.size, height, root, built, getattr(chunks, "nodes", None))
             out.new_chunks, out.new_bytes = stream.new_chunks, stream.new_bytes
+            out.used = set(ids) | stream.bases_used
             return out
         return build_content(self, chunks)
 

@@ -77,6 +77,7 @@ class Stream:
         self.emitted = 0                  # bytes in emitted chunks
         self.new_chunks = 0
         self.new_bytes = 0
+        self.bases_used: set[bytes] = set()     # delta bases passed to put_many (their hits: BuiltContent.used)
         self._busy = False                # a batch is in flight
         self._raw_streak = 0              # consecutive new chunks zstd could not shrink
         self._delta_misses = 0            # consecutive new chunks with a base not stored as a delta
@@ -192,6 +193,8 @@ class Stream:
             # a stream whose last new chunk compressed skips the 4 KiB sample (codec.encode)
             sample = self._raw_streak > 0 or not self.new_chunks
             stored = self._chunks.put_many(part, probes, sample=sample, bases=bases)
+            if bases is not None:
+                self.bases_used.update(b for b in bases if b is not None)
             for k, ((chunk_id, piece), stored_as) in enumerate(zip(part, stored)):
                 if stored_as is not None and bases is not None and bases[k] is not None:
                     self._delta_misses = 0 if stored_as == CODEC_DELTA else self._delta_misses + 1

@@ -193,3 +193,24 @@ def test_a_pack_whose_first_write_failed_is_removed(backend, monkeypatch):
     assert list(PackReader(backend).list_packs()) == [good.pack_no]
     writer.close()
 
+
+
+def test_a_rotated_pack_is_closed_whole_without_a_sync(backend):
+    """GC asked the writer to seal its pack (``rotate``); ``close_sealed``
+    closes it once its queued records are written: no longer an open pack,
+    every record readable, and the next record starts a new pack."""
+    numbers = iter(range(0x300, 0x400))
+    writer = PackWriter(backend, allocate_pack_no=lambda: next(numbers))
+    first = [writer.append(cid, codec.CODEC_RAW, len(data), data) for cid, data in records(50, 100_000)]
+    writer.rotate()
+    assert writer.open_packs() == {0x300}                 # sealed, not closed: still open until ...
+    writer.close_sealed()
+    assert writer.open_packs() == set()                   # ... now, without a sync
+    reader = PackReader(backend)
+    assert [r.location for r in reader.scan(0x300)] == first
+    for (_cid, data), loc in zip(records(50, 100_000), first):
+        assert reader.read(loc) == data
+    later = writer.append(b"\x01" * 32, codec.CODEC_RAW, 3, b"new")
+    assert later.pack_no == 0x301 and writer.open_packs() == {0x301}
+    writer.close()
+    assert reader.read(later) == b"new"

@@ -88,3 +88,26 @@ def test_the_pruned_mark_cut_from_bytes_is_the_encoded_mark(ino, content, origin
 def test_content_entry_fields_are_the_decoded_fields(ino, content, origin, path, fragment):
     entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
     assert content_entry_fields(entry.encode()) == (ino, content, path, fragment)
+
+
+def test_a_rotation_request_seals_our_pack_and_close_sealed_drops_it_from_the_lease(store, ws):
+    import os
+
+    from chronicle.store.gc.leases import request_rotation
+
+    write(ws, ws.root, b"f", os.urandom(200_000))
+    pack = store.chunks.writer.current_pack
+    assert pack in read_leases(store.run_dir)[0].packs or pack in store.chunks.lease_state()[0]
+    assert not store.lease.take_rotation()
+    request_rotation(store.run_dir, [pack + 1])            # not ours: nothing happens
+    store.lease.refresh(force=True)
+    assert not store.lease.take_rotation() and pack in store.chunks.writer.open_packs()
+    time.sleep(0.05)                                        # a later mtime than the first request's
+    request_rotation(store.run_dir, [pack])
+    store.lease.refresh(force=True)
+    assert store.lease.take_rotation() and not store.lease.take_rotation()     # said once
+    store.chunks.writer.close_sealed()
+    store.lease.refresh(force=True)
+    assert pack not in read_leases(store.run_dir)[0].packs                    # GC may compact it now
+    write(ws, ws.root, b"g", b"after")
+    assert store.chunks.writer.current_pack != pack
