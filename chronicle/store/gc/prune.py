@@ -42,6 +42,7 @@ Threads: synchronous; each function takes the caller's transaction or opens its 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
     from chronicle.store.store import Store
 
 BATCH_SECONDS = 0.010     # at most this long in one write transaction (then commit and go on)
+
+SYNC_GROWTH_PAGES = 4096  # gc syncs (its pin moves on) once the metadata file grew this many pages since
 
 DropDeleted = Callable[[int, int, int], bool]     # (ws, ino, deleted ns) -> may its last record go
 
@@ -194,7 +197,7 @@ def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate, 
     return _Found(path_key, entry, out, marks) if out else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Found:
     """What pruning a candidate rewrites: its path entry (key, raw), the
     inode records (key, raw) oldest first, and the continuation entries
@@ -355,40 +358,64 @@ def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], K
     dbs = store.dbs
     fields = _PathFields()
     size = _FIRST_BATCH
+    maintain = Maintain(store)
     i = 0
     while i < len(candidates):
         keep = keep_of()
         with store.env.begin() as rtxn:
             snapshot = rtxn.id()
             work = _gather(rtxn, dbs, candidates, i, min(len(candidates), i + size), keep, fields)
+        applied = False
         with store.env.begin(write=True) as txn:
             start = time.monotonic()
             if txn.id() == snapshot + 1:
                 _put_sorted(txn, dbs, work)
                 work.add_to(result)
                 i = work.end
-                size = _next_size(size, work.end - work.start, time.monotonic() - start)
+                applied = True
             else:                 # a commit came between: check again, in this transaction
                 i = _prune_in(txn, dbs, candidates, i, work.end, keep, fields, result)
             store.before_commit()
+        if applied:               # the writer lock was held for the puts and the commit
+            size = next_batch_size(size, work.end - work.start, time.monotonic() - start)
         store.note_commit()
-        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+        maintain()                  # syncs when due: the pin moves on, freed pages are reused
         if progress is not None:
             progress(i, len(candidates))
     return result
 
 
-_FIRST_BATCH = 256            # candidates gathered for the first batch (then adapted: _next_size)
-_MAX_BATCH = 20_000
+_FIRST_BATCH = 256            # candidates gathered for the first batch (then adapted: next_batch_size)
+_MAX_BATCH = 8192
 
 
-def _next_size(size: int, done: int, seconds: float) -> int:
-    """The next batch's size: about :data:`BATCH_SECONDS` of applying at the
-    rate just measured, growing at most 2x a batch."""
+def next_batch_size(size: int, done: int, seconds: float) -> int:
+    """The next batch's size (items): about :data:`BATCH_SECONDS` of holding
+    the writer lock (puts and commit) at the rate just measured (``done``
+    items in ``seconds``), at most twice ``size``."""
     if done < size:
         return size
     rate = done / max(seconds, 1e-4)
     return max(16, min(_MAX_BATCH, 2 * size, int(0.8 * BATCH_SECONDS * rate)))
+
+
+class Maintain:
+    """``Store.maintain`` after each of gc's commits, and a sync once the
+    metadata file grew :data:`SYNC_GROWTH_PAGES` pages since this began or
+    last synced: until this process's pin moves on (``Store.sync``), every
+    page gc's commits free stays unusable and each commit takes new pages,
+    and a few large commits reach ``SYNC_COMMITS`` late."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.mark = store.env.info()["last_pgno"]
+
+    def __call__(self) -> None:
+        last = self.store.env.info()["last_pgno"]
+        if last - self.mark >= SYNC_GROWTH_PAGES:
+            self.store.sync()
+            self.mark = last
+        self.store.maintain()
 
 
 @dataclass(slots=True)
@@ -526,7 +553,7 @@ def _marked_line(line: bytes | None, path_field: bytes) -> bytes | None:
     """The log line ``line`` (a stored ``events`` record) marked pruned, or
     None if it is missing, marked already or names another path."""
     if line is not None and line[:1] == bytes((events.PACKED,)):      # a compact record (meta.events)
-        return events.mark_pruned_if_at(line, json.loads(path_field[len(b'"path": '):-1]))
+        return events.mark_pruned_if_at(line, _path_text(path_field))
     if line is not None and _PRUNED not in line and path_field in line:
         return mark_pruned(bytes(line))
     return None
@@ -558,6 +585,12 @@ _HASH_FIELD = re.compile(rb', "hash": (?:"[0-9a-f]*"|null)')
 _PRUNED = b', "pruned": true}'
 _HASH_KEY = b', "hash": '
 _HEX = re.compile(rb"[0-9a-f]*")
+
+
+@functools.lru_cache(maxsize=64)
+def _path_text(path_field: bytes) -> str:
+    """The path text of a ``_path_field`` (candidates come path by path: one parse a path)."""
+    return json.loads(path_field[len(b'"path": '):-1])
 
 
 def _path_field(path: bytes) -> bytes:

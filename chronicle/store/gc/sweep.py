@@ -67,7 +67,7 @@ from chronicle.errors import Busy, Corrupt, NoSpace, NotFound
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, to_hex
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
 from chronicle.store.gc.leases import leased_packs, read_leases, request_rotation, writers_settled
-from chronicle.store.gc.prune import BATCH_SECONDS, _next_size
+from chronicle.store.gc.prune import BATCH_SECONDS, Maintain, next_batch_size
 from chronicle.store.meta import nodes, schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
 
@@ -102,20 +102,21 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
             garbage = [bytes(k) for k, v in cur if k != EMPTY_CONTENT_ID and schema.content_header(v)[1] == 0]
     out = {"contents": 0, "logical_bytes": 0, "chunks": 0, "bytes": 0, "raw_bytes": 0}
     size = _FIRST_BATCH
+    maintain = Maintain(store)
     i = 0
     while i < len(garbage):
         end = min(len(garbage), i + size)
         with store.env.begin() as rtxn:
             snapshot = rtxn.id()
             work = _gather(rtxn, dbs, garbage[i:end])
+        applied = False
         with store.env.begin(write=True) as txn:
             start = time.monotonic()
             totals: dict[str, int] = {}
             if txn.id() == snapshot + 1:
                 _apply(store, txn, work, totals)
                 done = (work.contents, work.logical_bytes)
-                size = _next_size(size, end - i, time.monotonic() - start)
-                i = end
+                applied, n, i = True, end - i, end
             else:                 # a commit came between: re-read each content in this transaction
                 i, done = _sweep_in(store, txn, garbage, i, end, totals)
             add_totals(txn, dbs["meta"], logical_bytes=-done[1], contents=-done[0], **totals)
@@ -125,8 +126,10 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
             out["bytes"] -= totals.get("stored_bytes", 0)
             out["raw_bytes"] -= totals.get("unique_bytes", 0)
             store.before_commit()
+        if applied:               # the writer lock was held for the writes and the commit
+            size = next_batch_size(size, n, time.monotonic() - start)
         store.note_commit()
-        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+        maintain()                  # syncs when due: the pin moves on, freed pages are reused
         progress("sweep", i, len(garbage))
     return out
 
