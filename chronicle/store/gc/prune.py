@@ -26,12 +26,19 @@ inode and content. Pruning it changes records, never removes a seq:
 
 Files with more than one link are left alone (another name may keep them).
 
-**Transactions.** Candidates are pruned in batches; a batch is one write
-transaction that ends after :data:`BATCH_SECONDS` (the daemon's FUSE loop
-shares LMDB's single writer: a gc transaction never holds it long). Each
-batch re-reads the pins (leases of open ``at/`` handles come and go) and
-re-checks every record, so a killed GC leaves whole batches, and the next
-run skips what is done: pruning is idempotent.
+**Transactions.** Candidates are pruned in batches; a batch is gathered
+in a read transaction (the checks and the new bytes of every record) and
+applied in one write transaction, each database's puts in key order, that
+holds LMDB's single writer (shared with the daemon's FUSE loop) about
+:data:`BATCH_SECONDS`, commit included (:func:`next_batch_size`). The
+gathered puts are applied only if no commit came between the two
+transactions; otherwise the write transaction checks the candidates again
+itself (:func:`prune`). Each batch re-reads the pins (leases of open
+``at/`` handles come and go), so a killed GC leaves whole batches, and the
+next run skips what is done: pruning is idempotent. Pages a commit frees
+are reused only once every reader older than it is gone (``Store.sync``
+moves this process's pin on): gc syncs once the metadata file grew
+:data:`SYNC_GROWTH_PAGES` pages (:class:`Maintain`).
 
 :func:`records_to_prune` and :func:`dead_record_goes` are pure reading,
 shared with the dry run (``dryrun``, which replays the candidates in GC's
