@@ -26,12 +26,19 @@ inode and content. Pruning it changes records, never removes a seq:
 
 Files with more than one link are left alone (another name may keep them).
 
-**Transactions.** Candidates are pruned in batches; a batch is one write
-transaction that ends after :data:`BATCH_SECONDS` (the daemon's FUSE loop
-shares LMDB's single writer: a gc transaction never holds it long). Each
-batch re-reads the pins (leases of open ``at/`` handles come and go) and
-re-checks every record, so a killed GC leaves whole batches, and the next
-run skips what is done: pruning is idempotent.
+**Transactions.** Candidates are pruned in batches; a batch is gathered
+in a read transaction (the checks and the new bytes of every record) and
+applied in one write transaction, each database's puts in key order, that
+holds LMDB's single writer (shared with the daemon's FUSE loop) about
+:data:`BATCH_SECONDS`, commit included (:func:`next_batch_size`). The
+gathered puts are applied only if no commit came between the two
+transactions; otherwise the write transaction checks the candidates again
+itself (:func:`prune`). Each batch re-reads the pins (leases of open
+``at/`` handles come and go), so a killed GC leaves whole batches, and the
+next run skips what is done: pruning is idempotent. Pages a commit frees
+are reused only once every reader older than it is gone (``Store.sync``
+moves this process's pin on): gc syncs once the metadata file grew
+:data:`SYNC_GROWTH_PAGES` pages (:class:`Maintain`).
 
 :func:`records_to_prune` and :func:`dead_record_goes` are pure reading,
 shared with the dry run (``dryrun``, which replays the candidates in GC's
@@ -42,6 +49,7 @@ Threads: synchronous; each function takes the caller's transaction or opens its 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -64,6 +72,8 @@ if TYPE_CHECKING:
     from chronicle.store.store import Store
 
 BATCH_SECONDS = 0.010     # at most this long in one write transaction (then commit and go on)
+
+SYNC_GROWTH_PAGES = 4096  # gc syncs (its pin moves on) once the metadata file grew this many pages since
 
 DropDeleted = Callable[[int, int, int], bool]     # (ws, ino, deleted ns) -> may its last record go
 
@@ -194,7 +204,7 @@ def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate, 
     return _Found(path_key, entry, out, marks) if out else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Found:
     """What pruning a candidate rewrites: its path entry (key, raw), the
     inode records (key, raw) oldest first, and the continuation entries
@@ -339,42 +349,194 @@ def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], K
           progress: Callable[[int, int], None] | None = None) -> PruneResult:
     """Prune ``candidates`` in batches (module docstring). ``keep_of()``
     gives what must stay (:class:`Keep`); it is called before every batch.
-    ``progress(done, total)`` after every batch. Content refcounts
-    are given back once per content per batch (a content record holds the
-    extent list: it is rewritten once, not once per inode record)."""
+    ``progress(done, total)`` after every batch.
+
+    A batch is **gathered** in a read transaction (:func:`_gather`: the
+    checks, the records' new bytes, the content refcounts given back, one
+    per content) and **applied** in a write transaction, each database's
+    puts in key order (few leaf pages dirtied per commit). The write
+    transaction applies the gathered puts only if no commit came between
+    the two (its txnid is the read's + 1: every byte read is still what the
+    store holds); otherwise it checks the batch's candidates again inside
+    itself, one by one (:func:`_prune_in`), as long as
+    :data:`BATCH_SECONDS` allows. The batch size adapts so that applying
+    takes about :data:`BATCH_SECONDS`."""
     result = PruneResult()
     dbs = store.dbs
     fields = _PathFields()
+    size = _FIRST_BATCH
+    maintain = Maintain(store)
     i = 0
     while i < len(candidates):
         keep = keep_of()
-        released: dict[bytes, int] = {}
-        with store.env.begin(write=True) as txn, txn.cursor(db=dbs["inodes"]) as cur:
+        with store.env.begin() as rtxn:
+            snapshot = rtxn.id()
+            work = _gather(rtxn, dbs, candidates, i, min(len(candidates), i + size), keep, fields)
+        applied = False
+        with store.env.begin(write=True) as txn:
             start = time.monotonic()
-            while i < len(candidates) and time.monotonic() - start < BATCH_SECONDS:
-                cand = candidates[i]
-                i += 1
-                found = _check(txn, dbs, cur, cand, keep)
-                if found is None:
-                    result.skipped += 1
-                    back = result.kept_back.setdefault(cand.ws, [0, 0])
-                    back[0] += 1
-                    back[1] += cand.size
-                    continue
-                records = found.records
-                _apply(txn, dbs, cand, found, fields(cand.path))
-                if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
-                    released[cand.content] = released.get(cand.content, 0) + len(records)
-                result.versions += 1
-                result.records += len(records)
-                result.released += len(records)
-            _release(txn, dbs, released)
+            if txn.id() == snapshot + 1:
+                _put_sorted(txn, dbs, work)
+                work.add_to(result)
+                i = work.end
+                applied = True
+            else:                 # a commit came between: check again, in this transaction
+                i = _prune_in(txn, dbs, candidates, i, work.end, keep, fields, result)
             store.before_commit()
+        if applied:               # the writer lock was held for the puts and the commit
+            size = next_batch_size(size, work.end - work.start, time.monotonic() - start)
         store.note_commit()
-        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+        maintain()                  # syncs when due: the pin moves on, freed pages are reused
         if progress is not None:
             progress(i, len(candidates))
     return result
+
+
+_FIRST_BATCH = 256            # candidates gathered for the first batch (then adapted: next_batch_size)
+_MAX_BATCH = 8192
+
+
+def next_batch_size(size: int, done: int, seconds: float) -> int:
+    """The next batch's size (items): about :data:`BATCH_SECONDS` of holding
+    the writer lock (puts and commit) at the rate just measured (``done``
+    items in ``seconds``), at most twice ``size``."""
+    if done < size:
+        return size
+    rate = done / max(seconds, 1e-4)
+    return max(16, min(_MAX_BATCH, 2 * size, int(0.8 * BATCH_SECONDS * rate)))
+
+
+class Maintain:
+    """``Store.maintain`` after each of gc's commits, and a sync once the
+    metadata file grew :data:`SYNC_GROWTH_PAGES` pages since this began or
+    last synced: until this process's pin moves on (``Store.sync``), every
+    page gc's commits free stays unusable and each commit takes new pages,
+    and a few large commits reach ``SYNC_COMMITS`` late."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.mark = store.env.info()["last_pgno"]
+
+    def __call__(self) -> None:
+        last = self.store.env.info()["last_pgno"]
+        if last - self.mark >= SYNC_GROWTH_PAGES:
+            self.store.sync()
+            self.mark = last
+        self.store.maintain()
+
+
+@dataclass(slots=True)
+class _Work:
+    """A gathered batch, candidates ``[start, end)``: the new bytes per
+    database (key -> value), the content references given back and the
+    figures."""
+
+    start: int
+    end: int = 0
+    puts: dict[str, dict[bytes, bytes]] = field(default_factory=lambda: {"inodes": {}, "paths": {}, "events": {},
+                                                                         "contents": {}})
+    released: dict[bytes, int] = field(default_factory=dict)
+    versions: int = 0
+    records: int = 0
+    skipped: list[Candidate] = field(default_factory=list)
+
+    def add_to(self, result: PruneResult) -> None:
+        result.versions += self.versions
+        result.records += self.records
+        result.released += self.records
+        for cand in self.skipped:
+            _kept_back(result, cand)
+
+
+def _kept_back(result: PruneResult, cand: Candidate) -> None:
+    result.skipped += 1
+    back = result.kept_back.setdefault(cand.ws, [0, 0])
+    back[0] += 1
+    back[1] += cand.size
+
+
+def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], start: int, end: int, keep: Keep,
+            fields: _PathFields) -> _Work:
+    """What pruning ``candidates[start:end]`` one after the other writes,
+    read in ``txn`` (it does not see the batch's own writes: the inode keys
+    the batch rewrites are replayed as ``rewritten``, as the dry run does)."""
+    work = _Work(start, end)
+    rewritten: set[bytes] = set()
+    inodes, paths, lines = work.puts["inodes"], work.puts["paths"], work.puts["events"]
+    with txn.cursor(db=dbs["inodes"]) as cur:
+        for n in range(start, end):
+            cand = candidates[n]
+            found = _check(txn, dbs, cur, cand, keep, rewritten)
+            if found is None:
+                work.skipped.append(cand)
+                continue
+            records = found.records
+            path_field = fields(cand.path)
+            for inode_key, raw in records:
+                inodes[inode_key] = _pruned_record(raw)
+                rewritten.add(inode_key)
+            paths[found.path_key] = _marked_entry(found.entry)
+            _gather_line(txn, dbs, lines, cand.ws, cand.seq, path_field)
+            for seq, key, raw in found.marks:
+                paths[key] = _marked_entry(raw)
+                _gather_line(txn, dbs, lines, cand.ws, seq, path_field)
+            if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
+                work.released[cand.content] = work.released.get(cand.content, 0) + len(records)
+            work.versions += 1
+            work.records += len(records)
+    contents = work.puts["contents"]
+    for content, count in work.released.items():
+        raw = txn.get(content, db=dbs["contents"])
+        if raw is not None:
+            refcount = schema.content_header(raw)[1]
+            contents[content] = schema.content_with_refcount(raw, max(0, refcount - count))
+    return work
+
+
+def _gather_line(txn: lmdb.Transaction, dbs: dict, lines: dict[bytes, bytes], ws: int, seq: int,
+                 path_field: bytes) -> None:
+    """The marked log line of event ``seq`` into ``lines`` (:func:`_mark_line`, read-only)."""
+    event_key = schema.event_key(ws, seq)
+    line = lines.get(event_key)
+    if line is None:
+        line = txn.get(event_key, db=dbs["events"])
+    marked = _marked_line(line, path_field)
+    if marked is not None:
+        lines[event_key] = marked
+
+
+def _put_sorted(txn: lmdb.Transaction, dbs: dict, work: _Work) -> None:
+    """Write ``work``'s records, each database's in key order."""
+    for name, puts in work.puts.items():
+        if puts:
+            with txn.cursor(db=dbs[name]) as cur:
+                cur.putmulti(sorted(puts.items()))
+
+
+def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], i: int, end: int, keep: Keep,
+              fields: _PathFields, result: PruneResult) -> int:
+    """Prune ``candidates[i:end]`` one by one in the write transaction
+    ``txn``, checking each in it, until :data:`BATCH_SECONDS` pass; returns
+    the index of the first not done."""
+    released: dict[bytes, int] = {}
+    start = time.monotonic()
+    with txn.cursor(db=dbs["inodes"]) as cur:
+        while i < end and time.monotonic() - start < BATCH_SECONDS:
+            cand = candidates[i]
+            i += 1
+            found = _check(txn, dbs, cur, cand, keep)
+            if found is None:
+                _kept_back(result, cand)
+                continue
+            records = found.records
+            _apply(txn, dbs, cand, found, fields(cand.path))
+            if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
+                released[cand.content] = released.get(cand.content, 0) + len(records)
+            result.versions += 1
+            result.records += len(records)
+            result.released += len(records)
+    _release(txn, dbs, released)
+    return i
 
 
 def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, found: _Found, path_field: bytes) -> None:
@@ -389,13 +551,19 @@ def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, found: _Found, pat
 
 def _mark_line(txn: lmdb.Transaction, dbs: dict, ws: int, seq: int, path_field: bytes) -> None:
     event_key = schema.event_key(ws, seq)
-    line = txn.get(event_key, db=dbs["events"])
+    marked = _marked_line(txn.get(event_key, db=dbs["events"]), path_field)
+    if marked is not None:
+        txn.put(event_key, marked, db=dbs["events"])
+
+
+def _marked_line(line: bytes | None, path_field: bytes) -> bytes | None:
+    """The log line ``line`` (a stored ``events`` record) marked pruned, or
+    None if it is missing, marked already or names another path."""
     if line is not None and line[:1] == bytes((events.PACKED,)):      # a compact record (meta.events)
-        marked = events.mark_pruned_if_at(line, json.loads(path_field[len(b'"path": '):-1]))
-        if marked is not None:
-            txn.put(event_key, marked, db=dbs["events"])
-    elif line is not None and _PRUNED not in line and path_field in line:
-        txn.put(event_key, mark_pruned(bytes(line)), db=dbs["events"])
+        return events.mark_pruned_if_at(line, _path_text(path_field))
+    if line is not None and _PRUNED not in line and path_field in line:
+        return mark_pruned(bytes(line))
+    return None
 
 
 def _release(txn: lmdb.Transaction, dbs: dict, released: dict[bytes, int]) -> None:
@@ -424,6 +592,12 @@ _HASH_FIELD = re.compile(rb', "hash": (?:"[0-9a-f]*"|null)')
 _PRUNED = b', "pruned": true}'
 _HASH_KEY = b', "hash": '
 _HEX = re.compile(rb"[0-9a-f]*")
+
+
+@functools.lru_cache(maxsize=64)
+def _path_text(path_field: bytes) -> str:
+    """The path text of a ``_path_field`` (candidates come path by path: one parse a path)."""
+    return json.loads(path_field[len(b'"path": '):-1])
 
 
 def _path_field(path: bytes) -> bytes:

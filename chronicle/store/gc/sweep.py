@@ -63,11 +63,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from chronicle.errors import Busy, NoSpace, NotFound
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.errors import Busy, Corrupt, NoSpace, NotFound
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, to_hex
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
 from chronicle.store.gc.leases import leased_packs, read_leases, request_rotation, writers_settled
-from chronicle.store.gc.prune import BATCH_SECONDS
+from chronicle.store.gc.prune import BATCH_SECONDS, Maintain, next_batch_size
 from chronicle.store.meta import nodes, schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, add_totals
 
@@ -88,42 +88,154 @@ def _no_progress(_phase: str, _done: int, _total: int) -> None:
 def sweep(store: Store, progress: Progress = _no_progress) -> dict:
     """Delete contents at refcount 0 and give back their chunk references
     (module docstring). Returns ``{"contents", "logical_bytes", "chunks",
-    "bytes" (stored), "raw_bytes"}``: what it freed."""
+    "bytes" (stored), "raw_bytes"}``: what it freed.
+
+    As ``prune.prune``: a batch is gathered in a read transaction
+    (:func:`_gather`: the contents still at 0, the node and chunk references
+    they give back, summed per node and per chunk) and applied in a write
+    transaction in key order if no commit came between; otherwise (a commit
+    may have used a content or a chunk again) the batch's contents are
+    released one by one inside the write transaction, each re-read there."""
     dbs = store.dbs
     with store.env.begin() as txn:
         with txn.cursor(db=dbs["contents"]) as cur:
             garbage = [bytes(k) for k, v in cur if k != EMPTY_CONTENT_ID and schema.content_header(v)[1] == 0]
     out = {"contents": 0, "logical_bytes": 0, "chunks": 0, "bytes": 0, "raw_bytes": 0}
+    size = _FIRST_BATCH
+    maintain = Maintain(store)
     i = 0
     while i < len(garbage):
+        end = min(len(garbage), i + size)
+        with store.env.begin() as rtxn:
+            snapshot = rtxn.id()
+            work = _gather(rtxn, dbs, garbage[i:end])
+        applied = False
         with store.env.begin(write=True) as txn:
             start = time.monotonic()
-            batch_bytes = batch_contents = 0
             totals: dict[str, int] = {}
-            while i < len(garbage) and time.monotonic() - start < BATCH_SECONDS:
-                content_id = garbage[i]
-                i += 1
-                raw = txn.get(content_id, db=dbs["contents"])
-                if raw is None or schema.content_header(raw)[1] != 0:
-                    continue              # used again since the scan
-                record = ContentRecord.decode(raw)
-                held, _freed_nodes = nodes.release(txn, dbs["content_nodes"], record)    # root -> nodes -> chunks
-                for chunk_id in store.chunks.drop_chunk_refs(txn, held, totals):
-                    chunk = ChunkRecord.decode(txn.get(chunk_id, db=dbs["chunks"]))
-                    out["chunks"] += 1
-                    out["bytes"] += chunk.stored_len
-                    out["raw_bytes"] += chunk.raw_len
-                txn.delete(content_id, db=dbs["contents"])
-                batch_bytes += record.size
-                batch_contents += 1
-            add_totals(txn, dbs["meta"], logical_bytes=-batch_bytes, contents=-batch_contents, **totals)
-            out["contents"] += batch_contents
-            out["logical_bytes"] += batch_bytes
+            if txn.id() == snapshot + 1:
+                _apply(store, txn, work, totals)
+                done = (work.contents, work.logical_bytes)
+                applied, n, i = True, end - i, end
+            else:                 # a commit came between: re-read each content in this transaction
+                i, done = _sweep_in(store, txn, garbage, i, end, totals)
+            add_totals(txn, dbs["meta"], logical_bytes=-done[1], contents=-done[0], **totals)
+            out["contents"] += done[0]
+            out["logical_bytes"] += done[1]
+            out["chunks"] -= totals.get("chunks", 0)
+            out["bytes"] -= totals.get("stored_bytes", 0)
+            out["raw_bytes"] -= totals.get("unique_bytes", 0)
             store.before_commit()
+        if applied:               # the writer lock was held for the writes and the commit
+            size = next_batch_size(size, n, time.monotonic() - start)
         store.note_commit()
-        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+        maintain()                  # syncs when due: the pin moves on, freed pages are reused
         progress("sweep", i, len(garbage))
     return out
+
+
+@dataclass(slots=True)
+class _SweepWork:
+    """A gathered sweep batch: the contents to delete, the nodes' new
+    values (None: deleted), the chunk references to drop, the figures."""
+
+    contents: int = 0
+    logical_bytes: int = 0
+    deletes: list[bytes] = field(default_factory=list)
+    nodes: dict[bytes, bytes | None] = field(default_factory=dict)
+    chunk_drops: dict[bytes, int] = field(default_factory=dict)
+
+
+def _gather(txn, dbs: dict, ids: list[bytes]) -> _SweepWork:
+    """What releasing the contents ``ids`` still at refcount 0 writes, read
+    in ``txn``: ``meta.nodes.release`` summed over them (a node freed once
+    its last holder among them and before goes, and then its children)."""
+    work = _SweepWork()
+    chunk_drops = work.chunk_drops
+    pending: list[bytes] = []
+    for content_id in ids:
+        raw = txn.get(content_id, db=dbs["contents"])
+        if raw is None or schema.content_header(raw)[1] != 0:
+            continue              # used again since the scan
+        record = ContentRecord.decode(raw)
+        level, held = nodes.root_entries(record)
+        if level == 0:
+            for chunk_id in held:
+                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+        else:
+            pending.extend(held)
+        work.deletes.append(content_id)
+        work.contents += 1
+        work.logical_bytes += record.size
+    drops: dict[bytes, int] = {}
+    stored: dict[bytes, bytes] = {}
+    while pending:
+        key = pending.pop()
+        raw = stored.get(key)
+        if raw is None:
+            raw = txn.get(key, db=dbs["content_nodes"])
+            if raw is None:
+                raise Corrupt(f"content node {to_hex(key)} is referenced but missing")
+            raw = stored[key] = bytes(raw)
+        drops[key] = drops.get(key, 0) + 1
+        left = schema.node_refcount(raw) - drops[key]
+        if left < 0:
+            raise Corrupt("content node refcount would go negative")
+        if left:
+            continue
+        _rc, height, entries = schema.decode_node(raw)
+        children = {e[0] for e in entries} - ({HOLE_ID} if height == 1 else set())
+        if height == 1:
+            for chunk_id in children:
+                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+        else:
+            pending.extend(children)
+    for key, n in drops.items():
+        left = schema.node_refcount(stored[key]) - n
+        work.nodes[key] = schema.node_with_refcount(stored[key], left) if left else None
+    return work
+
+
+def _apply(store: Store, txn, work: _SweepWork, totals: dict[str, int]) -> None:
+    """Write a gathered batch, each database's changes in key order."""
+    dbs = store.dbs
+    with txn.cursor(db=dbs["contents"]) as cur:
+        for content_id in sorted(work.deletes):
+            if cur.set_key(content_id):
+                cur.delete()
+    with txn.cursor(db=dbs["content_nodes"]) as cur:
+        for key, value in sorted(work.nodes.items()):
+            if value is not None:
+                cur.put(key, value)
+            elif cur.set_key(key):
+                cur.delete()
+    store.chunks.drop_chunk_refs(txn, work.chunk_drops, totals)
+
+
+def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int,
+              totals: dict[str, int]) -> tuple[int, tuple[int, int]]:
+    """Release ``garbage[i:end]`` one by one in the write transaction
+    ``txn``, re-reading each content, until :data:`BATCH_SECONDS` pass;
+    returns the index of the first not done and (contents, logical bytes) freed."""
+    dbs = store.dbs
+    start = time.monotonic()
+    contents = logical = 0
+    while i < end and time.monotonic() - start < BATCH_SECONDS:
+        content_id = garbage[i]
+        i += 1
+        raw = txn.get(content_id, db=dbs["contents"])
+        if raw is None or schema.content_header(raw)[1] != 0:
+            continue              # used again since the scan
+        record = ContentRecord.decode(raw)
+        held, _freed_nodes = nodes.release(txn, dbs["content_nodes"], record)    # root -> nodes -> chunks
+        store.chunks.drop_chunk_refs(txn, held, totals)
+        txn.delete(content_id, db=dbs["contents"])
+        logical += record.size
+        contents += 1
+    return i, (contents, logical)
+
+
+_FIRST_BATCH = 256            # contents gathered for the first batch (then adapted, as prune's)
 
 
 @dataclass(slots=True)
