@@ -98,6 +98,7 @@ import lmdb
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, hash_bytes
 from chronicle.store.chunks.tree import decode_entries, encode_entries
+from chronicle.store.meta import events
 
 FORMAT_VERSION = 4
 OLD_FORMATS = (3,)        # opened and upgraded in place to FORMAT_VERSION
@@ -554,6 +555,9 @@ P_PRUNED = 64    # a version GC pruned: no content any more (``gc.prune``); it k
 P_HASH_CUT = 128  # stored only (never in ``PathEntry.flags``): the fragment's ``"hash"`` is the content id's hex,
                   # cut out of the stored fragment at the u16 offset after the content id (``PathEntry.encode``)
 _HASH_AT = struct.Struct("<H")
+_TEXT_TAG = b"\x02"            # before a text fragment that would start with a tag byte
+_FRAGMENT_TAGS = (bytes((events.PACKED,)), _TEXT_TAG)
+_FRAGMENT_TAG_BYTES = (events.PACKED, _TEXT_TAG[0])
 PATH_ENTRY_CONTENT_AT = _PATH_ENTRY_HEAD.size     # where a stored entry's content id starts (with P_CONTENT)
 
 
@@ -578,9 +582,24 @@ class PathEntry:
 
     def encode(self) -> bytes:
         """The ``paths`` value: flags u8, ino u64, origin length u32, path length u32; content
-        id (with ``P_CONTENT``); origin; path; fragment (little-endian). When the
-        fragment's ``"hash"`` is the content id's hex (derivable), it is cut out:
-        flag ``P_HASH_CUT`` and its offset (u16) after the content id."""
+        id (with ``P_CONTENT``); origin; path; fragment (little-endian). The fragment is
+        stored packed (``meta.events.pack_fragment``: tag byte ``0x01``, its ``"hash"``
+        a mark where it is the content id's hex) when it has a log line's shape, else as
+        text (which starts with ``"``; one starting with a tag byte gets the tag ``0x02``
+        in front)."""
+        flags = self.flags & ~P_HASH_CUT
+        content = self.content if flags & P_CONTENT else b""
+        fragment = events.pack_fragment(self.fragment, content)
+        if fragment is None:
+            fragment = self.fragment if self.fragment[:1] not in _FRAGMENT_TAGS else _TEXT_TAG + self.fragment
+        return b"".join((_PATH_ENTRY_HEAD.pack(flags, self.ino, len(self.origin), len(self.path)),
+                         content, self.origin, self.path, fragment))
+
+    def encode_text(self) -> bytes:
+        """The ``paths`` value as format 4 wrote it before packed fragments (the
+        fragment as text, its ``"hash"`` cut out where it is the content id's hex,
+        flag ``P_HASH_CUT`` and the u16 offset after the content id); still read.
+        Tests and tools only."""
         fragment, flags, cut = self.fragment, self.flags & ~P_HASH_CUT, b""
         if flags & P_CONTENT and len(self.content) == ID_SIZE:
             needle = b', "hash": "' + self.content.hex().encode() + b'"'
@@ -594,7 +613,8 @@ class PathEntry:
 
     @classmethod
     def decode(cls, raw: bytes) -> PathEntry:
-        """From :meth:`encode`'s bytes (either form). Raises ``struct.error``/``ValueError`` if damaged."""
+        """From :meth:`encode`'s bytes (or :meth:`encode_text`'s, or the text fragment
+        format 4 first wrote). Raises ``struct.error``/``ValueError`` if damaged."""
         flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
         pos = _PATH_ENTRY_HEAD.size
         content = b""
@@ -611,11 +631,32 @@ class PathEntry:
         pos += path_len
         if pos > len(raw) or (at is not None and (len(content) != ID_SIZE or pos + at > len(raw))):
             raise ValueError("damaged path entry")
-        if at is None:
-            fragment = bytes(raw[pos:])
-        else:
+        if at is not None:
             fragment = bytes(raw[pos:pos + at]) + b', "hash": "' + hexlify(content) + b'"' + bytes(raw[pos + at:])
+        elif pos < len(raw) and raw[pos] == events.PACKED:
+            fragment = events.render_fragment(raw[pos:], content)
+        elif pos < len(raw) and raw[pos] == _TEXT_TAG[0]:
+            fragment = bytes(raw[pos + 1:])
+        else:
+            fragment = bytes(raw[pos:])
         return cls(flags & ~P_HASH_CUT, ino, content, origin, fragment, path)
+
+
+def entry_fragment_at(raw: bytes) -> int:
+    """Where the stored fragment of the ``paths`` value ``raw`` starts (no
+    ``P_HASH_CUT``). Raises ``struct.error`` if damaged."""
+    flags, _ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
+    return _PATH_ENTRY_HEAD.size + (ID_SIZE if flags & P_CONTENT else 0) + origin_len + path_len
+
+
+def entry_is_packed(raw: bytes) -> bool:
+    """True if the ``paths`` value ``raw`` does not end in its fragment's text:
+    packed, or text behind the tag ``0x02`` (``PathEntry.encode``); False for
+    ``P_HASH_CUT`` records."""
+    if raw[0] & P_HASH_CUT:
+        return False
+    at = entry_fragment_at(raw)
+    return at < len(raw) and raw[at] in _FRAGMENT_TAG_BYTES
 
 
 _PATH_HEAD = struct.Struct("<IQQ")
