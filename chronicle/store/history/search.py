@@ -81,7 +81,8 @@ def _entries(views: HistoryViews, txn: lmdb.Transaction) -> Iterator[tuple[bytes
                 yield ident, seq, value        # decoded by the caller, if it wants it
 
 
-_PACKED_HASH = b"\xc7\x20\x01"    # a packed fragment's hash other than its content id: MessagePack ext 8, 32 bytes, type 1
+# a packed fragment's hash other than its content id: MessagePack ext 8, 32 bytes, type 1 (meta.events)
+_PACKED_HASH = b"\xc7\x20\x01"
 
 
 def _cut_hash(value: bytes) -> str:

@@ -76,6 +76,15 @@ id's hex stores it cut out (flag ``P_HASH_CUT``; entries without it still read).
 A ``chunks`` record of a delta chunk (``CODEC_DELTA``) is 61 bytes instead of
 29: the base chunk id follows (:class:`ChunkRecord`); 29-byte records, all
 that older stores hold, read as before.
+Still within format 4 (issue 9 §6: metadata <= 0.5x chunk bytes), three
+records are packed, each with the tag byte ``0x01`` and MessagePack, and the
+forms written before still read: a ``paths`` entry's fragment
+(:meth:`PathEntry.encode`, ``meta.events.pack_fragment``: the fragment's text
+is rendered from it byte for byte; a text fragment starts with ``"``), a
+``chunks`` record (:meth:`ChunkRecord.encode`: told from the fixed 29/61-byte
+form by its length) and an ``inodes`` record without content
+(``model.Attrs.encode``: told from the fixed form by its second byte; records
+with content keep the fixed form, which gc reads in place).
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
@@ -94,6 +103,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import lmdb
+import msgpack
 
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, hash_bytes
@@ -324,6 +334,8 @@ class WorkspaceRecord:
 # --- chunks and contents ----------------------------------------------------
 
 _CHUNK = struct.Struct("<QQIIBI")
+_FIXED_CHUNK_SIZES = (_CHUNK.size, _CHUNK.size + ID_SIZE)
+_PACKED_CHUNK = b"\x01"
 
 
 @dataclass(slots=True)
@@ -342,21 +354,46 @@ class ChunkRecord:
     base: bytes | None = None
 
     def encode(self) -> bytes:
-        """The ``chunks`` value: pack number, offset, stored and raw length, codec, refcount
-        (little-endian, 29 bytes), then the base chunk id (32 bytes) for a delta chunk."""
+        """The ``chunks`` value, packed: the tag byte ``0x01``, then one MessagePack
+        array ``[pack number, offset, stored length, raw length, codec, refcount]``,
+        with the base chunk id (bin, 32 bytes) appended for a delta chunk. A packed
+        record of exactly 29 or 61 bytes would read as the fixed form below, so
+        such a record is written in the fixed form instead (:meth:`encode_fixed`)."""
+        fields = [self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount]
+        if self.base is not None:
+            fields.append(self.base)
+        packed = _PACKED_CHUNK + msgpack.packb(fields)
+        return self.encode_fixed() if len(packed) in _FIXED_CHUNK_SIZES else packed
+
+    def encode_fixed(self) -> bytes:
+        """The fixed form (what stores before packed records hold): pack number, offset, stored and
+        raw length, codec, refcount (little-endian ``<QQIIBI``, 29 bytes), then the base chunk id
+        (32 bytes) for a delta chunk."""
         head = _CHUNK.pack(self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount)
         return head if self.base is None else head + self.base
 
     @classmethod
     def decode(cls, raw: bytes) -> ChunkRecord:
-        """From :meth:`encode`'s bytes (a 29-byte record has no base). Raises ``Corrupt`` if damaged."""
+        """From :meth:`encode`'s or :meth:`encode_fixed`'s bytes (told apart by length: a
+        fixed record is 29 or 61 bytes, a packed one never). Raises ``Corrupt`` if damaged."""
         size = len(raw)
-        if size != _CHUNK.size and size != _CHUNK.size + ID_SIZE:
+        if size in _FIXED_CHUNK_SIZES:
+            record = cls(*_CHUNK.unpack_from(raw))
+            if size > _CHUNK.size:
+                record.base = bytes(raw[_CHUNK.size:])
+            return record
+        if not size or raw[0] != _PACKED_CHUNK[0]:
             raise Corrupt("damaged chunk index record")
-        record = cls(*_CHUNK.unpack_from(raw))
-        if size > _CHUNK.size:
-            record.base = bytes(raw[_CHUNK.size:])
-        return record
+        try:
+            fields = msgpack.unpackb(memoryview(raw)[1:])
+            if len(fields) == 6:
+                return cls(*fields)
+            base = fields[6]
+            if len(fields) != 7 or not isinstance(base, bytes) or len(base) != ID_SIZE:
+                raise ValueError("unexpected fields")
+            return cls(*fields)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            raise Corrupt("damaged chunk index record") from None
 
 
 _CONTENT_HEAD = struct.Struct("<QIBI")
@@ -553,7 +590,8 @@ P_ARRIVED = 16   # something arrived at a path that was free (create, mkdir, lin
 P_UNVERSIONED = 32   # an ignored path's version: it replaced the path's earlier ones (``gc.ignore``)
 P_PRUNED = 64    # a version GC pruned: no content any more (``gc.prune``); it keeps its number
 P_HASH_CUT = 128  # stored only (never in ``PathEntry.flags``): the fragment's ``"hash"`` is the content id's hex,
-                  # cut out of the stored fragment at the u16 offset after the content id (``PathEntry.encode``)
+                  # cut out of the stored fragment at the u16 offset after the content id
+                  # (``PathEntry.encode_text``: read, no longer written)
 _HASH_AT = struct.Struct("<H")
 _TEXT_TAG = b"\x02"            # before a text fragment that would start with a tag byte
 _FRAGMENT_TAGS = (bytes((events.PACKED,)), _TEXT_TAG)
