@@ -320,6 +320,9 @@ def _marked_entry(raw: bytes) -> bytes:
     """The pruned mark of the path entry ``raw`` (which has content): what
     ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
     mark_pruned(fragment), path).encode()`` gives."""
+    marked = schema.pruned_entry(raw)          # packed (schema.PathEntry.encode): marked in its own form
+    if marked is not None:
+        return marked
     if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):
         e = PathEntry.decode(raw)
         return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, mark_pruned(e.fragment),

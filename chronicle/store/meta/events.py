@@ -386,6 +386,44 @@ def mark_pruned_if_at(raw: bytes, path: str) -> bytes | None:
         raise ValueError(f"damaged event record ({type(exc).__name__}: {exc})") from None
 
 
+def mark_fragment_pruned(raw: bytes, content_id: bytes) -> bytes | None:
+    """The packed fragment ``raw`` (:func:`pack_fragment`) of an entry with
+    content id ``content_id`` as ``gc.prune.mark_pruned`` marks its text: the
+    first ``hash`` field dropped and ``"pruned": true`` appended, for an entry
+    that no longer carries the content id (a hash mark left is written out).
+    One unpack and one pack; None where the text edit would not be that (a
+    map among the values, or a first ``hash`` that is neither null nor hex
+    digits): the caller marks the text. Raises ``ValueError`` if damaged."""
+    try:
+        seq, time_us, event, path, turn, pid, fields, tail = msgpack.unpackb(
+            memoryview(raw)[1:], unicode_errors="surrogatepass", strict_map_key=True)
+        if isinstance(turn, dict) or any(isinstance(v, (dict, list)) for v in fields[1::2] + tail[1::2]):
+            return None
+        for flat in (fields, tail):
+            keys = flat[0::2]
+            if _HASH_NO in keys or "hash" in keys:
+                at = 2 * min(keys.index(k) for k in (_HASH_NO, "hash") if k in keys)
+                value = flat[at + 1]
+                if not (value is None or isinstance(value, msgpack.ExtType)
+                        or isinstance(value, str) and _HEX_DIGITS.fullmatch(value)):
+                    return None
+                del flat[at:at + 2]
+                break
+        tail += [_PRUNED_NO, True]
+        whole = msgpack.ExtType(_HASH_EXT, bytes(content_id))
+        for flat in (fields, tail):
+            for i in range(1, len(flat), 2):
+                if flat[i] == _CONTENT_VALUE:
+                    flat[i] = whole
+        return bytes((PACKED,)) + msgpack.packb([seq, time_us, event, path, turn, pid, fields, tail],
+                                                unicode_errors="surrogatepass")
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged path entry fragment ({type(exc).__name__}: {exc})") from None
+
+
+_HEX_DIGITS = re.compile(r"[0-9a-f]*")
+
+
 def _without(flat: list, keys: tuple) -> list:
     """A flat ``[key, value, ...]`` list without the pairs whose key is in ``keys``."""
     out = []

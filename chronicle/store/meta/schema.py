@@ -687,6 +687,25 @@ def entry_fragment_at(raw: bytes) -> int:
     return _PATH_ENTRY_HEAD.size + (ID_SIZE if flags & P_CONTENT else 0) + origin_len + path_len
 
 
+def pruned_entry(raw: bytes) -> bytes | None:
+    """The pruned mark (``gc.prune``) of the ``paths`` value ``raw``, which has
+    content and a packed fragment: ``P_CONTENT`` and the content id dropped,
+    ``P_PRUNED`` set, the fragment marked (``meta.events.mark_fragment_pruned``);
+    None if its fragment is not packed or that function leaves it to the text mark. Raises ``struct.error``/``ValueError`` if damaged."""
+    flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
+    if flags & P_HASH_CUT or not flags & P_CONTENT:
+        return None
+    at = _PATH_ENTRY_HEAD.size + ID_SIZE + origin_len + path_len
+    if at >= len(raw) or raw[at] != events.PACKED:
+        return None
+    content = raw[_PATH_ENTRY_HEAD.size:_PATH_ENTRY_HEAD.size + ID_SIZE]
+    marked = events.mark_fragment_pruned(raw[at:], content)
+    if marked is None:
+        return None
+    return b"".join((_PATH_ENTRY_HEAD.pack((flags & ~P_CONTENT) | P_PRUNED, ino, origin_len, path_len),
+                     raw[_PATH_ENTRY_HEAD.size + ID_SIZE:at], marked))
+
+
 def entry_is_packed(raw: bytes) -> bool:
     """True if the ``paths`` value ``raw`` does not end in its fragment's text:
     packed, or text behind the tag ``0x02`` (``PathEntry.encode``); False for

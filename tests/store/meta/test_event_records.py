@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import Policy
-from chronicle.store.gc.prune import mark_pruned
+from chronicle.store.gc.prune import _marked_entry, mark_pruned
 from chronicle.store.meta import events, schema
-from chronicle.store.meta.schema import P_CONTENT, P_HASH_CUT, PathEntry
+from chronicle.store.meta.schema import P_CONTENT, P_HASH_CUT, P_PRUNED, PathEntry
 from chronicle.store.namespace import restore
 from chronicle.store.store import Store
 from tests.storeutil import A, write
@@ -186,7 +186,7 @@ def test_a_damaged_packed_record_is_a_value_error():
 
 def test_path_entries_are_packed_and_older_forms_read_back_the_same_fragment(tmp_path, monkeypatch):
     store, ws, _texts = _rich_history(tmp_path, monkeypatch)
-    packed = hashed = 0
+    packed = hashed = fast = 0
     with ws.read_txn() as txn:
         for _key, raw in txn.cursor(db=store.dbs["paths"]):
             entry = PathEntry.decode(raw)
@@ -203,10 +203,14 @@ def test_path_entries_are_packed_and_older_forms_read_back_the_same_fragment(tmp
                 packed += 1
                 assert len(raw) < len(old) - 60
                 assert fragment_seq(entry) == schema.path_key_seq(_key)
+                if entry.flags & P_CONTENT:                    # gc marks it without the text (most)
+                    marked = PathEntry.decode(_marked_entry(raw))
+                    assert marked.fragment == mark_pruned(entry.fragment) and marked.flags & P_PRUNED
+                    fast += schema.pruned_entry(raw) is not None
                 if entry.content and b'"hash": "' + entry.content.hex().encode() + b'"' in entry.fragment:
                     hashed += 1
                     assert entry.content.hex().encode() not in raw     # the hash is a mark, not 32 more bytes
-    assert packed >= 20 and hashed >= 8
+    assert packed >= 20 and hashed >= 8 and fast >= 8
     store.close()
 
 
@@ -259,3 +263,7 @@ def test_a_log_shaped_fragment_is_packed_and_renders_byte_identical(seq, time_us
     assert schema.entry_is_packed(raw)
     assert PathEntry.decode(raw).fragment == fragment
     assert mark_pruned(PathEntry.decode(raw).fragment) == mark_pruned(fragment)
+    packed_mark = schema.pruned_entry(raw)                   # gc's mark, in the packed form
+    if packed_mark is not None:
+        assert PathEntry.decode(packed_mark) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
+    assert PathEntry.decode(_marked_entry(raw)) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
