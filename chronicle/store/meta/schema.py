@@ -691,7 +691,8 @@ def pruned_entry(raw: bytes) -> bytes | None:
     """The pruned mark (``gc.prune``) of the ``paths`` value ``raw``, which has
     content and a packed fragment: ``P_CONTENT`` and the content id dropped,
     ``P_PRUNED`` set, the fragment marked (``meta.events.mark_fragment_pruned``);
-    None if its fragment is not packed or that function leaves it to the text mark. Raises ``struct.error``/``ValueError`` if damaged."""
+    None if its fragment is not packed or that function leaves it to the text
+    mark. Raises ``struct.error``/``ValueError`` if damaged."""
     flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
     if flags & P_HASH_CUT or not flags & P_CONTENT:
         return None
