@@ -220,8 +220,9 @@ def pack_fragment(fragment: bytes, content_id: bytes = b"") -> bytes | None:
     record = _pack_fields(time_ns, line, content_id.hex() if len(content_id) == 32 else None)
     if record is None:
         return None
-    packed = bytes((PACKED,)) + msgpack.packb([seq] + record, unicode_errors="surrogatepass")
-    return packed if render_fragment(packed, content_id) == fragment else None
+    if _dumps(line)[1:].encode() != fragment:      # (render_fragment gives json.dumps's text: not json.dumps's own)
+        return None
+    return bytes((PACKED,)) + msgpack.packb([seq] + record, unicode_errors="surrogatepass")
 
 
 def render_fragment(raw: bytes, content_id: bytes = b"") -> bytes:
