@@ -356,14 +356,15 @@ class ChunkRecord:
     def encode(self) -> bytes:
         """The ``chunks`` value, packed: the tag byte ``0x01``, then one MessagePack
         array ``[pack number, offset, stored length, raw length, codec, refcount]``,
-        with the base chunk id (bin, 32 bytes) appended for a delta chunk. A packed
-        record of exactly 29 or 61 bytes would read as the fixed form below, so
-        such a record is written in the fixed form instead (:meth:`encode_fixed`)."""
+        with the base chunk id (bin, 32 bytes) appended for a delta chunk; or the
+        fixed form (:meth:`encode_fixed`) where that is not shorter (values past
+        32 bits) or would be 29 or 61 bytes long (which read as the fixed form)."""
         fields = [self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount]
         if self.base is not None:
             fields.append(self.base)
         packed = _PACKED_CHUNK + msgpack.packb(fields)
-        return self.encode_fixed() if len(packed) in _FIXED_CHUNK_SIZES else packed
+        fixed = self.encode_fixed()
+        return packed if len(packed) < len(fixed) and len(packed) not in _FIXED_CHUNK_SIZES else fixed
 
     def encode_fixed(self) -> bytes:
         """The fixed form (what stores before packed records hold): pack number, offset, stored and
