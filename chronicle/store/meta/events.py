@@ -273,6 +273,7 @@ def decode(seq: int, raw: bytes) -> dict:
 
 
 _dumps = json.dumps
+_str_text = json.encoder.encode_basestring_ascii
 _EVENT_TEXT = [_dumps(name) for name in EVENTS]
 _FIELD_TEXT = [", " + _dumps(name) + ": " for name in FIELDS]
 _turn_texts: dict = {}
@@ -288,6 +289,8 @@ def _value_text(value) -> str:
         return "false"
     if type(value) is int:
         return int.__repr__(value)
+    if type(value) is str:
+        return _str_text(value)          # what json.dumps runs for a str (ensure_ascii)
     return _dumps(value)
 
 
