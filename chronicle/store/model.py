@@ -17,6 +17,8 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+import msgpack
+
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import ID_SIZE
 
@@ -50,6 +52,8 @@ SYSTEM = Actor()
 
 _ATTR_HEAD = struct.Struct("<IIIIQqqqIB")
 _F_CONTENT, _F_TARGET, _F_XATTRS = 1, 2, 4
+_PACKED = 0x01            # tag of a packed record (no content): MessagePack array follows
+_PACKED_TAG = bytes((_PACKED,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +110,37 @@ class Attrs:
         return stat.S_ISLNK(self.mode)
 
     def encode(self) -> bytes:
-        """The ``inodes`` record: a fixed little-endian head (mode, uid, gid,
-        nlink u32; size u64; atime, mtime, ctime i64 ns; rdev u32; flags u8),
-        then the content id (32 bytes), the symlink target (u32 length +
-        bytes) and the xattrs (u32 count, then u16 name length, u32 value
-        length, name, value each), each only if present (flags)."""
+        """The ``inodes`` record.
+
+        An inode without content (a directory, symlink, device) whose mode
+        has file type bits is stored *packed* when that is shorter than the
+        fixed head below: the tag byte ``0x01``, then one MessagePack array
+        ``[mode, uid, gid, nlink, size, atime, mtime - atime, ctime - mtime,
+        rdev]`` (times in ns), with the symlink target (bin) and the xattrs
+        (``[name, value, ...]``) appended when present (the target ``b""``
+        when only xattrs are). Its second byte is a fixarray header
+        (``0x9N``), which the fixed form's second byte (the mode's type bits,
+        ``0x1``..``0xC``, in its high half) never is: both forms decode.
+
+        Otherwise (every inode with content, which gc reads in place: its
+        ``prune``/``unversioned`` modules), a fixed little-endian head (mode,
+        uid, gid, nlink u32; size u64; atime, mtime, ctime i64 ns; rdev u32;
+        flags u8), then the content id (32 bytes), the symlink target (u32
+        length + bytes) and the xattrs (u32 count, then u16 name length, u32
+        value length, name, value each), each only if present (flags)."""
+        if not self.content and self.mode & 0o170000:
+            fields = [self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
+                      self.mtime_ns - self.atime_ns, self.ctime_ns - self.mtime_ns, self.rdev]
+            if self.target or self.xattrs:
+                fields.append(self.target)
+            if self.xattrs:
+                fields.append([part for pair in self.xattrs for part in pair])
+            try:
+                packed = _PACKED_TAG + msgpack.packb(fields)
+            except OverflowError:           # a time difference past 64 bits
+                packed = None
+            if packed is not None and len(packed) < _ATTR_HEAD.size and packed[1] & 0xF0 == 0x90:
+                return packed
         flags = (_F_CONTENT if self.content else 0) | (_F_TARGET if self.target else 0) | \
                 (_F_XATTRS if self.xattrs else 0)
         parts = [_ATTR_HEAD.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
@@ -130,7 +160,9 @@ class Attrs:
 
     @classmethod
     def decode(cls, raw: bytes) -> Attrs:
-        """From :meth:`encode`'s bytes. Raises ``Corrupt`` if damaged."""
+        """From :meth:`encode`'s bytes (either form). Raises ``Corrupt`` if damaged."""
+        if len(raw) > 1 and raw[0] == _PACKED and raw[1] & 0xF0 == 0x90:
+            return cls._unpack(raw)
         try:
             mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, flags = _ATTR_HEAD.unpack_from(raw)
             pos = _ATTR_HEAD.size
@@ -154,3 +186,18 @@ class Attrs:
         except struct.error as exc:
             raise Corrupt(f"damaged inode record: {exc}") from None
         return cls(mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, content, target, tuple(xattrs))
+
+    @classmethod
+    def _unpack(cls, raw: bytes) -> Attrs:
+        try:
+            fields = msgpack.unpackb(memoryview(raw)[1:])
+            mode, uid, gid, nlink, size, atime, mtime_delta, ctime_delta, rdev = fields[:9]
+            target = fields[9] if len(fields) > 9 else b""
+            flat = fields[10] if len(fields) > 10 else ()
+            if len(fields) > 11 or not isinstance(target, bytes) or len(flat) % 2:
+                raise ValueError("unexpected fields")
+            xattrs = tuple(zip(flat[0::2], flat[1::2]))
+            mtime = atime + mtime_delta
+            return cls(mode, uid, gid, nlink, size, atime, mtime, mtime + ctime_delta, rdev, b"", target, xattrs)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise Corrupt(f"damaged inode record: {exc}") from None

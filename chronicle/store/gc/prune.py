@@ -315,7 +315,7 @@ _ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, a
 def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
     """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
     (``PathEntry.decode``'s fields, without building one: plan reads millions)."""
-    if raw[0] & P_HASH_CUT:                     # the hash cut out of the fragment (schema.PathEntry.encode)
+    if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):    # cut or packed (schema.PathEntry.encode)
         entry = PathEntry.decode(raw)
         return entry.ino, entry.content, entry.path, entry.fragment
     ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
@@ -330,7 +330,10 @@ def _marked_entry(raw: bytes) -> bytes:
     """The pruned mark of the path entry ``raw`` (which has content): what
     ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
     mark_pruned(fragment), path).encode()`` gives."""
-    if raw[0] & P_HASH_CUT:
+    marked = schema.pruned_entry(raw)          # packed (schema.PathEntry.encode): marked in its own form
+    if marked is not None:
+        return marked
+    if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):
         e = PathEntry.decode(raw)
         return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, mark_pruned(e.fragment),
                          e.path).encode()

@@ -81,8 +81,13 @@ def _entries(views: HistoryViews, txn: lmdb.Transaction) -> Iterator[tuple[bytes
                 yield ident, seq, value        # decoded by the caller, if it wants it
 
 
+# a packed fragment's hash other than its content id: MessagePack ext 8, 32 bytes, type 1 (meta.events)
+_PACKED_HASH = b"\xc7\x20\x01"
+
+
 def _cut_hash(value: bytes) -> str:
-    """The hex hash of an entry stored with its hash cut out (``schema.P_HASH_CUT``): its content id."""
+    """The hex hash of an entry stored with its hash cut out (``schema.P_HASH_CUT``, or packed with the
+    content mark): its content id."""
     return bytes(value[schema.PATH_ENTRY_CONTENT_AT:schema.PATH_ENTRY_CONTENT_AT + ID_SIZE]).hex()
 
 
@@ -126,7 +131,9 @@ def hash_lookup(views: HistoryViews, text: str) -> dict:
     hits: dict[str, list[tuple[bytes, int]]] = {}
     with views.ws.read_txn() as txn:
         for ident, seq, value in _entries(views, txn):
-            if needle not in value and not (value[0] & P_HASH_CUT and _cut_hash(value).startswith(prefix)):
+            if needle not in value and not (value[0] & P_HASH_CUT and _cut_hash(value).startswith(prefix)) \
+                    and not (value[0] & P_CONTENT and schema.entry_is_packed(value)
+                             and (_cut_hash(value).startswith(prefix) or _PACKED_HASH in value)):
                 continue
             path, entry = _decode(ident, value)
             if not (entry.flags & P_CONTENT and entry.flags & P_BUMPS):

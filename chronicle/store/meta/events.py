@@ -31,11 +31,28 @@ with :data:`PACKED` is the line itself as JSON text (a line starts with
 that does not fit the shape above (never written by ``journal``) is
 stored as text.
 
+**Path-entry fragments** (``schema.PathEntry``): a ``paths`` entry's
+fragment is the same JSON object as a log line, without its leading ``{``
+(and with the path's version number put in front when listed). Stored as
+text it cost about 130 bytes; :func:`pack_fragment` stores it as the tag
+byte :data:`PACKED` and one MessagePack array::
+
+    [seq, time µs since the epoch, event, path, turn, pid, fields, tail]
+
+laid out as above (the record has no key of its own to hold the seq: gc
+reads entries without their keys), where a ``hash`` value equal to the
+entry's content id is the ext value of type 2 with no data (the content id
+is in the entry already). :func:`render_fragment` gives back the fragment's
+bytes exactly; a fragment that does not have the shape (or whose ``time``
+is not :func:`iso_time` of a whole microsecond) stays text (it starts with
+``"``).
+
 Threads: pure functions; any thread.
 """
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
 from datetime import datetime, timezone
@@ -44,6 +61,7 @@ import msgpack
 
 PACKED = 0x01
 _HASH_EXT = 1
+_CONTENT_EXT = 2          # path-entry fragments: the hash is the entry's content id (no data)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Appending keeps old records readable; never reorder or remove.
@@ -88,6 +106,22 @@ def _ext(code: int, data: bytes):
     return data.hex()
 
 
+class _ContentHash:
+    """Stands for the content id's hex in an unpacked path-entry fragment."""
+
+    __slots__ = ()
+
+
+_CONTENT = _ContentHash()
+_CONTENT_VALUE = msgpack.ExtType(_CONTENT_EXT, b"")
+
+
+def _fragment_ext(code: int, data: bytes):
+    if code == _CONTENT_EXT and not data:
+        return _CONTENT
+    return _ext(code, data)
+
+
 def _packable(value) -> bool:
     """True if ``value`` comes back from MessagePack as the same JSON value
     (no tuples, floats that are not finite, ints past 64 bits, or non-str keys)."""
@@ -104,28 +138,113 @@ def _packable(value) -> bool:
     return False
 
 
+def _pack_fields(time_ns: int, line: dict, content_hex: str | None = None) -> list | None:
+    """``[time µs, event, path, turn, pid, fields, tail]`` of ``line``, or
+    None if it does not have the shape the module docstring gives."""
+    keys = list(line)
+    try:
+        turn_at = keys.index("turn")
+    except ValueError:
+        return None
+    if (keys[:4] != list(_HEAD_KEYS) or turn_at < 4 or keys[turn_at + 1:turn_at + 2] != ["pid"]
+            or line["time"] != iso_time(time_ns) or time_ns % 1000 or not _packable(line)):
+        return None
+    turn = line["turn"]
+    if isinstance(turn, dict) and tuple(turn) == _LABEL_KEYS:
+        turn = [turn["agent"], turn["turn"], turn["message_id"]]
+    elif turn is not None and not isinstance(turn, dict):
+        return None
+    event = line["event"]
+    fields = _flat((k, line[k]) for k in keys[4:turn_at])
+    tail = _flat((k, line[k]) for k in keys[turn_at + 2:])
+    if content_hex is not None:
+        for flat in (fields, tail):
+            for i in range(0, len(flat), 2):
+                if flat[i] == _HASH_NO and isinstance(flat[i + 1], msgpack.ExtType) \
+                        and flat[i + 1].data.hex() == content_hex:
+                    flat[i + 1] = _CONTENT_VALUE
+    return [time_ns // 1000, _EVENT_NO.get(event, event), line["path"], turn, line["pid"], fields, tail]
+
+
 def encode(time_ns: int, line: dict) -> bytes:
     """The ``events`` value of log line ``line`` (the dict ``json.dumps``
     renders; its ``time`` is ``iso_time(time_ns)``): the packed record, or
     the JSON text when ``line`` does not have the shape the module docstring
     gives."""
-    keys = list(line)
-    try:
-        turn_at = keys.index("turn")
-    except ValueError:
-        turn_at = -1
-    if (keys[:4] != list(_HEAD_KEYS) or turn_at < 4 or keys[turn_at + 1:turn_at + 2] != ["pid"]
-            or line["time"] != iso_time(time_ns) or time_ns % 1000 or not _packable(line)):
+    record = _pack_fields(time_ns, line)
+    if record is None:
         return json.dumps(line).encode()
-    turn = line["turn"]
-    if isinstance(turn, dict) and tuple(turn) == _LABEL_KEYS:
-        turn = [turn["agent"], turn["turn"], turn["message_id"]]
-    elif turn is not None and not isinstance(turn, dict):
-        return json.dumps(line).encode()
-    event = line["event"]
-    record = [time_ns // 1000, _EVENT_NO.get(event, event), line["path"], turn, line["pid"],
-              _flat((k, line[k]) for k in keys[4:turn_at]), _flat((k, line[k]) for k in keys[turn_at + 2:])]
     return bytes((PACKED,)) + msgpack.packb(record, unicode_errors="surrogatepass")
+
+
+_second_of: dict = {}
+
+
+def _time_ns(text) -> int | None:
+    """ns since the epoch of an :func:`iso_time` text, or None if it is not one."""
+    if not isinstance(text, str) or len(text) != 27 or text[19] != "." or text[26] != "Z":
+        return None
+    head = text[:20]
+    sec = _second_of.get(head)
+    if sec is None:
+        try:
+            d = datetime.strptime(head[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+        except ValueError:
+            return None
+        if len(_second_of) > 4096:
+            _second_of.clear()
+        sec = _second_of[head] = calendar.timegm(d.utctimetuple())
+    micros = text[20:26]
+    if not micros.isdigit() or not micros.isascii():
+        return None
+    ns = sec * 1_000_000_000 + int(micros) * 1000
+    return ns if iso_time(ns) == text else None
+
+
+def pack_fragment(fragment: bytes, content_id: bytes = b"") -> bytes | None:
+    """The packed form of a path entry's ``fragment`` (module docstring), its
+    ``hash`` cut to a mark where it is ``content_id``'s hex; None if the
+    fragment does not have a log line's shape (the caller stores its text)."""
+    if not fragment.startswith(b'"seq": '):
+        return None
+    try:
+        line = json.loads(b"{" + fragment)
+    except ValueError:
+        return None
+    if not isinstance(line, dict) or type(line.get("seq")) is not int or not 0 <= line["seq"] < 1 << 64:
+        return None
+    time_ns = _time_ns(line.get("time"))
+    if time_ns is None:
+        return None
+    seq = line["seq"]
+    record = _pack_fields(time_ns, line, content_id.hex() if len(content_id) == 32 else None)
+    if record is None:
+        return None
+    if _dumps(line)[1:].encode() != fragment:      # (render_fragment gives json.dumps's text: not json.dumps's own)
+        return None
+    return bytes((PACKED,)) + msgpack.packb([seq] + record, unicode_errors="surrogatepass")
+
+
+def render_fragment(raw: bytes, content_id: bytes = b"") -> bytes:
+    """The fragment text of a packed fragment ``raw`` (:func:`pack_fragment`)
+    of an entry whose content id is ``content_id``. Raises ``ValueError`` if
+    the record is damaged."""
+    try:
+        seq, time_us, event, path, turn, pid, fields, tail = msgpack.unpackb(
+            memoryview(raw)[1:], unicode_errors="surrogatepass", ext_hook=_fragment_ext, strict_map_key=True)
+        parts = ['"seq": ', int.__repr__(seq), ', "time": "', iso_time(time_us * 1000), '", "event": ',
+                 _EVENT_TEXT[event] if type(event) is int else _dumps(event), ', "path": ', _value_text(path)]
+        hex_text = content_id.hex() if len(content_id) == 32 else None
+        _fields_text(fields, parts, hex_text)
+        parts.append(', "turn": ')
+        parts.append(_turn_text(turn))
+        parts.append(', "pid": ')
+        parts.append(_value_text(pid))
+        _fields_text(tail, parts, hex_text)
+        parts.append("}")
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged path entry fragment ({type(exc).__name__}: {exc})") from None
+    return "".join(parts).encode()
 
 
 def _unflat(flat: list, out: dict) -> None:
@@ -154,6 +273,7 @@ def decode(seq: int, raw: bytes) -> dict:
 
 
 _dumps = json.dumps
+_str_text = json.encoder.encode_basestring_ascii
 _EVENT_TEXT = [_dumps(name) for name in EVENTS]
 _FIELD_TEXT = [", " + _dumps(name) + ": " for name in FIELDS]
 _turn_texts: dict = {}
@@ -169,14 +289,22 @@ def _value_text(value) -> str:
         return "false"
     if type(value) is int:
         return int.__repr__(value)
+    if type(value) is str:
+        return _str_text(value)          # what json.dumps runs for a str (ensure_ascii)
     return _dumps(value)
 
 
-def _fields_text(flat: list, parts: list) -> None:
+def _fields_text(flat: list, parts: list, content_hex: str | None = None) -> None:
     for i in range(0, len(flat), 2):
         key = flat[i]
         parts.append(_FIELD_TEXT[key] if type(key) is int else ", " + _dumps(key) + ": ")
-        parts.append(_value_text(flat[i + 1]))
+        value = flat[i + 1]
+        if value is _CONTENT:
+            if content_hex is None:
+                raise ValueError("a content hash mark in an entry without a content id")
+            parts.append('"' + content_hex + '"')
+        else:
+            parts.append(_value_text(value))
 
 
 def _turn_text(turn) -> str:
@@ -260,6 +388,44 @@ def mark_pruned_if_at(raw: bytes, path: str) -> bytes | None:
                                                 unicode_errors="surrogatepass")
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
         raise ValueError(f"damaged event record ({type(exc).__name__}: {exc})") from None
+
+
+def mark_fragment_pruned(raw: bytes, content_id: bytes) -> bytes | None:
+    """The packed fragment ``raw`` (:func:`pack_fragment`) of an entry with
+    content id ``content_id`` as ``gc.prune.mark_pruned`` marks its text: the
+    first ``hash`` field dropped and ``"pruned": true`` appended, for an entry
+    that no longer carries the content id (a hash mark left is written out).
+    One unpack and one pack; None where the text edit would not be that (a
+    map among the values, or a first ``hash`` that is neither null nor hex
+    digits): the caller marks the text. Raises ``ValueError`` if damaged."""
+    try:
+        seq, time_us, event, path, turn, pid, fields, tail = msgpack.unpackb(
+            memoryview(raw)[1:], unicode_errors="surrogatepass", strict_map_key=True)
+        if isinstance(turn, dict) or any(isinstance(v, (dict, list)) for v in fields[1::2] + tail[1::2]):
+            return None
+        for flat in (fields, tail):
+            keys = flat[0::2]
+            if _HASH_NO in keys or "hash" in keys:
+                at = 2 * min(keys.index(k) for k in (_HASH_NO, "hash") if k in keys)
+                value = flat[at + 1]
+                if not (value is None or isinstance(value, msgpack.ExtType)
+                        or isinstance(value, str) and _HEX_DIGITS.fullmatch(value)):
+                    return None
+                del flat[at:at + 2]
+                break
+        tail += [_PRUNED_NO, True]
+        whole = msgpack.ExtType(_HASH_EXT, bytes(content_id))
+        for flat in (fields, tail):
+            for i in range(1, len(flat), 2):
+                if flat[i] == _CONTENT_VALUE:
+                    flat[i] = whole
+        return bytes((PACKED,)) + msgpack.packb([seq, time_us, event, path, turn, pid, fields, tail],
+                                                unicode_errors="surrogatepass")
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged path entry fragment ({type(exc).__name__}: {exc})") from None
+
+
+_HEX_DIGITS = re.compile(r"[0-9a-f]*")
 
 
 def _without(flat: list, keys: tuple) -> list:

@@ -76,6 +76,15 @@ id's hex stores it cut out (flag ``P_HASH_CUT``; entries without it still read).
 A ``chunks`` record of a delta chunk (``CODEC_DELTA``) is 61 bytes instead of
 29: the base chunk id follows (:class:`ChunkRecord`); 29-byte records, all
 that older stores hold, read as before.
+Still within format 4 (issue 9 §6: metadata <= 0.5x chunk bytes), three
+records are packed, each with the tag byte ``0x01`` and MessagePack, and the
+forms written before still read: a ``paths`` entry's fragment
+(:meth:`PathEntry.encode`, ``meta.events.pack_fragment``: the fragment's text
+is rendered from it byte for byte; a text fragment starts with ``"``), a
+``chunks`` record (:meth:`ChunkRecord.encode`: told from the fixed 29/61-byte
+form by its length) and an ``inodes`` record without content
+(``model.Attrs.encode``: told from the fixed form by its second byte; records
+with content keep the fixed form, which gc reads in place).
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
@@ -94,10 +103,12 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import lmdb
+import msgpack
 
 from chronicle.errors import Corrupt
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, hash_bytes
 from chronicle.store.chunks.tree import decode_entries, encode_entries
+from chronicle.store.meta import events
 
 FORMAT_VERSION = 4
 OLD_FORMATS = (3,)        # opened and upgraded in place to FORMAT_VERSION
@@ -323,6 +334,8 @@ class WorkspaceRecord:
 # --- chunks and contents ----------------------------------------------------
 
 _CHUNK = struct.Struct("<QQIIBI")
+_FIXED_CHUNK_SIZES = (_CHUNK.size, _CHUNK.size + ID_SIZE)
+_PACKED_CHUNK = b"\x01"
 
 
 @dataclass(slots=True)
@@ -341,21 +354,47 @@ class ChunkRecord:
     base: bytes | None = None
 
     def encode(self) -> bytes:
-        """The ``chunks`` value: pack number, offset, stored and raw length, codec, refcount
-        (little-endian, 29 bytes), then the base chunk id (32 bytes) for a delta chunk."""
+        """The ``chunks`` value, packed: the tag byte ``0x01``, then one MessagePack
+        array ``[pack number, offset, stored length, raw length, codec, refcount]``,
+        with the base chunk id (bin, 32 bytes) appended for a delta chunk; or the
+        fixed form (:meth:`encode_fixed`) where that is not shorter (values past
+        32 bits) or would be 29 or 61 bytes long (which read as the fixed form)."""
+        fields = [self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount]
+        if self.base is not None:
+            fields.append(self.base)
+        packed = _PACKED_CHUNK + msgpack.packb(fields)
+        fixed = self.encode_fixed()
+        return packed if len(packed) < len(fixed) and len(packed) not in _FIXED_CHUNK_SIZES else fixed
+
+    def encode_fixed(self) -> bytes:
+        """The fixed form (what stores before packed records hold): pack number, offset, stored and
+        raw length, codec, refcount (little-endian ``<QQIIBI``, 29 bytes), then the base chunk id
+        (32 bytes) for a delta chunk."""
         head = _CHUNK.pack(self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount)
         return head if self.base is None else head + self.base
 
     @classmethod
     def decode(cls, raw: bytes) -> ChunkRecord:
-        """From :meth:`encode`'s bytes (a 29-byte record has no base). Raises ``Corrupt`` if damaged."""
+        """From :meth:`encode`'s or :meth:`encode_fixed`'s bytes (told apart by length: a
+        fixed record is 29 or 61 bytes, a packed one never). Raises ``Corrupt`` if damaged."""
         size = len(raw)
-        if size != _CHUNK.size and size != _CHUNK.size + ID_SIZE:
+        if size in _FIXED_CHUNK_SIZES:
+            record = cls(*_CHUNK.unpack_from(raw))
+            if size > _CHUNK.size:
+                record.base = bytes(raw[_CHUNK.size:])
+            return record
+        if not size or raw[0] != _PACKED_CHUNK[0]:
             raise Corrupt("damaged chunk index record")
-        record = cls(*_CHUNK.unpack_from(raw))
-        if size > _CHUNK.size:
-            record.base = bytes(raw[_CHUNK.size:])
-        return record
+        try:
+            fields = msgpack.unpackb(memoryview(raw)[1:])
+            if len(fields) == 6:
+                return cls(*fields)
+            base = fields[6]
+            if len(fields) != 7 or not isinstance(base, bytes) or len(base) != ID_SIZE:
+                raise ValueError("unexpected fields")
+            return cls(*fields)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            raise Corrupt("damaged chunk index record") from None
 
 
 _CONTENT_HEAD = struct.Struct("<QIBI")
@@ -552,8 +591,12 @@ P_ARRIVED = 16   # something arrived at a path that was free (create, mkdir, lin
 P_UNVERSIONED = 32   # an ignored path's version: it replaced the path's earlier ones (``gc.ignore``)
 P_PRUNED = 64    # a version GC pruned: no content any more (``gc.prune``); it keeps its number
 P_HASH_CUT = 128  # stored only (never in ``PathEntry.flags``): the fragment's ``"hash"`` is the content id's hex,
-                  # cut out of the stored fragment at the u16 offset after the content id (``PathEntry.encode``)
+                  # cut out of the stored fragment at the u16 offset after the content id
+                  # (``PathEntry.encode_text``: read, no longer written)
 _HASH_AT = struct.Struct("<H")
+_TEXT_TAG = b"\x02"            # before a text fragment that would start with a tag byte
+_FRAGMENT_TAGS = (bytes((events.PACKED,)), _TEXT_TAG)
+_FRAGMENT_TAG_BYTES = (events.PACKED, _TEXT_TAG[0])
 PATH_ENTRY_CONTENT_AT = _PATH_ENTRY_HEAD.size     # where a stored entry's content id starts (with P_CONTENT)
 
 
@@ -578,9 +621,24 @@ class PathEntry:
 
     def encode(self) -> bytes:
         """The ``paths`` value: flags u8, ino u64, origin length u32, path length u32; content
-        id (with ``P_CONTENT``); origin; path; fragment (little-endian). When the
-        fragment's ``"hash"`` is the content id's hex (derivable), it is cut out:
-        flag ``P_HASH_CUT`` and its offset (u16) after the content id."""
+        id (with ``P_CONTENT``); origin; path; fragment (little-endian). The fragment is
+        stored packed (``meta.events.pack_fragment``: tag byte ``0x01``, its ``"hash"``
+        a mark where it is the content id's hex) when it has a log line's shape, else as
+        text (which starts with ``"``; one starting with a tag byte gets the tag ``0x02``
+        in front)."""
+        flags = self.flags & ~P_HASH_CUT
+        content = self.content if flags & P_CONTENT else b""
+        fragment = events.pack_fragment(self.fragment, content)
+        if fragment is None:
+            fragment = self.fragment if self.fragment[:1] not in _FRAGMENT_TAGS else _TEXT_TAG + self.fragment
+        return b"".join((_PATH_ENTRY_HEAD.pack(flags, self.ino, len(self.origin), len(self.path)),
+                         content, self.origin, self.path, fragment))
+
+    def encode_text(self) -> bytes:
+        """The ``paths`` value as format 4 wrote it before packed fragments (the
+        fragment as text, its ``"hash"`` cut out where it is the content id's hex,
+        flag ``P_HASH_CUT`` and the u16 offset after the content id); still read.
+        Tests and tools only."""
         fragment, flags, cut = self.fragment, self.flags & ~P_HASH_CUT, b""
         if flags & P_CONTENT and len(self.content) == ID_SIZE:
             needle = b', "hash": "' + self.content.hex().encode() + b'"'
@@ -594,7 +652,8 @@ class PathEntry:
 
     @classmethod
     def decode(cls, raw: bytes) -> PathEntry:
-        """From :meth:`encode`'s bytes (either form). Raises ``struct.error``/``ValueError`` if damaged."""
+        """From :meth:`encode`'s bytes (or :meth:`encode_text`'s, or the text fragment
+        format 4 first wrote). Raises ``struct.error``/``ValueError`` if damaged."""
         flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
         pos = _PATH_ENTRY_HEAD.size
         content = b""
@@ -611,11 +670,52 @@ class PathEntry:
         pos += path_len
         if pos > len(raw) or (at is not None and (len(content) != ID_SIZE or pos + at > len(raw))):
             raise ValueError("damaged path entry")
-        if at is None:
-            fragment = bytes(raw[pos:])
-        else:
+        if at is not None:
             fragment = bytes(raw[pos:pos + at]) + b', "hash": "' + hexlify(content) + b'"' + bytes(raw[pos + at:])
+        elif pos < len(raw) and raw[pos] == events.PACKED:
+            fragment = events.render_fragment(raw[pos:], content)
+        elif pos < len(raw) and raw[pos] == _TEXT_TAG[0]:
+            fragment = bytes(raw[pos + 1:])
+        else:
+            fragment = bytes(raw[pos:])
         return cls(flags & ~P_HASH_CUT, ino, content, origin, fragment, path)
+
+
+def entry_fragment_at(raw: bytes) -> int:
+    """Where the stored fragment of the ``paths`` value ``raw`` starts (no
+    ``P_HASH_CUT``). Raises ``struct.error`` if damaged."""
+    flags, _ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
+    return _PATH_ENTRY_HEAD.size + (ID_SIZE if flags & P_CONTENT else 0) + origin_len + path_len
+
+
+def pruned_entry(raw: bytes) -> bytes | None:
+    """The pruned mark (``gc.prune``) of the ``paths`` value ``raw``, which has
+    content and a packed fragment: ``P_CONTENT`` and the content id dropped,
+    ``P_PRUNED`` set, the fragment marked (``meta.events.mark_fragment_pruned``);
+    None if its fragment is not packed or that function leaves it to the text
+    mark. Raises ``struct.error``/``ValueError`` if damaged."""
+    flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
+    if flags & P_HASH_CUT or not flags & P_CONTENT:
+        return None
+    at = _PATH_ENTRY_HEAD.size + ID_SIZE + origin_len + path_len
+    if at >= len(raw) or raw[at] != events.PACKED:
+        return None
+    content = raw[_PATH_ENTRY_HEAD.size:_PATH_ENTRY_HEAD.size + ID_SIZE]
+    marked = events.mark_fragment_pruned(raw[at:], content)
+    if marked is None:
+        return None
+    return b"".join((_PATH_ENTRY_HEAD.pack((flags & ~P_CONTENT) | P_PRUNED, ino, origin_len, path_len),
+                     raw[_PATH_ENTRY_HEAD.size + ID_SIZE:at], marked))
+
+
+def entry_is_packed(raw: bytes) -> bool:
+    """True if the ``paths`` value ``raw`` does not end in its fragment's text:
+    packed, or text behind the tag ``0x02`` (``PathEntry.encode``); False for
+    ``P_HASH_CUT`` records."""
+    if raw[0] & P_HASH_CUT:
+        return False
+    at = entry_fragment_at(raw)
+    return at < len(raw) and raw[at] in _FRAGMENT_TAG_BYTES
 
 
 _PATH_HEAD = struct.Struct("<IQQ")

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import Policy
-from chronicle.store.gc.prune import mark_pruned
+from chronicle.store.gc.prune import _marked_entry, mark_pruned
 from chronicle.store.meta import events, schema
-from chronicle.store.meta.schema import P_CONTENT, P_HASH_CUT, PathEntry
+from chronicle.store.meta.schema import P_CONTENT, P_HASH_CUT, P_PRUNED, PathEntry
 from chronicle.store.namespace import restore
 from chronicle.store.store import Store
 from tests.storeutil import A, write
@@ -184,27 +184,38 @@ def test_a_damaged_packed_record_is_a_value_error():
         events.decode(1, bytes((events.PACKED,)) + b"\xc1")
 
 
-def test_path_entries_cut_a_derivable_hash_and_read_back_the_same_fragment(tmp_path, monkeypatch):
+def test_path_entries_are_packed_and_older_forms_read_back_the_same_fragment(tmp_path, monkeypatch):
     store, ws, _texts = _rich_history(tmp_path, monkeypatch)
-    cut = whole = 0
+    packed = hashed = fast = 0
     with ws.read_txn() as txn:
         for _key, raw in txn.cursor(db=store.dbs["paths"]):
             entry = PathEntry.decode(raw)
-            assert not entry.flags & P_HASH_CUT
-            # the entry as format 3 wrote it (no cut) reads as the same entry
+            assert not entry.flags & P_HASH_CUT and not raw[0] & P_HASH_CUT
+            # the entry as format 3 wrote it (the whole fragment as text) reads as the same entry
             old = b"".join((struct.pack("<BQII", entry.flags, entry.ino, len(entry.origin), len(entry.path)),
                             entry.content if entry.flags & P_CONTENT else b"", entry.origin, entry.path,
                             entry.fragment))
-            if raw[0] & P_HASH_CUT:
-                cut += 1
-                assert b'"hash": "' + entry.content.hex().encode() + b'"' in entry.fragment
-                assert len(raw) == len(old) - 74                  # ', "hash": "<64 hex>"' less a u16 offset
-            else:
-                whole += 1
             assert PathEntry.decode(old) == entry
+            # and as format 4 wrote it before packing (its hash cut out where derivable)
+            assert PathEntry.decode(entry.encode_text()) == entry
             assert PathEntry.decode(entry.encode()) == entry
-    assert cut >= 8 and whole
+            if schema.entry_is_packed(raw):
+                packed += 1
+                assert len(raw) < len(old) - 60
+                assert fragment_seq(entry) == schema.path_key_seq(_key)
+                if entry.flags & P_CONTENT:                    # gc marks it without the text (most)
+                    marked = PathEntry.decode(_marked_entry(raw))
+                    assert marked.fragment == mark_pruned(entry.fragment) and marked.flags & P_PRUNED
+                    fast += schema.pruned_entry(raw) is not None
+                if entry.content and b'"hash": "' + entry.content.hex().encode() + b'"' in entry.fragment:
+                    hashed += 1
+                    assert entry.content.hex().encode() not in raw     # the hash is a mark, not 32 more bytes
+    assert packed >= 20 and hashed >= 8 and fast >= 8
     store.close()
+
+
+def fragment_seq(entry: PathEntry) -> int:
+    return json.loads(b"{" + entry.fragment)["seq"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -216,6 +227,43 @@ def test_any_path_entry_reads_back_as_written(flags, ino, content, origin, path,
     needle = b', "hash": "' + content.hex().encode() + b'"' if with_hash and content else b""
     entry = PathEntry(flags, ino, content, origin, before + needle + after, path)
     raw = entry.encode()
-    assert PathEntry.decode(raw) == entry
-    assert bool(raw[0] & P_HASH_CUT) == bool(needle or content and b', "hash": "' + content.hex().encode() + b'"'
+    assert PathEntry.decode(raw) == entry and not raw[0] & P_HASH_CUT
+    old = entry.encode_text()
+    if entry.fragment[:1] not in (b"\x01", b"\x02"):    # (the journal's fragments start with '"seq"')
+        assert PathEntry.decode(old) == entry
+    assert bool(old[0] & P_HASH_CUT) == bool(needle or content and b', "hash": "' + content.hex().encode() + b'"'
                                               in before + after)
+
+
+_TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from("\udcff\udc80\"\\\n\u00e9"), max_size=30)
+_VALUE = st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | _TEXT | \
+    st.sampled_from(["0" * 64, "ab" * 32, "AB" * 32])
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(0, (1 << 64) - 1), time_us=st.integers(0, 253402300799999999), event=st.sampled_from(
+       list(events.EVENTS) + ["other"]), path=st.none() | _TEXT, fields=st.dictionaries(
+       st.sampled_from(list(events.FIELDS) + ["x-y"]), _VALUE, max_size=5), turn=st.none() | st.fixed_dictionaries(
+       {"agent": _TEXT, "turn": st.integers(0, 99), "message_id": st.none() | _TEXT}), pid=st.integers(0, 1 << 31),
+       pruned=st.booleans(), content=st.binary(min_size=32, max_size=32), hash_is_content=st.booleans())
+def test_a_log_shaped_fragment_is_packed_and_renders_byte_identical(seq, time_us, event, path, fields, turn, pid,
+                                                                   pruned, content, hash_is_content):
+    line = {"seq": seq, "time": events.iso_time(time_us * 1000), "event": event, "path": path}
+    for k, v in fields.items():
+        if k not in ("seq", "time", "event", "path", "turn", "pid", "pruned"):
+            line[k] = v
+    if hash_is_content:
+        line["hash"] = content.hex()
+    line["turn"], line["pid"] = turn, pid
+    if pruned:
+        line["pruned"] = True
+    fragment = json.dumps(line)[1:].encode()
+    entry = PathEntry(P_CONTENT, 5, content, b"", fragment)
+    raw = entry.encode()
+    assert schema.entry_is_packed(raw)
+    assert PathEntry.decode(raw).fragment == fragment
+    assert mark_pruned(PathEntry.decode(raw).fragment) == mark_pruned(fragment)
+    packed_mark = schema.pruned_entry(raw)                   # gc's mark, in the packed form
+    if packed_mark is not None:
+        assert PathEntry.decode(packed_mark) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
+    assert PathEntry.decode(_marked_entry(raw)) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
