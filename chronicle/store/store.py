@@ -669,6 +669,14 @@ class Store:
     def dirty(self) -> bool:
         return self._dirty
 
+    @property
+    def synced(self) -> bool:
+        """True when everything committed to the store so far, by any
+        process, is durable: the store's last txnid is the one this
+        process's last :meth:`sync` recorded. Cheap (no disk access): an
+        fsync of a file with nothing new answers at once with it."""
+        return self._synced_txnid is not None and self.env.info()["last_txnid"] == self._synced_txnid
+
     def needs_sync(self, interval: float = None, max_commits: int = None) -> bool:
         """True when a :meth:`sync` is due: this process committed and either
         ``interval`` seconds passed or ``max_commits`` commits piled up; or
