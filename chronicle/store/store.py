@@ -779,7 +779,11 @@ class Store:
                 else:
                     if page is None:
                         raise RuntimeError(f"no meta page for synced txn {synced}")
-                    self._flusher.both(self.chunks.sync, lambda: self.env.sync(True))
+                    if self.chunks.needs_sync():
+                        self._flusher.both(self.chunks.sync, lambda: self.env.sync(True))
+                    else:                    # no pack bytes of ours (a metadata-only change): no hand-off
+                        self.chunks.sync()   # (other processes' open packs, if any)
+                        self.env.sync(True)
                     if self._recorder.record(synced, page):
                         self.modes.fix_path(self.meta_dir / SYNCED_RECORD, False)
                     self._synced_txnid = synced

@@ -267,3 +267,28 @@ def test_the_sync_record_is_written_again_after_it_was_removed(tmp_path, monkeyp
         assert read(ws2, b"two") == b"second"
         with pytest.raises(NotFound):
             ws2.resolve(b"three")
+
+
+def test_a_metadata_only_change_synced_without_pack_bytes_survives_a_crash(tmp_path, monkeypatch):
+    """A sync after changes that wrote no chunk data (a rename, a new directory) flushes only
+    the metadata and the record; the changes are still there after a machine crash."""
+    from storeutil import A
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"old-name", b"renamed later")
+    st.sync()
+    ws.rename(ws.root, b"old-name", ws.root, b"new-name", 0, A)
+    ws.mkdir(ws.root, b"made", 0o755, A)
+    assert not st.chunks.needs_sync()
+    st.sync()
+    st._dirty = False
+    st.close()
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st2:
+        ws2 = st2.open_workspace("w")
+        assert read(ws2, b"new-name") == b"renamed later"
+        assert ws2.resolve(b"made")
+        with pytest.raises(NotFound):
+            ws2.resolve(b"old-name")
+        assert fsck(st2).clean
