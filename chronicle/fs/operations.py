@@ -593,14 +593,17 @@ class ChronicleOperations(pyfuse3.Operations):
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         """FUSE_FSYNC: commit ``fh``'s writes, then make the store durable
-        (packs and metadata, ``Store.sync``) in a worker thread. ``datasync``
-        is treated as a full sync. Errors: ENOSPC, EIO."""
+        (packs and metadata, ``Store.sync``) in a worker thread — unless
+        nothing was committed since the last sync (``Store.synced``: what
+        close or flush committed is synced here too). ``datasync`` is
+        treated as a full sync. Errors: ENOSPC, EIO."""
         handle = self._handles.get(fh)
         if handle is None:
             return
         async with self.gate.mutation():
             await self.commit(handle.ino, handle.pid)
-        await self.sync()
+        if not self.store.synced:
+            await self.sync()
 
     @fuse_errors
     async def release(self, fh: int) -> None:
@@ -684,9 +687,11 @@ class ChronicleOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        """FUSE_FSYNCDIR: make the store durable (``Store.sync``, worker thread):
-        every directory change is already committed. Errors: EIO."""
-        await self.sync()
+        """FUSE_FSYNCDIR: make the store durable (``Store.sync``, worker thread)
+        unless it already is (``Store.synced``): every directory change is
+        already committed. Errors: EIO."""
+        if not self.store.synced:
+            await self.sync()
 
     # -- the rest ---------------------------------------------------------------------------------
 

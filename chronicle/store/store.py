@@ -56,8 +56,8 @@ from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import backup, compact, salvage, schema
 from chronicle.store.meta.journal import iso_time
-from chronicle.store.meta.recovery import (SYNCED_RECORD, MetaReserve, is_no_space, read_meta_pages, record_synced,
-                                           recover_after_crash, repair_meta_pages)
+from chronicle.store.meta.recovery import (SYNCED_RECORD, MetaReserve, SyncRecorder, is_no_space, recover_after_crash,
+                                           repair_meta_pages)
 from chronicle.store.meta.nodes import NodeStore
 from chronicle.store.meta.schema import ContentRecord, WorkspaceRecord
 from chronicle.store.model import Attrs
@@ -134,6 +134,9 @@ class Store:
         self._commits_since_backup = 0
         self._last_backup = time.monotonic()
         self._page_size = env.stat()["psize"]
+        self._recorder = SyncRecorder(self.meta_dir, self._page_size)    # synced.rec (recovery)
+        self._synced_txnid: int | None = None   # the txnid this process's last sync recorded
+        self._flusher = _PairFlusher()          # runs the pack flush beside the data.mdb flush
         self._reserve = MetaReserve(self.meta_dir / "data.mdb", self._page_size)
         self._pin = env.begin()
         self._pin_time = time.monotonic()
@@ -341,6 +344,8 @@ class Store:
         for fd in self._locks.values():
             os.close(fd)
         self._locks.clear()
+        self._flusher.close()
+        self._recorder.close()
         self.env.close()
         try:                                    # the last user of the store: its file is what LMDB wrote
             fcntl.flock(self._open_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -664,6 +669,14 @@ class Store:
     def dirty(self) -> bool:
         return self._dirty
 
+    @property
+    def synced(self) -> bool:
+        """True when everything committed to the store so far, by any
+        process, is durable: the store's last txnid is the one this
+        process's last :meth:`sync` recorded. Cheap (no disk access): an
+        fsync of a file with nothing new answers at once with it."""
+        return self._synced_txnid is not None and self.env.info()["last_txnid"] == self._synced_txnid
+
     def needs_sync(self, interval: float = None, max_commits: int = None) -> bool:
         """True when a :meth:`sync` is due: this process committed and either
         ``interval`` seconds passed or ``max_commits`` commits piled up; or
@@ -736,7 +749,11 @@ class Store:
         pages and chunks were not promised), and the pin taken before ``T``
         keeps ``T``'s pages from being reused until the next sync. Syncs
         run one at a time (``_sync_lock``); a caller arriving while one
-        runs waits for it and then syncs what came since. Raises
+        runs waits for it and then syncs what came since. When ``T`` is the
+        txnid this process's last sync recorded (nothing was committed
+        since, by any process), ``data.mdb`` and ``synced.rec`` are left
+        alone and only chunk data written since, if any, is flushed (an
+        fsync of an unchanged file costs no disk flush). Raises
         :class:`NoSpace` on a full disk (the store stays dirty: the next
         sync tries again).
         """
@@ -750,13 +767,26 @@ class Store:
                 txn = self.env.begin(write=True)     # no commit between the txnid and its meta page
                 try:
                     synced = self.env.info()["last_txnid"]
-                    page = next((m.raw for m in read_meta_pages(self.meta_dir / "data.mdb", self._page_size)
-                                 if m.txnid == synced), None)
+                    page = None if synced == self._synced_txnid else self._recorder.meta_page(synced)
                 finally:
                     txn.abort()
-                _flush_both(self.chunks.sync, lambda: self.env.sync(True))
-                if record_synced(self.meta_dir, synced, self._page_size, page):
-                    self.modes.fix_path(self.meta_dir / SYNCED_RECORD, False)
+                if synced == self._synced_txnid:
+                    # No commit since our last sync (of any process: the txnid is the store's), so the
+                    # metadata on disk and the record are already what this sync would make them; only
+                    # chunk data of ours written since (not yet referred to) may want flushing.
+                    if self.chunks.needs_sync():
+                        self.chunks.sync()
+                else:
+                    if page is None:
+                        raise RuntimeError(f"no meta page for synced txn {synced}")
+                    if self.chunks.needs_sync():
+                        self._flusher.both(self.chunks.sync, lambda: self.env.sync(True))
+                    else:                    # no pack bytes of ours (a metadata-only change): no hand-off
+                        self.chunks.sync()   # (other processes' open packs, if any)
+                        self.env.sync(True)
+                    if self._recorder.record(synced, page):
+                        self.modes.fix_path(self.meta_dir / SYNCED_RECORD, False)
+                    self._synced_txnid = synced
             except BaseException as exc:
                 new_pin.abort()
                 self._dirty = self._dirty or dirty
@@ -848,23 +878,61 @@ def _open_files_of(ws: Workspace):
     return open_inodes
 
 
-def _flush_both(first: Callable[[], object], second: Callable[[], object]) -> None:
-    """Run ``first()`` in a helper thread and ``second()`` in this one, at the
-    same time (two fdatasyncs on one disk: the journal commits them
-    together); raises the first exception either raised, after both ended."""
-    errors: list[BaseException] = []
+class _PairFlusher:
+    """Runs two flushes at the same time: ``both(first, second)`` runs
+    ``first()`` in a helper thread and ``second()`` in the caller's (two
+    fdatasyncs on one disk: the journal commits them together), and
+    returns after both ended, raising the first exception either raised.
+    The helper thread is started once and kept (a thread per sync cost a
+    ``clone`` and an exit on every fsync). One ``both`` at a time (the
+    store's sync lock); :meth:`close` stops the thread."""
 
-    def run_first() -> None:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._job: Callable[[], object] | None = None
+        self._done = True
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def both(self, first: Callable[[], object], second: Callable[[], object]) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="chronicle-sync-packs", daemon=True)
+                self._thread.start()
+            self._job, self._done, self._error = first, False, None
+            self._cond.notify_all()
         try:
-            first()
-        except BaseException as exc:      # handed to the caller below
-            errors.append(exc)
+            second()
+        finally:
+            with self._cond:
+                while not self._done:
+                    self._cond.wait()
+                error, self._error = self._error, None
+        if error is not None:
+            raise error
 
-    helper = threading.Thread(target=run_first, name="chronicle-sync-packs", daemon=True)
-    helper.start()
-    try:
-        second()
-    finally:
-        helper.join()
-    if errors:
-        raise errors[0]
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._stop:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                job, self._job = self._job, None
+            error = None
+            try:
+                job()
+            except BaseException as exc:      # handed to the caller of both()
+                error = exc
+            with self._cond:
+                self._error, self._done = error, True
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            thread, self._thread = self._thread, None
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()

@@ -441,3 +441,26 @@ def test_statfs_reports_name_max_255(fs):
         assert st.f_namemax == 255 and st.f_bsize > 0 and st.f_blocks > 0
 
     trio.run(main)
+
+
+def test_fsync_after_close_syncs_what_close_committed_and_one_with_nothing_new_runs_no_sync(fs):
+    """close commits without a disk flush; an fsync on a new descriptor must still make that
+    version durable. Once it is (and nothing else was committed), another fsync or an fsyncdir
+    has nothing to do and answers without running a sync."""
+    async def main():
+        ino = await make_file(fs, ROOT, b"f", b"closed, not yet synced")
+        assert not fs.store.synced
+        fi = await fs.open(ino, os.O_RDONLY, CTX)
+        syncs = fs.group_sync.syncs
+        await fs.fsync(fi.fh, False)
+        assert fs.group_sync.syncs == syncs + 1 and fs.store.synced
+        await fs.fsync(fi.fh, False)
+        await fs.fsyncdir(0, False)
+        assert fs.group_sync.syncs == syncs + 1
+        await fs.release(fi.fh)
+        await fs.setattr(ino, attr(st_mode=FILE & ~0o777 | 0o600), fields(update_mode=True), None, CTX)   # metadata only
+        assert not fs.store.synced
+        await fs.fsyncdir(0, False)
+        assert fs.group_sync.syncs == syncs + 2 and fs.store.synced
+
+    trio.run(main)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +158,137 @@ def test_a_store_synced_by_an_older_version_is_still_recovered(tmp_path, monkeyp
             ws.resolve(b"lost")
         st.sync()
     assert (path / "meta" / SYNCED_RECORD).exists() and not (path / "meta" / SYNCED_FILE).exists()
+
+
+# -- a sync with nothing new, and the sync record's kept descriptors --------------------------
+
+
+def _count_fdatasyncs(monkeypatch) -> list[int]:
+    """Count ``os.fdatasync``/``os.fsync`` calls from here on (the flushes of a sync)."""
+    calls: list[int] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        real_fdatasync(fd)
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_a_sync_with_nothing_committed_since_flushes_nothing_and_a_later_one_is_recovered(tmp_path, monkeypatch):
+    """An fsync of an unchanged file costs no disk flush: the last sync already made the store
+    what this one would; the next commit is synced (and recovered after a crash) as before."""
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"first", b"synced once")
+    st.sync()
+    record = (path / "meta" / SYNCED_RECORD).read_bytes()
+    calls = _count_fdatasyncs(monkeypatch)
+    st.sync()
+    st.sync()
+    assert calls == []
+    assert (path / "meta" / SYNCED_RECORD).read_bytes() == record
+    write(ws, ws.root, b"second", b"synced after the idle syncs")
+    st.sync()
+    assert len(calls) >= 2                      # the pack and synced.rec (LMDB flushes data.mdb in C)
+    assert (path / "meta" / SYNCED_RECORD).read_bytes() != record
+    monkeypatch.undo()
+    write(ws, ws.root, b"third", b"never synced")
+    st.chunks.flush()
+    st._dirty = False                           # leave as a crash would
+    st.close()
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st2:
+        ws2 = st2.open_workspace("w")
+        assert read(ws2, b"second") == b"synced after the idle syncs"
+        with pytest.raises(NotFound):
+            ws2.resolve(b"third")
+        assert fsck(st2).clean
+
+
+def test_a_sync_after_another_process_committed_flushes_again(tmp_path):
+    """The txnid that says "nothing new" is the store's, not this process's: a commit by
+    another process since our last sync makes our next sync record it."""
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"ours", b"x")
+    st.sync()
+    st.release_workspace(ws)
+    script = (
+        "import sys\n"
+        "from chronicle.store.store import Store\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from storeutil import write\n"
+        "st = Store.open(sys.argv[1])\n"
+        "ws = st.open_workspace('other', writable=True, create=True)\n"
+        "write(ws, ws.root, b'theirs', b'committed by another process')\n"
+        "st.chunks.flush()\n"
+        "st._dirty = False\n"             # it leaves without syncing: our sync must cover it
+        "st.release_workspace(ws)\n"
+        "st.close()\n"
+    )
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", script, str(path), tests_dir], check=True,
+                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    before = read_synced(path / "meta").txnid
+    st.sync()
+    assert read_synced(path / "meta").txnid > before
+    st.close()
+
+
+def test_the_sync_record_is_written_again_after_it_was_removed(tmp_path, monkeypatch):
+    """The store keeps ``synced.rec`` open between syncs; if the file goes away (or is
+    replaced), the next sync writes a new one rather than into the lost file."""
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"one", b"first")
+    st.sync()
+    (path / "meta" / SYNCED_RECORD).unlink()
+    write(ws, ws.root, b"two", b"second")
+    st.sync()
+    record = read_synced(path / "meta")
+    assert record is not None
+    write(ws, ws.root, b"three", b"never synced")
+    st.chunks.flush()
+    st._dirty = False
+    st.close()
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st2:
+        ws2 = st2.open_workspace("w")
+        assert read(ws2, b"two") == b"second"
+        with pytest.raises(NotFound):
+            ws2.resolve(b"three")
+
+
+def test_a_metadata_only_change_synced_without_pack_bytes_survives_a_crash(tmp_path, monkeypatch):
+    """A sync after changes that wrote no chunk data (a rename, a new directory) flushes only
+    the metadata and the record; the changes are still there after a machine crash."""
+    from storeutil import A
+    path = tmp_path / "store"
+    st = Store.init(path)
+    ws = st.open_workspace("w", writable=True, create=True)
+    write(ws, ws.root, b"old-name", b"renamed later")
+    st.sync()
+    ws.rename(ws.root, b"old-name", ws.root, b"new-name", 0, A)
+    ws.mkdir(ws.root, b"made", 0o755, A)
+    assert not st.chunks.needs_sync()
+    st.sync()
+    st._dirty = False
+    st.close()
+    monkeypatch.setenv("CHRONICLE_BOOT_ID", "a-later-boot")
+    with Store.open(path) as st2:
+        ws2 = st2.open_workspace("w")
+        assert read(ws2, b"new-name") == b"renamed later"
+        assert ws2.resolve(b"made")
+        with pytest.raises(NotFound):
+            ws2.resolve(b"old-name")
+        assert fsck(st2).clean

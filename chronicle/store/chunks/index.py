@@ -309,6 +309,11 @@ class ChunkStore:
         (``PackWriter.sync``, ``ChunkBackend.sync``). Raises ``NoSpace``."""
         self.writer.sync()
 
+    def needs_sync(self) -> bool:
+        """False when no chunk data of this process awaits a :meth:`sync`
+        (``PackWriter.needs_sync``)."""
+        return self.writer.needs_sync()
+
     def add_refs(self, txn: lmdb.Transaction, content: ContentRecord) -> list[bytes]:
         """Count one more reference from a flat ``content`` to each distinct chunk it uses
         (see :meth:`add_chunk_refs`)."""

@@ -259,6 +259,22 @@ class PackWriter:
             if lost is not None and lost[0] <= PACK_HEADER.size:
                 self.backend.delete(sink.name)     # a retired pack with no record in it
 
+    def needs_sync(self) -> bool:
+        """False when :meth:`sync` would have nothing to do for this writer:
+        no record buffered or being written, no sealed pack to close, and
+        the backend has nothing unsynced of ours (``backend.needs_sync``;
+        a backend without it always needs one). Another process's packs
+        are not considered: only metadata committed since the last sync
+        can refer to their new bytes (``Store.sync``)."""
+        with self._lock:
+            if self._buffers or self._sealed:
+                return True
+        with self._cond:
+            if self._queue or self._writing:
+                return True
+        needs = getattr(self.backend, "needs_sync", None)
+        return True if needs is None else needs()
+
     def close(self) -> None:
         """Sync and close the current pack; stop the flusher. Idempotent."""
         self.sync()

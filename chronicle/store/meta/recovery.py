@@ -65,16 +65,21 @@ _META_TXNID_AT = 144                      # mm_txnid, after mm_dbs[2] and mm_las
 P_META = 0x08
 
 
+_BOOT_ID: list[str] = []                  # this boot's id, read once (it cannot change while we run)
+
+
 def boot_id() -> str:
-    """This boot's id (``/proc/sys/kernel/random/boot_id``); tests may set
-    ``CHRONICLE_BOOT_ID`` to simulate a reboot."""
+    """This boot's id (``/proc/sys/kernel/random/boot_id``, read once per
+    process); tests may set ``CHRONICLE_BOOT_ID`` to simulate a reboot."""
     override = os.environ.get("CHRONICLE_BOOT_ID")
     if override:
         return override
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
+    if not _BOOT_ID:
+        try:
+            _BOOT_ID.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        except OSError:
+            return "unknown"
+    return _BOOT_ID[0]
 
 
 @dataclass
@@ -96,14 +101,9 @@ def read_meta_pages(data_file: Path, page_size: int) -> list[MetaPage]:
         for slot in (0, 1):
             f.seek(slot * page_size)
             raw = f.read(page_size)
-            if len(raw) < _META_TXNID_AT + 8:
-                continue
-            _pgno, _pad, flags = _PAGE_HEADER.unpack_from(raw)
-            (magic,) = struct.unpack_from("<I", raw, _META_MAGIC_AT)
-            if magic != LMDB_MAGIC or not flags & P_META:
-                continue
-            (txnid,) = struct.unpack_from("<Q", raw, _META_TXNID_AT)
-            metas.append(MetaPage(slot, txnid, raw))
+            txnid = _meta_txnid(raw)
+            if txnid is not None:
+                metas.append(MetaPage(slot, txnid, raw))
     return metas
 
 
@@ -224,46 +224,129 @@ def record_synced(meta_dir: Path, txnid: int, page_size: int, raw: bytes | None 
     (directory fsync'd); an older ``synced.json`` is removed once it is.
     Writers of several processes take turns (``flock`` of ``meta_dir``). Returns True
     if the file was created (give it the store's modes). Raises
-    ``RuntimeError`` if no meta page holds ``txnid``, ``OSError`` from the disk."""
-    if raw is None:
-        page = next((m for m in read_meta_pages(meta_dir / "data.mdb", page_size) if m.txnid == txnid), None)
-        raw = page.raw if page is not None else None
-    if raw is None:
-        raise RuntimeError(f"no meta page for synced txn {txnid}")
-    path = meta_dir / SYNCED_RECORD
-    size = _slot_size(page_size)
-    slot = _encode_slot(SyncedRecord(txnid, boot_id(), page_size, raw))
-    lock = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    ``RuntimeError`` if no meta page holds ``txnid``, ``OSError`` from the disk.
+    A one-off call; an open store keeps a :class:`SyncRecorder`."""
+    recorder = SyncRecorder(meta_dir, page_size)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)                 # writers of several processes take turns
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = None
-        if fd is not None:
-            try:
-                if os.fstat(fd).st_size == 2 * size:
-                    slots = _read_slots(fd)
-                    target = min((0, 1), key=lambda k: -1 if slots[k] is None else slots[k].txnid)
-                    os.pwrite(fd, slot, target * size)
-                    os.fdatasync(fd)
-                    return False
-            finally:
-                os.close(fd)
-        # First record (or a file of another size): the whole file, written aside and renamed in place.
-        tmp = meta_dir / f"{SYNCED_RECORD}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, slot + b"\0" * size)           # allocated blocks: later writes change no metadata
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        os.fsync(lock)
-        (meta_dir / SYNCED_FILE).unlink(missing_ok=True)
-        return True
+        if raw is None:
+            raw = recorder.meta_page(txnid)
+        if raw is None:
+            raise RuntimeError(f"no meta page for synced txn {txnid}")
+        return recorder.record(txnid, raw)
     finally:
-        os.close(lock)
+        recorder.close()
+
+
+class SyncRecorder:
+    """:func:`record_synced` for an open store, without its per-call costs:
+    the descriptors of ``meta_dir`` (for the ``flock``), of ``synced.rec``
+    and of ``data.mdb`` (for :meth:`meta_page`) stay open between syncs, so
+    a record is one ``flock``, one ``pread`` of both slots, one ``pwrite``
+    and one ``fdatasync`` (``Store.sync`` used to open, read and close four
+    files for it). A ``synced.rec`` replaced or removed meanwhile (its link
+    count is 0) is opened again. ``page_size``: the data file's pages, in
+    bytes.
+
+    Threads: one call at a time (``Store.sync`` holds its sync lock). Call
+    :meth:`close` when the store closes."""
+
+    def __init__(self, meta_dir: Path, page_size: int):
+        self.meta_dir = Path(meta_dir)
+        self.page_size = page_size
+        self._dir_fd: int | None = None
+        self._fd: int | None = None               # synced.rec, once it exists with its two slots
+        self._data_fd: int | None = None          # data.mdb, for the meta pages
+
+    def meta_page(self, txnid: int) -> bytes | None:
+        """The raw meta page of ``txnid`` in ``data.mdb`` now, or None if
+        neither slot holds it: LMDB writes transaction T's meta page into
+        slot ``T & 1`` (``mdb_env_write_meta`` in ``mdb.c``), so one
+        ``pread`` usually does. Raises ``OSError``."""
+        if self._data_fd is None:
+            self._data_fd = os.open(self.meta_dir / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
+        for slot in (txnid & 1, 1 - (txnid & 1)):
+            raw = os.pread(self._data_fd, self.page_size, slot * self.page_size)
+            if _meta_txnid(raw) == txnid:
+                return raw
+        return None
+
+    def record(self, txnid: int, raw: bytes) -> bool:
+        """Record that ``txnid`` (whose meta page is ``raw``) is synced, as
+        :func:`record_synced` does. Returns True if ``synced.rec`` was
+        created. Raises ``OSError``."""
+        size = _slot_size(self.page_size)
+        slot = _encode_slot(SyncedRecord(txnid, boot_id(), self.page_size, raw))
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.meta_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)          # writers of several processes take turns
+        try:
+            fd = self._open_record(size)
+            if fd is not None:
+                both = os.pread(fd, 2 * size, 0)
+                slots = [_decode_slot(both[:size]), _decode_slot(both[size:])]
+                target = min((0, 1), key=lambda k: -1 if slots[k] is None else slots[k].txnid)
+                os.pwrite(fd, slot, target * size)
+                os.fdatasync(fd)
+                return False
+            _create_record(self.meta_dir, self._dir_fd, slot, size)
+            return True
+        finally:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+
+    def _open_record(self, size: int) -> int | None:
+        """The open ``synced.rec`` if it has its two slots (opened again if it
+        was replaced), else None."""
+        if self._fd is not None:
+            st = os.fstat(self._fd)
+            if st.st_nlink and st.st_size == 2 * size:
+                return self._fd
+            os.close(self._fd)
+            self._fd = None
+        try:
+            fd = os.open(self.meta_dir / SYNCED_RECORD, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if os.fstat(fd).st_size != 2 * size:
+            os.close(fd)
+            return None
+        self._fd = fd
+        return fd
+
+    def close(self) -> None:
+        """Close the descriptors (idempotent)."""
+        for name in ("_fd", "_data_fd", "_dir_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+
+def _meta_txnid(raw: bytes) -> int | None:
+    """The txnid of a raw LMDB meta page, or None if ``raw`` is not one (``read_meta_pages``)."""
+    if len(raw) < _META_TXNID_AT + 8:
+        return None
+    _pgno, _pad, flags = _PAGE_HEADER.unpack_from(raw)
+    (magic,) = struct.unpack_from("<I", raw, _META_MAGIC_AT)
+    if magic != LMDB_MAGIC or not flags & P_META:
+        return None
+    return struct.unpack_from("<Q", raw, _META_TXNID_AT)[0]
+
+
+def _create_record(meta_dir: Path, dir_fd: int, slot: bytes, size: int) -> None:
+    """The first record (or a file of another size): the whole file, written
+    aside, fsync'd, renamed in place, the directory fsync'd; an older
+    ``synced.json`` is removed. Call with the ``flock`` of ``dir_fd`` held."""
+    path = meta_dir / SYNCED_RECORD
+    tmp = meta_dir / f"{SYNCED_RECORD}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, slot + b"\0" * size)           # allocated blocks: later writes change no metadata
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    os.fsync(dir_fd)
+    (meta_dir / SYNCED_FILE).unlink(missing_ok=True)
 
 
 def recover_after_crash(meta_dir: Path) -> int | None:

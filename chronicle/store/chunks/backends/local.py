@@ -192,6 +192,14 @@ class LocalBackend:
             except FileNotFoundError:
                 pass
 
+    def needs_sync(self) -> bool:
+        """False when :meth:`sync` has nothing of this process's to make
+        durable: no appended bytes, no created or removed directory entry
+        since the last sync. (Other processes' open objects are synced by
+        :meth:`sync` whenever it runs.)"""
+        with self._lock:
+            return bool(self._dirty_dirs) or any(w._dirty or w._dirs for w in self._writers.values())
+
     # -- reading -------------------------------------------------------------------
 
     def read(self, name: str, offset: int, length: int) -> bytes:
