@@ -445,7 +445,10 @@ def fragment_of_line(seq: int, line: bytes, fragment: bytes) -> bytes | None:
         del fields[:2]
     packed = bytes((PACKED,)) + msgpack.packb([seq, time_us, event, path, turn, pid, fields, tail],
                                               unicode_errors="surrogatepass")
-    return packed if render_fragment(packed) == fragment else None
+    try:
+        return packed if render_fragment(packed) == fragment else None
+    except ValueError:                 # (an event this code cannot render: the caller packs the text)
+        return None
 
 
 _HEX_DIGITS = re.compile(r"[0-9a-f]*")
