@@ -336,6 +336,10 @@ def _marked_entry(raw: bytes, seq: int = 0, marked_line: bytes | None = None) ->
     fragment made of that line where it renders as the marked text
     (``events.fragment_of_line``: a render instead of ``pack_fragment``'s
     JSON parse, checks and render)."""
+    if raw[0] & P_HASH_CUT and marked_line is not None:
+        marked = _cut_entry_mark(raw, seq, marked_line)
+        if marked is not None:
+            return marked
     marked = schema.pruned_entry(raw)          # packed (schema.PathEntry.encode): marked in its own form
     if marked is not None:
         return marked
@@ -352,6 +356,35 @@ def _marked_entry(raw: bytes, seq: int = 0, marked_line: bytes | None = None) ->
     fragment = _ENTRY_HEAD + ID_SIZE + origin_len + path_len
     return b"".join((bytes(((raw[0] & ~P_CONTENT) | P_PRUNED,)), raw[1:_ENTRY_HEAD],
                      raw[_ENTRY_HEAD + ID_SIZE:fragment], mark_pruned(raw[fragment:])))
+
+
+def _cut_entry_mark(raw: bytes, seq: int, marked_line: bytes) -> bytes | None:
+    """:func:`_marked_entry` of a ``P_HASH_CUT`` entry (``PathEntry.encode_text``,
+    read, no longer written: head, content id, the u16 offset where the hash
+    was cut out of the text, origin, path, the text) from its bytes: where
+    the text before the cut has no ``, "hash": `` the text mark is the text
+    with ``"pruned": true`` at its end (``mark_pruned`` drops the cut hash,
+    the first). None where that or ``events.fragment_of_line`` does not
+    apply (the caller decodes the entry)."""
+    flags, ino, origin_len, path_len = _MARK_HEAD.unpack_from(raw)
+    start = _ENTRY_HEAD + ID_SIZE + _CUT_AT.size
+    text = start + origin_len + path_len
+    at = _CUT_AT.unpack_from(raw, _ENTRY_HEAD + ID_SIZE)[0]
+    if text + at > len(raw):
+        return None
+    prefix = raw[text:text + at]
+    suffix = raw[text + at:]
+    end = suffix.rfind(b"}")
+    if _HASH_KEY in prefix or end < 0:
+        return None
+    packed = events.fragment_of_line(seq, marked_line, prefix + suffix[:end] + _PRUNED)
+    if packed is None:
+        return None
+    return b"".join((_MARK_HEAD.pack((flags & ~(P_CONTENT | P_HASH_CUT)) | P_PRUNED, ino, origin_len, path_len),
+                     raw[start:text], packed))
+
+
+_CUT_AT = struct.Struct("<H")
 
 
 def _pruned_record(raw: bytes) -> bytes:
