@@ -51,7 +51,7 @@ from chronicle.procs import alive as process_alive
 from chronicle.store.chunks.backends.local import LocalBackend
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID, to_hex
 from chronicle.store.chunks.index import ChunkStore
-from chronicle.store.gc.leases import Lease
+from chronicle.store.gc.leases import Lease, gc_running
 from chronicle.store.history import points
 from chronicle.store.history.turns import TurnLog
 from chronicle.store.meta import backup, compact, salvage, schema
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 STORE_FILE = "store.json"
 MAP_SIZE = 1 << 40
 SYNC_INTERVAL = float(os.environ.get("CHRONICLE_SYNC_INTERVAL", "5"))   # seconds, like ext4's commit=5
+GC_PIN_INTERVAL = 0.5       # seconds: how often an idle process renews its pin while a GC runs
 SYNC_COMMITS = 256
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
 
@@ -686,13 +687,18 @@ class Store:
         be reused (``recovery``: the pin), so the metadata file grows by about
         20 pages per commit; syncing every few hundred commits bounds that.
         An idle writer must refresh its pin too, or it would hold back page
-        reuse for every other process of the store.
+        reuse for every other process of the store; while a GC runs
+        (``gc.leases.gc_running``) an idle process moves its pin on every
+        :data:`GC_PIN_INTERVAL` seconds (:meth:`_renew_idle_pin`, no sync),
+        or the pages GC's commits free in between could not be reused.
         """
         interval = SYNC_INTERVAL if interval is None else interval
         max_commits = SYNC_COMMITS if max_commits is None else max_commits
         elapsed = time.monotonic() - self._last_sync
         if self._dirty:
             return elapsed >= interval or self._commits_since_sync >= max_commits
+        if time.monotonic() - self._pin_time >= GC_PIN_INTERVAL and gc_running(self.run_dir):
+            self._renew_idle_pin()      # a GC frees pages: the pin must not keep them from it
         return elapsed >= interval and self.env.info()["last_txnid"] > self._pin.id()
 
     def read_txn(self) -> lmdb.Transaction:

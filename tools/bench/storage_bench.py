@@ -1,12 +1,15 @@
 """Bounded storage budgets of issue 9 (run by hand, not in CI).
 
-    .venv/bin/python tools/bench/storage_bench.py [--quick] [--events N] [--workdir DIR] [--json PATH]
+    .venv/bin/python tools/bench/storage_bench.py [--quick] [--events N] [--beside-idle] [--workdir DIR] [--json PATH]
 
 1. **gc-events**: a store with N events (default 1,000,000; ``--quick``
    100,000), written through the store API (no mount): 1,000 files rewritten
    in turn, policy ``--keep-last 1``. Times ``chronicle gc``'s work
    (``gc.collect``) and checks it freed what the dry run promised (budget:
-   < 60 s for 1,000,000 events).
+   < 60 s for 1,000,000 events); the metadata file's growth (``file_pages``,
+   ``grew_pages``) beside the pages gc freed (``freed_pages``). With
+   ``--beside-idle`` another process holds the store open, idle, running a
+   mount daemon's sync loop (its recovery pin: ``Store.needs_sync``).
 2. **sqlite-wal**: 20,000 autocommit inserts (``--quick`` 2,000) into a
    SQLite database in WAL mode through a real mount, with the default policy
    (``*.db-wal``/``*.db-shm`` ignored); then gc. Budget: store (packs +
@@ -59,6 +62,7 @@ from chronicle import procs  # noqa: E402
 from chronicle.store.gc import collect, dryrun  # noqa: E402
 from chronicle.store.gc.policy import Policy  # noqa: E402
 from chronicle.store.meta import schema  # noqa: E402
+from chronicle.store.meta.compact import used_pages  # noqa: E402
 from chronicle.store.model import Actor  # noqa: E402
 from chronicle.store.store import Store  # noqa: E402
 from tools.bench import gitrepo, replay_meta  # noqa: E402
@@ -74,7 +78,7 @@ def _rewrite(ws, ino: int, data: bytes) -> None:
     ws.files.release(ino)
 
 
-def gc_events(work: Path, events: int) -> dict:
+def gc_events(work: Path, events: int, beside_idle: bool = False) -> dict:
     store = Store.init(work / "events-store")
     ws = store.open_workspace("w", writable=True, create=True)
     inos = []
@@ -95,16 +99,50 @@ def gc_events(work: Path, events: int) -> dict:
     t = time.monotonic()
     promised = dryrun.dry_run(store, ["w"])
     dry_seconds = time.monotonic() - t
+    idle = _idle_store(store.path) if beside_idle else None
+    pages = store.env.info()["last_pgno"], used_pages(store.env)
     t = time.monotonic()
     result = collect.collect(store, ["w"])
     gc_seconds = time.monotonic() - t
+    after = store.env.info()["last_pgno"], used_pages(store.env)
+    if idle is not None:
+        idle.stdin.close()
+        idle.wait(30)
     figures = {"events": ws.head_seq, "write_seconds": round(written, 1), "dry_run_seconds": round(dry_seconds, 1),
                "gc_seconds": round(gc_seconds, 1), "gc_phases": result["seconds"],
                "pruned_versions": result["pruned_versions"], "freed_bytes": result["freed_bytes"],
                "promised_bytes": promised["freed_bytes"], "promise_kept": promised["freed_bytes"] == result["freed_bytes"],
-               "budget_ok": gc_seconds < 60}
+               "beside_idle_store": beside_idle, "file_pages": [pages[0], after[0]],
+               "used_pages": [pages[1], after[1]], "grew_pages": after[0] - pages[0],
+               "freed_pages": pages[1] - after[1], "budget_ok": gc_seconds < 60}
     store.close()
     return figures
+
+
+_IDLE_STORE = """
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from chronicle.store.store import Store
+store = Store.open(__import__("pathlib").Path(sys.argv[2]))
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("open", flush=True)
+while not done.wait(0.1):           # the mount daemon's _periodic_sync, with nothing of its own to write
+    if store.needs_sync():
+        store.sync()
+store.close()
+"""
+
+
+def _idle_store(path: Path) -> subprocess.Popen:
+    """Another process with the store open and idle, as a mount daemon between
+    requests (its periodic sync loop: ``Store.needs_sync`` every 0.1 s); it
+    closes the store when its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", _IDLE_STORE, str(REPO), str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "open":
+        raise RuntimeError("the idle store process did not start")
+    return proc
 
 
 def _du(path: Path) -> int:
@@ -389,6 +427,8 @@ def main() -> None:
     parser.add_argument("--git-repo", help="bare repository for click-replay")
     parser.add_argument("--commits", type=int)
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--beside-idle", action="store_true",
+                        help="gc-events: gc beside another process holding the store open, idle (a mount daemon)")
     args = parser.parse_args()
     events = args.events or (100_000 if args.quick else 1_000_000)
     inserts = args.inserts or (2_000 if args.quick else 20_000)
@@ -396,7 +436,7 @@ def main() -> None:
     out = {}
     try:
         if "gc-events" in args.workloads:
-            out["gc-events"] = gc_events(work, events)
+            out["gc-events"] = gc_events(work, events, args.beside_idle)
             print(json.dumps({"gc-events": out["gc-events"]}, indent=2))
         if "sqlite-wal" in args.workloads:
             out["sqlite-wal"] = sqlite_wal(work, inserts)

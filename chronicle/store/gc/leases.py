@@ -354,7 +354,8 @@ def never_drop(_ws_id: int, _ino: int, _deleted_ns: int) -> bool:
 
 
 class GcLock:
-    """``run/gc.lock``: held (``flock`` exclusive) by the one GC running.
+    """``run/gc.lock``: held (``flock`` exclusive) by the one GC running,
+    which writes its pid in it and empties it when done (:func:`gc_running`).
     :meth:`acquire` raises :class:`Busy` if another process holds it."""
 
     def __init__(self, run_dir: Path):
@@ -376,8 +377,11 @@ class GcLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            try:
+                os.ftruncate(self._fd, 0)      # no pid in it: no GC runs (:func:`gc_running`)
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> GcLock:
         self.acquire()
@@ -385,3 +389,21 @@ class GcLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def gc_running(run_dir: Path) -> bool:
+    """True if a GC runs on the store of ``run_dir``: ``run/gc.lock`` names a
+    live process (:class:`GcLock`; a killed GC's pid names none). Reads the
+    file without locking it (a probe ``flock`` could make a GC starting at
+    that moment fail with :class:`Busy`). ``Store.needs_sync`` asks it to
+    renew an idle pin sooner while a GC frees pages."""
+    try:
+        with open(Path(run_dir) / "gc.lock", "rb") as f:
+            text = f.read(32)
+    except OSError:
+        return False
+    try:
+        pid = int(text)
+    except ValueError:
+        return False
+    return pid > 0 and alive(pid)

@@ -310,6 +310,7 @@ def _holds(raw: bytes, content: bytes) -> bool:
 _ENTRY_HEAD = len(PathEntry(0, 0, b"", b"", b"").encode())
 _ENTRY_LENGTHS = struct.Struct("<II")          # origin, path lengths: the head's last 8 bytes
 _ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, after the flags
+_MARK_HEAD = struct.Struct("<BQII")            # flags, ino, origin and path lengths (PathEntry.encode's head)
 
 
 def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
@@ -326,21 +327,64 @@ def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
             bytes(raw[start + path_len:]))
 
 
-def _marked_entry(raw: bytes) -> bytes:
+def _marked_entry(raw: bytes, seq: int = 0, marked_line: bytes | None = None) -> bytes:
     """The pruned mark of the path entry ``raw`` (which has content): what
     ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
-    mark_pruned(fragment), path).encode()`` gives."""
+    mark_pruned(fragment), path).encode()`` gives, or an encoding of the same
+    entry: a text entry of before packed fragments (``P_HASH_CUT``) whose
+    event ``seq`` has the marked packed log line ``marked_line`` gets the
+    fragment made of that line where it renders as the marked text
+    (``events.fragment_of_line``: a render instead of ``pack_fragment``'s
+    JSON parse, checks and render)."""
+    if raw[0] & P_HASH_CUT and marked_line is not None:
+        marked = _cut_entry_mark(raw, seq, marked_line)
+        if marked is not None:
+            return marked
     marked = schema.pruned_entry(raw)          # packed (schema.PathEntry.encode): marked in its own form
     if marked is not None:
         return marked
     if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):
         e = PathEntry.decode(raw)
-        return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, mark_pruned(e.fragment),
-                         e.path).encode()
+        fragment = mark_pruned(e.fragment)
+        if marked_line is not None and raw[0] & P_HASH_CUT:
+            packed = events.fragment_of_line(seq, marked_line, fragment)
+            if packed is not None:
+                return b"".join((_MARK_HEAD.pack((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, len(e.origin),
+                                                 len(e.path)), e.origin, e.path, packed))
+        return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, fragment, e.path).encode()
     origin_len, path_len = _ENTRY_LENGTHS.unpack_from(raw, _ENTRY_HEAD - _ENTRY_LENGTHS.size)
     fragment = _ENTRY_HEAD + ID_SIZE + origin_len + path_len
     return b"".join((bytes(((raw[0] & ~P_CONTENT) | P_PRUNED,)), raw[1:_ENTRY_HEAD],
                      raw[_ENTRY_HEAD + ID_SIZE:fragment], mark_pruned(raw[fragment:])))
+
+
+def _cut_entry_mark(raw: bytes, seq: int, marked_line: bytes) -> bytes | None:
+    """:func:`_marked_entry` of a ``P_HASH_CUT`` entry (``PathEntry.encode_text``,
+    read, no longer written: head, content id, the u16 offset where the hash
+    was cut out of the text, origin, path, the text) from its bytes: where
+    the text before the cut has no ``, "hash": `` the text mark is the text
+    with ``"pruned": true`` at its end (``mark_pruned`` drops the cut hash,
+    the first). None where that or ``events.fragment_of_line`` does not
+    apply (the caller decodes the entry)."""
+    flags, ino, origin_len, path_len = _MARK_HEAD.unpack_from(raw)
+    start = _ENTRY_HEAD + ID_SIZE + _CUT_AT.size
+    text = start + origin_len + path_len
+    at = _CUT_AT.unpack_from(raw, _ENTRY_HEAD + ID_SIZE)[0]
+    if text + at > len(raw):
+        return None
+    prefix = raw[text:text + at]
+    suffix = raw[text + at:]
+    end = suffix.rfind(b"}")
+    if _HASH_KEY in prefix or end < 0:
+        return None
+    packed = events.fragment_of_line(seq, marked_line, prefix + suffix[:end] + _PRUNED)
+    if packed is None:
+        return None
+    return b"".join((_MARK_HEAD.pack((flags & ~(P_CONTENT | P_HASH_CUT)) | P_PRUNED, ino, origin_len, path_len),
+                     raw[start:text], packed))
+
+
+_CUT_AT = struct.Struct("<H")
 
 
 def _pruned_record(raw: bytes) -> bytes:
@@ -478,11 +522,10 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
             for inode_key, raw in records:
                 inodes[inode_key] = _pruned_record(raw)
                 rewritten.add(inode_key)
-            paths[found.path_key] = _marked_entry(found.entry)
-            _gather_line(txn, dbs, lines, cand.ws, cand.seq, path_field)
+            paths[found.path_key] = _marked_entry(found.entry, cand.seq,
+                                                  _gather_line(txn, dbs, lines, cand.ws, cand.seq, path_field))
             for seq, key, raw in found.marks:
-                paths[key] = _marked_entry(raw)
-                _gather_line(txn, dbs, lines, cand.ws, seq, path_field)
+                paths[key] = _marked_entry(raw, seq, _gather_line(txn, dbs, lines, cand.ws, seq, path_field))
             if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 work.released[cand.content] = work.released.get(cand.content, 0) + len(records)
             work.versions += 1
@@ -497,8 +540,9 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
 
 
 def _gather_line(txn: lmdb.Transaction, dbs: dict, lines: dict[bytes, bytes], ws: int, seq: int,
-                 path_field: bytes) -> None:
-    """The marked log line of event ``seq`` into ``lines`` (:func:`_mark_line`, read-only)."""
+                 path_field: bytes) -> bytes | None:
+    """The marked log line of event ``seq`` into ``lines`` (:func:`_mark_line`,
+    read-only); returns it, or None if the line stays as it is."""
     event_key = schema.event_key(ws, seq)
     line = lines.get(event_key)
     if line is None:
@@ -506,6 +550,7 @@ def _gather_line(txn: lmdb.Transaction, dbs: dict, lines: dict[bytes, bytes], ws
     marked = _marked_line(line, path_field)
     if marked is not None:
         lines[event_key] = marked
+    return marked
 
 
 def _put_sorted(txn: lmdb.Transaction, dbs: dict, work: _Work) -> None:

@@ -425,6 +425,32 @@ def mark_fragment_pruned(raw: bytes, content_id: bytes) -> bytes | None:
         raise ValueError(f"damaged path entry fragment ({type(exc).__name__}: {exc})") from None
 
 
+def fragment_of_line(seq: int, line: bytes, fragment: bytes) -> bytes | None:
+    """The packed fragment (:func:`pack_fragment`'s form, for an entry without
+    content) of the fragment text ``fragment``, built from the packed log line
+    ``line`` of event ``seq`` (:func:`encode`; a path entry's fragment is the
+    line without its ``version``, which the listing puts in front), if it
+    renders as ``fragment`` (:func:`render_fragment`); else None. GC marks a
+    text path entry pruned with it: one unpack, one pack and one render
+    instead of a JSON parse, checks and a render. Raises ``ValueError`` if
+    ``line`` is damaged."""
+    if line[:1] != bytes((PACKED,)):
+        return None
+    try:
+        time_us, event, path, turn, pid, fields, tail = msgpack.unpackb(
+            memoryview(line)[1:], unicode_errors="surrogatepass", strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged event record ({type(exc).__name__}: {exc})") from None
+    if fields[:1] == [_VERSION_NO]:
+        del fields[:2]
+    packed = bytes((PACKED,)) + msgpack.packb([seq, time_us, event, path, turn, pid, fields, tail],
+                                              unicode_errors="surrogatepass")
+    try:
+        return packed if render_fragment(packed) == fragment else None
+    except ValueError:                 # (an event this code cannot render: the caller packs the text)
+        return None
+
+
 _HEX_DIGITS = re.compile(r"[0-9a-f]*")
 
 
@@ -438,6 +464,7 @@ def _without(flat: list, keys: tuple) -> list:
 
 
 _HASH_NO = _FIELD_NO["hash"]
+_VERSION_NO = _FIELD_NO["version"]
 _PRUNED_NO = _FIELD_NO["pruned"]
 
 

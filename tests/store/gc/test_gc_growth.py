@@ -56,3 +56,41 @@ def test_gc_reuses_the_pages_it_frees(tmp_path, monkeypatch, batch):
         assert report.clean, [(p.severity, p.kind, p.message) for p in report.problems]
     finally:
         store.close()
+
+
+def test_an_idle_process_renews_its_pin_while_a_gc_runs(tmp_path):
+    """While ``run/gc.lock`` names a live GC, an idle store (nothing to sync:
+    a mount daemon between requests) moves its recovery pin on at its next
+    ``needs_sync`` past ``GC_PIN_INTERVAL``, without a sync; once the GC is
+    done (or its pid is gone: a killed GC) it keeps the pin until ``SYNC_INTERVAL``."""
+    from chronicle.store import store as store_module
+    from chronicle.store.gc.leases import GcLock, gc_running
+    store = Store.init(tmp_path / "s")
+    try:
+        ws = store.open_workspace("w", writable=True, create=True)
+
+        def commit_elsewhere_then_ask() -> tuple[int, int]:
+            write(ws, ws.root, b"f", b"x")
+            store.sync()                          # idle again: not dirty, pin at the last txn
+            write(ws, ws.root, b"f", b"y")
+            store._dirty = False                  # as another process's commit: nothing of ours to sync
+            store._pin_time -= 2 * store_module.GC_PIN_INTERVAL
+            pin = store._pin.id()
+            store.needs_sync()
+            return pin, store._pin.id()
+
+        assert not gc_running(store.run_dir)
+        pin, after = commit_elsewhere_then_ask()
+        assert after == pin                       # no gc: the pin stays until SYNC_INTERVAL
+        with GcLock(store.run_dir):
+            assert gc_running(store.run_dir)
+            pin, after = commit_elsewhere_then_ask()
+            assert after > pin                    # moved on to the last commit
+            assert after == store.env.info()["last_txnid"]
+        assert not gc_running(store.run_dir)
+        pin, after = commit_elsewhere_then_ask()
+        assert after == pin
+        (store.run_dir / "gc.lock").write_text("999999999\n")     # a killed gc's pid: no process
+        assert not gc_running(store.run_dir)
+    finally:
+        store.close()
