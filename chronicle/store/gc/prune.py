@@ -66,7 +66,7 @@ from chronicle.store.gc.leases import never_drop
 from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_HASH_CUT, P_PRUNED, PathEntry
-from chronicle.store.model import Attrs
+from chronicle.store.model import Attrs, inode_content_nlink, inode_with_content
 
 if TYPE_CHECKING:
     from chronicle.store.store import Store
@@ -192,7 +192,7 @@ def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate, 
         following = bytes(cur.value())
         if not _holds(following, cand.content) or (rewritten is not None and next_key in rewritten):
             break
-        if _NLINK.unpack_from(following, 12)[0] == 0:
+        if inode_content_nlink(following)[1] == 0:
             break                 # deleted here: a :class:`DeadRecord` (``prune_dead``)
         at = schema.path_key(cand.ws, cand.path, next_seq)
         there = txn.get(at, db=dbs["paths"])
@@ -222,12 +222,9 @@ def _any_in(seqs: Sequence[int], lo: int, hi: int) -> bool:
     return i < len(seqs) and seqs[i] < hi
 
 
-# An inode record (``Attrs.encode``) is a fixed head (nlink the u32 at byte 12)
-# then, when the file has content, its 32-byte id: pruning compares and swaps
-# those bytes instead of decoding and re-encoding the record.
-_ATTRS_HEAD = len(Attrs(0, 0, 0, 0, 0, 0, 0, 0).encode())
-_HAS_CONTENT = Attrs(0, 0, 0, 0, 0, 0, 0, 0, content=PRUNED_ID).encode()[_ATTRS_HEAD - 1]   # its flag bit
-_NLINK = struct.Struct("<I")
+# An inode record's content id and nlink are read, and its content id swapped,
+# in place (``model.inode_content_nlink``, ``model.inode_with_content``)
+# instead of decoding and re-encoding the record.
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +250,8 @@ def dead_record(txn: lmdb.Transaction, dbs: dict, ws: int, ino: int) -> DeadReco
         if not cur.set_range(prefix) or cur.key()[:len(prefix)] != prefix:
             return None
         key, raw = bytes(cur.key()), cur.value()
-    if len(raw) < _ATTRS_HEAD + ID_SIZE or not raw[_ATTRS_HEAD - 1] & _HAS_CONTENT or _NLINK.unpack_from(raw, 12)[0]:
-        return None
-    content = bytes(raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE])
-    if content in (PRUNED_ID, EMPTY_CONTENT_ID):
+    content, nlink = inode_content_nlink(raw)
+    if not content or nlink or content in (PRUNED_ID, EMPTY_CONTENT_ID):
         return None
     return DeadRecord(ws, ino, schema.inode_key_seq(key), content)
 
@@ -300,8 +295,8 @@ def prune_dead(store: Store, dead: Sequence[DeadRecord], keep_of: Callable[[], K
 def _holds(raw: bytes, content: bytes) -> bool:
     """True if the inode record ``raw`` has ``content`` and one link, as
     ``Attrs.decode(raw)`` would say."""
-    return (len(raw) >= _ATTRS_HEAD + ID_SIZE and raw[_ATTRS_HEAD - 1] & _HAS_CONTENT
-            and raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE] == content and _NLINK.unpack_from(raw, 12)[0] <= 1)
+    held, nlink = inode_content_nlink(raw)
+    return held == content and nlink <= 1
 
 
 # A path entry (``PathEntry.encode``) is a fixed head (flags the first byte,
@@ -345,7 +340,7 @@ def _marked_entry(raw: bytes) -> bytes:
 
 def _pruned_record(raw: bytes) -> bytes:
     """The inode record ``raw`` (which has content) with content :data:`PRUNED_ID`."""
-    return b"".join((raw[:_ATTRS_HEAD], PRUNED_ID, raw[_ATTRS_HEAD + ID_SIZE:]))
+    return inode_with_content(raw, PRUNED_ID)
 
 
 def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], Keep],

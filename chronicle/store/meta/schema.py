@@ -83,8 +83,10 @@ forms written before still read: a ``paths`` entry's fragment
 is rendered from it byte for byte; a text fragment starts with ``"``), a
 ``chunks`` record (:meth:`ChunkRecord.encode`: told from the fixed 29/61-byte
 form by its length) and an ``inodes`` record without content
-(``model.Attrs.encode``: told from the fixed form by its second byte; records
-with content keep the fixed form, which gc reads in place).
+(``model.Attrs.encode``: told from the fixed form by its second byte). An
+``inodes`` record with content is packed too, behind the tag ``0x02`` with
+its content id first (``model.Attrs.encode``; gc reads and rewrites it in
+place through ``model.inode_content_nlink``/``inode_with_content``).
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
