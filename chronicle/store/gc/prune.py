@@ -307,11 +307,12 @@ _ENTRY_LENGTHS = struct.Struct("<II")          # origin, path lengths: the head'
 _ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, after the flags
 
 
-def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
+def content_entry_fields(raw: bytes, key: bytes) -> tuple[int, bytes, bytes, bytes]:
     """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
-    (``PathEntry.decode``'s fields, without building one: plan reads millions)."""
+    stored under ``key`` (``PathEntry.decode``'s fields, without building one
+    where it is text: plan reads millions)."""
     if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):    # cut or packed (schema.PathEntry.encode)
-        entry = PathEntry.decode(raw)
+        entry = PathEntry.decode(raw, key)
         return entry.ino, entry.content, entry.path, entry.fragment
     ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
     start = _ENTRY_HEAD + ID_SIZE + origin_len
@@ -321,17 +322,17 @@ def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
             bytes(raw[start + path_len:]))
 
 
-def _marked_entry(raw: bytes) -> bytes:
-    """The pruned mark of the path entry ``raw`` (which has content): what
-    ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
-    mark_pruned(fragment), path).encode()`` gives."""
+def _marked_entry(raw: bytes, key: bytes) -> bytes:
+    """The pruned mark of the path entry ``raw`` (which has content) stored
+    under ``key``: what ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"",
+    origin, mark_pruned(fragment), path).encode(key)`` gives."""
     marked = schema.pruned_entry(raw)          # packed (schema.PathEntry.encode): marked in its own form
     if marked is not None:
         return marked
     if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):
-        e = PathEntry.decode(raw)
+        e = PathEntry.decode(raw, key)
         return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, mark_pruned(e.fragment),
-                         e.path).encode()
+                         e.path).encode(key)
     origin_len, path_len = _ENTRY_LENGTHS.unpack_from(raw, _ENTRY_HEAD - _ENTRY_LENGTHS.size)
     fragment = _ENTRY_HEAD + ID_SIZE + origin_len + path_len
     return b"".join((bytes(((raw[0] & ~P_CONTENT) | P_PRUNED,)), raw[1:_ENTRY_HEAD],
@@ -473,10 +474,10 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
             for inode_key, raw in records:
                 inodes[inode_key] = _pruned_record(raw)
                 rewritten.add(inode_key)
-            paths[found.path_key] = _marked_entry(found.entry)
+            paths[found.path_key] = _marked_entry(found.entry, found.path_key)
             _gather_line(txn, dbs, lines, cand.ws, cand.seq, path_field)
             for seq, key, raw in found.marks:
-                paths[key] = _marked_entry(raw)
+                paths[key] = _marked_entry(raw, key)
                 _gather_line(txn, dbs, lines, cand.ws, seq, path_field)
             if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 work.released[cand.content] = work.released.get(cand.content, 0) + len(records)
@@ -486,7 +487,7 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
     for content, count in work.released.items():
         raw = txn.get(content, db=dbs["contents"])
         if raw is not None:
-            refcount = schema.content_header(raw)[1]
+            refcount = schema.content_header(raw, content)[1]
             contents[content] = schema.content_with_refcount(raw, max(0, refcount - count))
     return work
 
@@ -540,10 +541,10 @@ def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate],
 def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, found: _Found, path_field: bytes) -> None:
     for inode_key, raw in found.records:
         txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
-    txn.put(found.path_key, _marked_entry(found.entry), db=dbs["paths"])
+    txn.put(found.path_key, _marked_entry(found.entry, found.path_key), db=dbs["paths"])
     _mark_line(txn, dbs, cand.ws, cand.seq, path_field)
     for seq, key, raw in found.marks:
-        txn.put(key, _marked_entry(raw), db=dbs["paths"])
+        txn.put(key, _marked_entry(raw, key), db=dbs["paths"])
         _mark_line(txn, dbs, cand.ws, seq, path_field)
 
 
@@ -569,7 +570,7 @@ def _release(txn: lmdb.Transaction, dbs: dict, released: dict[bytes, int]) -> No
     for content, count in released.items():
         raw = txn.get(content, db=dbs["contents"])
         if raw is not None:
-            refcount = schema.content_header(raw)[1]
+            refcount = schema.content_header(raw, content)[1]
             txn.put(content, schema.content_with_refcount(raw, max(0, refcount - count)), db=dbs["contents"])
 
 

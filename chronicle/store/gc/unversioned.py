@@ -482,7 +482,7 @@ def _give_back(txn: lmdb.Transaction, dbs: dict, freed: dict[bytes, int]) -> Non
     for content, count in freed.items():
         raw = txn.get(content, db=dbs["contents"])
         if raw is not None:
-            refcount = schema.content_header(raw)[1]
+            refcount = schema.content_header(raw, content)[1]
             txn.put(content, schema.content_with_refcount(raw, max(0, refcount - count)), db=dbs["contents"])
 
 
@@ -506,7 +506,7 @@ def _recount_heads(store: Store, ws: int, idents: set[bytes]) -> None:
                 prefix = head_key + b"\x00"
                 with txn.cursor(db=dbs["paths"]) as cur:
                     left = cur.set_range(prefix) and cur.key()[:len(prefix)] == prefix
-                    entry = PathEntry.decode(cur.value()) if left else None
+                    entry = PathEntry.decode(cur.value(), cur.key()) if left else None
                 if entry is None:
                     txn.delete(head_key, db=dbs["path_heads"])
                     continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from array import array
 import struct
 import time
 
@@ -17,7 +18,8 @@ from chronicle.store.chunks.ids import PRUNED_ID
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import Policy
-from chronicle.store.meta.schema import ChunkRecord
+from chronicle.store.meta import schema
+from chronicle.store.meta.schema import ChunkRecord, ContentRecord
 from chronicle.store.model import Attrs, inode_content, inode_content_nlink, inode_with_content
 from chronicle.store.store import Store
 from tests.storeutil import A, write
@@ -154,9 +156,13 @@ def test_gc_prunes_a_store_of_fixed_records_as_one_of_packed_records(tmp_path):
                 records = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
                 packed = [v for _k, v in records if v[:1] == b"\x02"]
                 assert to_fixed or packed        # new file records are packed
-                if to_fixed:
+                contents = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store.dbs["contents"])]
+                assert len(contents) > 5
+                if to_fixed:                     # and every content record stores its hash, as main wrote it
                     for k, v in records:
                         txn.put(k, fixed_form(Attrs.decode(v)), db=db)
+                    for k, v in contents:
+                        txn.put(k, ContentRecord.decode(v, k).encode(), db=store.dbs["contents"])
             ws = store.open_workspace("w")
             dryrun.set_policy(store, ws.id, Policy(keep_last=1))
             promised = dryrun.dry_run(store, ["w"], now_ns=later)
@@ -182,3 +188,43 @@ def test_gc_prunes_a_store_of_fixed_records_as_one_of_packed_records(tmp_path):
         finally:
             store.close()
     assert outcome[0] == outcome[1]
+
+
+def test_a_content_record_leaves_out_a_hash_that_is_its_key_and_the_stored_hash_still_reads():
+    cid, other = bytes(range(32)), bytes(reversed(range(32)))
+    record = ContentRecord(70_000, cid, other + cid, array("Q", [65_536, 4_464]), refcount=3, v4=True)
+    old = record.encode()                      # as main wrote it: the hash stored
+    new = record.encode(cid)
+    assert len(new) == len(old) - 32
+    for raw in (old, new):
+        assert ContentRecord.decode(raw, cid) == record
+        assert schema.content_header(raw, cid) == (70_000, 3, cid)
+        assert schema.content_header(schema.content_with_refcount(raw, 5), cid) == (70_000, 5, cid)
+        assert schema.content_is_dense_v4(raw)
+    assert ContentRecord.decode(old) == record          # a stored hash needs no key
+    try:
+        ContentRecord.decode(new)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a record whose hash is its key decoded without the key")
+    assert record.encode(other) == old                  # a hash that is not the key is stored
+    sparse = ContentRecord(10, None, other, array("Q", [10]))
+    assert sparse.encode(cid) == sparse.encode() and schema.content_header(sparse.encode(cid))[2] is None
+
+
+def test_a_store_writes_content_records_without_their_hash(tmp_path):
+    store = Store.init(tmp_path / "s")
+    try:
+        ws = store.open_workspace("w", writable=True, create=True)
+        data = os.urandom(100_000)
+        write(ws, ws.root, b"f", data)
+        attrs = ws.lookup(ws.root, b"f")[1]
+        with store.env.begin() as txn:
+            raw = bytes(txn.get(attrs.content, db=store.dbs["contents"]))
+        assert attrs.content not in raw
+        assert schema.content_header(raw, attrs.content)[2] == attrs.content
+        assert store.content_map(attrs.content).read(0, len(data)) == data
+        assert fsck(store).clean
+    finally:
+        store.close()
