@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import re
 from datetime import datetime, timezone
 
@@ -241,10 +242,11 @@ def pack_fragment(fragment: bytes, content_id: bytes = b"", seq: int | None = No
                                             unicode_errors="surrogatepass")
 
 
-def render_fragment(raw: bytes, content_id: bytes = b"", seq: int | None = None, path: str | None = None) -> bytes:
+def render_fragment(raw: bytes, content_id: bytes = b"", seq: int | None = None,
+                    path: bytes | str | None = None) -> bytes:
     """The fragment text of a packed fragment ``raw`` (:func:`pack_fragment`)
     of an entry whose content id is ``content_id`` and whose key has ``seq``
-    and the path text ``path`` (needed only if the fragment left them out).
+    and the path ``path`` (bytes, or its text; needed only if the fragment left them out).
     Raises ``ValueError`` if the record is damaged or needs a seq or path not given."""
     try:
         key_seq, key_path = seq, path
@@ -257,7 +259,7 @@ def render_fragment(raw: bytes, content_id: bytes = b"", seq: int | None = None,
         if path is _KEY_PATH:
             if key_path is None:
                 raise ValueError("its path is in the entry's key")
-            path = key_path
+            path = os.fsdecode(key_path)
         parts = ['"seq": ', int.__repr__(seq), ', "time": "', iso_time(time_us * 1000), '", "event": ',
                  _EVENT_TEXT[event] if type(event) is int else _dumps(event), ', "path": ', _value_text(path)]
         hex_text = content_id.hex() if len(content_id) == 32 else None

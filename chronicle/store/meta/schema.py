@@ -87,6 +87,13 @@ form by its length) and an ``inodes`` record without content
 ``inodes`` record with content is packed too, behind the tag ``0x02`` with
 its content id first (``model.Attrs.encode``; gc reads and rewrites it in
 place through ``model.inode_content_nlink``/``inode_with_content``).
+Two fields derivable from the key are left out of new records (the record
+is then read with its key; records holding them still read): a ``contents``
+record's hash where it is the content id (flag ``_C_HASH_IS_ID``:
+:meth:`ContentRecord.decode`, :func:`content_header` take the id), and a
+packed ``paths`` fragment's ``seq`` and ``path`` where they are the key's
+(:meth:`PathEntry.encode`/:meth:`PathEntry.decode` take the key;
+``meta.events.pack_fragment``).
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
@@ -715,9 +722,9 @@ class PathEntry:
             if key is None:
                 fragment = events.render_fragment(raw[pos:], content)
             else:
-                ident = path_key_ident(key)
-                fragment = events.render_fragment(raw[pos:], content, path_key_seq(key),
-                                                  os.fsdecode(path if ident_is_long(ident) else ident))
+                ident = bytes(key[4:-9])
+                fragment = events.render_fragment(raw[pos:], content, U64.unpack_from(key, len(key) - 8)[0],
+                                                  path if len(ident) > PATH_KEY_MAX else ident)
         elif pos < len(raw) and raw[pos] == _TEXT_TAG[0]:
             fragment = bytes(raw[pos + 1:])
         else:

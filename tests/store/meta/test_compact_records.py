@@ -19,7 +19,7 @@ from chronicle.store.fsck.checks import fsck
 from chronicle.store.gc import collect, dryrun
 from chronicle.store.gc.policy import Policy
 from chronicle.store.meta import schema
-from chronicle.store.meta.schema import ChunkRecord, ContentRecord
+from chronicle.store.meta.schema import ChunkRecord, ContentRecord, PathEntry
 from chronicle.store.model import Attrs, inode_content, inode_content_nlink, inode_with_content
 from chronicle.store.store import Store
 from tests.storeutil import A, write
@@ -141,8 +141,8 @@ def _history(store: Store) -> dict[int, dict[bytes, bytes]]:
 
 
 def test_gc_prunes_a_store_of_fixed_records_as_one_of_packed_records(tmp_path):
-    """The same history in two stores, one with every inode record rewritten
-    to the fixed form main wrote: the dry run promises what gc does, gc
+    """The same history in two stores, one with every inode, content and path
+    entry record rewritten to the form main wrote: the dry run promises what gc does, gc
     prunes and frees the same in both, the records left decode the same, the
     kept versions read back and fsck is clean."""
     later = time.time_ns() + 400 * 86400 * 10**9
@@ -163,6 +163,12 @@ def test_gc_prunes_a_store_of_fixed_records_as_one_of_packed_records(tmp_path):
                         txn.put(k, fixed_form(Attrs.decode(v)), db=db)
                     for k, v in contents:
                         txn.put(k, ContentRecord.decode(v, k).encode(), db=store.dbs["contents"])
+                    changed = 0
+                    for k, v in list(txn.cursor(db=store.dbs["paths"])):   # seq and path in the fragment
+                        old = PathEntry.decode(v, k).encode()
+                        changed += old != bytes(v)
+                        txn.put(k, old, db=store.dbs["paths"])
+                    assert changed > 5
             ws = store.open_workspace("w")
             dryrun.set_policy(store, ws.id, Policy(keep_last=1))
             promised = dryrun.dry_run(store, ["w"], now_ns=later)
