@@ -54,6 +54,14 @@ _ATTR_HEAD = struct.Struct("<IIIIQqqqIB")
 _F_CONTENT, _F_TARGET, _F_XATTRS = 1, 2, 4
 _PACKED = 0x01            # tag of a packed record (no content): MessagePack array follows
 _PACKED_TAG = bytes((_PACKED,))
+_PACKED_CONTENT = 0x02    # tag of a packed record with content: MessagePack array, the content id first
+_PACKED_CONTENT_TAG = bytes((_PACKED_CONTENT,))
+_BIN_ID = bytes((0xC4, ID_SIZE))        # MessagePack bin 8 header of a content id
+_PACKED_ID_AT = 4                       # tag, fixarray header, bin header (2): the content id starts here
+_PACKED_NLINK_AT = _PACKED_ID_AT + ID_SIZE   # nlink's MessagePack int follows the content id
+_FIXED_ID_AT = _ATTR_HEAD.size          # the fixed form's content id (with ``_F_CONTENT``)
+_NLINK_AT = 12                          # the fixed form's nlink u32
+_U32 = struct.Struct("<I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,59 +118,72 @@ class Attrs:
         return stat.S_ISLNK(self.mode)
 
     def encode(self) -> bytes:
-        """The ``inodes`` record.
+        """The ``inodes`` record, in one of three forms; :meth:`decode` reads each.
 
-        An inode without content (a directory, symlink, device) whose mode
-        has file type bits is stored *packed* when that is shorter than the
-        fixed head below: the tag byte ``0x01``, then one MessagePack array
+        An inode whose mode has file type bits is stored *packed* when that
+        is shorter than the fixed form below. Without content (a directory,
+        symlink, device): the tag byte ``0x01``, then one MessagePack array
         ``[mode, uid, gid, nlink, size, atime, mtime - atime, ctime - mtime,
         rdev]`` (times in ns), with the symlink target (bin) and the xattrs
         (``[name, value, ...]``) appended when present (the target ``b""``
-        when only xattrs are). Its second byte is a fixarray header
-        (``0x9N``), which the fixed form's second byte (the mode's type bits,
-        ``0x1``..``0xC``, in its high half) never is: both forms decode.
+        when only xattrs are). With content (a regular file): the tag byte
+        ``0x02``, then the array ``[content, nlink, mode, uid, gid, size,
+        atime, mtime - atime, ctime - mtime, rdev]`` and the same optional
+        tail; the content id (bin 8 of 32 bytes) is thus at bytes 4..36 and
+        nlink's MessagePack int at byte 36, which gc reads and rewrites in
+        place (:func:`inode_content_nlink`, :func:`inode_with_content`).
+        A packed record's second byte is a fixarray header (``0x9N``), which
+        the fixed form's second byte (the mode's type bits, ``0x1``..``0xC``,
+        in its high half) never is: every form decodes.
 
-        Otherwise (every inode with content, which gc reads in place: its
-        ``prune``/``unversioned`` modules), a fixed little-endian head (mode,
-        uid, gid, nlink u32; size u64; atime, mtime, ctime i64 ns; rdev u32;
-        flags u8), then the content id (32 bytes), the symlink target (u32
-        length + bytes) and the xattrs (u32 count, then u16 name length, u32
-        value length, name, value each), each only if present (flags)."""
-        if not self.content and self.mode & 0o170000:
-            fields = [self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
-                      self.mtime_ns - self.atime_ns, self.ctime_ns - self.mtime_ns, self.rdev]
-            if self.target or self.xattrs:
-                fields.append(self.target)
-            if self.xattrs:
-                fields.append([part for pair in self.xattrs for part in pair])
-            try:
-                packed = _PACKED_TAG + msgpack.packb(fields)
-            except OverflowError:           # a time difference past 64 bits
-                packed = None
-            if packed is not None and len(packed) < _ATTR_HEAD.size and packed[1] & 0xF0 == 0x90:
+        Otherwise (format 4 until this form, and records whose packed form
+        is not shorter), a fixed little-endian head (mode, uid, gid, nlink
+        u32; size u64; atime, mtime, ctime i64 ns; rdev u32; flags u8), then
+        the content id (32 bytes), the symlink target (u32 length + bytes)
+        and the xattrs (u32 count, then u16 name length, u32 value length,
+        name, value each), each only if present (flags)."""
+        if self.mode & 0o170000:
+            packed = self._pack()
+            if packed is not None:
                 return packed
-        flags = (_F_CONTENT if self.content else 0) | (_F_TARGET if self.target else 0) | \
-                (_F_XATTRS if self.xattrs else 0)
-        parts = [_ATTR_HEAD.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
-                                 self.mtime_ns, self.ctime_ns, self.rdev, flags)]
-        if self.content:
-            parts.append(self.content)
-        if self.target:
-            parts.append(struct.pack("<I", len(self.target)))
-            parts.append(self.target)
+        return self._fixed()
+
+    def _pack(self) -> bytes | None:
+        """The packed form (:meth:`encode`), or None where it is not shorter than the fixed one."""
+        content = self.content
+        if content and len(content) != ID_SIZE:
+            return None
+        atime, mtime = self.atime_ns, self.mtime_ns
+        if content:
+            fields = [content, self.nlink, self.mode, self.uid, self.gid, self.size, atime,
+                      mtime - atime, self.ctime_ns - mtime, self.rdev]
+        else:
+            fields = [self.mode, self.uid, self.gid, self.nlink, self.size, atime,
+                      mtime - atime, self.ctime_ns - mtime, self.rdev]
+        fixed = _ATTR_HEAD.size + len(content)
+        if self.target or self.xattrs:
+            fields.append(self.target)
+            if self.target:
+                fixed += 4 + len(self.target)
         if self.xattrs:
-            parts.append(struct.pack("<I", len(self.xattrs)))
-            for name, value in self.xattrs:
-                parts.append(struct.pack("<HI", len(name), len(value)))
-                parts.append(name)
-                parts.append(value)
-        return b"".join(parts)
+            fields.append([part for pair in self.xattrs for part in pair])
+            fixed += 4 + sum(6 + len(name) + len(value) for name, value in self.xattrs)
+        try:
+            packed = msgpack.packb(fields)
+        except OverflowError:           # a time difference past 64 bits
+            return None
+        if len(packed) + 1 >= fixed or packed[0] & 0xF0 != 0x90:
+            return None
+        return (_PACKED_CONTENT_TAG if content else _PACKED_TAG) + packed
 
     @classmethod
     def decode(cls, raw: bytes) -> Attrs:
-        """From :meth:`encode`'s bytes (either form). Raises ``Corrupt`` if damaged."""
-        if len(raw) > 1 and raw[0] == _PACKED and raw[1] & 0xF0 == 0x90:
-            return cls._unpack(raw)
+        """From :meth:`encode`'s bytes (any form). Raises ``Corrupt`` if damaged."""
+        if len(raw) > 1 and raw[1] & 0xF0 == 0x90:
+            if raw[0] == _PACKED:
+                return cls._unpack(raw)
+            if raw[0] == _PACKED_CONTENT:
+                return cls._unpack_content(raw)
         try:
             mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, flags = _ATTR_HEAD.unpack_from(raw)
             pos = _ATTR_HEAD.size
@@ -201,3 +222,94 @@ class Attrs:
             return cls(mode, uid, gid, nlink, size, atime, mtime, mtime + ctime_delta, rdev, b"", target, xattrs)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise Corrupt(f"damaged inode record: {exc}") from None
+
+    @classmethod
+    def _unpack_content(cls, raw: bytes) -> Attrs:
+        try:
+            fields = msgpack.unpackb(memoryview(raw)[1:])
+            content, nlink, mode, uid, gid, size, atime, mtime_delta, ctime_delta, rdev = fields[:10]
+            target = fields[10] if len(fields) > 10 else b""
+            flat = fields[11] if len(fields) > 11 else ()
+            if (len(fields) > 12 or not isinstance(target, bytes) or len(flat) % 2
+                    or not isinstance(content, bytes) or len(content) != ID_SIZE):
+                raise ValueError("unexpected fields")
+            xattrs = tuple(zip(flat[0::2], flat[1::2]))
+            mtime = atime + mtime_delta
+            return cls(mode, uid, gid, nlink, size, atime, mtime, mtime + ctime_delta, rdev, content, target, xattrs)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise Corrupt(f"damaged inode record: {exc}") from None
+
+    def encode_fixed(self) -> bytes:
+        """The fixed form of the ``inodes`` record (:meth:`encode`), all that
+        format 4 wrote before packed records; still read. Tests and tools only."""
+        return self._fixed()
+
+    def _fixed(self) -> bytes:
+        flags = (_F_CONTENT if self.content else 0) | (_F_TARGET if self.target else 0) | \
+                (_F_XATTRS if self.xattrs else 0)
+        parts = [_ATTR_HEAD.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
+                                 self.mtime_ns, self.ctime_ns, self.rdev, flags)]
+        if self.content:
+            parts.append(self.content)
+        if self.target:
+            parts.append(struct.pack("<I", len(self.target)))
+            parts.append(self.target)
+        if self.xattrs:
+            parts.append(struct.pack("<I", len(self.xattrs)))
+            for name, value in self.xattrs:
+                parts.append(struct.pack("<HI", len(name), len(value)))
+                parts.append(name)
+                parts.append(value)
+        return b"".join(parts)
+
+
+def _packed_content(raw: bytes) -> bool:
+    """True if the ``inodes`` record ``raw`` is packed with content (tag ``0x02``, :meth:`Attrs.encode`)."""
+    return (len(raw) > _PACKED_NLINK_AT and raw[0] == _PACKED_CONTENT and raw[1] & 0xF0 == 0x90
+            and raw[2:_PACKED_ID_AT] == _BIN_ID)
+
+
+def inode_content_nlink(raw: bytes) -> tuple[bytes, int]:
+    """``(content id, nlink)`` of an encoded ``inodes`` record (any form of
+    :meth:`Attrs.encode`), as ``Attrs.decode(raw)`` would give them, read in
+    place where the form allows (gc reads a million); the content id is
+    ``b""`` for an inode without content. Raises ``Corrupt`` if damaged."""
+    if _packed_content(raw):
+        nlink = raw[_PACKED_NLINK_AT]
+        if nlink >= 0x80:               # not a positive fixint: decode the whole record
+            nlink = Attrs.decode(raw).nlink
+        return bytes(raw[_PACKED_ID_AT:_PACKED_NLINK_AT]), nlink
+    if len(raw) > 1 and raw[1] & 0xF0 == 0x90 and raw[0] in (_PACKED, _PACKED_CONTENT):
+        attrs = Attrs.decode(raw)
+        return attrs.content, attrs.nlink
+    if len(raw) < _ATTR_HEAD.size:
+        raise Corrupt("damaged inode record: short head")
+    nlink = _U32.unpack_from(raw, _NLINK_AT)[0]
+    if not raw[_ATTR_HEAD.size - 1] & _F_CONTENT:
+        return b"", nlink
+    if len(raw) < _FIXED_ID_AT + ID_SIZE:
+        raise Corrupt("damaged inode record: short content id")
+    return bytes(raw[_FIXED_ID_AT:_FIXED_ID_AT + ID_SIZE]), nlink
+
+
+def inode_content(raw: bytes) -> bytes:
+    """The content id of an encoded ``inodes`` record (``b""`` without content); see
+    :func:`inode_content_nlink`. Raises ``Corrupt`` if damaged."""
+    return inode_content_nlink(raw)[0]
+
+
+def inode_with_content(raw: bytes, content: bytes) -> bytes:
+    """The encoded ``inodes`` record ``raw``, which has content, with its content
+    id replaced by ``content`` (32 bytes) in place: every other byte is kept.
+    Raises ``Corrupt`` if ``raw`` has no content id or is damaged."""
+    if len(content) != ID_SIZE:
+        raise ValueError("a content id is 32 bytes")
+    if _packed_content(raw):
+        at = _PACKED_ID_AT
+    elif len(raw) > 1 and raw[1] & 0xF0 == 0x90 and raw[0] in (_PACKED, _PACKED_CONTENT):
+        return Attrs.decode(raw).replace(content=content).encode()     # damaged or odd: decode checks
+    elif len(raw) >= _FIXED_ID_AT + ID_SIZE and raw[_ATTR_HEAD.size - 1] & _F_CONTENT:
+        at = _FIXED_ID_AT
+    else:
+        raise Corrupt("inode record without content")
+    return b"".join((raw[:at], content, raw[at + ID_SIZE:]))

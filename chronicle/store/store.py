@@ -177,7 +177,7 @@ class Store:
             txn.put(schema.META_FORMAT, str(schema.FORMAT_VERSION).encode(), db=store.dbs["meta"])
             txn.put(schema.META_NEXT_INO, schema.U64.pack(16), db=store.dbs["meta"])
             txn.put(schema.META_NEXT_WS, schema.U32.pack(1), db=store.dbs["meta"])
-            txn.put(EMPTY_CONTENT_ID, schema.empty_record().encode(), db=store.dbs["contents"])
+            txn.put(EMPTY_CONTENT_ID, schema.empty_record().encode(EMPTY_CONTENT_ID), db=store.dbs["contents"])
             schema.add_totals(txn, store.dbs["meta"], contents=1)
         store.sync()
         return store
@@ -557,7 +557,7 @@ class Store:
                 for content_id, count in released.items():
                     raw = txn.get(content_id, db=contents)
                     if raw is not None:
-                        refcount = schema.content_header(raw)[1]
+                        refcount = schema.content_header(raw, content_id)[1]
                         txn.put(content_id, schema.content_with_refcount(raw, max(0, refcount - count)),
                                 db=contents)
                 for db in self._WS_DATABASES:
@@ -645,7 +645,7 @@ class Store:
                               f"({type(exc).__name__}: {exc})") from None
             if raw is None:
                 raise Corrupt(f"content {to_hex(content_id)} is missing from the store")
-            cm = ContentMap(content_id, ContentRecord.decode(raw), self.chunks)
+            cm = ContentMap(content_id, ContentRecord.decode(raw, content_id), self.chunks)
         self.remember_content(cm)
         return cm
 

@@ -66,7 +66,7 @@ def _as_format_3(path) -> int:
                 txn.put(key, events.render(schema.event_key_seq(key), raw), db=store.dbs["events"])
                 changed += 1
         for key, raw in list(txn.cursor(db=store.dbs["paths"])):
-            e = PathEntry.decode(raw)
+            e = PathEntry.decode(raw, key)
             old = b"".join((schema._PATH_ENTRY_HEAD.pack(e.flags, e.ino, len(e.origin), len(e.path)),
                             e.content if e.flags & P_CONTENT else b"", e.origin, e.path, e.fragment))
             if old != bytes(raw):

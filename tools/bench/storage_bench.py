@@ -279,8 +279,8 @@ def content_bytes(store_path: Path, hashes: set[str]) -> dict:
         chunks: set[bytes] = set()
         with store.env.begin() as txn:
             with txn.cursor(db=store.dbs["contents"]) as cur:
-                for _key, raw in cur:
-                    record = ContentRecord.decode(bytes(raw))
+                for key, raw in cur:
+                    record = ContentRecord.decode(bytes(raw), bytes(key))
                     if record.hash is None or record.hash.hex() not in hashes:
                         continue
                     found += 1

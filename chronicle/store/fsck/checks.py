@@ -547,7 +547,7 @@ class _Checker(TreeChecks, NodeChecks):
     def _check_content(self, content_id: bytes, raw: bytes) -> None:
         short = _short(content_id)
         try:
-            rec = ContentRecord.decode(raw)
+            rec = ContentRecord.decode(raw, content_id)
         except Corrupt:
             self.bad_contents.add(content_id)
             self.problem("content-corrupt", f"the record of content {short} is damaged: the file versions "
@@ -650,7 +650,7 @@ class _Checker(TreeChecks, NodeChecks):
             content_id = bytes(key)
             if content_id in self.bad_contents:
                 continue
-            rec = ContentRecord.decode(value)
+            rec = ContentRecord.decode(value, content_id)
             if rec.v4:
                 # the tree hash was checked against the nodes in _check_content, and every chunk's
                 # bytes against its id (the pack check): the content's bytes are verified

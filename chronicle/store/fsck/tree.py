@@ -69,7 +69,7 @@ class TreeChecks:
                 EMPTY_CONTENT_ID))
             self.empty_missing = True
             record = schema.empty_record()          # the empty content is never freed: refcount stays 0
-            self.other_fixes.append((p, self._fix_put("contents", EMPTY_CONTENT_ID, record.encode())))
+            self.other_fixes.append((p, self._fix_put("contents", EMPTY_CONTENT_ID, record.encode(EMPTY_CONTENT_ID))))
         unused = 0
         for content_id, stored in self.content_refcounts.items():
             uses = self.content_uses.get(content_id, 0)
@@ -129,7 +129,7 @@ class TreeChecks:
                 self.orphans[("paths", ws)] += 1
             path, seq = schema.path_key_ident(key), schema.path_key_seq(key)
             try:
-                entry = PathEntry.decode(value)
+                entry = PathEntry.decode(value, key)
                 if schema.ident_is_long(path):
                     if schema.path_ident(entry.path) != path:
                         raise ValueError("the entry's path does not match its key")
@@ -284,10 +284,10 @@ class TreeChecks:
             attrs = Attrs.decode(raw)
             if attrs.content != wrong:
                 return False
-            size = schema.content_header(bytes(content))[0]
+            size = schema.content_header(bytes(content), right)[0]
             txn.put(key, attrs.replace(content=right, size=size).encode(), db=self.dbs["inodes"])
             if right != EMPTY_CONTENT_ID:
-                refcount = schema.content_header(bytes(content))[1]
+                refcount = schema.content_header(bytes(content), right)[1]
                 txn.put(right, schema.content_with_refcount(bytes(content), refcount + 1), db=self.dbs["contents"])
             return True
         return fix

@@ -141,7 +141,7 @@ def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[Pa
             flags = value[0]
             if flags & P_GONE:
                 ident = schema.path_key_ident(key)
-                path = PathEntry.decode(value).path if schema.ident_is_long(ident) else ident
+                path = PathEntry.decode(value, key).path if schema.ident_is_long(ident) else ident
                 if current is None or ident != current_ident or path != current.path:
                     if current is not None:
                         yield current
@@ -151,7 +151,7 @@ def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[Pa
                 continue
             if not (flags & P_CONTENT and flags & (P_BUMPS | P_ARRIVED)):
                 continue          # (a rename to a free path starts the history there: a version for GC)
-            ino, content, entry_path, fragment = content_entry_fields(value)
+            ino, content, entry_path, fragment = content_entry_fields(value, key)
             ident = schema.path_key_ident(key)
             path = entry_path if schema.ident_is_long(ident) else ident
             if current is None or ident != current_ident or path != current.path:
@@ -377,10 +377,10 @@ def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadl
             content_id = bytes(key)
             if content_id == EMPTY_CONTENT_ID:
                 continue
-            if schema.content_header(raw)[1] > released.get(content_id, 0):
+            if schema.content_header(raw, content_id)[1] > released.get(content_id, 0):
                 continue
             contents += 1
-            record = ContentRecord.decode(raw)
+            record = ContentRecord.decode(raw, content_id)
             level, held = nodes.root_entries(record)
             if level == 0:
                 for chunk_id in held:

@@ -66,7 +66,7 @@ from chronicle.store.gc.leases import never_drop
 from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_HASH_CUT, P_PRUNED, PathEntry
-from chronicle.store.model import Attrs
+from chronicle.store.model import Attrs, inode_content_nlink, inode_with_content
 
 if TYPE_CHECKING:
     from chronicle.store.store import Store
@@ -192,7 +192,7 @@ def _check(txn: lmdb.Transaction, dbs: dict, cur: lmdb.Cursor, cand: Candidate, 
         following = bytes(cur.value())
         if not _holds(following, cand.content) or (rewritten is not None and next_key in rewritten):
             break
-        if _NLINK.unpack_from(following, 12)[0] == 0:
+        if inode_content_nlink(following)[1] == 0:
             break                 # deleted here: a :class:`DeadRecord` (``prune_dead``)
         at = schema.path_key(cand.ws, cand.path, next_seq)
         there = txn.get(at, db=dbs["paths"])
@@ -222,12 +222,9 @@ def _any_in(seqs: Sequence[int], lo: int, hi: int) -> bool:
     return i < len(seqs) and seqs[i] < hi
 
 
-# An inode record (``Attrs.encode``) is a fixed head (nlink the u32 at byte 12)
-# then, when the file has content, its 32-byte id: pruning compares and swaps
-# those bytes instead of decoding and re-encoding the record.
-_ATTRS_HEAD = len(Attrs(0, 0, 0, 0, 0, 0, 0, 0).encode())
-_HAS_CONTENT = Attrs(0, 0, 0, 0, 0, 0, 0, 0, content=PRUNED_ID).encode()[_ATTRS_HEAD - 1]   # its flag bit
-_NLINK = struct.Struct("<I")
+# An inode record's content id and nlink are read, and its content id swapped,
+# in place (``model.inode_content_nlink``, ``model.inode_with_content``)
+# instead of decoding and re-encoding the record.
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +250,8 @@ def dead_record(txn: lmdb.Transaction, dbs: dict, ws: int, ino: int) -> DeadReco
         if not cur.set_range(prefix) or cur.key()[:len(prefix)] != prefix:
             return None
         key, raw = bytes(cur.key()), cur.value()
-    if len(raw) < _ATTRS_HEAD + ID_SIZE or not raw[_ATTRS_HEAD - 1] & _HAS_CONTENT or _NLINK.unpack_from(raw, 12)[0]:
-        return None
-    content = bytes(raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE])
-    if content in (PRUNED_ID, EMPTY_CONTENT_ID):
+    content, nlink = inode_content_nlink(raw)
+    if not content or nlink or content in (PRUNED_ID, EMPTY_CONTENT_ID):
         return None
     return DeadRecord(ws, ino, schema.inode_key_seq(key), content)
 
@@ -300,8 +295,8 @@ def prune_dead(store: Store, dead: Sequence[DeadRecord], keep_of: Callable[[], K
 def _holds(raw: bytes, content: bytes) -> bool:
     """True if the inode record ``raw`` has ``content`` and one link, as
     ``Attrs.decode(raw)`` would say."""
-    return (len(raw) >= _ATTRS_HEAD + ID_SIZE and raw[_ATTRS_HEAD - 1] & _HAS_CONTENT
-            and raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE] == content and _NLINK.unpack_from(raw, 12)[0] <= 1)
+    held, nlink = inode_content_nlink(raw)
+    return held == content and nlink <= 1
 
 
 # A path entry (``PathEntry.encode``) is a fixed head (flags the first byte,
@@ -313,11 +308,12 @@ _ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, a
 _MARK_HEAD = struct.Struct("<BQII")            # flags, ino, origin and path lengths (PathEntry.encode's head)
 
 
-def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
+def content_entry_fields(raw: bytes, key: bytes) -> tuple[int, bytes, bytes, bytes]:
     """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
-    (``PathEntry.decode``'s fields, without building one: plan reads millions)."""
+    stored under ``key`` (``PathEntry.decode``'s fields, without building one
+    where it is text: plan reads millions)."""
     if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):    # cut or packed (schema.PathEntry.encode)
-        entry = PathEntry.decode(raw)
+        entry = PathEntry.decode(raw, key)
         return entry.ino, entry.content, entry.path, entry.fragment
     ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
     start = _ENTRY_HEAD + ID_SIZE + origin_len
@@ -327,15 +323,15 @@ def content_entry_fields(raw: bytes) -> tuple[int, bytes, bytes, bytes]:
             bytes(raw[start + path_len:]))
 
 
-def _marked_entry(raw: bytes, seq: int = 0, marked_line: bytes | None = None) -> bytes:
-    """The pruned mark of the path entry ``raw`` (which has content): what
-    ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"", origin,
-    mark_pruned(fragment), path).encode()`` gives, or an encoding of the same
-    entry: a text entry of before packed fragments (``P_HASH_CUT``) whose
-    event ``seq`` has the marked packed log line ``marked_line`` gets the
-    fragment made of that line where it renders as the marked text
-    (``events.fragment_of_line``: a render instead of ``pack_fragment``'s
-    JSON parse, checks and render)."""
+def _marked_entry(raw: bytes, key: bytes, seq: int = 0, marked_line: bytes | None = None) -> bytes:
+    """The pruned mark of the path entry ``raw`` (which has content) stored
+    under ``key``: what ``PathEntry((flags & ~P_CONTENT) | P_PRUNED, ino, b"",
+    origin, mark_pruned(fragment), path).encode(key)`` gives, or an encoding
+    of the same entry: a text entry of before packed fragments
+    (``P_HASH_CUT``) whose event ``seq`` has the marked packed log line
+    ``marked_line`` gets the fragment made of that line where it renders as
+    the marked text (``events.fragment_of_line``: a render instead of
+    ``pack_fragment``'s JSON parse, checks and render)."""
     if raw[0] & P_HASH_CUT and marked_line is not None:
         marked = _cut_entry_mark(raw, seq, marked_line)
         if marked is not None:
@@ -344,14 +340,14 @@ def _marked_entry(raw: bytes, seq: int = 0, marked_line: bytes | None = None) ->
     if marked is not None:
         return marked
     if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):
-        e = PathEntry.decode(raw)
+        e = PathEntry.decode(raw, key)
         fragment = mark_pruned(e.fragment)
         if marked_line is not None and raw[0] & P_HASH_CUT:
             packed = events.fragment_of_line(seq, marked_line, fragment)
             if packed is not None:
                 return b"".join((_MARK_HEAD.pack((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, len(e.origin),
                                                  len(e.path)), e.origin, e.path, packed))
-        return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, fragment, e.path).encode()
+        return PathEntry((e.flags & ~P_CONTENT) | P_PRUNED, e.ino, b"", e.origin, fragment, e.path).encode(key)
     origin_len, path_len = _ENTRY_LENGTHS.unpack_from(raw, _ENTRY_HEAD - _ENTRY_LENGTHS.size)
     fragment = _ENTRY_HEAD + ID_SIZE + origin_len + path_len
     return b"".join((bytes(((raw[0] & ~P_CONTENT) | P_PRUNED,)), raw[1:_ENTRY_HEAD],
@@ -389,7 +385,7 @@ _CUT_AT = struct.Struct("<H")
 
 def _pruned_record(raw: bytes) -> bytes:
     """The inode record ``raw`` (which has content) with content :data:`PRUNED_ID`."""
-    return b"".join((raw[:_ATTRS_HEAD], PRUNED_ID, raw[_ATTRS_HEAD + ID_SIZE:]))
+    return inode_with_content(raw, PRUNED_ID)
 
 
 def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], Keep],
@@ -522,10 +518,10 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
             for inode_key, raw in records:
                 inodes[inode_key] = _pruned_record(raw)
                 rewritten.add(inode_key)
-            paths[found.path_key] = _marked_entry(found.entry, cand.seq,
+            paths[found.path_key] = _marked_entry(found.entry, found.path_key, cand.seq,
                                                   _gather_line(txn, dbs, lines, cand.ws, cand.seq, path_field))
             for seq, key, raw in found.marks:
-                paths[key] = _marked_entry(raw, seq, _gather_line(txn, dbs, lines, cand.ws, seq, path_field))
+                paths[key] = _marked_entry(raw, key, seq, _gather_line(txn, dbs, lines, cand.ws, seq, path_field))
             if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 work.released[cand.content] = work.released.get(cand.content, 0) + len(records)
             work.versions += 1
@@ -534,7 +530,7 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
     for content, count in work.released.items():
         raw = txn.get(content, db=dbs["contents"])
         if raw is not None:
-            refcount = schema.content_header(raw)[1]
+            refcount = schema.content_header(raw, content)[1]
             contents[content] = schema.content_with_refcount(raw, max(0, refcount - count))
     return work
 
@@ -590,10 +586,10 @@ def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate],
 def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, found: _Found, path_field: bytes) -> None:
     for inode_key, raw in found.records:
         txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
-    txn.put(found.path_key, _marked_entry(found.entry), db=dbs["paths"])
+    txn.put(found.path_key, _marked_entry(found.entry, found.path_key), db=dbs["paths"])
     _mark_line(txn, dbs, cand.ws, cand.seq, path_field)
     for seq, key, raw in found.marks:
-        txn.put(key, _marked_entry(raw), db=dbs["paths"])
+        txn.put(key, _marked_entry(raw, key), db=dbs["paths"])
         _mark_line(txn, dbs, cand.ws, seq, path_field)
 
 
@@ -619,7 +615,7 @@ def _release(txn: lmdb.Transaction, dbs: dict, released: dict[bytes, int]) -> No
     for content, count in released.items():
         raw = txn.get(content, db=dbs["contents"])
         if raw is not None:
-            refcount = schema.content_header(raw)[1]
+            refcount = schema.content_header(raw, content)[1]
             txn.put(content, schema.content_with_refcount(raw, max(0, refcount - count)), db=dbs["contents"])
 
 

@@ -99,7 +99,7 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
     dbs = store.dbs
     with store.env.begin() as txn:
         with txn.cursor(db=dbs["contents"]) as cur:
-            garbage = [bytes(k) for k, v in cur if k != EMPTY_CONTENT_ID and schema.content_header(v)[1] == 0]
+            garbage = [bytes(k) for k, v in cur if k != EMPTY_CONTENT_ID and schema.content_header(v, k)[1] == 0]
     out = {"contents": 0, "logical_bytes": 0, "chunks": 0, "bytes": 0, "raw_bytes": 0}
     size = _FIRST_BATCH
     maintain = Maintain(store)
@@ -155,9 +155,9 @@ def _gather(txn, dbs: dict, ids: list[bytes]) -> _SweepWork:
     pending: list[bytes] = []
     for content_id in ids:
         raw = txn.get(content_id, db=dbs["contents"])
-        if raw is None or schema.content_header(raw)[1] != 0:
+        if raw is None or schema.content_header(raw, content_id)[1] != 0:
             continue              # used again since the scan
-        record = ContentRecord.decode(raw)
+        record = ContentRecord.decode(raw, content_id)
         level, held = nodes.root_entries(record)
         if level == 0:
             for chunk_id in held:
@@ -224,9 +224,9 @@ def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int,
         content_id = garbage[i]
         i += 1
         raw = txn.get(content_id, db=dbs["contents"])
-        if raw is None or schema.content_header(raw)[1] != 0:
+        if raw is None or schema.content_header(raw, content_id)[1] != 0:
             continue              # used again since the scan
-        record = ContentRecord.decode(raw)
+        record = ContentRecord.decode(raw, content_id)
         held, _freed_nodes = nodes.release(txn, dbs["content_nodes"], record)    # root -> nodes -> chunks
         store.chunks.drop_chunk_refs(txn, held, totals)
         txn.delete(content_id, db=dbs["contents"])

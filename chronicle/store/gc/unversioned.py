@@ -54,14 +54,14 @@ from typing import TYPE_CHECKING
 import lmdb
 import pathspec
 
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, PRUNED_ID
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID
 from chronicle.store.gc.ignore import IgnoreRules
 from chronicle.store.gc.prune import BATCH_SECONDS, Keep
 from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import PathEntry, PathHead, WorkspaceRecord
 from chronicle.store.meta.tree import TreeView
-from chronicle.store.model import Attrs, KIND_DIR
+from chronicle.store.model import Attrs, KIND_DIR, inode_content
 from chronicle.store.history.paths import History
 
 if TYPE_CHECKING:
@@ -71,8 +71,6 @@ DROPPED_EVENT = "dropped"         # the summary line's event name (module docstr
 NAMESPACE_EVENTS = frozenset(events.EVENTS) - {"restore"}
 _PATH_FIELDS = ("path", "from", "to")
 _ENTRY_INO = 1                    # a path entry's inode: the u64 (little-endian) after its flags byte
-_ATTRS_HEAD = len(Attrs(0, 0, 0, 0, 0, 0, 0, 0).encode())
-_HAS_CONTENT = Attrs(0, 0, 0, 0, 0, 0, 0, 0, content=PRUNED_ID).encode()[_ATTRS_HEAD - 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,11 +362,9 @@ def _records(txn: lmdb.Transaction, dbs: dict, item: Dropped,
             for key, raw in cur:
                 if key[:12] != prefix:
                     break
-                content = None
-                if len(raw) >= _ATTRS_HEAD + ID_SIZE and raw[_ATTRS_HEAD - 1] & _HAS_CONTENT:
-                    content = bytes(raw[_ATTRS_HEAD:_ATTRS_HEAD + ID_SIZE])
-                    if content in (EMPTY_CONTENT_ID, PRUNED_ID) or (skip is not None and bytes(key) in skip):
-                        content = None
+                content = inode_content(raw) or None
+                if content in (EMPTY_CONTENT_ID, PRUNED_ID) or (skip is not None and bytes(key) in skip):
+                    content = None
                 out.append((bytes(key), content))
     return out
 
@@ -486,7 +482,7 @@ def _give_back(txn: lmdb.Transaction, dbs: dict, freed: dict[bytes, int]) -> Non
     for content, count in freed.items():
         raw = txn.get(content, db=dbs["contents"])
         if raw is not None:
-            refcount = schema.content_header(raw)[1]
+            refcount = schema.content_header(raw, content)[1]
             txn.put(content, schema.content_with_refcount(raw, max(0, refcount - count)), db=dbs["contents"])
 
 
@@ -510,7 +506,7 @@ def _recount_heads(store: Store, ws: int, idents: set[bytes]) -> None:
                 prefix = head_key + b"\x00"
                 with txn.cursor(db=dbs["paths"]) as cur:
                     left = cur.set_range(prefix) and cur.key()[:len(prefix)] == prefix
-                    entry = PathEntry.decode(cur.value()) if left else None
+                    entry = PathEntry.decode(cur.value(), cur.key()) if left else None
                 if entry is None:
                     txn.delete(head_key, db=dbs["path_heads"])
                     continue

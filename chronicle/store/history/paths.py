@@ -88,7 +88,7 @@ class History:
                     seq = schema.path_key_seq(key)
                     if seq > layer.bound or (before is not None and seq >= before):
                         break
-                    entry = PathEntry.decode(value)
+                    entry = PathEntry.decode(value, key)
                     if long_path and entry.path != path:
                         continue                         # a digest key of another path (never seen)
                     out.append((seq, entry))
@@ -225,7 +225,7 @@ class History:
                     if schema.ident_is_long(ident):
                         shown = ident[len(below) if exact else 0:schema.PATH_KEY_MAX]
                         if not exact or b"/" not in shown:
-                            whole = PathEntry.decode(cur.value()).path
+                            whole = PathEntry.decode(cur.value(), key).path
                             if whole.startswith(base):
                                 names.add(whole[len(base):].split(b"/", 1)[0])
                             if not cur.next():

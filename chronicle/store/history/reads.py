@@ -263,9 +263,10 @@ def _path_head(txn: lmdb.Transaction, ws: Workspace, path: bytes) -> PathHead | 
 def _entry_at(txn: lmdb.Transaction, ws: Workspace, path: bytes, seq: int) -> PathEntry | None:
     """The path entry of ``path`` recorded at ``seq`` (through the fork layers), or None."""
     for layer in ws.history.layers:
-        raw = txn.get(schema.path_key(layer.ws, path, seq), db=ws.dbs["paths"])
+        key = schema.path_key(layer.ws, path, seq)
+        raw = txn.get(key, db=ws.dbs["paths"])
         if raw is not None:
-            return PathEntry.decode(raw)
+            return PathEntry.decode(raw, key)
     return None
 
 
@@ -311,7 +312,7 @@ def _file_at(txn: lmdb.Transaction, ws: Workspace, path: bytes, seq: int | None)
     if seq is None:
         out["version"], out["seq"] = _version_of(txn, ws, path, attrs.content, ws.head_seq)
         raw = txn.get(attrs.content, db=ws.dbs["contents"])
-        digest = schema.content_header(raw)[2] if raw is not None else None
+        digest = schema.content_header(raw, attrs.content)[2] if raw is not None else None
         if attrs.content == EMPTY_CONTENT_ID:                  # (no record: not refcounted)
             digest = EMPTY_CONTENT_ID
         out["hash"] = to_hex(digest) if digest else None

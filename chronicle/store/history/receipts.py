@@ -600,7 +600,7 @@ class Receipts:
         if raw is None:
             raise Corrupt(f"content {content.hex()} is referenced but missing")
         if schema.content_is_dense_v4(raw):
-            return schema.content_header(raw)[2]
+            return schema.content_header(raw, content)[2]
         digest = self._new_hashes.get(content) or txn.get(content, db=self.dbs["receipt_hashes"])
         if digest is None:
             digest = self._new_hashes[content] = self._hash_by_reading(content)

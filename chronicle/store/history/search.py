@@ -62,8 +62,8 @@ _HEX = frozenset(string.hexdigits.lower())
 # -- every path entry ----------------------------------------------------------------------
 
 
-def _entries(views: HistoryViews, txn: lmdb.Transaction) -> Iterator[tuple[bytes, int, bytes]]:
-    """``(path key, seq, raw value)`` of every path entry the workspace sees
+def _entries(views: HistoryViews, txn: lmdb.Transaction) -> Iterator[tuple[bytes, int, bytes, bytes]]:
+    """``(path key, seq, raw value, key)`` of every path entry the workspace sees
     (oldest layer first; within a layer by path key then seq)."""
     db = views.ws.dbs["paths"]
     with txn.cursor(db=db) as cur:
@@ -78,7 +78,7 @@ def _entries(views: HistoryViews, txn: lmdb.Transaction) -> Iterator[tuple[bytes
                 if seq > layer.bound:
                     continue
                 ident = schema.path_key_ident(key)
-                yield ident, seq, value        # decoded by the caller, if it wants it
+                yield ident, seq, value, key   # decoded by the caller, if it wants it
 
 
 # a packed fragment's hash other than its content id: MessagePack ext 8, 32 bytes, type 1 (meta.events)
@@ -91,16 +91,16 @@ def _cut_hash(value: bytes) -> str:
     return bytes(value[schema.PATH_ENTRY_CONTENT_AT:schema.PATH_ENTRY_CONTENT_AT + ID_SIZE]).hex()
 
 
-def _decode(ident: bytes, value: bytes) -> tuple[bytes, PathEntry]:
-    entry = PathEntry.decode(value)
+def _decode(ident: bytes, value: bytes, key: bytes) -> tuple[bytes, PathEntry]:
+    entry = PathEntry.decode(value, key)
     return (entry.path if schema.ident_is_long(ident) else ident), entry
 
 
 def all_paths(views: HistoryViews, txn: lmdb.Transaction) -> list[bytes]:
     """Every path with an entry (deleted ones too), sorted."""
     out = set()
-    for ident, _seq, value in _entries(views, txn):
-        out.add(ident if not schema.ident_is_long(ident) else PathEntry.decode(value).path)
+    for ident, _seq, value, key in _entries(views, txn):
+        out.add(ident if not schema.ident_is_long(ident) else PathEntry.decode(value, key).path)
     return sorted(out)
 
 
@@ -130,12 +130,12 @@ def hash_lookup(views: HistoryViews, text: str) -> dict:
     needle = b'"hash": "' + prefix.encode()
     hits: dict[str, list[tuple[bytes, int]]] = {}
     with views.ws.read_txn() as txn:
-        for ident, seq, value in _entries(views, txn):
+        for ident, seq, value, key in _entries(views, txn):
             if needle not in value and not (value[0] & P_HASH_CUT and _cut_hash(value).startswith(prefix)) \
                     and not (value[0] & P_CONTENT and schema.entry_is_packed(value)
                              and (_cut_hash(value).startswith(prefix) or _PACKED_HASH in value)):
                 continue
-            path, entry = _decode(ident, value)
+            path, entry = _decode(ident, value, key)
             if not (entry.flags & P_CONTENT and entry.flags & P_BUMPS):
                 continue
             frag = json.loads(b"{" + entry.fragment)

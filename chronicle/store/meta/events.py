@@ -39,10 +39,12 @@ byte :data:`PACKED` and one MessagePack array::
 
     [seq, time µs since the epoch, event, path, turn, pid, fields, tail]
 
-laid out as above (the record has no key of its own to hold the seq: gc
-reads entries without their keys), where a ``hash`` value equal to the
-entry's content id is the ext value of type 2 with no data (the content id
-is in the entry already). :func:`render_fragment` gives back the fragment's
+laid out as above, where a ``hash`` value equal to the entry's content id
+is the ext value of type 2 with no data (the content id is in the entry
+already). Given the entry's key (its seq and path), a ``seq`` equal to the
+key's is nil and a ``path`` equal to the key's path text (3 characters or more) is the ext value of
+type 3 with no data; fragments packed before that hold both, and read as
+they did. :func:`render_fragment` gives back the fragment's
 bytes exactly; a fragment that does not have the shape (or whose ``time``
 is not :func:`iso_time` of a whole microsecond) stays text (it starts with
 ``"``).
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import re
 from datetime import datetime, timezone
 
@@ -62,6 +65,7 @@ import msgpack
 PACKED = 0x01
 _HASH_EXT = 1
 _CONTENT_EXT = 2          # path-entry fragments: the hash is the entry's content id (no data)
+_KEY_PATH_EXT = 3         # path-entry fragments: the path is the entry's own, in its key (no data)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Appending keeps old records readable; never reorder or remove.
@@ -116,9 +120,15 @@ _CONTENT = _ContentHash()
 _CONTENT_VALUE = msgpack.ExtType(_CONTENT_EXT, b"")
 
 
+_KEY_PATH = object()      # stands for the entry's own path in an unpacked fragment
+_KEY_PATH_VALUE = msgpack.ExtType(_KEY_PATH_EXT, b"")
+
+
 def _fragment_ext(code: int, data: bytes):
     if code == _CONTENT_EXT and not data:
         return _CONTENT
+    if code == _KEY_PATH_EXT and not data:
+        return _KEY_PATH
     return _ext(code, data)
 
 
@@ -201,10 +211,14 @@ def _time_ns(text) -> int | None:
     return ns if iso_time(ns) == text else None
 
 
-def pack_fragment(fragment: bytes, content_id: bytes = b"") -> bytes | None:
+def pack_fragment(fragment: bytes, content_id: bytes = b"", seq: int | None = None,
+                  path: str | None = None) -> bytes | None:
     """The packed form of a path entry's ``fragment`` (module docstring), its
-    ``hash`` cut to a mark where it is ``content_id``'s hex; None if the
-    fragment does not have a log line's shape (the caller stores its text)."""
+    ``hash`` cut to a mark where it is ``content_id``'s hex, its ``seq`` left
+    out where it is ``seq`` and its ``path`` marked where it is ``path`` (the
+    entry key's seq and path text: :func:`render_fragment` needs them back);
+    None if the fragment does not have a log line's shape (the caller stores
+    its text)."""
     if not fragment.startswith(b'"seq": '):
         return None
     try:
@@ -216,22 +230,36 @@ def pack_fragment(fragment: bytes, content_id: bytes = b"") -> bytes | None:
     time_ns = _time_ns(line.get("time"))
     if time_ns is None:
         return None
-    seq = line["seq"]
+    line_seq = line["seq"]
     record = _pack_fields(time_ns, line, content_id.hex() if len(content_id) == 32 else None)
     if record is None:
         return None
     if _dumps(line)[1:].encode() != fragment:      # (render_fragment gives json.dumps's text: not json.dumps's own)
         return None
-    return bytes((PACKED,)) + msgpack.packb([seq] + record, unicode_errors="surrogatepass")
+    if path is not None and type(record[2]) is str and len(path) >= 3 and record[2] == path:
+        record[2] = _KEY_PATH_VALUE         # (3 bytes: a shorter path's own text is no longer)
+    return bytes((PACKED,)) + msgpack.packb([None if line_seq == seq else line_seq] + record,
+                                            unicode_errors="surrogatepass")
 
 
-def render_fragment(raw: bytes, content_id: bytes = b"") -> bytes:
+def render_fragment(raw: bytes, content_id: bytes = b"", seq: int | None = None,
+                    path: bytes | str | None = None) -> bytes:
     """The fragment text of a packed fragment ``raw`` (:func:`pack_fragment`)
-    of an entry whose content id is ``content_id``. Raises ``ValueError`` if
-    the record is damaged."""
+    of an entry whose content id is ``content_id`` and whose key has ``seq``
+    and the path ``path`` (bytes, or its text; needed only if the fragment left them out).
+    Raises ``ValueError`` if the record is damaged or needs a seq or path not given."""
     try:
+        key_seq, key_path = seq, path
         seq, time_us, event, path, turn, pid, fields, tail = msgpack.unpackb(
             memoryview(raw)[1:], unicode_errors="surrogatepass", ext_hook=_fragment_ext, strict_map_key=True)
+        if seq is None:
+            if key_seq is None:
+                raise ValueError("its seq is in the entry's key")
+            seq = key_seq
+        if path is _KEY_PATH:
+            if key_path is None:
+                raise ValueError("its path is in the entry's key")
+            path = os.fsdecode(key_path)
         parts = ['"seq": ', int.__repr__(seq), ', "time": "', iso_time(time_us * 1000), '", "event": ',
                  _EVENT_TEXT[event] if type(event) is int else _dumps(event), ', "path": ', _value_text(path)]
         hex_text = content_id.hex() if len(content_id) == 32 else None

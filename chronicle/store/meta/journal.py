@@ -149,7 +149,7 @@ class EventWriter:
             if content_id != EMPTY_CONTENT_ID:
                 raise Corrupt(f"content {to_hex(content_id)} is referenced but missing")
             raw = schema.empty_record().encode()
-        _size, refcount, _hash = schema.content_header(raw)
+        _size, refcount, _hash = schema.content_header(raw, content_id)
         self.txn.put(content_id, schema.content_with_refcount(raw, refcount + 1), db=db)
 
     # -- directory entries ---------------------------------------------------------
@@ -234,7 +234,8 @@ class EventWriter:
         fragment = json.dumps(obj)[1:].encode()
         long_path = path if schema.is_long(path) else b""
         entry = PathEntry(flags, ino, content if flags & P_CONTENT else b"", origin, fragment, long_path)
-        self.txn.put(schema.path_key(self.ws, path, self.seq), entry.encode(), db=self.dbs["paths"])
+        key = schema.path_key(self.ws, path, self.seq)
+        self.txn.put(key, entry.encode(key), db=self.dbs["paths"])
         if recount:
             counted = self._history.compute_head(self.txn, path)
             version = counted.version if counted else version
@@ -255,7 +256,7 @@ class EventWriter:
         with self.txn.cursor(db=db) as cur:
             if cur.set_range(prefix):
                 while cur.key()[:len(prefix)] == prefix and schema.path_key_seq(cur.key()) < self.seq:
-                    entry = PathEntry.decode(cur.value())
+                    entry = PathEntry.decode(cur.value(), cur.key())
                     if (entry.flags & (P_BUMPS | P_CONTENT)) and (not long_path or entry.path == path):
                         if not cur.delete():
                             break
@@ -297,7 +298,7 @@ class EventWriter:
         raw = self.txn.get(content_id, db=db)
         if raw is None:
             raise Corrupt(f"content {to_hex(content_id)} is referenced but missing")
-        refcount = schema.content_header(raw)[1]
+        refcount = schema.content_header(raw, content_id)[1]
         self.txn.put(content_id, schema.content_with_refcount(raw, max(0, refcount - 1)), db=db)
 
     def _fold_create(self, path: bytes, create_seq: int, ino: int) -> bool:
@@ -308,7 +309,7 @@ class EventWriter:
         raw = self.txn.get(key, db=db)
         if raw is None:
             return False
-        entry = PathEntry.decode(raw)
+        entry = PathEntry.decode(raw, key)
         if entry.ino != ino or not entry.flags & P_BUMPS:
             return False
         prefix = schema.path_prefix(self.ws, path)
@@ -318,7 +319,7 @@ class EventWriter:
                 for later_key, later in cur:
                     if later_key[:len(prefix)] != prefix:
                         break
-                    if PathEntry.decode(later).flags & P_BUMPS:
+                    if PathEntry.decode(later, later_key).flags & P_BUMPS:
                         return False
                     later_entries += 1
         if not later_entries:
@@ -328,7 +329,7 @@ class EventWriter:
         obj.pop("hash", None)
         folded = PathEntry(entry.flags & ~(P_BUMPS | P_CONTENT), entry.ino, b"", entry.origin,
                            json.dumps(obj)[1:].encode(), entry.path)
-        self.txn.put(key, folded.encode(), db=db)
+        self.txn.put(key, folded.encode(key), db=db)
         return True
 
     def path_head(self, path: bytes) -> PathHead | None:
@@ -365,7 +366,7 @@ class EventWriter:
         raw = self.txn.get(content, db=self.dbs["contents"])
         if raw is None:
             return None
-        digest = schema.content_header(raw)[2]
+        digest = schema.content_header(raw, content)[2]
         return to_hex(digest) if digest else None
 
 

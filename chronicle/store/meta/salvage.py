@@ -349,7 +349,7 @@ class _Deriver:
             ok = cur.set_range(prefix)
             while ok and cur.key()[:len(prefix)] == prefix:
                 try:
-                    entry = PathEntry.decode(cur.value())
+                    entry = PathEntry.decode(cur.value(), cur.key())
                     if entry.ino == ino:
                         entries.append((schema.path_key_seq(cur.key()), entry))
                 except (struct.error, ValueError):
@@ -382,7 +382,7 @@ class _Deriver:
             ok = cur.set_range(prefix)
             while ok and cur.key()[:len(prefix)] == prefix:
                 try:
-                    entry = PathEntry.decode(cur.value())
+                    entry = PathEntry.decode(cur.value(), cur.key())
                 except (struct.error, ValueError):
                     ok = cur.next()
                     continue
@@ -477,9 +477,9 @@ class _Deriver:
                 if content:
                     wanted.add(content)
         with self.txn.cursor(db=self.dbs["paths"]) as cur:
-            for _key, value in cur:
+            for key, value in cur:
                 try:
-                    entry = PathEntry.decode(value)
+                    entry = PathEntry.decode(value, key)
                 except (struct.error, ValueError):
                     continue
                 if entry.flags & P_CONTENT and entry.content:
@@ -496,7 +496,7 @@ class _Deriver:
                 continue
             # format 3: a one-chunk file's id was the BLAKE3 of its bytes, its chunk's id
             record = ContentRecord(chunk.raw_len, content_id, content_id, array("Q", [chunk.raw_len]))
-            self.txn.put(content_id, record.encode(), db=self.dbs["contents"])
+            self.txn.put(content_id, record.encode(content_id), db=self.dbs["contents"])
             missing.discard(content_id)
             self.count("contents")
         if not missing:
@@ -513,7 +513,7 @@ class _Deriver:
                 if content_id in missing:
                     record = schema.flat_record(chunk.raw_len, content_id, extent)
                     record.v4 = True
-                    self.txn.put(content_id, record.encode(), db=self.dbs["contents"])
+                    self.txn.put(content_id, record.encode(content_id), db=self.dbs["contents"])
                     missing.discard(content_id)
                     self.count("contents")
 
@@ -525,7 +525,7 @@ class _Deriver:
             ok = cur.set_range(prefix)
             while ok and cur.key()[:len(prefix)] == prefix:
                 try:
-                    entry = PathEntry.decode(cur.value())
+                    entry = PathEntry.decode(cur.value(), cur.key())
                     if entry.ino == ino and entry.flags & P_CONTENT:
                         best = (schema.path_key_seq(cur.key()), entry)
                 except (struct.error, ValueError):
@@ -541,7 +541,7 @@ class _Deriver:
         head tree does not reach with that inode."""
         view = TreeView(self.dbs, self.chain(rec), rec.root)
         prefix = schema.ws_key(rec.id)
-        last: tuple[bytes, bytes] | None = None         # (path key, value) of the ident read last
+        last: tuple[bytes, bytes, bytes] | None = None  # (path key, value, key) of the ident read last
         with self.txn.cursor(db=self.dbs["paths"]) as cur:
             ok = cur.set_range(prefix)
             while ok and cur.key()[:4] == prefix:
@@ -549,14 +549,14 @@ class _Deriver:
                 ident = schema.path_key_ident(key)
                 if last is not None and last[0] != ident:
                     self._check_reached(rec, view, *last)
-                last = (ident, bytes(cur.value()))
+                last = (ident, bytes(cur.value()), key)
                 ok = cur.next()
         if last is not None:
             self._check_reached(rec, view, *last)
 
-    def _check_reached(self, rec: WorkspaceRecord, view: TreeView, ident: bytes, raw: bytes) -> None:
+    def _check_reached(self, rec: WorkspaceRecord, view: TreeView, ident: bytes, raw: bytes, key: bytes) -> None:
         try:
-            entry = PathEntry.decode(raw)
+            entry = PathEntry.decode(raw, key)
         except (struct.error, ValueError):
             return
         if entry.flags & P_GONE or len(self.result.lost_paths) >= _NAMED:

@@ -83,8 +83,17 @@ forms written before still read: a ``paths`` entry's fragment
 is rendered from it byte for byte; a text fragment starts with ``"``), a
 ``chunks`` record (:meth:`ChunkRecord.encode`: told from the fixed 29/61-byte
 form by its length) and an ``inodes`` record without content
-(``model.Attrs.encode``: told from the fixed form by its second byte; records
-with content keep the fixed form, which gc reads in place).
+(``model.Attrs.encode``: told from the fixed form by its second byte). An
+``inodes`` record with content is packed too, behind the tag ``0x02`` with
+its content id first (``model.Attrs.encode``; gc reads and rewrites it in
+place through ``model.inode_content_nlink``/``inode_with_content``).
+Two fields derivable from the key are left out of new records (the record
+is then read with its key; records holding them still read): a ``contents``
+record's hash where it is the content id (flag ``_C_HASH_IS_ID``:
+:meth:`ContentRecord.decode`, :func:`content_header` take the id), and a
+packed ``paths`` fragment's ``seq`` and ``path`` where they are the key's
+(:meth:`PathEntry.encode`/:meth:`PathEntry.decode` take the key;
+``meta.events.pack_fragment``).
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
@@ -96,6 +105,7 @@ place, ``meta.recovery.record_synced``); a ``synced.json`` is still read.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from array import array
 from binascii import hexlify
@@ -402,6 +412,14 @@ _C_HASH = 1
 _C_TREE = 2          # format 4: the record holds the root level of an extent tree (``chunks.tree``)
 _C_V4 = 4            # format 4: the extents are the canonical chunking and the id is the tree hash
 _C_HOLES = 8         # format 4: the content may have hole extents (its dense hash differs from its id)
+_C_HASH_IS_ID = 16   # the hash is the record's key (its content id) and is not stored (``_C_HASH`` clear)
+
+
+def _hash_of(flags: int, content_id: bytes | None) -> bytes:
+    """The hash of a record with ``_C_HASH_IS_ID``: its key ``content_id``. Raises ``ValueError`` without one."""
+    if content_id is None:
+        raise ValueError("this content record's hash is its content id: read it with the id")
+    return bytes(content_id)
 
 
 @dataclass(slots=True)
@@ -456,25 +474,33 @@ class ContentRecord:
         out.extend(accumulate(self.lengths))
         return out
 
-    def encode(self) -> bytes:
-        """The ``contents`` value: size, refcount, flags, count; the hash if any; then either
-        ids and lengths (u64 each), or (``_C_TREE``) the height u8 and the root's entries."""
+    def encode(self, content_id: bytes | None = None) -> bytes:
+        """The ``contents`` value under the key ``content_id``: size, refcount, flags, count
+        (little-endian u64, u32, u8, u32); the hash if any, unless it is ``content_id``
+        (flag ``_C_HASH_IS_ID``: the key gives it back; records written before it, and
+        without ``content_id``, store it); then either ids and lengths (u64 each), or
+        (``_C_TREE``) the height u8 and the root's entries."""
+        flags = self._flags()
+        digest = self.hash or b""
+        if digest and content_id is not None and digest == content_id:
+            flags, digest = (flags & ~_C_HASH) | _C_HASH_IS_ID, b""
         if self.height:
-            head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_TREE | self._flags(), len(self.root))
-            return b"".join((head, self.hash or b"", bytes([self.height]),
-                             encode_entries(self.height, self.root)))
-        head = _CONTENT_HEAD.pack(self.size, self.refcount, self._flags(), len(self.lengths))
+            head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_TREE | flags, len(self.root))
+            return b"".join((head, digest, bytes([self.height]), encode_entries(self.height, self.root)))
+        head = _CONTENT_HEAD.pack(self.size, self.refcount, flags, len(self.lengths))
         lengths = self.lengths if self.lengths.typecode == "Q" else array("Q", self.lengths)
         if lengths.itemsize != 8:
             raise AssertionError("array('Q') must be 64-bit")
-        return b"".join((head, self.hash or b"", self.ids, lengths.tobytes()))
+        return b"".join((head, digest, self.ids, lengths.tobytes()))
 
     def _flags(self) -> int:
         return (_C_HASH if self.hash else 0) | (_C_V4 if self.v4 else 0) | (_C_HOLES if self.holes else 0)
 
     @classmethod
-    def decode(cls, raw: bytes) -> ContentRecord:
-        """From :meth:`encode`'s bytes. Raises ``Corrupt`` if damaged."""
+    def decode(cls, raw: bytes, content_id: bytes | None = None) -> ContentRecord:
+        """From :meth:`encode`'s bytes; ``content_id`` is the record's key, which a
+        record with ``_C_HASH_IS_ID`` needs (``ValueError`` without it). Raises
+        ``Corrupt`` if damaged."""
         try:
             size, refcount, flags, count = _CONTENT_HEAD.unpack_from(raw)
         except struct.error:
@@ -484,6 +510,8 @@ class ContentRecord:
         if flags & _C_HASH:
             digest = bytes(raw[pos:pos + ID_SIZE])
             pos += ID_SIZE
+        elif flags & _C_HASH_IS_ID:
+            digest = _hash_of(flags, content_id)
         if flags & _C_TREE:
             if pos >= len(raw):
                 raise Corrupt("damaged content record")
@@ -549,14 +577,20 @@ def empty_record() -> ContentRecord:
     return ContentRecord(0, EMPTY_CONTENT_ID, b"", array("Q"))
 
 
-def content_header(raw: bytes) -> tuple[int, int, bytes | None]:
+def content_header(raw: bytes, content_id: bytes | None = None) -> tuple[int, int, bytes | None]:
     """``(size, refcount, hash)`` of an encoded content record, without
-    decoding its extent list."""
+    decoding its extent list; ``content_id`` is its key, which a record with
+    ``_C_HASH_IS_ID`` needs (``ValueError`` without it). Raises ``Corrupt`` if damaged."""
     try:
         size, refcount, flags, _count = _CONTENT_HEAD.unpack_from(raw)
     except struct.error:
         raise Corrupt("damaged content record") from None
-    digest = bytes(raw[_CONTENT_HEAD.size:_CONTENT_HEAD.size + ID_SIZE]) if flags & _C_HASH else None
+    if flags & _C_HASH:
+        digest = bytes(raw[_CONTENT_HEAD.size:_CONTENT_HEAD.size + ID_SIZE])
+    elif flags & _C_HASH_IS_ID:
+        digest = _hash_of(flags, content_id)
+    else:
+        digest = None
     return size, refcount, digest
 
 
@@ -619,16 +653,22 @@ class PathEntry:
     fragment: bytes
     path: bytes = b""
 
-    def encode(self) -> bytes:
-        """The ``paths`` value: flags u8, ino u64, origin length u32, path length u32; content
-        id (with ``P_CONTENT``); origin; path; fragment (little-endian). The fragment is
-        stored packed (``meta.events.pack_fragment``: tag byte ``0x01``, its ``"hash"``
-        a mark where it is the content id's hex) when it has a log line's shape, else as
-        text (which starts with ``"``; one starting with a tag byte gets the tag ``0x02``
-        in front)."""
+    def encode(self, key: bytes | None = None) -> bytes:
+        """The ``paths`` value under the ``paths`` key ``key``: flags u8, ino u64, origin
+        length u32, path length u32; content id (with ``P_CONTENT``); origin; path;
+        fragment (little-endian). The fragment is stored packed
+        (``meta.events.pack_fragment``: tag byte ``0x01``, its ``"hash"`` a mark where it
+        is the content id's hex and, given ``key``, its ``"seq"`` and ``"path"`` left out
+        where they are the key's: :meth:`decode` then needs the key) when it has a log
+        line's shape, else as text (which starts with ``"``; one starting with a tag byte
+        gets the tag ``0x02`` in front)."""
         flags = self.flags & ~P_HASH_CUT
         content = self.content if flags & P_CONTENT else b""
-        fragment = events.pack_fragment(self.fragment, content)
+        if key is None:
+            fragment = events.pack_fragment(self.fragment, content)
+        else:
+            fragment = events.pack_fragment(self.fragment, content, path_key_seq(key),
+                                            os.fsdecode(self._whole_path(key)))
         if fragment is None:
             fragment = self.fragment if self.fragment[:1] not in _FRAGMENT_TAGS else _TEXT_TAG + self.fragment
         return b"".join((_PATH_ENTRY_HEAD.pack(flags, self.ino, len(self.origin), len(self.path)),
@@ -650,10 +690,16 @@ class PathEntry:
         return b"".join((_PATH_ENTRY_HEAD.pack(flags, self.ino, len(self.origin), len(self.path)),
                          self.content if flags & P_CONTENT else b"", cut, self.origin, self.path, fragment))
 
+    def _whole_path(self, key: bytes) -> bytes:
+        ident = path_key_ident(key)
+        return self.path if ident_is_long(ident) else ident
+
     @classmethod
-    def decode(cls, raw: bytes) -> PathEntry:
+    def decode(cls, raw: bytes, key: bytes | None = None) -> PathEntry:
         """From :meth:`encode`'s bytes (or :meth:`encode_text`'s, or the text fragment
-        format 4 first wrote). Raises ``struct.error``/``ValueError`` if damaged."""
+        format 4 first wrote) stored under the ``paths`` key ``key``, which an entry
+        encoded with its key needs (``ValueError`` without it). Raises
+        ``struct.error``/``ValueError`` if damaged."""
         flags, ino, origin_len, path_len = _PATH_ENTRY_HEAD.unpack_from(raw)
         pos = _PATH_ENTRY_HEAD.size
         content = b""
@@ -673,7 +719,12 @@ class PathEntry:
         if at is not None:
             fragment = bytes(raw[pos:pos + at]) + b', "hash": "' + hexlify(content) + b'"' + bytes(raw[pos + at:])
         elif pos < len(raw) and raw[pos] == events.PACKED:
-            fragment = events.render_fragment(raw[pos:], content)
+            if key is None:
+                fragment = events.render_fragment(raw[pos:], content)
+            else:
+                ident = bytes(key[4:-9])
+                fragment = events.render_fragment(raw[pos:], content, U64.unpack_from(key, len(key) - 8)[0],
+                                                  path if len(ident) > PATH_KEY_MAX else ident)
         elif pos < len(raw) and raw[pos] == _TEXT_TAG[0]:
             fragment = bytes(raw[pos + 1:])
         else:

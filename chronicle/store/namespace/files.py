@@ -333,7 +333,7 @@ class OpenFiles(Mapping[int, FileState]):
             db = ws.dbs["contents"]
             if w.txn.get(built.id, db=db) is None:
                 built.record.refcount = 0
-                w.txn.put(built.id, built.record.encode(), db=db)
+                w.txn.put(built.id, built.record.encode(built.id), db=db)
                 held = nodes.reference(w.txn, ws.dbs["content_nodes"], built.record, built.nodes)
                 inserted = store.chunks.add_chunk_refs(w.txn, held)
                 add_totals(w.txn, ws.dbs["meta"], logical_bytes=built.record.size, contents=1)
@@ -397,7 +397,7 @@ def _last_content(txn: lmdb.Transaction, db: lmdb._Database, ws_id: int, path: b
             key = cur.key()
             if not bytes(key).startswith(prefix):
                 return None
-            entry = PathEntry.decode(cur.value())
+            entry = PathEntry.decode(cur.value(), key)
             if (entry.flags & P_CONTENT and entry.content not in (EMPTY_CONTENT_ID, PRUNED_ID)
                     and (not entry.path or entry.path == path)):
                 return entry.content

@@ -123,7 +123,7 @@ def content_of(st, ws_name: str, path: bytes) -> tuple[bytes, ContentRecord]:
     ino, _kind = ws.resolve(path)
     cid = ws.head_attrs(ino).content
     with st.env.begin() as txn:
-        return cid, ContentRecord.decode(txn.get(cid, db=st.dbs["contents"]))
+        return cid, ContentRecord.decode(txn.get(cid, db=st.dbs["contents"]), cid)
 
 
 def chunk_of(st, ws_name: str, path: bytes, i: int = 0) -> tuple[bytes, ChunkRecord]:
@@ -336,7 +336,7 @@ def test_content_refcounts_are_reported_and_repaired(store_path):
     assert again.clean and "content-refcount" not in kinds(again)
     with Store.open(store_path) as st:
         with st.env.begin() as txn:
-            assert schema.content_header(txn.get(cid, db=st.dbs["contents"]))[1] == rec.refcount
+            assert schema.content_header(txn.get(cid, db=st.dbs["contents"]), cid)[1] == rec.refcount
 
 
 def test_missing_empty_content_record_is_restored(store_path):

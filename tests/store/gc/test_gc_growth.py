@@ -50,8 +50,10 @@ def test_gc_reuses_the_pages_it_frees(tmp_path, monkeypatch, batch):
         freed = used_before - used_pages(store.env)
         assert freed > 0
         # before the syncs on growth: +5,480 pages for 269 freed (20x); with them about 5x, 13x in
-        # batches of 16 (the smallest next_batch_size gives; deterministic with a fixed size)
-        assert grown <= 15 * freed, (grown, freed)
+        # batches of 16 (the smallest next_batch_size gives; deterministic with a fixed size).
+        # Content records without their hash (schema._C_HASH_IS_ID) leave fewer pages to free
+        # for about the same growth: 3,621 for 213 freed in batches of 16 (17x), 1,360 (6x) adaptive
+        assert grown <= 18 * freed, (grown, freed)
         report = fsck(store)
         assert report.clean, [(p.severity, p.kind, p.message) for p in report.problems]
     finally:

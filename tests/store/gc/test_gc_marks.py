@@ -33,15 +33,15 @@ def test_text_entries_of_before_packed_fragments_are_marked_as_their_text(store,
     before = _entries(store, ws)
     with store.env.begin(write=True) as txn:       # back to the text form of before packed fragments
         for key, raw in before.items():
-            txn.put(key, PathEntry.decode(raw).encode_text(), db=store.dbs["paths"])
-    texts = {key: PathEntry.decode(raw) for key, raw in before.items()}
-    assert any(PathEntry.decode(raw).encode_text()[0] & 128 for raw in before.values())   # P_HASH_CUT
+            txn.put(key, PathEntry.decode(raw, key).encode_text(), db=store.dbs["paths"])
+    texts = {key: PathEntry.decode(raw, key) for key, raw in before.items()}
+    assert any(PathEntry.decode(raw, key).encode_text()[0] & 128 for key, raw in before.items())   # P_HASH_CUT
     dryrun.set_policy(store, ws.id, Policy(keep_last=2))
     result = collect.collect(store, ["w"], now_ns=LATER)
     assert result["pruned_versions"] == 21
     marked = 0
     for key, raw in _entries(store, ws).items():
-        entry, old = PathEntry.decode(raw), texts[key]
+        entry, old = PathEntry.decode(raw, key), texts[key]
         if not entry.flags & P_PRUNED:
             assert entry == old
             continue

@@ -18,7 +18,7 @@ def _query(ws, path: bytes) -> dict:
 
 def _refcount(store, content_id: bytes) -> int:
     with store.env.begin() as txn:
-        return schema.content_header(txn.get(content_id, db=store.dbs["contents"]))[1]
+        return schema.content_header(txn.get(content_id, db=store.dbs["contents"]), content_id)[1]
 
 
 def test_ignored_path_keeps_one_version_and_says_unversioned(store, ws):

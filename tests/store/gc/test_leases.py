@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chronicle.store.gc.prune import _HASH_FIELD, _marked_entry, content_entry_fields, mark_pruned
+from chronicle.store.meta import schema
 from chronicle.store.meta.schema import P_BUMPS, P_CONTENT, P_PRUNED, PathEntry
 from tests.storeutil import write
 
@@ -79,7 +80,8 @@ def test_the_pruned_mark_cut_from_bytes_is_the_encoded_mark(ino, content, origin
     """Pruning cuts the mark from the entry's bytes; it is what encoding the marked entry gives."""
     entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
     marked = PathEntry(P_BUMPS | P_PRUNED, ino, b"", origin, mark_pruned(fragment), path)
-    assert _marked_entry(entry.encode()) == marked.encode()
+    key = schema.path_key(1, path or b"p", 5)
+    assert _marked_entry(entry.encode(key), key) == marked.encode(key)
 
 
 @settings(max_examples=200, deadline=None)
@@ -87,7 +89,8 @@ def test_the_pruned_mark_cut_from_bytes_is_the_encoded_mark(ino, content, origin
        st.binary(max_size=40), st.binary(max_size=60))
 def test_content_entry_fields_are_the_decoded_fields(ino, content, origin, path, fragment):
     entry = PathEntry(P_CONTENT | P_BUMPS, ino, content, origin, fragment, path)
-    assert content_entry_fields(entry.encode()) == (ino, content, path, fragment)
+    key = schema.path_key(1, path or b"p", 5)
+    assert content_entry_fields(entry.encode(key), key) == (ino, content, path, fragment)
 
 
 def test_a_rotation_request_seals_our_pack_and_close_sealed_drops_it_from_the_lease(store, ws):

@@ -229,7 +229,7 @@ def test_a_format3_content_is_hashed_once_by_reading(ws, tmp_path, monkeypatch):
     write_format3(ws, ws.root, b"dense", random.Random(3).randbytes(250_000))                  # keyed by its whole-file BLAKE3
     with ws.read_txn() as txn:
         attrs = ws.view().attrs(txn, ino)
-        assert schema.content_header(txn.get(attrs.content, db=ws.dbs["contents"]))[2] is None
+        assert schema.content_header(txn.get(attrs.content, db=ws.dbs["contents"]), attrs.content)[2] is None
     receipts = Receipts(ws)
     first = receipts.make()
     assert first["root"] == checkout_tree(os.fsencode(checkout(ws, tmp_path / "co")))["root"]

@@ -1,18 +1,26 @@
-"""Compact metadata records (issue 9 §6): inode records without content are
-packed; records as main wrote them (the fixed form) still read the same."""
+"""Compact metadata records (issue 9 §6): inode records are packed, with
+content or without; records as main wrote them (the fixed form) still read
+the same, and gc reads and rewrites every form in place alike."""
 
 from __future__ import annotations
 
+import os
 import stat
+from array import array
 import struct
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chronicle.errors import Pruned
 from chronicle.store.chunks.ids import PRUNED_ID
 from chronicle.store.fsck.checks import fsck
-from chronicle.store.meta.schema import ChunkRecord
-from chronicle.store.model import Attrs
+from chronicle.store.gc import collect, dryrun
+from chronicle.store.gc.policy import Policy
+from chronicle.store.meta import schema
+from chronicle.store.meta.schema import ChunkRecord, ContentRecord, PathEntry
+from chronicle.store.model import Attrs, inode_content, inode_content_nlink, inode_with_content
 from chronicle.store.store import Store
 from tests.storeutil import A, write
 
@@ -47,17 +55,30 @@ def test_every_inode_record_reads_back_and_the_fixed_form_still_reads(kind, perm
                                                                      mtime, ctime, rdev, content, target, xattrs):
     a = Attrs(kind | perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, content, target, tuple(xattrs))
     raw = a.encode()
+    fixed = fixed_form(a)
     assert Attrs.decode(raw) == a
-    assert Attrs.decode(fixed_form(a)) == a
-    if content or not kind:
-        assert raw == fixed_form(a)       # gc reads records with content in place (gc.prune, gc.unversioned)
-    assert len(raw) <= len(fixed_form(a))
+    assert Attrs.decode(fixed) == a
+    assert a.encode_fixed() == fixed
+    if not kind:
+        assert raw == fixed               # no type bits: the fixed form (a packed form's second byte tells it)
+    assert len(raw) <= len(fixed)
+    for form in (raw, fixed):             # gc's in-place reads and rewrite (gc.prune, gc.unversioned)
+        assert inode_content_nlink(form) == (content, nlink)
+        assert inode_content(form) == content
+        if content:
+            other = bytes(reversed(range(32)))
+            assert Attrs.decode(inode_with_content(form, other)) == a.replace(content=other)
+            assert len(inode_with_content(form, other)) == len(form)
 
 
-def test_gc_layout_constants_are_those_of_the_fixed_form():
-    # gc.prune/gc.unversioned take the head length and content flag from these encodings
-    assert len(Attrs(0, 0, 0, 0, 0, 0, 0, 0).encode()) == _HEAD.size
-    assert Attrs(0, 0, 0, 0, 0, 0, 0, 0, content=PRUNED_ID).encode()[_HEAD.size - 1] == 1
+def test_a_file_record_is_packed_shorter_with_its_content_id_at_a_fixed_place():
+    now = time.time_ns()
+    a = Attrs(stat.S_IFREG | 0o644, 1000, 1000, 1, 12_345, now, now, now, content=bytes(range(32)))
+    raw = a.encode()
+    assert raw[0] == 0x02 and raw[4:36] == a.content and raw[36] == 1
+    assert len(raw) == 61 < len(fixed_form(a)) == 85
+    many = a.replace(nlink=300)           # nlink past a MessagePack fixint: still read right
+    assert inode_content_nlink(many.encode()) == (a.content, 300)
 
 
 def test_directory_records_are_packed_and_a_store_of_fixed_records_reads_the_same(tmp_path):
@@ -98,3 +119,118 @@ def test_chunk_records_pack_and_the_fixed_form_still_reads(pack_no, offset, stor
     assert ChunkRecord.decode(record.encode()) == record
     assert ChunkRecord.decode(record.encode_fixed()) == record
     assert len(record.encode()) <= len(record.encode_fixed())
+
+
+def _history(store: Store) -> dict[int, dict[bytes, bytes]]:
+    ws = store.open_workspace("w", writable=True, create=True)
+    trees, tree = {}, {}
+    for i in range(12):
+        path = b"f%d" % (i % 3)
+        tree[path] = bytes([i + 1]) * 20_000 + os.urandom(64)
+        write(ws, ws.root, path, tree[path])
+        if path == b"f0" and b"hard" in tree:
+            tree[b"hard"] = tree[path]        # the same inode (nlink 2)
+        if i == 7:
+            ws.link(ws.lookup(ws.root, b"f0")[0], ws.root, b"hard", A)
+            tree[b"hard"] = tree[b"f0"]
+        if i == 9:
+            ws.unlink(ws.root, b"f1", A)
+            del tree[b"f1"]
+        trees[ws.head_seq] = dict(tree)
+    return trees
+
+
+def test_gc_prunes_a_store_of_fixed_records_as_one_of_packed_records(tmp_path):
+    """The same history in two stores, one with every inode, content and path
+    entry record rewritten to the form main wrote: the dry run promises what gc does, gc
+    prunes and frees the same in both, the records left decode the same, the
+    kept versions read back and fsck is clean."""
+    later = time.time_ns() + 400 * 86400 * 10**9
+    outcome = []
+    for name, to_fixed in (("packed", False), ("fixed", True)):
+        store = Store.init(tmp_path / name)
+        try:
+            trees = _history(store)
+            db = store.dbs["inodes"]
+            with store.env.begin(write=True) as txn:
+                records = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+                packed = [v for _k, v in records if v[:1] == b"\x02"]
+                assert to_fixed or packed        # new file records are packed
+                contents = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store.dbs["contents"])]
+                assert len(contents) > 5
+                if to_fixed:                     # and every content record stores its hash, as main wrote it
+                    for k, v in records:
+                        txn.put(k, fixed_form(Attrs.decode(v)), db=db)
+                    for k, v in contents:
+                        txn.put(k, ContentRecord.decode(v, k).encode(), db=store.dbs["contents"])
+                    changed = 0
+                    for k, v in list(txn.cursor(db=store.dbs["paths"])):   # seq and path in the fragment
+                        old = PathEntry.decode(v, k).encode()
+                        changed += old != bytes(v)
+                        txn.put(k, old, db=store.dbs["paths"])
+                    assert changed > 5
+            ws = store.open_workspace("w")
+            dryrun.set_policy(store, ws.id, Policy(keep_last=1))
+            promised = dryrun.dry_run(store, ["w"], now_ns=later)
+            result = collect.collect(store, ["w"], now_ns=later)
+            assert result["pruned_versions"] > 0
+            assert promised["workspaces"][0]["dropped_versions"] == result["pruned_versions"]
+            assert promised["freed_bytes"] == result["freed_bytes"] > 0
+            for seq, files in trees.items():
+                for path, data in files.items():
+                    view = ws.view(seq)
+                    with ws.read_txn() as txn:
+                        attrs = view.attrs(txn, view.resolve(txn, path)[0])
+                    try:
+                        assert store.content_map(attrs.content).read(0, attrs.size) == data
+                    except Pruned:
+                        assert seq != max(trees)
+            with store.env.begin() as txn:
+                left = {bytes(k): Attrs.decode(v) for k, v in txn.cursor(db=db)}
+            report = fsck(store)
+            assert report.clean, [(p.kind, p.message) for p in report.problems]
+            outcome.append(({k: result[k] for k in ("pruned_versions", "freed_contents", "freed_chunks")},
+                            sorted((a.content == PRUNED_ID, a.nlink, a.size) for a in left.values())))
+        finally:
+            store.close()
+    assert outcome[0] == outcome[1]
+
+
+def test_a_content_record_leaves_out_a_hash_that_is_its_key_and_the_stored_hash_still_reads():
+    cid, other = bytes(range(32)), bytes(reversed(range(32)))
+    record = ContentRecord(70_000, cid, other + cid, array("Q", [65_536, 4_464]), refcount=3, v4=True)
+    old = record.encode()                      # as main wrote it: the hash stored
+    new = record.encode(cid)
+    assert len(new) == len(old) - 32
+    for raw in (old, new):
+        assert ContentRecord.decode(raw, cid) == record
+        assert schema.content_header(raw, cid) == (70_000, 3, cid)
+        assert schema.content_header(schema.content_with_refcount(raw, 5), cid) == (70_000, 5, cid)
+        assert schema.content_is_dense_v4(raw)
+    assert ContentRecord.decode(old) == record          # a stored hash needs no key
+    try:
+        ContentRecord.decode(new)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a record whose hash is its key decoded without the key")
+    assert record.encode(other) == old                  # a hash that is not the key is stored
+    sparse = ContentRecord(10, None, other, array("Q", [10]))
+    assert sparse.encode(cid) == sparse.encode() and schema.content_header(sparse.encode(cid))[2] is None
+
+
+def test_a_store_writes_content_records_without_their_hash(tmp_path):
+    store = Store.init(tmp_path / "s")
+    try:
+        ws = store.open_workspace("w", writable=True, create=True)
+        data = os.urandom(100_000)
+        write(ws, ws.root, b"f", data)
+        attrs = ws.lookup(ws.root, b"f")[1]
+        with store.env.begin() as txn:
+            raw = bytes(txn.get(attrs.content, db=store.dbs["contents"]))
+        assert attrs.content not in raw
+        assert schema.content_header(raw, attrs.content)[2] == attrs.content
+        assert store.content_map(attrs.content).read(0, len(data)) == data
+        assert fsck(store).clean
+    finally:
+        store.close()

@@ -4,6 +4,7 @@ for byte, the JSON text the journal wrote before; old text records still read.""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -186,10 +187,10 @@ def test_a_damaged_packed_record_is_a_value_error():
 
 def test_path_entries_are_packed_and_older_forms_read_back_the_same_fragment(tmp_path, monkeypatch):
     store, ws, _texts = _rich_history(tmp_path, monkeypatch)
-    packed = hashed = fast = 0
+    packed = hashed = fast = keyed = 0
     with ws.read_txn() as txn:
         for _key, raw in txn.cursor(db=store.dbs["paths"]):
-            entry = PathEntry.decode(raw)
+            entry = PathEntry.decode(raw, _key)
             assert not entry.flags & P_HASH_CUT and not raw[0] & P_HASH_CUT
             # the entry as format 3 wrote it (the whole fragment as text) reads as the same entry
             old = b"".join((struct.pack("<BQII", entry.flags, entry.ino, len(entry.origin), len(entry.path)),
@@ -198,19 +199,25 @@ def test_path_entries_are_packed_and_older_forms_read_back_the_same_fragment(tmp
             assert PathEntry.decode(old) == entry
             # and as format 4 wrote it before packing (its hash cut out where derivable)
             assert PathEntry.decode(entry.encode_text()) == entry
-            assert PathEntry.decode(entry.encode()) == entry
+            assert PathEntry.decode(entry.encode()) == entry      # as main packed it: seq and path in it
+            assert PathEntry.decode(entry.encode(_key), _key) == entry and raw == entry.encode(_key)
+            if raw != entry.encode():                   # its seq or path left to the key: it needs the key
+                keyed += len(raw) < len(entry.encode())
+                assert len(raw) <= len(entry.encode())
+                with pytest.raises(ValueError):
+                    PathEntry.decode(raw)
             if schema.entry_is_packed(raw):
                 packed += 1
                 assert len(raw) < len(old) - 60
                 assert fragment_seq(entry) == schema.path_key_seq(_key)
                 if entry.flags & P_CONTENT:                    # gc marks it without the text (most)
-                    marked = PathEntry.decode(_marked_entry(raw))
+                    marked = PathEntry.decode(_marked_entry(raw, _key), _key)
                     assert marked.fragment == mark_pruned(entry.fragment) and marked.flags & P_PRUNED
                     fast += schema.pruned_entry(raw) is not None
                 if entry.content and b'"hash": "' + entry.content.hex().encode() + b'"' in entry.fragment:
                     hashed += 1
                     assert entry.content.hex().encode() not in raw     # the hash is a mark, not 32 more bytes
-    assert packed >= 20 and hashed >= 8 and fast >= 8
+    assert packed >= 20 and hashed >= 8 and fast >= 8 and keyed >= 15
     store.close()
 
 
@@ -266,4 +273,17 @@ def test_a_log_shaped_fragment_is_packed_and_renders_byte_identical(seq, time_us
     packed_mark = schema.pruned_entry(raw)                   # gc's mark, in the packed form
     if packed_mark is not None:
         assert PathEntry.decode(packed_mark) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
-    assert PathEntry.decode(_marked_entry(raw)) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
+    key = schema.path_key(1, b"a", 3)
+    assert PathEntry.decode(_marked_entry(raw, key), key) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
+    # under the key of its own seq and path, both are left out of the record and come back from the key
+    own = os.fsencode(path) if isinstance(path, str) else b"x"
+    key = schema.path_key(1, own, seq)
+    keyed = entry.encode(key)
+    assert PathEntry.decode(keyed, key) == PathEntry.decode(raw) == entry
+    assert len(keyed) <= len(raw)
+    if isinstance(path, str) and len(path) >= 3 and not schema.is_long(own):
+        assert len(keyed) < len(raw)
+    assert PathEntry.decode(_marked_entry(keyed, key), key) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
+    packed_mark = schema.pruned_entry(keyed)
+    if packed_mark is not None:
+        assert PathEntry.decode(packed_mark, key) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))

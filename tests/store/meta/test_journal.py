@@ -96,7 +96,8 @@ def test_a_path_entry_numbers_versions_and_a_rename_continues_its_origin(store, 
         assert w.path_entry(b"b", "rename", ino=f, flags=P_ARRIVED | P_CONTENT, content=content,
                             origin=b"a") == 2                       # continues a's history
         assert w.path_entry(b"b", "write", ino=f, flags=P_BUMPS | P_CONTENT, content=content) == 3
-        entry = PathEntry.decode(txn.get(schema.path_key(ws.id, b"b", w.seq), db=store.dbs["paths"]))
+        key = schema.path_key(ws.id, b"b", w.seq)
+        entry = PathEntry.decode(txn.get(key, db=store.dbs["paths"]), key)
         txn.abort()
     assert entry.ino == f and entry.content == content
     assert [v["version"] for v in history(ws, b"a")] == [1, 2]
@@ -106,10 +107,10 @@ def test_put_attrs_counts_one_reference_on_the_content(store, ws):
     f = write(ws, ws.root, b"f", b"counted")
     attrs = ws.head_attrs(f)
     with store.env.begin() as txn:
-        count = schema.content_header(txn.get(attrs.content, db=store.dbs["contents"]))[1]
+        count = schema.content_header(txn.get(attrs.content, db=store.dbs["contents"]), attrs.content)[1]
     ws.setattr(f, A, mode=0o600)                          # a new inode record naming the same content
     with store.env.begin() as txn:
-        assert schema.content_header(txn.get(attrs.content, db=store.dbs["contents"]))[1] == count + 1
+        assert schema.content_header(txn.get(attrs.content, db=store.dbs["contents"]), attrs.content)[1] == count + 1
     empty, _ = ws.create(ws.root, b"empty", 0o100644, A)
     with store.env.begin() as txn:
         before = txn.get(EMPTY_CONTENT_ID, db=store.dbs["contents"])
