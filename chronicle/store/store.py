@@ -690,14 +690,19 @@ class Store:
         reuse for every other process of the store; while a GC runs
         (``gc.leases.gc_running``) an idle process moves its pin on every
         :data:`GC_PIN_INTERVAL` seconds (:meth:`_renew_idle_pin`, no sync),
-        or the pages GC's commits free in between could not be reused.
+        and a process with unsynced commits syncs that often (its pin can
+        only move with a sync), or the pages GC's commits free in between
+        could not be reused.
         """
         interval = SYNC_INTERVAL if interval is None else interval
         max_commits = SYNC_COMMITS if max_commits is None else max_commits
         elapsed = time.monotonic() - self._last_sync
+        gc_pin_due = time.monotonic() - self._pin_time >= GC_PIN_INTERVAL
         if self._dirty:
-            return elapsed >= interval or self._commits_since_sync >= max_commits
-        if time.monotonic() - self._pin_time >= GC_PIN_INTERVAL and gc_running(self.run_dir):
+            if elapsed >= interval or self._commits_since_sync >= max_commits:
+                return True
+            return gc_pin_due and gc_running(self.run_dir)     # a sync moves the pin: GC's freed pages come back
+        if gc_pin_due and gc_running(self.run_dir):
             self._renew_idle_pin()      # a GC frees pages: the pin must not keep them from it
         return elapsed >= interval and self.env.info()["last_txnid"] > self._pin.id()
 

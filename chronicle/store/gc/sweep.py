@@ -409,6 +409,7 @@ def _forget_late(store: Store, late: dict[bytes, list[bytes]], dead_at: dict[byt
     stay: set[int] = set()
     db = store.dbs["chunks"]
     order = [b for b in sorted(late, key=height) if dead_at[b] not in keep]
+    maintain = Maintain(store)
     i = 0
     while i < len(order):
         with store.env.begin(write=True) as txn:
@@ -425,7 +426,7 @@ def _forget_late(store: Store, late: dict[bytes, list[bytes]], dead_at: dict[byt
                     store.chunks.forget(txn, base)
             store.before_commit()
         store.note_commit()
-        store.maintain()
+        maintain()
     return stay
 
 
@@ -457,8 +458,10 @@ def _repoint(store: Store, moved: list[tuple[bytes, ChunkRecord, ChunkLocation]]
     write transactions; False if a dead chunk was revived (keep the pack)."""
     items: list[tuple[bytes, ChunkRecord | None, ChunkLocation | None]] = [(c, r, loc) for c, r, loc in moved]
     items += [(c, None, None) for c in dead]
+    items.sort(key=lambda item: item[0])          # key order: a batch dirties adjacent leaves, not one per record
     ok = True
     db = store.dbs["chunks"]
+    maintain = Maintain(store)
     i = 0
     while i < len(items):
         with store.env.begin(write=True) as txn:
@@ -479,5 +482,5 @@ def _repoint(store: Store, moved: list[tuple[bytes, ChunkRecord, ChunkLocation]]
                     store.chunks.relocate(txn, chunk_id, location)
             store.before_commit()
         store.note_commit()
-        store.maintain()          # syncs when due: the pin moves on, freed pages are reused
+        maintain()                # syncs when due or the file grew: the pin moves on, freed pages are reused
     return ok
