@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 STORE_FILE = "store.json"
 MAP_SIZE = 1 << 40
 SYNC_INTERVAL = float(os.environ.get("CHRONICLE_SYNC_INTERVAL", "5"))   # seconds, like ext4's commit=5
-GC_PIN_INTERVAL = 0.5       # seconds: how often an idle process renews its pin while a GC runs
+GC_PIN_INTERVAL = 0.2       # seconds: how often an idle process renews its pin while a GC runs
 SYNC_COMMITS = 256
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$")
 

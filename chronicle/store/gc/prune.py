@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 
 BATCH_SECONDS = 0.010     # at most this long in one write transaction (then commit and go on)
 
-SYNC_GROWTH_PAGES = 4096  # gc syncs (its pin moves on) once the metadata file grew this many pages since
+SYNC_GROWTH_PAGES = 1024  # gc syncs (its pin moves on) once the metadata file grew this many pages since
 
 DropDeleted = Callable[[int, int, int], bool]     # (ws, ino, deleted ns) -> may its last record go
 
