@@ -28,14 +28,14 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import lmdb
 
 from chronicle.errors import NotFound
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.gc.leases import DeletedFiles, LeaseInfo, read_leases
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
 from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry_fields, dead_record,
@@ -367,39 +367,23 @@ def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadl
     (content id -> references) — with those already at 0 — and the chunks
     that only they use: what the sweep frees (``sweep``)."""
     chunk_drops: dict[bytes, int] = {}
-    node_drops: dict[bytes, int] = {}
-    work: list[bytes] = []
     contents = 0
-    with txn.cursor(db=store.dbs["contents"]) as cur:
-        for n, (key, raw) in enumerate(cur):
-            if deadline is not None and n % 4096 == 0 and time.monotonic() > deadline:
-                raise TimeoutError("the dry run passed its deadline")
-            content_id = bytes(key)
-            if content_id == EMPTY_CONTENT_ID:
-                continue
-            if schema.content_header(raw, content_id)[1] > released.get(content_id, 0):
-                continue
-            contents += 1
-            record = ContentRecord.decode(raw, content_id)
-            level, held = nodes.root_entries(record)
-            if level == 0:
-                for chunk_id in held:
-                    chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
-            else:
-                work.extend(held)
-    while work:                   # as the sweep's cascade: a node whose last holder goes is freed too
-        key = work.pop()
-        node_drops[key] = node_drops.get(key, 0) + 1
-        raw = txn.get(key, db=store.dbs["content_nodes"])
-        if raw is None or node_drops[key] != schema.node_refcount(raw):
-            continue
-        _rc, height, entries = schema.decode_node(bytes(raw))
-        children = {e[0] for e in entries} - {HOLE_ID}
-        if height > 1:
-            work.extend(children)
-            continue
-        for chunk_id in children:
-            chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+
+    def dead_records() -> Iterator[ContentRecord]:
+        nonlocal contents
+        with txn.cursor(db=store.dbs["contents"]) as cur:
+            for n, (key, raw) in enumerate(cur):
+                if deadline is not None and n % 4096 == 0 and time.monotonic() > deadline:
+                    raise TimeoutError("the dry run passed its deadline")
+                content_id = bytes(key)
+                if content_id == EMPTY_CONTENT_ID:
+                    continue
+                if schema.content_header(raw, content_id)[1] > released.get(content_id, 0):
+                    continue
+                contents += 1
+                yield ContentRecord.decode(raw, content_id)
+
+    nodes.releases(txn, store.dbs["content_nodes"], dead_records(), chunk_drops)   # the sweep's cascade, summed
     chunks = stored = raw_bytes = 0
     for chunk in store.chunks.freed_by(txn, chunk_drops):     # delta bases freed with their deltas included
         chunks += 1

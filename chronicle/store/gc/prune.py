@@ -285,7 +285,7 @@ def prune_dead(store: Store, dead: Sequence[DeadRecord], keep_of: Callable[[], K
                 txn.put(schema.inode_key(item.ws, item.ino, item.seq), _pruned_record(raw), db=dbs["inodes"])
                 released[item.content] = released.get(item.content, 0) + 1
                 done += 1
-            _release(txn, dbs, released)
+            release_contents(txn, dbs, released)
             store.before_commit()
         store.note_commit()
         store.maintain()
@@ -579,7 +579,7 @@ def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate],
             result.versions += 1
             result.records += len(records)
             result.released += len(records)
-    _release(txn, dbs, released)
+    release_contents(txn, dbs, released)
     return i
 
 
@@ -610,7 +610,7 @@ def _marked_line(line: bytes | None, path_field: bytes) -> bytes | None:
     return None
 
 
-def _release(txn: lmdb.Transaction, dbs: dict, released: dict[bytes, int]) -> None:
+def release_contents(txn: lmdb.Transaction, dbs: dict, released: dict[bytes, int]) -> None:
     """Give back ``released`` references (content id -> count), one rewrite per content."""
     for content, count in released.items():
         raw = txn.get(content, db=dbs["contents"])

@@ -63,8 +63,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from chronicle.errors import Busy, Corrupt, NoSpace, NotFound
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, HOLE_ID, to_hex
+from chronicle.errors import Busy, NoSpace, NotFound
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
 from chronicle.store.gc.leases import leased_packs, read_leases, request_rotation, writers_settled
 from chronicle.store.gc.prune import BATCH_SECONDS, Maintain, next_batch_size
@@ -148,48 +148,20 @@ class _SweepWork:
 
 def _gather(txn, dbs: dict, ids: list[bytes]) -> _SweepWork:
     """What releasing the contents ``ids`` still at refcount 0 writes, read
-    in ``txn``: ``meta.nodes.release`` summed over them (a node freed once
-    its last holder among them and before goes, and then its children)."""
+    in ``txn``: ``meta.nodes.releases`` over them (a node freed once its last
+    holder among them and before goes, and then its children)."""
     work = _SweepWork()
-    chunk_drops = work.chunk_drops
-    pending: list[bytes] = []
+    records: list[ContentRecord] = []
     for content_id in ids:
         raw = txn.get(content_id, db=dbs["contents"])
         if raw is None or schema.content_header(raw, content_id)[1] != 0:
             continue              # used again since the scan
         record = ContentRecord.decode(raw, content_id)
-        level, held = nodes.root_entries(record)
-        if level == 0:
-            for chunk_id in held:
-                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
-        else:
-            pending.extend(held)
+        records.append(record)
         work.deletes.append(content_id)
         work.contents += 1
         work.logical_bytes += record.size
-    drops: dict[bytes, int] = {}
-    stored: dict[bytes, bytes] = {}
-    while pending:
-        key = pending.pop()
-        raw = stored.get(key)
-        if raw is None:
-            raw = txn.get(key, db=dbs["content_nodes"])
-            if raw is None:
-                raise Corrupt(f"content node {to_hex(key)} is referenced but missing")
-            raw = stored[key] = bytes(raw)
-        drops[key] = drops.get(key, 0) + 1
-        left = schema.node_refcount(raw) - drops[key]
-        if left < 0:
-            raise Corrupt("content node refcount would go negative")
-        if left:
-            continue
-        _rc, height, entries = schema.decode_node(raw)
-        children = {e[0] for e in entries} - ({HOLE_ID} if height == 1 else set())
-        if height == 1:
-            for chunk_id in children:
-                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
-        else:
-            pending.extend(children)
+    drops, stored = nodes.releases(txn, dbs["content_nodes"], records, work.chunk_drops)
     for key, n in drops.items():
         left = schema.node_refcount(stored[key]) - n
         work.nodes[key] = schema.node_with_refcount(stored[key], left) if left else None

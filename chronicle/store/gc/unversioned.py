@@ -56,7 +56,7 @@ import pathspec
 
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID
 from chronicle.store.gc.ignore import IgnoreRules
-from chronicle.store.gc.prune import BATCH_SECONDS, Keep
+from chronicle.store.gc.prune import BATCH_SECONDS, Keep, release_contents
 from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import PathEntry, PathHead, WorkspaceRecord
@@ -401,7 +401,7 @@ def drop(store: Store, plans: list[UnversionedPlan], keep_of: Callable[[], Keep]
                         continue
                     out["records"] += _drop_inode(txn, dbs, plan, item, freed, heads)
                     out["inodes"] += 1
-                _give_back(txn, dbs, freed)
+                release_contents(txn, dbs, freed)
                 store.before_commit()
             store.note_commit()
             store.maintain()
@@ -476,14 +476,6 @@ def _unlink_history(txn: lmdb.Transaction, hist, key: bytes, has_parent: bool) -
         txn.put(key, b"", db=hist)                # the name is free from here, as it was to the trees
     if newer == b"" and newer_key is not None:
         txn.delete(newer_key, db=hist)            # its removal: the name was free before it now
-
-
-def _give_back(txn: lmdb.Transaction, dbs: dict, freed: dict[bytes, int]) -> None:
-    for content, count in freed.items():
-        raw = txn.get(content, db=dbs["contents"])
-        if raw is not None:
-            refcount = schema.content_header(raw, content)[1]
-            txn.put(content, schema.content_with_refcount(raw, max(0, refcount - count)), db=dbs["contents"])
 
 
 def _recount_heads(store: Store, ws: int, idents: set[bytes]) -> None:

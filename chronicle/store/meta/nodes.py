@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import lmdb
 
@@ -178,6 +178,51 @@ def reference(txn: lmdb.Transaction, db: lmdb._Database, record: ContentRecord,
         else:
             work.extend(children)
     return chunks
+
+
+def releases(txn: lmdb.Transaction, db: lmdb._Database, records: Iterable[ContentRecord],
+             chunk_drops: dict[bytes, int]) -> tuple[dict[bytes, int], dict[bytes, bytes]]:
+    """What deleting the content records ``records`` together gives back,
+    read in ``txn`` and nothing written: :func:`release` summed over them (a
+    node is freed once its last holder among them, or a node freed before,
+    goes; then what it holds goes too). Chunk references to drop are added
+    to ``chunk_drops`` (chunk id -> count); returns ``(drops, raw)``: the
+    references dropped per node and each such node's stored bytes (a node
+    with ``drops`` equal to its refcount is freed). The sweep writes this,
+    the dry run counts it. Raises ``Corrupt`` for a missing node or a
+    refcount that would go negative."""
+    pending: list[bytes] = []
+    for record in records:
+        level, held = root_entries(record)
+        if level == 0:
+            for chunk_id in held:
+                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+        else:
+            pending.extend(held)
+    drops: dict[bytes, int] = {}
+    stored: dict[bytes, bytes] = {}
+    while pending:
+        key = pending.pop()
+        raw = stored.get(key)
+        if raw is None:
+            raw = txn.get(key, db=db)
+            if raw is None:
+                raise Corrupt(f"content node {to_hex(key)} is referenced but missing")
+            raw = stored[key] = bytes(raw)
+        drops[key] = drops.get(key, 0) + 1
+        left = schema.node_refcount(raw) - drops[key]
+        if left < 0:
+            raise Corrupt("content node refcount would go negative")
+        if left:
+            continue
+        _rc, height, entries = schema.decode_node(raw)
+        children = _holds(height - 1, entries)
+        if height == 1:
+            for chunk_id in children:
+                chunk_drops[chunk_id] = chunk_drops.get(chunk_id, 0) + 1
+        else:
+            pending.extend(children)
+    return drops, stored
 
 
 def release(txn: lmdb.Transaction, db: lmdb._Database, record: ContentRecord) -> tuple[Counter, int]:
