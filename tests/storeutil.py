@@ -33,6 +33,21 @@ def log_lines(ws: Workspace) -> list[dict]:
         return [json.loads(x) for x in ws.history.log_lines(txn)]
 
 
+def names_at_every_seq(ws: Workspace) -> None:
+    """Every past tree of ``ws`` lists names whose inodes read (no dangling entry)."""
+    for seq in range(1, ws.head_seq + 1):
+        view = ws.view(seq)
+        with ws.read_txn() as txn:
+            stack = [ws.root]
+            while stack:
+                parent = stack.pop()
+                for name, ino, _kind in view.entries(txn, parent):
+                    attrs = view.attrs(txn, ino)
+                    assert attrs is not None and attrs.nlink >= 1, (seq, name)
+                    if attrs.is_dir:
+                        stack.append(ino)
+
+
 def read(ws: Workspace, path: bytes) -> bytes:
     """The whole content of the file at ``path`` (head, with uncommitted writes)."""
     ino, _ = ws.resolve(path)

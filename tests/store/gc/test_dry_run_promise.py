@@ -16,7 +16,7 @@ from chronicle.store.gc.leases import DeletedFiles, LeaseInfo
 from chronicle.store.gc.policy import Policy
 from chronicle.store.history import points
 from chronicle.store.store import Store
-from tests.storeutil import A, history, write
+from tests.storeutil import A, history, names_at_every_seq, write
 
 LATER = time.time_ns() + 400 * 86400 * 10**9        # every version is old by then
 FIGURES = ("freed_contents", "freed_chunks", "freed_bytes", "freed_raw_bytes")
@@ -251,17 +251,7 @@ def test_dry_run_promises_what_gc_drops_of_ignored_paths(tmp_path_factory, ops, 
         _check_promise(store, ws, promised, result)
         mine = promised["workspaces"][0]
         assert (mine["dropped_inodes"], mine["dropped_lines"]) == (result["dropped_inodes"], result["dropped_lines"])
-        for seq in range(1, ws.head_seq + 1):
-            view = ws.view(seq)
-            with ws.read_txn() as txn:
-                stack = [ws.root]
-                while stack:
-                    parent = stack.pop()
-                    for entry_name, ino, _kind in view.entries(txn, parent):
-                        attrs = view.attrs(txn, ino)
-                        assert attrs is not None and attrs.nlink >= 1, (seq, entry_name)
-                        if attrs.is_dir:
-                            stack.append(ino)
+        names_at_every_seq(ws)
         _clean(store)
         again = dryrun.dry_run(store, ["w"], now_ns=LATER)
         assert again["workspaces"][0]["dropped_inodes"] == 0 and again["freed_bytes"] == 0

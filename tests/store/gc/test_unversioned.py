@@ -10,7 +10,7 @@ from chronicle.store.gc import collect, dryrun
 from chronicle.store.history import points
 from chronicle.store.meta import schema
 from chronicle.store.meta.journal import parse_iso_time as points_time
-from tests.storeutil import A, log_lines, read, write
+from tests.storeutil import A, log_lines, names_at_every_seq, read, write
 
 LATER = time.time_ns() + 400 * 86400 * 10**9
 
@@ -55,21 +55,6 @@ def _remove(ws) -> None:
     ws.rmdir(ws.root, b"node_modules", A)
 
 
-def _names_at_every_seq(ws) -> None:
-    """Every past tree lists names whose inodes read (no dangling entry)."""
-    for seq in range(1, ws.head_seq + 1):
-        view = ws.view(seq)
-        with ws.read_txn() as txn:
-            stack = [ws.root]
-            while stack:
-                parent = stack.pop()
-                for _name, ino, _kind in view.entries(txn, parent):
-                    attrs = view.attrs(txn, ino)
-                    assert attrs is not None and attrs.nlink >= 1, (seq, _name)
-                    if attrs.is_dir:
-                        stack.append(ino)
-
-
 def test_rounds_of_install_and_remove_leave_no_records_behind(store, ws):
     write(ws, ws.root, b"package.json", b'{"name": "app"}')
     for r in range(4):
@@ -101,7 +86,7 @@ def test_rounds_of_install_and_remove_leave_no_records_behind(store, ws):
             if line["path"] == "package.json":
                 stamp = points_time(line["time"])
                 assert ws.history.seq_at_time(txn, stamp) == line["seq"]
-    _names_at_every_seq(ws)
+    names_at_every_seq(ws)
     _clean(store)
     again = dryrun.dry_run(store, ["w"], now_ns=LATER)
     assert again["workspaces"][0]["dropped_inodes"] == 0 and again["freed_bytes"] == 0
@@ -124,7 +109,7 @@ def test_a_snapshot_inside_a_round_keeps_that_round(store, ws):
     with store.env.begin() as txn, txn.cursor(db=store.dbs["paths"]) as cur:
         kept = {bytes(k) for k, _v in cur if b"node_modules/pkg0/f0.js" in bytes(k)}
     assert kept                                                 # the pinned round's entries stay
-    _names_at_every_seq(ws)
+    names_at_every_seq(ws)
     _clean(store)
 
 
@@ -141,7 +126,7 @@ def test_a_live_ignored_tree_and_versioned_files_are_untouched(store, ws):
     # the superseded lines (first writes, creates) go; each file's current version keeps its line
     kept = [line for line in log_lines(ws) if "node_modules" in line["path"] and line["event"] != "dropped"]
     assert 0 < len(kept) < nm_lines
-    _names_at_every_seq(ws)
+    names_at_every_seq(ws)
     _clean(store)
 
 
