@@ -96,11 +96,13 @@ def clear_stale(mountpoint: Path) -> bool:
     return True
 
 
-def mount_options(workspace: str) -> set[str]:
+def mount_options(workspace: str, extra: tuple[str, ...] = ()) -> set[str]:
     """pyfuse3's defaults (``default_permissions``) plus ``fsname``,
-    ``subtype`` and ``noatime`` (mount.fuse3(8)); ``allow_other`` as root."""
+    ``subtype`` and ``noatime`` (mount.fuse3(8)); ``allow_other`` as root;
+    and ``extra``, the user's (``chronicle.mounting.fuse_options``: ``ro``,
+    ``allow_other``, ...)."""
     options = set(pyfuse3.default_options)          # default_permissions: the kernel checks modes
-    options |= {f"fsname=chronicle:{workspace}", "subtype=chronicle", "noatime"}
+    options |= {f"fsname=chronicle:{workspace}", "subtype=chronicle", "noatime", *extra}
     if os.getuid() == 0:
         options.add("allow_other")                  # other users reach it like any directory
     return options
@@ -242,8 +244,10 @@ async def _main(ops: ChronicleOperations) -> None:
         nursery.cancel_scope.cancel()
 
 
-def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
-    """Mount and serve until unmounted or signalled. Returns the exit status.
+def serve(store_path: Path, workspace: str, mountpoint: Path, options: tuple[str, ...] = ()) -> int:
+    """Mount and serve until unmounted or signalled, with the user's mount
+    ``options`` beside the daemon's (:func:`mount_options`; ``ro``: the
+    kernel refuses every change with EROFS). Returns the exit status.
 
     Raises ``ChronicleError`` (before mounting) for a bad store or a
     workspace in use.
@@ -262,7 +266,7 @@ def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
     ops = ChronicleOperations(ws, store, mountpoint=str(mountpoint))
     clear_stale(mountpoint)
     try:
-        pyfuse3.init(ops, str(mountpoint), mount_options(workspace))
+        pyfuse3.init(ops, str(mountpoint), mount_options(workspace, tuple(options)))
     except RuntimeError as exc:
         store.close()
         raise OSError(f"cannot mount at {mountpoint}: {exc}") from None
