@@ -14,7 +14,7 @@ after dropping the options that are its own (``defaults``, ``noauto``,
 passes some options only mount(8), systemd or fusermount care about; they
 are accepted and dropped here: ``_netdev``, ``nofail``, ``auto``,
 ``noauto``, ``user``, ``users``, ``nouser``, ``owner``, ``group``,
-``defaults``, ``x-*``, ``comment=*`` (the same list as mount.fuse3's, plus
+``defaults``, ``x-*``, ``comment=*``, ``user=*`` (mount.fuse3's list, plus
 the systemd and util-linux userspace ones).
 
 **SOURCE** is ``STORE#WORKSPACE``, or ``STORE`` for the workspace
@@ -75,7 +75,7 @@ EXIT_FAILURE = 32       # mount(8): mount failure
 # Passed by mount(8) but meant for it, systemd or fusermount3; no meaning to the file system.
 IGNORED = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner",
                      "group"})
-IGNORED_PREFIXES = ("x-", "comment=")
+IGNORED_PREFIXES = ("x-", "comment=", "user=")
 # Chronicle's own options: the daemon's environment variable each one sets.
 CHRONICLE_OPTIONS = {"gc_interval": "CHRONICLE_GC_INTERVAL", "sync_interval": "CHRONICLE_SYNC_INTERVAL"}
 _MARK = "# written by `chronicle install-mount-helper`"
