@@ -109,7 +109,8 @@ def mount_options(workspace: str, extra: tuple[str, ...] = ()) -> set[str]:
 
 
 async def _periodic_sync(store: Store, group: GroupSync) -> None:
-    """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin),
+    """Sync when due (``Store.needs_sync``: this process's commits, by time or
+    count, sooner while a GC runs; with none, the call only moves the pin on),
     through the adapter's :class:`~chronicle.fs.groupsync.GroupSync`, which
     fsync and ctl ``sync`` share: one ``Store.sync`` at a time, in a worker
     thread, and an fsync arriving meanwhile shares the next one."""
