@@ -27,7 +27,10 @@ as a comment only at the start of a line, it is FUSE's own
 ``TYPE#SOURCE`` separator, and it stays free of the ``:`` of URLs and of
 ``host:path`` sources. The helper only opens the store the way every
 Chronicle command does, so it serves whatever backend the store was created
-with (``store.json``; a local directory or S3).
+with (``store.json``; a local directory or S3). The daemon names every
+mount ``STORE#WORKSPACE`` (``chronicle.fs.daemon.fs_name``), so mount(8)
+finds an fstab line's mount in ``/proc/self/mountinfo`` and a second
+``mount -a`` leaves it be.
 
 **Options** (``-o``, comma-separated): the mount options of
 ``chronicle mount -o`` (``chronicle.mounting.FUSE_OPTIONS``: ``ro``, ``rw``,

@@ -73,13 +73,17 @@ def main() -> None:
         escaped = {p: p.replace(" ", "\\040") for p in (store, second)}
         fstab.write_text("# a test fstab\n"
                          f"{escaped[store]}#agent2  {escaped[second]}  fuse.chronicle  "
-                         "defaults,_netdev,nofail,noauto,x-systemd.automount,x-systemd.mount-timeout=30,"
+                         "defaults,_netdev,nofail,x-systemd.automount,x-systemd.mount-timeout=30,"
                          "allow_other,gc_interval=0  0  0\n")
-        ran = sh("mount", "--fstab", str(fstab), second)
+        ran = sh("mount", "--all", "--fstab", str(fstab))
         out["fstab_mount"] = [ran.returncode, ran.stderr.strip()]
         if ran.returncode == 0:
             pid = daemon_pid(work, second)
             out["fstab_types"] = procs.mount_entries(second)
+            ran = sh("findmnt", "--noheadings", "--output", "SOURCE", "--mountpoint", second)
+            out["fstab_source"] = ran.stdout.strip()
+            ran = sh("mount", "--all", "--fstab", str(fstab))      # mounted already: mount(8) sees it
+            out["fstab_again"] = [ran.returncode, ran.stderr.strip(), procs.mount_entries(second)]
             (Path(second) / "from-fstab.txt").write_text("written through an fstab mount\n")
             ran = sh("umount", second)
             out["fstab_umount"] = [ran.returncode, ran.stderr.strip(), procs.wait_gone(pid, 60)]

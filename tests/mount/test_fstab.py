@@ -60,9 +60,12 @@ def test_mount_t_fuse_chronicle_and_an_fstab_line(tmp_path):
     assert out["ro_read"] == "hello from the store\n"
     assert out["ro_write"] == "EROFS"
     assert out["ro_umount"] == [0, "", True]
-    # the fstab line: mount(8) and systemd options accepted, the workspace created, a write committed
+    # the fstab line (mount --all): mount(8)'s and systemd's options accepted, the workspace created,
+    # a write committed
     assert out["fstab_mount"] == [0, ""]
     assert out["fstab_types"] == ["fuse.chronicle"]
+    assert out["fstab_source"] == f"{store}#agent2"              # findmnt and df show the fstab line's source,
+    assert out["fstab_again"] == [0, "", ["fuse.chronicle"]]     # so a second mount -a leaves it be
     assert out["fstab_umount"] == [0, "", True]
     with Store.open(store) as st:
         assert sorted(w.name for w in st.workspaces()) == ["agent1", "agent2"]
