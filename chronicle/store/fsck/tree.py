@@ -23,7 +23,7 @@ from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_CONTENT, SEQ_MAX, PathEntry
 from chronicle.store.meta.tree import TreeView
-from chronicle.store.model import Attrs
+from chronicle.store.model import Attrs, is_run, run_versions
 
 
 class TreeChecks:
@@ -46,6 +46,8 @@ class TreeChecks:
                 self.inode_min_seq[k] = seq
             try:
                 attrs = Attrs.decode(value)
+                if is_run(value):
+                    run_versions(value, seq)     # every version of a run record reads
             except Corrupt:
                 self.problem("inode-corrupt", f"workspace {self.ws_name(ws)!r}: the record of inode {ino} "
                              f"at seq {seq} is damaged", workspace=self.ws_name(ws), ino=ino, seq=seq)

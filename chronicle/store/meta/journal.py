@@ -66,6 +66,7 @@ from chronicle.store.meta import events, schema
 from chronicle.store.meta.events import iso_time
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, P_UNVERSIONED, PathEntry,
                                          PathHead)
+from chronicle.store import model
 from chronicle.store.model import Attrs
 
 if TYPE_CHECKING:               # history.paths reads what this module writes (and imports it): a cycle at runtime
@@ -136,7 +137,39 @@ class EventWriter:
         reference on its content (the empty content is never freed and not counted)."""
         if attrs.content and attrs.content != EMPTY_CONTENT_ID:
             self.addref_content(attrs.content)
-        self.txn.put(schema.inode_key(self.ws, ino, self.seq), attrs.encode(), db=self.dbs["inodes"])
+        key = schema.inode_key(self.ws, ino, self.seq)
+        if not attrs.content:
+            self._fold_previous(ino, key)
+        self.txn.put(key, attrs.encode(), db=self.dbs["inodes"])
+
+    def _fold_previous(self, ino: int, key: bytes) -> None:
+        """Before a new record of ``ino`` without content goes in at ``key``: its
+        record before this seq, the newest until now, joins the run record just
+        older than it (``model.run_append``), or becomes a run of one that the
+        next version joins. So a directory's versions take one record per
+        ``model.RUN_MAX_VERSIONS`` and the newest stays a record of its own
+        (gc and salvage read it as one). Records with content are left alone."""
+        db = self.dbs["inodes"]
+        prefix = key[:12]
+        with self.txn.cursor(db=db) as cur:
+            if not cur.set_range(key):
+                return
+            prev_key = bytes(cur.key())
+            if prev_key == key or prev_key[:12] != prefix:
+                return                  # folded at this seq's first record already, or a new inode
+            prev_raw = bytes(cur.value())
+            if model.is_run(prev_raw) or model.inode_content(prev_raw):
+                return
+            prev_seq = schema.inode_key_seq(prev_key)
+            if cur.next() and cur.key()[:12] == prefix and model.is_run(cur.value()):
+                run_key = bytes(cur.key())
+                joined = model.run_append(bytes(cur.value()), schema.inode_key_seq(run_key), prev_seq,
+                                          Attrs.decode(prev_raw))
+                if joined is not None:
+                    self.txn.put(run_key, joined, db=db)
+                    self.txn.delete(prev_key, db=db)
+                    return
+        self.txn.put(prev_key, model.encode_run(Attrs.decode(prev_raw)), db=db)
 
     def addref_content(self, content_id: bytes) -> None:
         """Count one more reference on content ``content_id``. Raises

@@ -148,7 +148,7 @@ class TreeView:
             prefix = schema.inode_prefix(layer.ws, ino)
             for key, value in walk.items("inodes", schema.inode_key(layer.ws, ino, layer.bound),
                                          _after_prefix(prefix)):
-                return Attrs.decode(value), schema.inode_key_seq(key)
+                return model.attrs_at(value, schema.inode_key_seq(key), layer.bound)
         if walk.damaged:
             raise Corrupt(f"the record of inode {ino} is on a damaged metadata page ({walk.damaged[0].error})")
         return None
@@ -160,8 +160,8 @@ class TreeView:
                 prefix = schema.inode_prefix(layer.ws, ino)
                 if cur.set_range(schema.inode_key(layer.ws, ino, layer.bound)):
                     key = cur.key()
-                    if key[:12] == prefix:
-                        return Attrs.decode(cur.value()), schema.inode_key_seq(key)
+                    if key[:12] == prefix:       # (a run record may hold versions past the bound)
+                        return model.attrs_at(cur.value(), schema.inode_key_seq(key), layer.bound)
         return None
 
     def need_attrs(self, txn: lmdb.Transaction, ino: int) -> Attrs:
