@@ -192,7 +192,7 @@ class EventWriter:
         from this seq on: the head table and its history."""
         value = schema.encode_dirent(ino, kind)
         self.txn.put(schema.dirent_key(self.ws, parent, name), value, db=self.dbs["dirents"])
-        self.txn.put(schema.dirent_hist_key(self.ws, parent, name, self.seq), value, db=self.dbs["dirent_hist"])
+        self._put_hist(parent, name, value)
 
     def del_dirent(self, parent: int, name: bytes) -> None:
         """Remove ``parent/name`` from this seq on (a whiteout in a fork, which
@@ -202,7 +202,34 @@ class EventWriter:
             self.txn.put(key, b"", db=self.dbs["dirents"])    # whiteout over the parent's entry
         else:
             self.txn.delete(key, db=self.dbs["dirents"])
-        self.txn.put(schema.dirent_hist_key(self.ws, parent, name, self.seq), b"", db=self.dbs["dirent_hist"])
+        self._put_hist(parent, name, b"")
+
+    def _put_hist(self, parent: int, name: bytes, value: bytes) -> None:
+        """The ``dirent_hist`` record of ``parent/name`` at this seq. The name's
+        record before it, its newest until now, first joins the run just older
+        than it (``schema.hist_run_append``) or becomes a run of one that the
+        next joins: a name's history takes one record per
+        ``schema.HIST_RUN_MAX_VERSIONS``, and its newest stays a record of its own."""
+        db = self.dbs["dirent_hist"]
+        key = schema.dirent_hist_key(self.ws, parent, name, self.seq)
+        prefix = key[:-8]
+        with self.txn.cursor(db=db) as cur:
+            if cur.set_range(key) and cur.key()[:-8] == prefix and len(cur.key()) == len(key) and cur.key() != key:
+                prev_key, prev = bytes(cur.key()), bytes(cur.value())
+                prev_seq = schema.split_dirent_hist_key(prev_key)[1]
+                if not schema.is_hist_run(prev):
+                    joined = None
+                    if cur.next() and cur.key()[:-8] == prefix and len(cur.key()) == len(key) \
+                            and schema.is_hist_run(cur.value()):
+                        run_key = bytes(cur.key())
+                        joined = schema.hist_run_append(bytes(cur.value()), schema.split_dirent_hist_key(run_key)[1],
+                                                        prev_seq, schema.decode_dirent(prev))
+                    if joined is not None:
+                        self.txn.put(run_key, joined, db=db)
+                        self.txn.delete(prev_key, db=db)
+                    else:
+                        self.txn.put(prev_key, schema.encode_hist_run([(prev_seq, schema.decode_dirent(prev))]), db=db)
+        self.txn.put(key, value, db=db)
 
     # -- the log line --------------------------------------------------------------
 

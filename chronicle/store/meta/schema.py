@@ -15,9 +15,9 @@ database                key                                        value
 ``chunks``              chunk id (32)                              :class:`ChunkRecord`
 ``contents``            content id (32)                            :class:`ContentRecord`
 ``content_nodes``       node hash (32)                             refcount, height, entries (:func:`encode_node`)
-``inodes``              ws u32, ino u64, ~seq u64                  :class:`Attrs` (the inode from seq on)
+``inodes``              ws u32, ino u64, ~seq u64                  :class:`Attrs` (the inode from seq on), or a run
 ``dirents``             ws u32, parent u64, name                   ino u64 + kind u8; ``b""`` = whiteout
-``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed
+``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed; or a run
 ``events``              ws u32, seq u64                            one ``.chronicle/log`` line, packed (``meta.events``)
 ``paths``               ws u32, path key, 0x00, seq u64            :class:`PathEntry`
 ``path_heads``          ws u32, path key                           :class:`PathHead`
@@ -203,6 +203,112 @@ def decode_dirent(value: bytes) -> tuple[int, int] | None:
     if not value:
         return None
     return _DIRENT_VALUE.unpack(value)
+
+
+_HIST_RUN = 0x01
+HIST_RUN_MAX_VERSIONS = 64        # a dirent_hist run holds at most this many versions ...
+HIST_RUN_MAX_BYTES = 512          # ... and is at most this long
+
+
+def is_hist_run(value: bytes) -> bool:
+    """True if the ``dirent_hist`` value ``value`` is a run (:func:`encode_hist_run`):
+    not 0 bytes (a removal) nor 9 (an entry), with the tag ``0x01``."""
+    return len(value) not in (0, _DIRENT_VALUE.size) and value[0] == _HIST_RUN
+
+
+def encode_hist_run(versions: list[tuple[int, tuple[int, int] | None]]) -> bytes:
+    """A **run**: consecutive ``dirent_hist`` records of one name (``(seq,
+    (ino, kind))``, or ``(seq, None)`` for a removal, oldest first) in one
+    record under the oldest one's key (issue 9 §6: one key and LMDB node for
+    up to :data:`HIST_RUN_MAX_VERSIONS` records; a name's newest record stays
+    its own, as the head entry's twin). Bytes: the tag ``0x01``, then one
+    MessagePack array, flat: the first version's ino (0: a removal; inode
+    numbers start past 0) and, unless removed, its kind; then for each newer
+    version its seq less the one before it, its ino and kind the same way; a
+    trailing nil where the run would otherwise be 9 bytes long (the length
+    of an entry, which tells the forms apart). Raises ``ValueError`` if the
+    seqs do not rise."""
+    flat: list = []
+    last = None
+    for seq, value in versions:
+        if last is not None:
+            if seq <= last:
+                raise ValueError("a run's seqs rise")
+            flat.append(seq - last)
+        last = seq
+        flat.extend((0,) if value is None else value)
+    out = bytes((_HIST_RUN,)) + msgpack.packb(flat)
+    if len(out) == _DIRENT_VALUE.size:
+        out = bytes((_HIST_RUN,)) + msgpack.packb(flat + [None])
+    return out
+
+
+def hist_run_versions(value: bytes, first_seq: int) -> list[tuple[int, tuple[int, int] | None]]:
+    """Every ``(seq, (ino, kind) or None)`` of the ``dirent_hist`` value ``value``
+    under a key of seq ``first_seq``, oldest first: one for an entry or removal,
+    every version of a run. Raises ``struct.error`` if damaged (as
+    :func:`decode_dirent` does)."""
+    if not is_hist_run(value):
+        return [(first_seq, decode_dirent(value))]
+    try:
+        flat = msgpack.unpackb(memoryview(value)[1:])
+        if not isinstance(flat, list):
+            raise ValueError
+        if flat and flat[-1] is None:
+            flat.pop()
+        out = []
+        i, seq = 0, first_seq
+        while i < len(flat):
+            if i:
+                if not isinstance(flat[i], int) or flat[i] < 1:
+                    raise ValueError
+                seq += flat[i]
+                i += 1
+            ino = flat[i]
+            if not isinstance(ino, int) or ino < 0:
+                raise ValueError
+            if ino:
+                kind = flat[i + 1]
+                if not isinstance(kind, int) or not 0 <= kind < 256:
+                    raise ValueError
+                out.append((seq, (ino, kind)))
+                i += 2
+            else:
+                out.append((seq, None))
+                i += 1
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException):
+        raise struct.error("damaged dirent_hist run") from None
+    if not out:
+        raise struct.error("damaged dirent_hist run")
+    return out
+
+
+def hist_at(value: bytes, key_seq: int, bound: int) -> tuple[int, int] | None:
+    """``(ino, kind)`` or None (removed) of the newest version at or before seq
+    ``bound`` in the ``dirent_hist`` value ``value`` under a key of seq
+    ``key_seq <= bound`` (a run may hold versions past ``bound``). Raises
+    ``struct.error`` if damaged."""
+    if not is_hist_run(value):
+        return decode_dirent(value)
+    found = None
+    for seq, entry in hist_run_versions(value, key_seq):
+        if seq > bound:
+            break
+        found = entry
+    return found
+
+
+def hist_run_append(value: bytes, key_seq: int, seq: int, entry: tuple[int, int] | None) -> bytes | None:
+    """The ``dirent_hist`` value ``value`` under a key of seq ``key_seq`` as a run
+    with the version ``entry`` at ``seq`` appended, or None if the run would
+    pass :data:`HIST_RUN_MAX_VERSIONS` or :data:`HIST_RUN_MAX_BYTES`. Raises
+    ``struct.error`` if ``value`` is damaged, ``ValueError`` if ``seq`` is not
+    past its versions."""
+    versions = hist_run_versions(value, key_seq)
+    if len(versions) >= HIST_RUN_MAX_VERSIONS:
+        return None
+    out = encode_hist_run(versions + [(seq, entry)])
+    return out if len(out) <= HIST_RUN_MAX_BYTES else None
 
 
 def event_key(ws: int, seq: int) -> bytes:

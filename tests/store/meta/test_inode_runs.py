@@ -1,7 +1,8 @@
 """Run records (issue 9 §6): a directory's versions share one ``inodes``
-record per ``model.RUN_MAX_VERSIONS``; every past tree reads each version
-as it was, stores whose directories have one record a version (as main
-wrote them) read the same and go on folding, and gc and fsck read both."""
+record per ``model.RUN_MAX_VERSIONS``, and a name's ``dirent_hist`` records
+one per ``schema.HIST_RUN_MAX_VERSIONS``; every past tree reads each version
+as it was, stores with one record a version (as main wrote them) read the
+same and go on folding, and gc and fsck read both."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from chronicle.store.store import Store
 from tests.storeutil import A, write
 
 
-def _dir_history(ws, d: int, rounds: int, start: int = 0) -> dict[int, Attrs]:
+def _dir_history(ws, d: int, rounds: int, start: int = 0, listings: dict | None = None) -> dict[int, Attrs]:
     """Create and remove files in ``d`` (plus a chmod and a subdirectory now and
-    then: nlink and mode change too); ``{seq: d's attrs after it}``."""
-    seen = {}
+    then: nlink and mode change too); ``{seq: d's attrs after it}``, and
+    ``listings[seq]``: d's entries then."""
+    seen = _Seen(ws, d, listings)
     for i in range(start, start + rounds):
         write(ws, d, b"f%d" % (i % 7), b"v%d" % i)
         seen[ws.head_seq] = ws.getattr(d)
@@ -39,6 +41,31 @@ def _dir_history(ws, d: int, rounds: int, start: int = 0) -> dict[int, Attrs]:
             ws.setattr(d, A, mode=stat.S_IFDIR | (0o700 if i % 2 else 0o755))
             seen[ws.head_seq] = ws.getattr(d)
     return seen
+
+
+class _Seen(dict):
+    def __init__(self, ws, d, listings):
+        super().__init__()
+        self.ws, self.d, self.listings = ws, d, listings
+
+    def __setitem__(self, seq, attrs):
+        super().__setitem__(seq, attrs)
+        if self.listings is not None:
+            self.listings[seq] = self.ws.readdir(self.d)
+
+
+def _check_listings(ws, d: int, listings: dict) -> None:
+    for seq, names in listings.items():
+        with ws.read_txn() as txn:
+            assert ws.view(seq).entries(txn, d) == names, seq
+
+
+def _hist(store: Store, ws_id: int, d: int) -> list[tuple[bytes, bytes]]:
+    prefix = schema.dir_prefix(ws_id, d)
+    with store.env.begin() as txn:
+        with txn.cursor(db=store.dbs["dirent_hist"]) as cur:
+            cur.set_range(prefix)
+            return [(bytes(k), bytes(v)) for k, v in cur if k[:12] == prefix]
 
 
 def _records(store: Store, ws_id: int, ino: int) -> list[tuple[bytes, bytes]]:
@@ -169,3 +196,67 @@ def test_a_run_gives_back_every_version_appended(steps):
         if i + 1 < len(ordered) and ordered[i + 1] > s + 1:
             assert attrs_at(raw, 10, s + 1) == (seqs[s], s)
     assert run_append(raw, 10, seq + 1, attrs.replace(content=bytes(32))) is None   # content: never in a run
+
+
+def test_a_name_s_history_folds_into_runs_and_every_past_listing_reads_the_same(tmp_path):
+    store = Store.init(tmp_path / "s")
+    ws = store.open_workspace("w", writable=True, create=True)
+    d, _ = ws.mkdir(ws.root, b"dir", 0o755, A)
+    listings: dict = {}
+    _dir_history(ws, d, 150, listings=listings)
+    records = _hist(store, ws.id, d)
+    versions = [v for k, raw in records for v in schema.hist_run_versions(raw, schema.split_dirent_hist_key(k)[1])]
+    assert len(versions) > 3 * len(records) and any(schema.is_hist_run(v) for _k, v in records)
+    newest: dict[bytes, bytes] = {}
+    for k, v in records:
+        newest.setdefault(schema.split_dirent_hist_key(k)[0], v)
+    assert not any(schema.is_hist_run(v) for v in newest.values())        # each name's newest stands alone
+    _check_listings(ws, d, listings)
+    with ws.read_txn() as txn:                # a fork reads through to its parent's runs
+        fork_seq = sorted(listings)[len(listings) // 2]
+        child = store.open_workspace(store.fork("w", fork_seq, "child").name)
+        assert child.view(None).entries(txn, d) == listings[fork_seq]
+    # as main wrote them: one record a version; they read the same and fold on
+    db = store.dbs["dirent_hist"]
+    with store.env.begin(write=True) as txn:
+        for key, raw in records:
+            if schema.is_hist_run(raw):
+                name, first = schema.split_dirent_hist_key(key)
+                for seq, entry in schema.hist_run_versions(raw, first):
+                    txn.put(schema.dirent_hist_key(ws.id, d, name, seq),
+                            b"" if entry is None else schema.encode_dirent(*entry), db=db)
+    assert not any(schema.is_hist_run(v) for _k, v in _hist(store, ws.id, d))
+    _check_listings(ws, d, listings)
+    _dir_history(ws, d, 60, 150, listings=listings)
+    assert any(schema.is_hist_run(v) for _k, v in _hist(store, ws.id, d))
+    _check_listings(ws, d, listings)
+    store.close()
+    store = Store.open(tmp_path / "s")
+    report = fsck(store)
+    assert report.clean, [(p.kind, p.message) for p in report.problems]
+    store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(1, 1 << 40), st.one_of(st.none(), st.tuples(
+    st.integers(1, (1 << 64) - 1), st.integers(0, 255)))), min_size=1, max_size=80))
+def test_a_dirent_run_gives_back_every_version_appended(steps):
+    raw, seq, seqs = schema.encode_hist_run([(5, (17, 1))]), 5, {5: (17, 1)}
+    for dseq, entry in steps:
+        joined = schema.hist_run_append(raw, 5, seq + dseq, entry)
+        if joined is None:
+            assert len(seqs) >= schema.HIST_RUN_MAX_VERSIONS or len(raw) > 400
+            break
+        raw, seq = joined, seq + dseq
+        seqs[seq] = entry
+        assert schema.is_hist_run(raw) and len(raw) not in (0, 9)
+    assert dict(schema.hist_run_versions(raw, 5)) == seqs
+    ordered = sorted(seqs)
+    for i, s in enumerate(ordered):
+        assert schema.hist_at(raw, 5, s) == seqs[s]
+        if i + 1 < len(ordered) and ordered[i + 1] > s + 1:
+            assert schema.hist_at(raw, 5, s + 1) == seqs[s]
+    assert schema.hist_run_versions(schema.encode_dirent(9, 2), 3) == [(3, (9, 2))]
+    assert schema.hist_run_versions(b"", 3) == [(3, None)]
+    nine = schema.encode_hist_run([(1, (17, 1)), (2, (1000, 1))])     # would be 9 bytes, an entry's length: padded
+    assert len(nine) == 10 and schema.hist_run_versions(nine, 1) == [(1, (17, 1)), (2, (1000, 1))]
