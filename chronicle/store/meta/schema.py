@@ -94,6 +94,31 @@ record's hash where it is the content id (flag ``_C_HASH_IS_ID``:
 packed ``paths`` fragment's ``seq`` and ``path`` where they are the key's
 (:meth:`PathEntry.encode`/:meth:`PathEntry.decode` take the key;
 ``meta.events.pack_fragment``).
+Also within format 4, with nothing older changed (new tags; every form
+written before still reads, and a store holding them goes on writing the
+new ones beside them):
+
+- an ``inodes`` record of a file whose content is the empty content (a file
+  just created) leaves the content id out (tag ``0x03``, ``model.Attrs.encode``);
+- a **run record** holds consecutive versions of an inode without content
+  (a directory's: its times change with every entry added or removed) under
+  the key of the oldest, each newer one as the changes from the one before
+  (tag ``0x04``, ``model.encode_run``; at most ``model.RUN_MAX_VERSIONS``).
+  The key form is unchanged, so "the record at or before seq S" is still
+  one ``set_range``: it lands on the record whose oldest version is the
+  newest at or before S, and ``model.attrs_at`` picks the version within.
+  The journal folds the inode's previous record into the run below it when
+  it writes the next (``journal.EventWriter.put_attrs``): an inode's newest
+  record is always one of one version, which gc reads as before; records
+  with content are never folded (gc reads and rewrites them one a version);
+- a ``dirent_hist`` value may likewise be a **run** of a name's consecutive
+  records (:func:`encode_hist_run`: tag ``0x01``, never 0 or 9 bytes long;
+  at most :data:`HIST_RUN_MAX_VERSIONS`), read with :func:`hist_at`; the
+  name's newest record stays one of its own (the head entry's twin);
+  ``gc.unversioned`` splits a run back into records of one to take a link out;
+- a flat ``contents`` record leaves out its last extent's length where the
+  lengths add up to its size (flag ``_C_LAST_CUT``).
+
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
@@ -519,6 +544,7 @@ _C_TREE = 2          # format 4: the record holds the root level of an extent tr
 _C_V4 = 4            # format 4: the extents are the canonical chunking and the id is the tree hash
 _C_HOLES = 8         # format 4: the content may have hole extents (its dense hash differs from its id)
 _C_HASH_IS_ID = 16   # the hash is the record's key (its content id) and is not stored (``_C_HASH`` clear)
+_C_LAST_CUT = 32     # flat: the last extent's length is not stored (it is the size less the others')
 
 
 def _hash_of(flags: int, content_id: bytes | None) -> bytes:
@@ -584,8 +610,9 @@ class ContentRecord:
         """The ``contents`` value under the key ``content_id``: size, refcount, flags, count
         (little-endian u64, u32, u8, u32); the hash if any, unless it is ``content_id``
         (flag ``_C_HASH_IS_ID``: the key gives it back; records written before it, and
-        without ``content_id``, store it); then either ids and lengths (u64 each), or
-        (``_C_TREE``) the height u8 and the root's entries."""
+        without ``content_id``, store it); then either ids and lengths (u64 each; with
+        ``content_id``, the last length left out where the lengths add up to the size:
+        flag ``_C_LAST_CUT``), or (``_C_TREE``) the height u8 and the root's entries."""
         flags = self._flags()
         digest = self.hash or b""
         if digest and content_id is not None and digest == content_id:
@@ -593,11 +620,15 @@ class ContentRecord:
         if self.height:
             head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_TREE | flags, len(self.root))
             return b"".join((head, digest, bytes([self.height]), encode_entries(self.height, self.root)))
-        head = _CONTENT_HEAD.pack(self.size, self.refcount, flags, len(self.lengths))
         lengths = self.lengths if self.lengths.typecode == "Q" else array("Q", self.lengths)
         if lengths.itemsize != 8:
             raise AssertionError("array('Q') must be 64-bit")
-        return b"".join((head, digest, self.ids, lengths.tobytes()))
+        stored = lengths.tobytes()
+        if content_id is not None and len(lengths) and sum(lengths) == self.size:
+            flags |= _C_LAST_CUT
+            stored = stored[:-8]
+        head = _CONTENT_HEAD.pack(self.size, self.refcount, flags, len(self.lengths))
+        return b"".join((head, digest, self.ids, stored))
 
     def _flags(self) -> int:
         return (_C_HASH if self.hash else 0) | (_C_V4 if self.v4 else 0) | (_C_HOLES if self.holes else 0)
@@ -632,9 +663,15 @@ class ContentRecord:
         ids = bytes(raw[pos:pos + count * ID_SIZE])
         pos += count * ID_SIZE
         lengths = array("Q")
-        lengths.frombytes(raw[pos:pos + 8 * count])
-        if len(ids) != count * ID_SIZE or len(lengths) != count:
+        cut = bool(flags & _C_LAST_CUT) and count > 0
+        lengths.frombytes(raw[pos:pos + 8 * (count - cut)])
+        if len(ids) != count * ID_SIZE or len(lengths) != count - cut:
             raise Corrupt("damaged content record")
+        if cut:
+            rest = size - sum(lengths)
+            if rest < 0:
+                raise Corrupt("damaged content record")
+            lengths.append(rest)
         return cls(size, digest, ids, lengths, refcount, v4=bool(flags & _C_V4), holes=bool(flags & _C_HOLES))
 
 

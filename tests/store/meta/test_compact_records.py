@@ -225,7 +225,7 @@ def test_a_content_record_leaves_out_a_hash_that_is_its_key_and_the_stored_hash_
     record = ContentRecord(70_000, cid, other + cid, array("Q", [65_536, 4_464]), refcount=3, v4=True)
     old = record.encode()                      # as main wrote it: the hash stored
     new = record.encode(cid)
-    assert len(new) == len(old) - 32
+    assert len(new) == len(old) - 32 - 8                # and the last length (the size less the others')
     for raw in (old, new):
         assert ContentRecord.decode(raw, cid) == record
         assert schema.content_header(raw, cid) == (70_000, 3, cid)
@@ -238,9 +238,26 @@ def test_a_content_record_leaves_out_a_hash_that_is_its_key_and_the_stored_hash_
         pass
     else:
         raise AssertionError("a record whose hash is its key decoded without the key")
-    assert record.encode(other) == old                  # a hash that is not the key is stored
+    assert record.encode(other)[17:49] == cid and len(record.encode(other)) == len(old) - 8   # hash stored
+    assert ContentRecord.decode(record.encode(other), other) == record
     sparse = ContentRecord(10, None, other, array("Q", [10]))
-    assert sparse.encode(cid) == sparse.encode() and schema.content_header(sparse.encode(cid))[2] is None
+    assert len(sparse.encode(cid)) == len(sparse.encode()) - 8 and schema.content_header(sparse.encode(cid))[2] is None
+    assert ContentRecord.decode(sparse.encode(cid), cid) == sparse
+
+
+def test_a_flat_content_record_leaves_out_its_last_length_where_the_lengths_add_up():
+    cid, a, b = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
+    for lengths in ([4_096], [65_536, 4_464], [100, 0, 7]):
+        record = ContentRecord(sum(lengths), cid, (a + b + a)[:32 * len(lengths)], array("Q", lengths), refcount=2)
+        new, old = record.encode(cid), record.encode()       # (without the key: every length, as main wrote it)
+        assert len(new) == len(old) - 32 - 8
+        for raw in (new, old):
+            assert ContentRecord.decode(raw, cid) == record
+            assert schema.content_header(schema.content_with_refcount(raw, 7), cid) == (record.size, 7, cid)
+    odd = ContentRecord(50, cid, a, array("Q", [40]))       # lengths short of the size: all stored
+    assert ContentRecord.decode(odd.encode(cid), cid) == odd and len(odd.encode(cid)) == len(odd.encode()) - 32
+    empty = schema.empty_record()
+    assert ContentRecord.decode(empty.encode(cid), cid) == empty
 
 
 def test_a_store_writes_content_records_without_their_hash(tmp_path):
