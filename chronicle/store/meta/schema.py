@@ -117,7 +117,9 @@ new ones beside them):
   name's newest record stays one of its own (the head entry's twin);
   ``gc.unversioned`` splits a run back into records of one to take a link out;
 - a flat ``contents`` record leaves out its last extent's length where the
-  lengths add up to its size (flag ``_C_LAST_CUT``).
+  lengths add up to its size (flag ``_C_LAST_CUT``);
+- a ``chunks`` record is varints (tag ``0x02``, :meth:`ChunkRecord.encode`)
+  where that is shorter than the MessagePack form.
 
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
@@ -477,6 +479,40 @@ class WorkspaceRecord:
 _CHUNK = struct.Struct("<QQIIBI")
 _FIXED_CHUNK_SIZES = (_CHUNK.size, _CHUNK.size + ID_SIZE)
 _PACKED_CHUNK = b"\x01"
+_VARINT_CHUNK = 0x02
+
+
+def _uvarints(values) -> bytes:
+    """Unsigned LEB128 of each of ``values`` (7 bits a byte, low first; the
+    DWARF/protobuf varint)."""
+    out = bytearray()
+    for v in values:
+        if v < 0:
+            raise ValueError("a varint is unsigned")
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def _read_uvarints(raw, pos: int, count: int) -> tuple[list[int], int]:
+    """``count`` unsigned LEB128 values from ``raw[pos:]`` and the position after
+    them. Raises ``IndexError`` if ``raw`` ends first, ``ValueError`` past 64 bits."""
+    out = []
+    for _ in range(count):
+        value = shift = 0
+        while True:
+            byte = raw[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint past 64 bits")
+        out.append(value)
+    return out, pos
 
 
 @dataclass(slots=True)
@@ -495,17 +531,33 @@ class ChunkRecord:
     base: bytes | None = None
 
     def encode(self) -> bytes:
-        """The ``chunks`` value, packed: the tag byte ``0x01``, then one MessagePack
-        array ``[pack number, offset, stored length, raw length, codec, refcount]``,
-        with the base chunk id (bin, 32 bytes) appended for a delta chunk; or the
-        fixed form (:meth:`encode_fixed`) where that is not shorter (values past
-        32 bits) or would be 29 or 61 bytes long (which read as the fixed form)."""
+        """The ``chunks`` value, in the shortest of three forms that is not 29 or
+        61 bytes long (those lengths read as the fixed form): the tag byte
+        ``0x02``, then pack number, offset, stored length, raw length, codec and
+        refcount as unsigned LEB128 varints, then the base chunk id (32 bytes) of
+        a delta chunk (pack numbers are random 48-bit numbers: 7 bytes as a
+        varint, 9 in MessagePack); the tag byte ``0x01`` and one MessagePack
+        array of the same fields, the base a bin (what stores wrote before the
+        varint form); or the fixed form (:meth:`encode_fixed`)."""
         fields = [self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount]
+        varint = bytes((_VARINT_CHUNK,)) + _uvarints(fields) + (self.base or b"")
+        if len(varint) not in _FIXED_CHUNK_SIZES and len(varint) < _CHUNK.size:
+            return varint
         if self.base is not None:
             fields.append(self.base)
         packed = _PACKED_CHUNK + msgpack.packb(fields)
         fixed = self.encode_fixed()
-        return packed if len(packed) < len(fixed) and len(packed) not in _FIXED_CHUNK_SIZES else fixed
+        best = min((f for f in (varint, packed) if len(f) not in _FIXED_CHUNK_SIZES), key=len, default=fixed)
+        return best if len(best) < len(fixed) else fixed
+
+    def encode_packed(self) -> bytes | None:
+        """The MessagePack form of :meth:`encode` (tag ``0x01``), as stores wrote it
+        before the varint form, or None where it would read as the fixed form. Tests and tools only."""
+        fields = [self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount]
+        if self.base is not None:
+            fields.append(self.base)
+        packed = _PACKED_CHUNK + msgpack.packb(fields)
+        return packed if len(packed) not in _FIXED_CHUNK_SIZES else None
 
     def encode_fixed(self) -> bytes:
         """The fixed form (what stores before packed records hold): pack number, offset, stored and
@@ -524,6 +576,16 @@ class ChunkRecord:
             if size > _CHUNK.size:
                 record.base = bytes(raw[_CHUNK.size:])
             return record
+        if size and raw[0] == _VARINT_CHUNK:
+            try:
+                fields, pos = _read_uvarints(raw, 1, 6)
+            except (IndexError, ValueError):
+                raise Corrupt("damaged chunk index record") from None
+            if pos == size:
+                return cls(*fields)
+            if size - pos != ID_SIZE:
+                raise Corrupt("damaged chunk index record")
+            return cls(*fields, bytes(raw[pos:]))
         if not size or raw[0] != _PACKED_CHUNK[0]:
             raise Corrupt("damaged chunk index record")
         try:

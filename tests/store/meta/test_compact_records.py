@@ -13,7 +13,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chronicle.errors import Pruned
+from chronicle.errors import Corrupt, Pruned
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, PRUNED_ID
 from chronicle.store.fsck.checks import fsck
 from chronicle.store.gc import collect, dryrun
@@ -140,6 +140,28 @@ def test_chunk_records_pack_and_the_fixed_form_still_reads(pack_no, offset, stor
     assert ChunkRecord.decode(record.encode()) == record
     assert ChunkRecord.decode(record.encode_fixed()) == record
     assert len(record.encode()) <= len(record.encode_fixed())
+    packed = record.encode_packed()                  # the MessagePack form stores wrote before varints
+    if packed is not None:
+        assert ChunkRecord.decode(packed) == record
+        if len(packed) < len(record.encode_fixed()):
+            assert len(record.encode()) <= len(packed)
+
+
+def test_a_chunk_record_is_varints_shorter_than_messagepack():
+    base = bytes(range(32))
+    plain = ChunkRecord(0xDA85E86903BD, 427_088, 8_533, 12_345, 1, 2)
+    delta = ChunkRecord(0xDA85E86903BD, 427_088, 85, 12_345, 2, 1, base)
+    for record, size in ((plain, 17), (delta, 48)):
+        raw = record.encode()
+        assert raw[0] == 0x02 and len(raw) == size < len(record.encode_packed())
+        assert ChunkRecord.decode(raw) == record
+    for bad in (b"\x02\x80", b"\x02" + b"\x01" * 6 + b"\x00" * 5, b"\x02" + b"\xff" * 12):
+        try:
+            ChunkRecord.decode(bad)
+        except Corrupt:
+            pass
+        else:
+            raise AssertionError(bad)
 
 
 def _history(store: Store) -> dict[int, dict[bytes, bytes]]:
