@@ -61,8 +61,7 @@ _PACKED_EMPTY_TAG = bytes((_PACKED_EMPTY,))
 _PACKED_TAGS = (_PACKED, _PACKED_CONTENT, _PACKED_EMPTY)
 _RUN = 0x04               # tag of a run record: versions of an inode without content (:func:`encode_run`)
 _RUN_TAG = bytes((_RUN,))
-RUN_MAX_VERSIONS = 64     # a run holds at most this many versions ...
-RUN_MAX_BYTES = 768       # ... and is at most this long (well inside an LMDB page: no overflow page)
+RUN_MAX_BYTES = 640       # a run is at most this long (well inside an LMDB page: no overflow page; ~60 versions)
 _BIN_ID = bytes((0xC4, ID_SIZE))        # MessagePack bin 8 header of a content id
 _PACKED_ID_AT = 4                       # tag, fixarray header, bin header (2): the content id starts here
 _PACKED_NLINK_AT = _PACKED_ID_AT + ID_SIZE   # nlink's MessagePack int follows the content id
@@ -198,6 +197,8 @@ class Attrs:
         """From :meth:`encode`'s bytes (any form), or the oldest version of a
         run record (:func:`encode_run`: the inode's state at its key's seq;
         :func:`attrs_at` reads the others). Raises ``Corrupt`` if damaged."""
+        if is_run(raw):
+            return _run_fields(raw)[0]
         if len(raw) > 1 and raw[1] & 0xF0 == 0x90:
             if raw[0] == _PACKED:
                 return cls._unpack(raw)
@@ -205,8 +206,6 @@ class Attrs:
                 return cls._unpack_content(raw)
             if raw[0] == _PACKED_EMPTY:
                 return cls._unpack_empty(raw)
-            if raw[0] == _RUN:
-                return _run_fields(raw)[0]
         try:
             mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, flags = _ATTR_HEAD.unpack_from(raw)
             pos = _ATTR_HEAD.size
@@ -320,7 +319,7 @@ def inode_content_nlink(raw: bytes) -> tuple[bytes, int]:
         return bytes(raw[_PACKED_ID_AT:_PACKED_NLINK_AT]), nlink
     if len(raw) > 2 and raw[0] == _PACKED_EMPTY and raw[1] & 0xF0 == 0x90 and raw[2] < 0x80:
         return EMPTY_CONTENT_ID, raw[2]             # nlink a positive fixint, first in the array
-    if len(raw) > 1 and raw[1] & 0xF0 == 0x90 and (raw[0] in _PACKED_TAGS or raw[0] == _RUN):
+    if (len(raw) > 1 and raw[1] & 0xF0 == 0x90 and raw[0] in _PACKED_TAGS) or is_run(raw):
         attrs = Attrs.decode(raw)       # (a run: its oldest version's; no version of a run has content)
         return attrs.content, attrs.nlink
     if len(raw) < _ATTR_HEAD.size:
@@ -349,7 +348,7 @@ def inode_with_content(raw: bytes, content: bytes) -> bytes:
         raise ValueError("a content id is 32 bytes")
     if _packed_content(raw):
         at = _PACKED_ID_AT
-    elif len(raw) > 1 and raw[1] & 0xF0 == 0x90 and (raw[0] in _PACKED_TAGS or raw[0] == _RUN):
+    elif (len(raw) > 1 and raw[1] & 0xF0 == 0x90 and raw[0] in _PACKED_TAGS) or is_run(raw):
         attrs = Attrs.decode(raw)       # the empty content's form, or damaged or odd: decode checks
         if not attrs.content:
             raise Corrupt("inode record without content")
@@ -363,58 +362,57 @@ def inode_with_content(raw: bytes, content: bytes) -> bytes:
 
 # --- runs: several versions of an inode without content in one record ------------------------
 
-def encode_run(first: Attrs, items: list | None = None) -> bytes:
-    """A **run record**: consecutive versions of one inode without content (a
-    directory's, whose times change with every entry added or removed), in
-    one ``inodes`` record under the key of the oldest (issue 9 §6: one key
-    and LMDB node for up to :data:`RUN_MAX_VERSIONS` versions). ``first`` is
-    the oldest version, at the key's seq; ``items`` (from :func:`run_append`)
-    the newer ones, oldest first, each relative to the version before it:
-    ``[seq delta, mtime delta, ctime - mtime]`` when only the times changed,
-    ``[seq delta, mtime delta, ctime - mtime, nlink]`` when the link count
-    did too, else ``[seq delta, record]`` (the version's :meth:`Attrs.encode`).
-    Bytes: the tag ``0x04``, then the MessagePack array ``[first's record,
-    items]`` (second byte ``0x92``, which the fixed form never has: every
-    form still decodes). Read with :func:`attrs_at`/:func:`run_versions`;
-    :meth:`Attrs.decode` gives ``first``. Raises ``ValueError`` for an inode
-    with content (those stay one record a version: gc rewrites them in place)."""
+def encode_run(first: Attrs) -> bytes:
+    """A **run record** of one version, ``first``, which :func:`run_append`
+    extends: consecutive versions of one inode without content (a
+    directory's, whose times and link count change with every entry added or
+    removed, and nothing else) in one ``inodes`` record under the key of the
+    oldest (issue 9 §6: one key and LMDB node for many versions). Bytes: the
+    tag ``0x04``, a MessagePack array of one bin, ``first``'s record
+    (:meth:`Attrs.encode`), then for each newer version, oldest first, one MessagePack array
+    ``[seq - the key's seq, mtime - first's mtime, ctime - mtime, nlink]``:
+    every other field is ``first``'s. Appending is concatenating, with no
+    decoding. The second byte is a fixarray header (``0x91``), which the fixed
+    form's second byte (a mode's type bits, ``0x1``..``0xC``, in its high
+    half) never is: every form still decodes. Read with
+    :func:`attrs_at`/:func:`run_versions`; :meth:`Attrs.decode` gives
+    ``first``. Raises ``ValueError`` for an inode with content (those stay
+    one record a version: gc rewrites them in place)."""
     if first.content:
         raise ValueError("a run holds versions without content")
-    return _RUN_TAG + msgpack.packb([first.encode(), items or []])
+    return _RUN_TAG + msgpack.packb([first.encode()])
 
 
 def is_run(raw: bytes) -> bool:
     """True if the ``inodes`` record ``raw`` is a run record (:func:`encode_run`)."""
-    return len(raw) > 1 and raw[0] == _RUN and raw[1] == 0x92
+    return len(raw) > 2 and raw[0] == _RUN and raw[1] == 0x91
 
 
 def _run_fields(raw: bytes) -> tuple[Attrs, list]:
     """``(first, items)`` of a run record. Raises ``Corrupt`` if damaged."""
     try:
-        first, items = msgpack.unpackb(memoryview(raw)[1:])
-        if not isinstance(first, bytes) or not isinstance(items, list) or is_run(first):
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(memoryview(raw)[1:])
+        parts = list(unpacker)
+        head = parts[0] if parts else None
+        first = head[0] if isinstance(head, list) and len(head) == 1 else None
+        if not isinstance(first, bytes) or is_run(first):
             raise ValueError("unexpected fields")
+        attrs = Attrs.decode(first)
+        last = 0
+        for item in parts[1:]:
+            if (not isinstance(item, list) or len(item) != 4 or not all(isinstance(x, int) for x in item)
+                    or item[0] <= last or item[3] < 0):
+                raise ValueError("bad item")
+            last = item[0]
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise Corrupt(f"damaged inode run record: {exc}") from None
-    return Attrs.decode(first), items
+    return attrs, parts[1:]
 
 
-def _next_version(prev: Attrs, item: list) -> tuple[int, Attrs]:
-    """``(seq delta, attrs)`` of a run item after the version ``prev``."""
-    if not isinstance(item, list) or not 2 <= len(item) <= 4 or not isinstance(item[0], int) or item[0] < 1:
-        raise Corrupt("damaged inode run record: bad item")
-    if len(item) == 2:
-        if not isinstance(item[1], bytes):
-            raise Corrupt("damaged inode run record: bad item")
-        return item[0], Attrs.decode(item[1])
-    try:
-        mtime = prev.mtime_ns + item[1]
-        changes = {"mtime_ns": mtime, "ctime_ns": mtime + item[2]}
-        if len(item) == 4:
-            changes["nlink"] = int(item[3])
-    except TypeError:
-        raise Corrupt("damaged inode run record: bad item") from None
-    return item[0], prev.replace(**changes)
+def _version(first: Attrs, item: list) -> Attrs:
+    mtime = first.mtime_ns + item[1]
+    return first.replace(mtime_ns=mtime, ctime_ns=mtime + item[2], nlink=item[3])
 
 
 def run_versions(raw: bytes, first_seq: int) -> list[tuple[int, Attrs]]:
@@ -423,14 +421,8 @@ def run_versions(raw: bytes, first_seq: int) -> list[tuple[int, Attrs]]:
     all of a run's. Raises ``Corrupt`` if damaged."""
     if not is_run(raw):
         return [(first_seq, Attrs.decode(raw))]
-    attrs, items = _run_fields(raw)
-    seq = first_seq
-    out = [(seq, attrs)]
-    for item in items:
-        delta, attrs = _next_version(attrs, item)
-        seq += delta
-        out.append((seq, attrs))
-    return out
+    first, items = _run_fields(raw)
+    return [(first_seq, first)] + [(first_seq + item[0], _version(first, item)) for item in items]
 
 
 def attrs_at(raw: bytes, key_seq: int, bound: int) -> tuple[Attrs, int]:
@@ -440,46 +432,41 @@ def attrs_at(raw: bytes, key_seq: int, bound: int) -> tuple[Attrs, int]:
     ``Corrupt`` if damaged."""
     if not is_run(raw):
         return Attrs.decode(raw), key_seq
-    attrs, items = _run_fields(raw)
-    seq = key_seq
+    first, items = _run_fields(raw)
+    found = None
     for item in items:
-        delta, nxt = _next_version(attrs, item)
-        if seq + delta > bound:
+        if key_seq + item[0] > bound:
             break
-        seq, attrs = seq + delta, nxt
-    return attrs, seq
+        found = item
+    if found is None:
+        return first, key_seq
+    return _version(first, found), key_seq + found[0]
 
 
 def run_append(raw: bytes, key_seq: int, seq: int, attrs: Attrs) -> bytes | None:
-    """The ``inodes`` record ``raw`` under a key of seq ``key_seq`` as a run
-    (:func:`encode_run`) with the version ``attrs`` at ``seq`` appended (newer
-    than every version it holds), or None if that is not possible: ``raw``
-    or ``attrs`` has content, or the run would pass :data:`RUN_MAX_VERSIONS`
-    or :data:`RUN_MAX_BYTES`. Raises ``Corrupt`` if ``raw`` is damaged."""
-    if attrs.content:
+    """The run record ``raw`` (:func:`encode_run`) under a key of seq
+    ``key_seq`` with the version ``attrs`` at ``seq`` appended (``seq`` past
+    every version it holds: the caller's order), or None where it does not
+    belong: ``raw`` is no run, ``attrs`` differs from the run's first version
+    in more than times and link count, or the run would pass
+    :data:`RUN_MAX_BYTES`. Reads only the first version. Raises ``Corrupt`` if
+    ``raw`` is damaged."""
+    if not is_run(raw) or seq <= key_seq:
         return None
-    if is_run(raw):
-        first, items = _run_fields(raw)
-    else:
-        first, items = Attrs.decode(raw), []
-    if first.content or len(items) + 1 >= RUN_MAX_VERSIONS:
-        return None
-    last, last_seq = first, key_seq
-    for item in items:
-        delta, last = _next_version(last, item)
-        last_seq += delta
-    if seq <= last_seq:
-        raise ValueError("a run's versions are appended in seq order")
-    if attrs.replace(mtime_ns=last.mtime_ns, ctime_ns=last.ctime_ns, nlink=last.nlink) == last:
-        item = [seq - last_seq, attrs.mtime_ns - last.mtime_ns, attrs.ctime_ns - attrs.mtime_ns]
-        if attrs.nlink != last.nlink:
-            item.append(attrs.nlink)
-    else:
-        item = [seq - last_seq, attrs.encode()]
-    items.append(item)
     try:
-        out = encode_run(first, items)
+        first_raw = msgpack.Unpacker()
+        first_raw.feed(memoryview(raw)[1:])
+        head = next(first_raw)
+        if not isinstance(head, list) or len(head) != 1 or not isinstance(head[0], bytes) or is_run(head[0]):
+            raise ValueError("unexpected fields")
+        first = Attrs.decode(head[0])
+    except (ValueError, TypeError, StopIteration, msgpack.UnpackException) as exc:
+        raise Corrupt(f"damaged inode run record: {exc}") from None
+    if attrs.replace(mtime_ns=first.mtime_ns, ctime_ns=first.ctime_ns, nlink=first.nlink) != first:
+        return None
+    try:
+        item = msgpack.packb([seq - key_seq, attrs.mtime_ns - first.mtime_ns, attrs.ctime_ns - attrs.mtime_ns,
+                              attrs.nlink])
     except OverflowError:               # a time difference past 64 bits
-        items[-1] = [seq - last_seq, attrs.encode()]
-        out = encode_run(first, items)
-    return out if len(out) <= RUN_MAX_BYTES else None
+        return None
+    return raw + item if len(raw) + len(item) <= RUN_MAX_BYTES else None

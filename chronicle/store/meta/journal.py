@@ -146,8 +146,9 @@ class EventWriter:
         """Before a new record of ``ino`` without content goes in at ``key``: its
         record before this seq, the newest until now, joins the run record just
         older than it (``model.run_append``), or becomes a run of one that the
-        next version joins. So a directory's versions take one record per
-        ``model.RUN_MAX_VERSIONS`` and the newest stays a record of its own
+        next versions join (while only its times and link count change). So a
+        directory's versions take one record per ``model.RUN_MAX_BYTES`` of run
+        (~60 versions), and the newest stays a record of its own
         (gc and salvage read it as one). Records with content are left alone."""
         db = self.dbs["inodes"]
         prefix = key[:12]
@@ -161,15 +162,15 @@ class EventWriter:
             if model.is_run(prev_raw) or model.inode_content(prev_raw):
                 return
             prev_seq = schema.inode_key_seq(prev_key)
+            prev = Attrs.decode(prev_raw)
             if cur.next() and cur.key()[:12] == prefix and model.is_run(cur.value()):
                 run_key = bytes(cur.key())
-                joined = model.run_append(bytes(cur.value()), schema.inode_key_seq(run_key), prev_seq,
-                                          Attrs.decode(prev_raw))
+                joined = model.run_append(bytes(cur.value()), schema.inode_key_seq(run_key), prev_seq, prev)
                 if joined is not None:
                     self.txn.put(run_key, joined, db=db)
                     self.txn.delete(prev_key, db=db)
                     return
-        self.txn.put(prev_key, model.encode_run(Attrs.decode(prev_raw)), db=db)
+        self.txn.put(prev_key, model.encode_run(prev), db=db)
 
     def addref_content(self, content_id: bytes) -> None:
         """Count one more reference on content ``content_id``. Raises
@@ -208,8 +209,8 @@ class EventWriter:
         """The ``dirent_hist`` record of ``parent/name`` at this seq. The name's
         record before it, its newest until now, first joins the run just older
         than it (``schema.hist_run_append``) or becomes a run of one that the
-        next joins: a name's history takes one record per
-        ``schema.HIST_RUN_MAX_VERSIONS``, and its newest stays a record of its own."""
+        next join: a name's history takes one record per
+        ``schema.HIST_RUN_MAX_BYTES`` of run, and its newest stays a record of its own."""
         db = self.dbs["dirent_hist"]
         key = schema.dirent_hist_key(self.ws, parent, name, self.seq)
         prefix = key[:-8]

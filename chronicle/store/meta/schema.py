@@ -102,8 +102,9 @@ new ones beside them):
   just created) leaves the content id out (tag ``0x03``, ``model.Attrs.encode``);
 - a **run record** holds consecutive versions of an inode without content
   (a directory's: its times change with every entry added or removed) under
-  the key of the oldest, each newer one as the changes from the one before
-  (tag ``0x04``, ``model.encode_run``; at most ``model.RUN_MAX_VERSIONS``).
+  the key of the oldest, each newer one as the changes from the oldest
+  (tag ``0x04``, ``model.encode_run``: while only its times and link count
+  change; at most ``model.RUN_MAX_BYTES``).
   The key form is unchanged, so "the record at or before seq S" is still
   one ``set_range``: it lands on the record whose oldest version is the
   newest at or before S, and ``model.attrs_at`` picks the version within.
@@ -113,7 +114,7 @@ new ones beside them):
   with content are never folded (gc reads and rewrites them one a version);
 - a ``dirent_hist`` value may likewise be a **run** of a name's consecutive
   records (:func:`encode_hist_run`: tag ``0x01``, never 0 or 9 bytes long;
-  at most :data:`HIST_RUN_MAX_VERSIONS`), read with :func:`hist_at`; the
+  at most :data:`HIST_RUN_MAX_BYTES`), read with :func:`hist_at`; the
   name's newest record stays one of its own (the head entry's twin);
   ``gc.unversioned`` splits a run back into records of one to take a link out;
 - a flat ``contents`` record leaves out its last extent's length where the
@@ -233,8 +234,8 @@ def decode_dirent(value: bytes) -> tuple[int, int] | None:
 
 
 _HIST_RUN = 0x01
-HIST_RUN_MAX_VERSIONS = 64        # a dirent_hist run holds at most this many versions ...
-HIST_RUN_MAX_BYTES = 512          # ... and is at most this long
+HIST_RUN_MAX_BYTES = 256          # a dirent_hist run is at most this long (~40 versions)
+_NIL = b"\xc0"
 
 
 def is_hist_run(value: bytes) -> bool:
@@ -243,31 +244,35 @@ def is_hist_run(value: bytes) -> bool:
     return len(value) not in (0, _DIRENT_VALUE.size) and value[0] == _HIST_RUN
 
 
+def _hist_ints(seq_offset: int | None, entry: tuple[int, int] | None) -> bytes:
+    head = b"" if seq_offset is None else msgpack.packb(seq_offset)
+    if entry is None:
+        return head + msgpack.packb(0)
+    return head + msgpack.packb(entry[0]) + msgpack.packb(entry[1])
+
+
 def encode_hist_run(versions: list[tuple[int, tuple[int, int] | None]]) -> bytes:
     """A **run**: consecutive ``dirent_hist`` records of one name (``(seq,
     (ino, kind))``, or ``(seq, None)`` for a removal, oldest first) in one
     record under the oldest one's key (issue 9 §6: one key and LMDB node for
-    up to :data:`HIST_RUN_MAX_VERSIONS` records; a name's newest record stays
-    its own, as the head entry's twin). Bytes: the tag ``0x01``, then one
-    MessagePack array, flat: the first version's ino (0: a removal; inode
-    numbers start past 0) and, unless removed, its kind; then for each newer
-    version its seq less the one before it, its ino and kind the same way; a
-    trailing nil where the run would otherwise be 9 bytes long (the length
-    of an entry, which tells the forms apart). Raises ``ValueError`` if the
-    seqs do not rise."""
-    flat: list = []
-    last = None
-    for seq, value in versions:
-        if last is not None:
-            if seq <= last:
-                raise ValueError("a run's seqs rise")
-            flat.append(seq - last)
+    up to :data:`HIST_RUN_MAX_BYTES` of records; a name's newest record stays
+    its own, as the head entry's twin). Bytes: the tag ``0x01``, then
+    MessagePack integers one after another (no array: :func:`hist_run_append`
+    concatenates): the first version's ino (0: a removal; inode numbers start
+    past 0) and, unless removed, its kind; then for each newer version its
+    seq less the key's, its ino and kind the same way. A nil (ignored) is
+    appended where the run would otherwise be 9 bytes long (the length of an
+    entry, which tells the forms apart). Raises ``ValueError`` if the seqs do
+    not rise."""
+    first = versions[0][0]
+    parts, last = [], None
+    for seq, entry in versions:
+        if last is not None and seq <= last:
+            raise ValueError("a run's seqs rise")
+        parts.append(_hist_ints(None if last is None else seq - first, entry))
         last = seq
-        flat.extend((0,) if value is None else value)
-    out = bytes((_HIST_RUN,)) + msgpack.packb(flat)
-    if len(out) == _DIRENT_VALUE.size:
-        out = bytes((_HIST_RUN,)) + msgpack.packb(flat + [None])
-    return out
+    out = bytes((_HIST_RUN,)) + b"".join(parts)
+    return out + _NIL if len(out) == _DIRENT_VALUE.size else out
 
 
 def hist_run_versions(value: bytes, first_seq: int) -> list[tuple[int, tuple[int, int] | None]]:
@@ -278,30 +283,30 @@ def hist_run_versions(value: bytes, first_seq: int) -> list[tuple[int, tuple[int
     if not is_hist_run(value):
         return [(first_seq, decode_dirent(value))]
     try:
-        flat = msgpack.unpackb(memoryview(value)[1:])
-        if not isinstance(flat, list):
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(memoryview(value)[1:])
+        flat = [x for x in unpacker if x is not None]
+        if not all(isinstance(x, int) and x >= 0 for x in flat):
             raise ValueError
-        if flat and flat[-1] is None:
-            flat.pop()
         out = []
-        i, seq = 0, first_seq
+        i, last = 0, -1
         while i < len(flat):
+            offset = 0
             if i:
-                if not isinstance(flat[i], int) or flat[i] < 1:
-                    raise ValueError
-                seq += flat[i]
+                offset = flat[i]
                 i += 1
+                if offset <= last:
+                    raise ValueError
+            last = offset
             ino = flat[i]
-            if not isinstance(ino, int) or ino < 0:
-                raise ValueError
             if ino:
                 kind = flat[i + 1]
-                if not isinstance(kind, int) or not 0 <= kind < 256:
+                if kind > 255:
                     raise ValueError
-                out.append((seq, (ino, kind)))
+                out.append((first_seq + offset, (ino, kind)))
                 i += 2
             else:
-                out.append((seq, None))
+                out.append((first_seq + offset, None))
                 i += 1
     except (ValueError, TypeError, IndexError, msgpack.UnpackException):
         raise struct.error("damaged dirent_hist run") from None
@@ -326,15 +331,15 @@ def hist_at(value: bytes, key_seq: int, bound: int) -> tuple[int, int] | None:
 
 
 def hist_run_append(value: bytes, key_seq: int, seq: int, entry: tuple[int, int] | None) -> bytes | None:
-    """The ``dirent_hist`` value ``value`` under a key of seq ``key_seq`` as a run
-    with the version ``entry`` at ``seq`` appended, or None if the run would
-    pass :data:`HIST_RUN_MAX_VERSIONS` or :data:`HIST_RUN_MAX_BYTES`. Raises
-    ``struct.error`` if ``value`` is damaged, ``ValueError`` if ``seq`` is not
-    past its versions."""
-    versions = hist_run_versions(value, key_seq)
-    if len(versions) >= HIST_RUN_MAX_VERSIONS:
+    """The ``dirent_hist`` run ``value`` under a key of seq ``key_seq`` with the
+    version ``entry`` at ``seq`` appended (``seq`` past every version it holds:
+    the caller's order), without decoding it; None if ``value`` is no run or
+    the run would pass :data:`HIST_RUN_MAX_BYTES`."""
+    if not is_hist_run(value) or seq <= key_seq:
         return None
-    out = encode_hist_run(versions + [(seq, entry)])
+    out = value + _hist_ints(seq - key_seq, entry)
+    if len(out) == _DIRENT_VALUE.size:
+        out += _NIL
     return out if len(out) <= HIST_RUN_MAX_BYTES else None
 
 

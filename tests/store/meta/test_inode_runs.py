@@ -1,6 +1,6 @@
 """Run records (issue 9 §6): a directory's versions share one ``inodes``
-record per ``model.RUN_MAX_VERSIONS``, and a name's ``dirent_hist`` records
-one per ``schema.HIST_RUN_MAX_VERSIONS``; every past tree reads each version
+record per ``model.RUN_MAX_BYTES`` of run, and a name's ``dirent_hist``
+records one per ``schema.HIST_RUN_MAX_BYTES``; every past tree reads each version
 as it was, stores with one record a version (as main wrote them) read the
 same and go on folding, and gc and fsck read both."""
 
@@ -17,7 +17,7 @@ from chronicle.store.gc import collect
 from chronicle.store.gc.policy import Policy
 from chronicle.store.gc import dryrun
 from chronicle.store.meta import schema
-from chronicle.store.model import (RUN_MAX_VERSIONS, Attrs, attrs_at, encode_run, inode_content_nlink, is_run,
+from chronicle.store.model import (RUN_MAX_BYTES, Attrs, attrs_at, encode_run, inode_content_nlink, is_run,
                                    run_append, run_versions)
 from chronicle.store.store import Store
 from tests.storeutil import A, write
@@ -97,9 +97,9 @@ def test_a_directory_s_versions_fold_into_runs_and_every_past_tree_reads_them(tm
     seen = _dir_history(ws, d, 150)
     records = _records(store, ws.id, d)
     versions = _versions(records)
-    assert len(versions) > 100 and len(records) <= len(versions) // (RUN_MAX_VERSIONS // 2) + 2
+    assert len(versions) > 100 and len(records) <= len(versions) // 20 + 6     # (a chmod starts a run)
     assert not is_run(records[0][1]) and all(is_run(v) for _k, v in records[1:])   # the newest stands alone
-    assert all(len(v) <= 768 for _k, v in records)
+    assert all(len(v) <= RUN_MAX_BYTES for _k, v in records)
     _check_every_seq(ws, d, seen)
     with ws.read_txn() as txn:
         assert ws.view(None).attrs(txn, d) == ws.getattr(d) == seen[max(seen)]
@@ -183,9 +183,11 @@ def test_a_run_gives_back_every_version_appended(steps):
                               mode=stat.S_IFDIR | mode if mode else attrs.mode,
                               xattrs=((b"user.x", b"1"),) if xattr else ())
         joined = run_append(raw, 10, seq + dseq, attrs)
-        if joined is None:                      # full: a record of its own would follow
-            assert len(seqs) >= RUN_MAX_VERSIONS or len(raw) > 600
+        same = attrs.replace(mtime_ns=now, ctime_ns=now, nlink=2) == first
+        if joined is None:                      # another mode or xattrs, or full: a record of its own follows
+            assert not same or len(raw) > RUN_MAX_BYTES - 40
             break
+        assert same
         raw, seq = joined, seq + dseq
         seqs[seq] = attrs
     assert dict(run_versions(raw, 10)) == seqs and Attrs.decode(raw) == first
@@ -196,6 +198,7 @@ def test_a_run_gives_back_every_version_appended(steps):
         if i + 1 < len(ordered) and ordered[i + 1] > s + 1:
             assert attrs_at(raw, 10, s + 1) == (seqs[s], s)
     assert run_append(raw, 10, seq + 1, attrs.replace(content=bytes(32))) is None   # content: never in a run
+    assert run_append(first.encode(), 10, seq + 1, first) is None                    # no run: nothing to join
 
 
 def test_a_name_s_history_folds_into_runs_and_every_past_listing_reads_the_same(tmp_path):
@@ -245,7 +248,7 @@ def test_a_dirent_run_gives_back_every_version_appended(steps):
     for dseq, entry in steps:
         joined = schema.hist_run_append(raw, 5, seq + dseq, entry)
         if joined is None:
-            assert len(seqs) >= schema.HIST_RUN_MAX_VERSIONS or len(raw) > 400
+            assert len(raw) > schema.HIST_RUN_MAX_BYTES - 25
             break
         raw, seq = joined, seq + dseq
         seqs[seq] = entry
@@ -258,5 +261,7 @@ def test_a_dirent_run_gives_back_every_version_appended(steps):
             assert schema.hist_at(raw, 5, s + 1) == seqs[s]
     assert schema.hist_run_versions(schema.encode_dirent(9, 2), 3) == [(3, (9, 2))]
     assert schema.hist_run_versions(b"", 3) == [(3, None)]
-    nine = schema.encode_hist_run([(1, (17, 1)), (2, (1000, 1))])     # would be 9 bytes, an entry's length: padded
-    assert len(nine) == 10 and schema.hist_run_versions(nine, 1) == [(1, (17, 1)), (2, (1000, 1))]
+    nine = schema.encode_hist_run([(1, (200, 1)), (2, (1000, 1))])    # would be 9 bytes, an entry's length: padded
+    assert len(nine) == 10 and schema.hist_run_versions(nine, 1) == [(1, (200, 1)), (2, (1000, 1))]
+    grown = schema.hist_run_append(schema.encode_hist_run([(1, (200, 1))]), 1, 2, (1000, 1))
+    assert grown == nine and schema.hist_run_versions(schema.hist_run_append(nine, 1, 3, None), 1)[-1] == (3, None)
