@@ -369,9 +369,13 @@ def encode_run(first: Attrs) -> bytes:
     removed, and nothing else) in one ``inodes`` record under the key of the
     oldest (issue 9 §6: one key and LMDB node for many versions). Bytes: the
     tag ``0x04``, a MessagePack array of one bin, ``first``'s record
-    (:meth:`Attrs.encode`), then for each newer version, oldest first, one MessagePack array
-    ``[seq - the key's seq, mtime - first's mtime, ctime - mtime, nlink]``:
-    every other field is ``first``'s. Appending is concatenating, with no
+    (:meth:`Attrs.encode`), then for each newer version, oldest first, one
+    MessagePack array ``[seq delta, mtime delta, ctime - mtime]`` (deltas
+    from the version before), with the link count appended where it
+    changed: every other field is ``first``'s. Appending is concatenating;
+    the newest version's seq and times are summed from the arrays without
+    building the versions before it (the journal appends at every
+    directory event).
     decoding. The second byte is a fixarray header (``0x91``), which the fixed
     form's second byte (a mode's type bits, ``0x1``..``0xC``, in its high
     half) never is: every form still decodes. Read with
@@ -399,20 +403,36 @@ def _run_fields(raw: bytes) -> tuple[Attrs, list]:
         if not isinstance(first, bytes) or is_run(first):
             raise ValueError("unexpected fields")
         attrs = Attrs.decode(first)
-        last = 0
-        for item in parts[1:]:
-            if (not isinstance(item, list) or len(item) != 4 or not all(isinstance(x, int) for x in item)
-                    or item[0] <= last or item[3] < 0):
-                raise ValueError("bad item")
-            last = item[0]
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise Corrupt(f"damaged inode run record: {exc}") from None
     return attrs, parts[1:]
 
 
-def _version(first: Attrs, item: list) -> Attrs:
-    mtime = first.mtime_ns + item[1]
-    return first.replace(mtime_ns=mtime, ctime_ns=mtime + item[2], nlink=item[3])
+def _bad_item(item) -> bool:
+    return (not isinstance(item, list) or not 3 <= len(item) <= 4 or not all(type(x) is int for x in item)
+            or item[0] < 1 or (len(item) == 4 and item[3] < 0))
+
+
+def _walk(first: Attrs, key_seq: int, items: list, bound: int | None = None) -> tuple[Attrs, int]:
+    """The newest version of a run at or before ``bound`` (None: its newest) and its seq."""
+    seq, mtime, ctime, nlink = key_seq, first.mtime_ns, first.ctime_ns, first.nlink
+    try:
+        for item in items:
+            if bound is not None and seq + item[0] > bound:
+                break
+            seq += item[0]
+            mtime += item[1]
+            ctime = mtime + item[2]
+            if len(item) == 4:
+                nlink = item[3]
+    except (TypeError, IndexError, KeyError):
+        raise Corrupt("damaged inode run record: bad item") from None
+    if seq < key_seq or type(seq) is not int or type(mtime) is not int or type(ctime) is not int \
+            or type(nlink) is not int or nlink < 0:
+        raise Corrupt("damaged inode run record: bad item")
+    if seq == key_seq:
+        return first, seq
+    return first.replace(mtime_ns=mtime, ctime_ns=ctime, nlink=nlink), seq
 
 
 def run_versions(raw: bytes, first_seq: int) -> list[tuple[int, Attrs]]:
@@ -422,7 +442,17 @@ def run_versions(raw: bytes, first_seq: int) -> list[tuple[int, Attrs]]:
     if not is_run(raw):
         return [(first_seq, Attrs.decode(raw))]
     first, items = _run_fields(raw)
-    return [(first_seq, first)] + [(first_seq + item[0], _version(first, item)) for item in items]
+    if any(map(_bad_item, items)):
+        raise Corrupt("damaged inode run record: bad item")
+    out = [(first_seq, first)]
+    seq, mtime, nlink = first_seq, first.mtime_ns, first.nlink
+    for item in items:
+        seq += item[0]
+        mtime += item[1]
+        if len(item) == 4:
+            nlink = item[3]
+        out.append((seq, first.replace(mtime_ns=mtime, ctime_ns=mtime + item[2], nlink=nlink)))
+    return out
 
 
 def attrs_at(raw: bytes, key_seq: int, bound: int) -> tuple[Attrs, int]:
@@ -433,14 +463,7 @@ def attrs_at(raw: bytes, key_seq: int, bound: int) -> tuple[Attrs, int]:
     if not is_run(raw):
         return Attrs.decode(raw), key_seq
     first, items = _run_fields(raw)
-    found = None
-    for item in items:
-        if key_seq + item[0] > bound:
-            break
-        found = item
-    if found is None:
-        return first, key_seq
-    return _version(first, found), key_seq + found[0]
+    return _walk(first, key_seq, items, bound)
 
 
 def run_append(raw: bytes, key_seq: int, seq: int, attrs: Attrs) -> bytes | None:
@@ -449,8 +472,7 @@ def run_append(raw: bytes, key_seq: int, seq: int, attrs: Attrs) -> bytes | None
     every version it holds: the caller's order), or None where it does not
     belong: ``raw`` is no run, ``attrs`` differs from the run's first version
     in more than times and link count, or the run would pass
-    :data:`RUN_MAX_BYTES`. Reads only the first version. Raises ``Corrupt`` if
-    ``raw`` is damaged."""
+    :data:`RUN_MAX_BYTES`. Raises ``Corrupt`` if ``raw`` is damaged."""
     if not is_run(raw) or seq <= key_seq:
         return None
     try:
@@ -464,9 +486,15 @@ def run_append(raw: bytes, key_seq: int, seq: int, attrs: Attrs) -> bytes | None
         raise Corrupt(f"damaged inode run record: {exc}") from None
     if attrs.replace(mtime_ns=first.mtime_ns, ctime_ns=first.ctime_ns, nlink=first.nlink) != first:
         return None
+    items = list(first_raw)
+    last, last_seq = _walk(first, key_seq, items)
+    if seq <= last_seq:
+        return None
+    fields = [seq - last_seq, attrs.mtime_ns - last.mtime_ns, attrs.ctime_ns - attrs.mtime_ns]
+    if attrs.nlink != last.nlink:
+        fields.append(attrs.nlink)
     try:
-        item = msgpack.packb([seq - key_seq, attrs.mtime_ns - first.mtime_ns, attrs.ctime_ns - attrs.mtime_ns,
-                              attrs.nlink])
+        item = msgpack.packb(fields)
     except OverflowError:               # a time difference past 64 bits
         return None
     return raw + item if len(raw) + len(item) <= RUN_MAX_BYTES else None

@@ -286,8 +286,6 @@ def hist_run_versions(value: bytes, first_seq: int) -> list[tuple[int, tuple[int
         unpacker = msgpack.Unpacker()
         unpacker.feed(memoryview(value)[1:])
         flat = [x for x in unpacker if x is not None]
-        if not all(isinstance(x, int) and x >= 0 for x in flat):
-            raise ValueError
         out = []
         i, last = 0, -1
         while i < len(flat):
@@ -299,9 +297,11 @@ def hist_run_versions(value: bytes, first_seq: int) -> list[tuple[int, tuple[int
                     raise ValueError
             last = offset
             ino = flat[i]
+            if type(ino) is not int or type(offset) is not int or ino < 0:
+                raise ValueError
             if ino:
                 kind = flat[i + 1]
-                if kind > 255:
+                if type(kind) is not int or not 0 <= kind <= 255:
                     raise ValueError
                 out.append((first_seq + offset, (ino, kind)))
                 i += 2
