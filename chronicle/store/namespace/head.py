@@ -85,6 +85,11 @@ class PathLinks:
         self._parents.pop(ino, None)
         self._links.pop(ino, None)
 
+    def links_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """Every ``(parent, name)`` link seen to reach ``ino``, oldest first
+        (the FUSE adapter: the names the kernel may hold a dentry for)."""
+        return list(self._links.get(ino, ()))
+
     def parent(self, ino: int) -> int | None:
         """The directory of ``ino``'s path link, or None if unknown (the
         root's own parent is unknown: the FUSE adapter answers ``..`` of the
