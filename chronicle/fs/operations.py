@@ -14,7 +14,11 @@ records its reads (``self.reads``, a
 :class:`~chronicle.store.namespace.files.ReadTracker`): a read the page
 cache answers never reaches the daemon, so such opens drop the file's
 cached pages. ``max_write`` is libfuse's
-default of 1 MiB (FUSE_CAP_MAX_PAGES).
+default of 1 MiB (FUSE_CAP_MAX_PAGES). Writes go through the kernel's
+writeback cache (``enable_writeback_cache``): it sends them in large WRITEs
+when it writes pages back, at the latest before FLUSH and FSYNC, and keeps a
+written file's size, mtime and ctime itself (see :meth:`ChronicleOperations.setattr`
+and :meth:`ChronicleOperations.invalidate_changed`).
 
 Lookup counts follow the kernel's (the FUSE docs' "lookup count"): every
 entry we return counts one, ``forget`` takes them back; at zero the
@@ -123,11 +127,9 @@ class ChronicleOperations(pyfuse3.Operations):
     """
 
     supports_dot_lookup = True
-    # Measured and dropped (README, "Performance of the metadata paths"): with the kernel's
-    # writeback cache, untar and sqlite NORMAL run ~2.3x faster, but the kernel then owns
-    # mtime and sends it as SETATTR(mtime, ctime) when it writes pages back -- the same
-    # request as `touch -m` -- so every written file gains a `utimens` event, and pages the
-    # kernel holds dirty would overwrite what a ctl restore put in place.
+    # The kernel's writeback cache (README, "The writeback cache"): the kernel holds written
+    # pages and the file's mtime/ctime; setattr folds the times it sends back into the pending
+    # version, and ctl restore flushes its dirty pages before and resets its cached size after.
     enable_writeback_cache = True
 
     def __init__(self, ws: Workspace, store: Store, *, mountpoint: str = ""):
@@ -149,7 +151,8 @@ class ChronicleOperations(pyfuse3.Operations):
         self.gate = MutationGate()
         self.reads = ReadTracker(ws)           # the open turn's read-set (ctl turn-begin/turn-end)
         self._resyncing: set[int] = set()      # inodes whose kernel size/times the daemon resets (restore)
-        self._evict_on_release: set[int] = set()  # inodes the kernel holds a refused size of (EFBIG)
+        self._evict_on_release: set[int] = set()  # inodes the kernel holds a refused size of (write-back failed)
+        self._write_errors: dict[int, int] = {}   # ino -> errno of a failed write-back, for the next GETATTR
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -315,12 +318,17 @@ class ChronicleOperations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         """FUSE_GETATTR: the attributes of ``inode``, with the size and times of
-        uncommitted writes. Errors: ENOENT.
+        uncommitted writes. Errors: ENOENT; once after a refused write-back
+        of the inode, that write's errno (ENOSPC, EFBIG: see :meth:`write`).
         Answered during a restore (:class:`MutationGate`)."""
         if inode >= MAGIC_BASE:
             await self.gate.wait_free()
             return self.magic.getattr(inode)
         ino = self.store_ino(inode)
+        if self._write_errors:
+            failed = self._write_errors.pop(ino, None)
+            if failed is not None:
+                raise pyfuse3.FUSEError(failed)       # a refused write-back, to the writer's next write(2)
         return self.entry(ino, self.attrs(ino))
 
     @fuse_errors
@@ -582,20 +590,42 @@ class ChronicleOperations(pyfuse3.Operations):
             self.reads.note(handle.ino, off, len(data), handle.pid)
         return data
 
-    @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """FUSE_WRITE: write ``buf`` at ``off``; returns ``len(buf)`` (all of it:
         no ``direct_io``). A writer that outruns its stream worker waits for it
         in a worker thread. A ``.chronicle`` handle (``ctl``) goes to the magic
-        tree. Errors: EFBIG (past ``MAX_FILE_SIZE``), ENOSPC."""
+        tree. Errors: EFBIG (past ``MAX_FILE_SIZE``), ENOSPC.
+
+        With the writeback cache the write(2) that wrote the data returned long
+        ago: a refused write-back is reported at close/fsync by the kernel,
+        and to the writer's next write(2) by this daemon -- the inode's
+        attributes are invalidated, and the GETATTR the kernel sends before
+        its next cached write (``fuse_cache_write_iter`` refreshes size and
+        mode) is answered with the error, once (:meth:`getattr`). The inode
+        is dropped at its last release, so the size the kernel counted is
+        forgotten."""
+        try:
+            return await self._write(fh, off, buf)
+        except pyfuse3.FUSEError as exc:
+            handle = self._handles.get(fh)
+            if self.enable_writeback_cache and handle is not None:
+                self._write_errors[handle.ino] = exc.errno
+                self._evict_on_release.add(handle.ino)
+                trio.lowlevel.spawn_system_task(self._invalidate_attrs, handle.ino)
+            raise
+
+    async def _invalidate_attrs(self, ino: int) -> None:
+        try:
+            await trio.to_thread.run_sync(_invalidate_attributes, self.fuse_ino(ino))
+        except Exception:                     # noqa: BLE001 - a system task must not raise
+            log.exception("invalidating the attributes of inode %d failed", ino)
+
+    @fuse_errors
+    async def _write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.write(fh, off, buf)
         if off + len(buf) > MAX_FILE_SIZE:
-            if self.enable_writeback_cache:
-                # The kernel took this write into its cache (FUSE has no per-mount size limit)
-                # and already counts it in its size: drop the inode at its last release.
-                self._evict_on_release.add(handle.ino)
             raise pyfuse3.FUSEError(errno.EFBIG)
         async with self.gate.mutation():
             lock = self._lock(handle.ino)
@@ -669,6 +699,7 @@ class ChronicleOperations(pyfuse3.Operations):
                 self.ws.files.release(handle.ino)
         if handle.ino in self._evict_on_release and handle.ino not in self.ws.files:
             self._evict_on_release.discard(handle.ino)
+            self._write_errors.pop(handle.ino, None)      # reported at the close, if not before
             await self.invalidate([handle.ino], self.ws.links.links_of(handle.ino))
 
     # -- directories ------------------------------------------------------------------------------
@@ -913,6 +944,14 @@ def _resync_kernel(files: list[tuple[str, Attrs]]) -> None:
             os.utime(path, ns=(attrs.atime_ns, attrs.mtime_ns), follow_symlinks=False)
         except OSError as exc:
             log.info("restore: the kernel keeps its cached size of the open file %s until closed: %s", path, exc)
+
+
+def _invalidate_attributes(ino: int) -> None:
+    """Worker thread: drop the kernel's cached attributes of FUSE inode ``ino`` (not its pages)."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError:
+        pass
 
 
 def _invalidate(entries: list[tuple[int, bytes]], inodes: list[int]) -> None:
