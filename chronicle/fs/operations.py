@@ -918,7 +918,11 @@ class ChronicleOperations(pyfuse3.Operations):
                 self._resyncing.difference_update(ino for ino, _path, _attrs in resync)
 
     async def commit_all(self) -> None:
-        """Commit every open file's uncommitted writes (before unmount/sync)."""
+        """Commit every open file's uncommitted writes (ctl ``sync``,
+        ``turn-end``, ``step``, ``receipt``), those the kernel's writeback
+        cache still holds included (:meth:`flush_kernel_writes`): what was
+        written before the command is in the version it makes."""
+        await self.flush_kernel_writes()
         for ino in list(self.ws.files):
             await self.commit(ino)
 

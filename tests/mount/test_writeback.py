@@ -146,3 +146,19 @@ def test_restore_flushes_the_kernels_pages_first(mount):
     # Nothing the kernel held is written over the restored content at the close.
     assert (root / "f").read_bytes() == b"one\n"
     assert events(root, "f")[-1] == "restore"
+
+
+def test_ctl_sync_and_turn_end_take_the_writes_the_kernel_holds(mount):
+    root = mount.path
+    with open(root / "log.txt", "wb", buffering=0) as f:
+        f.write(b"first line\n")                      # cached by the kernel; the file stays open
+        assert ctl(root, {"cmd": "sync"})["ok"]
+        query = json.loads((root / ".chronicle" / "query" / "log.txt").read_bytes())
+        assert [v["size"] for v in query["versions"]] == [11]
+
+        assert ctl(root, {"cmd": "turn-begin", "agent": "a", "turn": 1})["ok"]
+        f.write(b"in the turn\n")
+        assert ctl(root, {"cmd": "turn-end"})["ok"]
+        query = json.loads((root / ".chronicle" / "query" / "log.txt").read_bytes())
+        last = query["versions"][-1]
+        assert (last["size"], last["turn"]["agent"], last["turn"]["turn"]) == (23, "a", 1)
