@@ -361,8 +361,7 @@ class ChronicleOperations(pyfuse3.Operations):
         async with self.gate.mutation():
             return await self._setattr(self.store_ino(inode), attr, fields, fh, ctx)
 
-    def _kernel_times(self, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None) -> bool:
+    def _kernel_times(self, fields: pyfuse3.SetattrFields, fh: int | None) -> bool:
         """True if this SETATTR only carries the times the kernel's writeback
         cache gave a file's writes (see :meth:`setattr`): mtime and/or ctime,
         nothing else, sent with the ``fh`` of one of our writable handles."""
@@ -380,7 +379,7 @@ class ChronicleOperations(pyfuse3.Operations):
             return self.entry(ino, self.ws.getattr(ino))       # our own cache resync: nothing to record
         mtime = attr.st_mtime_ns if fields.update_mtime else None
         ctime = attr.st_ctime_ns if fields.update_ctime else None
-        if self._kernel_times(attr, fields, fh):
+        if self._kernel_times(fields, fh):
             # The kernel's times for the writes it holds: they belong to the pending version
             # (no event); none pending (already committed): the version keeps its own times.
             self.ws.files.kernel_times(ino, mtime, ctime)
@@ -892,7 +891,7 @@ class ChronicleOperations(pyfuse3.Operations):
         open meanwhile cannot be dropped: the daemon sets its size and times
         through the mount itself (truncate(2) and utimensat(2) on its path, in
         a worker thread), requests :meth:`setattr` answers with the restored
-        attributes and records nothing (:meth:`_resync`)."""
+        attributes and records nothing (``_resync_kernel``)."""
         inodes, entries = set(inodes), set(entries)
         resync: list[tuple[int, str, Attrs]] = []
         if self.enable_writeback_cache:
@@ -932,7 +931,8 @@ class ChronicleOperations(pyfuse3.Operations):
 
 
 def _own_thread(pid: int) -> bool:
-    """True if ``pid`` (a FUSE request's caller: the kernel sends the thread's id) is this process or one of its threads."""
+    """True if ``pid`` (a FUSE request's caller: the kernel sends the
+    calling thread's id) is this process or one of its threads."""
     return pid == os.getpid() or os.path.isdir(f"/proc/self/task/{pid}")
 
 
