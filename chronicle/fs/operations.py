@@ -153,6 +153,7 @@ class ChronicleOperations(pyfuse3.Operations):
         self._resyncing: set[int] = set()      # inodes whose kernel size/times the daemon resets (restore)
         self._evict_on_release: set[int] = set()  # inodes the kernel holds a refused size of (write-back failed)
         self._write_errors: dict[int, int] = {}   # ino -> errno of a failed write-back, for the next GETATTR
+        self._kernel_mtimes: dict[int, int] = {}  # ino -> mtime the kernel reported with nothing pending
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -311,6 +312,7 @@ class ChronicleOperations(pyfuse3.Operations):
             if left <= 0:
                 self._lookups.pop(sino, None)
                 self._locks.pop(sino, None)
+                self._kernel_mtimes.pop(sino, None)
                 self.ws.forget(sino)
             else:
                 self._lookups[sino] = left
@@ -351,9 +353,12 @@ class ChronicleOperations(pyfuse3.Operations):
         atime too. The rule: mtime/ctime alone, with the ``fh`` of one of our
         writable handles, are the writes' times -- they become the times of
         the pending version (no event), or are dropped if no change is
-        pending; anything else is the caller's own change (a ``utimens``
-        event, writes before it committed first). The mtime/ctime that come
-        with a size are the truncate's own (part of its version).
+        pending (their mtime is remembered: the kernel sends it again, with
+        no handle, after a rename, unlink or link of the closed file --
+        ``fuse_update_ctime`` -- and that report records nothing either);
+        anything else is the caller's own change (a ``utimens`` event, writes
+        before it committed first). The mtime/ctime that come with a size are
+        the truncate's own (part of its version).
 
         Errors: EFBIG (past ``MAX_FILE_SIZE``), EINVAL (size of a non-file),
         EROFS (``.chronicle``), ENOENT, ENOSPC."""
@@ -381,8 +386,15 @@ class ChronicleOperations(pyfuse3.Operations):
         ctime = attr.st_ctime_ns if fields.update_ctime else None
         if self._kernel_times(fields, fh):
             # The kernel's times for the writes it holds: they belong to the pending version
-            # (no event); none pending (already committed): the version keeps its own times.
-            self.ws.files.kernel_times(ino, mtime, ctime)
+            # (no event); none pending (already committed): the version keeps its own times,
+            # and the kernel's mtime is remembered for its later reports without a handle.
+            if not self.ws.files.kernel_times(ino, mtime, ctime) and mtime is not None:
+                self._kernel_mtimes[ino] = mtime
+            return self.entry(ino, self.ws.getattr(ino))
+        if (fh is None and mtime is not None and self._kernel_mtimes.get(ino) == mtime and not fields.update_size
+                and not (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime)):
+            # The kernel's time report after a rename/unlink/link of a closed file (fuse_update_ctime
+            # writes the inode back at once): its mtime is the one it reported before, no change.
             return self.entry(ino, self.ws.getattr(ino))
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:

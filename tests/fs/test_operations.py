@@ -503,3 +503,25 @@ def test_the_kernels_write_times_fold_into_the_version_and_a_touch_is_its_own_ev
         assert (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (2, 9, 10)
 
     trio.run(main)
+
+
+def test_the_kernels_time_report_after_a_rename_of_a_closed_file_records_nothing(fs):
+    """Writes committed before the kernel reported their times (ctl sync, turn-end): the report is
+    dropped, and its repeat without a handle after a rename (fuse_update_ctime) makes no event."""
+    async def main():
+        fi, entry = await fs.create(ROOT, b"f", FILE, os.O_WRONLY | os.O_CREAT, CTX)
+        ino = entry.st_ino
+        await fs.write(fi.fh, 0, b"data")
+        await fs.commit_all()
+        kernel = attr(st_mtime_ns=1_600_000_000_000_000_000, st_ctime_ns=1_600_000_000_000_000_001)
+        await fs.setattr(ino, kernel, fields(update_mtime=True, update_ctime=True), fi.fh, CTX)
+        await fs.flush(fi.fh)
+        await fs.release(fi.fh)
+        await fs.rename(ROOT, b"f", ROOT, b"g", 0, CTX)
+        await fs.setattr(ino, kernel, fields(update_mtime=True, update_ctime=True), None, CTX)
+        assert [e["event"] for e in log(fs)] == ["create", "write", "rename"]
+        # A touch with another time is still the caller's change.
+        await fs.setattr(ino, attr(st_mtime_ns=5), fields(update_mtime=True, update_ctime=True), None, CTX)
+        assert [e["event"] for e in log(fs)] == ["create", "write", "rename", "utimens"]
+
+    trio.run(main)

@@ -86,9 +86,14 @@ class PathLinks:
         self._links.pop(ino, None)
 
     def links_of(self, ino: int) -> list[tuple[int, bytes]]:
-        """Every ``(parent, name)`` link seen to reach ``ino``, oldest first
+        """Every ``(parent, name)`` link seen to reach ``ino``: those added
+        (oldest first) and the path link, also one only noted by a listing
         (the FUSE adapter: the names the kernel may hold a dentry for)."""
-        return list(self._links.get(ino, ()))
+        links = list(self._links.get(ino, ()))
+        path_link = self._parents.get(ino)
+        if path_link is not None and path_link not in links:
+            links.append(path_link)
+        return links
 
     def parent(self, ino: int) -> int | None:
         """The directory of ``ino``'s path link, or None if unknown (the
