@@ -196,9 +196,10 @@ class CtlSession:
             if isinstance(point, str):
                 _check_text("at", point)
             seq = points.resolve_point(ws, str(point))
+            await self.ops.flush_kernel_writes()        # the kernel's dirty pages reach us before, not after
             # Seconds for a large tree: in a worker, the workspace locked against mutation.
             changes = await self.ops.run_exclusive(restore_tree, ws, seq, self.actor)
-            await self.ops.invalidate(changes.inodes, changes.entries)
+            await self.ops.invalidate_changed(changes.inodes, changes.entries)
             return {"seq": ws.head_seq, "at": seq, "paths": changes.paths, "changed": changes.paths > 0}
         path = command.get("path")
         if not isinstance(path, str) or not path:
@@ -213,9 +214,10 @@ class CtlSession:
         if not allowed:
             raise PermissionDenied(f"restore {path!r}: permission denied (the file, or its directory "
                                    "if it must be created again, is not writable by you)")
+        await self.ops.flush_kernel_writes()
         async with self.ops.gate.mutation():                 # one path: on the loop
             changes = restore_file(ws, raw_path.strip(b"/"), version, self.actor)
-        await self.ops.invalidate(changes.inodes, changes.entries)
+        await self.ops.invalidate_changed(changes.inodes, changes.entries)
         return {"seq": ws.head_seq, "path": path, "version": version, "changed": changes.paths > 0}
 
     # Turn commands (the turn log: chronicle.store.history.turns). The daemon is the

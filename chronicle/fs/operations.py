@@ -14,7 +14,11 @@ records its reads (``self.reads``, a
 :class:`~chronicle.store.namespace.files.ReadTracker`): a read the page
 cache answers never reaches the daemon, so such opens drop the file's
 cached pages. ``max_write`` is libfuse's
-default of 1 MiB (FUSE_CAP_MAX_PAGES).
+default of 1 MiB (FUSE_CAP_MAX_PAGES). Writes go through the kernel's
+writeback cache (``enable_writeback_cache``): it sends them in large WRITEs
+when it writes pages back, at the latest before FLUSH and FSYNC, and keeps a
+written file's size, mtime and ctime itself (see :meth:`ChronicleOperations.setattr`
+and :meth:`ChronicleOperations.invalidate_changed`).
 
 Lookup counts follow the kernel's (the FUSE docs' "lookup count"): every
 entry we return counts one, ``forget`` takes them back; at zero the
@@ -123,12 +127,10 @@ class ChronicleOperations(pyfuse3.Operations):
     """
 
     supports_dot_lookup = True
-    # Measured and dropped (README, "Performance of the metadata paths"): with the kernel's
-    # writeback cache, untar and sqlite NORMAL run ~2.3x faster, but the kernel then owns
-    # mtime and sends it as SETATTR(mtime, ctime) when it writes pages back -- the same
-    # request as `touch -m` -- so every written file gains a `utimens` event, and pages the
-    # kernel holds dirty would overwrite what a ctl restore put in place.
-    enable_writeback_cache = False
+    # The kernel's writeback cache (README, "The writeback cache"): the kernel holds written
+    # pages and the file's mtime/ctime; setattr folds the times it sends back into the pending
+    # version, and ctl restore flushes its dirty pages before and resets its cached size after.
+    enable_writeback_cache = True
 
     def __init__(self, ws: Workspace, store: Store, *, mountpoint: str = ""):
         super().__init__()
@@ -148,6 +150,10 @@ class ChronicleOperations(pyfuse3.Operations):
         self.group_sync = GroupSync(store, self.sync_limiter)   # fsyncs arriving together share one sync
         self.gate = MutationGate()
         self.reads = ReadTracker(ws)           # the open turn's read-set (ctl turn-begin/turn-end)
+        self._resyncing: set[int] = set()      # inodes whose kernel size/times the daemon resets (restore)
+        self._evict_on_release: set[int] = set()  # inodes the kernel holds a refused size of (write-back failed)
+        self._write_errors: dict[int, int] = {}   # ino -> errno of a failed write-back, for the next GETATTR
+        self._kernel_mtimes: dict[int, int] = {}  # ino -> mtime the kernel reported with nothing pending
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -306,6 +312,7 @@ class ChronicleOperations(pyfuse3.Operations):
             if left <= 0:
                 self._lookups.pop(sino, None)
                 self._locks.pop(sino, None)
+                self._kernel_mtimes.pop(sino, None)
                 self.ws.forget(sino)
             else:
                 self._lookups[sino] = left
@@ -313,12 +320,17 @@ class ChronicleOperations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         """FUSE_GETATTR: the attributes of ``inode``, with the size and times of
-        uncommitted writes. Errors: ENOENT.
+        uncommitted writes. Errors: ENOENT; once after a refused write-back
+        of the inode, that write's errno (ENOSPC, EFBIG: see :meth:`write`).
         Answered during a restore (:class:`MutationGate`)."""
         if inode >= MAGIC_BASE:
             await self.gate.wait_free()
             return self.magic.getattr(inode)
         ino = self.store_ino(inode)
+        if self._write_errors:
+            failed = self._write_errors.pop(ino, None)
+            if failed is not None:
+                raise pyfuse3.FUSEError(failed)       # a refused write-back, to the writer's next write(2)
         return self.entry(ino, self.attrs(ino))
 
     @fuse_errors
@@ -329,15 +341,61 @@ class ChronicleOperations(pyfuse3.Operations):
         (``fh``) waits for that file's next commit; a path truncate(2) is a
         version of its own at once. Writes made before a path truncate or an
         attribute change are committed first, so history keeps their order.
+
+        Times, with the writeback cache (``enable_writeback_cache``): the
+        kernel owns a written file's mtime/ctime and sends them back as
+        SETATTR(mtime, ctime) from ``write_inode`` (fs/fuse: ``fuse_flush_times``)
+        -- before the FLUSH of every close and the FSYNC of every fsync, and
+        when its flusher writes the inode back. Such a request carries
+        ``FATTR_FH`` (the file's writable handle) and nothing but mtime and
+        ctime; utimensat(2)/``touch`` never carries a handle (the VFS passes
+        none, ``ATTR_FILE`` is truncate's only) and ``touch`` always sets
+        atime too. The rule: mtime/ctime alone, with the ``fh`` of one of our
+        writable handles, are the writes' times -- they become the times of
+        the pending version (no event), or are dropped if no change is
+        pending (their mtime is remembered: the kernel sends it again, with
+        no handle, after a rename, unlink or link of the closed file --
+        ``fuse_update_ctime`` -- and that report records nothing either);
+        anything else is the caller's own change (a ``utimens`` event, writes
+        before it committed first). The mtime/ctime that come with a size are
+        the truncate's own (part of its version).
+
         Errors: EFBIG (past ``MAX_FILE_SIZE``), EINVAL (size of a non-file),
         EROFS (``.chronicle``), ENOENT, ENOSPC."""
         self._not_magic(inode)
         async with self.gate.mutation():
             return await self._setattr(self.store_ino(inode), attr, fields, fh, ctx)
 
+    def _kernel_times(self, fields: pyfuse3.SetattrFields, fh: int | None) -> bool:
+        """True if this SETATTR only carries the times the kernel's writeback
+        cache gave a file's writes (see :meth:`setattr`): mtime and/or ctime,
+        nothing else, sent with the ``fh`` of one of our writable handles."""
+        if fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
+            return False
+        if fields.update_atime or not (fields.update_mtime or fields.update_ctime):
+            return False
+        handle = self._handles.get(fh) if fh is not None else None
+        return handle is not None and handle.writable
+
     async def _setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                        fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         actor = actor_of(ctx)
+        if ino in self._resyncing and _own_thread(ctx.pid):
+            return self.entry(ino, self.ws.getattr(ino))       # our own cache resync: nothing to record
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        ctime = attr.st_ctime_ns if fields.update_ctime else None
+        if self._kernel_times(fields, fh):
+            # The kernel's times for the writes it holds: they belong to the pending version
+            # (no event); none pending (already committed): the version keeps its own times,
+            # and the kernel's mtime is remembered for its later reports without a handle.
+            if not self.ws.files.kernel_times(ino, mtime, ctime) and mtime is not None:
+                self._kernel_mtimes[ino] = mtime
+            return self.entry(ino, self.ws.getattr(ino))
+        if (fh is None and mtime is not None and self._kernel_mtimes.get(ino) == mtime and not fields.update_size
+                and not (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime)):
+            # The kernel's time report after a rename/unlink/link of a closed file (fuse_update_ctime
+            # writes the inode back at once): its mtime is the one it reported before, no change.
+            return self.entry(ino, self.ws.getattr(ino))
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
@@ -346,6 +404,7 @@ class ChronicleOperations(pyfuse3.Operations):
             async with self._lock(ino):
                 if fh is not None and fh in self._handles:
                     self.ws.files.truncate(ino, attr.st_size, actor.pid)
+                    self.ws.files.kernel_times(ino, mtime, ctime)
                 else:
                     # truncate(2): a version of its own, recorded now. Writes through open
                     # handles before it are committed first (by their writer), as before an
@@ -355,12 +414,16 @@ class ChronicleOperations(pyfuse3.Operations):
                     try:
                         await self._commit_locked(ino)
                         self.ws.files.truncate(ino, attr.st_size, actor.pid)
+                        self.ws.files.kernel_times(ino, mtime, ctime)
                         await self._commit_locked(ino, actor.pid)
                     finally:
                         self.ws.files.release(ino)
+        # The mtime/ctime sent with a size are the truncate's own (no syscall sets both:
+        # the kernel adds them, FATTR_MTIME(_NOW) and, with the writeback cache, FATTR_CTIME).
+        update_mtime = fields.update_mtime and not fields.update_size
         changes = {}
         attr_change = (fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime
-                       or fields.update_mtime)
+                       or update_mtime)
         if attr_change:
             # Writes made before this change are committed first, so history
             # shows them in the order they happened (tar writes, then fchmods).
@@ -373,7 +436,7 @@ class ChronicleOperations(pyfuse3.Operations):
             changes["gid"] = attr.st_gid
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
-        if fields.update_mtime:
+        if update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
         if changes:
             self.ws.setattr(ino, actor, **changes)
@@ -538,12 +601,38 @@ class ChronicleOperations(pyfuse3.Operations):
             self.reads.note(handle.ino, off, len(data), handle.pid)
         return data
 
-    @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """FUSE_WRITE: write ``buf`` at ``off``; returns ``len(buf)`` (all of it:
         no ``direct_io``). A writer that outruns its stream worker waits for it
         in a worker thread. A ``.chronicle`` handle (``ctl``) goes to the magic
-        tree. Errors: EFBIG (past ``MAX_FILE_SIZE``), ENOSPC."""
+        tree. Errors: EFBIG (past ``MAX_FILE_SIZE``), ENOSPC.
+
+        With the writeback cache the write(2) that wrote the data returned long
+        ago: a refused write-back is reported at close/fsync by the kernel,
+        and to the writer's next write(2) by this daemon -- the inode's
+        attributes are invalidated, and the GETATTR the kernel sends before
+        its next cached write (``fuse_cache_write_iter`` refreshes size and
+        mode) is answered with the error, once (:meth:`getattr`). The inode
+        is dropped at its last release, so the size the kernel counted is
+        forgotten."""
+        try:
+            return await self._write(fh, off, buf)
+        except pyfuse3.FUSEError as exc:
+            handle = self._handles.get(fh)
+            if self.enable_writeback_cache and handle is not None:
+                self._write_errors[handle.ino] = exc.errno
+                self._evict_on_release.add(handle.ino)
+                trio.lowlevel.spawn_system_task(self._invalidate_attrs, handle.ino)
+            raise
+
+    async def _invalidate_attrs(self, ino: int) -> None:
+        try:
+            await trio.to_thread.run_sync(_invalidate_attributes, self.fuse_ino(ino))
+        except Exception:                     # noqa: BLE001 - a system task must not raise
+            log.exception("invalidating the attributes of inode %d failed", ino)
+
+    @fuse_errors
+    async def _write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.write(fh, off, buf)
@@ -619,6 +708,10 @@ class ChronicleOperations(pyfuse3.Operations):
                 if state is not None and state.handles <= 1 and state.dirty:
                     await self._commit_locked(handle.ino, handle.pid)
                 self.ws.files.release(handle.ino)
+        if handle.ino in self._evict_on_release and handle.ino not in self.ws.files:
+            self._evict_on_release.discard(handle.ino)
+            self._write_errors.pop(handle.ino, None)      # reported at the close, if not before
+            await self.invalidate([handle.ino], self.ws.links.links_of(handle.ino))
 
     # -- directories ------------------------------------------------------------------------------
 
@@ -781,14 +874,100 @@ class ChronicleOperations(pyfuse3.Operations):
         fuse_inodes = [self.fuse_ino(ino) for ino in inodes]
         await trio.to_thread.run_sync(_invalidate, fuse_entries, fuse_inodes)
 
+    async def flush_kernel_writes(self) -> None:
+        """Before a store-side change of files (ctl ``restore``): have the
+        kernel write back the dirty pages its writeback cache holds, so they
+        reach this daemon now instead of landing on the restored content
+        later. Dirty pages exist only under open writable handles (the kernel
+        writes a file's pages back before FLUSH and RELEASE: ``fuse_flush``,
+        ``fuse_release``); for each such inode, FUSE_NOTIFY_INVAL_INODE over
+        the whole file makes the kernel launder its dirty pages -- write them
+        to us and wait (``fuse_reverse_inval_inode`` ->
+        ``invalidate_inode_pages2_range`` -> ``fuse_launder_folio``) -- and
+        drop them. Sent from a worker thread: the loop serves those WRITEs."""
+        if not self.enable_writeback_cache:
+            return
+        inodes = sorted({handle.ino for handle in self._handles.values() if handle.writable})
+        if inodes:
+            await trio.to_thread.run_sync(_invalidate, [], [self.fuse_ino(ino) for ino in inodes])
+
+    async def invalidate_changed(self, inodes: Iterable[int], entries: Iterable[tuple[int, bytes]]) -> None:
+        """After a store-side change (ctl ``restore``): :meth:`invalidate`
+        what changed -- and, with the writeback cache, every name of each
+        changed regular file that no handle holds open too. The kernel
+        trusts its own size, mtime and ctime of a cached regular file in
+        writeback mode (fs/fuse/inode.c ``fuse_get_cache_mask``: a GETATTR
+        reply no longer changes them), so a restored size shows only on a
+        fresh inode: with its dentries gone the kernel drops the inode
+        (FORGET), and the next lookup reads the restored attributes. A file
+        open meanwhile cannot be dropped: the daemon sets its size and times
+        through the mount itself (truncate(2) and utimensat(2) on its path, in
+        a worker thread), requests :meth:`setattr` answers with the restored
+        attributes and records nothing (``_resync_kernel``)."""
+        inodes, entries = set(inodes), set(entries)
+        resync: list[tuple[int, str, Attrs]] = []
+        if self.enable_writeback_cache:
+            for ino in inodes:
+                try:
+                    attrs = self.ws.head_attrs(ino)
+                except NotFound:
+                    continue
+                if not attrs.is_file:
+                    continue
+                if ino not in self.ws.files:
+                    entries.update(self.ws.links.links_of(ino))
+                    continue
+                path = self.ws.links.path_of(ino)
+                if path and self.mountpoint:
+                    resync.append((ino, os.path.join(self.mountpoint, os.fsdecode(path)), attrs))
+        await self.invalidate(inodes, entries)
+        if resync:
+            self._resyncing.update(ino for ino, _path, _attrs in resync)
+            try:
+                await trio.to_thread.run_sync(_resync_kernel, [(path, attrs) for _ino, path, attrs in resync])
+            finally:
+                self._resyncing.difference_update(ino for ino, _path, _attrs in resync)
+
     async def commit_all(self) -> None:
-        """Commit every open file's uncommitted writes (before unmount/sync)."""
+        """Commit every open file's uncommitted writes (ctl ``sync``,
+        ``turn-end``, ``step``, ``receipt``), those the kernel's writeback
+        cache still holds included (:meth:`flush_kernel_writes`): what was
+        written before the command is in the version it makes."""
+        await self.flush_kernel_writes()
         for ino in list(self.ws.files):
             await self.commit(ino)
 
     def stat_mode(self, mode: int) -> int:
         """The permission bits of ``mode`` (``stat.S_IMODE``)."""
         return stat.S_IMODE(mode)
+
+
+def _own_thread(pid: int) -> bool:
+    """True if ``pid`` (a FUSE request's caller: the kernel sends the
+    calling thread's id) is this process or one of its threads."""
+    return pid == os.getpid() or os.path.isdir(f"/proc/self/task/{pid}")
+
+
+def _resync_kernel(files: list[tuple[str, Attrs]]) -> None:
+    """Worker thread: set the kernel's cached size and mtime of open files
+    a restore changed (writeback cache: the kernel keeps its own), by
+    truncate(2) and utimensat(2) on their paths through the mount. A file the
+    daemon's user may not write keeps the kernel's size until its last close
+    (logged at INFO)."""
+    for path, attrs in files:
+        try:
+            os.truncate(path, attrs.size)
+            os.utime(path, ns=(attrs.atime_ns, attrs.mtime_ns), follow_symlinks=False)
+        except OSError as exc:
+            log.info("restore: the kernel keeps its cached size of the open file %s until closed: %s", path, exc)
+
+
+def _invalidate_attributes(ino: int) -> None:
+    """Worker thread: drop the kernel's cached attributes of FUSE inode ``ino`` (not its pages)."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError:
+        pass
 
 
 def _invalidate(entries: list[tuple[int, bytes]], inodes: list[int]) -> None:

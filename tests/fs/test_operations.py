@@ -464,3 +464,64 @@ def test_fsync_after_close_syncs_what_close_committed_and_one_with_nothing_new_r
         assert fs.group_sync.syncs == syncs + 2 and fs.store.synced
 
     trio.run(main)
+
+
+def test_the_kernels_write_times_fold_into_the_version_and_a_touch_is_its_own_event(fs):
+    """The writeback cache's rule (``ChronicleOperations.setattr``): SETATTR(mtime, ctime) with a
+    writable handle's fh is the times of the writes the kernel held -- no event; without one it
+    is a touch."""
+    async def main():
+        fi, entry = await fs.create(ROOT, b"f", FILE, os.O_WRONLY | os.O_CREAT, CTX)
+        ino = entry.st_ino
+        assert await fs.write(fi.fh, 0, b"data") == 4
+        kernel = attr(st_mtime_ns=1_500_000_000_000_000_000, st_ctime_ns=1_500_000_000_000_000_001)
+        await fs.setattr(ino, kernel, fields(update_mtime=True, update_ctime=True), fi.fh, CTX)
+        await fs.flush(fi.fh)
+        # Nothing pending any more: the kernel's later report of the same times records nothing.
+        await fs.setattr(ino, kernel, fields(update_mtime=True, update_ctime=True), fi.fh, CTX)
+        await fs.release(fi.fh)
+        assert [e["event"] for e in log(fs)] == ["create", "write"]
+        st = await fs.getattr(ino)
+        assert (st.st_mtime_ns, st.st_ctime_ns) == (1_500_000_000_000_000_000, 1_500_000_000_000_000_001)
+
+        # A read-only handle's fh, or none (utimensat, touch): the caller's own change.
+        ro = await fs.open(ino, os.O_RDONLY, CTX)
+        await fs.setattr(ino, attr(st_mtime_ns=7), fields(update_mtime=True, update_ctime=True), ro.fh, CTX)
+        await fs.release(ro.fh)
+        await fs.setattr(ino, attr(st_mtime_ns=8), fields(update_mtime=True, update_ctime=True), None, CTX)
+        assert [e["event"] for e in log(fs)] == ["create", "write", "utimens", "utimens"]
+        assert (await fs.getattr(ino)).st_mtime_ns == 8
+
+        # ftruncate with the kernel's times: one truncate version at the close, no utimens.
+        fi = await fs.open(ino, os.O_WRONLY, CTX)
+        await fs.setattr(ino, attr(st_size=2, st_mtime_ns=9, st_ctime_ns=10),
+                         fields(update_size=True, update_mtime=True, update_ctime=True), fi.fh, CTX)
+        await fs.flush(fi.fh)
+        await fs.release(fi.fh)
+        assert [e["event"] for e in log(fs)][-1] == "truncate"
+        st = await fs.getattr(ino)
+        assert (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (2, 9, 10)
+
+    trio.run(main)
+
+
+def test_the_kernels_time_report_after_a_rename_of_a_closed_file_records_nothing(fs):
+    """Writes committed before the kernel reported their times (ctl sync, turn-end): the report is
+    dropped, and its repeat without a handle after a rename (fuse_update_ctime) makes no event."""
+    async def main():
+        fi, entry = await fs.create(ROOT, b"f", FILE, os.O_WRONLY | os.O_CREAT, CTX)
+        ino = entry.st_ino
+        await fs.write(fi.fh, 0, b"data")
+        await fs.commit_all()
+        kernel = attr(st_mtime_ns=1_600_000_000_000_000_000, st_ctime_ns=1_600_000_000_000_000_001)
+        await fs.setattr(ino, kernel, fields(update_mtime=True, update_ctime=True), fi.fh, CTX)
+        await fs.flush(fi.fh)
+        await fs.release(fi.fh)
+        await fs.rename(ROOT, b"f", ROOT, b"g", 0, CTX)
+        await fs.setattr(ino, kernel, fields(update_mtime=True, update_ctime=True), None, CTX)
+        assert [e["event"] for e in log(fs)] == ["create", "write", "rename"]
+        # A touch with another time is still the caller's change.
+        await fs.setattr(ino, attr(st_mtime_ns=5), fields(update_mtime=True, update_ctime=True), None, CTX)
+        assert [e["event"] for e in log(fs)] == ["create", "write", "rename", "utimens"]
+
+    trio.run(main)

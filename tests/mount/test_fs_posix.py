@@ -9,6 +9,7 @@ compares with what ext4 does where the answer is not fixed by POSIX.
 from __future__ import annotations
 
 import fcntl
+import json
 import mmap
 import os
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from fsutil import outcome, payload
+
+from chronicle.fs.operations import ChronicleOperations
 
 
 @pytest.fixture
@@ -103,8 +106,25 @@ def test_statfs_name_max(session_mount):
 
 @pytest.mark.parametrize("op", ["truncate", "ftruncate", "pwrite"])
 @pytest.mark.parametrize("size", [2**63 - 1, 100 * 2**50], ids=["2**63-1", "100PiB"])
-def test_absurd_sizes(fresh, tmp_path, op, size):
-    """An absurd size gets ext4's errno (EFBIG), not a crash, and changes nothing."""
+def test_absurd_sizes(fresh, tmp_path, op, size, mount_target):
+    """An absurd size gets ext4's errno (EFBIG), not a crash, and changes nothing.
+
+    Except a write with the kernel's writeback cache (README, "The writeback
+    cache"): FUSE gives the kernel no size limit of the mount, so the write
+    is taken into the page cache and refused when it reaches the daemon --
+    the close answers EIO, and the file keeps its content."""
+    if op == "pwrite" and mount_target == "chronicle" and ChronicleOperations.enable_writeback_cache:
+        path = fresh / "big"
+        path.write_bytes(b"small")
+        fd = os.open(path, os.O_RDWR)
+        assert outcome(os.pwrite, fd, b"x", size - 1)[0] == "ok"
+        assert outcome(os.close, fd) == ("err", "EIO")
+        query = json.loads((fresh.parent / ".chronicle" / "query" / fresh.name / "big").read_bytes())
+        assert [v["size"] for v in query["versions"]] == [5]
+        (fresh / "after").write_bytes(b"still serving")
+        assert (fresh / "after").read_bytes() == b"still serving"
+        return
+
     def run(root: Path):
         path = root / "big"
         path.write_bytes(b"small")

@@ -160,6 +160,22 @@ class OpenFiles(Mapping[int, FileState]):
                 state.mtime_ns = None
             state.ctime_ns = None
 
+    def kernel_times(self, ino: int, mtime_ns: int | None, ctime_ns: int | None) -> bool:
+        """The kernel's writeback cache reports the times (ns since the epoch)
+        it gave the writes it holds (FUSE ``SETATTR`` from ``write_inode``):
+        they become the times of the pending version, with no event of their
+        own. Returns False, changing nothing, when no change is pending (the
+        writes they belong to are committed already: their version keeps the
+        times the daemon gave it)."""
+        state = self._states.get(ino)
+        if state is None or not state.dirty:
+            return False
+        if mtime_ns is not None:
+            state.mtime_ns = mtime_ns
+        if ctime_ns is not None:
+            state.ctime_ns = ctime_ns
+        return True
+
     # -- open / read / write / release -------------------------------------------------
 
     def open(self, ino: int, *, truncate: bool = False, created: bool = False) -> FileState:

@@ -85,6 +85,16 @@ class PathLinks:
         self._parents.pop(ino, None)
         self._links.pop(ino, None)
 
+    def links_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """Every ``(parent, name)`` link seen to reach ``ino``: those added
+        (oldest first) and the path link, also one only noted by a listing
+        (the FUSE adapter: the names the kernel may hold a dentry for)."""
+        links = list(self._links.get(ino, ()))
+        path_link = self._parents.get(ino)
+        if path_link is not None and path_link not in links:
+            links.append(path_link)
+        return links
+
     def parent(self, ino: int) -> int | None:
         """The directory of ``ino``'s path link, or None if unknown (the
         root's own parent is unknown: the FUSE adapter answers ``..`` of the
