@@ -30,6 +30,7 @@ from pathlib import Path
 
 from chronicle import procs
 from chronicle.errors import Busy, ChronicleError, InvalidArgument, NotFound, StoreError
+from chronicle.fs import DAEMON_OPTIONS
 
 DEFAULT_WORKSPACE = "default"
 MOUNT_TIMEOUT = 60.0
@@ -38,9 +39,10 @@ DAEMON_MODULE = "chronicle.mounting"      # python -m DAEMON_MODULE: a foregroun
 
 # What a user may add to the daemon's FUSE options (fuse(8), mount(8) "FILESYSTEM-INDEPENDENT MOUNT OPTIONS"):
 # kernel mount flags libfuse passes to mount(2), and libfuse's own allow_other/allow_root. The daemon
-# always sets default_permissions, fsname, subtype and noatime; rw is the default.
+# always sets default_permissions, fsname, subtype and noatime; rw is the default. Plus the daemon's own
+# (chronicle.fs.DAEMON_OPTIONS: writeback_cache), which it takes out before mounting.
 FUSE_OPTIONS = frozenset({"ro", "rw", "allow_other", "allow_root", "nosuid", "suid", "nodev", "dev", "noexec",
-                          "exec", "noatime"})
+                          "exec", "noatime"}) | DAEMON_OPTIONS
 
 
 def fuse_options(options) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ import trio
 
 from chronicle import procs
 from chronicle.errors import Busy, NoSpace
+from chronicle.fs import DAEMON_OPTIONS
 from chronicle.fs.errno_map import set_reclaim
 from chronicle.fs.groupsync import GroupSync
 from chronicle.fs.operations import ChronicleOperations
@@ -270,7 +271,9 @@ async def _main(ops: ChronicleOperations) -> None:
 def serve(store_path: Path, workspace: str, mountpoint: Path, options: tuple[str, ...] = ()) -> int:
     """Mount and serve until unmounted or signalled, with the user's mount
     ``options`` beside the daemon's (:func:`mount_options`; ``ro``: the
-    kernel refuses every change with EROFS). Returns the exit status.
+    kernel refuses every change with EROFS; ``writeback_cache``, one of
+    ``chronicle.fs.DAEMON_OPTIONS``, is the daemon's and not passed to the
+    kernel: the kernel's writeback cache). Returns the exit status.
 
     Raises ``ChronicleError`` (before mounting) for a bad store or a
     workspace in use.
@@ -286,10 +289,11 @@ def serve(store_path: Path, workspace: str, mountpoint: Path, options: tuple[str
     closed = TurnLog(store).close_interrupted(ws)
     if closed:
         log.info("ended %d turn label(s) left open by a daemon that stopped mid-turn", closed)
-    ops = ChronicleOperations(ws, store, mountpoint=str(mountpoint))
+    ops = ChronicleOperations(ws, store, mountpoint=str(mountpoint), writeback_cache="writeback_cache" in options)
+    kernel_options = tuple(o for o in options if o not in DAEMON_OPTIONS)
     clear_stale(mountpoint)
     try:
-        pyfuse3.init(ops, str(mountpoint), mount_options(workspace, tuple(options), store.path))
+        pyfuse3.init(ops, str(mountpoint), mount_options(workspace, kernel_options, store.path))
     except RuntimeError as exc:
         store.close()
         raise OSError(f"cannot mount at {mountpoint}: {exc}") from None

@@ -470,6 +470,8 @@ def test_the_kernels_write_times_fold_into_the_version_and_a_touch_is_its_own_ev
     """The writeback cache's rule (``ChronicleOperations.setattr``): SETATTR(mtime, ctime) with a
     writable handle's fh is the times of the writes the kernel held -- no event; without one it
     is a touch."""
+    fs.enable_writeback_cache = True              # as a mount with -o writeback_cache
+
     async def main():
         fi, entry = await fs.create(ROOT, b"f", FILE, os.O_WRONLY | os.O_CREAT, CTX)
         ino = entry.st_ino
@@ -508,6 +510,8 @@ def test_the_kernels_write_times_fold_into_the_version_and_a_touch_is_its_own_ev
 def test_the_kernels_time_report_after_a_rename_of_a_closed_file_records_nothing(fs):
     """Writes committed before the kernel reported their times (ctl sync, turn-end): the report is
     dropped, and its repeat without a handle after a rename (fuse_update_ctime) makes no event."""
+    fs.enable_writeback_cache = True              # as a mount with -o writeback_cache
+
     async def main():
         fi, entry = await fs.create(ROOT, b"f", FILE, os.O_WRONLY | os.O_CREAT, CTX)
         ino = entry.st_ino

@@ -1,4 +1,4 @@
-"""The kernel's writeback cache on a real mount (``enable_writeback_cache``).
+"""The kernel's writeback cache on a real mount (``-o writeback_cache``: ``enable_writeback_cache``).
 
 With it the kernel holds written pages and a written file's mtime/ctime,
 and sends them later: WRITEs when it writes pages back (at the latest
@@ -17,6 +17,7 @@ SETATTR(mtime, ctime) with the file's handle. What a user must still see:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -26,10 +27,41 @@ import pytest
 from fsutil import payload
 
 
+WRITEBACK = ["-o", "writeback_cache"]
+
+
 @pytest.fixture(autouse=True)
 def _chronicle_only(mount_target):
     if mount_target != "chronicle":
         pytest.skip("Chronicle's history and ctl")
+
+
+@pytest.fixture
+def mount(mount_factory):
+    """A fresh store mounted with the kernel's writeback cache."""
+    return mount_factory(extra_args=WRITEBACK)
+
+
+def test_the_option_turns_the_kernels_writeback_cache_on(mount, mount_factory):
+    """``-o writeback_cache`` reaches pyfuse3 (libfuse's own parser would refuse it): the kernel
+    then takes a write into its cache before the daemon sees it, so a write past the 16 TiB
+    size limit returns and its close answers EIO -- without the option the write itself gets
+    ext4's EFBIG (README, "The writeback cache")."""
+    def far_write(root):
+        fd = os.open(root / "far", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, b"x", (16 << 40) - 1)
+        except OSError as exc:
+            os.close(fd)
+            return "write", exc.errno
+        try:
+            os.close(fd)
+        except OSError as exc:
+            return "close", exc.errno
+        return "ok", 0
+
+    assert far_write(mount.path) == ("close", errno.EIO)
+    assert far_write(mount_factory().path) == ("write", errno.EFBIG)
 
 
 def events(root, path: str) -> list[str]:
@@ -86,14 +118,14 @@ def test_touch_is_its_own_event_and_its_time_stays(mount):
 
 
 def test_close_durability_survives_kill_9(mount_factory):
-    m = mount_factory()
+    m = mount_factory(extra_args=WRITEBACK)
     root = m.path
     data = payload(7, 3 << 20)
     with open(root / "closed.bin", "wb") as f:
         for off in range(0, len(data), 65536):
             f.write(data[off:off + 65536])
     m.kill()
-    mount_factory.restart(m)
+    mount_factory.restart(m, extra_args=WRITEBACK)
     assert (root / "closed.bin").read_bytes() == data
 
 
