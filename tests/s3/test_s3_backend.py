@@ -246,3 +246,24 @@ def test_missing_bucket_is_a_clear_error(seaweed, tmp_path):
 def test_bad_locations(url):
     with pytest.raises(InvalidArgument):
         S3Location.parse(url)
+
+
+def test_cached_only_reads_raise_not_cached_and_fetch_brings_the_block(s3_location, tmp_path):
+    from chronicle.store.chunks.backends.base import NotCached
+    for cache_size in (8 * MIB, 0):                 # a cache that keeps nothing still serves the retry
+        backend = S3Backend(s3_location, tmp_path / f"c{cache_size}", cache_size=cache_size, attempts=2)
+        try:
+            name = "packs/000009/0000000900.pack"
+            if cache_size:
+                backend.put(name, b"0123456789" * 1000)
+            backend.cache.drop(name)
+            with backend.cached_only(), pytest.raises(NotCached) as miss:
+                backend.read(name, 5, 10)
+            assert backend.read(name, 0, 1) == b"0"       # outside the block: fetches as usual
+            backend._recent.clear()
+            backend.cache.drop(name)
+            miss.value.fetch()
+            with backend.cached_only():
+                assert backend.read(name, 5, 10) == b"5678901234"
+        finally:
+            backend.close()

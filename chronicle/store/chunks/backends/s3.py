@@ -34,7 +34,10 @@ any process of the store), then the block cache (``cache``: 1 MiB blocks,
 LRU, bounded by ``cache_size``, kept across restarts), fetching missing
 blocks with range ``GET``\\ s. :meth:`S3Backend.advise` fetches blocks ahead
 in background threads. Blocks fetched by two threads at once are fetched
-once.
+once. Inside :meth:`S3Backend.cached_only` (the FUSE loop's reads) a miss
+raises :class:`~chronicle.store.chunks.backends.base.NotCached` instead of
+waiting for the network: the adapter fetches in a worker thread and reads
+again.
 
 Errors and time. Every request goes through botocore's "standard" retry mode
 (exponential backoff with jitter for throttling, 5xx answers, timeouts and
@@ -63,8 +66,11 @@ import hashlib
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +79,15 @@ import botocore.exceptions
 from botocore.config import Config
 
 from chronicle.errors import Busy, Corrupt, Exists, InvalidArgument, NoSpace, NotFound, StoreError, Unavailable
-from chronicle.store.chunks.backends.base import Buffer, ObjectInfo
+from chronicle.store.chunks.backends.base import Buffer, NotCached, ObjectInfo
 from chronicle.store.chunks.backends.cache import BlockCache
 from chronicle.store.chunks.backends.local import _writev_all, check_name
 
 DEFAULT_CACHE_SIZE = 2 * 1024 ** 3     # bytes of blocks kept by default
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _FULL_CODES = {"XMinioStorageFull", "QuotaExceeded", "InsufficientStorage", "StorageFull"}
+_RECENT = 16                      # blocks just fetched kept in memory (a cache of size 0 still serves a retry)
+_cached_only = threading.local()
 _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                      "InvalidToken", "AllAccessDisabled"}
 
@@ -219,6 +227,7 @@ class S3Backend:
         self._writers: dict[str, _S3Writer] = {}
         self._sizes: dict[str, int] = {}          # sizes of closed objects seen (they never change)
         self._fetching: dict[tuple[str, int], threading.Event] = {}
+        self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._ahead = ThreadPoolExecutor(max(1, max_requests // 2), thread_name_prefix="chronicle-s3-ahead")
         self._ahead_queued: set[tuple[str, int]] = set()
         self._closed = False
@@ -307,6 +316,8 @@ class S3Backend:
             if name in self._writers:
                 raise Busy(f"object {name} is still being written")
             self._sizes.pop(name, None)
+            for k in [k for k in self._recent if k[0] == name]:
+                del self._recent[k]
         self._call(f"deleting {name}", "delete_object", Key=key)
         (self.outbox_dir / _spool_name(name)).unlink(missing_ok=True)
         self.cache.drop(name)
@@ -453,6 +464,19 @@ class S3Backend:
                 os.close(fd)
         return None
 
+    @contextmanager
+    def cached_only(self):
+        """Within this block, in this thread, a read that would fetch from
+        the bucket raises :class:`~chronicle.store.chunks.backends.base.NotCached`
+        instead (the FUSE loop's reads: the adapter fetches in a worker
+        thread, then reads again)."""
+        before = getattr(_cached_only, "on", False)
+        _cached_only.on = True
+        try:
+            yield
+        finally:
+            _cached_only.on = before
+
     def _block(self, name: str, block: int) -> bytes:
         """Block ``block`` of ``name``: from the cache, or fetched (once, if
         several threads want it) and cached."""
@@ -460,6 +484,12 @@ class S3Backend:
             data = self.cache.get(name, block)
             if data is not None:
                 return data
+            with self._lock:
+                data = self._recent.get((name, block))
+            if data is not None:
+                return data
+            if getattr(_cached_only, "on", False):
+                raise NotCached(name, partial(self._block, name, block))
             with self._lock:
                 pending = self._fetching.get((name, block))
                 if pending is None:
@@ -473,6 +503,10 @@ class S3Backend:
                     self.cache.put(name, block, data)
                 except OSError:
                     pass                  # a full disk: serve it uncached
+                with self._lock:
+                    self._recent[(name, block)] = data
+                    if len(self._recent) > _RECENT:
+                        self._recent.popitem(last=False)
                 return data
             finally:
                 with self._lock:
