@@ -45,8 +45,13 @@ def test_writer_uploads_at_close_create_only(s3_backend, s3_location, seaweed):
     body = seaweed.client().get_object(Bucket=s3_location.bucket, Key=s3_location.prefix + name)["Body"].read()
     assert body == b"hello world" + b"!" * 10
     assert not list(s3_backend.outbox_dir.iterdir()) and not list(s3_backend.spool_dir.iterdir())
+    again = s3_backend.create(name)                        # local only: the bucket is asked at close
+    again.append([b"other bytes"])
     with pytest.raises(Exists):
-        s3_backend.create(name)                            # the name is taken in the bucket
+        again.close()                                      # create-only: the first object stays
+    assert _keys(seaweed, s3_location) == {name: 21}
+    s3_backend.sync()                                      # the refused object is kept aside, not retried
+    assert (s3_backend.cache_dir / "collided" / name.replace("/", "+")).read_bytes() == b"other bytes"
 
 
 def test_close_refuses_a_name_taken_meanwhile(s3_backend, s3_location, seaweed):
@@ -174,8 +179,11 @@ def test_unreachable_endpoint_fails_fast_and_cached_data_still_reads(s3_location
             backend.read("packs/000006/0000000601.pack", 0, 1)
         with pytest.raises(Unavailable):
             list(backend.list("packs/"))
+        w = backend.create("packs/000006/0000000602.pack")      # writing needs no network
+        w.append([b"offline"])
         with pytest.raises(Unavailable):
-            backend.create("packs/000006/0000000602.pack")
+            w.close()
+        assert backend.read("packs/000006/0000000602.pack", 0, 7) == b"offline"
         assert time.monotonic() - started < 20
     finally:
         backend.close()

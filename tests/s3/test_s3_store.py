@@ -125,3 +125,30 @@ def test_cli_init_with_an_s3_backend(tmp_path, s3_location):
                                  "--endpoint", "http://127.0.0.1:9"])
     assert result.exit_code == 1 and "cannot reach" in result.output
     assert "Traceback" not in result.output
+
+
+def test_sync_fails_while_the_bucket_is_unreachable_and_succeeds_after(tmp_path, s3_location, seaweed):
+    from chronicle.errors import Unavailable
+    from chronicle.store.chunks.backends.s3 import S3Location, make_client
+    store = _init(tmp_path, s3_location)
+    try:
+        ws = store.open_workspace("w", writable=True, create=True)
+        write(ws, ws.root, b"before", b"cached " * 1000)
+        store.sync()
+        backend = store.chunks.backend
+        good = backend.client
+        dead = S3Location(s3_location.bucket, s3_location.prefix, "http://127.0.0.1:9", None)
+        backend.client = make_client(dead, connect_timeout=1, attempts=1)
+        data = os.urandom(200_000)
+        write(ws, ws.root, b"during", data)                 # close: on the local disk (SPEC §3)
+        with pytest.raises(Unavailable, match="cannot reach"):
+            store.sync()                                    # fsync: not in the bucket, so it fails
+        assert store.dirty
+        assert _read(ws, b"during") == data                 # from the outbox
+        assert _read(ws, b"before") == b"cached " * 1000    # from the cache
+        backend.client = good
+        store.sync()
+        assert not backend.needs_sync()
+        assert sum(_packs_in_bucket(seaweed, s3_location).values()) > 200_000
+    finally:
+        store.close()

@@ -137,10 +137,11 @@ class PackWriter:
     :meth:`sync`.
     """
 
-    def __init__(self, backend: ChunkBackend, allocate_pack_no: Callable[[], int] = random_pack_no,
+    def __init__(self, backend: ChunkBackend, allocate_pack_no: Callable[[], int] | None = None,
                  max_pack_size: int = MAX_PACK_SIZE):
         self.backend = backend
-        self._allocate = allocate_pack_no
+        # a backend shared by many machines draws wider numbers (``backends.s3``: 62 bits)
+        self._allocate = allocate_pack_no or getattr(backend, "allocate_pack_no", random_pack_no)
         self._max = max_pack_size
         self._lock = threading.Lock()     # the current pack and its buffers
         self._sink: ObjectWriter | None = None

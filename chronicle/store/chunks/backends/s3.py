@@ -23,10 +23,10 @@ writer died (its ``flock`` is free: a killed process) holds bytes the
 metadata may refer to (close-durability, SPEC §3), so :meth:`S3Backend.sync`
 moves it to the outbox and uploads it as it is; spool files of other live
 processes are ``fdatasync``\\ ed by it, as the local backend syncs their
-packs. :meth:`S3Backend.create` also asks the bucket (``HEAD``) whether the
-name is taken: pack numbers are random (48 bits), so a collision between
-machines is all but impossible, and this leaves only a race to the
-create-only ``PUT``.
+packs. :meth:`S3Backend.create` is local only (a write never waits for the
+network); pack numbers are drawn from 62 random bits
+(:meth:`S3Backend.allocate_pack_no`) so that two machines all but never
+pick one name, and the create-only ``PUT`` refuses it if they do.
 
 Reading. :meth:`S3Backend.read` serves, in order: this process's open
 writers, local spool and outbox files (open or not yet uploaded objects of
@@ -65,6 +65,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -276,16 +277,25 @@ class S3Backend:
 
     # -- writing -------------------------------------------------------------------
 
+    @staticmethod
+    def allocate_pack_no() -> int:
+        """A fresh random pack number of 62 bits, for the pack writer
+        (``packs.PackWriter``): packs of many machines share one bucket, and
+        :meth:`create` asks no one whether a name is free (a write never
+        waits for the network), so numbers are drawn wide enough that a
+        collision stays all but impossible (10 million packs: about 1 in
+        100,000; the create-only upload still refuses one). The chunk index
+        stores pack numbers as 64-bit integers."""
+        return secrets.randbits(62) | 1
+
     def create(self, name: str) -> _S3Writer:
-        key = self.key(name)
+        """Start ``name`` as a local spool file. Exclusive against this
+        store's spool and outbox; the bucket is only asked at close (the
+        create-only upload), so creating never waits for the network."""
+        self.key(name)
         local = _spool_name(name)
-        if (self.spool_dir / local).exists() or (self.outbox_dir / local).exists():
+        if (self.outbox_dir / local).exists():
             raise Exists(f"object {name} already exists")
-        try:
-            self._call(f"creating {name}", "head_object", Key=key)
-            raise Exists(f"object {name} already exists in {self.location.describe()}")
-        except NotFound:
-            pass
         path = self.spool_dir / local
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.file_mode)
@@ -392,8 +402,14 @@ class S3Backend:
             except Exists:
                 f.seek(0)
                 if not self._same_as_stored(name, f, size):
+                    # Two writers chose one name: this object cannot be stored under it. It is kept
+                    # aside (collided/) so that later syncs go on; reads of its chunks find the other
+                    # object's bytes and fail their BLAKE3 check (Corrupt), never silently.
+                    kept = self.cache_dir / "collided"
+                    kept.mkdir(exist_ok=True)
+                    os.rename(path, kept / path.name)
                     raise Exists(f"object {name} already exists in {self.location.describe()} with other "
-                                 "content (two writers chose one pack name)") from None
+                                 f"content (two writers chose one pack name); kept in {kept}") from None
             with self._lock:
                 self._sizes[name] = size
             self._fill_cache(name, f, size)
