@@ -80,14 +80,21 @@ class BlockCache:
 
     # -- reading -------------------------------------------------------------------
 
-    def get(self, name: str, block: int) -> bytes | None:
-        """The cached bytes of block ``block`` of ``name``, or None (a miss)."""
+    def get(self, name: str, block: int, start: int = 0, end: int | None = None) -> bytes | None:
+        """Bytes ``[start, end)`` (default: all) of block ``block`` of
+        ``name`` — fewer if the block ends sooner (the object's last block) —
+        or None (a miss). Reads only those bytes of the block file."""
         key = block_key(name, block)
         try:
-            with open(self.blocks_dir / key, "rb") as f:
-                data = f.read()
+            fd = os.open(self.blocks_dir / key, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        try:
+            if end is None:
+                end = os.fstat(fd).st_size
+            data = os.pread(fd, max(0, end - start), start)
+        finally:
+            os.close(fd)
         with self._lock:
             self._touched[key] = time.time_ns()
             flush = len(self._touched) >= _TOUCH_BATCH

@@ -81,7 +81,7 @@ from botocore.config import Config
 
 from chronicle.errors import Busy, Corrupt, Exists, InvalidArgument, NoSpace, NotFound, StoreError, Unavailable
 from chronicle.store.chunks.backends.base import Buffer, NotCached, ObjectInfo
-from chronicle.store.chunks.backends.cache import BlockCache
+from chronicle.store.chunks.backends.cache import BLOCK_SIZE, BlockCache
 from chronicle.store.chunks.backends.local import _writev_all, check_name
 
 DEFAULT_CACHE_SIZE = 2 * 1024 ** 3     # bytes of blocks kept by default
@@ -201,7 +201,7 @@ class S3Backend:
     durable_while_open = False
 
     def __init__(self, location: S3Location, cache_dir: os.PathLike | str, *, cache_size: int = DEFAULT_CACHE_SIZE,
-                 connect_timeout: float = 3, read_timeout: float = 20, attempts: int = 4, max_requests: int = 8,
+                 block_size: int = BLOCK_SIZE, connect_timeout: float = 3, read_timeout: float = 20, attempts: int = 4, max_requests: int = 8,
                  client=None, file_mode: int = 0o600, dir_mode: int = 0o700):
         self.location = location
         self.cache_dir = Path(cache_dir)
@@ -211,7 +211,8 @@ class S3Backend:
         for d in (self.cache_dir, self.spool_dir, self.outbox_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, dir_mode)
-        self.cache = BlockCache(self.cache_dir / "blocks", cache_size, file_mode=file_mode, dir_mode=dir_mode)
+        self.cache = BlockCache(self.cache_dir / "blocks", cache_size, block_size, file_mode=file_mode,
+                                dir_mode=dir_mode)
         # Building a client loads botocore's service models (about 0.3 s of CPU): in a thread of its
         # own, so that opening a store (a mount) does not wait for it; the first request does.
         self._client = client
@@ -457,13 +458,13 @@ class S3Backend:
         first, last = offset // bs, (offset + length - 1) // bs
         parts = []
         for block in range(first, last + 1):
-            data = self._block(name, block)
             start = offset - block * bs if block == first else 0
             end = offset + length - block * bs if block == last else bs
-            if len(data) < end:
+            data = self._block(name, block, start, end)
+            if len(data) < end - start:
                 raise Corrupt(f"object {name} is truncated: it ends before byte {offset + length} "
                               f"({length} bytes at {offset} were asked for)")
-            parts.append(data[start:end])
+            parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _local_read(self, name: str, offset: int, length: int) -> bytes | None:
@@ -493,17 +494,18 @@ class S3Backend:
         finally:
             _cached_only.on = before
 
-    def _block(self, name: str, block: int) -> bytes:
-        """Block ``block`` of ``name``: from the cache, or fetched (once, if
+    def _block(self, name: str, block: int, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of block ``block`` of ``name`` (fewer where
+        the object ends): from the cache, or the block fetched (once, if
         several threads want it) and cached."""
         while True:
-            data = self.cache.get(name, block)
+            data = self.cache.get(name, block, start, end)
             if data is not None:
                 return data
             with self._lock:
                 data = self._recent.get((name, block))
             if data is not None:
-                return data
+                return data[start:end]
             if getattr(_cached_only, "on", False):
                 raise NotCached(name, partial(self._block, name, block))
             with self._lock:
@@ -523,7 +525,7 @@ class S3Backend:
                     self._recent[(name, block)] = data
                     if len(self._recent) > _RECENT:
                         self._recent.popitem(last=False)
-                return data
+                return data[start:end]
             finally:
                 with self._lock:
                     del self._fetching[(name, block)]
