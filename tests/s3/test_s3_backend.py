@@ -275,3 +275,30 @@ def test_cached_only_reads_raise_not_cached_and_fetch_brings_the_block(s3_locati
                 assert backend.read(name, 5, 10) == b"5678901234"
         finally:
             backend.close()
+
+
+def test_a_failed_sync_leaves_no_sealed_pack_behind(s3_location, tmp_path, seaweed):
+    """Packs sealed before a sync whose uploads fail are all uploaded by the
+    next sync (none stays an open writer that a later sync would skip)."""
+    import secrets
+    from chronicle.store.chunks.backends.s3 import make_client
+    from chronicle.store.chunks.packs import PackWriter
+    backend = S3Backend(s3_location, tmp_path / "cache", attempts=1, connect_timeout=1)
+    writer = PackWriter(backend, max_pack_size=5000)
+    try:
+        locations = [writer.append(secrets.token_bytes(32), 0, 2000, os.urandom(2000)) for _ in range(8)]
+        assert len({loc.pack_no for loc in locations}) >= 3
+        good = backend.client
+        dead = S3Location(s3_location.bucket, s3_location.prefix, "http://127.0.0.1:9", None)
+        backend.client = make_client(dead, connect_timeout=1, attempts=1)
+        with pytest.raises(Unavailable):
+            writer.sync()
+        assert not backend._writers                             # every sealed pack went to the outbox
+        backend.client = good
+        writer.sync()
+        in_bucket = _keys(seaweed, s3_location)
+        assert len(in_bucket) == len({loc.pack_no for loc in locations})
+        assert not backend.needs_sync()
+    finally:
+        writer.close()
+        backend.close()

@@ -253,8 +253,27 @@ class PackWriter:
         self._close_sealed(sealed)
 
     def _close_sealed(self, sealed: list) -> None:
+        """Close every sealed writer — all of them even if one fails (an
+        object store's failed upload stays queued in its backend, and the
+        next sync must still find the others closed), several at once where
+        the backend can (``close_writers``: uploads) — then raise the first
+        error."""
+        first = None
+        close_all = getattr(self.backend, "close_writers", None)
+        if close_all is not None:
+            try:
+                close_all([sink for sink, _pack_no in sealed])
+            except Exception as exc:      # noqa: BLE001 - raised below, after the others
+                first = exc
+        else:
+            for sink, _pack_no in sealed:
+                try:
+                    sink.close()
+                except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                    first = first or exc
+        if first is not None:
+            raise first
         for sink, pack_no in sealed:
-            sink.close()
             with self._cond:
                 lost = self._lost.get(pack_no)
             if lost is not None and lost[0] <= PACK_HEADER.size:

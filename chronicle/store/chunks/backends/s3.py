@@ -53,7 +53,8 @@ keep being served while the bucket is unreachable.
 
 Concurrency: at most ``max_requests`` requests at once per backend (the
 connection pool and a semaphore); block fetches ahead run in
-``max_requests // 2`` threads.
+``max_requests // 2`` threads, and so do the uploads of the packs one sync
+closes (:meth:`S3Backend.close_writers`).
 
 Threads: see ``base``; tables are guarded by one lock.
 """
@@ -232,6 +233,7 @@ class S3Backend:
         self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._ahead = ThreadPoolExecutor(max(1, max_requests // 2), thread_name_prefix="chronicle-s3-ahead")
         self._ahead_queued: set[tuple[str, int]] = set()
+        self._uploads = ThreadPoolExecutor(max(1, max_requests // 2), thread_name_prefix="chronicle-s3-upload")
         self._closed = False
         self._lock_fd = os.open(self.cache_dir / "cache.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode)
         try:
@@ -309,6 +311,20 @@ class S3Backend:
         with self._lock:
             self._writers[name] = writer
         return writer
+
+    def close_writers(self, writers: Sequence[_S3Writer]) -> None:
+        """Close (upload) ``writers``, up to ``max_requests // 2`` at once;
+        every one is tried, then the first error is raised (each failed one
+        waits in the outbox, as :meth:`_S3Writer.close` says)."""
+        if len(writers) <= 1:
+            for writer in writers:
+                writer.close()
+            return
+        futures = [self._uploads.submit(writer.close) for writer in writers]
+        errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def put(self, name: str, data: Buffer) -> None:
         key = self.key(name)
@@ -629,12 +645,12 @@ class S3Backend:
         with self._lock:
             writers = list(self._writers.values())
         try:
-            for writer in writers:
-                writer.close()
+            self.close_writers(writers)
         finally:
             if not self._closed:
                 self._closed = True
                 self._ahead.shutdown(wait=True, cancel_futures=True)
+                self._uploads.shutdown(wait=True)
                 self.cache.close()
                 os.close(self._lock_fd)
 
