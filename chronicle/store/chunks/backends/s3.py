@@ -202,8 +202,9 @@ class S3Backend:
     durable_while_open = False
 
     def __init__(self, location: S3Location, cache_dir: os.PathLike | str, *, cache_size: int = DEFAULT_CACHE_SIZE,
-                 block_size: int = BLOCK_SIZE, connect_timeout: float = 3, read_timeout: float = 20, attempts: int = 4, max_requests: int = 8,
-                 client=None, file_mode: int = 0o600, dir_mode: int = 0o700):
+                 block_size: int = BLOCK_SIZE, connect_timeout: float = 3, read_timeout: float = 20,
+                 attempts: int = 4, max_requests: int = 8, client=None, file_mode: int = 0o600,
+                 dir_mode: int = 0o700):
         self.location = location
         self.cache_dir = Path(cache_dir)
         self.file_mode = file_mode
@@ -699,7 +700,9 @@ class _S3Writer:
                 return
             backend = self._backend
             try:
-                os.fdatasync(self.fd)
+                # No fdatasync: the upload makes the object durable, and until it succeeded no sync
+                # has promised its bytes (Store.sync fails with it); a killed process leaves them in
+                # the page cache, which is what close-durability asks (SPEC §3).
                 os.rename(self._path, backend.outbox_dir / self._path.name)
             except OSError as exc:
                 _no_space_or_raise(exc, f"closing {self.name}")
