@@ -1,8 +1,8 @@
 """The chunk-backend protocol: named, immutable-once-closed objects of bytes.
 
 A **backend** is the place where pack bytes live: a local directory today
-(:class:`~chronicle.store.chunks.backends.local.LocalBackend`), an S3 bucket
-later. It knows nothing of chunks, records or LMDB; the pack format
+(:class:`~chronicle.store.chunks.backends.local.LocalBackend`) or an S3 bucket
+(:class:`~chronicle.store.chunks.backends.s3.S3Backend`). It knows nothing of chunks, records or LMDB; the pack format
 (``chronicle.store.chunks.packs``) and the chunk index
 (``chronicle.store.chunks.index``) are built on top of it. The contract below
 is written method by method, as restic documents its ``Backend`` interface
