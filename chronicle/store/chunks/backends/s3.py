@@ -352,19 +352,16 @@ class S3Backend:
 
     def sync(self) -> None:
         """Upload every object in the outbox (closed ones whose upload
-        failed, and spool files of dead processes, moved there first) and
-        ``fdatasync`` the spool files of other live processes. Raises the
-        first upload's error (:class:`Unavailable`, :class:`NoSpace`) after
-        trying them all."""
+        failed, and spool files of dead processes, moved there first;
+        ``max_requests // 2`` at once) and ``fdatasync`` the spool files of
+        other live processes. Raises the first upload's error
+        (:class:`Unavailable`, :class:`NoSpace`, :class:`Exists` for a
+        collided name) after trying them all."""
         self._adopt_orphans()
-        failure = None
-        for entry in sorted(os.scandir(self.outbox_dir), key=lambda e: e.name):
-            if entry.name.startswith("."):
-                continue
-            try:
-                self._upload_outbox(entry.name.replace("+", "/"))
-            except (Unavailable, NoSpace, StoreError) as exc:
-                failure = failure or exc
+        names = sorted(e.name.replace("+", "/") for e in os.scandir(self.outbox_dir) if not e.name.startswith("."))
+        futures = [self._uploads.submit(self._upload_outbox, name) for name in names]
+        errors = [f.exception() for f in futures]
+        failure = next((e for e in errors if e is not None), None)
         if failure is not None:
             raise failure
 
