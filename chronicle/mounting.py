@@ -13,6 +13,11 @@ finish committing and syncing. Processes and mounts are asked about through
 command line (click, rich, the agent commands): the same daemon, mounted
 sooner. The agent runtime starts its workspaces' daemons this way
 (``agent_runtime.process.WorkspaceMount``; :data:`DAEMON_MODULE`).
+
+**Mount options** (``chronicle mount -o``, ``mount -t fuse.chronicle -o``):
+the FUSE and kernel options a user may add to the daemon's own
+(:data:`FUSE_OPTIONS`; ``chronicle.fs.daemon.mount_options`` adds them),
+checked by :func:`fuse_options` before anything is started.
 """
 
 from __future__ import annotations
@@ -31,6 +36,34 @@ MOUNT_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 120.0
 DAEMON_MODULE = "chronicle.mounting"      # python -m DAEMON_MODULE: a foreground daemon (main)
 
+# What a user may add to the daemon's FUSE options (fuse(8), mount(8) "FILESYSTEM-INDEPENDENT MOUNT OPTIONS"):
+# kernel mount flags libfuse passes to mount(2), and libfuse's own allow_other/allow_root. The daemon
+# always sets default_permissions, fsname, subtype and noatime; rw is the default.
+FUSE_OPTIONS = frozenset({"ro", "rw", "allow_other", "allow_root", "nosuid", "suid", "nodev", "dev", "noexec",
+                          "exec", "noatime"})
+
+
+def fuse_options(options) -> tuple[str, ...]:
+    """Check mount options given by a user (an iterable of strings, each one
+    option or a comma-separated list, as ``-o`` takes them) and return them
+    one per item, in order, without repeats and without ``rw`` (the default).
+    Raises :class:`InvalidArgument` naming an option outside
+    :data:`FUSE_OPTIONS`, or ``ro`` together with ``rw``."""
+    found: list[str] = []
+    for item in options:
+        for option in str(item).split(","):
+            option = option.strip()
+            if not option:
+                continue
+            if option not in FUSE_OPTIONS:
+                raise InvalidArgument(f"unknown mount option {option!r}: Chronicle takes "
+                                      f"{', '.join(sorted(FUSE_OPTIONS))}")
+            if option not in found:
+                found.append(option)
+    if "ro" in found and "rw" in found:
+        raise InvalidArgument("mount options 'ro' and 'rw' contradict each other")
+    return tuple(o for o in found if o != "rw")
+
 
 def _store_path(store: Path | None) -> Path:
     from chronicle.store.store import default_store_path
@@ -38,15 +71,21 @@ def _store_path(store: Path | None) -> Path:
     return Path(store).absolute() if store else default_store_path()
 
 
-def mount(store: Path | None, workspace: str, mountpoint: Path, *, foreground: bool = False) -> None:
+def mount(store: Path | None, workspace: str, mountpoint: Path, *, foreground: bool = False,
+          options: tuple[str, ...] = (), create_store: bool = True, env: dict[str, str] | None = None) -> None:
     """Mount ``workspace`` of ``store`` (default store when None; both created
-    if missing) at ``mountpoint``. Without ``foreground``, returns once the
-    mount is ready while a daemon keeps serving; with it, serves until
-    unmounted. Raises a ``ChronicleError`` with a one-line message."""
+    if missing, the store only if ``create_store``) at ``mountpoint``, with
+    the user's mount ``options`` (:func:`fuse_options`). Without
+    ``foreground``, returns once the mount is ready while a daemon keeps
+    serving (started with environment ``env``, default ours); with it, serves
+    until unmounted. Raises a ``ChronicleError`` with a one-line message
+    (:class:`~chronicle.errors.StoreNotFound` for a missing store when not
+    ``create_store``)."""
     from chronicle.fs.daemon import serve, setup_logging
     from chronicle.store.store import Store, check_workspace_name
 
     check_workspace_name(workspace)
+    options = fuse_options(options)
     store_path = _store_path(store)
     mountpoint = Path(mountpoint).absolute()
     procs.clear_stale(mountpoint)
@@ -55,15 +94,16 @@ def mount(store: Path | None, workspace: str, mountpoint: Path, *, foreground: b
     if mountpoint.exists() and not mountpoint.is_dir():
         raise InvalidArgument(f"{mountpoint} is not a directory")
     mountpoint.mkdir(parents=True, exist_ok=True)
-    with Store.open(store_path, create=True) as st:
+    with Store.open(store_path, create=create_store) as st:
         info = st.mount_info(workspace)
         if info is not None:
             raise Busy(f"workspace {workspace!r} is already mounted at {info['mountpoint']} (pid {info['pid']})")
     if foreground:
         setup_logging()
-        raise SystemExit(serve(store_path, workspace, mountpoint))
+        raise SystemExit(serve(store_path, workspace, mountpoint, options))
     log_path = store_path / "run" / f"mount-{workspace}.log"
-    proc, start = procs.spawn(procs.mount_command(store_path, workspace, mountpoint), log_path)
+    extra = ["-o", ",".join(options)] if options else []
+    proc, start = procs.spawn(procs.mount_command(store_path, workspace, mountpoint, extra), log_path, env=env)
     try:
         procs.wait_for_mount(mountpoint, proc.pid, timeout=MOUNT_TIMEOUT,
                              describe=lambda: procs.last_error(log_path, start))
@@ -116,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Serve a workspace at MOUNTPOINT (chronicle mount --foreground).")
     parser.add_argument("--store", type=Path)
     parser.add_argument("--workspace", default=DEFAULT_WORKSPACE)
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="mount options, comma-separated (chronicle mount -o)")
     parser.add_argument("--standby", action="store_true",
                         help="read {store, workspace, mountpoint, log} as one JSON line from stdin")
     parser.add_argument("mountpoint", type=Path, nargs="?")
@@ -131,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.store is None or args.mountpoint is None:
                 parser.error("give --store STORE and MOUNTPOINT (or --standby)")
             store, workspace, mountpoint = args.store, args.workspace, args.mountpoint
-        mount(store.absolute(), workspace, mountpoint.absolute(), foreground=True)
+        mount(store.absolute(), workspace, mountpoint.absolute(), foreground=True, options=tuple(args.options))
     except ChronicleError as err:
         print(f"chronicle: error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code

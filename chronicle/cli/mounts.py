@@ -1,4 +1,4 @@
-"""Stores, mounts and serving: ``init``, ``mount``, ``umount``, ``workspaces``, ``ui``."""
+"""Stores, mounts and serving: ``init``, ``mount``, ``umount``, ``install-mount-helper``, ``workspaces``, ``ui``."""
 
 from __future__ import annotations
 
@@ -73,12 +73,16 @@ def init(store: Path, backend: str, endpoint: str | None, region: str | None, ca
 @click.option("--workspace", "-w", default=mounting.DEFAULT_WORKSPACE, show_default=True, metavar="NAME",
               help="Workspace to mount (created on first mount).")
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
+@click.option("--options", "-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="Mount options: ro (the kernel refuses every change), allow_other, allow_root, "
+                   "nosuid, nodev, noexec (and their opposites).")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-def mount(store_opt: Path | None, workspace: str, foreground: bool, mountpoint: Path) -> None:
+def mount(store_opt: Path | None, workspace: str, foreground: bool, options: tuple[str, ...],
+          mountpoint: Path) -> None:
     """Mount a workspace at MOUNTPOINT."""
     store = Path(os.path.abspath(store_opt)) if store_opt is not None else None
     where = Path(os.path.abspath(mountpoint))
-    mounting.mount(store, workspace, where, foreground=foreground)
+    mounting.mount(store, workspace, where, foreground=foreground, options=options)
     if not foreground:
         click.echo(f"Mounted workspace {workspace!r} at {where}")
 
@@ -88,6 +92,27 @@ def mount(store_opt: Path | None, workspace: str, foreground: bool, mountpoint: 
 def umount(mountpoint: Path) -> None:
     """Flush and unmount MOUNTPOINT; waits for its daemon to exit."""
     mounting.umount(Path(os.path.abspath(mountpoint)))
+
+
+@cli.command("install-mount-helper")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("/sbin"), show_default=True,
+              help="Where mount(8) looks for helpers (/sbin, /sbin/fs.d, /sbin/fs).")
+@click.option("--force", is_flag=True, help="Replace a mount.fuse.chronicle this command did not write.")
+@click.option("--remove", is_flag=True, help="Remove the helper this command wrote.")
+def install_mount_helper(directory: Path, force: bool, remove: bool) -> None:
+    """Install mount.fuse.chronicle, so that `mount -t fuse.chronicle STORE#WORKSPACE MOUNTPOINT` and
+    /etc/fstab lines of type fuse.chronicle work (as root; see the README's "mount(8) and /etc/fstab")."""
+    from chronicle import mount_helper
+
+    try:
+        if remove:
+            path = mount_helper.uninstall(directory)
+            click.echo(f"Removed {path}" if path else f"No {mount_helper.PROG} of ours in {directory}")
+            return
+        path = mount_helper.install(directory, force=force)
+    except PermissionError:
+        raise StoreError(f"cannot write to {directory}: run it as root (sudo)") from None
+    click.echo(f"Installed {path} (runs {sys.executable})")
 
 
 @cli.command()

@@ -96,18 +96,43 @@ def clear_stale(mountpoint: Path) -> bool:
     return True
 
 
-def mount_options(workspace: str) -> set[str]:
-    """pyfuse3's defaults (``default_permissions``) plus ``fsname``,
-    ``subtype`` and ``noatime`` (mount.fuse3(8)); ``allow_other`` as root."""
+def fs_name(store: Path, workspace: str) -> str:
+    """The mount's source, as ``/proc/self/mounts``, ``findmnt`` and ``df``
+    show it: ``STORE#WORKSPACE``, the SOURCE ``mount.fuse.chronicle`` takes
+    (``chronicle.mount_helper``), so that ``mount -a`` finds an fstab line
+    already mounted. Written for libfuse's option parser (``fuse_opt.c``: a
+    backslash escapes the next character, ``\\ooo`` is a byte in octal) in
+    ASCII, as pyfuse3 passes options: ``,`` and ``\\`` escaped, bytes
+    outside printable ASCII in octal."""
+    out = []
+    for byte in os.fsencode(f"{os.fspath(store)}#{workspace}"):
+        char = chr(byte)
+        if char in ",\\":
+            out.append("\\" + char)
+        elif 0x20 < byte < 0x7f:
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
+def mount_options(workspace: str, extra: tuple[str, ...] = (), store: Path | None = None) -> set[str]:
+    """pyfuse3's defaults (``default_permissions``) plus ``fsname``
+    (:func:`fs_name` of ``store``; ``chronicle:WORKSPACE`` without one),
+    ``subtype`` and ``noatime`` (mount.fuse3(8)); ``allow_other`` as root;
+    and ``extra``, the user's (``chronicle.mounting.fuse_options``: ``ro``,
+    ``allow_other``, ...)."""
     options = set(pyfuse3.default_options)          # default_permissions: the kernel checks modes
-    options |= {f"fsname=chronicle:{workspace}", "subtype=chronicle", "noatime"}
+    name = fs_name(store, workspace) if store is not None else f"chronicle:{workspace}"
+    options |= {f"fsname={name}", "subtype=chronicle", "noatime", *extra}
     if os.getuid() == 0:
         options.add("allow_other")                  # other users reach it like any directory
     return options
 
 
 async def _periodic_sync(store: Store, group: GroupSync) -> None:
-    """Sync when due (``Store.needs_sync``: time, commit count, or a stale pin),
+    """Sync when due (``Store.needs_sync``: this process's commits, by time or
+    count, sooner while a GC runs; with none, the call only moves the pin on),
     through the adapter's :class:`~chronicle.fs.groupsync.GroupSync`, which
     fsync and ctl ``sync`` share: one ``Store.sync`` at a time, in a worker
     thread, and an fsync arriving meanwhile shares the next one."""
@@ -242,8 +267,10 @@ async def _main(ops: ChronicleOperations) -> None:
         nursery.cancel_scope.cancel()
 
 
-def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
-    """Mount and serve until unmounted or signalled. Returns the exit status.
+def serve(store_path: Path, workspace: str, mountpoint: Path, options: tuple[str, ...] = ()) -> int:
+    """Mount and serve until unmounted or signalled, with the user's mount
+    ``options`` beside the daemon's (:func:`mount_options`; ``ro``: the
+    kernel refuses every change with EROFS). Returns the exit status.
 
     Raises ``ChronicleError`` (before mounting) for a bad store or a
     workspace in use.
@@ -262,7 +289,7 @@ def serve(store_path: Path, workspace: str, mountpoint: Path) -> int:
     ops = ChronicleOperations(ws, store, mountpoint=str(mountpoint))
     clear_stale(mountpoint)
     try:
-        pyfuse3.init(ops, str(mountpoint), mount_options(workspace))
+        pyfuse3.init(ops, str(mountpoint), mount_options(workspace, tuple(options), store.path))
     except RuntimeError as exc:
         store.close()
         raise OSError(f"cannot mount at {mountpoint}: {exc}") from None

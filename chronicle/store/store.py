@@ -701,31 +701,39 @@ class Store:
 
     def needs_sync(self, interval: float = None, max_commits: int = None) -> bool:
         """True when a :meth:`sync` is due: this process committed and either
-        ``interval`` seconds passed or ``max_commits`` commits piled up; or
-        another process committed since our pin and ``interval`` passed.
+        ``interval`` seconds passed or ``max_commits`` commits piled up.
 
         Why commits count: until the next sync, pages freed by commits cannot
         be reused (``recovery``: the pin), so the metadata file grows by about
         20 pages per commit; syncing every few hundred commits bounds that.
-        An idle writer must refresh its pin too, or it would hold back page
-        reuse for every other process of the store; while a GC runs
-        (``gc.leases.gc_running``) an idle process moves its pin on every
-        :data:`GC_PIN_INTERVAL` seconds (:meth:`_renew_idle_pin`, no sync),
-        and a process with unsynced commits syncs that often (its pin can
-        only move with a sync), or the pages GC's commits free in between
-        could not be reused.
+        While a GC runs (``gc.leases.gc_running``), a process with unsynced
+        commits syncs every :data:`GC_PIN_INTERVAL` seconds (its pin can only
+        move with a sync), or the pages GC's commits free in between could
+        not be reused.
+
+        A process with nothing of its own to sync (an idle mount daemon, a
+        reader) never syncs here: each process syncs its own commits. It
+        only moves its pin on (:meth:`_renew_idle_pin`, no disk flush) so as
+        not to hold back page reuse for the others, and only when someone
+        committed since the pin was taken (a pin of the last txn holds no
+        page back): every ``interval`` seconds, or every
+        :data:`GC_PIN_INTERVAL` seconds while a GC runs. With no commit
+        anywhere this costs no system call (``env.info`` reads the mapped
+        meta pages), so an idle daemon's 0.1 s loop asks nothing of the disk.
         """
         interval = SYNC_INTERVAL if interval is None else interval
         max_commits = SYNC_COMMITS if max_commits is None else max_commits
-        elapsed = time.monotonic() - self._last_sync
-        gc_pin_due = time.monotonic() - self._pin_time >= GC_PIN_INTERVAL
+        now = time.monotonic()
         if self._dirty:
-            if elapsed >= interval or self._commits_since_sync >= max_commits:
+            if now - self._last_sync >= interval or self._commits_since_sync >= max_commits:
                 return True
-            return gc_pin_due and gc_running(self.run_dir)     # a sync moves the pin: GC's freed pages come back
-        if gc_pin_due and gc_running(self.run_dir):
-            self._renew_idle_pin()      # a GC frees pages: the pin must not keep them from it
-        return elapsed >= interval and self.env.info()["last_txnid"] > self._pin.id()
+            # a sync moves the pin: GC's freed pages come back
+            return now - self._pin_time >= GC_PIN_INTERVAL and gc_running(self.run_dir)
+        if self.env.info()["last_txnid"] > self._pin.id():
+            age = now - self._pin_time
+            if age >= interval or (age >= GC_PIN_INTERVAL and gc_running(self.run_dir)):
+                self._renew_idle_pin()      # a GC frees pages: the pin must not keep them from it
+        return False
 
     def read_txn(self) -> lmdb.Transaction:
         """A new LMDB read transaction (the caller ends it, ``with``). In a

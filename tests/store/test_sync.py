@@ -292,3 +292,30 @@ def test_a_metadata_only_change_synced_without_pack_bytes_survives_a_crash(tmp_p
         with pytest.raises(NotFound):
             ws2.resolve(b"old-name")
         assert fsck(st2).clean
+
+
+def test_an_idle_store_leaves_other_processes_commits_to_them_and_only_moves_its_pin(tmp_path):
+    """A store with nothing of its own to sync (an idle mount daemon) never
+    syncs for another process's commits (that process syncs them); once
+    ``interval`` has passed since its pin it moves the pin to the last
+    commit, so the pages those commits free can be reused. With no commit
+    anywhere its pin stays as it is."""
+    path = tmp_path / "store"
+    st = Store.init(path)
+    try:
+        st.sync()
+        pin, synced = st._pin, st._synced_txnid
+        assert not st.needs_sync(interval=0) and st._pin is pin          # nothing committed: nothing to move
+        script = ("import sys; from chronicle.store.store import Store; from storeutil import write\n"
+                  "st = Store.open(sys.argv[1]); ws = st.open_workspace('other', writable=True, create=True)\n"
+                  "write(ws, ws.root, b'f', b'another process'); st.sync(); st.close()\n")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
+                                                          os.environ.get("PYTHONPATH", "")]))
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
+        last = st.env.info()["last_txnid"]
+        assert last > pin.id()
+        assert not st.needs_sync(interval=3600) and st._pin is pin       # not due yet (and no gc runs)
+        assert not st.needs_sync(interval=0)
+        assert st._pin.id() == last and st._synced_txnid == synced       # moved on, nothing synced
+    finally:
+        st.close()

@@ -209,27 +209,35 @@ class ChunkStore:
             self.announce()
             self._announced = True
         with self._pending_lock:
-            losts = [self._pending.get(chunk_id) for chunk_id, _data in chunks]
+            get_pending = self._pending.get
+            losts = [get_pending(chunk_id) for chunk_id, _data in chunks]
         results: list[int | None] = [None] * len(chunks)
         todo: list[int] = []
         taken: set[bytes] = set()
+        hits: list[bytes] = []
         seen_ns = time.time_ns()
         with self._env.begin(db=self._db, buffers=True) as txn:
+            get = txn.get
             for i, (chunk_id, _data) in enumerate(chunks):
-                if chunk_id in taken or (losts[i] is not None and not self._lost(losts[i])):
+                lost = losts[i]
+                if chunk_id in taken or (lost is not None and not self._lost(lost)):
                     continue
-                raw = txn.get(chunk_id)
+                raw = get(chunk_id)
                 if raw is not None and ChunkRecord.decode(raw).refcount > 0:
-                    with self._pending_lock:
-                        self._hits.setdefault(chunk_id, seen_ns)
+                    hits.append(chunk_id)
                     continue
                 taken.add(chunk_id)
                 todo.append(i)
+            if hits:
+                with self._pending_lock:
+                    for chunk_id in hits:
+                        self._hits.setdefault(chunk_id, seen_ns)
             usable = {}
-            for i in todo:
-                base = bases[i] if bases is not None else None
-                if base is not None and compress[i] and base != chunks[i][0] and self._can_base(txn, base):
-                    usable[i] = base
+            if bases is not None:
+                for i in todo:
+                    base = bases[i]
+                    if base is not None and compress[i] and base != chunks[i][0] and self._can_base(txn, base):
+                        usable[i] = base
         encoded: dict[int, tuple[int, bytes | memoryview]] = {}
         deltas: dict[int, bytes] = {}
         for i, base in usable.items():
@@ -242,10 +250,23 @@ class ChunkStore:
         squeeze = [i for i in todo if compress[i] and i not in encoded]
         encoded.update(zip(squeeze, codec.encode_many([chunks[i][1] for i in squeeze], self._level,
                                                       sample=sample)))
+        records = []
         for i in todo:
             chunk_id, data = chunks[i]
             codec_id, payload = encoded.get(i, (codec.CODEC_RAW, data))
-            results[i] = self._append(chunk_id, data, codec_id, payload, losts[i], deltas.get(i), seen_ns)
+            records.append((chunk_id, codec_id, len(data), payload))
+        locations = self.writer.append_many(records)
+        with self._pending_lock:          # one acquisition for the batch (as _append does per chunk)
+            pending, hit_times = self._pending, self._hits
+            for i, (chunk_id, codec_id, raw_len, _payload), (pack_no, offset, stored_len) in zip(
+                    todo, records, locations):
+                if pending.get(chunk_id, losts[i]) is not losts[i]:
+                    continue      # another thread won the race; our copy is unreferenced pack space
+                base = deltas.get(i)
+                pending[chunk_id] = ChunkRecord(pack_no, offset, stored_len, raw_len, codec_id, 0, base)
+                if base is not None:
+                    hit_times.setdefault(base, seen_ns)   # GC keeps the base until the commit (lease_state)
+                results[i] = codec_id
         return results
 
     def _append(self, chunk_id: bytes, data: bytes | memoryview, codec_id: int, payload: bytes | memoryview,

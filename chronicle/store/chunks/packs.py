@@ -192,6 +192,34 @@ class PackWriter:
                 self._handoff()
             return ChunkLocation(self._pack_no, offset, len(payload))
 
+    def append_many(self, records: list[tuple[bytes, int, int, object]]) -> list[tuple[int, int, int]]:
+        """:meth:`append` of each ``(chunk_id, codec, raw_len, payload)`` of
+        ``records``, in order, under one lock acquisition (a stream's batch).
+        Returns each payload's ``(pack_no, offset, stored_len)``, as the fields
+        of a :class:`ChunkLocation`. Raises as :meth:`append`."""
+        out: list[tuple[int, int, int]] = []
+        pack = RECORD_HEADER.pack
+        head = RECORD_HEADER.size
+        with self._lock:
+            buffers = self._buffers
+            for chunk_id, codec, raw_len, payload in records:
+                stored = len(payload)
+                record_len = head + stored
+                if (self._sink is None or self._pack_no in self._lost
+                        or (self._size + record_len > self._max and self._size > PACK_HEADER.size)):
+                    self._start_pack()
+                    buffers = self._buffers
+                offset = self._size + head
+                buffers.append(pack(RECORD_MAGIC, codec, 0, raw_len, stored, chunk_id))
+                buffers.append(payload)
+                self._buffered += record_len
+                self._size = offset + stored
+                out.append((self._pack_no, offset, stored))
+                if self._buffered >= _WRITE_BUFFER:
+                    self._handoff()
+                    buffers = self._buffers
+        return out
+
     def flush(self) -> None:
         """Hand all buffered records to the backend and wait until they are
         written (survives a killed process), or lost: a write error retires

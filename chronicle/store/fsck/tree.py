@@ -23,7 +23,7 @@ from chronicle.store.meta import events, schema
 from chronicle.store.meta.journal import path_text
 from chronicle.store.meta.schema import P_CONTENT, SEQ_MAX, PathEntry
 from chronicle.store.meta.tree import TreeView
-from chronicle.store.model import Attrs
+from chronicle.store.model import Attrs, is_run, run_versions
 
 
 class TreeChecks:
@@ -46,6 +46,8 @@ class TreeChecks:
                 self.inode_min_seq[k] = seq
             try:
                 attrs = Attrs.decode(value)
+                if is_run(value):
+                    run_versions(value, seq)     # every version of a run record reads
             except Corrupt:
                 self.problem("inode-corrupt", f"workspace {self.ws_name(ws)!r}: the record of inode {ino} "
                              f"at seq {seq} is damaged", workspace=self.ws_name(ws), ino=ino, seq=seq)
@@ -227,29 +229,43 @@ class TreeChecks:
             name, seq = key[12:], None
         else:
             name, seq = schema.split_dirent_hist_key(key)
-            self.report.dirents += 1
         if ws not in self.workspaces:
+            if seq is not None:
+                self.report.dirents += 1
             self.orphans[(db, ws)] += 1
             return
         if not value:
+            if seq is not None:
+                self.report.dirents += 1
             return              # whiteout / removal
         if seq is None:
             self.live_dirs[ws].add(parent)
         try:
-            ino, _kind = schema.decode_dirent(value)
+            if seq is None:
+                entries = [(None, schema.decode_dirent(value))]
+            else:
+                entries = schema.hist_run_versions(value, seq)     # one, or every version of a run
         except struct.error:
+            if seq is not None:
+                self.report.dirents += 1
             self.problem("dirent-corrupt", f"workspace {self.ws_name(ws)!r}: the entry {path_text(name)!r} of "
                          f"directory inode {parent} is damaged", workspace=self.ws_name(ws))
             return
-        at = "" if seq is None else f" (seq {seq})"
-        table = "the current tree" if seq is None else "the tree history"
-        for what, target in (("directory", parent), ("inode", ino)):
-            if not self._has_inode(ws, target):
-                self.problem("dangling-dirent", f"workspace {self.ws_name(ws)!r}: in {table}, the entry "
-                             f"{path_text(name)!r}{at} of directory inode {parent} names {what} {target}, which has "
-                             "no record", workspace=self.ws_name(ws), parent=parent, name=path_text(name), ino=ino,
-                             seq=seq)
-                return
+        if seq is not None:
+            self.report.dirents += len(entries)
+        for at_seq, entry in entries:
+            if entry is None:
+                continue
+            ino = entry[0]
+            at = "" if at_seq is None else f" (seq {at_seq})"
+            table = "the current tree" if at_seq is None else "the tree history"
+            for what, target in (("directory", parent), ("inode", ino)):
+                if not self._has_inode(ws, target):
+                    self.problem("dangling-dirent", f"workspace {self.ws_name(ws)!r}: in {table}, the entry "
+                                 f"{path_text(name)!r}{at} of directory inode {parent} names {what} {target}, which "
+                                 "has no record", workspace=self.ws_name(ws), parent=parent, name=path_text(name),
+                                 ino=ino, seq=at_seq)
+                    return
 
     def _report_missing_contents(self) -> None:
         has_content = self.content_refcounts.keys()

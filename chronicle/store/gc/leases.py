@@ -396,9 +396,13 @@ def gc_running(run_dir: Path) -> bool:
     live process (:class:`GcLock`; a killed GC's pid names none). Reads the
     file without locking it (a probe ``flock`` could make a GC starting at
     that moment fail with :class:`Busy`). ``Store.needs_sync`` asks it to
-    renew an idle pin sooner while a GC frees pages."""
+    renew an idle pin sooner while a GC frees pages. No GC running (the
+    file empty or missing) costs one ``stat``."""
+    path = Path(run_dir) / "gc.lock"
     try:
-        with open(Path(run_dir) / "gc.lock", "rb") as f:
+        if os.stat(path).st_size == 0:       # GcLock.release empties it
+            return False
+        with open(path, "rb") as f:
             text = f.read(32)
     except OSError:
         return False

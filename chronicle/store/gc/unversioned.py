@@ -142,9 +142,13 @@ def plan_workspace(store: Store, record: WorkspaceRecord, txn: lmdb.Transaction,
                 if not value:
                     continue
                 parent = schema.U64.unpack_from(key, 4)[0]
-                ino, kind = schema.decode_dirent(value)
-                links.setdefault(ino, []).append((parent, bytes(key[12:-9]), kind))
-                link_keys.setdefault(ino, []).append(bytes(key))
+                name, first = schema.split_dirent_hist_key(key)
+                for seq, entry in schema.hist_run_versions(value, first):    # (a run: each of its versions)
+                    if entry is None:
+                        continue
+                    ino, kind = entry
+                    links.setdefault(ino, []).append((parent, bytes(name), kind))
+                    link_keys.setdefault(ino, []).append(schema.dirent_hist_key(ws, parent, bytes(name), seq))
                 children.setdefault(parent, set()).add(ino)
     paths: dict[int, set[bytes] | None] = {record.root: {b""}}
 
@@ -444,6 +448,7 @@ def _drop_inode(txn: lmdb.Transaction, dbs: dict, plan: UnversionedPlan, item: D
 def _link_keys(txn: lmdb.Transaction, dbs: dict, plan: UnversionedPlan, ino: int) -> list[bytes]:
     out = []
     for key in plan.links.get(ino, ()):
+        split_hist_run(txn, dbs["dirent_hist"], key)
         value = txn.get(key, db=dbs["dirent_hist"])
         if value and schema.decode_dirent(value)[0] == ino:
             out.append(key)
@@ -457,6 +462,24 @@ def _path_keys(txn: lmdb.Transaction, dbs: dict, plan: UnversionedPlan, ino: int
         if value is not None and int.from_bytes(value[_ENTRY_INO:_ENTRY_INO + 8], "little") == ino:
             out.append(key)
     return out
+
+
+def split_hist_run(txn: lmdb.Transaction, hist, key: bytes) -> None:
+    """If the version of the ``dirent_hist`` key ``key`` is inside a run
+    (``schema.encode_hist_run``: under its key or an older one), write that
+    run's versions back as records of their own (the form stores before runs
+    hold), so that one link can be taken out alone."""
+    with txn.cursor(db=hist) as cur:
+        if not cur.set_range(key) or cur.key()[:-8] != key[:-8] or len(cur.key()) != len(key):
+            return
+        run_key, value = bytes(cur.key()), bytes(cur.value())
+    if not schema.is_hist_run(value):
+        return
+    ws, parent = schema.U32.unpack_from(run_key)[0], schema.U64.unpack_from(run_key, 4)[0]
+    name, first = schema.split_dirent_hist_key(run_key)
+    for seq, entry in schema.hist_run_versions(value, first):
+        txn.put(schema.dirent_hist_key(ws, parent, name, seq), b"" if entry is None else schema.encode_dirent(*entry),
+                db=hist)
 
 
 def _unlink_history(txn: lmdb.Transaction, hist, key: bytes, has_parent: bool) -> None:

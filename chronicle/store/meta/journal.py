@@ -66,6 +66,7 @@ from chronicle.store.meta import events, schema
 from chronicle.store.meta.events import iso_time
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_DIR, P_GONE, P_UNVERSIONED, PathEntry,
                                          PathHead)
+from chronicle.store import model
 from chronicle.store.model import Attrs
 
 if TYPE_CHECKING:               # history.paths reads what this module writes (and imports it): a cycle at runtime
@@ -136,7 +137,40 @@ class EventWriter:
         reference on its content (the empty content is never freed and not counted)."""
         if attrs.content and attrs.content != EMPTY_CONTENT_ID:
             self.addref_content(attrs.content)
-        self.txn.put(schema.inode_key(self.ws, ino, self.seq), attrs.encode(), db=self.dbs["inodes"])
+        key = schema.inode_key(self.ws, ino, self.seq)
+        if not attrs.content:
+            self._fold_previous(ino, key)
+        self.txn.put(key, attrs.encode(), db=self.dbs["inodes"])
+
+    def _fold_previous(self, ino: int, key: bytes) -> None:
+        """Before a new record of ``ino`` without content goes in at ``key``: its
+        record before this seq, the newest until now, joins the run record just
+        older than it (``model.run_append``), or becomes a run of one that the
+        next versions join (while only its times and link count change). So a
+        directory's versions take one record per ``model.RUN_MAX_BYTES`` of run
+        (~60 versions), and the newest stays a record of its own
+        (gc and salvage read it as one). Records with content are left alone."""
+        db = self.dbs["inodes"]
+        prefix = key[:12]
+        with self.txn.cursor(db=db) as cur:
+            if not cur.set_range(key):
+                return
+            prev_key = bytes(cur.key())
+            if prev_key == key or prev_key[:12] != prefix:
+                return                  # folded at this seq's first record already, or a new inode
+            prev_raw = bytes(cur.value())
+            if model.is_run(prev_raw) or model.inode_content(prev_raw):
+                return
+            prev_seq = schema.inode_key_seq(prev_key)
+            prev = Attrs.decode(prev_raw)
+            if cur.next() and cur.key()[:12] == prefix and model.is_run(cur.value()):
+                run_key = bytes(cur.key())
+                joined = model.run_append(bytes(cur.value()), schema.inode_key_seq(run_key), prev_seq, prev)
+                if joined is not None:
+                    self.txn.put(run_key, joined, db=db)
+                    self.txn.delete(prev_key, db=db)
+                    return
+        self.txn.put(prev_key, model.encode_run(prev), db=db)
 
     def addref_content(self, content_id: bytes) -> None:
         """Count one more reference on content ``content_id``. Raises
@@ -159,7 +193,7 @@ class EventWriter:
         from this seq on: the head table and its history."""
         value = schema.encode_dirent(ino, kind)
         self.txn.put(schema.dirent_key(self.ws, parent, name), value, db=self.dbs["dirents"])
-        self.txn.put(schema.dirent_hist_key(self.ws, parent, name, self.seq), value, db=self.dbs["dirent_hist"])
+        self._put_hist(parent, name, value)
 
     def del_dirent(self, parent: int, name: bytes) -> None:
         """Remove ``parent/name`` from this seq on (a whiteout in a fork, which
@@ -169,7 +203,34 @@ class EventWriter:
             self.txn.put(key, b"", db=self.dbs["dirents"])    # whiteout over the parent's entry
         else:
             self.txn.delete(key, db=self.dbs["dirents"])
-        self.txn.put(schema.dirent_hist_key(self.ws, parent, name, self.seq), b"", db=self.dbs["dirent_hist"])
+        self._put_hist(parent, name, b"")
+
+    def _put_hist(self, parent: int, name: bytes, value: bytes) -> None:
+        """The ``dirent_hist`` record of ``parent/name`` at this seq. The name's
+        record before it, its newest until now, first joins the run just older
+        than it (``schema.hist_run_append``) or becomes a run of one that the
+        next join: a name's history takes one record per
+        ``schema.HIST_RUN_MAX_BYTES`` of run, and its newest stays a record of its own."""
+        db = self.dbs["dirent_hist"]
+        key = schema.dirent_hist_key(self.ws, parent, name, self.seq)
+        prefix = key[:-8]
+        with self.txn.cursor(db=db) as cur:
+            if cur.set_range(key) and cur.key()[:-8] == prefix and len(cur.key()) == len(key) and cur.key() != key:
+                prev_key, prev = bytes(cur.key()), bytes(cur.value())
+                prev_seq = schema.split_dirent_hist_key(prev_key)[1]
+                if not schema.is_hist_run(prev):
+                    joined = None
+                    if cur.next() and cur.key()[:-8] == prefix and len(cur.key()) == len(key) \
+                            and schema.is_hist_run(cur.value()):
+                        run_key = bytes(cur.key())
+                        joined = schema.hist_run_append(bytes(cur.value()), schema.split_dirent_hist_key(run_key)[1],
+                                                        prev_seq, schema.decode_dirent(prev))
+                    if joined is not None:
+                        self.txn.put(run_key, joined, db=db)
+                        self.txn.delete(prev_key, db=db)
+                    else:
+                        self.txn.put(prev_key, schema.encode_hist_run([(prev_seq, schema.decode_dirent(prev))]), db=db)
+        self.txn.put(key, value, db=db)
 
     # -- the log line --------------------------------------------------------------
 

@@ -95,6 +95,11 @@ class PageWalk:
         self._named: dict[bytes, tuple] | None = None
         self._want: tuple[bytes | None, bytes | None] = (None, None)
 
+    @property
+    def memory(self) -> mmap.mmap | bytes:
+        """The file, mapped read-only (``b""`` if it is empty)."""
+        return self._map
+
     def close(self) -> None:
         if isinstance(self._map, mmap.mmap):
             self._map.close()
@@ -170,7 +175,7 @@ class PageWalk:
                 raise PageDamage(f"page {pgno} is out of the tree")
             seen.add(pgno)
             kind = P_LEAF if depth == 1 else P_BRANCH
-            nodes = self._nodes(pgno, kind)
+            nodes = self.nodes(pgno, kind)
         except PageDamage as exc:
             self._damage(name, lo, hi, str(exc))
             return
@@ -216,7 +221,7 @@ class PageWalk:
             self._yield_key(key)
             yield key, value, flags
 
-    def _nodes(self, pgno: int, kind: int) -> list[tuple[int, int, int, int, int]]:
+    def nodes(self, pgno: int, kind: int) -> list[tuple[int, int, int, int, int]]:
         """``(offset, mn_lo, mn_hi, mn_flags, mn_ksize)`` of every node of page
         ``pgno``, checked to lie inside it. Raises :class:`PageDamage`."""
         base = pgno * self.page_size
@@ -248,6 +253,11 @@ class PageWalk:
 
     def _overflow(self, at: int, size: int) -> bytes:
         (first,) = struct.unpack_from("<Q", self._map, at)
+        return self.overflow(first, size)
+
+    def overflow(self, first: int, size: int) -> bytes:
+        """The ``size`` bytes of a value held in the overflow pages from page
+        ``first`` on, checked to lie in the file. Raises :class:`PageDamage`."""
         if not 2 <= first <= self.last_pg or first >= self.pages:
             raise PageDamage(f"overflow page {first} is out of the file")
         base = first * self.page_size

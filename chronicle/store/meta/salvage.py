@@ -274,7 +274,14 @@ class _Deriver:
                     head_key = key[:-9]
                     if head_key != current and _in(head_key, rng):
                         current = head_key              # the newest record of this name comes first
-                        self._put_head(head_key, bytes(cur.value()))
+                        value = bytes(cur.value())
+                        if schema.is_hist_run(value):   # (its own newest record was lost: the run's newest)
+                            try:
+                                entry = schema.hist_run_versions(value, schema.split_dirent_hist_key(key)[1])[-1][1]
+                            except struct.error:
+                                entry = None
+                            value = schema.encode_dirent(*entry) if entry is not None else b""
+                        self._put_head(head_key, value)
                 ok = cur.next()
 
     def _put_head(self, head_key: bytes, value: bytes) -> None:
@@ -324,11 +331,16 @@ class _Deriver:
             while ok and cur.key()[:12] == prefix:
                 key, value = bytes(cur.key()), bytes(cur.value())
                 ok = cur.next()
-                if len(key) < 21 or len(value) != 9:
+                if len(key) < 21 or not value:
                     continue
-                ino, kind = schema.decode_dirent(value)
-                if ino not in here:
-                    named.setdefault(ino, (schema.split_dirent_hist_key(key)[0], kind))
+                name, seq = schema.split_dirent_hist_key(key)
+                try:
+                    versions = schema.hist_run_versions(value, seq)      # (a run: every version it holds)
+                except struct.error:
+                    continue
+                for _seq, entry in versions:
+                    if entry is not None and entry[0] not in here:
+                        named.setdefault(entry[0], (name, entry[1]))
         for ino, (name, kind) in named.items():
             with self.txn.cursor(db=self.dbs["inodes"]) as cur:
                 inode = schema.inode_prefix(rec.id, ino)

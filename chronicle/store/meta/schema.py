@@ -15,9 +15,9 @@ database                key                                        value
 ``chunks``              chunk id (32)                              :class:`ChunkRecord`
 ``contents``            content id (32)                            :class:`ContentRecord`
 ``content_nodes``       node hash (32)                             refcount, height, entries (:func:`encode_node`)
-``inodes``              ws u32, ino u64, ~seq u64                  :class:`Attrs` (the inode from seq on)
+``inodes``              ws u32, ino u64, ~seq u64                  :class:`Attrs` (the inode from seq on), or a run
 ``dirents``             ws u32, parent u64, name                   ino u64 + kind u8; ``b""`` = whiteout
-``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed
+``dirent_hist``         ws u32, parent u64, name, 0x00, ~seq u64   ino u64 + kind u8; ``b""`` = removed; or a run
 ``events``              ws u32, seq u64                            one ``.chronicle/log`` line, packed (``meta.events``)
 ``paths``               ws u32, path key, 0x00, seq u64            :class:`PathEntry`
 ``path_heads``          ws u32, path key                           :class:`PathHead`
@@ -94,6 +94,34 @@ record's hash where it is the content id (flag ``_C_HASH_IS_ID``:
 packed ``paths`` fragment's ``seq`` and ``path`` where they are the key's
 (:meth:`PathEntry.encode`/:meth:`PathEntry.decode` take the key;
 ``meta.events.pack_fragment``).
+Also within format 4, with nothing older changed (new tags; every form
+written before still reads, and a store holding them goes on writing the
+new ones beside them):
+
+- an ``inodes`` record of a file whose content is the empty content (a file
+  just created) leaves the content id out (tag ``0x03``, ``model.Attrs.encode``);
+- a **run record** holds consecutive versions of an inode without content
+  (a directory's: its times change with every entry added or removed) under
+  the key of the oldest, each newer one as the changes from the oldest
+  (tag ``0x04``, ``model.encode_run``: while only its times and link count
+  change; at most ``model.RUN_MAX_BYTES``).
+  The key form is unchanged, so "the record at or before seq S" is still
+  one ``set_range``: it lands on the record whose oldest version is the
+  newest at or before S, and ``model.attrs_at`` picks the version within.
+  The journal folds the inode's previous record into the run below it when
+  it writes the next (``journal.EventWriter.put_attrs``): an inode's newest
+  record is always one of one version, which gc reads as before; records
+  with content are never folded (gc reads and rewrites them one a version);
+- a ``dirent_hist`` value may likewise be a **run** of a name's consecutive
+  records (:func:`encode_hist_run`: tag ``0x01``, never 0 or 9 bytes long;
+  at most :data:`HIST_RUN_MAX_BYTES`), read with :func:`hist_at`; the
+  name's newest record stays one of its own (the head entry's twin);
+  ``gc.unversioned`` splits a run back into records of one to take a link out;
+- a flat ``contents`` record leaves out its last extent's length where the
+  lengths add up to its size (flag ``_C_LAST_CUT``);
+- a ``chunks`` record is varints (tag ``0x02``, :meth:`ChunkRecord.encode`)
+  where that is shorter than the MessagePack form.
+
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
@@ -203,6 +231,116 @@ def decode_dirent(value: bytes) -> tuple[int, int] | None:
     if not value:
         return None
     return _DIRENT_VALUE.unpack(value)
+
+
+_HIST_RUN = 0x01
+HIST_RUN_MAX_BYTES = 256          # a dirent_hist run is at most this long (~40 versions)
+_NIL = b"\xc0"
+
+
+def is_hist_run(value: bytes) -> bool:
+    """True if the ``dirent_hist`` value ``value`` is a run (:func:`encode_hist_run`):
+    not 0 bytes (a removal) nor 9 (an entry), with the tag ``0x01``."""
+    return len(value) not in (0, _DIRENT_VALUE.size) and value[0] == _HIST_RUN
+
+
+def _hist_ints(seq_offset: int | None, entry: tuple[int, int] | None) -> bytes:
+    head = b"" if seq_offset is None else msgpack.packb(seq_offset)
+    if entry is None:
+        return head + msgpack.packb(0)
+    return head + msgpack.packb(entry[0]) + msgpack.packb(entry[1])
+
+
+def encode_hist_run(versions: list[tuple[int, tuple[int, int] | None]]) -> bytes:
+    """A **run**: consecutive ``dirent_hist`` records of one name (``(seq,
+    (ino, kind))``, or ``(seq, None)`` for a removal, oldest first) in one
+    record under the oldest one's key (issue 9 §6: one key and LMDB node for
+    up to :data:`HIST_RUN_MAX_BYTES` of records; a name's newest record stays
+    its own, as the head entry's twin). Bytes: the tag ``0x01``, then
+    MessagePack integers one after another (no array: :func:`hist_run_append`
+    concatenates): the first version's ino (0: a removal; inode numbers start
+    past 0) and, unless removed, its kind; then for each newer version its
+    seq less the key's, its ino and kind the same way. A nil (ignored) is
+    appended where the run would otherwise be 9 bytes long (the length of an
+    entry, which tells the forms apart). Raises ``ValueError`` if the seqs do
+    not rise."""
+    first = versions[0][0]
+    parts, last = [], None
+    for seq, entry in versions:
+        if last is not None and seq <= last:
+            raise ValueError("a run's seqs rise")
+        parts.append(_hist_ints(None if last is None else seq - first, entry))
+        last = seq
+    out = bytes((_HIST_RUN,)) + b"".join(parts)
+    return out + _NIL if len(out) == _DIRENT_VALUE.size else out
+
+
+def hist_run_versions(value: bytes, first_seq: int) -> list[tuple[int, tuple[int, int] | None]]:
+    """Every ``(seq, (ino, kind) or None)`` of the ``dirent_hist`` value ``value``
+    under a key of seq ``first_seq``, oldest first: one for an entry or removal,
+    every version of a run. Raises ``struct.error`` if damaged (as
+    :func:`decode_dirent` does)."""
+    if not is_hist_run(value):
+        return [(first_seq, decode_dirent(value))]
+    try:
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(memoryview(value)[1:])
+        flat = [x for x in unpacker if x is not None]
+        out = []
+        i, last = 0, -1
+        while i < len(flat):
+            offset = 0
+            if i:
+                offset = flat[i]
+                i += 1
+                if offset <= last:
+                    raise ValueError
+            last = offset
+            ino = flat[i]
+            if type(ino) is not int or type(offset) is not int or ino < 0:
+                raise ValueError
+            if ino:
+                kind = flat[i + 1]
+                if type(kind) is not int or not 0 <= kind <= 255:
+                    raise ValueError
+                out.append((first_seq + offset, (ino, kind)))
+                i += 2
+            else:
+                out.append((first_seq + offset, None))
+                i += 1
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException):
+        raise struct.error("damaged dirent_hist run") from None
+    if not out:
+        raise struct.error("damaged dirent_hist run")
+    return out
+
+
+def hist_at(value: bytes, key_seq: int, bound: int) -> tuple[int, int] | None:
+    """``(ino, kind)`` or None (removed) of the newest version at or before seq
+    ``bound`` in the ``dirent_hist`` value ``value`` under a key of seq
+    ``key_seq <= bound`` (a run may hold versions past ``bound``). Raises
+    ``struct.error`` if damaged."""
+    if not is_hist_run(value):
+        return decode_dirent(value)
+    found = None
+    for seq, entry in hist_run_versions(value, key_seq):
+        if seq > bound:
+            break
+        found = entry
+    return found
+
+
+def hist_run_append(value: bytes, key_seq: int, seq: int, entry: tuple[int, int] | None) -> bytes | None:
+    """The ``dirent_hist`` run ``value`` under a key of seq ``key_seq`` with the
+    version ``entry`` at ``seq`` appended (``seq`` past every version it holds:
+    the caller's order), without decoding it; None if ``value`` is no run or
+    the run would pass :data:`HIST_RUN_MAX_BYTES`."""
+    if not is_hist_run(value) or seq <= key_seq:
+        return None
+    out = value + _hist_ints(seq - key_seq, entry)
+    if len(out) == _DIRENT_VALUE.size:
+        out += _NIL
+    return out if len(out) <= HIST_RUN_MAX_BYTES else None
 
 
 def event_key(ws: int, seq: int) -> bytes:
@@ -346,6 +484,40 @@ class WorkspaceRecord:
 _CHUNK = struct.Struct("<QQIIBI")
 _FIXED_CHUNK_SIZES = (_CHUNK.size, _CHUNK.size + ID_SIZE)
 _PACKED_CHUNK = b"\x01"
+_VARINT_CHUNK = 0x02
+
+
+def _uvarints(values) -> bytes:
+    """Unsigned LEB128 of each of ``values`` (7 bits a byte, low first; the
+    DWARF/protobuf varint)."""
+    out = bytearray()
+    for v in values:
+        if v < 0:
+            raise ValueError("a varint is unsigned")
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def _read_uvarints(raw, pos: int, count: int) -> tuple[list[int], int]:
+    """``count`` unsigned LEB128 values from ``raw[pos:]`` and the position after
+    them. Raises ``IndexError`` if ``raw`` ends first, ``ValueError`` past 64 bits."""
+    out = []
+    for _ in range(count):
+        value = shift = 0
+        while True:
+            byte = raw[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint past 64 bits")
+        out.append(value)
+    return out, pos
 
 
 @dataclass(slots=True)
@@ -364,17 +536,33 @@ class ChunkRecord:
     base: bytes | None = None
 
     def encode(self) -> bytes:
-        """The ``chunks`` value, packed: the tag byte ``0x01``, then one MessagePack
-        array ``[pack number, offset, stored length, raw length, codec, refcount]``,
-        with the base chunk id (bin, 32 bytes) appended for a delta chunk; or the
-        fixed form (:meth:`encode_fixed`) where that is not shorter (values past
-        32 bits) or would be 29 or 61 bytes long (which read as the fixed form)."""
+        """The ``chunks`` value, in the shortest of three forms that is not 29 or
+        61 bytes long (those lengths read as the fixed form): the tag byte
+        ``0x02``, then pack number, offset, stored length, raw length, codec and
+        refcount as unsigned LEB128 varints, then the base chunk id (32 bytes) of
+        a delta chunk (pack numbers are random 48-bit numbers: 7 bytes as a
+        varint, 9 in MessagePack); the tag byte ``0x01`` and one MessagePack
+        array of the same fields, the base a bin (what stores wrote before the
+        varint form); or the fixed form (:meth:`encode_fixed`)."""
         fields = [self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount]
+        varint = bytes((_VARINT_CHUNK,)) + _uvarints(fields) + (self.base or b"")
+        if len(varint) not in _FIXED_CHUNK_SIZES and len(varint) < _CHUNK.size:
+            return varint
         if self.base is not None:
             fields.append(self.base)
         packed = _PACKED_CHUNK + msgpack.packb(fields)
         fixed = self.encode_fixed()
-        return packed if len(packed) < len(fixed) and len(packed) not in _FIXED_CHUNK_SIZES else fixed
+        best = min((f for f in (varint, packed) if len(f) not in _FIXED_CHUNK_SIZES), key=len, default=fixed)
+        return best if len(best) < len(fixed) else fixed
+
+    def encode_packed(self) -> bytes | None:
+        """The MessagePack form of :meth:`encode` (tag ``0x01``), as stores wrote it
+        before the varint form, or None where it would read as the fixed form. Tests and tools only."""
+        fields = [self.pack_no, self.offset, self.stored_len, self.raw_len, self.codec, self.refcount]
+        if self.base is not None:
+            fields.append(self.base)
+        packed = _PACKED_CHUNK + msgpack.packb(fields)
+        return packed if len(packed) not in _FIXED_CHUNK_SIZES else None
 
     def encode_fixed(self) -> bytes:
         """The fixed form (what stores before packed records hold): pack number, offset, stored and
@@ -393,6 +581,16 @@ class ChunkRecord:
             if size > _CHUNK.size:
                 record.base = bytes(raw[_CHUNK.size:])
             return record
+        if size and raw[0] == _VARINT_CHUNK:
+            try:
+                fields, pos = _read_uvarints(raw, 1, 6)
+            except (IndexError, ValueError):
+                raise Corrupt("damaged chunk index record") from None
+            if pos == size:
+                return cls(*fields)
+            if size - pos != ID_SIZE:
+                raise Corrupt("damaged chunk index record")
+            return cls(*fields, bytes(raw[pos:]))
         if not size or raw[0] != _PACKED_CHUNK[0]:
             raise Corrupt("damaged chunk index record")
         try:
@@ -413,6 +611,7 @@ _C_TREE = 2          # format 4: the record holds the root level of an extent tr
 _C_V4 = 4            # format 4: the extents are the canonical chunking and the id is the tree hash
 _C_HOLES = 8         # format 4: the content may have hole extents (its dense hash differs from its id)
 _C_HASH_IS_ID = 16   # the hash is the record's key (its content id) and is not stored (``_C_HASH`` clear)
+_C_LAST_CUT = 32     # flat: the last extent's length is not stored (it is the size less the others')
 
 
 def _hash_of(flags: int, content_id: bytes | None) -> bytes:
@@ -478,8 +677,9 @@ class ContentRecord:
         """The ``contents`` value under the key ``content_id``: size, refcount, flags, count
         (little-endian u64, u32, u8, u32); the hash if any, unless it is ``content_id``
         (flag ``_C_HASH_IS_ID``: the key gives it back; records written before it, and
-        without ``content_id``, store it); then either ids and lengths (u64 each), or
-        (``_C_TREE``) the height u8 and the root's entries."""
+        without ``content_id``, store it); then either ids and lengths (u64 each; with
+        ``content_id``, the last length left out where the lengths add up to the size:
+        flag ``_C_LAST_CUT``), or (``_C_TREE``) the height u8 and the root's entries."""
         flags = self._flags()
         digest = self.hash or b""
         if digest and content_id is not None and digest == content_id:
@@ -487,11 +687,15 @@ class ContentRecord:
         if self.height:
             head = _CONTENT_HEAD.pack(self.size, self.refcount, _C_TREE | flags, len(self.root))
             return b"".join((head, digest, bytes([self.height]), encode_entries(self.height, self.root)))
-        head = _CONTENT_HEAD.pack(self.size, self.refcount, flags, len(self.lengths))
         lengths = self.lengths if self.lengths.typecode == "Q" else array("Q", self.lengths)
         if lengths.itemsize != 8:
             raise AssertionError("array('Q') must be 64-bit")
-        return b"".join((head, digest, self.ids, lengths.tobytes()))
+        stored = lengths.tobytes()
+        if content_id is not None and len(lengths) and sum(lengths) == self.size:
+            flags |= _C_LAST_CUT
+            stored = stored[:-8]
+        head = _CONTENT_HEAD.pack(self.size, self.refcount, flags, len(self.lengths))
+        return b"".join((head, digest, self.ids, stored))
 
     def _flags(self) -> int:
         return (_C_HASH if self.hash else 0) | (_C_V4 if self.v4 else 0) | (_C_HOLES if self.holes else 0)
@@ -526,9 +730,15 @@ class ContentRecord:
         ids = bytes(raw[pos:pos + count * ID_SIZE])
         pos += count * ID_SIZE
         lengths = array("Q")
-        lengths.frombytes(raw[pos:pos + 8 * count])
-        if len(ids) != count * ID_SIZE or len(lengths) != count:
+        cut = bool(flags & _C_LAST_CUT) and count > 0
+        lengths.frombytes(raw[pos:pos + 8 * (count - cut)])
+        if len(ids) != count * ID_SIZE or len(lengths) != count - cut:
             raise Corrupt("damaged content record")
+        if cut:
+            rest = size - sum(lengths)
+            if rest < 0:
+                raise Corrupt("damaged content record")
+            lengths.append(rest)
         return cls(size, digest, ids, lengths, refcount, v4=bool(flags & _C_V4), holes=bool(flags & _C_HOLES))
 
 

@@ -66,6 +66,15 @@ def _dirent_or_damaged(value: bytes) -> tuple[int, int] | None | bool:
         return False
 
 
+def _hist_or_damaged(key: bytes, value: bytes, bound: int) -> tuple[int, int] | None | bool:
+    """:func:`schema.hist_at` of a ``dirent_hist`` record (a run's version at
+    ``bound``), or False if it is damaged."""
+    try:
+        return schema.hist_at(value, schema.split_dirent_hist_key(key)[1], bound)
+    except struct.error:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class Layer:
     """One layer of a view: workspace ``ws``'s records with seq at most ``bound``."""
@@ -148,7 +157,7 @@ class TreeView:
             prefix = schema.inode_prefix(layer.ws, ino)
             for key, value in walk.items("inodes", schema.inode_key(layer.ws, ino, layer.bound),
                                          _after_prefix(prefix)):
-                return Attrs.decode(value), schema.inode_key_seq(key)
+                return model.attrs_at(value, schema.inode_key_seq(key), layer.bound)
         if walk.damaged:
             raise Corrupt(f"the record of inode {ino} is on a damaged metadata page ({walk.damaged[0].error})")
         return None
@@ -160,8 +169,8 @@ class TreeView:
                 prefix = schema.inode_prefix(layer.ws, ino)
                 if cur.set_range(schema.inode_key(layer.ws, ino, layer.bound)):
                     key = cur.key()
-                    if key[:12] == prefix:
-                        return Attrs.decode(cur.value()), schema.inode_key_seq(key)
+                    if key[:12] == prefix:       # (a run record may hold versions past the bound)
+                        return model.attrs_at(cur.value(), schema.inode_key_seq(key), layer.bound)
         return None
 
     def need_attrs(self, txn: lmdb.Transaction, ino: int) -> Attrs:
@@ -220,7 +229,7 @@ class TreeView:
             prefix = schema.dirent_hist_prefix(layer.ws, parent, name)
             for key, value in walk.items("dirent_hist", schema.dirent_hist_key(layer.ws, parent, name, layer.bound),
                                          prefix + b"\xff" * 9):
-                found = _dirent_or_damaged(value)
+                found = _hist_or_damaged(key, value, layer.bound)
                 if found is not False:
                     return found
         if walk.damaged:
@@ -244,8 +253,8 @@ class TreeView:
                 prefix = schema.dirent_hist_prefix(layer.ws, parent, name)
                 if cur.set_range(schema.dirent_hist_key(layer.ws, parent, name, layer.bound)):
                     key = cur.key()
-                    if key[:len(prefix)] == prefix:
-                        return schema.decode_dirent(cur.value())
+                    if key[:len(prefix)] == prefix:       # (a run may hold versions past the bound)
+                        return schema.hist_at(cur.value(), schema.split_dirent_hist_key(key)[1], layer.bound)
         return None
 
     def entries(self, txn: lmdb.Transaction, parent: int) -> list[tuple[bytes, int, int]]:
@@ -292,7 +301,7 @@ class TreeView:
                     return
                 name, seq = schema.split_dirent_hist_key(key)
                 if seq <= layer.bound:
-                    yield name, schema.decode_dirent(cur.value())
+                    yield name, schema.hist_at(cur.value(), seq, layer.bound)
                     # Skip this name's older records.
                     if not cur.set_range(prefix + name + b"\x01"):
                         return
@@ -351,7 +360,7 @@ class TreeView:
             name, seq = schema.split_dirent_hist_key(key)
             if name == current or seq > layer.bound:
                 continue
-            decoded = _dirent_or_damaged(value)
+            decoded = _hist_or_damaged(key, value, layer.bound)
             if decoded is False:
                 continue
             current = name

@@ -214,3 +214,28 @@ def test_a_rotated_pack_is_closed_whole_without_a_sync(backend):
     assert later.pack_no == 0x301 and writer.open_packs() == {0x301}
     writer.close()
     assert reader.read(later) == b"new"
+
+
+def test_append_many_writes_what_appends_one_by_one_write(tmp_path):
+    """A batch appended at once (a stream's put_many) lands in the same packs
+    at the same places as one append each, sealing full packs on the way,
+    and every record reads back."""
+    batch = records(40, size=3000)
+    writers = []
+    for name in ("one", "many"):
+        backend = LocalBackend(tmp_path / name)
+        numbers = iter(range(100, 200))
+        writers.append((backend, PackWriter(backend, allocate_pack_no=lambda n=numbers: next(n),
+                                            max_pack_size=16 * 1024)))
+    (b1, one), (b2, many) = writers
+    singles = [one.append(cid, codec.CODEC_RAW, len(data), data) for cid, data in batch]
+    at_once = many.append_many([(cid, codec.CODEC_RAW, len(data), data) for cid, data in batch])
+    assert [(loc.pack_no, loc.offset, loc.stored_len) for loc in singles] == at_once
+    assert len({pack_no for pack_no, _, _ in at_once}) > 5          # several packs were filled
+    many.flush()
+    reader = PackReader(b2)
+    for (cid, data), (pack_no, offset, stored) in zip(batch, at_once):
+        assert reader.read(ChunkLocation(pack_no, offset, stored)) == data
+    for backend, writer in writers:
+        writer.close()
+        backend.close()

@@ -193,3 +193,33 @@ def test_append_after_commit_hashes_only_the_new_bytes(tmp_path, monkeypatch):
     # at most the last extent: cut again with the new bytes, and the delta base of the chunk replacing it
     assert len(set(reads)) <= 1
     store.close()
+
+
+def test_stream_chunks_equal_one_cut_of_the_whole(tmp_path, monkeypatch):
+    """Writes of every size (tiny, under and over the chunker's maximum,
+    exactly it, 1 MiB) streamed in batches give the chunks of one CDC cut of
+    the whole file: the stream cuts each large write in place and only
+    joins the bytes around write boundaries."""
+    import random
+
+    from chronicle.store.chunks.chunker import MAX_SIZE, Chunker
+    from chronicle.store.chunks.ids import hash_bytes
+    from chronicle.store.namespace.stream import Stream
+
+    monkeypatch.setattr(stream_module, "BATCH", 3 * 1024 * 1024)
+    store = Store.init(tmp_path / "store")
+    rng = random.Random(7)
+    sizes = [1, 100, MAX_SIZE - 1, MAX_SIZE, MAX_SIZE + 1, 1 << 20, 5000, 3 * MAX_SIZE, 17, 1 << 20]
+    sizes += [rng.choice([rng.randint(1, 9000), rng.randint(1, 400_000), 1 << 20]) for _ in range(40)]
+    data = blake3.blake3(b"split").digest(length=sum(sizes))
+    stream = Stream(store.chunks)
+    pos = 0
+    for n in sizes:
+        stream.append(data[pos:pos + n])
+        pos += n
+    ids, lengths = stream.finish()
+    pieces = Chunker().split(data)
+    assert list(lengths) == [len(p) for p in pieces]
+    assert ids == [hash_bytes(p) for p in pieces]
+    assert sum(lengths) == len(data) and stream.emitted == len(data)
+    store.close()
