@@ -121,6 +121,10 @@ class StoreNotFound(StoreError):
     exit_code = 2
 
 
+class Unavailable(StoreError):
+    """The store's object storage cannot be reached (it answers errors or nothing, after retries)."""
+
+
 class StoreLocked(StoreError):
     """The workspace is mounted by another process."""
 

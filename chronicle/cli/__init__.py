@@ -20,7 +20,8 @@ shared options and printing helpers; the commands are in
 :mod:`~chronicle.cli.mounts` (init, mount, umount, workspaces, ui),
 :mod:`~chronicle.cli.history` (log, show/cat, diff, blame, grep, hash),
 :mod:`~chronicle.cli.points` (receipt, restore, snapshot, snapshots, fork) and
-:mod:`~chronicle.cli.store_cmds` (policy, gc, fsck, stats), each registering
+:mod:`~chronicle.cli.store_cmds` (policy, gc, fsck, stats) and
+:mod:`~chronicle.cli.doctor` (doctor: an S3 endpoint's conformance), each registering
 on :data:`cli` when imported; ``chronicle agent ...`` is
 :mod:`chronicle.agent_cli`. Public surface: :data:`cli` and :func:`main`.
 """
@@ -28,11 +29,11 @@ on :data:`cli` when imported; ``chronicle agent ...`` is
 from __future__ import annotations
 
 from chronicle.agent_cli import agent
-from chronicle.cli import history, mounts, points, store_cmds
+from chronicle.cli import doctor, history, mounts, points, store_cmds
 from chronicle.cli.app import cli
 
 __all__ = ["cli", "main"]
-_COMMANDS = (history, mounts, points, store_cmds)      # imported for their commands, registered on cli
+_COMMANDS = (doctor, history, mounts, points, store_cmds)      # imported for their commands, registered on cli
 
 cli.add_command(agent)
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,29 +15,56 @@ import click
 from chronicle import mounting
 from chronicle.cli.app import (cli, human_size, in_mount, json_option, one_line, open_store, print_table,
                                store_options, tree_size)
-from chronicle.errors import ChronicleError, StoreError, UsageError
+from chronicle.errors import StoreError, UsageError
 from chronicle.store.store import Store
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
+
+
+def parse_size(_ctx, _param, value: str | None) -> int | None:
+    """A byte count from ``512M``, ``2G``, ``1.5GiB``, ``1000000`` (K, M, G, T are powers of 1024)."""
+    if value is None:
+        return None
+    m = _SIZE.fullmatch(value.strip())
+    if m is None:
+        raise click.BadParameter(f"not a size: {value!r} (e.g. 512M, 2G)")
+    unit = m.group(2).upper()
+    return int(float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1))
 
 
 @cli.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--backend", default="file", show_default=True, metavar="file|s3://BUCKET/PREFIX",
-              help="Where chunk data lives.")
+              help="Where chunk data lives: the store directory, or an S3-compatible bucket.")
+@click.option("--endpoint", metavar="URL", help="S3 endpoint (http(s)://HOST:PORT) of a non-AWS server.")
+@click.option("--region", metavar="REGION", help="S3 region (default: us-east-1).")
+@click.option("--cache-size", metavar="SIZE", callback=parse_size,
+              help="Local read cache of an S3 store (e.g. 512M, 4G; default 2G).")
 @click.option("--shared-group", metavar="GROUP",
               help="Share the store with GROUP's members (directories 2770, files 0660); default: private "
                    "to you (0700/0600).")
-def init(store: Path, backend: str, shared_group: str | None) -> None:
-    """Create an empty store at STORE."""
-    if backend.startswith("s3://"):
-        raise ChronicleError("the S3 backend is not available yet; use --backend file")
-    if backend != "file":
+def init(store: Path, backend: str, endpoint: str | None, region: str | None, cache_size: int | None,
+         shared_group: str | None) -> None:
+    """Create an empty store at STORE.
+
+    With --backend s3://BUCKET/PREFIX the packs live in the bucket (which must
+    exist; the prefix must hold no packs yet) and a bounded local cache keeps
+    what was read. Credentials are what the AWS tools read (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials); they are not
+    stored. `chronicle doctor --backend ...` checks an endpoint first."""
+    if backend != "file" and not backend.startswith("s3://"):
         raise UsageError(f"unknown backend {backend!r}: use 'file' or s3://BUCKET/PREFIX")
+    if backend == "file" and (endpoint or region or cache_size is not None):
+        raise UsageError("--endpoint, --region and --cache-size are for --backend s3://BUCKET/PREFIX")
     path = Path(os.path.abspath(store))
     try:
-        Store.init(path, shared_group=shared_group).close()
+        Store.init(path, backend, shared_group=shared_group, endpoint=endpoint, region=region,
+                   cache_size=cache_size).close()
     except OSError as exc:
         raise StoreError(f"cannot create a store at {path}: {one_line(exc)}") from None
-    click.echo(f"Initialized an empty Chronicle store at {path}")
+    where = f" (packs in {backend}{' at ' + endpoint if endpoint else ''})" if backend != "file" else ""
+    click.echo(f"Initialized an empty Chronicle store at {path}{where}")
 
 
 @cli.command()

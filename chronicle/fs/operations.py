@@ -55,7 +55,11 @@ goes to worker threads (``trio.to_thread.run_sync``), each kind under its own
 - ``stream_limiter`` (:data:`STREAM_WAIT_THREADS`) — writers waiting for a
   streaming file's backlog to drain (threads that block, not compute);
 - ``job_limiter`` (1) — long ctl commands (``restore --at``) run under the
-  :class:`MutationGate`.
+  :class:`MutationGate`;
+- ``fetch_limiter`` (:data:`FETCH_THREADS`) — reads of chunks a remote
+  backend (S3) does not have cached: the read runs on the loop in the
+  backend's ``cached_only`` mode, a miss is fetched in a worker, then the
+  read is tried again.
 
 A long job that changes the tree (ctl ``restore --at``) runs in a worker while
 the loop keeps answering (:class:`~chronicle.fs.gate.MutationGate`).
@@ -81,6 +85,7 @@ from chronicle.fs.errno_map import fuse_errors
 from chronicle.fs.gate import MutationGate
 from chronicle.fs.groupsync import GroupSync
 from chronicle.fs.magic import MAGIC_BASE, MagicTree
+from chronicle.store.chunks.backends.base import NotCached
 from chronicle.store.model import Actor, Attrs
 from chronicle.store.namespace.files import ReadTracker
 from chronicle.store.namespace.staging import MAX_FILE_SIZE
@@ -96,6 +101,7 @@ INLINE_COMMIT_BYTES = 256 * 1024
 BUILD_THREADS = 2          # commit builds at once (CPU: CDC, BLAKE3, zstd)
 SYNC_THREADS = 1           # Store.sync holds the LMDB writer lock: one at a time
 STREAM_WAIT_THREADS = 4    # writers blocked on a stream's backlog at once
+FETCH_THREADS = 4          # reads waiting for a remote chunk backend (S3) to fetch at once
 JOB_SWITCH_INTERVAL = 0.001  # s: the GIL switch interval while a job runs (sys.setswitchinterval)
 
 T = TypeVar("T")
@@ -153,6 +159,7 @@ class ChronicleOperations(pyfuse3.Operations):
         self.sync_limiter = trio.CapacityLimiter(SYNC_THREADS)
         self.stream_limiter = trio.CapacityLimiter(STREAM_WAIT_THREADS)
         self.job_limiter = trio.CapacityLimiter(1)
+        self.fetch_limiter = trio.CapacityLimiter(FETCH_THREADS)
         self.group_sync = GroupSync(store, self.sync_limiter)   # fsyncs arriving together share one sync
         self.gate = MutationGate()
         self.reads = ReadTracker(ws)           # the open turn's read-set (ctl turn-begin/turn-end)
@@ -601,11 +608,26 @@ class ChronicleOperations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if handle is None:
             return await self.magic.read(fh, off, size)
-        await self.gate.wait_free()            # a restore may repoint the open file's content
-        data = self.ws.files.read(handle.ino, off, size)
+        data = await self._read_file(handle.ino, off, size)
         if self.reads.active:
             self.reads.note(handle.ino, off, len(data), handle.pid)
         return data
+
+    async def _read_file(self, ino: int, off: int, size: int) -> bytes:
+        """``ws.files.read`` on the loop; with a remote chunk backend (S3:
+        ``cached_only``), what is not cached locally is fetched in a worker
+        thread (``fetch_limiter``) and the read tried again, so the loop never
+        waits for the network."""
+        cached_only = getattr(self.store.chunks.backend, "cached_only", None)
+        while True:
+            await self.gate.wait_free()        # a restore may repoint the open file's content
+            if cached_only is None:
+                return self.ws.files.read(ino, off, size)
+            try:
+                with cached_only():
+                    return self.ws.files.read(ino, off, size)
+            except NotCached as miss:
+                await trio.to_thread.run_sync(miss.fetch, limiter=self.fetch_limiter)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """FUSE_WRITE: write ``buf`` at ``off``; returns ``len(buf)`` (all of it:

@@ -5,6 +5,7 @@ Layout of a store directory::
     store.json      format version, backend, creation time, shared group (if any)
     meta/           the LMDB environment (chronicle.store.meta.schema), synced.rec
     packs/          pack files (chronicle.store.chunks.packs, kept by backends.local)
+    cache/s3/       an S3 store's spool, outbox and read cache (backends.s3; its packs are in the bucket)
     staging/        anonymous staging files of open files (O_TMPFILE)
     run/            locks, mount registrations, open-pack registrations (backends.local)
 
@@ -116,7 +117,7 @@ class Store:
         self.staging_dir = path / "staging"
         self.run_dir = path / "run"
         self.packs_dir = path / "packs"
-        backend = LocalBackend(path, file_mode=self.modes.file_mode, dir_mode=self.modes.dir_mode)
+        backend = _make_backend(path, config, self.modes)
         self.chunks = ChunkStore(env, dbs["chunks"], backend, meta_db=dbs["meta"])
         self.nodes = NodeStore(env, dbs["content_nodes"])     # extent-tree nodes (format 4)
         self.chunks.nodes = self.nodes                        # ContentMap and build_content read trees through it
@@ -150,15 +151,35 @@ class Store:
     # -- creating and opening --------------------------------------------------------
 
     @classmethod
-    def init(cls, path: os.PathLike | str, backend: str = "file", shared_group: str | None = None) -> Store:
+    def init(cls, path: os.PathLike | str, backend: str = "file", shared_group: str | None = None, *,
+             endpoint: str | None = None, region: str | None = None, cache_size: int | None = None) -> Store:
         """Create an empty store at ``path``: private (directories 0700, files
         0600), or shared with ``shared_group`` (a group name or gid:
         directories 2770, files 0660; ``chronicle.store.modes``). Raises
-        :class:`Exists` if one is there, :class:`UsageError` for an unknown group."""
+        :class:`Exists` if one is there, :class:`UsageError` for an unknown group.
+
+        ``backend`` is ``file`` (packs under ``path``) or
+        ``s3://BUCKET/PREFIX`` (``chunks.backends.s3``: packs in the bucket,
+        ``endpoint`` an ``http(s)://HOST:PORT`` URL for a non-AWS server,
+        ``region``, and ``cache_size`` bytes of local read cache). An S3
+        location is checked first (:func:`~chronicle.store.chunks.backends.s3.check_new_location`:
+        the bucket answers, the prefix holds no packs); credentials are not
+        recorded (boto3 finds them)."""
         path = Path(path)
         modes = StoreModes.shared(shared_group) if shared_group is not None else PRIVATE
-        if backend != "file":
-            raise UsageError(f"unsupported backend {backend!r} (this version supports 'file')")
+        extra = {}
+        if backend.startswith("s3://"):
+            from chronicle.store.chunks.backends import s3      # boto3 is loaded only for S3 stores
+
+            location = s3.S3Location.parse(backend, endpoint, region)
+            if (path / STORE_FILE).exists():
+                raise Exists(f"a store already exists at {path}")
+            s3.check_new_location(location)
+            extra = {"s3": {"endpoint": endpoint, "region": region,
+                            "cache_size": s3.DEFAULT_CACHE_SIZE if cache_size is None else int(cache_size)}}
+            backend = location.url
+        elif backend != "file":
+            raise UsageError(f"unsupported backend {backend!r}: use 'file' or s3://BUCKET/PREFIX")
         if (path / STORE_FILE).exists():
             raise Exists(f"a store already exists at {path}")
         if path.exists() and not path.is_dir():
@@ -170,7 +191,7 @@ class Store:
         for sub in SUBDIRS:
             modes.mkdir(path / sub)
         config = {"format": schema.FORMAT_VERSION, "backend": backend, "created": iso_time(time.time_ns()),
-                  **modes.record()}
+                  **modes.record(), **extra}
         modes.write_file(path / STORE_FILE, (json.dumps(config, indent=2) + "\n").encode())
         store = cls.open(path)
         with store.env.begin(write=True) as txn:
@@ -885,6 +906,26 @@ class Store:
             "chunks": totals["chunks"],
             "packs": len(packs),
         }
+
+
+def _make_backend(path: Path, config: dict, modes: StoreModes):
+    """The chunk backend ``store.json`` names: ``file`` (a
+    :class:`LocalBackend` on the store directory) or ``s3://BUCKET/PREFIX``
+    (an :class:`~chronicle.store.chunks.backends.s3.S3Backend` with its
+    spool, outbox and read cache in ``<store>/cache/s3``)."""
+    backend = config.get("backend", "file")
+    if backend == "file":
+        return LocalBackend(path, file_mode=modes.file_mode, dir_mode=modes.dir_mode)
+    if isinstance(backend, str) and backend.startswith("s3://"):
+        from chronicle.store.chunks.backends import s3      # boto3 is loaded only for S3 stores
+
+        options = config.get("s3") or {}
+        location = s3.S3Location.parse(backend, options.get("endpoint"), options.get("region"))
+        cache = path / "cache"
+        modes.mkdir(cache)
+        return s3.S3Backend(location, cache / "s3", cache_size=int(options.get("cache_size", s3.DEFAULT_CACHE_SIZE)),
+                            file_mode=modes.file_mode, dir_mode=modes.dir_mode)
+    raise StoreError(f"{path / STORE_FILE} names an unknown backend {backend!r}")
 
 
 def _open_files_of(ws: Workspace):

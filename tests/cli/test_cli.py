@@ -102,7 +102,11 @@ def test_init_and_init_twice(runner, tmp_path):
 
 
 def test_init_backends(runner, tmp_path):
-    fails(runner, "init", tmp_path / "s3", "--backend", "s3://bucket/prefix", code=1, match="S3 backend is not available")
+    # an S3 store is checked before anything is created (tests/s3 run the real thing against SeaweedFS)
+    fails(runner, "init", tmp_path / "s3", "--backend", "s3://bucket/prefix", "--endpoint", "http://127.0.0.1:9",
+          code=1, match="cannot reach s3://bucket/prefix at http://127.0.0.1:9|no AWS credentials")
+    fails(runner, "init", tmp_path / "s3", "--backend", "s3://Bucket/prefix", code=2, match="not a valid bucket")
+    fails(runner, "init", tmp_path / "s3", "--cache-size", "1G", code=2, match="--backend s3://")
     fails(runner, "init", tmp_path / "x", "--backend", "ftp", code=2, match="unknown backend")
     assert not (tmp_path / "s3").exists()
 

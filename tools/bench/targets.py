@@ -2,13 +2,15 @@
 
 A *target* owns one private directory (``base``) given by the bench and offers
 a directory ``root`` on its filesystem where workloads make their own fresh
-subdirectories. Three kinds:
+subdirectories. Four kinds:
 
 - ``ext4``        -- a plain directory on the local disk;
 - ``passthrough`` -- pyfuse3's ``examples/passthroughfs.py`` over a plain
   directory (``tools/passthrough.py``), the Python-FUSE baseline;
 - ``chronicle``   -- Chronicle's mount, driven through its CLI
-  (``python -m chronicle mount/umount``), with a private store in ``base``.
+  (``python -m chronicle mount/umount``), with a private store in ``base``;
+- ``chronicle-s3`` -- the same with the store's packs in a private SeaweedFS
+  bucket (``tools.seaweed``), its read cache emptied at each remount.
 
 Lifecycle: ``open()`` mounts (raises ``TargetUnavailable`` with the reason if
 it cannot), ``remount(between)`` unmounts, calls ``between()`` and mounts again
@@ -291,8 +293,57 @@ class ChronicleTarget(MountedTarget):
 
 
 
+class ChronicleS3Target(ChronicleTarget):
+    """Chronicle's mount of a store whose packs are in a SeaweedFS bucket
+    (``tools.seaweed``: a private ``weed server -s3`` on 127.0.0.1, started
+    and stopped by PID with the target). A remount also empties the store's
+    local read cache, so a read after it fetches every pack from the bucket
+    (the cold case: another machine, or an evicted cache)."""
+
+    name = "chronicle-s3"
+
+    def __init__(self, base: Path):
+        super().__init__(base)
+        self.server = None
+
+    def _env(self) -> dict[str, str]:
+        env = super()._env()
+        if self.server is not None:
+            env.update(self.server.env)
+        return env
+
+    def open(self) -> None:
+        from tools.seaweed import SeaweedServer
+        self.base.mkdir(parents=True, exist_ok=True)
+        try:
+            self.server = SeaweedServer(self.base / "seaweed").start()
+            rc, last = self._cli("init", str(self.store), "--backend", f"s3://{self.server.bucket}/bench",
+                                 "--endpoint", self.server.endpoint, timeout=MOUNT_TIMEOUT)
+            if rc != 0:
+                raise TargetUnavailable(f"`chronicle init --backend s3://...` exited with {rc}: {last}")
+        except BaseException:
+            self.close()
+            raise
+        super().open()
+
+    def remount(self, between: Callable[[], object]) -> None:
+        def wipe_then(between=between):
+            shutil.rmtree(self.store / "cache" / "s3" / "blocks", ignore_errors=True)
+            between()
+        super().remount(wipe_then)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+
+
 TARGETS: dict[str, type[Target]] = {
     "ext4": Ext4Target,
     "passthrough": PassthroughTarget,
     "chronicle": ChronicleTarget,
+    "chronicle-s3": ChronicleS3Target,
 }

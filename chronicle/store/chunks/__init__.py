@@ -16,7 +16,8 @@ Vocabulary:
 - **chunk backend** — the *place* where pack bytes live: named objects
   written once (created, appended, closed), read by byte range, listed by
   prefix, deleted, made durable (``backends``: the protocol in
-  ``backends.base``, the local directory in ``backends.local``).
+  ``backends.base``, the local directory in ``backends.local``, an S3
+  bucket with its local block cache in ``backends.s3``/``backends.cache``).
 - **extent tree** and **content hash** — a file's extent list as a
   persistent Merkle tree of nodes with content-defined boundaries, and the
   file's hash as its root (``tree``: pure functions, no LMDB; the nodes live
@@ -29,9 +30,9 @@ Vocabulary:
 
 Layers, each importing only those before it (restic's DAG)::
 
-    ids -> codec -> chunker -> tree -> backends (base, local) -> packs -> index
+    ids -> codec -> chunker -> tree -> backends (base, local, cache, s3, conformance) -> packs -> index
 
-The format is kept apart from the place so that a second backend (S3,
+The format is kept apart from the place so that the second backend (S3,
 issue 10) stores the same packs without knowing their records, and GC
 (issue 9) lists, rewrites and deletes packs through the same two layers;
 nothing above ``index`` (the namespace, fsck, the store) knows a pack path.

@@ -137,10 +137,11 @@ class PackWriter:
     :meth:`sync`.
     """
 
-    def __init__(self, backend: ChunkBackend, allocate_pack_no: Callable[[], int] = random_pack_no,
+    def __init__(self, backend: ChunkBackend, allocate_pack_no: Callable[[], int] | None = None,
                  max_pack_size: int = MAX_PACK_SIZE):
         self.backend = backend
-        self._allocate = allocate_pack_no
+        # a backend shared by many machines draws wider numbers (``backends.s3``: 62 bits)
+        self._allocate = allocate_pack_no or getattr(backend, "allocate_pack_no", random_pack_no)
         self._max = max_pack_size
         self._lock = threading.Lock()     # the current pack and its buffers
         self._sink: ObjectWriter | None = None
@@ -280,8 +281,27 @@ class PackWriter:
         self._close_sealed(sealed)
 
     def _close_sealed(self, sealed: list) -> None:
+        """Close every sealed writer — all of them even if one fails (an
+        object store's failed upload stays queued in its backend, and the
+        next sync must still find the others closed), several at once where
+        the backend can (``close_writers``: uploads) — then raise the first
+        error."""
+        first = None
+        close_all = getattr(self.backend, "close_writers", None)
+        if close_all is not None:
+            try:
+                close_all([sink for sink, _pack_no in sealed])
+            except Exception as exc:      # noqa: BLE001 - raised below, after the others
+                first = exc
+        else:
+            for sink, _pack_no in sealed:
+                try:
+                    sink.close()
+                except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                    first = first or exc
+        if first is not None:
+            raise first
         for sink, pack_no in sealed:
-            sink.close()
             with self._cond:
                 lost = self._lost.get(pack_no)
             if lost is not None and lost[0] <= PACK_HEADER.size:

@@ -1,8 +1,8 @@
 """The chunk-backend protocol: named, immutable-once-closed objects of bytes.
 
 A **backend** is the place where pack bytes live: a local directory today
-(:class:`~chronicle.store.chunks.backends.local.LocalBackend`), an S3 bucket
-later. It knows nothing of chunks, records or LMDB; the pack format
+(:class:`~chronicle.store.chunks.backends.local.LocalBackend`) or an S3 bucket
+(:class:`~chronicle.store.chunks.backends.s3.S3Backend`). It knows nothing of chunks, records or LMDB; the pack format
 (``chronicle.store.chunks.packs``) and the chunk index
 (``chronicle.store.chunks.index``) are built on top of it. The contract below
 is written method by method, as restic documents its ``Backend`` interface
@@ -36,8 +36,8 @@ same call gives the same answer until something else changes the store):
 - :class:`~chronicle.errors.InvalidArgument` — a malformed name.
 
 Anything else (``OSError`` such as ``EIO`` locally; timeouts and 5xx answers
-from an object store, *after* the backend's own retries with backoff) is
-**transient**: the store may be fine and a later retry may succeed. A
+from an object store, *after* the backend's own retries with backoff:
+:class:`~chronicle.errors.Unavailable`) is **transient**: the store may be fine and a later retry may succeed. A
 transient error from :meth:`ObjectWriter.append` leaves the writer's object
 in an unknown state: close the writer and write its records again elsewhere.
 
@@ -53,6 +53,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+__all__ = ["Buffer", "ChunkBackend", "NotCached", "ObjectInfo", "ObjectWriter"]
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -62,6 +64,22 @@ class ObjectInfo:
 
     name: str
     size: int
+
+
+class NotCached(Exception):
+    """Raised by a read inside a remote backend's ``cached_only()`` block
+    (the S3 backend's) when the bytes are not on this machine: the FUSE loop
+    must not wait for the network. :meth:`fetch` brings them in (blocking:
+    call it in a worker thread); then the read can be tried again."""
+
+    def __init__(self, name: str, fetch):
+        super().__init__(f"{name}: not in the local cache")
+        self.name = name
+        self._fetch = fetch
+
+    def fetch(self) -> None:
+        """Fetch the missing bytes into the cache (raises what a read would)."""
+        self._fetch()
 
 
 @runtime_checkable
