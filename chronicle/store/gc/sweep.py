@@ -92,7 +92,6 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
-from itertools import groupby
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -126,7 +125,9 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
     """Delete contents at refcount 0 and give back their chunk references
     (module docstring: first what a killed sweep left recorded, then pass 1,
     then pass 2). Returns ``{"contents", "logical_bytes", "chunks", "bytes"
-    (stored), "raw_bytes"}``: what it freed.
+    (stored), "raw_bytes"}``: what it freed. ``progress(phase, done, total)``
+    after each commit: ``"sweep"`` (contents) in pass 1, ``"sweep chunks"``
+    (chunk references) in pass 2.
 
     Pass 1 as ``prune.prune``: a batch is gathered in a read transaction
     (:func:`_gather`: the contents still at 0, the node and chunk references
@@ -174,12 +175,10 @@ def encode_drops(drops: Mapping[bytes, int]) -> bytes:
     """A ``gc_drops`` value: the tag byte ``0x01``, then per chunk, in id
     order, its 32-byte id and the references to give back (u32 big-endian).
     Raises ``ValueError`` for a count outside 1..2**32-1."""
-    out = bytearray(_DROPS_TAG)
-    for chunk_id, n in sorted(drops.items()):
-        if not 0 < n < 1 << 32:
-            raise ValueError(f"a recorded chunk reference count must be 1..2**32-1, not {n}")
-        out += _DROP.pack(chunk_id, n)
-    return bytes(out)
+    bad = [n for n in drops.values() if not 0 < n < 1 << 32]
+    if bad:
+        raise ValueError(f"a recorded chunk reference count must be 1..2**32-1, not {bad[0]}")
+    return _DROPS_TAG + b"".join([_DROP.pack(chunk_id, n) for chunk_id, n in sorted(drops.items())])
 
 
 def decode_drops(raw: bytes) -> Iterator[tuple[bytes, int]]:
@@ -216,6 +215,22 @@ def _record_drops(txn, dbs: dict, drops: Mapping[bytes, int]) -> None:
     txn.put(schema.U64.pack(last + 1), encode_drops(drops), db=dbs["gc_drops"], append=True)
 
 
+def _merged(records: list[tuple[bytes, bytes]], done: bytes) -> Iterator[tuple[bytes, int]]:
+    """Every chunk id past ``done`` in the ``gc_drops`` values of ``records``,
+    in id order, with its counts summed over them (``heapq.merge`` of the
+    sorted values)."""
+    last, total = None, 0
+    for chunk_id, n in heapq.merge(*(decode_drops(raw) for _k, raw in records)):
+        if chunk_id == last:
+            total += n
+            continue
+        if last is not None and last > done:
+            yield last, total
+        last, total = chunk_id, n
+    if last is not None and last > done:
+        yield last, total
+
+
 def give_back(store: Store, out: dict, progress: Progress = _no_progress) -> None:
     """Pass 2 (module docstring): give back every recorded chunk reference,
     in chunk id order, in batches of :data:`BATCH_SECONDS`, then delete the
@@ -229,9 +244,7 @@ def give_back(store: Store, out: dict, progress: Progress = _no_progress) -> Non
         done = bytes(done) if done is not None else b""
     if not records:
         return
-    merged = groupby(heapq.merge(*(decode_drops(raw) for _k, raw in records)), key=lambda e: e[0])
-    owed = ((chunk_id, sum(n for _c, n in group)) for chunk_id, group in merged)
-    todo = (entry for entry in owed if entry[0] > done)
+    todo = _merged(records, done)
     total = sum((len(raw) - 1) // _DROP.size for _k, raw in records)
     maintain = Maintain(store)
     entry = next(todo, None)
@@ -256,7 +269,7 @@ def give_back(store: Store, out: dict, progress: Progress = _no_progress) -> Non
         out["raw_bytes"] -= totals.get("unique_bytes", 0)
         given += len(batch)
         maintain()
-        progress("sweep", given, total)
+        progress("sweep chunks", given, total)
     i = 0
     while i < len(records):                     # all given back: the records go, the mark with the last
         with store.env.begin(write=True) as txn:
@@ -270,7 +283,7 @@ def give_back(store: Store, out: dict, progress: Progress = _no_progress) -> Non
             store.before_commit()
         store.note_commit()
         maintain()
-        progress("sweep", total, total)
+        progress("sweep chunks", total, total)
 
 
 @dataclass(slots=True)

@@ -50,7 +50,7 @@ def _stop_at(k: int):
     seen = [0]
 
     def progress(phase: str, _done: int, _total: int) -> None:
-        if phase == "sweep":
+        if phase.startswith("sweep"):
             seen[0] += 1
             if seen[0] == k:
                 raise Stop
