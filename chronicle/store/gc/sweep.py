@@ -28,6 +28,11 @@ reused until every process's recovery pin has passed that commit —
    batches; each batch's commit also writes how far it went (``meta`` key
    :data:`DROPS_DONE_KEY`: the last chunk id given back). Once all are
    given back, the records and the mark are deleted (the mark last).
+   Pass 2 runs at the end, and also whenever pass 1 has recorded
+   :data:`GIVE_BACK_EVERY` chunks (then pass 1 goes on): the records take
+   pages of their own until pass 2 deletes them (36 bytes a chunk: 36 MB
+   for a million), and a pass 2 over 131,072 chunks still rewrites each
+   leaf of the index it touches about once.
 
 Crash safety: a chunk's refcount counts its recorded references until they
 are given back (fsck counts ``gc_drops`` entries past the mark as uses,
@@ -110,6 +115,7 @@ THRESHOLD = 0.5             # rewrite a pack when less than half of it is live
 SETTLE_WAIT = 5.0           # seconds compaction waits for other processes' leases to show they are settled
 ROTATE_WAIT = 12.0          # seconds it waits for another process to seal a pack with dead chunks (sync + lease)
 
+GIVE_BACK_EVERY = 131_072   # pass 2 runs once pass 1 recorded this many chunks (4.5 MiB of records)
 DROPS_DONE_KEY = b"gc_drops_done"   # in meta: the last chunk id whose recorded references were given back
 _DROPS_TAG = b"\x01"
 _DROP = struct.Struct(f">{ID_SIZE}sI")
@@ -143,8 +149,12 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
             garbage = [bytes(k) for k, v in cur if k != EMPTY_CONTENT_ID and schema.content_header(v, k)[1] == 0]
     size = _FIRST_BATCH
     maintain = Maintain(store)
+    owed = 0
     i = 0
     while i < len(garbage):
+        if owed >= GIVE_BACK_EVERY:
+            give_back(store, out, progress)       # the records stay small: the file does not grow by them
+            owed = 0
         end = min(len(garbage), i + size)
         with store.env.begin() as rtxn:
             snapshot = rtxn.id()
@@ -156,8 +166,10 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
                 _apply(store, txn, work)
                 done = (work.contents, work.logical_bytes)
                 applied, n, i = True, end - i, end
+                owed += len(work.chunk_drops)
             else:                 # a commit came between: re-read each content in this transaction
-                i, done = _sweep_in(store, txn, garbage, i, end)
+                i, done, recorded = _sweep_in(store, txn, garbage, i, end)
+                owed += recorded
             add_totals(txn, dbs["meta"], logical_bytes=-done[1], contents=-done[0])
             out["contents"] += done[0]
             out["logical_bytes"] += done[1]
@@ -337,10 +349,11 @@ def _apply(store: Store, txn, work: _SweepWork) -> None:
     _record_drops(txn, dbs, work.chunk_drops)
 
 
-def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int) -> tuple[int, tuple[int, int]]:
+def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int) -> tuple[int, tuple[int, int], int]:
     """Release ``garbage[i:end]`` one by one in the write transaction
     ``txn``, re-reading each content, until :data:`BATCH_SECONDS` pass;
-    returns the index of the first not done and (contents, logical bytes) freed."""
+    returns the index of the first not done, (contents, logical bytes) freed
+    and how many chunks' references it recorded."""
     dbs = store.dbs
     start = time.monotonic()
     contents = logical = 0
@@ -359,7 +372,7 @@ def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int) -> tupl
         logical += record.size
         contents += 1
     _record_drops(txn, dbs, drops)
-    return i, (contents, logical)
+    return i, (contents, logical), len(drops)
 
 
 _FIRST_BATCH = 256            # contents gathered for the first batch (then adapted, as prune's)

@@ -43,19 +43,22 @@ def _small_batches(monkeypatch) -> None:
     monkeypatch.setattr(sweep, "next_batch_size", lambda size, n, seconds: 4)
     monkeypatch.setattr(sweep, "_GIVE_BACK_SECONDS", 0.0)
     monkeypatch.setattr(sweep, "_CLOCK_EVERY", 16)
+    monkeypatch.setattr(sweep, "GIVE_BACK_EVERY", 60)         # pass 2 runs within pass 1 too
 
 
 def _stop_at(k: int):
     """A progress callback raising after the sweep's ``k``-th commit (as a kill between two commits would)."""
     seen = [0]
+    phases: list[str] = []
 
     def progress(phase: str, _done: int, _total: int) -> None:
         if phase.startswith("sweep"):
             seen[0] += 1
+            phases.append(phase)
             if seen[0] == k:
                 raise Stop
 
-    return progress, seen
+    return progress, seen, phases
 
 
 def _owed(store) -> tuple[int, bool]:
@@ -82,7 +85,7 @@ def test_sweep_stopped_at_every_commit_then_gc_again(template, tmp_path, monkeyp
     store = Store.open(probe)
     try:
         promised = dryrun.dry_run(store, ["w"], now_ns=LATER)
-        progress, seen = _stop_at(0)
+        progress, seen, phases = _stop_at(0)
         whole = collect.collect(store, ["w"], now_ns=LATER, wait=0, progress=progress)
         assert _owed(store) == (0, False)
     finally:
@@ -90,6 +93,7 @@ def test_sweep_stopped_at_every_commit_then_gc_again(template, tmp_path, monkeyp
     assert whole["freed_bytes"] == promised["freed_bytes"] > 0
     commits = seen[0]
     assert commits > 10                                  # pass 1, pass 2 and the records' deletion: several each
+    assert "sweep" in phases[phases.index("sweep chunks"):]      # pass 2 ran within pass 1 too (GIVE_BACK_EVERY)
     states = set()
     for k in range(1, commits + 1):
         copy = tmp_path / f"k{k}"
