@@ -35,7 +35,9 @@ Checks, in order (each is a ``progress`` phase):
    its id is its hash, each extent names a chunk in the index whose length
    it agrees with. Each content counts one use of each distinct chunk it
    names, and each delta chunk so used (directly, or as the base of one)
-   one use of its base; those counts must equal the chunks' refcounts.
+   one use of its base; so does each chunk reference a gc sweep recorded
+   and has not given back yet (``gc_drops``, ``gc.sweep.pending_drops``);
+   those counts must equal the chunks' refcounts.
 4. ``inodes`` — every inode record decodes and names an existing content;
    each names one use of its content; those must equal the contents'
    refcounts (the empty content included).
@@ -114,6 +116,7 @@ from chronicle.store.fsck.report import (
     _short,
 )
 from chronicle.store.fsck.nodes import NodeChecks
+from chronicle.store.gc.sweep import pending_drops
 from chronicle.store.fsck.tree import TreeChecks
 from chronicle.store.meta import schema
 from chronicle.store.meta.schema import ChunkRecord, ContentRecord, WorkspaceRecord
@@ -609,6 +612,11 @@ class _Checker(TreeChecks, NodeChecks):
         return held
 
     def _check_chunk_refcounts(self) -> None:
+        try:                              # references a GC sweep took from deleted contents, not yet given back
+            self.chunk_uses.update(pending_drops(self.txn, self.dbs))
+        except Corrupt as exc:
+            self.problem("gc-drops-corrupt", f"the record of chunk references a gc still owes is damaged ({exc}); "
+                         "chunk refcounts may be reported wrong", error=str(exc))
         held = self._count_delta_uses()
         unused = unused_bytes = 0
         for chunk_id, rec in self.index.items():

@@ -40,6 +40,7 @@ from chronicle.store.gc.leases import DeletedFiles, LeaseInfo, read_leases
 from chronicle.store.gc.policy import DEFAULT_POLICY, Policy, VersionInfo, select
 from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry_fields, dead_record,
                                       dead_record_goes, keys_to_prune)
+from chronicle.store.gc.sweep import pending_drops
 from chronicle.store.gc.unversioned import UnversionedPlan, plan_workspace, released as unversioned_released
 from chronicle.store.meta import nodes, schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
@@ -365,8 +366,9 @@ def _keep_in_report(found: Plan, kept: set[tuple[int, bytes, int]], txn: lmdb.Tr
 def freed(store: Store, txn: lmdb.Transaction, released: dict[bytes, int], deadline: float | None = None) -> dict:
     """Contents whose refcount is 0 after giving back ``released``
     (content id -> references) — with those already at 0 — and the chunks
-    that only they use: what the sweep frees (``sweep``)."""
-    chunk_drops: dict[bytes, int] = {}
+    that only they use: what the sweep frees (``sweep``), with the chunk
+    references a killed sweep recorded and did not give back (``sweep.pending_drops``)."""
+    chunk_drops: dict[bytes, int] = pending_drops(txn, store.dbs)
     contents = 0
 
     def dead_records() -> Iterator[ContentRecord]:

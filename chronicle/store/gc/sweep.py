@@ -4,11 +4,46 @@
 and gives back what it holds (``meta.nodes.release``): a flat record one
 reference on each distinct chunk it lists, a tree root one on each node it
 lists — a node whose refcount reaches 0 is deleted too and gives back its
-children, down to the chunks of the leaves freed
-(``ChunkStore.drop_chunk_refs``); a chunk at refcount 0 is **dead**: still in the
-index and in its pack, no longer in the running totals. Batches of
-:data:`~chronicle.store.gc.prune.BATCH_SECONDS`, each record re-read in the
-batch's write transaction (a commit may have used the content again).
+children, down to the chunks of the leaves freed; a chunk at refcount 0 is
+**dead**: still in the index and in its pack, no longer in the running
+totals. Batches of :data:`~chronicle.store.gc.prune.BATCH_SECONDS`, each
+record re-read in the batch's write transaction (a commit may have used the
+content again).
+
+The sweep runs in two passes, each in one key order, so that a batch's
+commit rewrites a few adjacent B-tree leaves rather than one leaf per record
+(content ids and chunk ids are hashes: a batch's chunks are spread over the
+whole index, and every leaf a commit rewrites is a page that cannot be
+reused until every process's recovery pin has passed that commit —
+``meta.recovery``; beside a mounted store that made the metadata file grow
+4x during a gc):
+
+1. the contents, in content id order: each batch deletes its contents and
+   writes their nodes, and **records** the chunk references they held in
+   ``gc_drops`` (one record per batch, appended: key = batch number, value
+   = the chunk ids and counts in id order, :func:`encode_drops`) instead of
+   giving them back;
+2. the chunk references recorded, merged over every record in chunk id
+   order (``heapq.merge``), given back (``ChunkStore.drop_chunk_refs``) in
+   batches; each batch's commit also writes how far it went (``meta`` key
+   :data:`DROPS_DONE_KEY`: the last chunk id given back). Once all are
+   given back, the records and the mark are deleted (the mark last).
+   Pass 2 runs at the end, and also whenever pass 1 has recorded
+   :data:`GIVE_BACK_EVERY` chunks (then pass 1 goes on): the records take
+   pages of their own until pass 2 deletes them (36 bytes a chunk: 36 MB
+   for a million), and a pass 2 over 131,072 chunks still rewrites each
+   leaf of the index it touches about once.
+
+Crash safety: a chunk's refcount counts its recorded references until they
+are given back (fsck counts ``gc_drops`` entries past the mark as uses,
+:func:`pending_drops`), so a store killed at any point is consistent. A
+killed pass 1 leaves whole batches (their contents gone, their references
+recorded); a killed pass 2 leaves the mark, and the next sweep first
+finishes pass 2 (entries up to the mark are skipped: the mark is the
+largest chunk id given back, so after the last batch every entry left is
+at or below it) before it starts a new pass 1. A commit that re-uses a
+chunk meanwhile adds to its refcount, which stays above the references
+still owed.
 
 **Compaction** is restic's ``prune`` repack (``internal/repository/prune.go``:
 "repack the packs with unused blobs, copying the used blobs to new packs,
@@ -57,14 +92,16 @@ Threads: synchronous; the caller runs it off any event loop.
 
 from __future__ import annotations
 
+import heapq
 import os
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from chronicle.errors import Busy, NoSpace, NotFound
-from chronicle.store.chunks.ids import EMPTY_CONTENT_ID
+from chronicle.errors import Busy, Corrupt, NoSpace, NotFound
+from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE
 from chronicle.store.chunks.packs import PACK_HEADER, RECORD_HEADER, ChunkLocation, PackWriter, pack_name
 from chronicle.store.gc.leases import leased_packs, read_leases, request_rotation, writers_settled
 from chronicle.store.gc.prune import BATCH_SECONDS, Maintain, next_batch_size
@@ -78,6 +115,11 @@ THRESHOLD = 0.5             # rewrite a pack when less than half of it is live
 SETTLE_WAIT = 5.0           # seconds compaction waits for other processes' leases to show they are settled
 ROTATE_WAIT = 12.0          # seconds it waits for another process to seal a pack with dead chunks (sync + lease)
 
+GIVE_BACK_EVERY = 131_072   # pass 2 runs once pass 1 recorded this many chunks (4.5 MiB of records)
+DROPS_DONE_KEY = b"gc_drops_done"   # in meta: the last chunk id whose recorded references were given back
+_DROPS_TAG = b"\x01"
+_DROP = struct.Struct(f">{ID_SIZE}sI")
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -87,24 +129,32 @@ def _no_progress(_phase: str, _done: int, _total: int) -> None:
 
 def sweep(store: Store, progress: Progress = _no_progress) -> dict:
     """Delete contents at refcount 0 and give back their chunk references
-    (module docstring). Returns ``{"contents", "logical_bytes", "chunks",
-    "bytes" (stored), "raw_bytes"}``: what it freed.
+    (module docstring: first what a killed sweep left recorded, then pass 1,
+    then pass 2). Returns ``{"contents", "logical_bytes", "chunks", "bytes"
+    (stored), "raw_bytes"}``: what it freed. ``progress(phase, done, total)``
+    after each commit: ``"sweep"`` (contents) in pass 1, ``"sweep chunks"``
+    (chunk references) in pass 2.
 
-    As ``prune.prune``: a batch is gathered in a read transaction
+    Pass 1 as ``prune.prune``: a batch is gathered in a read transaction
     (:func:`_gather`: the contents still at 0, the node and chunk references
     they give back, summed per node and per chunk) and applied in a write
     transaction in key order if no commit came between; otherwise (a commit
-    may have used a content or a chunk again) the batch's contents are
-    released one by one inside the write transaction, each re-read there."""
+    may have used a content again) the batch's contents are released one by
+    one inside the write transaction, each re-read there."""
     dbs = store.dbs
+    out = {"contents": 0, "logical_bytes": 0, "chunks": 0, "bytes": 0, "raw_bytes": 0}
+    give_back(store, out, progress)               # what a killed sweep recorded and did not give back
     with store.env.begin() as txn:
         with txn.cursor(db=dbs["contents"]) as cur:
             garbage = [bytes(k) for k, v in cur if k != EMPTY_CONTENT_ID and schema.content_header(v, k)[1] == 0]
-    out = {"contents": 0, "logical_bytes": 0, "chunks": 0, "bytes": 0, "raw_bytes": 0}
     size = _FIRST_BATCH
     maintain = Maintain(store)
+    owed = 0
     i = 0
     while i < len(garbage):
+        if owed >= GIVE_BACK_EVERY:
+            give_back(store, out, progress)       # the records stay small: the file does not grow by them
+            owed = 0
         end = min(len(garbage), i + size)
         with store.env.begin() as rtxn:
             snapshot = rtxn.id()
@@ -112,26 +162,140 @@ def sweep(store: Store, progress: Progress = _no_progress) -> dict:
         applied = False
         with store.env.begin(write=True) as txn:
             start = time.monotonic()
-            totals: dict[str, int] = {}
             if txn.id() == snapshot + 1:
-                _apply(store, txn, work, totals)
+                _apply(store, txn, work)
                 done = (work.contents, work.logical_bytes)
                 applied, n, i = True, end - i, end
+                owed += len(work.chunk_drops)
             else:                 # a commit came between: re-read each content in this transaction
-                i, done = _sweep_in(store, txn, garbage, i, end, totals)
-            add_totals(txn, dbs["meta"], logical_bytes=-done[1], contents=-done[0], **totals)
+                i, done, recorded = _sweep_in(store, txn, garbage, i, end)
+                owed += recorded
+            add_totals(txn, dbs["meta"], logical_bytes=-done[1], contents=-done[0])
             out["contents"] += done[0]
             out["logical_bytes"] += done[1]
-            out["chunks"] -= totals.get("chunks", 0)
-            out["bytes"] -= totals.get("stored_bytes", 0)
-            out["raw_bytes"] -= totals.get("unique_bytes", 0)
             store.before_commit()
         if applied:               # the writer lock was held for the writes and the commit
             size = next_batch_size(size, n, time.monotonic() - start)
         store.note_commit()
         maintain()                  # syncs when due: the pin moves on, freed pages are reused
         progress("sweep", i, len(garbage))
+    give_back(store, out, progress)
     return out
+
+
+def encode_drops(drops: Mapping[bytes, int]) -> bytes:
+    """A ``gc_drops`` value: the tag byte ``0x01``, then per chunk, in id
+    order, its 32-byte id and the references to give back (u32 big-endian).
+    Raises ``ValueError`` for a count outside 1..2**32-1."""
+    bad = [n for n in drops.values() if not 0 < n < 1 << 32]
+    if bad:
+        raise ValueError(f"a recorded chunk reference count must be 1..2**32-1, not {bad[0]}")
+    return _DROPS_TAG + b"".join([_DROP.pack(chunk_id, n) for chunk_id, n in sorted(drops.items())])
+
+
+def decode_drops(raw: bytes) -> Iterator[tuple[bytes, int]]:
+    """The ``(chunk id, count)`` entries of a ``gc_drops`` value, in id order
+    (:func:`encode_drops`). Raises ``Corrupt`` for a value of another form."""
+    raw = bytes(raw)
+    if raw[:1] != _DROPS_TAG or (len(raw) - 1) % _DROP.size:
+        raise Corrupt(f"a gc_drops record has an unknown form ({len(raw)} bytes, tag {raw[:1].hex() or 'none'})")
+    return _DROP.iter_unpack(memoryview(raw)[1:])
+
+
+def pending_drops(txn, dbs: dict) -> dict[bytes, int]:
+    """The chunk references the sweep recorded and has not given back yet
+    (module docstring), read in ``txn``: chunk id -> count. Each is a use of
+    its chunk as far as refcounts go (fsck, the dry run). Raises ``Corrupt``
+    for a damaged record."""
+    done = txn.get(DROPS_DONE_KEY, db=dbs["meta"])
+    done = bytes(done) if done is not None else b""
+    owed: dict[bytes, int] = {}
+    with txn.cursor(db=dbs["gc_drops"]) as cur:
+        for _key, raw in cur:
+            for chunk_id, n in decode_drops(raw):
+                if chunk_id > done:
+                    owed[chunk_id] = owed.get(chunk_id, 0) + n
+    return owed
+
+
+def _record_drops(txn, dbs: dict, drops: Mapping[bytes, int]) -> None:
+    """Append one ``gc_drops`` record of ``drops`` (none if empty), in ``txn``."""
+    if not drops:
+        return
+    with txn.cursor(db=dbs["gc_drops"]) as cur:
+        last = schema.U64.unpack(cur.key())[0] if cur.last() else 0
+    txn.put(schema.U64.pack(last + 1), encode_drops(drops), db=dbs["gc_drops"], append=True)
+
+
+def _merged(records: list[tuple[bytes, bytes]], done: bytes) -> Iterator[tuple[bytes, int]]:
+    """Every chunk id past ``done`` in the ``gc_drops`` values of ``records``,
+    in id order, with its counts summed over them (``heapq.merge`` of the
+    sorted values)."""
+    last, total = None, 0
+    for chunk_id, n in heapq.merge(*(decode_drops(raw) for _k, raw in records)):
+        if chunk_id == last:
+            total += n
+            continue
+        if last is not None and last > done:
+            yield last, total
+        last, total = chunk_id, n
+    if last is not None and last > done:
+        yield last, total
+
+
+def give_back(store: Store, out: dict, progress: Progress = _no_progress) -> None:
+    """Pass 2 (module docstring): give back every recorded chunk reference,
+    in chunk id order, in batches of :data:`BATCH_SECONDS`, then delete the
+    records; adds what died to ``out`` (``"chunks"``, ``"bytes"``,
+    ``"raw_bytes"``). Raises ``Corrupt`` for a damaged record or a refcount
+    that would go negative."""
+    dbs = store.dbs
+    with store.env.begin() as txn:             # copied out: no snapshot is held while the batches commit
+        records = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=dbs["gc_drops"])]
+        done = txn.get(DROPS_DONE_KEY, db=dbs["meta"])
+        done = bytes(done) if done is not None else b""
+    if not records:
+        return
+    todo = _merged(records, done)
+    total = sum((len(raw) - 1) // _DROP.size for _k, raw in records)
+    maintain = Maintain(store)
+    entry = next(todo, None)
+    given = 0
+    while entry is not None:
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            batch: dict[bytes, int] = {}
+            while entry is not None and (not batch or len(batch) % _CLOCK_EVERY
+                                         or time.monotonic() - start < _GIVE_BACK_SECONDS):
+                batch[entry[0]] = entry[1]
+                entry = next(todo, None)
+            totals: dict[str, int] = {}
+            store.chunks.drop_chunk_refs(txn, batch, totals)     # in id order: adjacent leaves
+            txn.put(DROPS_DONE_KEY, max(batch), db=dbs["meta"])
+            if totals:
+                add_totals(txn, dbs["meta"], **totals)
+            store.before_commit()
+        store.note_commit()
+        out["chunks"] -= totals.get("chunks", 0)
+        out["bytes"] -= totals.get("stored_bytes", 0)
+        out["raw_bytes"] -= totals.get("unique_bytes", 0)
+        given += len(batch)
+        maintain()
+        progress("sweep chunks", given, total)
+    i = 0
+    while i < len(records):                     # all given back: the records go, the mark with the last
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            first = i
+            while i < len(records) and (i == first or time.monotonic() - start < _GIVE_BACK_SECONDS):
+                txn.delete(records[i][0], db=dbs["gc_drops"])
+                i += 1
+            if i == len(records):
+                txn.delete(DROPS_DONE_KEY, db=dbs["meta"])
+            store.before_commit()
+        store.note_commit()
+        maintain()
+        progress("sweep chunks", total, total)
 
 
 @dataclass(slots=True)
@@ -168,8 +332,9 @@ def _gather(txn, dbs: dict, ids: list[bytes]) -> _SweepWork:
     return work
 
 
-def _apply(store: Store, txn, work: _SweepWork, totals: dict[str, int]) -> None:
-    """Write a gathered batch, each database's changes in key order."""
+def _apply(store: Store, txn, work: _SweepWork) -> None:
+    """Write a gathered batch, each database's changes in key order; its
+    chunk references are recorded (:func:`_record_drops`), given back later."""
     dbs = store.dbs
     with txn.cursor(db=dbs["contents"]) as cur:
         for content_id in sorted(work.deletes):
@@ -181,17 +346,18 @@ def _apply(store: Store, txn, work: _SweepWork, totals: dict[str, int]) -> None:
                 cur.put(key, value)
             elif cur.set_key(key):
                 cur.delete()
-    store.chunks.drop_chunk_refs(txn, work.chunk_drops, totals)
+    _record_drops(txn, dbs, work.chunk_drops)
 
 
-def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int,
-              totals: dict[str, int]) -> tuple[int, tuple[int, int]]:
+def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int) -> tuple[int, tuple[int, int], int]:
     """Release ``garbage[i:end]`` one by one in the write transaction
     ``txn``, re-reading each content, until :data:`BATCH_SECONDS` pass;
-    returns the index of the first not done and (contents, logical bytes) freed."""
+    returns the index of the first not done, (contents, logical bytes) freed
+    and how many chunks' references it recorded."""
     dbs = store.dbs
     start = time.monotonic()
     contents = logical = 0
+    drops: dict[bytes, int] = {}
     while i < end and time.monotonic() - start < BATCH_SECONDS:
         content_id = garbage[i]
         i += 1
@@ -200,14 +366,18 @@ def _sweep_in(store: Store, txn, garbage: list[bytes], i: int, end: int,
             continue              # used again since the scan
         record = ContentRecord.decode(raw, content_id)
         held, _freed_nodes = nodes.release(txn, dbs["content_nodes"], record)    # root -> nodes -> chunks
-        store.chunks.drop_chunk_refs(txn, held, totals)
+        for chunk_id, n in held.items():
+            drops[chunk_id] = drops.get(chunk_id, 0) + n
         txn.delete(content_id, db=dbs["contents"])
         logical += record.size
         contents += 1
-    return i, (contents, logical)
+    _record_drops(txn, dbs, drops)
+    return i, (contents, logical), len(drops)
 
 
 _FIRST_BATCH = 256            # contents gathered for the first batch (then adapted, as prune's)
+_CLOCK_EVERY = 64             # pass 2 reads the clock every this many chunks
+_GIVE_BACK_SECONDS = BATCH_SECONDS      # pass 2's batches (at least one chunk, or one record deleted)
 
 
 @dataclass(slots=True)
@@ -436,22 +606,22 @@ def _repoint(store: Store, moved: list[tuple[bytes, ChunkRecord, ChunkLocation]]
     maintain = Maintain(store)
     i = 0
     while i < len(items):
-        with store.env.begin(write=True) as txn:
+        with store.env.begin(write=True) as txn, txn.cursor(db=db) as cur:
             start = time.monotonic()
             while i < len(items) and time.monotonic() - start < BATCH_SECONDS:
                 chunk_id, old, location = items[i]
                 i += 1
-                raw = txn.get(chunk_id, db=db)
-                if raw is None:
+                if not cur.set_key(chunk_id):
                     continue
-                now = ChunkRecord.decode(raw)
+                now = ChunkRecord.decode(cur.value())     # read once: the cursor is on it for the write
                 if old is None:
                     if now.refcount:
                         ok = False            # revived since the scan: its bytes stay where they are
                     else:
-                        store.chunks.forget(txn, chunk_id)
+                        cur.delete()          # (ChunkStore.forget, without looking it up again)
                 elif (now.pack_no, now.offset) == (old.pack_no, old.offset):
-                    store.chunks.relocate(txn, chunk_id, location)
+                    now.pack_no, now.offset, now.stored_len = location.pack_no, location.offset, location.stored_len
+                    cur.put(chunk_id, now.encode())     # (ChunkStore.relocate, keeping the refcount read here)
             store.before_commit()
         store.note_commit()
         maintain()                # syncs when due or the file grew: the pin moves on, freed pages are reused

@@ -33,6 +33,7 @@ database                key                                        value
 ``receipt_entries``     ws u32, dir ino u64                        a large directory's latest receipt entries
 ``receipt_hashes``      content id (32)                            dense content hash of a sparse or format-3 content (receipts)
 ``turn_reads``          ws u32, agent, 0x00, turn u32, index u32   JSON: one file read of the turn (``history.reads``)
+``gc_drops``            batch u64                                  chunk references a GC sweep still owes (``gc.sweep``)
 ======================  =========================================  ==========================================
 
 A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
@@ -125,6 +126,12 @@ new ones beside them):
 GC may fold a run of ``events`` lines of ignored paths into one JSON summary
 line (``"event": "dropped"``, ``"through"``: the run's last seq; ``gc.unversioned``):
 the seqs it covers have no record of their own.
+``gc_drops`` (added within format 4; a store without it gets it empty when
+opened) holds the chunk references a GC sweep took from deleted contents and
+has not yet given back to ``chunks``: a tag byte ``0x01``, then 36-byte
+entries (chunk id, count u32 big-endian) in chunk id order; the applied
+prefix is named by ``meta`` key ``gc_drops_done`` (``gc.sweep``). fsck counts
+these entries as uses.
 Beside the LMDB file, the record of the last sync moved from ``synced.json``
 (rewritten through a rename) to ``synced.rec`` (two CRC'd slots rewritten in
 place, ``meta.recovery.record_synced``); a ``synced.json`` is still read.
@@ -155,7 +162,7 @@ SEQ_MAX = (1 << 64) - 1
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "content_nodes", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
              "agents", "agent_turns", "agent_states", "agent_steps", "policies", "receipts", "receipt_dirs",
-             "receipt_entries", "receipt_hashes", "turn_reads")
+             "receipt_entries", "receipt_hashes", "turn_reads", "gc_drops")
 
 # meta keys
 META_FORMAT = b"format"
