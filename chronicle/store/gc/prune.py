@@ -309,19 +309,27 @@ _ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, a
 _MARK_HEAD = struct.Struct("<BQII")            # flags, ino, origin and path lengths (PathEntry.encode's head)
 
 
-def content_entry_fields(raw: bytes, key: bytes) -> tuple[int, bytes, bytes, bytes]:
+def content_entry_fields(raw: bytes, key: bytes, packed: bool = False) -> tuple[int, bytes, bytes, bytes]:
     """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
     stored under ``key`` (``PathEntry.decode``'s fields, without building one
-    where it is text: plan reads millions)."""
-    if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):    # cut or packed (schema.PathEntry.encode)
+    where it is text: plan reads millions). ``packed``: a packed fragment is
+    given as stored (``events.pack_fragment``'s bytes, starting with
+    ``events.PACKED``: ``events.fragment_facts`` reads it) instead of rendered."""
+    flags = raw[0]
+    if flags & P_HASH_CUT or (schema.entry_is_packed(raw) and not packed):    # cut or packed (PathEntry.encode)
         entry = PathEntry.decode(raw, key)
         return entry.ino, entry.content, entry.path, entry.fragment
     ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
     start = _ENTRY_HEAD + ID_SIZE + origin_len
     if start + path_len > len(raw):
         raise ValueError("damaged path entry")
-    return (ino, bytes(raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE]), bytes(raw[start:start + path_len]),
-            bytes(raw[start + path_len:]))
+    fragment = bytes(raw[start + path_len:])
+    if fragment[:1] == _TEXT_TAG:                  # text behind the tag (PathEntry.encode)
+        fragment = fragment[1:]
+    return (ino, bytes(raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE]), bytes(raw[start:start + path_len]), fragment)
+
+
+_TEXT_TAG = b"\x02"
 
 
 def _marked_entry(raw: bytes, key: bytes, seq: int = 0, marked_line: bytes | None = None) -> bytes:
@@ -479,7 +487,7 @@ class _Work:
 
     start: int
     end: int = 0
-    puts: dict[str, dict[bytes, bytes]] = field(default_factory=lambda: {"inodes": {}, "contents": {}})
+    puts: dict[str, dict[bytes, bytes]] = field(default_factory=lambda: {"inodes": {}, "paths": {}, "contents": {}})
     marks: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)     # (ws, path) -> seqs to mark
     released: dict[bytes, int] = field(default_factory=dict)
     versions: int = 0
@@ -508,7 +516,7 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
     the batch rewrites are replayed as ``rewritten``, as the dry run does)."""
     work = _Work(start, end)
     rewritten: set[bytes] = set()
-    inodes = work.puts["inodes"]
+    inodes, paths = work.puts["inodes"], work.puts["paths"]
     with txn.cursor(db=dbs["inodes"]) as cur:
         for n in range(start, end):
             cand = candidates[n]
@@ -520,6 +528,9 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
             for inode_key, raw in records:
                 inodes[inode_key] = _pruned_record(raw)
                 rewritten.add(inode_key)
+            paths[found.path_key] = _entry_mark(txn, dbs, found.path_key, cand.seq, found.entry, cand.path)
+            for seq, key, raw in found.marks:
+                paths[key] = _entry_mark(txn, dbs, key, seq, raw, cand.path)
             _add_marks(work.marks, cand, found)
             if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 work.released[cand.content] = work.released.get(cand.content, 0) + len(records)
@@ -571,6 +582,10 @@ def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate],
             records = found.records
             for inode_key, raw in records:
                 txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
+            txn.put(found.path_key, _entry_mark(txn, dbs, found.path_key, cand.seq, found.entry, cand.path),
+                    db=dbs["paths"])
+            for seq, key, raw in found.marks:
+                txn.put(key, _entry_mark(txn, dbs, key, seq, raw, cand.path), db=dbs["paths"])
             _add_marks(marks, cand, found)
             if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 released[cand.content] = released.get(cand.content, 0) + len(records)
@@ -584,9 +599,12 @@ def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate],
 
 # --- pending marks ----------------------------------------------------------------------------
 #
-# Each prune batch commits its inode records and refcounts with a record of
-# the path entries and log lines it leaves to mark (``gc_marks``); the marks
-# are written afterwards, each database in key order (:func:`finish_marks`).
+# Each prune batch commits its inode records, refcounts and path entries
+# (candidates come path by path: ``paths`` and ``inodes`` keys in order) with
+# a record of the log lines it leaves to mark (``gc_marks``): a path's events
+# are spread over the whole ``events`` database, so marking them with the
+# batch dirtied one page per line. They are marked afterwards, in key order
+# (:func:`finish_marks`).
 
 _MARKS_KEY = struct.Struct(">IQ")       # ws u32, batch number u64
 
@@ -636,13 +654,13 @@ def pending_marks(txn: lmdb.Transaction, dbs: dict) -> tuple[list[bytes], dict[i
 
 def finish_marks(store: Store, maintain: Callable[[], None] | None = None) -> int:
     """Write the pending marks (``gc_marks``, left by :func:`prune`'s batches
-    or by a GC killed before it wrote them): the log lines first, in
-    ``events`` key order, then the path entries, in ``paths`` key order, each
-    in batches of about :data:`BATCH_SECONDS` (gathered in a read
-    transaction and applied as :func:`prune` applies its batches), then the
-    records go. Marking is idempotent (a line or entry marked already stays),
-    so a killed run leaves the records and the next one writes them again.
-    Returns how many lines and entries were marked."""
+    or by a GC killed before it wrote them): the log lines, in ``events`` key
+    order, in batches of about :data:`BATCH_SECONDS` (gathered in a read
+    transaction and applied as :func:`prune` applies its batches); then the
+    records go. Marking is idempotent (a line marked already, or naming
+    another path, stays as it is), so a killed run leaves the records and the
+    next one writes what is left. ``maintain``: called after each commit
+    (default a new :class:`Maintain`). Returns how many lines were marked."""
     dbs = store.dbs
     maintain = Maintain(store) if maintain is None else maintain
     with store.env.begin() as txn:
@@ -651,14 +669,12 @@ def finish_marks(store: Store, maintain: Callable[[], None] | None = None) -> in
         return 0
     done = 0
     for ws, by_path in pending.items():
-        paths = sorted(by_path, key=lambda path: schema.path_key(ws, path, 0))
+        paths = list(by_path)
         fields = [_path_field(path) for path in paths]
         width = len(paths)
         order = sorted(seq * width + n for n, path in enumerate(paths) for seq in by_path[path])
         lines = [(schema.event_key(ws, item // width), fields[item % width]) for item in order]
         done += _mark_all(store, maintain, "events", lines, _line_mark)
-        entries = [(schema.path_key(ws, path, seq), seq) for path in paths for seq in sorted(by_path[path])]
-        done += _mark_all(store, maintain, "paths", entries, _entry_mark)
     with store.env.begin(write=True) as txn:
         for key in keys:
             txn.delete(key, db=dbs["gc_marks"])
@@ -672,20 +688,22 @@ def _line_mark(txn: lmdb.Transaction, dbs: dict, key: bytes, path_field: bytes) 
     return _marked_line(txn.get(key, db=dbs["events"]), path_field)
 
 
-def _entry_mark(txn: lmdb.Transaction, dbs: dict, key: bytes, seq: int) -> bytes | None:
-    raw = txn.get(key, db=dbs["paths"])
-    if raw is None or raw[0] & P_PRUNED or not raw[0] & P_CONTENT:
-        return None
-    line = txn.get(schema.event_key(schema.U32.unpack_from(key)[0], seq), db=dbs["events"]) \
-        if raw[0] & P_HASH_CUT else None
-    return _marked_entry(bytes(raw), key, seq, None if line is None else bytes(line))
+def _entry_mark(txn: lmdb.Transaction, dbs: dict, key: bytes, seq: int, raw: bytes, path: bytes) -> bytes:
+    """The pruned mark of the path entry ``raw`` stored under ``key`` (``seq``
+    the key's; :func:`_marked_entry`); a text entry of before packed
+    fragments (``P_HASH_CUT``) is marked from its log line's mark."""
+    line = None
+    if raw[0] & P_HASH_CUT:
+        line = _marked_line(txn.get(schema.event_key(schema.U32.unpack_from(key)[0], seq), db=dbs["events"]),
+                            _path_field(path))
+    return _marked_entry(raw, key, seq, line)
 
 
 def _mark_all(store: Store, maintain: Callable[[], None], name: str, items: list[tuple[bytes, object]],
               mark: Callable[[lmdb.Transaction, dict, bytes, object], bytes | None]) -> int:
-    """Rewrite the records of ``name`` under the keys of ``items`` (key order)
-    to ``mark(txn, dbs, key, arg)`` (None: left as it is), in batches;
-    returns how many were rewritten."""
+    """Rewrite the records of database ``name`` under the keys of ``items``
+    (``(key, arg)`` in key order) to ``mark(txn, dbs, key, arg)`` (None: left
+    as it is), in batches; returns how many were rewritten."""
     dbs = store.dbs
     size = _FIRST_BATCH
     done = i = 0
