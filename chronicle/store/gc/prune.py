@@ -35,7 +35,14 @@ gathered puts are applied only if no commit came between the two
 transactions; otherwise the write transaction checks the candidates again
 itself (:func:`prune`). Each batch re-reads the pins (leases of open
 ``at/`` handles come and go), so a killed GC leaves whole batches, and the
-next run skips what is done: pruning is idempotent. Pages a commit frees
+next run skips what is done: pruning is idempotent. A batch's log lines
+are not marked in its transaction: a path's events are spread over the
+whole ``events`` database (one leaf page dirtied per line), so the batch
+records them as **pending marks** (``gc_marks``, committed with the inode
+records) and :func:`finish_marks` marks them once every batch is done, in
+``events`` key order; a killed GC leaves the records, and the next one
+(``collect``, before it plans) marks what is left. Until then a pruned
+version's log line still shows its hash. Pages a commit frees
 are reused only once every reader older than it is gone (``Store.sync``
 moves this process's pin on): gc syncs once the metadata file grew
 :data:`SYNC_GROWTH_PAGES` pages (:class:`Maintain`).
