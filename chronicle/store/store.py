@@ -540,7 +540,8 @@ class Store:
 
     # Databases whose keys start with the workspace id (u32): a workspace's own records.
     _WS_DATABASES = ("inodes", "dirents", "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
-                     "policies", "receipts", "receipt_dirs", "receipt_entries", "turn_reads")
+                     "policies", "receipts", "receipt_dirs", "receipt_entries", "turn_reads",
+                     "gc_marks")
 
     def delete_workspace(self, name: str) -> None:
         """Delete workspace ``name`` and all its own records, in one transaction.

@@ -4,10 +4,13 @@
 call. Under :class:`~chronicle.store.gc.leases.GcLock` (one GC at a time per
 store) it
 
-1. plans: the versions each workspace's policy drops (``dryrun.plan``,
+1. writes the marks a killed run left pending (``prune.finish_marks``),
+   then plans: the versions each workspace's policy drops (``dryrun.plan``,
    the same selection the dry run shows), with the pins of open ``at/``
    handles from the leases;
-2. prunes them (``prune``), re-reading the leases' pins before each batch,
+2. prunes them (``prune``: the inode records and refcounts, re-reading
+   the leases' pins before each batch; then the path entries and log lines,
+   each in key order),
    drops the records of deleted ignored paths and their superseded log
    lines (``unversioned.drop``), then rewrites the deleted files' last
    records no process reads (``prune.prune_dead``);
@@ -39,7 +42,7 @@ from chronicle.store.gc import dryrun
 from chronicle.store.gc.stats import LAST_GC_KEY, after_gc, head_bytes
 from chronicle.store.gc.leases import GcLock, read_leases
 from chronicle.errors import NotFound
-from chronicle.store.gc.prune import Keep, PruneResult, prune, prune_dead
+from chronicle.store.gc.prune import Keep, PruneResult, finish_marks, prune, prune_dead
 from chronicle.store.gc.sweep import SETTLE_WAIT, THRESHOLD, compact, sweep
 from chronicle.store.gc.unversioned import drop
 from chronicle.store.meta.journal import iso_time
@@ -76,6 +79,7 @@ def collect(store: Store, names: list[str] | None = None, *, now_ns: int | None 
     seconds: dict[str, float] = {}
     with GcLock(store.run_dir):
         t = time.monotonic()
+        finish_marks(store)           # marks a killed run left pending (``prune.finish_marks``)
         planned_ns = time.time_ns()
         with store.env.begin() as txn:
             plan = dryrun.plan(store, names, now_ns, txn, read_leases(store.run_dir))

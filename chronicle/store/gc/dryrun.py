@@ -42,7 +42,7 @@ from chronicle.store.gc.prune import (Candidate, DeadRecord, Keep, content_entry
                                       dead_record_goes, keys_to_prune)
 from chronicle.store.gc.sweep import pending_drops
 from chronicle.store.gc.unversioned import UnversionedPlan, plan_workspace, released as unversioned_released
-from chronicle.store.meta import nodes, schema
+from chronicle.store.meta import events, nodes, schema
 from chronicle.store.meta.journal import parse_iso_time, path_text
 from chronicle.store.meta.schema import (P_ARRIVED, P_BUMPS, P_CONTENT, P_GONE, ContentRecord, PathEntry,
                                         WorkspaceRecord)
@@ -152,14 +152,17 @@ def own_versions(store: Store, ws_id: int, txn: lmdb.Transaction) -> Iterable[Pa
                 continue
             if not (flags & P_CONTENT and flags & (P_BUMPS | P_ARRIVED)):
                 continue          # (a rename to a free path starts the history there: a version for GC)
-            ino, content, entry_path, fragment = content_entry_fields(value, key)
+            ino, content, entry_path, fragment = content_entry_fields(value, key, packed=True)
             ident = schema.path_key_ident(key)
             path = entry_path if schema.ident_is_long(ident) else ident
             if current is None or ident != current_ident or path != current.path:
                 if current is not None:
                     yield current
                 current, current_ident = PathVersions(path), ident
-            time_ns, size, label = _fields(fragment)
+            if fragment[:1] == _PACKED:
+                time_ns, size, label = events.fragment_facts(fragment)
+            else:
+                time_ns, size, label = _fields(fragment)
             info = VersionInfo(schema.path_key_seq(key), time_ns, label)
             current.versions.append((info.seq, size, content, info))
             current.inos[info.seq] = ino
@@ -264,6 +267,7 @@ def plan(store: Store, names: list[str] | None, now_ns: int, txn: lmdb.Transacti
     return Plan(report, candidates, pins_by_ws, held, dead, heads, uplans)
 
 
+_PACKED = bytes((events.PACKED,))
 _ENTRY_INO = struct.Struct("<Q")      # a path entry's inode: the u64 after its flags byte
 _TIME = re.compile(rb'"time": "([^"]+)"')
 _SIZE = re.compile(rb'"size": ([0-9]+)')

@@ -35,7 +35,14 @@ gathered puts are applied only if no commit came between the two
 transactions; otherwise the write transaction checks the candidates again
 itself (:func:`prune`). Each batch re-reads the pins (leases of open
 ``at/`` handles come and go), so a killed GC leaves whole batches, and the
-next run skips what is done: pruning is idempotent. Pages a commit frees
+next run skips what is done: pruning is idempotent. A batch's log lines
+are not marked in its transaction: a path's events are spread over the
+whole ``events`` database (one leaf page dirtied per line), so the batch
+records them as **pending marks** (``gc_marks``, committed with the inode
+records) and :func:`finish_marks` marks them once every batch is done, in
+``events`` key order; a killed GC leaves the records, and the next one
+(``collect``, before it plans) marks what is left. Until then a pruned
+version's log line still shows its hash. Pages a commit frees
 are reused only once every reader older than it is gone (``Store.sync``
 moves this process's pin on): gc syncs once the metadata file grew
 :data:`SYNC_GROWTH_PAGES` pages (:class:`Maintain`).
@@ -60,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import lmdb
+import msgpack
 
 from chronicle.store.chunks.ids import EMPTY_CONTENT_ID, ID_SIZE, PRUNED_ID
 from chronicle.store.gc.leases import never_drop
@@ -308,19 +316,27 @@ _ENTRY_FIELDS = struct.Struct("<QII")          # ino, origin and path lengths, a
 _MARK_HEAD = struct.Struct("<BQII")            # flags, ino, origin and path lengths (PathEntry.encode's head)
 
 
-def content_entry_fields(raw: bytes, key: bytes) -> tuple[int, bytes, bytes, bytes]:
+def content_entry_fields(raw: bytes, key: bytes, packed: bool = False) -> tuple[int, bytes, bytes, bytes]:
     """``(ino, content, path, fragment)`` of a path entry flagged ``P_CONTENT``
     stored under ``key`` (``PathEntry.decode``'s fields, without building one
-    where it is text: plan reads millions)."""
-    if raw[0] & P_HASH_CUT or schema.entry_is_packed(raw):    # cut or packed (schema.PathEntry.encode)
+    where it is text: plan reads millions). ``packed``: a packed fragment is
+    given as stored (``events.pack_fragment``'s bytes, starting with
+    ``events.PACKED``: ``events.fragment_facts`` reads it) instead of rendered."""
+    flags = raw[0]
+    if flags & P_HASH_CUT or (schema.entry_is_packed(raw) and not packed):    # cut or packed (PathEntry.encode)
         entry = PathEntry.decode(raw, key)
         return entry.ino, entry.content, entry.path, entry.fragment
     ino, origin_len, path_len = _ENTRY_FIELDS.unpack_from(raw, 1)
     start = _ENTRY_HEAD + ID_SIZE + origin_len
     if start + path_len > len(raw):
         raise ValueError("damaged path entry")
-    return (ino, bytes(raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE]), bytes(raw[start:start + path_len]),
-            bytes(raw[start + path_len:]))
+    fragment = bytes(raw[start + path_len:])
+    if fragment[:1] == _TEXT_TAG:                  # text behind the tag (PathEntry.encode)
+        fragment = fragment[1:]
+    return (ino, bytes(raw[_ENTRY_HEAD:_ENTRY_HEAD + ID_SIZE]), bytes(raw[start:start + path_len]), fragment)
+
+
+_TEXT_TAG = b"\x02"
 
 
 def _marked_entry(raw: bytes, key: bytes, seq: int = 0, marked_line: bytes | None = None) -> bytes:
@@ -397,16 +413,17 @@ def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], K
     A batch is **gathered** in a read transaction (:func:`_gather`: the
     checks, the records' new bytes, the content refcounts given back, one
     per content) and **applied** in a write transaction, each database's
-    puts in key order (few leaf pages dirtied per commit). The write
-    transaction applies the gathered puts only if no commit came between
-    the two (its txnid is the read's + 1: every byte read is still what the
-    store holds); otherwise it checks the batch's candidates again inside
-    itself, one by one (:func:`_prune_in`), as long as
-    :data:`BATCH_SECONDS` allows. The batch size adapts so that applying
-    takes about :data:`BATCH_SECONDS`."""
+    puts in key order (few leaf pages dirtied per commit), with the batch's
+    **pending marks** (:func:`finish_marks`). The write transaction applies
+    the gathered puts only if no commit came between the two (its txnid is
+    the read's + 1: every byte read is still what the store holds);
+    otherwise it checks the batch's candidates again inside itself, one by
+    one (:func:`_prune_in`), as long as :data:`BATCH_SECONDS` allows. The
+    batch size adapts so that applying takes about :data:`BATCH_SECONDS`.
+    Once every batch is done the pending marks are written
+    (:func:`finish_marks`)."""
     result = PruneResult()
     dbs = store.dbs
-    fields = _PathFields()
     size = _FIRST_BATCH
     maintain = Maintain(store)
     i = 0
@@ -414,7 +431,7 @@ def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], K
         keep = keep_of()
         with store.env.begin() as rtxn:
             snapshot = rtxn.id()
-            work = _gather(rtxn, dbs, candidates, i, min(len(candidates), i + size), keep, fields)
+            work = _gather(rtxn, dbs, candidates, i, min(len(candidates), i + size), keep)
         applied = False
         with store.env.begin(write=True) as txn:
             start = time.monotonic()
@@ -424,7 +441,7 @@ def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], K
                 i = work.end
                 applied = True
             else:                 # a commit came between: check again, in this transaction
-                i = _prune_in(txn, dbs, candidates, i, work.end, keep, fields, result)
+                i = _prune_in(txn, dbs, candidates, i, work.end, keep, result)
             store.before_commit()
         if applied:               # the writer lock was held for the puts and the commit
             size = next_batch_size(size, work.end - work.start, time.monotonic() - start)
@@ -432,6 +449,7 @@ def prune(store: Store, candidates: Sequence[Candidate], keep_of: Callable[[], K
         maintain()                  # syncs when due: the pin moves on, freed pages are reused
         if progress is not None:
             progress(i, len(candidates))
+    finish_marks(store, maintain)
     return result
 
 
@@ -471,13 +489,13 @@ class Maintain:
 @dataclass(slots=True)
 class _Work:
     """A gathered batch, candidates ``[start, end)``: the new bytes per
-    database (key -> value), the content references given back and the
-    figures."""
+    database (key -> value), the marks it leaves pending, the content
+    references given back and the figures."""
 
     start: int
     end: int = 0
-    puts: dict[str, dict[bytes, bytes]] = field(default_factory=lambda: {"inodes": {}, "paths": {}, "events": {},
-                                                                         "contents": {}})
+    puts: dict[str, dict[bytes, bytes]] = field(default_factory=lambda: {"inodes": {}, "paths": {}, "contents": {}})
+    marks: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)     # (ws, path) -> seqs to mark
     released: dict[bytes, int] = field(default_factory=dict)
     versions: int = 0
     records: int = 0
@@ -498,14 +516,14 @@ def _kept_back(result: PruneResult, cand: Candidate) -> None:
     back[1] += cand.size
 
 
-def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], start: int, end: int, keep: Keep,
-            fields: _PathFields) -> _Work:
+def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], start: int, end: int,
+            keep: Keep) -> _Work:
     """What pruning ``candidates[start:end]`` one after the other writes,
     read in ``txn`` (it does not see the batch's own writes: the inode keys
     the batch rewrites are replayed as ``rewritten``, as the dry run does)."""
     work = _Work(start, end)
     rewritten: set[bytes] = set()
-    inodes, paths, lines = work.puts["inodes"], work.puts["paths"], work.puts["events"]
+    inodes, paths = work.puts["inodes"], work.puts["paths"]
     with txn.cursor(db=dbs["inodes"]) as cur:
         for n in range(start, end):
             cand = candidates[n]
@@ -514,14 +532,13 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
                 work.skipped.append(cand)
                 continue
             records = found.records
-            path_field = fields(cand.path)
             for inode_key, raw in records:
                 inodes[inode_key] = _pruned_record(raw)
                 rewritten.add(inode_key)
-            paths[found.path_key] = _marked_entry(found.entry, found.path_key, cand.seq,
-                                                  _gather_line(txn, dbs, lines, cand.ws, cand.seq, path_field))
+            paths[found.path_key] = _entry_mark(txn, dbs, found.path_key, cand.seq, found.entry, cand.path)
             for seq, key, raw in found.marks:
-                paths[key] = _marked_entry(raw, key, seq, _gather_line(txn, dbs, lines, cand.ws, seq, path_field))
+                paths[key] = _entry_mark(txn, dbs, key, seq, raw, cand.path)
+            _add_marks(work.marks, cand, found)
             if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 work.released[cand.content] = work.released.get(cand.content, 0) + len(records)
             work.versions += 1
@@ -535,34 +552,31 @@ def _gather(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], s
     return work
 
 
-def _gather_line(txn: lmdb.Transaction, dbs: dict, lines: dict[bytes, bytes], ws: int, seq: int,
-                 path_field: bytes) -> bytes | None:
-    """The marked log line of event ``seq`` into ``lines`` (:func:`_mark_line`,
-    read-only); returns it, or None if the line stays as it is."""
-    event_key = schema.event_key(ws, seq)
-    line = lines.get(event_key)
-    if line is None:
-        line = txn.get(event_key, db=dbs["events"])
-    marked = _marked_line(line, path_field)
-    if marked is not None:
-        lines[event_key] = marked
-    return marked
+def _add_marks(marks: dict[tuple[int, bytes], list[int]], cand: Candidate, found: _Found) -> None:
+    """The seqs whose path entry and log line pruning ``cand`` marks: its own and its continuations'."""
+    seqs = marks.get((cand.ws, cand.path))
+    if seqs is None:
+        seqs = marks[(cand.ws, cand.path)] = []
+    seqs.append(cand.seq)
+    seqs.extend(seq for seq, _key, _raw in found.marks)
 
 
 def _put_sorted(txn: lmdb.Transaction, dbs: dict, work: _Work) -> None:
-    """Write ``work``'s records, each database's in key order."""
+    """Write ``work``'s records, each database's in key order, and its pending marks."""
     for name, puts in work.puts.items():
         if puts:
             with txn.cursor(db=dbs[name]) as cur:
                 cur.putmulti(sorted(puts.items()))
+    put_marks(txn, dbs, work.marks)
 
 
 def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate], i: int, end: int, keep: Keep,
-              fields: _PathFields, result: PruneResult) -> int:
+              result: PruneResult) -> int:
     """Prune ``candidates[i:end]`` one by one in the write transaction
     ``txn``, checking each in it, until :data:`BATCH_SECONDS` pass; returns
     the index of the first not done."""
     released: dict[bytes, int] = {}
+    marks: dict[tuple[int, bytes], list[int]] = {}
     start = time.monotonic()
     with txn.cursor(db=dbs["inodes"]) as cur:
         while i < end and time.monotonic() - start < BATCH_SECONDS:
@@ -573,31 +587,175 @@ def _prune_in(txn: lmdb.Transaction, dbs: dict, candidates: Sequence[Candidate],
                 _kept_back(result, cand)
                 continue
             records = found.records
-            _apply(txn, dbs, cand, found, fields(cand.path))
+            for inode_key, raw in records:
+                txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
+            txn.put(found.path_key, _entry_mark(txn, dbs, found.path_key, cand.seq, found.entry, cand.path),
+                    db=dbs["paths"])
+            for seq, key, raw in found.marks:
+                txn.put(key, _entry_mark(txn, dbs, key, seq, raw, cand.path), db=dbs["paths"])
+            _add_marks(marks, cand, found)
             if records and cand.content != EMPTY_CONTENT_ID:          # (not refcounted)
                 released[cand.content] = released.get(cand.content, 0) + len(records)
             result.versions += 1
             result.records += len(records)
             result.released += len(records)
     release_contents(txn, dbs, released)
+    put_marks(txn, dbs, marks)
     return i
 
 
-def _apply(txn: lmdb.Transaction, dbs: dict, cand: Candidate, found: _Found, path_field: bytes) -> None:
-    for inode_key, raw in found.records:
-        txn.put(inode_key, _pruned_record(raw), db=dbs["inodes"])
-    txn.put(found.path_key, _marked_entry(found.entry, found.path_key), db=dbs["paths"])
-    _mark_line(txn, dbs, cand.ws, cand.seq, path_field)
-    for seq, key, raw in found.marks:
-        txn.put(key, _marked_entry(raw, key), db=dbs["paths"])
-        _mark_line(txn, dbs, cand.ws, seq, path_field)
+# --- pending marks ----------------------------------------------------------------------------
+#
+# Each prune batch commits its inode records, refcounts and path entries
+# (candidates come path by path: ``paths`` and ``inodes`` keys in order) with
+# a record of the log lines it leaves to mark (``gc_marks``): a path's events
+# are spread over the whole ``events`` database, so marking them with the
+# batch dirtied one page per line. They are marked afterwards, in key order
+# (:func:`finish_marks`).
+
+_MARKS_KEY = struct.Struct(">IQ")       # ws u32, batch number u64
 
 
-def _mark_line(txn: lmdb.Transaction, dbs: dict, ws: int, seq: int, path_field: bytes) -> None:
-    event_key = schema.event_key(ws, seq)
-    marked = _marked_line(txn.get(event_key, db=dbs["events"]), path_field)
-    if marked is not None:
-        txn.put(event_key, marked, db=dbs["events"])
+def encode_marks(marks: list[tuple[bytes, list[int]]]) -> bytes:
+    """A ``gc_marks`` value: MessagePack ``[[path, seqs], ...]`` where ``seqs``
+    is the seqs as little-endian u64s (bytes)."""
+    return msgpack.packb([[path, struct.pack(f"<{len(seqs)}Q", *seqs)] for path, seqs in marks])
+
+
+def decode_marks(raw: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
+    """:func:`encode_marks`'s ``(path, seqs)`` pairs. Raises ``ValueError`` if damaged."""
+    try:
+        return [(bytes(path), struct.unpack(f"<{len(seqs) // 8}Q", seqs)) for path, seqs in msgpack.unpackb(raw)]
+    except (ValueError, TypeError, struct.error, msgpack.UnpackException) as exc:
+        raise ValueError(f"damaged gc_marks record ({type(exc).__name__}: {exc})") from None
+
+
+def put_marks(txn: lmdb.Transaction, dbs: dict, marks: dict[tuple[int, bytes], list[int]]) -> None:
+    """Record ``marks`` ((ws, path) -> seqs) as pending in ``txn``: one ``gc_marks`` record per workspace,
+    numbered after the workspace's last."""
+    by_ws: dict[int, list[tuple[bytes, list[int]]]] = {}
+    for (ws, path), seqs in marks.items():
+        by_ws.setdefault(ws, []).append((path, seqs))
+    for ws, items in by_ws.items():
+        prefix = schema.ws_key(ws)
+        number = 0
+        with txn.cursor(db=dbs["gc_marks"]) as cur:            # after the workspace's last record
+            at = cur.prev() if cur.set_range(prefix + b"\xff" * 9) else cur.last()
+            if at and cur.key()[:4] == prefix:
+                number = _MARKS_KEY.unpack(cur.key())[1] + 1
+        txn.put(_MARKS_KEY.pack(ws, number), encode_marks(items), db=dbs["gc_marks"])
+
+
+def pending_marks(txn: lmdb.Transaction, dbs: dict) -> tuple[list[bytes], dict[int, dict[bytes, set[int]]]]:
+    """The ``gc_marks`` keys and what they hold: ws -> path -> seqs."""
+    keys: list[bytes] = []
+    out: dict[int, dict[bytes, set[int]]] = {}
+    with txn.cursor(db=dbs["gc_marks"]) as cur:
+        for key, raw in cur:
+            keys.append(bytes(key))
+            by_path = out.setdefault(_MARKS_KEY.unpack(key)[0], {})
+            for path, seqs in decode_marks(raw):
+                by_path.setdefault(path, set()).update(seqs)
+    return keys, out
+
+
+def finish_marks(store: Store, maintain: Callable[[], None] | None = None) -> int:
+    """Write the pending marks (``gc_marks``, left by :func:`prune`'s batches
+    or by a GC killed before it wrote them): the log lines, in ``events`` key
+    order, in batches of about :data:`BATCH_SECONDS` (gathered in a read
+    transaction and applied as :func:`prune` applies its batches); then the
+    records go. Marking is idempotent (a line marked already, or naming
+    another path, stays as it is), so a killed run leaves the records and the
+    next one writes what is left. ``maintain``: called after each commit
+    (default a new :class:`Maintain`). Returns how many lines were marked."""
+    dbs = store.dbs
+    maintain = Maintain(store) if maintain is None else maintain
+    with store.env.begin() as txn:
+        keys, pending = pending_marks(txn, dbs)
+    if not keys:
+        return 0
+    done = 0
+    for ws, by_path in pending.items():
+        paths = list(by_path)
+        fields = [_path_field(path) for path in paths]
+        width = len(paths)
+        order = sorted(seq * width + n for n, path in enumerate(paths) for seq in by_path[path])
+        lines = [(schema.event_key(ws, item // width), fields[item % width]) for item in order]
+        done += _mark_all(store, maintain, "events", lines, _line_mark)
+    with store.env.begin(write=True) as txn:
+        for key in keys:
+            txn.delete(key, db=dbs["gc_marks"])
+        store.before_commit()
+    store.note_commit()
+    maintain()
+    return done
+
+
+def _line_mark(txn: lmdb.Transaction, dbs: dict, key: bytes, path_field: bytes) -> bytes | None:
+    return _marked_line(txn.get(key, db=dbs["events"]), path_field)
+
+
+def _entry_mark(txn: lmdb.Transaction, dbs: dict, key: bytes, seq: int, raw: bytes, path: bytes) -> bytes:
+    """The pruned mark of the path entry ``raw`` stored under ``key`` (``seq``
+    the key's; :func:`_marked_entry`); a text entry of before packed
+    fragments (``P_HASH_CUT``) is marked from its log line's mark."""
+    line = None
+    if raw[0] & P_HASH_CUT:
+        line = _marked_line(txn.get(schema.event_key(schema.U32.unpack_from(key)[0], seq), db=dbs["events"]),
+                            _path_field(path))
+    return _marked_entry(raw, key, seq, line)
+
+
+def _mark_all(store: Store, maintain: Callable[[], None], name: str, items: list[tuple[bytes, object]],
+              mark: Callable[[lmdb.Transaction, dict, bytes, object], bytes | None]) -> int:
+    """Rewrite the records of database ``name`` under the keys of ``items``
+    (``(key, arg)`` in key order) to ``mark(txn, dbs, key, arg)`` (None: left
+    as it is), in batches; returns how many were rewritten."""
+    dbs = store.dbs
+    size = _FIRST_BATCH
+    done = i = 0
+    while i < len(items):
+        end = min(len(items), i + size)
+        with store.env.begin() as rtxn:
+            snapshot = rtxn.id()
+            puts = _gather_marks(rtxn, dbs, items, i, end, mark)
+        with store.env.begin(write=True) as txn:
+            start = time.monotonic()
+            if txn.id() == snapshot + 1:
+                applied = True
+            else:                 # a commit came between: mark again, in this transaction
+                applied = False
+                puts = []
+                while i < end and time.monotonic() - start < BATCH_SECONDS:
+                    key, arg = items[i]
+                    i += 1
+                    value = mark(txn, dbs, key, arg)
+                    if value is not None:
+                        puts.append((key, value))
+                end = i
+            if puts:
+                with txn.cursor(db=dbs[name]) as cur:
+                    cur.putmulti(puts)
+            store.before_commit()
+        if applied:
+            size = next_batch_size(size, end - i, time.monotonic() - start)
+        done += len(puts)
+        i = end
+        store.note_commit()
+        maintain()
+    return done
+
+
+def _gather_marks(txn: lmdb.Transaction, dbs: dict, items: list[tuple[bytes, object]], start: int, end: int,
+                  mark: Callable[[lmdb.Transaction, dict, bytes, object], bytes | None]) -> list[tuple[bytes, bytes]]:
+    """``(key, marked value)`` of ``items[start:end]`` that change, read in ``txn``."""
+    out = []
+    for n in range(start, end):
+        key, arg = items[n]
+        value = mark(txn, dbs, key, arg)
+        if value is not None:
+            out.append((key, value))
+    return out
 
 
 def _marked_line(line: bytes | None, path_field: bytes) -> bytes | None:
@@ -617,19 +775,6 @@ def release_contents(txn: lmdb.Transaction, dbs: dict, released: dict[bytes, int
         if raw is not None:
             refcount = schema.content_header(raw, content)[1]
             txn.put(content, schema.content_with_refcount(raw, max(0, refcount - count)), db=dbs["contents"])
-
-
-class _PathFields:
-    """``_path_field`` of the last path asked (candidates come path by path)."""
-
-    def __init__(self) -> None:
-        self.path: bytes | None = None
-        self.field = b""
-
-    def __call__(self, path: bytes) -> bytes:
-        if path != self.path:
-            self.path, self.field = path, _path_field(path)
-        return self.field
 
 
 _HASH_FIELD = re.compile(rb', "hash": (?:"[0-9a-f]*"|null)')

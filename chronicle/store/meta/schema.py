@@ -34,6 +34,7 @@ database                key                                        value
 ``receipt_hashes``      content id (32)                            dense content hash of a sparse or format-3 content (receipts)
 ``turn_reads``          ws u32, agent, 0x00, turn u32, index u32   JSON: one file read of the turn (``history.reads``)
 ``gc_drops``            batch u64                                  chunk references a GC sweep still owes (``gc.sweep``)
+``gc_marks``            ws u32, batch u64                          marks a GC batch left to write (``gc.prune.encode_marks``)
 ======================  =========================================  ==========================================
 
 A workspace's ``inodes``/``dirent_hist`` records are its own events only; a
@@ -162,7 +163,7 @@ SEQ_MAX = (1 << 64) - 1
 DATABASES = ("meta", "workspaces", "ws_ids", "heads", "chunks", "contents", "content_nodes", "inodes", "dirents",
              "dirent_hist", "events", "paths", "path_heads", "snapshots", "turns",
              "agents", "agent_turns", "agent_states", "agent_steps", "policies", "receipts", "receipt_dirs",
-             "receipt_entries", "receipt_hashes", "turn_reads", "gc_drops")
+             "receipt_entries", "receipt_hashes", "turn_reads", "gc_drops", "gc_marks")
 
 # meta keys
 META_FORMAT = b"format"

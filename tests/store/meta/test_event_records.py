@@ -284,6 +284,11 @@ def test_a_log_shaped_fragment_is_packed_and_renders_byte_identical(seq, time_us
     if isinstance(path, str) and len(path) >= 3 and not schema.is_long(own):
         assert len(keyed) < len(raw)
     assert PathEntry.decode(_marked_entry(keyed, key), key) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
+    # gc's plan reads the time, size and turn label of the packed fragment itself, as the JSON says
+    stored = keyed[schema.entry_fragment_at(keyed):]
+    label = (turn["agent"], turn["turn"]) if turn else None
+    size = line.get("size")
+    assert events.fragment_facts(stored) == (time_us * 1000, size if type(size) is int else 0, label)
     packed_mark = schema.pruned_entry(keyed)
     if packed_mark is not None:
         assert PathEntry.decode(packed_mark, key) == PathEntry(P_PRUNED, 5, b"", b"", mark_pruned(fragment))
