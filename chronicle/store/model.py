@@ -205,7 +205,7 @@ class Attrs:
             if raw[0] == _PACKED_CONTENT:
                 return cls._unpack_content(raw)
             if raw[0] == _PACKED_EMPTY:
-                return cls._unpack_empty(raw)
+                return cls._unpack(raw, EMPTY_CONTENT_ID)
         try:
             mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, flags = _ATTR_HEAD.unpack_from(raw)
             pos = _ATTR_HEAD.size
@@ -231,33 +231,23 @@ class Attrs:
         return cls(mode, uid, gid, nlink, size, atime, mtime, ctime, rdev, content, target, tuple(xattrs))
 
     @classmethod
-    def _unpack(cls, raw: bytes) -> Attrs:
+    def _unpack(cls, raw: bytes, content: bytes = b"") -> Attrs:
+        """A packed record without a content id: tag 0x01 (``mode`` first, no
+        content) or, with ``content=EMPTY_CONTENT_ID``, tag 0x03 (``nlink``
+        first, an empty file). Raises ``Corrupt``."""
         try:
             fields = msgpack.unpackb(memoryview(raw)[1:])
-            mode, uid, gid, nlink, size, atime, mtime_delta, ctime_delta, rdev = fields[:9]
+            if content:
+                nlink, mode, uid, gid, size, atime, mtime_delta, ctime_delta, rdev = fields[:9]
+            else:
+                mode, uid, gid, nlink, size, atime, mtime_delta, ctime_delta, rdev = fields[:9]
             target = fields[9] if len(fields) > 9 else b""
             flat = fields[10] if len(fields) > 10 else ()
             if len(fields) > 11 or not isinstance(target, bytes) or len(flat) % 2:
                 raise ValueError("unexpected fields")
             xattrs = tuple(zip(flat[0::2], flat[1::2]))
             mtime = atime + mtime_delta
-            return cls(mode, uid, gid, nlink, size, atime, mtime, mtime + ctime_delta, rdev, b"", target, xattrs)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise Corrupt(f"damaged inode record: {exc}") from None
-
-    @classmethod
-    def _unpack_empty(cls, raw: bytes) -> Attrs:
-        try:
-            fields = msgpack.unpackb(memoryview(raw)[1:])
-            nlink, mode, uid, gid, size, atime, mtime_delta, ctime_delta, rdev = fields[:9]
-            target = fields[9] if len(fields) > 9 else b""
-            flat = fields[10] if len(fields) > 10 else ()
-            if len(fields) > 11 or not isinstance(target, bytes) or len(flat) % 2:
-                raise ValueError("unexpected fields")
-            xattrs = tuple(zip(flat[0::2], flat[1::2]))
-            mtime = atime + mtime_delta
-            return cls(mode, uid, gid, nlink, size, atime, mtime, mtime + ctime_delta, rdev, EMPTY_CONTENT_ID,
-                       target, xattrs)
+            return cls(mode, uid, gid, nlink, size, atime, mtime, mtime + ctime_delta, rdev, content, target, xattrs)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise Corrupt(f"damaged inode record: {exc}") from None
 

@@ -83,6 +83,19 @@ def no_space_or_raise(exc: OSError, what: str) -> None:
     raise exc
 
 
+def pread_exact(fd: int, name: str, offset: int, length: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset`` of object ``name``'s open file
+    ``fd``. Raises :class:`~chronicle.errors.Corrupt` if the file ends first."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise Corrupt(f"object {name} is truncated: it ends before byte {offset + length} "
+                          f"({length} bytes at {offset} were asked for)")
+        data += more
+    return data
+
+
 class LocalBackend:
     """Objects as files under ``root`` (a store directory); registrations of
     open objects under ``active_dir`` (default ``<root>/run/active``). Files
@@ -205,15 +218,7 @@ class LocalBackend:
     def read(self, name: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument(f"bad range of {name}: {length} bytes at {offset}")
-        fd = self._fd(name)
-        data = os.pread(fd, length, offset)
-        while len(data) < length:
-            more = os.pread(fd, length - len(data), offset + len(data))
-            if not more:
-                raise Corrupt(f"object {name} is truncated: it ends before byte {offset + length} "
-                              f"({length} bytes at {offset} were asked for)")
-            data += more
-        return data
+        return pread_exact(self._fd(name), name, offset, length)
 
     def size(self, name: str) -> int:
         try:

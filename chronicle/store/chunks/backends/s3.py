@@ -83,7 +83,7 @@ from botocore.config import Config
 from chronicle.errors import Busy, Corrupt, Exists, InvalidArgument, NoSpace, NotFound, StoreError, Unavailable
 from chronicle.store.chunks.backends.base import Buffer, NotCached, ObjectInfo
 from chronicle.store.chunks.backends.cache import BLOCK_SIZE, BlockCache
-from chronicle.store.chunks.backends.local import _writev_all, check_name
+from chronicle.store.chunks.backends.local import _writev_all, check_name, pread_exact
 
 DEFAULT_CACHE_SIZE = 2 * 1024 ** 3     # bytes of blocks kept by default
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -461,7 +461,7 @@ class S3Backend:
         with self._lock:
             writer = self._writers.get(name)
         if writer is not None:
-            return _pread_exact(writer.fd, name, offset, length)
+            return pread_exact(writer.fd, name, offset, length)
         local = self._local_read(name, offset, length)
         if local is not None:
             return local
@@ -490,7 +490,7 @@ class S3Backend:
             except FileNotFoundError:
                 continue
             try:
-                return _pread_exact(fd, name, offset, length)
+                return pread_exact(fd, name, offset, length)
             finally:
                 os.close(fd)
         return None
@@ -707,17 +707,6 @@ class _S3Writer:
             os.close(self.fd)
             backend._forget(self)
         backend._upload_outbox(self.name)
-
-
-def _pread_exact(fd: int, name: str, offset: int, length: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise Corrupt(f"object {name} is truncated: it ends before byte {offset + length} "
-                          f"({length} bytes at {offset} were asked for)")
-        data += more
-    return data
 
 
 def _no_space_or_raise(exc: OSError, what: str) -> None:
